@@ -1,0 +1,66 @@
+//! Every default limit and timeout, one documented constant each.
+//!
+//! The values follow Postfix's long-tested defaults unless a comment says otherwise;
+//! `../shared/RELIABILITY.md` lists where each one comes from.
+
+use std::time::Duration;
+
+/// Greeting and EHLO name when `hostname` is not configured.
+pub const DEFAULT_HOSTNAME: &str = "localhost";
+
+/// Concurrent sessions per listener (Postfix `SMTPD_PROXY_README` bounded capacity).
+pub const DEFAULT_MAX_SESSIONS: usize = 1000;
+/// Concurrent sessions from one client address (anvil, tightened).
+pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = 20;
+
+/// Longest command line, CRLF included. RFC 5321 §4.5.3.1.4 asks for at least 512;
+/// ESMTP parameters make real lines longer (smtp-proto's `MAX_LINE_LENGTH`).
+pub const DEFAULT_MAX_COMMAND_LINE: usize = 4096;
+/// Largest message accepted, advertised with SIZE (Postfix `message_size_limit`).
+pub const DEFAULT_MESSAGE_SIZE_LIMIT: usize = 10_240_000;
+/// Recipients per transaction (Postfix `smtpd_recipient_limit`; RFC 5321 §4.5.3.1.8 asks ≥ 100).
+pub const DEFAULT_MAX_RECIPIENTS: usize = 1000;
+/// Lowest value accepted for `max_recipients` (RFC 5321 §4.5.3.1.8).
+pub const MIN_MAX_RECIPIENTS: usize = 100;
+/// Client idle timeout between commands (Postfix `smtpd_timeout`, RFC 5321 §4.5.3.2.7).
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest wait for the next chunk of message content (RFC 5321 §4.5.3.2.6: 3 minutes per block;
+/// we allow the whole command timeout).
+pub const DEFAULT_DATA_TIMEOUT: Duration = Duration::from_secs(300);
+/// Errors after which the session is closed with 421 (Postfix `smtpd_hard_error_limit`).
+pub const DEFAULT_HARD_ERROR_LIMIT: u32 = 20;
+/// Errors after which every error reply is delayed (Postfix `smtpd_soft_error_limit`).
+pub const DEFAULT_SOFT_ERROR_LIMIT: u32 = 10;
+/// The delay applied past the soft error limit (Postfix `smtpd_error_sleep_time`).
+pub const DEFAULT_ERROR_SLEEP: Duration = Duration::from_secs(1);
+/// `Received:` headers beyond which a message is a mail loop (Postfix `hopcount_limit`).
+pub const DEFAULT_MAX_RECEIVED_HEADERS: usize = 50;
+/// Commands that do nothing useful (NOOP, VRFY, RSET, HELP...) allowed per session before
+/// each further one counts as an error (Postfix `smtpd_junk_command_limit`).
+pub const DEFAULT_JUNK_COMMAND_LIMIT: u32 = 100;
+/// Transactions per session (Postfix `max_use` spirit): bounds what one connection can hold.
+pub const DEFAULT_MAX_TRANSACTIONS: u32 = 100;
+
+/// Next hop: TCP connect timeout (Postfix `smtp_connect_timeout`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Next hop: wait for the 220 greeting (Postfix `smtp_helo_timeout` spirit).
+pub const DEFAULT_GREETING_TIMEOUT: Duration = Duration::from_secs(30);
+/// Next hop: reply to EHLO, XCLIENT, MAIL, RCPT, RSET, DATA (Postfix `smtpd_proxy_timeout`).
+pub const DEFAULT_RELAY_COMMAND_TIMEOUT: Duration = Duration::from_secs(100);
+/// Next hop: writing the message content (Postfix `smtp_data_xfer_timeout`).
+pub const DEFAULT_RELAY_DATA_TIMEOUT: Duration = Duration::from_secs(180);
+/// Next hop: reply to the final dot. Must stay well under the client's own 10-minute
+/// wait (RFC 5321 §4.5.3.2.6) so the client hears a 451 rather than timing out.
+pub const DEFAULT_END_OF_DATA_TIMEOUT: Duration = Duration::from_secs(100);
+
+/// In-flight transactions get this long to finish after SIGTERM (Haraka `force_shutdown_timeout`).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Longest reply line accepted from the next hop (RFC 5321 §4.5.3.1.5 says 512; be lenient).
+pub const MAX_RELAY_REPLY_LINE: usize = 4096;
+/// Most lines in one multi-line reply from the next hop (an EHLO reply has ~15).
+pub const MAX_RELAY_REPLY_LINES: usize = 100;
+/// A PROXY protocol header must arrive within this time after connect.
+pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshake timeout (Postfix `smtpd_starttls_timeout` is 300 s; a handshake needs far less).
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);

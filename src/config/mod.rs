@@ -1,0 +1,570 @@
+//! Configuration: TOML file → validated [`Config`].
+//!
+//! Every section and key is optional except `[[listener]]`'s `address`; each default lives
+//! in [`defaults`]. Unknown keys are errors (a typo must not silently fall back to a default),
+//! and every error names the file, the line and the key.
+
+pub mod defaults;
+mod duration;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use defaults::*;
+pub use duration::parse_duration;
+
+/// The whole running configuration, validated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Our name: greeting, EHLO towards the next hop, `Received:` by-clause.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// Domains inbound listeners accept recipients for (exact match, case-insensitive).
+    #[serde(default)]
+    pub local_domains: Vec<String>,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub next_hop: NextHopConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_hostname() -> String {
+    DEFAULT_HOSTNAME.to_string()
+}
+
+/// What a listener is for: it decides which recipients a session may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Mail from the internet: recipients must be in `local_domains` (no open relay).
+    Inbound,
+    /// Mail from our own users: any recipient, the next hop decides who may relay.
+    Submission,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    #[serde(default = "default_role")]
+    pub role: Role,
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// TLS from the first byte (port 465 style) instead of STARTTLS.
+    #[serde(default)]
+    pub implicit_tls: bool,
+    /// Expect a HAProxy PROXY v1/v2 header from a trusted load balancer.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    #[serde(default = "default_max_sessions_per_client")]
+    pub max_sessions_per_client: usize,
+}
+
+fn default_role() -> Role {
+    Role::Inbound
+}
+fn default_max_sessions() -> usize {
+    DEFAULT_MAX_SESSIONS
+}
+fn default_max_sessions_per_client() -> usize {
+    DEFAULT_MAX_SESSIONS_PER_CLIENT
+}
+
+impl ListenerConfig {
+    /// Whether this listener can offer TLS (both files configured).
+    pub fn has_tls(&self) -> bool {
+        self.tls_cert.is_some() && self.tls_key.is_some()
+    }
+}
+
+/// How bare LF line endings inside message content are handled. Either way only
+/// `<CRLF>.<CRLF>` ends the data and the next hop receives canonical CRLF lines, so
+/// SMTP smuggling (a second message hidden behind `<LF>.<LF>`) is impossible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLf {
+    /// Treat a bare LF as CRLF (Postfix 3.9 `smtpd_forbid_bare_newline = normalize`).
+    Normalize,
+    /// Refuse the message with `554 5.5.2`.
+    Reject,
+}
+
+/// Session limits; every field is a client-controlled quantity that must be bounded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_command_line: usize,
+    pub message_size_limit: usize,
+    pub max_recipients: usize,
+    #[serde(with = "duration")]
+    pub command_timeout: Duration,
+    #[serde(with = "duration")]
+    pub data_timeout: Duration,
+    pub hard_error_limit: u32,
+    pub soft_error_limit: u32,
+    #[serde(with = "duration")]
+    pub error_sleep: Duration,
+    pub junk_command_limit: u32,
+    pub max_transactions: u32,
+    pub max_received_headers: usize,
+    pub bare_lf: BareLf,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_command_line: DEFAULT_MAX_COMMAND_LINE,
+            message_size_limit: DEFAULT_MESSAGE_SIZE_LIMIT,
+            max_recipients: DEFAULT_MAX_RECIPIENTS,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            data_timeout: DEFAULT_DATA_TIMEOUT,
+            hard_error_limit: DEFAULT_HARD_ERROR_LIMIT,
+            soft_error_limit: DEFAULT_SOFT_ERROR_LIMIT,
+            error_sleep: DEFAULT_ERROR_SLEEP,
+            junk_command_limit: DEFAULT_JUNK_COMMAND_LIMIT,
+            max_transactions: DEFAULT_MAX_TRANSACTIONS,
+            max_received_headers: DEFAULT_MAX_RECEIVED_HEADERS,
+            bare_lf: BareLf::Normalize,
+        }
+    }
+}
+
+/// STARTTLS towards the next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayTls {
+    Off,
+    /// Use STARTTLS when offered; go on in plain text when not.
+    Opportunistic,
+    /// Refuse to relay (451) through a next hop that does not offer STARTTLS.
+    Require,
+}
+
+/// XCLIENT towards the next hop (Postfix `smtpd_authorized_xclient_hosts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XclientMode {
+    /// Never relay through a next hop that does not offer XCLIENT: without it the MTA sees
+    /// our address, may trust it, and the pair becomes an open relay.
+    Require,
+    /// Send XCLIENT when offered.
+    Auto,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NextHopConfig {
+    /// `smtp://HOST:PORT` or `maildir:PATH`.
+    pub address: String,
+    pub tls: RelayTls,
+    /// Verify the next hop's certificate against the system roots (off: encrypt only).
+    pub tls_verify: bool,
+    pub xclient: XclientMode,
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(with = "duration")]
+    pub greeting_timeout: Duration,
+    #[serde(with = "duration")]
+    pub command_timeout: Duration,
+    #[serde(with = "duration")]
+    pub data_timeout: Duration,
+    #[serde(with = "duration")]
+    pub end_of_data_timeout: Duration,
+}
+
+impl Default for NextHopConfig {
+    fn default() -> Self {
+        NextHopConfig {
+            address: "maildir:var/maildir".to_string(),
+            tls: RelayTls::Opportunistic,
+            tls_verify: false,
+            xclient: XclientMode::Require,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            greeting_timeout: DEFAULT_GREETING_TIMEOUT,
+            command_timeout: DEFAULT_RELAY_COMMAND_TIMEOUT,
+            data_timeout: DEFAULT_RELAY_DATA_TIMEOUT,
+            end_of_data_timeout: DEFAULT_END_OF_DATA_TIMEOUT,
+        }
+    }
+}
+
+/// Where the next hop is, parsed from `next_hop.address`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextHopAddress {
+    Smtp { host: String, port: u16 },
+    Maildir(PathBuf),
+}
+
+impl NextHopAddress {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("maildir:") {
+            if path.is_empty() {
+                return Err("maildir: needs a directory path".into());
+            }
+            return Ok(NextHopAddress::Maildir(PathBuf::from(path)));
+        }
+        let Some(rest) = s.strip_prefix("smtp://") else {
+            return Err(format!(
+                "`{s}` is neither smtp://HOST:PORT nor maildir:PATH"
+            ));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` has no port (smtp://HOST:PORT)"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{port}` is not a port number"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            return Err(format!("`{s}` needs a host and a non-zero port"));
+        }
+        Ok(NextHopAddress::Smtp {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    #[serde(with = "duration")]
+    pub grace_period: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Resolvers as `IP:PORT`; empty means the system resolver (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `debug`, `mailwarden=debug,info`...
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration error that points at the file, line and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {key}: {reason}", file = .file.display(), line = .line.map(|l| l.to_string()).unwrap_or_else(|| "-".into()))]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: String,
+    pub reason: String,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            key: "-".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&source, path)
+    }
+
+    /// Parses and validates `source`; `path` is only used in error messages.
+    pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(source).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| source[..span.start.min(source.len())].matches('\n').count() + 1);
+            ConfigError {
+                file: path.to_path_buf(),
+                line,
+                key: key_at(source, e.span().map(|s| s.start)).unwrap_or_else(|| "-".into()),
+                reason: e.message().trim().to_string(),
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|(table, key, reason)| ConfigError {
+                file: path.to_path_buf(),
+                line: locate(source, &table, &key),
+                key: if table.is_empty() {
+                    key
+                } else {
+                    format!("{table}.{key}")
+                },
+                reason,
+            })?;
+        Ok(config)
+    }
+
+    /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
+    /// is `listener[N]` for the N-th `[[listener]]`.
+    fn validate(&self) -> Result<(), (String, String, String)> {
+        let err = |t: &str, k: &str, r: String| Err((t.to_string(), k.to_string(), r));
+        if self.listeners.is_empty() {
+            return err(
+                "",
+                "listener",
+                "at least one [[listener]] is required".into(),
+            );
+        }
+        if self.hostname.is_empty() || self.hostname.contains(|c: char| c.is_whitespace()) {
+            return err("", "hostname", "must be a non-empty host name".into());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let t = format!("listener[{i}]");
+            if l.tls_cert.is_some() != l.tls_key.is_some() {
+                return err(&t, "tls_cert", "tls_cert and tls_key go together".into());
+            }
+            if l.implicit_tls && !l.has_tls() {
+                return err(&t, "implicit_tls", "needs tls_cert and tls_key".into());
+            }
+            for (key, path) in [("tls_cert", &l.tls_cert), ("tls_key", &l.tls_key)] {
+                if let Some(p) = path
+                    && !p.is_file()
+                {
+                    return err(&t, key, format!("{} is not a readable file", p.display()));
+                }
+            }
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                return err(
+                    &t,
+                    "trusted_proxies",
+                    "proxy_protocol needs the load balancers' addresses".into(),
+                );
+            }
+            if l.max_sessions == 0 || l.max_sessions_per_client == 0 {
+                return err(&t, "max_sessions", "must be at least 1".into());
+            }
+            if l.role == Role::Inbound && self.local_domains.is_empty() {
+                return err(
+                    "",
+                    "local_domains",
+                    format!(
+                        "listener {} is inbound: list the domains it receives mail for",
+                        l.address
+                    ),
+                );
+            }
+        }
+        let lim = &self.limits;
+        if lim.max_command_line < 512 {
+            return err(
+                "limits",
+                "max_command_line",
+                "RFC 5321 requires at least 512".into(),
+            );
+        }
+        if lim.max_recipients < MIN_MAX_RECIPIENTS {
+            return err(
+                "limits",
+                "max_recipients",
+                "RFC 5321 requires at least 100".into(),
+            );
+        }
+        if lim.message_size_limit < 1024 {
+            return err(
+                "limits",
+                "message_size_limit",
+                "must be at least 1024".into(),
+            );
+        }
+        if lim.hard_error_limit == 0 {
+            return err("limits", "hard_error_limit", "must be at least 1".into());
+        }
+        if let Err(e) = NextHopAddress::parse(&self.next_hop.address) {
+            return err("next_hop", "address", e);
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return err("log", "level", e.to_string());
+        }
+        Ok(())
+    }
+
+    /// The parsed next hop (validated at load, so this cannot fail afterwards).
+    pub fn next_hop_address(&self) -> NextHopAddress {
+        NextHopAddress::parse(&self.next_hop.address).expect("validated at load")
+    }
+
+    /// Whether `domain` is one of ours (case-insensitive, exact).
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.');
+        self.local_domains
+            .iter()
+            .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(domain))
+    }
+}
+
+/// Line (1-based) of `key` inside `table` (`""` = top level, `listener[N]` = N-th array entry).
+fn locate(source: &str, table: &str, key: &str) -> Option<usize> {
+    let (want_table, want_index) = match table.split_once('[') {
+        Some((name, idx)) => (name, idx.trim_end_matches(']').parse::<usize>().ok()),
+        None => (table, None),
+    };
+    let mut current = String::new();
+    let mut seen_of_array = 0usize;
+    let mut current_index = None;
+    let mut header_line = None;
+    for (n, raw) in source.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            current = name.trim().to_string();
+            if current == want_table {
+                current_index = Some(seen_of_array);
+                seen_of_array += 1;
+            }
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = name.trim().to_string();
+            current_index = None;
+        } else if current == want_table && (want_index.is_none() || current_index == want_index) {
+            if let Some((k, _)) = line.split_once('=')
+                && k.trim() == key
+            {
+                return Some(n + 1);
+            }
+            continue;
+        } else {
+            continue;
+        }
+        if current == want_table && (want_index.is_none() || current_index == want_index) {
+            header_line = Some(n + 1);
+        }
+    }
+    header_line
+}
+
+/// The key whose value starts at or around byte `offset`, for parse errors.
+fn key_at(source: &str, offset: Option<usize>) -> Option<String> {
+    let offset = offset?.min(source.len());
+    let line_start = source[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line = source[line_start..].lines().next()?;
+    let (k, _) = line.split_once('=')?;
+    Some(k.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "local_domains = [\"example.org\"]\n[[listener]]\naddress = \"127.0.0.1:2525\"\n";
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listeners[0].role, Role::Inbound);
+        assert_eq!(c.limits.max_command_line, 4096);
+        assert_eq!(
+            c.next_hop_address(),
+            NextHopAddress::Maildir("var/maildir".into())
+        );
+        assert!(c.is_local_domain("EXAMPLE.org"));
+        assert!(!c.is_local_domain("other.org"));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse(&format!("{MINIMAL}max_sesions = 3\n")).unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.to_string().contains("max_sesions"), "{e}");
+    }
+
+    #[test]
+    fn validation_error_names_line_and_key() {
+        let src = format!("{MINIMAL}[limits]\nmax_recipients = 5\n");
+        let e = parse(&src).unwrap_err();
+        assert_eq!(e.key, "limits.max_recipients");
+        assert_eq!(e.line, Some(5));
+        let src =
+            format!("{MINIMAL}[[listener]]\naddress = \"127.0.0.1:2526\"\nmax_sessions = 0\n");
+        let e = parse(&src).unwrap_err();
+        assert_eq!(e.key, "listener[1].max_sessions");
+        assert_eq!(e.line, Some(6));
+    }
+
+    #[test]
+    fn bad_duration_is_an_error() {
+        let e = parse(&format!(
+            "{MINIMAL}[limits]\ncommand_timeout = \"5 parsecs\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.to_string().contains("command_timeout"), "{e}");
+    }
+
+    #[test]
+    fn next_hop_addresses() {
+        assert_eq!(
+            NextHopAddress::parse("smtp://127.0.0.1:10025").unwrap(),
+            NextHopAddress::Smtp {
+                host: "127.0.0.1".into(),
+                port: 10025
+            }
+        );
+        assert_eq!(
+            NextHopAddress::parse("smtp://[::1]:25").unwrap(),
+            NextHopAddress::Smtp {
+                host: "::1".into(),
+                port: 25
+            }
+        );
+        assert!(NextHopAddress::parse("smtp://host").is_err());
+        assert!(NextHopAddress::parse("lmtp://host:24").is_err());
+        assert!(NextHopAddress::parse("maildir:").is_err());
+    }
+
+    #[test]
+    fn inbound_needs_local_domains() {
+        let e = parse("[[listener]]\naddress = \"127.0.0.1:2525\"\n").unwrap_err();
+        assert_eq!(e.key, "local_domains");
+    }
+}

@@ -1,0 +1,21 @@
+//! mailwarden: an SMTP proxy that stands in front of a real mail server, checks who
+//! really sent each message, and relays, tags, defers, rejects or quarantines it.
+//!
+//! A message's way through the code:
+//!
+//! ```text
+//! server   (listeners, limits, PROXY protocol, TLS)
+//!   └▶ smtp (session state machine, codec, handlers per phase)
+//!        ├▶ relay   (next-hop client: XCLIENT, MAIL/RCPT pass-through, canonical DATA; Maildir)
+//!        └▶ policy  (the verdict hook asked at end of DATA)
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod policy;
+pub mod relay;
+pub mod server;
+pub mod smtp;
+pub mod telemetry;
+pub mod tls;

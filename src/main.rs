@@ -1,0 +1,120 @@
+//! The `mailwarden` command: dispatch only; the work lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use mailwarden::config::{Config, LogFormat};
+use mailwarden::server::{Server, shutdown};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "mailwarden",
+    version,
+    about = "SMTP proxy that verifies sender authentication"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Overrides `[log] format`.
+        #[arg(long)]
+        log_format: Option<LogFormatArg>,
+    },
+    /// Validate a configuration file and exit (0: valid).
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Write a self-signed certificate and key (server.crt, server.key) for trials.
+    MakeCert {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        #[arg(long, default_value = "localhost")]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, log_format } => run(config, log_format),
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
+            Ok((cert, key)) => {
+                println!("wrote {} and {}", cert.display(), key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("make-cert: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let format = match log_format {
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        Some(LogFormatArg::Text) => LogFormat::Text,
+        None => config.log.format,
+    };
+    mailwarden::telemetry::init(&config.log.level, format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        let token = CancellationToken::new();
+        if let Err(e) = shutdown::on_signals(token.clone()) {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::from(1);
+        }
+        let server = match Server::bind(config, token).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, config = %path.display(), "cannot start");
+                return ExitCode::from(1);
+            }
+        };
+        let left = server.run().await;
+        tracing::info!(unfinished_sessions = left, "stopped");
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,399 @@
+//! SMTP client towards the next hop: one connection per client session.
+//!
+//! Every command is built here from parsed values; nothing the client sent is copied
+//! through. Every wait has a deadline. Any protocol surprise poisons the connection:
+//! the caller drops it and opens a fresh one for the next transaction.
+
+use std::time::Duration;
+
+use smtp_proto::{MailFrom, RcptTo};
+use tokio::net::TcpStream;
+
+use super::RelayError;
+use super::xclient::{self, ClientIdentity};
+use crate::config::defaults::{MAX_RELAY_REPLY_LINE, MAX_RELAY_REPLY_LINES};
+use crate::config::{NextHopConfig, RelayTls, XclientMode};
+use crate::smtp::codec::{Line, ReadError, SmtpStream};
+use crate::smtp::reply::{self, Reply};
+use crate::tls::{MaybeTls, RelayStream};
+
+/// What the next hop said it supports in its EHLO reply.
+#[derive(Debug, Default, Clone)]
+pub struct Capabilities {
+    pub size: Option<u64>,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub dsn: bool,
+    pub starttls: bool,
+    pub pipelining: bool,
+    /// `Some(attributes)` when XCLIENT is offered.
+    pub xclient: Option<Vec<String>>,
+}
+
+impl Capabilities {
+    fn from_ehlo(reply: &Reply) -> Capabilities {
+        let mut caps = Capabilities::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            match keyword.to_ascii_uppercase().as_str() {
+                "SIZE" => caps.size = Some(words.next().and_then(|w| w.parse().ok()).unwrap_or(0)),
+                "8BITMIME" => caps.eight_bit_mime = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "DSN" => caps.dsn = true,
+                "STARTTLS" => caps.starttls = true,
+                "PIPELINING" => caps.pipelining = true,
+                "XCLIENT" => caps.xclient = Some(words.map(str::to_string).collect()),
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+pub struct SmtpConnection {
+    stream: SmtpStream<RelayStream>,
+    pub caps: Capabilities,
+    cfg: NextHopConfig,
+    /// Whether the next hop was told the real client with XCLIENT.
+    pub xclient_sent: bool,
+}
+
+impl SmtpConnection {
+    /// Connects, reads the greeting, says EHLO, upgrades to TLS and sends XCLIENT as
+    /// configured, and returns a connection ready for MAIL.
+    pub async fn open(
+        host: &str,
+        port: u16,
+        cfg: &NextHopConfig,
+        tls: Option<&tokio_rustls::TlsConnector>,
+        our_name: &str,
+        client: &ClientIdentity,
+    ) -> Result<SmtpConnection, RelayError> {
+        let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| RelayError::ConnectTimeout)?
+            .map_err(RelayError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let mut conn = SmtpConnection {
+            stream: SmtpStream::new(MaybeTls::Plain(tcp)),
+            caps: Capabilities::default(),
+            cfg: cfg.clone(),
+            xclient_sent: false,
+        };
+        conn.expect_greeting().await?;
+        conn.ehlo(our_name).await?;
+
+        if cfg.tls != RelayTls::Off && conn.caps.starttls {
+            conn.starttls(host, tls).await?;
+            conn.ehlo(our_name).await?;
+        } else if cfg.tls == RelayTls::Require {
+            return Err(RelayError::Policy(
+                "next hop does not offer STARTTLS (tls = \"require\")",
+            ));
+        }
+
+        match (&cfg.xclient, conn.caps.xclient.clone()) {
+            (XclientMode::Off, _) => {}
+            (_, Some(attrs)) => {
+                for line in xclient::commands(client, &attrs) {
+                    let reply = conn.command(line.as_bytes(), cfg.command_timeout).await?;
+                    if reply.code != 220 {
+                        return Err(RelayError::Rejected(reply));
+                    }
+                }
+                conn.xclient_sent = true;
+                // XCLIENT starts a new SMTP session at the next hop (Postfix semantics).
+                conn.ehlo(our_name).await?;
+            }
+            (XclientMode::Require, None) => {
+                return Err(RelayError::Policy(
+                    "next hop does not offer XCLIENT (xclient = \"require\"): it would see our address, not the client's",
+                ));
+            }
+            (XclientMode::Auto, None) => {}
+        }
+        Ok(conn)
+    }
+
+    async fn expect_greeting(&mut self) -> Result<(), RelayError> {
+        let reply = self.read_reply(self.cfg.greeting_timeout).await?;
+        if reply.code != 220 {
+            return Err(RelayError::Rejected(reply));
+        }
+        Ok(())
+    }
+
+    async fn ehlo(&mut self, our_name: &str) -> Result<(), RelayError> {
+        let reply = self
+            .command(
+                format!("EHLO {our_name}\r\n").as_bytes(),
+                self.cfg.command_timeout,
+            )
+            .await?;
+        if reply.code != 250 {
+            return Err(RelayError::Rejected(reply));
+        }
+        self.caps = Capabilities::from_ehlo(&reply);
+        Ok(())
+    }
+
+    async fn starttls(
+        &mut self,
+        host: &str,
+        connector: Option<&tokio_rustls::TlsConnector>,
+    ) -> Result<(), RelayError> {
+        let connector = connector.ok_or(RelayError::Policy("no TLS client configuration"))?;
+        let reply = self
+            .command(b"STARTTLS\r\n", self.cfg.command_timeout)
+            .await?;
+        if reply.code != 220 {
+            if self.cfg.tls == RelayTls::Require {
+                return Err(RelayError::Rejected(reply));
+            }
+            return Ok(());
+        }
+        // Bytes the next hop sent after its 220 and before the handshake are dropped
+        // with the old buffer (the downstream half of CVE-2011-0411).
+        let old = std::mem::replace(&mut self.stream, SmtpStream::new(MaybeTls::Detached));
+        let MaybeTls::Plain(tcp) = old.into_inner_discarding_input() else {
+            return Err(RelayError::Protocol(
+                "STARTTLS on a stream that is not plain TCP".into(),
+            ));
+        };
+        let name = crate::tls::server_name(host).map_err(RelayError::Tls)?;
+        let tls = tokio::time::timeout(self.cfg.command_timeout, connector.connect(name, tcp))
+            .await
+            .map_err(|_| RelayError::Timeout("TLS handshake"))?
+            .map_err(|e| RelayError::Tls(e.to_string()))?;
+        self.stream = SmtpStream::new(MaybeTls::Tls(Box::new(tls)));
+        Ok(())
+    }
+
+    /// MAIL FROM with the ESMTP parameters the next hop supports.
+    pub async fn mail(
+        &mut self,
+        from: &MailFrom<String>,
+        size: usize,
+    ) -> Result<Reply, RelayError> {
+        let line = mail_command(from, &self.caps, size);
+        self.command(line.as_bytes(), self.cfg.command_timeout)
+            .await
+    }
+
+    pub async fn rcpt(&mut self, to: &RcptTo<String>) -> Result<Reply, RelayError> {
+        let line = rcpt_command(to, &self.caps);
+        self.command(line.as_bytes(), self.cfg.command_timeout)
+            .await
+    }
+
+    /// DATA, the encoded content, and the final reply. A 354 is the only acceptable
+    /// answer to DATA: a 250 there is a protocol violation, not success.
+    pub async fn data(&mut self, encoded: &[u8]) -> Result<Reply, RelayError> {
+        let reply = self.command(b"DATA\r\n", self.cfg.command_timeout).await?;
+        match reply.code {
+            354 => {}
+            c if c >= 400 => return Ok(reply),
+            _ => {
+                return Err(RelayError::Protocol(format!(
+                    "unexpected reply to DATA: {reply}"
+                )));
+            }
+        }
+        for chunk in encoded.chunks(64 * 1024) {
+            self.write(chunk, self.cfg.data_timeout).await?;
+        }
+        self.read_reply(self.cfg.end_of_data_timeout).await
+    }
+
+    pub async fn rset(&mut self) -> Result<Reply, RelayError> {
+        self.command(b"RSET\r\n", self.cfg.command_timeout).await
+    }
+
+    /// Says QUIT and closes, without waiting long: the transaction is already settled.
+    pub async fn quit(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = self.command(b"QUIT\r\n", Duration::from_secs(5)).await;
+            self.stream.shutdown().await;
+        })
+        .await;
+    }
+
+    async fn write(&mut self, bytes: &[u8], timeout: Duration) -> Result<(), RelayError> {
+        tokio::time::timeout(timeout, self.stream.write_raw(bytes))
+            .await
+            .map_err(|_| RelayError::Timeout("write"))?
+            .map_err(RelayError::Io)
+    }
+
+    async fn command(&mut self, line: &[u8], timeout: Duration) -> Result<Reply, RelayError> {
+        debug_assert!(line.ends_with(b"\r\n") && line.len() <= 4096);
+        self.write(line, timeout).await?;
+        self.read_reply(timeout).await
+    }
+
+    /// Reads one (multi-line) reply, bounded in line length, line count and time.
+    async fn read_reply(&mut self, timeout: Duration) -> Result<Reply, RelayError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let line = match self.stream.read_line(MAX_RELAY_REPLY_LINE, left).await {
+                Ok(Line::Complete(l)) => l,
+                Ok(Line::TooLong) => {
+                    return Err(RelayError::Protocol("reply line too long".into()));
+                }
+                Err(ReadError::Timeout) => return Err(RelayError::Timeout("reply")),
+                Err(ReadError::Closed) => return Err(RelayError::Closed),
+                Err(ReadError::Io(e)) => return Err(RelayError::Io(e)),
+            };
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\r', '\n']).to_string();
+            let last = reply::is_last_line(&text);
+            lines.push(text);
+            if last {
+                break;
+            }
+            if lines.len() >= MAX_RELAY_REPLY_LINES {
+                return Err(RelayError::Protocol("reply has too many lines".into()));
+            }
+        }
+        Reply::from_lines(&lines).ok_or_else(|| {
+            RelayError::Protocol(format!("malformed reply: {:?}", reply::sanitize(&lines[0])))
+        })
+    }
+}
+
+/// Builds `MAIL FROM:<addr> [params]` keeping only what the next hop supports.
+pub fn mail_command(from: &MailFrom<String>, caps: &Capabilities, size: usize) -> String {
+    use smtp_proto::*;
+    let mut line = format!("MAIL FROM:<{}>", from.address);
+    if caps.size.is_some() && size > 0 {
+        line.push_str(&format!(" SIZE={size}"));
+    }
+    if caps.eight_bit_mime {
+        if from.flags & MAIL_BODY_8BITMIME != 0 {
+            line.push_str(" BODY=8BITMIME");
+        } else if from.flags & MAIL_BODY_7BIT != 0 {
+            line.push_str(" BODY=7BIT");
+        }
+    }
+    if caps.smtputf8 && from.flags & MAIL_SMTPUTF8 != 0 {
+        line.push_str(" SMTPUTF8");
+    }
+    if caps.dsn {
+        if from.flags & MAIL_RET_FULL != 0 {
+            line.push_str(" RET=FULL");
+        } else if from.flags & MAIL_RET_HDRS != 0 {
+            line.push_str(" RET=HDRS");
+        }
+        if let Some(envid) = &from.env_id {
+            line.push_str(&format!(" ENVID={}", xclient::xtext(envid)));
+        }
+    }
+    line.push_str("\r\n");
+    line
+}
+
+/// Builds `RCPT TO:<addr> [params]` keeping only what the next hop supports.
+pub fn rcpt_command(to: &RcptTo<String>, caps: &Capabilities) -> String {
+    use smtp_proto::*;
+    let mut line = format!("RCPT TO:<{}>", to.address);
+    if caps.dsn {
+        let notify: Vec<&str> = [
+            (RCPT_NOTIFY_SUCCESS, "SUCCESS"),
+            (RCPT_NOTIFY_FAILURE, "FAILURE"),
+            (RCPT_NOTIFY_DELAY, "DELAY"),
+            (RCPT_NOTIFY_NEVER, "NEVER"),
+        ]
+        .iter()
+        .filter(|(flag, _)| to.flags & flag != 0)
+        .map(|(_, name)| *name)
+        .collect();
+        if !notify.is_empty() {
+            line.push_str(&format!(" NOTIFY={}", notify.join(",")));
+        }
+        if let Some(orcpt) = &to.orcpt {
+            // smtp-proto keeps only the address of `ORCPT=rfc822;addr` (decoded).
+            line.push_str(&format!(" ORCPT=rfc822;{}", xclient::xtext(orcpt)));
+        }
+    }
+    line.push_str("\r\n");
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_mail(line: &str) -> MailFrom<String> {
+        match smtp_proto::Request::parse(&mut line.as_bytes().iter()).unwrap() {
+            smtp_proto::Request::Mail { from } => from.into_owned(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn parse_rcpt(line: &str) -> RcptTo<String> {
+        match smtp_proto::Request::parse(&mut line.as_bytes().iter()).unwrap() {
+            smtp_proto::Request::Rcpt { to } => to.into_owned(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn all_caps() -> Capabilities {
+        Capabilities {
+            size: Some(0),
+            eight_bit_mime: true,
+            smtputf8: true,
+            dsn: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn esmtp_parameters_round_trip() {
+        let from = parse_mail(
+            "MAIL FROM:<a@b.example> SIZE=100 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ+2B1\r\n",
+        );
+        assert_eq!(
+            mail_command(&from, &all_caps(), 120),
+            "MAIL FROM:<a@b.example> SIZE=120 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ+2B1\r\n"
+        );
+        // A next hop without the extensions gets none of the parameters.
+        assert_eq!(
+            mail_command(&from, &Capabilities::default(), 120),
+            "MAIL FROM:<a@b.example>\r\n"
+        );
+        let null = parse_mail("MAIL FROM:<>\r\n");
+        assert_eq!(
+            mail_command(&null, &Capabilities::default(), 0),
+            "MAIL FROM:<>\r\n"
+        );
+        let to = parse_rcpt(
+            "RCPT TO:<c@d.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;c+2Bx@d.example\r\n",
+        );
+        assert_eq!(
+            rcpt_command(&to, &all_caps()),
+            "RCPT TO:<c@d.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;c+2Bx@d.example\r\n"
+        );
+    }
+
+    #[test]
+    fn capabilities_from_ehlo() {
+        let r = Reply::plain(
+            250,
+            vec![
+                "mx".into(),
+                "SIZE 1000".into(),
+                "xclient NAME ADDR HELO".into(),
+                "STARTTLS".into(),
+            ],
+        );
+        let c = Capabilities::from_ehlo(&r);
+        assert_eq!(c.size, Some(1000));
+        assert!(c.starttls);
+        assert_eq!(c.xclient.unwrap(), vec!["NAME", "ADDR", "HELO"]);
+    }
+}

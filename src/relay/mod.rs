@@ -1,0 +1,265 @@
+//! The next hop: where accepted mail goes. An SMTP MTA (the normal case, with XCLIENT)
+//! or the built-in Maildir for trials.
+//!
+//! [`Relay`] is one client session's handle: it opens the next-hop connection at the
+//! first RCPT, passes MAIL/RCPT through, and delivers the message. Any error drops the
+//! connection; the next transaction opens a fresh one.
+
+pub mod client;
+pub mod maildir;
+pub mod writer;
+pub mod xclient;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use smtp_proto::{MailFrom, RcptTo};
+
+use crate::config::{Config, NextHopAddress, NextHopConfig};
+use crate::smtp::reply::{Enhanced, Reply};
+use client::SmtpConnection;
+pub use xclient::ClientIdentity;
+
+/// Why the next hop could not be used. Mapped to a 4xx for the client by [`RelayError::reply`]:
+/// whatever went wrong, the client keeps responsibility for the message and retries.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("downstream connect refused or failed: {0}")]
+    Connect(std::io::Error),
+    #[error("downstream connect timed out")]
+    ConnectTimeout,
+    #[error("downstream timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("downstream closed the connection")]
+    Closed,
+    #[error("downstream I/O error: {0}")]
+    Io(std::io::Error),
+    #[error("downstream protocol error: {0}")]
+    Protocol(String),
+    #[error("downstream TLS error: {0}")]
+    Tls(String),
+    #[error("downstream refused the session: {0}")]
+    Rejected(Reply),
+    #[error("downstream not usable: {0}")]
+    Policy(&'static str),
+    #[error("maildir delivery failed: {0}")]
+    Maildir(std::io::Error),
+}
+
+impl RelayError {
+    /// The reply the client gets. Generic text: details go to the log, not to the sender.
+    pub fn reply(&self) -> Reply {
+        match self {
+            RelayError::Connect(_) | RelayError::ConnectTimeout => Reply::new(
+                451,
+                Enhanced(4, 4, 1),
+                "Next hop unavailable, try again later",
+            ),
+            RelayError::Policy(_) | RelayError::Maildir(_) => Reply::new(
+                451,
+                Enhanced(4, 3, 0),
+                "Temporary local problem, try again later",
+            ),
+            _ => Reply::new(
+                451,
+                Enhanced(4, 4, 2),
+                "Connection to next hop failed, try again later",
+            ),
+        }
+    }
+}
+
+/// The configured next hop, shared by every session.
+pub struct NextHop {
+    target: Target,
+    cfg: NextHopConfig,
+    tls: Option<tokio_rustls::TlsConnector>,
+    hostname: String,
+}
+
+enum Target {
+    Smtp { host: String, port: u16 },
+    Maildir(PathBuf),
+}
+
+impl NextHop {
+    pub fn from_config(config: &Config) -> Result<NextHop, String> {
+        let target = match config.next_hop_address() {
+            NextHopAddress::Smtp { host, port } => Target::Smtp { host, port },
+            NextHopAddress::Maildir(dir) => {
+                maildir::prepare(&dir).map_err(|e| format!("maildir {}: {e}", dir.display()))?;
+                Target::Maildir(dir)
+            }
+        };
+        let tls = match config.next_hop.tls {
+            crate::config::RelayTls::Off => None,
+            _ => Some(crate::tls::connector(config.next_hop.tls_verify)?),
+        };
+        Ok(NextHop {
+            target,
+            cfg: config.next_hop.clone(),
+            tls,
+            hostname: config.hostname.clone(),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.target {
+            Target::Smtp { host, port } => format!("smtp://{host}:{port}"),
+            Target::Maildir(dir) => format!("maildir:{}", dir.display()),
+        }
+    }
+}
+
+/// One session's use of the next hop.
+pub struct Relay {
+    hop: Arc<NextHop>,
+    conn: Option<SmtpConnection>,
+    /// Whether the open transaction has reached the next hop (MAIL accepted).
+    in_transaction: bool,
+}
+
+/// The message envelope as the client gave it.
+pub struct Envelope<'a> {
+    pub from: &'a MailFrom<String>,
+    pub rcpts: &'a [RcptTo<String>],
+}
+
+impl Relay {
+    pub fn new(hop: Arc<NextHop>) -> Relay {
+        Relay {
+            hop,
+            conn: None,
+            in_transaction: false,
+        }
+    }
+
+    /// Whether the next hop learns the real client (XCLIENT). When it does not (Maildir,
+    /// or a next hop without XCLIENT in `auto` mode), we add our own `Received:` line so
+    /// the trace still names the client.
+    pub fn sees_real_client(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.xclient_sent)
+    }
+
+    /// Opens the connection if needed and sends MAIL. Returns the next hop's reply.
+    pub async fn start(
+        &mut self,
+        client: &ClientIdentity,
+        from: &MailFrom<String>,
+        size: usize,
+    ) -> Result<Reply, RelayError> {
+        let Target::Smtp { host, port } = &self.hop.target else {
+            self.in_transaction = true;
+            return Ok(Reply::new(250, Enhanced(2, 1, 0), "Ok"));
+        };
+        if self.conn.is_none() {
+            let conn = SmtpConnection::open(
+                host,
+                *port,
+                &self.hop.cfg,
+                self.hop.tls.as_ref(),
+                &self.hop.hostname,
+                client,
+            )
+            .await?;
+            self.conn = Some(conn);
+        }
+        let result = self.connection()?.mail(from, size).await;
+        let reply = self.settle(result)?;
+        self.in_transaction = reply.is_positive();
+        Ok(reply)
+    }
+
+    pub async fn rcpt(&mut self, to: &RcptTo<String>) -> Result<Reply, RelayError> {
+        if matches!(self.hop.target, Target::Maildir(_)) {
+            return Ok(Reply::new(250, Enhanced(2, 1, 5), "Ok"));
+        }
+        let result = self.connection()?.rcpt(to).await;
+        self.settle(result)
+    }
+
+    /// Sends the message. `headers` are added at the top (trace and, later, verification
+    /// results). The reply is the next hop's answer to the end of data.
+    pub async fn deliver(
+        &mut self,
+        envelope: &Envelope<'_>,
+        headers: &[String],
+        message: &[u8],
+    ) -> Result<Reply, RelayError> {
+        self.in_transaction = false;
+        match &self.hop.target {
+            Target::Maildir(dir) => {
+                let mut content = Vec::with_capacity(message.len() + 512);
+                content.extend_from_slice(
+                    format!("Return-Path: <{}>\r\n", envelope.from.address).as_bytes(),
+                );
+                for rcpt in envelope.rcpts {
+                    content.extend_from_slice(
+                        format!("Delivered-To: {}\r\n", rcpt.address).as_bytes(),
+                    );
+                }
+                for h in headers {
+                    content.extend_from_slice(h.as_bytes());
+                    content.extend_from_slice(b"\r\n");
+                }
+                content.extend_from_slice(message);
+                let (dir, host) = (dir.clone(), self.hop.hostname.clone());
+                let path =
+                    tokio::task::spawn_blocking(move || maildir::deliver(&dir, &host, &content))
+                        .await
+                        .map_err(|e| RelayError::Maildir(std::io::Error::other(e)))?
+                        .map_err(RelayError::Maildir)?;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Ok(Reply::new(
+                    250,
+                    Enhanced(2, 0, 0),
+                    format!("Ok: stored as {name}"),
+                ))
+            }
+            Target::Smtp { .. } => {
+                let encoded = writer::encode_data(headers, message);
+                let result = self.connection()?.data(&encoded).await;
+                self.settle(result)
+            }
+        }
+    }
+
+    /// Ends the open transaction at the next hop (client RSET, or a message we refused).
+    pub async fn reset(&mut self) {
+        if !std::mem::take(&mut self.in_transaction) || self.conn.is_none() {
+            return;
+        }
+        let result = match self.connection() {
+            Ok(c) => c.rset().await,
+            Err(e) => Err(e),
+        };
+        if !matches!(self.settle(result), Ok(r) if r.code == 250) {
+            self.conn = None;
+        }
+    }
+
+    /// Closes the next-hop connection politely (QUIT).
+    pub async fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.quit().await;
+        }
+        self.in_transaction = false;
+    }
+
+    fn connection(&mut self) -> Result<&mut SmtpConnection, RelayError> {
+        self.conn.as_mut().ok_or(RelayError::Closed)
+    }
+
+    /// After one exchange: on any error the connection is dropped and never reused (its
+    /// state is unknown), and a 421 from the next hop closes it too.
+    fn settle(&mut self, result: Result<Reply, RelayError>) -> Result<Reply, RelayError> {
+        if !matches!(&result, Ok(reply) if !reply.closes_session()) {
+            self.conn = None;
+            self.in_transaction = false;
+        }
+        result
+    }
+}

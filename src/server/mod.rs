@@ -1,0 +1,238 @@
+//! Listeners: bind, accept, apply connection limits, PROXY protocol and implicit TLS,
+//! then hand each connection to an SMTP [`Session`]. Also the drain on shutdown.
+
+mod limits;
+pub mod proxy_protocol;
+pub mod shutdown;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::config::defaults::{PROXY_HEADER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
+use crate::policy::{AcceptAll, Inspector};
+use crate::relay::NextHop;
+use crate::smtp::reply::Reply;
+use crate::smtp::session::ListenerShared;
+use crate::smtp::{Session, SessionShared};
+use crate::tls::MaybeTls;
+use limits::ConnectionLimits;
+
+/// A listener that is bound and ready to accept.
+struct Bound {
+    socket: TcpListener,
+    shared: Arc<ListenerShared>,
+    limits: Arc<ConnectionLimits>,
+}
+
+/// Everything checked and bound, not yet accepting: errors here stop the start.
+pub struct Server {
+    listeners: Vec<Bound>,
+    shared: Arc<SessionShared>,
+    grace: Duration,
+}
+
+impl Server {
+    /// Builds TLS contexts, prepares the next hop and binds every listener.
+    pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
+        Self::bind_with(config, Arc::new(AcceptAll), shutdown).await
+    }
+
+    pub async fn bind_with(
+        config: Config,
+        inspector: Arc<dyn Inspector>,
+        shutdown: CancellationToken,
+    ) -> Result<Server, String> {
+        let next_hop = Arc::new(NextHop::from_config(&config)?);
+        let mut listeners = Vec::new();
+        for lc in &config.listeners {
+            let tls = match (&lc.tls_cert, &lc.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+                _ => None,
+            };
+            let socket = TcpListener::bind(lc.address)
+                .await
+                .map_err(|e| format!("cannot listen on {}: {e}", lc.address))?;
+            listeners.push(Bound {
+                socket,
+                limits: Arc::new(ConnectionLimits::new(
+                    lc.max_sessions,
+                    lc.max_sessions_per_client,
+                )),
+                shared: Arc::new(ListenerShared {
+                    config: lc.clone(),
+                    tls,
+                }),
+            });
+        }
+        let grace = config.shutdown.grace_period;
+        tracing::info!(next_hop = %next_hop.describe(), "next hop");
+        Ok(Server {
+            listeners,
+            shared: Arc::new(SessionShared {
+                config: Arc::new(config),
+                next_hop,
+                inspector,
+                shutdown,
+            }),
+            grace,
+        })
+    }
+
+    /// Addresses actually bound (useful when a config says port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.socket.local_addr().ok())
+            .collect()
+    }
+
+    /// Serves until the shutdown token is cancelled, then stops accepting and waits up
+    /// to the grace period for sessions to finish. Returns how many were still running.
+    pub async fn run(self) -> usize {
+        let tracker = TaskTracker::new();
+        let shutdown = self.shared.shutdown.clone();
+        let mut accept_loops = Vec::new();
+        for bound in self.listeners {
+            let addr = bound
+                .socket
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(address = %addr, role = ?bound.shared.config.role,
+                tls = bound.shared.tls.is_some(), implicit_tls = bound.shared.config.implicit_tls,
+                proxy_protocol = bound.shared.config.proxy_protocol, "listening");
+            accept_loops.push(tokio::spawn(accept_loop(
+                bound,
+                self.shared.clone(),
+                tracker.clone(),
+            )));
+        }
+        shutdown.cancelled().await;
+        for l in accept_loops {
+            let _ = l.await; // the loops end on the same token and drop their sockets
+        }
+        tracker.close();
+        tracing::info!(
+            sessions = tracker.len(),
+            grace_s = self.grace.as_secs(),
+            "shutting down: no longer accepting"
+        );
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                sessions = tracker.len(),
+                "grace period over: closing remaining sessions"
+            );
+        }
+        tracker.len()
+    }
+}
+
+async fn accept_loop(bound: Bound, shared: Arc<SessionShared>, tracker: TaskTracker) {
+    let shutdown = shared.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = bound.socket.accept() => a,
+            _ = shutdown.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: wait for sessions to end instead of spinning or dying.
+                tracing::error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (listener, limits, shared) =
+            (bound.shared.clone(), bound.limits.clone(), shared.clone());
+        tracker.spawn(async move { serve_connection(tcp, peer, listener, limits, shared).await });
+    }
+}
+
+/// Everything between accept and the SMTP greeting.
+async fn serve_connection(
+    mut tcp: TcpStream,
+    tcp_peer: SocketAddr,
+    listener: Arc<ListenerShared>,
+    limits: Arc<ConnectionLimits>,
+    shared: Arc<SessionShared>,
+) {
+    let lc = &listener.config;
+    let peer = if lc.proxy_protocol {
+        if !proxy_protocol::is_trusted(tcp_peer.ip().to_canonical(), &lc.trusted_proxies) {
+            tracing::warn!(peer = %tcp_peer, "PROXY listener: connection from an untrusted address dropped");
+            return;
+        }
+        match proxy_protocol::read_header(&mut tcp, PROXY_HEADER_TIMEOUT).await {
+            Ok(Some(addrs)) => addrs.source,
+            Ok(None) => tcp_peer,
+            Err(e) => {
+                tracing::warn!(peer = %tcp_peer, error = %e, "bad PROXY header");
+                return;
+            }
+        }
+    } else {
+        tcp_peer
+    };
+    let _slot = match limits.admit(peer.ip()) {
+        Ok(slot) => slot,
+        Err(reply) => {
+            tracing::info!(client = %peer, reply = %reply, "connection refused by limits");
+            refuse(
+                tcp,
+                &reply,
+                listener.tls.as_ref().filter(|_| lc.implicit_tls),
+            )
+            .await;
+            return;
+        }
+    };
+    let stream = if lc.implicit_tls {
+        let Some(acceptor) = &listener.tls else {
+            return;
+        };
+        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => MaybeTls::Tls(Box::new(tls)),
+            _ => {
+                tracing::info!(client = %peer, "implicit TLS handshake failed");
+                return;
+            }
+        }
+    } else {
+        MaybeTls::Plain(tcp)
+    };
+    let session = Session::new(stream, peer, shared, listener);
+    tracing::debug!(session = %session.id, client = %peer, "connected");
+    session.run().await;
+}
+
+/// Sends a refusal and closes (through TLS on an implicit-TLS listener).
+async fn refuse(mut tcp: TcpStream, reply: &Reply, tls: Option<&tokio_rustls::TlsAcceptor>) {
+    let bytes = reply.to_bytes();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        match tls {
+            Some(acceptor) => {
+                if let Ok(mut s) = acceptor.accept(tcp).await {
+                    let _ = s.write_all(&bytes).await;
+                    let _ = s.shutdown().await;
+                }
+            }
+            None => {
+                let _ = tcp.write_all(&bytes).await;
+                let _ = tcp.shutdown().await;
+            }
+        }
+    })
+    .await;
+}

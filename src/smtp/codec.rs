@@ -1,0 +1,434 @@
+//! Reading the client: bounded command lines, and message content that ends only at
+//! `<CRLF>.<CRLF>`.
+//!
+//! The DATA reader is where SMTP smuggling is stopped. It splits content into lines,
+//! removes dot-stuffing, and turns every line ending into CRLF, so the message handed to
+//! the rest of the program is canonical. A `.` line counts as the end only when it and
+//! the line before it both end in CRLF: `<LF>.<LF>`, `<LF>.<CRLF>`, `<CRLF>.<LF>` and
+//! `<CR>.<CR>` are content. Whatever the next hop's idea of an end-of-data, it then
+//! receives one message, re-stuffed by [`crate::relay::writer`].
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::reply::Reply;
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// A content line longer than this is passed on in pieces instead of being buffered whole.
+const PARTIAL_LINE_FLUSH: usize = 8 * 1024;
+
+/// Why reading from the client stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("client closed the connection")]
+    Closed,
+    #[error("client timed out")]
+    Timeout,
+    #[error("read error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One command line from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// The line, terminator included (`\r\n` or bare `\n`).
+    Complete(Vec<u8>),
+    /// The line was longer than allowed; it was read to its end and thrown away, so the
+    /// session stays in step with the client.
+    TooLong,
+}
+
+/// What the DATA reader saw besides the content.
+#[derive(Debug, Default, Clone)]
+pub struct DataStats {
+    /// Canonical size (CRLF lines, dot-stuffing removed), counted even past the limit.
+    pub size: usize,
+    /// The content exceeded the size limit: it was read to the end and discarded.
+    pub too_big: bool,
+    /// Lines that ended in a bare LF.
+    pub bare_lf: usize,
+    /// CR bytes not followed by LF.
+    pub bare_cr: usize,
+    /// Lines longer than RFC 5321's 1000 octets (counted, never altered: signatures).
+    pub long_lines: usize,
+}
+
+/// Client connection with a read buffer and a reply buffer (for PIPELINING, replies are
+/// flushed only when the client has no complete command waiting).
+pub struct SmtpStream<S> {
+    io: S,
+    rbuf: Vec<u8>,
+    /// Start of unread bytes in `rbuf`.
+    rpos: usize,
+    wbuf: Vec<u8>,
+}
+
+impl<T> SmtpStream<crate::tls::MaybeTls<T>> {
+    pub fn is_tls(&self) -> bool {
+        self.io.is_tls()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
+    pub fn new(io: S) -> Self {
+        SmtpStream {
+            io,
+            rbuf: Vec::with_capacity(1024),
+            rpos: 0,
+            wbuf: Vec::with_capacity(512),
+        }
+    }
+
+    /// Hands back the transport, dropping any unread bytes (STARTTLS: whatever was
+    /// pipelined before the handshake must never be read as commands, CVE-2011-0411).
+    pub fn into_inner_discarding_input(self) -> S {
+        self.io
+    }
+
+    /// Unread bytes, for tests and for the STARTTLS log line.
+    pub fn buffered(&self) -> usize {
+        self.rbuf.len() - self.rpos
+    }
+
+    fn unread(&self) -> &[u8] {
+        &self.rbuf[self.rpos..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.rpos += n;
+        if self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+        } else if self.rpos > READ_CHUNK {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+    }
+
+    /// Reads more bytes into the buffer, flushing pending replies first so a client
+    /// waiting for them is never deadlocked.
+    async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
+        self.flush().await?;
+        let start = self.rbuf.len();
+        self.rbuf.resize(start + READ_CHUNK, 0);
+        let n = match tokio::time::timeout(timeout, self.io.read(&mut self.rbuf[start..])).await {
+            Err(_) => {
+                self.rbuf.truncate(start);
+                return Err(ReadError::Timeout);
+            }
+            Ok(Err(e)) => {
+                self.rbuf.truncate(start);
+                return Err(e.into());
+            }
+            Ok(Ok(n)) => n,
+        };
+        self.rbuf.truncate(start + n);
+        if n == 0 {
+            return Err(ReadError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Whether a complete command line is already buffered (pipelined).
+    pub fn has_pipelined_input(&self) -> bool {
+        self.unread().contains(&b'\n')
+    }
+
+    /// Reads one command line of at most `max` octets (terminator included).
+    pub async fn read_line(&mut self, max: usize, timeout: Duration) -> Result<Line, ReadError> {
+        let mut too_long = false;
+        loop {
+            if let Some(i) = memchr(b'\n', self.unread()) {
+                if too_long || i + 1 > max {
+                    self.consume(i + 1);
+                    return Ok(Line::TooLong);
+                }
+                let line = self.unread()[..=i].to_vec();
+                self.consume(i + 1);
+                return Ok(Line::Complete(line));
+            }
+            if self.buffered() >= max {
+                // Over the limit without an end in sight: drop what we have, keep
+                // reading until the LF so the next line starts in step.
+                too_long = true;
+                let n = self.buffered();
+                self.consume(n);
+            }
+            self.fill(timeout).await?;
+        }
+    }
+
+    /// Reads message content up to `<CRLF>.<CRLF>` into `out` (canonical CRLF lines,
+    /// dot-stuffing removed), keeping at most `limit` bytes; beyond it the rest is read
+    /// and dropped so the client hears our answer in step. Bare LFs are normalised here;
+    /// the `bare_lf = reject` policy is applied by the caller from the returned counts.
+    pub async fn read_data(
+        &mut self,
+        out: &mut Vec<u8>,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<DataStats, ReadError> {
+        let mut reader = DataReader::new(limit);
+        loop {
+            let (consumed, done) = reader.ingest(self.unread(), out);
+            self.consume(consumed);
+            if done {
+                return Ok(reader.stats);
+            }
+            self.fill(timeout).await?;
+        }
+    }
+
+    /// Queues a reply; it is sent at the next [`flush`](Self::flush) or read.
+    pub fn queue(&mut self, reply: &Reply) {
+        reply.write_to(&mut self.wbuf);
+    }
+
+    /// Sends queued replies.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Queues and sends a reply now.
+    pub async fn send(&mut self, reply: &Reply) -> std::io::Result<()> {
+        self.queue(reply);
+        self.flush().await
+    }
+
+    /// Writes bytes as they are (the relay client, whose bytes are built canonically).
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
+    hay.iter().position(|&b| b == needle)
+}
+
+/// The sans-IO DATA state machine (kept apart from the socket so it can be tested and
+/// fuzzed with any chunking).
+pub struct DataReader {
+    limit: usize,
+    /// The previous line ended in CRLF (true at the start: DATA's own line did).
+    prev_crlf: bool,
+    /// Part of the current line was already emitted (a very long line).
+    mid_line: bool,
+    /// Length of the current line so far, for the long-line count.
+    line_len: usize,
+    pub stats: DataStats,
+}
+
+impl DataReader {
+    pub fn new(limit: usize) -> Self {
+        DataReader {
+            limit,
+            prev_crlf: true,
+            mid_line: false,
+            line_len: 0,
+            stats: DataStats::default(),
+        }
+    }
+
+    /// Consumes complete lines (and long partial lines) from `input`, appending canonical
+    /// content to `out`. Returns bytes consumed and whether the end of data was reached.
+    pub fn ingest(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, bool) {
+        let mut pos = 0;
+        while pos < input.len() {
+            let rest = &input[pos..];
+            match memchr(b'\n', rest) {
+                Some(i) => {
+                    let crlf = i > 0 && rest[i - 1] == b'\r';
+                    let content = &rest[..if crlf { i - 1 } else { i }];
+                    pos += i + 1;
+                    if !self.mid_line && crlf && self.prev_crlf && content == b"." {
+                        return (pos, true);
+                    }
+                    self.emit(content, out);
+                    self.end_line(crlf, out);
+                }
+                None if rest.len() >= PARTIAL_LINE_FLUSH => {
+                    // Keep a trailing CR back: it may be the first half of a CRLF.
+                    let take = if rest.ends_with(b"\r") {
+                        rest.len() - 1
+                    } else {
+                        rest.len()
+                    };
+                    self.emit(&rest[..take], out);
+                    self.mid_line = true;
+                    pos += take;
+                }
+                None => break,
+            }
+        }
+        (pos, false)
+    }
+
+    /// Appends part of a line: dot-unstuffing at its start, stray CRs replaced.
+    fn emit(&mut self, mut content: &[u8], out: &mut Vec<u8>) {
+        if !self.mid_line && content.len() > 1 && content[0] == b'.' {
+            content = &content[1..];
+        }
+        self.line_len += content.len();
+        let strays = content.iter().filter(|&&b| b == b'\r').count();
+        self.stats.bare_cr += strays;
+        self.push(content, strays > 0, out);
+    }
+
+    fn push(&mut self, bytes: &[u8], replace_cr: bool, out: &mut Vec<u8>) {
+        self.stats.size += bytes.len();
+        if self.stats.size > self.limit {
+            self.stats.too_big = true;
+        }
+        if self.stats.too_big {
+            return;
+        }
+        if replace_cr {
+            // A CR alone is not a line ending anywhere we send it; Postfix's cleanup
+            // replaces it with a space (`cleanup_replace_stray_cr_lf`), and so do we.
+            out.extend(bytes.iter().map(|&b| if b == b'\r' { b' ' } else { b }));
+        } else {
+            out.extend_from_slice(bytes);
+        }
+    }
+
+    fn end_line(&mut self, crlf: bool, out: &mut Vec<u8>) {
+        if !crlf {
+            self.stats.bare_lf += 1;
+        }
+        if self.line_len > 998 {
+            self.stats.long_lines += 1;
+        }
+        self.push(b"\r\n", false, out);
+        self.prev_crlf = crlf;
+        self.mid_line = false;
+        self.line_len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(input: &[u8]) -> (Vec<u8>, usize, bool, DataStats) {
+        let mut r = DataReader::new(1 << 20);
+        let mut out = Vec::new();
+        let (n, done) = r.ingest(input, &mut out);
+        (out, n, done, r.stats)
+    }
+
+    #[test]
+    fn ends_only_at_crlf_dot_crlf() {
+        let (out, n, done, _) = read_all(b"Subject: x\r\n\r\nhello\r\n.\r\nMAIL FROM:<a@b>\r\n");
+        assert!(done);
+        assert_eq!(out, b"Subject: x\r\n\r\nhello\r\n");
+        assert_eq!(n, 24);
+    }
+
+    #[test]
+    fn smuggling_sequences_are_content() {
+        for evil in [
+            &b"a\n.\nMAIL FROM:<x@y>\r\n"[..],
+            b"a\r\n.\nMAIL FROM:<x@y>\r\n",
+            b"a\n.\r\nMAIL FROM:<x@y>\r\n",
+            b"a\r.\rMAIL FROM:<x@y>\r\n",
+            b"a\r.\r\nMAIL FROM:<x@y>\r\n",
+        ] {
+            let (out, _, done, stats) = read_all(evil);
+            assert!(!done, "{:?} ended the data", String::from_utf8_lossy(evil));
+            assert!(stats.bare_lf + stats.bare_cr > 0);
+            // Canonical: every CR is followed by LF and every LF preceded by CR.
+            for (i, b) in out.iter().enumerate() {
+                if *b == b'\n' {
+                    assert_eq!(out[i - 1], b'\r');
+                }
+                if *b == b'\r' {
+                    assert_eq!(out[i + 1], b'\n');
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dot_unstuffing_and_lone_dot_content() {
+        let (out, _, done, _) = read_all(b"..leading\r\n.\n.\r\n");
+        // "." ended by bare LF is content; the next "." follows a bare-LF line: content too.
+        assert!(!done);
+        assert_eq!(out, b".leading\r\n.\r\n.\r\n");
+        let (out, _, done, _) = read_all(b"..leading\r\n.\n.\r\n.\r\n");
+        assert!(done);
+        assert_eq!(out, b".leading\r\n.\r\n.\r\n");
+    }
+
+    #[test]
+    fn any_chunking_gives_the_same_result() {
+        let input = b"From: a\r\nX: y\n\r\n..dot\r\nbare\rcr\r\nlast\r\n.\r\nQUIT\r\n";
+        let (whole, n_whole, _, _) = read_all(input);
+        for split in 0..input.len() {
+            let mut r = DataReader::new(1 << 20);
+            let mut out = Vec::new();
+            let mut buf = input[..split].to_vec();
+            let (n1, d1) = r.ingest(&buf, &mut out);
+            assert!(!d1 || split >= n_whole);
+            let n2 = if d1 {
+                0
+            } else {
+                buf.drain(..n1);
+                buf.extend_from_slice(&input[split..]);
+                let (n2, d2) = r.ingest(&buf, &mut out);
+                assert!(d2);
+                n2
+            };
+            assert_eq!(out, whole, "split at {split}");
+            assert_eq!(n1 + n2, n_whole, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn long_lines_pass_through_in_pieces() {
+        let mut input = vec![b'x'; 20_000];
+        input.extend_from_slice(b"\r\n.\r\n");
+        let (out, _, done, stats) = read_all(&input);
+        assert!(done);
+        assert_eq!(out.len(), 20_002);
+        assert_eq!(stats.long_lines, 1);
+    }
+
+    #[test]
+    fn size_limit_drains() {
+        let mut r = DataReader::new(10);
+        let mut out = Vec::new();
+        let (_, done) = r.ingest(b"0123456789abcdef\r\n.\r\n", &mut out);
+        assert!(done);
+        assert!(r.stats.too_big);
+        assert!(out.len() <= 10);
+    }
+
+    #[tokio::test]
+    async fn line_reader_recovers_after_too_long() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut s = SmtpStream::new(server);
+        let mut c = client;
+        let long = vec![b'A'; 5000];
+        c.write_all(&long).await.unwrap();
+        c.write_all(b"\r\nNOOP\r\n").await.unwrap();
+        let t = Duration::from_secs(5);
+        assert_eq!(s.read_line(4096, t).await.unwrap(), Line::TooLong);
+        assert_eq!(
+            s.read_line(4096, t).await.unwrap(),
+            Line::Complete(b"NOOP\r\n".to_vec())
+        );
+    }
+}

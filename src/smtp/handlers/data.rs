@@ -1,0 +1,195 @@
+//! DATA: read the message, run the checks and the verdict hook, relay, and give the
+//! client the next hop's answer. A 250 goes out only when the next hop said 2xx.
+
+use crate::config::BareLf;
+use crate::policy::{Action, MessageContext};
+use crate::relay::Envelope;
+use crate::smtp::codec::{DataStats, ReadError};
+use crate::smtp::reply::{Enhanced, Reply};
+use crate::smtp::session::{Flow, Helo, Session, State, Transaction};
+use crate::smtp::trace;
+
+/// How a message ended, for the transaction log line.
+struct Outcome {
+    reply: Reply,
+    verdict: &'static str,
+    reasons: Vec<String>,
+}
+
+impl Session {
+    pub(crate) async fn on_data(&mut self, state: State) -> (State, Flow) {
+        let State::Transaction(helo, tx) = state else {
+            let reply = Reply::new(503, Enhanced(5, 5, 1), "Need MAIL command");
+            return (state, self.error(reply).await);
+        };
+        if tx.rcpts.is_empty() {
+            let reply = Reply::new(554, Enhanced(5, 5, 1), "No valid recipients");
+            return (State::Transaction(helo, tx), self.error(reply).await);
+        }
+        if let Some(failure) = tx.relay_failure.clone() {
+            self.relay.reset().await;
+            return (State::Ready(helo), self.error(failure).await);
+        }
+        self.stream.queue(&Reply::plain(
+            354,
+            vec!["End data with <CR><LF>.<CR><LF>".into()],
+        ));
+        let limits = &self.config().limits;
+        let (limit, timeout) = (limits.message_size_limit, limits.data_timeout);
+        let mut message = Vec::with_capacity(tx.from.size.clamp(4096, limit));
+        let stats = match self.stream.read_data(&mut message, limit, timeout).await {
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::info!(session = %self.id, client = %self.peer, error = %e, "client lost during DATA");
+                self.relay.close().await;
+                if matches!(e, ReadError::Timeout) {
+                    self.say_goodbye(Reply::new(
+                        421,
+                        Enhanced(4, 4, 2),
+                        "Timeout, closing connection",
+                    ))
+                    .await;
+                }
+                return (State::Ready(helo), Flow::Close);
+            }
+        };
+        let outcome = self.settle(&helo, &tx, &message, &stats).await;
+        self.log_transaction(&helo, &tx, &stats, &outcome);
+        let flow = if outcome.reply.closes_session() {
+            self.say_goodbye(outcome.reply).await;
+            Flow::Close
+        } else {
+            self.stream.queue(&outcome.reply);
+            Flow::Continue
+        };
+        (State::Ready(helo), flow)
+    }
+
+    /// Decides and, when the verdict allows, relays. Every path returns the reply.
+    async fn settle(
+        &mut self,
+        helo: &Helo,
+        tx: &Transaction,
+        message: &[u8],
+        stats: &DataStats,
+    ) -> Outcome {
+        let limits = &self.shared.config.limits;
+        let refusal = if stats.too_big {
+            Some(Reply::new(
+                552,
+                Enhanced(5, 3, 4),
+                "Message size exceeds fixed limit",
+            ))
+        } else if stats.bare_lf > 0 && limits.bare_lf == BareLf::Reject {
+            Some(Reply::new(
+                554,
+                Enhanced(5, 5, 2),
+                "Bare <LF> line endings are not allowed (RFC 5321 section 2.3.8)",
+            ))
+        } else if trace::count_received(message) > limits.max_received_headers {
+            Some(Reply::new(
+                554,
+                Enhanced(5, 4, 6),
+                "Too many hops, mail loop detected",
+            ))
+        } else {
+            None
+        };
+        if let Some(reply) = refusal {
+            self.relay.reset().await;
+            return Outcome {
+                reply,
+                verdict: "refused",
+                reasons: Vec::new(),
+            };
+        }
+
+        let ctx = MessageContext {
+            session_id: &self.id,
+            client: self.peer,
+            helo: &helo.name,
+            role: self.listener.config.role,
+            tls: self.is_tls(),
+            mail_from: &tx.from,
+            rcpts: &tx.rcpts,
+            message,
+        };
+        let decision = self.shared.inspector.inspect(&ctx).await;
+        let verdict = decision.action.name();
+        let reply = match decision.action {
+            Action::Reject(reply) | Action::Defer(reply) => {
+                self.relay.reset().await;
+                reply
+            }
+            Action::Quarantine => {
+                // No quarantine store exists yet: never claim to hold what we cannot.
+                self.relay.reset().await;
+                Reply::new(
+                    451,
+                    Enhanced(4, 3, 0),
+                    "Temporary local problem, try again later",
+                )
+            }
+            Action::Accept | Action::Tag => {
+                let mut headers = decision.headers;
+                if !self.relay.sees_real_client() {
+                    headers.insert(0, self.received_header(helo, tx));
+                }
+                let envelope = Envelope {
+                    from: &tx.from,
+                    rcpts: &tx.rcpts,
+                };
+                match self.relay.deliver(&envelope, &headers, message).await {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        tracing::warn!(session = %self.id, error = %e, "next hop failed at end of data");
+                        e.reply()
+                    }
+                }
+            }
+        };
+        Outcome {
+            reply,
+            verdict,
+            reasons: decision.reasons,
+        }
+    }
+
+    fn received_header(&self, helo: &Helo, tx: &Transaction) -> String {
+        let protocol = match (helo.esmtp, self.is_tls()) {
+            (true, true) => "ESMTPS",
+            (true, false) => "ESMTP",
+            (false, true) => "SMTPS",
+            (false, false) => "SMTP",
+        };
+        let single = (tx.rcpts.len() == 1).then(|| tx.rcpts[0].address.as_str());
+        trace::received_header(
+            &helo.name,
+            self.peer.ip(),
+            &self.config().hostname,
+            protocol,
+            &self.id,
+            single,
+        )
+    }
+
+    /// The one log line per transaction.
+    fn log_transaction(&self, helo: &Helo, tx: &Transaction, stats: &DataStats, outcome: &Outcome) {
+        let rcpts: Vec<&str> = tx.rcpts.iter().map(|r| r.address.as_str()).collect();
+        tracing::info!(
+            session = %self.id,
+            client = %self.peer,
+            helo = %helo.name,
+            from = %tx.from.address,
+            rcpts = %rcpts.join(","),
+            size = stats.size,
+            bare_lf = stats.bare_lf,
+            bare_cr = stats.bare_cr,
+            next_hop_reply = %outcome.reply.summary(),
+            verdict = outcome.verdict,
+            reasons = %outcome.reasons.join(","),
+            duration_ms = tx.started.elapsed().as_millis() as u64,
+            "transaction"
+        );
+    }
+}

@@ -1,0 +1,84 @@
+//! RCPT TO: the relay check, then the next hop's own answer passed through.
+
+use smtp_proto::RcptTo;
+
+use crate::config::Role;
+use crate::smtp::reply::{Enhanced, Reply};
+use crate::smtp::session::{Flow, Helo, Session, State, Transaction};
+
+impl Session {
+    pub(crate) async fn on_rcpt(&mut self, state: State, to: RcptTo<String>) -> (State, Flow) {
+        let State::Transaction(helo, mut tx) = state else {
+            let reply = Reply::new(503, Enhanced(5, 5, 1), "Need MAIL command");
+            return (state, self.error(reply).await);
+        };
+        if tx.rcpt_attempts >= self.config().limits.max_recipients {
+            let reply = Reply::new(452, Enhanced(4, 5, 3), "Too many recipients");
+            return (State::Transaction(helo, tx), self.error(reply).await);
+        }
+        tx.rcpt_attempts += 1;
+        let reply = self.rcpt_reply(&helo, &mut tx, &to).await;
+        let flow = if reply.is_positive() {
+            tx.rcpts.push(to);
+            self.stream.queue(&reply);
+            Flow::Continue
+        } else {
+            self.error(reply).await
+        };
+        (State::Transaction(helo, tx), flow)
+    }
+
+    async fn rcpt_reply(
+        &mut self,
+        helo: &Helo,
+        tx: &mut Transaction,
+        to: &RcptTo<String>,
+    ) -> Reply {
+        if self.listener.config.role == Role::Inbound && !self.accepts_domain_of(&to.address) {
+            tracing::info!(session = %self.id, client = %self.peer, rcpt = %to.address, "relay denied");
+            return Reply::new(550, Enhanced(5, 7, 1), "Relay access denied");
+        }
+        if let Some(failure) = &tx.relay_failure {
+            return failure.clone();
+        }
+        if !tx.relay_started {
+            let identity = self.identity(helo);
+            match self.relay.start(&identity, &tx.from, tx.from.size).await {
+                Ok(reply) if reply.is_positive() => tx.relay_started = true,
+                Ok(reply) => {
+                    tx.relay_failure = Some(reply.clone());
+                    return reply;
+                }
+                Err(e) => {
+                    tracing::warn!(session = %self.id, error = %e, "next hop failed at MAIL");
+                    let reply = e.reply();
+                    tx.relay_failure = Some(reply.clone());
+                    return reply;
+                }
+            }
+        }
+        match self.relay.rcpt(to).await {
+            Ok(reply) => {
+                if reply.closes_session() {
+                    tx.relay_failure = Some(reply.clone());
+                }
+                reply
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.id, error = %e, "next hop failed at RCPT");
+                let reply = e.reply();
+                tx.relay_failure = Some(reply.clone());
+                reply
+            }
+        }
+    }
+
+    /// Inbound listeners take mail for our own domains only. An address without a
+    /// domain (`postmaster`, RFC 5321 §4.5.1) is ours by definition.
+    fn accepts_domain_of(&self, address: &str) -> bool {
+        match address.rsplit_once('@') {
+            Some((_, domain)) => self.config().is_local_domain(domain),
+            None => !address.is_empty(),
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The client-facing SMTP server: wire format, command parsing and the session state
+//! machine. One file per phase under `handlers/`.
+
+pub mod codec;
+pub mod command;
+mod handlers;
+pub mod reply;
+pub mod session;
+mod trace;
+
+pub use session::{Session, SessionShared};
