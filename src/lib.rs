@@ -12,8 +12,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod check;
 pub mod config;
 pub mod policy;
+pub mod quarantine;
 pub mod relay;
 pub mod server;
 pub mod smtp;

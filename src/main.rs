@@ -40,6 +40,31 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Evaluate one message offline, through the same checks and policy as the proxy.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The connecting client's IP address.
+        #[arg(long)]
+        ip: String,
+        /// The HELO/EHLO name the client gave.
+        #[arg(long)]
+        helo: String,
+        /// The MAIL FROM address ('' for the null sender).
+        #[arg(long, allow_hyphen_values = true)]
+        mail_from: String,
+        /// Envelope recipients (repeatable).
+        #[arg(long)]
+        rcpt: Vec<String>,
+        /// The listener role the message arrived on.
+        #[arg(long, default_value = "inbound")]
+        role: String,
+        /// One JSON object on stdout instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The message (RFC 5322), LF or CRLF line endings.
+        message: PathBuf,
+    },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
         #[arg(long, default_value = "certs")]
@@ -63,6 +88,25 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Check {
+            config,
+            ip,
+            helo,
+            mail_from,
+            rcpt,
+            role,
+            json,
+            message,
+        } => mailwarden::check::run(&mailwarden::check::Args {
+            config,
+            ip,
+            helo,
+            mail_from,
+            rcpt,
+            role,
+            json,
+            message,
+        }),
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());
@@ -113,6 +157,11 @@ fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let inspector = server.inspector();
+        if let Err(e) = shutdown::on_reload(move || inspector.reload()) {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler");
+            return ExitCode::from(1);
+        }
         let left = server.run().await;
         tracing::info!(unfinished_sessions = left, "stopped");
         ExitCode::SUCCESS

@@ -64,3 +64,17 @@ pub const MAX_RELAY_REPLY_LINES: usize = 100;
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshake timeout (Postfix `smtpd_starttls_timeout` is 300 s; a handshake needs far less).
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// DNS: per-query timeout (hickory's default of 5 s is too long for mail).
+pub const DEFAULT_DNS_TIMEOUT_MS: u64 = 2000;
+/// DNS: tries per query.
+pub const DEFAULT_DNS_ATTEMPTS: usize = 2;
+/// DNS: cached answers (rspamd and Stalwart keep a few thousand to tens of thousands).
+pub const DEFAULT_DNS_CACHE_ENTRIES: u64 = 10_000;
+/// All checks of one message together (RELIABILITY `checks_time_budget`).
+pub const DEFAULT_CHECKS_TIME_BUDGET: Duration = Duration::from_secs(30);
+/// SPF alone (RFC 7208 §4.6.4 suggests at least 20 s; mail-auth's own timer then says
+/// permerror, ours temperror, which is what a timeout is).
+pub const DEFAULT_SPF_TIME_BUDGET: Duration = Duration::from_secs(20);
+/// DKIM signatures verified per message; more is a resource attack, not mail.
+pub const DEFAULT_DKIM_MAX_SIGNATURES: usize = 10;

@@ -37,7 +37,21 @@ pub struct Config {
     #[serde(default)]
     pub dns: DnsConfig,
     #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub spoof: SpoofSettings,
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// What a configuration is loaded for: the proxy needs listeners; the offline `check`
+/// command needs nothing but `[dns]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Run,
+    Check,
 }
 
 fn default_hostname() -> String {
@@ -260,11 +274,107 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Resolvers as `IP:PORT`; empty means the system resolver (`/etc/resolv.conf`).
     pub nameservers: Vec<SocketAddr>,
+    /// Per-query timeout.
+    pub timeout_ms: u64,
+    /// Tries per query (per nameserver).
+    pub attempts: usize,
+    /// Cached answers (bounded; TTLs respected).
+    pub cache_entries: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout_ms: DEFAULT_DNS_TIMEOUT_MS,
+            attempts: DEFAULT_DNS_ATTEMPTS,
+            cache_entries: DEFAULT_DNS_CACHE_ENTRIES,
+        }
+    }
+}
+
+/// Sender authentication settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Verify sender authentication and apply the policy. Off: every message is relayed
+    /// as is (forged results for our authserv-id are still never trusted downstream,
+    /// because nothing downstream sees one of ours).
+    pub enabled: bool,
+    /// Our name in `Authentication-Results`; empty means `hostname`.
+    pub authserv_id: String,
+    /// Also verify mail on submission listeners (our own users' mail).
+    pub verify_submission: bool,
+    #[serde(with = "duration")]
+    pub time_budget: Duration,
+    #[serde(with = "duration")]
+    pub spf_time_budget: Duration,
+    pub dkim_max_signatures: usize,
+    pub verdict_header: String,
+    pub subject_prefix: String,
+    /// Policy file; empty means the built-in default policy.
+    pub policy_file: Option<PathBuf>,
+    /// Reject at MAIL FROM when SPF for the MAIL FROM domain fails.
+    pub spf_early_reject: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: true,
+            authserv_id: String::new(),
+            verify_submission: false,
+            time_budget: DEFAULT_CHECKS_TIME_BUDGET,
+            spf_time_budget: DEFAULT_SPF_TIME_BUDGET,
+            dkim_max_signatures: DEFAULT_DKIM_MAX_SIGNATURES,
+            verdict_header: "X-Mailwarden-Verdict".into(),
+            subject_prefix: String::new(),
+            policy_file: None,
+            spf_early_reject: false,
+        }
+    }
+}
+
+/// Spoofing heuristics beyond DMARC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoofSettings {
+    /// Domains whose name must not be used from outside; empty means `local_domains`.
+    pub protected_domains: Vec<String>,
+    /// Display names of people whose name must not appear on outside addresses.
+    pub protected_names: Vec<String>,
+    /// Edit distance at which a domain counts as a typo look-alike.
+    pub lookalike_distance: usize,
+}
+
+impl Default for SpoofSettings {
+    fn default() -> Self {
+        SpoofSettings {
+            protected_domains: Vec::new(),
+            protected_names: Vec::new(),
+            lookalike_distance: 1,
+        }
+    }
+}
+
+/// Where quarantined messages are kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig {
+            dir: PathBuf::from("var/quarantine"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -303,19 +413,28 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Reads, parses and validates `path`.
+    /// Reads, parses and validates `path` for running the proxy.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_for(path, Purpose::Run)
+    }
+
+    /// Reads, parses and validates `path` for `purpose`.
+    pub fn load_for(path: &Path, purpose: Purpose) -> Result<Config, ConfigError> {
         let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: None,
             key: "-".into(),
             reason: format!("cannot read: {e}"),
         })?;
-        Self::parse(&source, path)
+        Self::parse_for(&source, path, purpose)
     }
 
-    /// Parses and validates `source`; `path` is only used in error messages.
+    /// Parses and validates `source` for running; `path` is only used in error messages.
     pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigError> {
+        Self::parse_for(source, path, Purpose::Run)
+    }
+
+    pub fn parse_for(source: &str, path: &Path, purpose: Purpose) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(source).map_err(|e| {
             let line = e
                 .span()
@@ -328,7 +447,7 @@ impl Config {
             }
         })?;
         config
-            .validate()
+            .validate(purpose)
             .map_err(|(table, key, reason)| ConfigError {
                 file: path.to_path_buf(),
                 line: locate(source, &table, &key),
@@ -344,8 +463,12 @@ impl Config {
 
     /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
     /// is `listener[N]` for the N-th `[[listener]]`.
-    fn validate(&self) -> Result<(), (String, String, String)> {
+    fn validate(&self, purpose: Purpose) -> Result<(), (String, String, String)> {
         let err = |t: &str, k: &str, r: String| Err((t.to_string(), k.to_string(), r));
+        self.validate_checks()?;
+        if purpose == Purpose::Check {
+            return Ok(());
+        }
         if self.listeners.is_empty() {
             return err(
                 "",
@@ -426,6 +549,65 @@ impl Config {
         Ok(())
     }
 
+    /// Settings used by verification, shared by `run` and `check`.
+    fn validate_checks(&self) -> Result<(), (String, String, String)> {
+        let err = |t: &str, k: &str, r: String| Err((t.to_string(), k.to_string(), r));
+        if self.dns.timeout_ms == 0 || self.dns.attempts == 0 {
+            return err(
+                "dns",
+                "timeout_ms",
+                "timeout_ms and attempts must be at least 1".into(),
+            );
+        }
+        if self.auth.time_budget.is_zero() {
+            return err("auth", "time_budget", "must be more than zero".into());
+        }
+        if self.auth.verdict_header.is_empty()
+            || !self
+                .auth
+                .verdict_header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return err(
+                "auth",
+                "verdict_header",
+                "must be a header name (letters, digits, '-')".into(),
+            );
+        }
+        if let Some(p) = &self.auth.policy_file
+            && !p.as_os_str().is_empty()
+            && !p.is_file()
+        {
+            return err(
+                "auth",
+                "policy_file",
+                format!("{} is not a readable file", p.display()),
+            );
+        }
+        if self.auth.subject_prefix.contains(['\r', '\n']) {
+            return err("auth", "subject_prefix", "must be one line".into());
+        }
+        Ok(())
+    }
+
+    /// Our `Authentication-Results` authserv-id.
+    pub fn authserv_id(&self) -> &str {
+        if self.auth.authserv_id.is_empty() {
+            &self.hostname
+        } else {
+            &self.auth.authserv_id
+        }
+    }
+
+    /// The policy file, when one is configured.
+    pub fn policy_file(&self) -> Option<&Path> {
+        self.auth
+            .policy_file
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+    }
+
     /// The parsed next hop (validated at load, so this cannot fail afterwards).
     pub fn next_hop_address(&self) -> NextHopAddress {
         NextHopAddress::parse(&self.next_hop.address).expect("validated at load")
@@ -441,7 +623,7 @@ impl Config {
 }
 
 /// Line (1-based) of `key` inside `table` (`""` = top level, `listener[N]` = N-th array entry).
-fn locate(source: &str, table: &str, key: &str) -> Option<usize> {
+pub(crate) fn locate(source: &str, table: &str, key: &str) -> Option<usize> {
     let (want_table, want_index) = match table.split_once('[') {
         Some((name, idx)) => (name, idx.trim_end_matches(']').parse::<usize>().ok()),
         None => (table, None),
@@ -479,7 +661,7 @@ fn locate(source: &str, table: &str, key: &str) -> Option<usize> {
 }
 
 /// The key whose value starts at or around byte `offset`, for parse errors.
-fn key_at(source: &str, offset: Option<usize>) -> Option<String> {
+pub(crate) fn key_at(source: &str, offset: Option<usize>) -> Option<String> {
     let offset = offset?.min(source.len());
     let line_start = source[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
     let line = source[line_start..].lines().next()?;
@@ -560,6 +742,21 @@ mod tests {
         assert!(NextHopAddress::parse("smtp://host").is_err());
         assert!(NextHopAddress::parse("lmtp://host:24").is_err());
         assert!(NextHopAddress::parse("maildir:").is_err());
+    }
+
+    #[test]
+    fn check_needs_only_dns() {
+        let c = Config::parse_for(
+            "[dns]\nnameservers = [\"127.0.0.1:5353\"]\n",
+            Path::new("c.toml"),
+            Purpose::Check,
+        )
+        .unwrap();
+        assert_eq!(c.dns.nameservers.len(), 1);
+        assert!(
+            parse("[dns]\nnameservers = []\n").is_err(),
+            "run needs a listener"
+        );
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! The verdict hook: after the whole message is read and before anything is relayed,
 //! the session asks an [`Inspector`] what to do with it.
 //!
-//! The relay issue ships [`AcceptAll`]; sender authentication and the operator's policy
-//! plug in here by implementing [`Inspector`].
+//! [`AcceptAll`] relays everything; [`engine::Enforcer`] runs sender authentication,
+//! the spoof checks and the operator's rules.
+
+pub mod engine;
+pub mod rules;
+pub mod spoof;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::pin::Pin;
 
 use smtp_proto::{MailFrom, RcptTo};
@@ -59,10 +64,15 @@ pub struct Decision {
     pub action: Action,
     /// Header lines (without CRLF) to add at the top of the relayed message.
     pub headers: Vec<String>,
-    /// Header names to remove before relaying (forged verification results).
-    pub strip_headers: Vec<String>,
-    /// Short reasons for the log line.
+    /// Byte ranges of the message to leave out when relaying (forged verification
+    /// results, a Subject being rewritten).
+    pub strip: Vec<Range<usize>>,
+    /// Short reasons for the log line and the quarantine entry.
     pub reasons: Vec<String>,
+    /// Flags raised by the checks.
+    pub flags: Vec<String>,
+    /// The `Authentication-Results` value (one line), when verification ran.
+    pub authentication_results: Option<String>,
 }
 
 impl Decision {
@@ -70,8 +80,10 @@ impl Decision {
         Decision {
             action: Action::Accept,
             headers: Vec::new(),
-            strip_headers: Vec::new(),
+            strip: Vec::new(),
             reasons: Vec::new(),
+            flags: Vec::new(),
+            authentication_results: None,
         }
     }
 }
@@ -83,9 +95,25 @@ pub trait Inspector: Send + Sync {
         &'a self,
         ctx: &'a MessageContext<'a>,
     ) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>>;
+
+    /// An optional early refusal at MAIL FROM (SPF fail with `spf_early_reject`).
+    fn check_mail_from<'a>(
+        &'a self,
+        _client: SocketAddr,
+        _helo: &'a str,
+        _mail_from: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Option<Reply>> + Send + 'a>> {
+        Box::pin(async { None })
+    }
+
+    /// Re-reads what can change without a restart (the policy file). An error keeps
+    /// the running version.
+    fn reload(&self) -> Result<String, String> {
+        Ok("nothing to reload".into())
+    }
 }
 
-/// The verdict used until verification is configured: relay everything.
+/// The verdict used when checks are off: relay everything. verification is configured: relay everything.
 pub struct AcceptAll;
 
 impl Inspector for AcceptAll {

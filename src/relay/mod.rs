@@ -178,18 +178,20 @@ impl Relay {
         self.settle(result)
     }
 
-    /// Sends the message. `headers` are added at the top (trace and, later, verification
-    /// results). The reply is the next hop's answer to the end of data.
+    /// Sends the message (held as `parts`, see [`writer::without`]). `headers` are added
+    /// at the top (trace and verification results). The reply is the next hop's answer
+    /// to the end of data.
     pub async fn deliver(
         &mut self,
         envelope: &Envelope<'_>,
         headers: &[String],
-        message: &[u8],
+        parts: &[&[u8]],
     ) -> Result<Reply, RelayError> {
         self.in_transaction = false;
         match &self.hop.target {
             Target::Maildir(dir) => {
-                let mut content = Vec::with_capacity(message.len() + 512);
+                let mut content =
+                    Vec::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 512);
                 content.extend_from_slice(
                     format!("Return-Path: <{}>\r\n", envelope.from.address).as_bytes(),
                 );
@@ -202,7 +204,9 @@ impl Relay {
                     content.extend_from_slice(h.as_bytes());
                     content.extend_from_slice(b"\r\n");
                 }
-                content.extend_from_slice(message);
+                for part in parts {
+                    content.extend_from_slice(part);
+                }
                 let (dir, host) = (dir.clone(), self.hop.hostname.clone());
                 let path =
                     tokio::task::spawn_blocking(move || maildir::deliver(&dir, &host, &content))
@@ -220,7 +224,7 @@ impl Relay {
                 ))
             }
             Target::Smtp { .. } => {
-                let encoded = writer::encode_data(headers, message);
+                let encoded = writer::encode_parts(headers, parts);
                 let result = self.connection()?.data(&encoded).await;
                 self.settle(result)
             }

@@ -6,9 +6,17 @@
 
 /// Encodes `headers` (lines without terminators, added at the top) and `message`
 /// as the DATA payload, final `.<CRLF>` included.
+#[cfg(test)]
 pub fn encode_data(headers: &[String], message: &[u8]) -> Vec<u8> {
+    encode_parts(headers, &[message])
+}
+
+/// Like `encode_data` for a message held as pieces (a message with some header
+/// fields left out). Pieces must split at line boundaries.
+pub fn encode_parts(headers: &[String], parts: &[&[u8]]) -> Vec<u8> {
     let extra: usize = headers.iter().map(|h| h.len() + 3).sum();
-    let mut out = Vec::with_capacity(message.len() + message.len() / 64 + extra + 8);
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(len + len / 64 + extra + 8);
     for h in headers {
         push_content(h.as_bytes(), &mut out);
         // A header that carried its own terminator got it from push_content.
@@ -16,7 +24,9 @@ pub fn encode_data(headers: &[String], message: &[u8]) -> Vec<u8> {
             out.extend_from_slice(b"\r\n");
         }
     }
-    push_content(message, &mut out);
+    for part in parts {
+        push_content(part, &mut out);
+    }
     if !out.is_empty() && !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
@@ -52,6 +62,21 @@ fn push_content(bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// The pieces of `message` outside the sorted, non-overlapping `strip` ranges.
+pub fn without<'a>(message: &'a [u8], strip: &[std::ops::Range<usize>]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::with_capacity(strip.len() + 1);
+    let mut pos = 0;
+    for r in strip {
+        if r.start >= pos && r.end <= message.len() {
+            parts.push(&message[pos..r.start]);
+            pos = r.end;
+        }
+    }
+    parts.push(&message[pos..]);
+    parts.retain(|p| !p.is_empty());
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +98,17 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert_eq!(text.matches("\r\n.\r\n").count(), 1);
         assert!(text.ends_with("\r\n.\r\n"));
+    }
+
+    #[test]
+    fn leaves_out_ranges() {
+        let m = b"A: 1\r\nB: 2\r\nC: 3\r\n\r\nbody\r\n";
+        let parts = without(m, &[6..12]);
+        assert_eq!(parts.concat(), b"A: 1\r\nC: 3\r\n\r\nbody\r\n");
+        assert_eq!(
+            encode_parts(&[], &parts),
+            b"A: 1\r\nC: 3\r\n\r\nbody\r\n.\r\n"
+        );
     }
 
     #[test]

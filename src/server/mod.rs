@@ -16,7 +16,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::config::defaults::{PROXY_HEADER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
+use crate::policy::engine::Enforcer;
 use crate::policy::{AcceptAll, Inspector};
+use crate::quarantine::Quarantine;
 use crate::relay::NextHop;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::ListenerShared;
@@ -39,9 +41,15 @@ pub struct Server {
 }
 
 impl Server {
-    /// Builds TLS contexts, prepares the next hop and binds every listener.
+    /// Builds TLS contexts, the verdict engine and the quarantine, prepares the next hop
+    /// and binds every listener.
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
-        Self::bind_with(config, Arc::new(AcceptAll), shutdown).await
+        let inspector: Arc<dyn Inspector> = if config.auth.enabled {
+            Arc::new(Enforcer::from_config(&config)?)
+        } else {
+            Arc::new(AcceptAll)
+        };
+        Self::bind_with(config, inspector, shutdown).await
     }
 
     pub async fn bind_with(
@@ -50,6 +58,14 @@ impl Server {
         shutdown: CancellationToken,
     ) -> Result<Server, String> {
         let next_hop = Arc::new(NextHop::from_config(&config)?);
+        let quarantine = if config.auth.enabled {
+            let dir = &config.quarantine.dir;
+            let q =
+                Quarantine::open(dir).map_err(|e| format!("quarantine {}: {e}", dir.display()))?;
+            Some(Arc::new(q))
+        } else {
+            None
+        };
         let mut listeners = Vec::new();
         for lc in &config.listeners {
             let tls = match (&lc.tls_cert, &lc.tls_key) {
@@ -79,10 +95,16 @@ impl Server {
                 config: Arc::new(config),
                 next_hop,
                 inspector,
+                quarantine,
                 shutdown,
             }),
             grace,
         })
+    }
+
+    /// The verdict engine (for reloads).
+    pub fn inspector(&self) -> Arc<dyn Inspector> {
+        self.shared.inspector.clone()
     }
 
     /// Addresses actually bound (useful when a config says port 0).

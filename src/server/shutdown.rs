@@ -1,5 +1,5 @@
-//! Signals: SIGTERM and SIGINT start a graceful shutdown; a second one is not needed
-//! because the grace period bounds the drain.
+//! Signals: SIGTERM and SIGINT start a graceful shutdown (the grace period bounds the
+//! drain); SIGHUP reloads the policy file.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -15,6 +15,24 @@ pub fn on_signals(token: CancellationToken) -> std::io::Result<()> {
         };
         tracing::info!(signal = name, "shutdown requested");
         token.cancel();
+    });
+    Ok(())
+}
+
+/// Calls `reload` on every SIGHUP; a failed reload keeps what is running and says why.
+pub fn on_reload(
+    reload: impl Fn() -> Result<String, String> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match reload() {
+                Ok(version) => tracing::info!(policy = %version, "policy reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload failed: keeping the running policy")
+                }
+            }
+        }
     });
     Ok(())
 }

@@ -318,9 +318,37 @@ impl DataReader {
     }
 }
 
+/// Canonical form of a message read from a file (the `check` command): the same line
+/// handling as the DATA reader (every line ending CRLF, a stray CR a space), without the
+/// dot-unstuffing that only applies on the wire.
+pub fn canonicalize(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 32);
+    let mut lines = bytes.split(|&b| b == b'\n').peekable();
+    while let Some(line) = lines.next() {
+        let last = lines.peek().is_none();
+        if last && line.is_empty() {
+            break;
+        }
+        let content = line.strip_suffix(b"\r").unwrap_or(line);
+        out.extend(content.iter().map(|&b| if b == b'\r' { b' ' } else { b }));
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn canonicalize_matches_the_data_reader() {
+        let file = b"Subject: x\nA: b\r\n\r\nbo\rdy\nlast";
+        let mut wire = file.to_vec();
+        wire.extend_from_slice(b"\r\n.\r\n");
+        let (out, _, done, _) = read_all(&wire);
+        assert!(done);
+        assert_eq!(canonicalize(file), out);
+    }
 
     fn read_all(input: &[u8]) -> (Vec<u8>, usize, bool, DataStats) {
         let mut r = DataReader::new(1 << 20);

@@ -23,6 +23,8 @@ pub struct SessionShared {
     pub config: Arc<Config>,
     pub next_hop: Arc<NextHop>,
     pub inspector: Arc<dyn Inspector>,
+    /// Where `quarantine` verdicts put messages; without one they are deferred.
+    pub quarantine: Option<Arc<crate::quarantine::Quarantine>>,
     /// Cancelled on SIGTERM: idle sessions say 421 and close; open transactions finish.
     pub shutdown: CancellationToken,
 }

@@ -2,7 +2,8 @@
 //! client the next hop's answer. A 250 goes out only when the next hop said 2xx.
 
 use crate::config::BareLf;
-use crate::policy::{Action, MessageContext};
+use crate::policy::{Action, Decision, MessageContext};
+use crate::quarantine::Meta;
 use crate::relay::Envelope;
 use crate::smtp::codec::{DataStats, ReadError};
 use crate::smtp::reply::{Enhanced, Reply};
@@ -116,22 +117,17 @@ impl Session {
         };
         let decision = self.shared.inspector.inspect(&ctx).await;
         let verdict = decision.action.name();
-        let reply = match decision.action {
+        let reply = match &decision.action {
             Action::Reject(reply) | Action::Defer(reply) => {
                 self.relay.reset().await;
-                reply
+                reply.clone()
             }
             Action::Quarantine => {
-                // No quarantine store exists yet: never claim to hold what we cannot.
                 self.relay.reset().await;
-                Reply::new(
-                    451,
-                    Enhanced(4, 3, 0),
-                    "Temporary local problem, try again later",
-                )
+                self.hold(helo, tx, message, &decision).await
             }
             Action::Accept | Action::Tag => {
-                let mut headers = decision.headers;
+                let mut headers = decision.headers.clone();
                 if !self.relay.sees_real_client() {
                     headers.insert(0, self.received_header(helo, tx));
                 }
@@ -139,7 +135,8 @@ impl Session {
                     from: &tx.from,
                     rcpts: &tx.rcpts,
                 };
-                match self.relay.deliver(&envelope, &headers, message).await {
+                let parts = crate::relay::writer::without(message, &decision.strip);
+                match self.relay.deliver(&envelope, &headers, &parts).await {
                     Ok(reply) => reply,
                     Err(e) => {
                         tracing::warn!(session = %self.id, error = %e, "next hop failed at end of data");
@@ -151,7 +148,73 @@ impl Session {
         Outcome {
             reply,
             verdict,
-            reasons: decision.reasons,
+            reasons: decision.reasons.clone(),
+        }
+    }
+
+    /// Puts the message in quarantine. 250 only once it is on disk durably; any
+    /// failure (no store, disk full, read-only) is a 451 and the client keeps the message.
+    async fn hold(
+        &self,
+        helo: &Helo,
+        tx: &Transaction,
+        message: &[u8],
+        decision: &Decision,
+    ) -> Reply {
+        let Some(store) = self.shared.quarantine.clone() else {
+            tracing::error!(session = %self.id, "quarantine verdict but no quarantine store");
+            return Reply::new(
+                451,
+                Enhanced(4, 3, 0),
+                "Temporary local problem, try again later",
+            );
+        };
+        let fields = crate::auth::headers::fields(message);
+        let header = |name: &str| {
+            crate::auth::headers::first(&fields, name)
+                .map(|f| f.value.clone())
+                .unwrap_or_default()
+        };
+        let mut meta = Meta {
+            id: String::new(),
+            received_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            session: self.id.clone(),
+            listener: format!("{:?}", self.listener.config.role).to_lowercase(),
+            client: self.peer.to_string(),
+            helo: helo.name.clone(),
+            mail_from: tx.from.address.clone(),
+            rcpts: tx.rcpts.iter().map(|r| r.address.clone()).collect(),
+            header_from: header("From"),
+            subject: header("Subject"),
+            size: message.len(),
+            authentication_results: decision.authentication_results.clone().unwrap_or_default(),
+            flags: decision.flags.clone(),
+            verdict: "quarantine".into(),
+            reasons: decision.reasons.clone(),
+            state: "held".into(),
+        };
+        let bytes = message.to_vec();
+        let stored = tokio::task::spawn_blocking(move || store.store(&mut meta, &[&bytes])).await;
+        match stored {
+            Ok(Ok(id)) => Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}")),
+            Ok(Err(e)) => {
+                tracing::error!(session = %self.id, error = %e, "quarantine write failed");
+                Reply::new(
+                    451,
+                    Enhanced(4, 3, 0),
+                    "Temporary local problem, try again later",
+                )
+            }
+            Err(e) => {
+                tracing::error!(session = %self.id, error = %e, "quarantine task failed");
+                Reply::new(
+                    451,
+                    Enhanced(4, 3, 0),
+                    "Temporary local problem, try again later",
+                )
+            }
         }
     }
 

@@ -39,6 +39,15 @@ impl Session {
             let reply = Reply::new(504, Enhanced(5, 5, 4), "BINARYMIME not offered");
             return (State::Ready(helo), self.error(reply).await);
         }
+        let early = self
+            .shared
+            .inspector
+            .check_mail_from(self.peer, &helo.name, &from.address)
+            .await;
+        if let Some(reply) = early {
+            tracing::info!(session = %self.id, client = %self.peer, from = %from.address, reply = %reply, "refused at MAIL FROM");
+            return (State::Ready(helo), self.error(reply).await);
+        }
         self.transactions += 1;
         let tx = Transaction {
             from,

@@ -1,0 +1,509 @@
+//! The operator's policy: an ordered list of rules mapping authentication results,
+//! spoof flags and envelope facts to an action, with a trace of how it was reached.
+//!
+//! Every condition a rule names must hold for it to match. The first matching rule that
+//! is not `shadow` decides; shadow rules are evaluated, logged and counted, and never act,
+//! so a stricter rule can be tried on live traffic before it is enforced.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{AuthReport, AuthResult};
+use crate::config::{ConfigError, key_at, locate};
+
+/// Flags a rule may name (spoof checks today; the burst detector adds its own).
+pub const KNOWN_FLAGS: &[&str] = &["own-domain-spoof", "display-name-spoof", "lookalike-domain"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionKind {
+    Accept,
+    Tag,
+    Quarantine,
+    Reject,
+    Defer,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Accept => "accept",
+            ActionKind::Tag => "tag",
+            ActionKind::Quarantine => "quarantine",
+            ActionKind::Reject => "reject",
+            ActionKind::Defer => "defer",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DmarcPolicyName {
+    None,
+    Quarantine,
+    Reject,
+}
+
+impl DmarcPolicyName {
+    fn as_str(self) -> &'static str {
+        match self {
+            DmarcPolicyName::None => "none",
+            DmarcPolicyName::Quarantine => "quarantine",
+            DmarcPolicyName::Reject => "reject",
+        }
+    }
+}
+
+/// One rule as written in the policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub spf: Option<Vec<AuthResult>>,
+    pub spf_helo: Option<Vec<AuthResult>>,
+    pub dkim: Option<Vec<AuthResult>>,
+    pub arc: Option<Vec<AuthResult>>,
+    pub dmarc: Option<Vec<AuthResult>>,
+    pub dmarc_policy: Option<Vec<DmarcPolicyName>>,
+    pub flags: Option<Vec<String>>,
+    pub from_domain: Option<Vec<String>>,
+    pub mail_from_domain: Option<Vec<String>>,
+    pub rcpt_domain: Option<Vec<String>>,
+    pub arc_sealer: Option<Vec<String>>,
+    pub list_id: Option<Vec<String>>,
+    pub client_ip: Option<Vec<ipnet::IpNet>>,
+    pub temperror: Option<bool>,
+    pub action: ActionKind,
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default, rename = "rule")]
+    rules: Vec<Rule>,
+}
+
+/// What the rules look at for one message.
+pub struct Facts<'a> {
+    pub report: &'a AuthReport,
+    pub flags: &'a [String],
+    pub from_domain: &'a str,
+    pub mail_from_domain: &'a str,
+    pub rcpt_domains: &'a [String],
+    pub list_id: Option<&'a str>,
+    pub client_ip: IpAddr,
+}
+
+/// One step of the decision trace.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceEntry {
+    pub rule: String,
+    pub matched: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shadow: bool,
+}
+
+/// The outcome of evaluating the policy for one message.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub action: ActionKind,
+    /// The rule that decided (`default` when none matched).
+    pub rule: String,
+    pub reason: Option<String>,
+    pub trace: Vec<TraceEntry>,
+    /// Shadow rules that matched, with the action they would have taken.
+    pub shadow_hits: Vec<(String, ActionKind)>,
+}
+
+/// A loaded policy: rules in order, plus counters of shadow-rule hits.
+pub struct Policy {
+    rules: Vec<Rule>,
+    /// Where it came from ("built-in" or the file path) and a hash of its text.
+    pub version: String,
+    shadow_counts: HashMap<String, AtomicU64>,
+}
+
+impl Policy {
+    /// The default policy: honour the sender's DMARC policy, defer on temporary DNS
+    /// failures, quarantine spoofing, accept the rest.
+    pub fn builtin() -> Policy {
+        let rule = |name: &str, action: ActionKind, reason: &str| Rule {
+            name: name.into(),
+            spf: None,
+            spf_helo: None,
+            dkim: None,
+            arc: None,
+            dmarc: None,
+            dmarc_policy: None,
+            flags: None,
+            from_domain: None,
+            mail_from_domain: None,
+            rcpt_domain: None,
+            arc_sealer: None,
+            list_id: None,
+            client_ip: None,
+            temperror: None,
+            action,
+            reason: Some(reason.into()),
+            shadow: false,
+        };
+        let rules = vec![
+            Rule {
+                temperror: Some(true),
+                ..rule(
+                    "temperror-defer",
+                    ActionKind::Defer,
+                    "Sender authentication temporarily unavailable, try again later",
+                )
+            },
+            Rule {
+                dmarc: Some(vec![AuthResult::Fail]),
+                dmarc_policy: Some(vec![DmarcPolicyName::Reject]),
+                ..rule(
+                    "dmarc-reject",
+                    ActionKind::Reject,
+                    "Rejected by the sender domain's DMARC policy",
+                )
+            },
+            Rule {
+                dmarc: Some(vec![AuthResult::Fail]),
+                dmarc_policy: Some(vec![DmarcPolicyName::Quarantine]),
+                ..rule(
+                    "dmarc-quarantine",
+                    ActionKind::Quarantine,
+                    "Held by the sender domain's DMARC policy",
+                )
+            },
+            Rule {
+                flags: Some(KNOWN_FLAGS.iter().map(|s| s.to_string()).collect()),
+                ..rule(
+                    "spoof-flags",
+                    ActionKind::Quarantine,
+                    "Held as a likely spoof",
+                )
+            },
+        ];
+        Policy::from_rules(rules, "built-in".into())
+    }
+
+    /// Loads and validates a policy file; errors name the file, line and key.
+    pub fn load(path: &Path) -> Result<Policy, ConfigError> {
+        let err = |line, key: &str, reason: String| ConfigError {
+            file: path.to_path_buf(),
+            line,
+            key: key.to_string(),
+            reason,
+        };
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| err(None, "-", format!("cannot read: {e}")))?;
+        let file: PolicyFile = toml::from_str(&source).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| source[..s.start.min(source.len())].matches('\n').count() + 1);
+            err(
+                line,
+                &key_at(&source, e.span().map(|s| s.start)).unwrap_or_else(|| "-".into()),
+                e.message().trim().to_string(),
+            )
+        })?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, rule) in file.rules.iter().enumerate() {
+            let table = format!("rule[{i}]");
+            let at = |key: &str| locate(&source, &table, key);
+            if rule.name.is_empty() || rule.name == "default" || !seen.insert(rule.name.clone()) {
+                return Err(err(
+                    at("name"),
+                    &format!("{table}.name"),
+                    format!(
+                        "`{}` must be non-empty, unique and not `default`",
+                        rule.name
+                    ),
+                ));
+            }
+            for flag in rule.flags.iter().flatten() {
+                if !KNOWN_FLAGS.contains(&flag.as_str()) {
+                    return Err(err(
+                        at("flags"),
+                        &format!("{table}.flags"),
+                        format!("unknown flag `{flag}` (known: {})", KNOWN_FLAGS.join(", ")),
+                    ));
+                }
+            }
+            if let Some(reason) = &rule.reason
+                && (reason.len() > 200 || reason.chars().any(|c| c.is_control()))
+            {
+                return Err(err(
+                    at("reason"),
+                    &format!("{table}.reason"),
+                    "must be one line of at most 200 characters".into(),
+                ));
+            }
+        }
+        let version = format!("{} ({:016x})", path.display(), fnv1a(source.as_bytes()));
+        Ok(Policy::from_rules(file.rules, version))
+    }
+
+    fn from_rules(rules: Vec<Rule>, version: String) -> Policy {
+        let shadow_counts = rules
+            .iter()
+            .filter(|r| r.shadow)
+            .map(|r| (r.name.clone(), AtomicU64::new(0)))
+            .collect();
+        Policy {
+            rules,
+            version,
+            shadow_counts,
+        }
+    }
+
+    /// Walks the rules in order; the first matching non-shadow rule decides.
+    pub fn evaluate(&self, facts: &Facts<'_>) -> Evaluation {
+        let mut trace = Vec::new();
+        let mut shadow_hits = Vec::new();
+        for rule in &self.rules {
+            let matched = rule.matches(facts);
+            trace.push(TraceEntry {
+                rule: rule.name.clone(),
+                matched,
+                action: matched.then(|| rule.action.as_str()),
+                shadow: rule.shadow,
+            });
+            if !matched {
+                continue;
+            }
+            if rule.shadow {
+                if let Some(c) = self.shadow_counts.get(&rule.name) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                shadow_hits.push((rule.name.clone(), rule.action));
+                continue;
+            }
+            return Evaluation {
+                action: rule.action,
+                rule: rule.name.clone(),
+                reason: rule.reason.clone(),
+                trace,
+                shadow_hits,
+            };
+        }
+        trace.push(TraceEntry {
+            rule: "default".into(),
+            matched: true,
+            action: Some("accept"),
+            shadow: false,
+        });
+        Evaluation {
+            action: ActionKind::Accept,
+            rule: "default".into(),
+            reason: None,
+            trace,
+            shadow_hits,
+        }
+    }
+
+    /// How often each shadow rule matched since the policy was loaded.
+    pub fn shadow_counts(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self
+            .shadow_counts
+            .iter()
+            .map(|(k, c)| (k.clone(), c.load(Ordering::Relaxed)))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Rule {
+    fn matches(&self, f: &Facts<'_>) -> bool {
+        let r = f.report;
+        let result_in = |want: &Option<Vec<AuthResult>>, got: AuthResult| {
+            want.as_ref().is_none_or(|w| w.contains(&got))
+        };
+        result_in(&self.spf, r.spf.mail_from.result)
+            && result_in(&self.spf_helo, r.spf.helo.result)
+            && result_in(&self.dkim, r.dkim_aggregate())
+            && result_in(&self.arc, r.arc.result)
+            && result_in(&self.dmarc, r.dmarc.result)
+            && self
+                .dmarc_policy
+                .as_ref()
+                .is_none_or(|w| w.iter().any(|p| Some(p.as_str()) == r.dmarc.policy))
+            && self
+                .flags
+                .as_ref()
+                .is_none_or(|w| w.iter().any(|flag| f.flags.contains(flag)))
+            && self
+                .from_domain
+                .as_ref()
+                .is_none_or(|w| domain_in(f.from_domain, w))
+            && self
+                .mail_from_domain
+                .as_ref()
+                .is_none_or(|w| domain_in(f.mail_from_domain, w))
+            && self
+                .rcpt_domain
+                .as_ref()
+                .is_none_or(|w| f.rcpt_domains.iter().any(|d| domain_in(d, w)))
+            && self
+                .arc_sealer
+                .as_ref()
+                .is_none_or(|w| r.arc.sealers.iter().any(|d| domain_in(d, w)))
+            && self
+                .list_id
+                .as_ref()
+                .is_none_or(|w| f.list_id.is_some_and(|l| domain_in(l, w)))
+            && self
+                .client_ip
+                .as_ref()
+                .is_none_or(|w| w.iter().any(|n| n.contains(&f.client_ip.to_canonical())))
+            && self.temperror.is_none_or(|t| t == r.any_temperror())
+    }
+}
+
+/// `domain` equals one of `list` or is a subdomain of it (case-insensitive).
+pub fn domain_in(domain: &str, list: &[String]) -> bool {
+    let d = domain.trim_end_matches('.').to_ascii_lowercase();
+    !d.is_empty()
+        && list.iter().any(|want| {
+            let w = want.trim_end_matches('.').to_ascii_lowercase();
+            d == w || d.strip_suffix(&w).is_some_and(|p| p.ends_with('.'))
+        })
+}
+
+/// A small stable hash of the policy text, to tell versions apart in logs.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::*;
+
+    fn report(dmarc: AuthResult, policy: Option<&'static str>) -> AuthReport {
+        AuthReport {
+            spf: SpfPair {
+                mail_from: SpfCheck {
+                    result: AuthResult::Pass,
+                    domain: "a.example".into(),
+                },
+                helo: SpfCheck {
+                    result: AuthResult::None,
+                    domain: "mx.a.example".into(),
+                },
+            },
+            dkim: vec![],
+            arc: ArcCheck {
+                result: AuthResult::None,
+                sealers: vec![],
+            },
+            dmarc: DmarcCheck {
+                result: dmarc,
+                policy,
+                header_from: "a.example".into(),
+            },
+        }
+    }
+
+    fn facts<'a>(r: &'a AuthReport, flags: &'a [String], rcpts: &'a [String]) -> Facts<'a> {
+        Facts {
+            report: r,
+            flags,
+            from_domain: "a.example",
+            mail_from_domain: "a.example",
+            rcpt_domains: rcpts,
+            list_id: None,
+            client_ip: "192.0.2.1".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn builtin_honours_dmarc() {
+        let p = Policy::builtin();
+        let r = report(AuthResult::Fail, Some("reject"));
+        let e = p.evaluate(&facts(&r, &[], &[]));
+        assert_eq!(e.action, ActionKind::Reject);
+        assert_eq!(e.rule, "dmarc-reject");
+        assert_eq!(e.trace.len(), 2);
+        let r = report(AuthResult::Fail, Some("none"));
+        assert_eq!(p.evaluate(&facts(&r, &[], &[])).action, ActionKind::Accept);
+        let r = report(AuthResult::TempError, Some("reject"));
+        assert_eq!(p.evaluate(&facts(&r, &[], &[])).action, ActionKind::Defer);
+        let r = report(AuthResult::Pass, None);
+        let flags = vec!["lookalike-domain".to_string()];
+        assert_eq!(
+            p.evaluate(&facts(&r, &flags, &[])).action,
+            ActionKind::Quarantine
+        );
+    }
+
+    #[test]
+    fn file_rules_shadow_and_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(
+            &path,
+            r#"
+[[rule]]
+name = "strict-trial"
+dmarc = ["fail"]
+action = "reject"
+shadow = true
+
+[[rule]]
+name = "partner"
+rcpt_domain = ["sales.example.org"]
+dmarc = ["fail"]
+action = "tag"
+"#,
+        )
+        .unwrap();
+        let p = Policy::load(&path).unwrap();
+        let r = report(AuthResult::Fail, Some("none"));
+        let rcpts = vec!["sales.example.org".to_string()];
+        let e = p.evaluate(&facts(&r, &[], &rcpts));
+        assert_eq!(e.action, ActionKind::Tag);
+        assert_eq!(
+            e.shadow_hits,
+            vec![("strict-trial".to_string(), ActionKind::Reject)]
+        );
+        assert_eq!(p.shadow_counts(), vec![("strict-trial".to_string(), 1)]);
+        let e = p.evaluate(&facts(&r, &[], &[]));
+        assert_eq!(e.action, ActionKind::Accept);
+        assert_eq!(e.trace.last().unwrap().rule, "default");
+    }
+
+    #[test]
+    fn bad_policy_names_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(
+            &path,
+            "[[rule]]\nname = \"x\"\naction = \"reject\"\nflags = [\"made-up\"]\n",
+        )
+        .unwrap();
+        let e = Policy::load(&path).err().unwrap();
+        assert_eq!(e.line, Some(4));
+        assert_eq!(e.key, "rule[0].flags");
+        std::fs::write(&path, "[[rule]]\nname = \"x\"\naction = \"explode\"\n").unwrap();
+        let e = Policy::load(&path).err().unwrap();
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn subdomains_match() {
+        assert!(domain_in("mail.Example.org.", &["example.org".into()]));
+        assert!(!domain_in("badexample.org", &["example.org".into()]));
+    }
+}
