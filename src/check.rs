@@ -31,7 +31,7 @@ fn unusable(msg: impl std::fmt::Display) -> ExitCode {
 }
 
 pub fn run(args: &Args) -> ExitCode {
-    let config = match Config::load_for(&args.config, Purpose::Check) {
+    let config = match Config::load_for(&args.config, Purpose::Offline) {
         Ok(c) => c,
         Err(e) => return unusable(e),
     };

@@ -65,6 +65,13 @@ enum Command {
         /// The message (RFC 5322), LF or CRLF line endings.
         message: PathBuf,
     },
+    /// Inspect, release and delete quarantined messages.
+    Quarantine {
+        #[arg(long, short, default_value = "config/mailwarden.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: mailwarden::admin::quarantine_cli::QuarantineCommand,
+    },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
         #[arg(long, default_value = "certs")]
@@ -107,6 +114,9 @@ fn main() -> ExitCode {
             json,
             message,
         }),
+        Command::Quarantine { config, command } => {
+            mailwarden::admin::quarantine_cli::run(&config, &command)
+        }
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());

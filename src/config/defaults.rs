@@ -78,3 +78,7 @@ pub const DEFAULT_CHECKS_TIME_BUDGET: Duration = Duration::from_secs(30);
 pub const DEFAULT_SPF_TIME_BUDGET: Duration = Duration::from_secs(20);
 /// DKIM signatures verified per message; more is a resource attack, not mail.
 pub const DEFAULT_DKIM_MAX_SIGNATURES: usize = 10;
+/// Quarantined messages are purged after this long (RELIABILITY `quarantine_retention`).
+pub const DEFAULT_QUARANTINE_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// How often the running proxy applies the quarantine retention.
+pub const QUARANTINE_PURGE_INTERVAL: Duration = Duration::from_secs(3600);

@@ -46,12 +46,12 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// What a configuration is loaded for: the proxy needs listeners; the offline `check`
-/// command needs nothing but `[dns]`.
+/// What a configuration is loaded for: the proxy needs listeners; the offline commands
+/// (`check`, `quarantine ...`) need only the sections they use, each with a default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
     Run,
-    Check,
+    Offline,
 }
 
 fn default_hostname() -> String {
@@ -362,17 +362,21 @@ impl Default for SpoofSettings {
     }
 }
 
-/// Where quarantined messages are kept.
+/// Where quarantined messages are kept, and for how long.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuarantineConfig {
     pub dir: PathBuf,
+    /// Entries older than this are purged automatically while the proxy runs.
+    #[serde(with = "duration")]
+    pub retention: Duration,
 }
 
 impl Default for QuarantineConfig {
     fn default() -> Self {
         QuarantineConfig {
             dir: PathBuf::from("var/quarantine"),
+            retention: DEFAULT_QUARANTINE_RETENTION,
         }
     }
 }
@@ -466,7 +470,7 @@ impl Config {
     fn validate(&self, purpose: Purpose) -> Result<(), (String, String, String)> {
         let err = |t: &str, k: &str, r: String| Err((t.to_string(), k.to_string(), r));
         self.validate_checks()?;
-        if purpose == Purpose::Check {
+        if purpose == Purpose::Offline {
             return Ok(());
         }
         if self.listeners.is_empty() {
@@ -749,7 +753,7 @@ mod tests {
         let c = Config::parse_for(
             "[dns]\nnameservers = [\"127.0.0.1:5353\"]\n",
             Path::new("c.toml"),
-            Purpose::Check,
+            Purpose::Offline,
         )
         .unwrap();
         assert_eq!(c.dns.nameservers.len(), 1);

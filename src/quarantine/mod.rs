@@ -6,17 +6,26 @@
 //! fsync'd, then renamed into `entries/` in one step and `entries/` fsync'd: a crash at
 //! any moment leaves either no entry or a whole one. Directories are 0700, files 0600,
 //! and no path is ever built from anything but a [`QuarantineId`].
+//!
+//! `index.sqlite` makes the store queryable; it is written after the entry and rebuilt
+//! from the entries' `meta.json` when a row is missing (a crash between the two).
 
 pub mod id;
+pub mod index;
+pub mod preview;
+pub mod release;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Mutex;
+
 use serde::{Deserialize, Serialize};
 
 pub use id::QuarantineId;
+use index::{Filter, Index, Row};
 
 /// What is kept about a held message besides its bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +52,26 @@ pub struct Meta {
 
 pub struct Quarantine {
     root: PathBuf,
+    index: Mutex<Index>,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("quarantine I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("quarantine index error: {0}")]
+    Index(#[from] rusqlite::Error),
+    #[error("no quarantine entry {0}")]
+    NotFound(String),
+    #[error("`{0}` is not a quarantine id (26 characters of 0-9 A-Z without I L O U)")]
+    BadId(String),
+    #[error("entry {id} is {state}, not {wanted}")]
+    WrongState {
+        id: String,
+        state: String,
+        wanted: &'static str,
+    },
 }
 
 fn mkdir_private(path: &Path) -> std::io::Result<()> {
@@ -67,21 +96,66 @@ fn write_synced(path: &Path, bytes: &[&[u8]]) -> std::io::Result<()> {
 impl Quarantine {
     /// Opens (creating if needed) the store at `root`, and removes half-written entries
     /// left in `tmp/` by a crash: they were never acknowledged.
-    pub fn open(root: &Path) -> std::io::Result<Quarantine> {
+    pub fn open(root: &Path) -> Result<Quarantine, StoreError> {
+        use std::os::unix::fs::PermissionsExt;
         mkdir_private(&root.join("entries"))?;
         mkdir_private(&root.join("tmp"))?;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700))?;
         for leftover in fs::read_dir(root.join("tmp"))? {
             let path = leftover?.path();
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         }
+        let mut index = Index::open(&root.join("index.sqlite"))?;
+        for f in ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"] {
+            let _ = fs::set_permissions(root.join(f), fs::Permissions::from_mode(0o600));
+        }
+        Self::reindex(root, &mut index)?;
         Ok(Quarantine {
             root: root.to_path_buf(),
+            index: Mutex::new(index),
         })
+    }
+
+    /// Adds index rows for entries that have none (written just before a crash).
+    fn reindex(root: &Path, index: &mut Index) -> Result<usize, StoreError> {
+        let mut missing = Vec::new();
+        for dirent in fs::read_dir(root.join("entries"))? {
+            let name = dirent?.file_name();
+            let Some(id) = name.to_str().and_then(QuarantineId::parse) else {
+                continue;
+            };
+            if !index.contains(id.as_str())? {
+                missing.push(id);
+            }
+        }
+        index.batch(|ix| {
+            for id in &missing {
+                let path = root.join("entries").join(id.as_str()).join("meta.json");
+                let meta = fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Meta>(&b).ok());
+                if let Some(meta) = meta {
+                    ix.insert(&meta)?;
+                }
+            }
+            Ok(())
+        })?;
+        if !missing.is_empty() {
+            tracing::warn!(
+                entries = missing.len(),
+                "quarantine: re-indexed entries written before a crash"
+            );
+        }
+        Ok(missing.len())
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stores a message durably; only after this returns Ok may the client get 250.
     /// `parts` are concatenated (the message may be held as pieces).
-    pub fn store(&self, meta: &mut Meta, parts: &[&[u8]]) -> std::io::Result<QuarantineId> {
+    pub fn store(&self, meta: &mut Meta, parts: &[&[u8]]) -> Result<QuarantineId, StoreError> {
         let id = QuarantineId::generate();
         meta.id = id.to_string();
         let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
@@ -95,16 +169,151 @@ impl Quarantine {
             fs::rename(&tmp, entries.join(id.as_str()))?;
             File::open(&entries)?.sync_all()
         })();
-        if result.is_err() {
+        if let Err(e) = result {
             let _ = fs::remove_dir_all(&tmp);
+            return Err(e.into());
         }
-        result.map(|()| id)
+        // The entry is durable now; a failed index write is repaired at the next open.
+        if let Err(e) = self.index().insert(meta) {
+            tracing::error!(id = %id, error = %e, "quarantine index write failed (entry is stored; re-indexed at next start)");
+        }
+        Ok(id)
+    }
+
+    /// Parses user input into an id that exists.
+    pub fn lookup(&self, input: &str) -> Result<QuarantineId, StoreError> {
+        let id = QuarantineId::parse(input).ok_or_else(|| StoreError::BadId(printable(input)))?;
+        if !self.entry_dir(&id).is_dir() {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
+        Ok(id)
+    }
+
+    pub fn meta(&self, id: &QuarantineId) -> Result<Meta, StoreError> {
+        let bytes = fs::read(self.entry_dir(id).join("meta.json"))
+            .map_err(|_| StoreError::NotFound(id.to_string()))?;
+        let mut meta: Meta = serde_json::from_slice(&bytes).map_err(std::io::Error::other)?;
+        if let Some(state) = self.index().state(id.as_str())? {
+            meta.state = state; // the index is where state changes happen
+        }
+        Ok(meta)
+    }
+
+    pub fn message(&self, id: &QuarantineId) -> Result<Vec<u8>, StoreError> {
+        fs::read(self.entry_dir(id).join("message.eml"))
+            .map_err(|_| StoreError::NotFound(id.to_string()))
+    }
+
+    pub fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
+        Ok(self.index().list(filter)?)
+    }
+
+    pub fn counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self.index().counts()?)
+    }
+
+    /// Atomically moves an entry between states (the release guard).
+    pub fn transition(
+        &self,
+        id: &QuarantineId,
+        from: &'static str,
+        to: &str,
+    ) -> Result<(), StoreError> {
+        let index = self.index();
+        if index.transition(id.as_str(), from, to)? {
+            drop(index);
+            self.persist_state(id, to)?;
+            return Ok(());
+        }
+        let state = index
+            .state(id.as_str())?
+            .unwrap_or_else(|| "missing".into());
+        Err(StoreError::WrongState {
+            id: id.to_string(),
+            state,
+            wanted: from,
+        })
+    }
+
+    /// Mirrors a state change into `meta.json` (so a rebuilt index keeps it).
+    fn persist_state(&self, id: &QuarantineId, state: &str) -> Result<(), StoreError> {
+        let dir = self.entry_dir(id);
+        let mut meta: Meta = serde_json::from_slice(&fs::read(dir.join("meta.json"))?)
+            .map_err(std::io::Error::other)?;
+        meta.state = state.to_string();
+        let tmp = dir.join("meta.json.tmp");
+        let _ = fs::remove_file(&tmp);
+        write_synced(
+            &tmp,
+            &[&serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?],
+        )?;
+        fs::rename(&tmp, dir.join("meta.json"))?;
+        File::open(&dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Removes an entry's files and its index row.
+    pub fn delete(&self, id: &QuarantineId) -> Result<(), StoreError> {
+        let dir = self.entry_dir(id);
+        // Move it out of entries/ first (atomic), then remove: never half visible.
+        let doomed = self
+            .root
+            .join("tmp")
+            .join(format!("{}.deleting", id.as_str()));
+        fs::rename(&dir, &doomed).map_err(|_| StoreError::NotFound(id.to_string()))?;
+        File::open(self.root.join("entries"))?.sync_all()?;
+        self.index().remove(id.as_str())?;
+        fs::remove_dir_all(&doomed)?;
+        Ok(())
+    }
+
+    /// Deletes every entry received more than `age_secs` ago; `on_each` is called after
+    /// each deletion (progress). Returns how many were deleted.
+    pub fn purge_older_than(
+        &self,
+        age_secs: u64,
+        mut on_each: impl FnMut(usize, usize),
+    ) -> Result<usize, StoreError> {
+        let ids = self.older_than(now().saturating_sub(age_secs))?;
+        for (i, id) in ids.iter().enumerate() {
+            match self.delete(id) {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            on_each(i + 1, ids.len());
+        }
+        Ok(ids.len())
+    }
+
+    /// Ids of entries received before `before` (seconds since the epoch).
+    pub fn older_than(&self, before: u64) -> Result<Vec<QuarantineId>, StoreError> {
+        Ok(self
+            .index()
+            .older_than(before)?
+            .iter()
+            .filter_map(|s| QuarantineId::parse(s))
+            .collect())
     }
 
     /// The directory of an entry. Only a parsed id can name one.
     pub fn entry_dir(&self, id: &QuarantineId) -> PathBuf {
         self.root.join("entries").join(id.as_str())
     }
+}
+
+/// User input shown back in an error: printable ASCII only, bounded.
+fn printable(s: &str) -> String {
+    s.chars()
+        .take(64)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -149,6 +358,45 @@ mod tests {
         assert_eq!(mode(&entry.join("message.eml")), 0o600);
         assert_eq!(mode(&dir.path().join("entries")), 0o700);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        let rows = q
+            .list(&Filter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        q.transition(&id, "held", "releasing").unwrap();
+        assert!(
+            q.transition(&id, "held", "releasing").is_err(),
+            "a second release cannot start"
+        );
+        assert_eq!(q.meta(&id).unwrap().state, "releasing");
+        q.delete(&id).unwrap();
+        assert!(q.lookup(id.as_str()).is_err());
+        assert!(matches!(
+            q.lookup("../../etc/passwd"),
+            Err(StoreError::BadId(_))
+        ));
+    }
+
+    #[test]
+    fn missing_index_rows_are_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let q = Quarantine::open(dir.path()).unwrap();
+            q.store(&mut meta(), &[b"x"]).unwrap()
+        };
+        fs::remove_file(dir.path().join("index.sqlite")).unwrap();
+        let _ = fs::remove_file(dir.path().join("index.sqlite-wal"));
+        let q = Quarantine::open(dir.path()).unwrap();
+        let rows = q
+            .list(&Filter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].id, id.to_string());
     }
 
     #[test]

@@ -205,7 +205,9 @@ impl SmtpConnection {
         for chunk in encoded.chunks(64 * 1024) {
             self.write(chunk, self.cfg.data_timeout).await?;
         }
-        self.read_reply(self.cfg.end_of_data_timeout).await
+        self.read_reply(self.cfg.end_of_data_timeout)
+            .await
+            .map_err(|e| RelayError::Unsettled(Box::new(e)))
     }
 
     pub async fn rset(&mut self) -> Result<Reply, RelayError> {

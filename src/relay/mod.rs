@@ -44,6 +44,10 @@ pub enum RelayError {
     Policy(&'static str),
     #[error("maildir delivery failed: {0}")]
     Maildir(std::io::Error),
+    /// The whole message was sent, then the final reply never came: the next hop may or
+    /// may not have taken it.
+    #[error("no reply after the end of data: {0}")]
+    Unsettled(Box<RelayError>),
 }
 
 impl RelayError {
@@ -55,6 +59,7 @@ impl RelayError {
                 Enhanced(4, 4, 1),
                 "Next hop unavailable, try again later",
             ),
+            RelayError::Unsettled(inner) => inner.reply(),
             RelayError::Policy(_) | RelayError::Maildir(_) => Reply::new(
                 451,
                 Enhanced(4, 3, 0),

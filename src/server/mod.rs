@@ -136,6 +136,10 @@ impl Server {
                 tracker.clone(),
             )));
         }
+        if let Some(store) = self.shared.quarantine.clone() {
+            let retention = self.shared.config.quarantine.retention;
+            tokio::spawn(apply_retention(store, retention, shutdown.clone()));
+        }
         shutdown.cancelled().await;
         for l in accept_loops {
             let _ = l.await; // the loops end on the same token and drop their sockets
@@ -156,6 +160,32 @@ impl Server {
             );
         }
         tracker.len()
+    }
+}
+
+/// Purges quarantine entries past their retention, once at start and then hourly.
+async fn apply_retention(store: Arc<Quarantine>, retention: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::config::defaults::QUARANTINE_PURGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let store = store.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            store.purge_older_than(retention.as_secs(), |_, _| {})
+        })
+        .await;
+        match result {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                entries = n,
+                retention_days = retention.as_secs() / 86_400,
+                "quarantine: purged old entries"
+            ),
+            Ok(Err(e)) => tracing::error!(error = %e, "quarantine: purge failed"),
+            Err(e) => tracing::error!(error = %e, "quarantine: purge task failed"),
+        }
     }
 }
 

@@ -6,6 +6,6 @@ pub mod command;
 mod handlers;
 pub mod reply;
 pub mod session;
-mod trace;
+pub mod trace;
 
 pub use session::{Session, SessionShared};

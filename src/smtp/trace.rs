@@ -42,6 +42,18 @@ pub fn rfc5322_date(t: SystemTime) -> String {
     )
 }
 
+/// `YYYY-MM-DD HH:MM:SS` in UTC for `secs` since the epoch (tables, logs).
+pub fn iso_date(secs: u64) -> String {
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's
 /// public-domain algorithm, re-derived here).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {

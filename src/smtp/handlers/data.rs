@@ -24,7 +24,12 @@ impl Session {
             return (state, self.error(reply).await);
         };
         if tx.rcpts.is_empty() {
-            let reply = Reply::new(554, Enhanced(5, 5, 1), "No valid recipients");
+            // As Postfix: no RCPT at all is out of sequence; all of them refused is 554.
+            let reply = if tx.rcpt_attempts == 0 {
+                Reply::new(503, Enhanced(5, 5, 1), "Need RCPT command")
+            } else {
+                Reply::new(554, Enhanced(5, 5, 1), "No valid recipients")
+            };
             return (State::Transaction(helo, tx), self.error(reply).await);
         }
         if let Some(failure) = tx.relay_failure.clone() {

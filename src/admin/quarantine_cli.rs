@@ -1,0 +1,354 @@
+//! `mailwarden quarantine list|show|release|delete|purge`.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Subcommand;
+
+use crate::config::{Config, Purpose};
+use crate::quarantine::index::{Filter, Row};
+use crate::quarantine::release::{ReleaseError, release};
+use crate::quarantine::{self, Quarantine};
+use crate::relay::NextHop;
+
+#[derive(Subcommand, Debug)]
+pub enum QuarantineCommand {
+    /// Held messages, newest first.
+    List {
+        /// Only entries from the last DUR (e.g. 2h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Substring of a reason or flag (e.g. dmarc, spoof).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Substring of the envelope sender or header From.
+        #[arg(long)]
+        from: Option<String>,
+        /// Substring of a recipient.
+        #[arg(long)]
+        rcpt: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Include released entries.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One entry: metadata, authentication results, headers, a safe text preview.
+    Show {
+        id: String,
+        /// The message bytes exactly as received, nothing else.
+        #[arg(long)]
+        raw: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-inject through the configured next hop with the original envelope.
+    Release {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Deliver to these recipients instead of the original ones.
+        #[arg(long)]
+        to: Vec<String>,
+        /// Send again an entry whose earlier release has an unknown outcome.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove entries for good.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove entries older than DUR (any state).
+    Purge {
+        #[arg(long)]
+        older_than: String,
+    },
+}
+
+pub fn run(config_path: &Path, cmd: &QuarantineCommand) -> ExitCode {
+    let config = match Config::load_for(config_path, Purpose::Offline) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    crate::telemetry::init("warn", config.log.format);
+    let store = match Quarantine::open(&config.quarantine.dir) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("{}: {e}", config.quarantine.dir.display())),
+    };
+    match cmd {
+        QuarantineCommand::List {
+            since,
+            reason,
+            from,
+            rcpt,
+            limit,
+            all,
+            json,
+        } => {
+            let since = match since
+                .as_deref()
+                .map(crate::config::parse_duration)
+                .transpose()
+            {
+                Ok(d) => d.map(|d| quarantine::now().saturating_sub(d.as_secs())),
+                Err(e) => return fail(format!("--since: {e}")),
+            };
+            let filter = Filter {
+                since,
+                reason: reason.clone(),
+                from: from.clone(),
+                rcpt: rcpt.clone(),
+                all_states: *all,
+                limit: *limit,
+            };
+            match store.list(&filter) {
+                Ok(rows) if *json => {
+                    println!("{}", serde_json::to_string(&rows).unwrap_or_default())
+                }
+                Ok(rows) => print!("{}", table(&rows)),
+                Err(e) => return fail(e),
+            }
+        }
+        QuarantineCommand::Show { id, raw, json } => return show(&store, id, *raw, *json),
+        QuarantineCommand::Release { ids, to, force } => {
+            return release_all(&config, &store, ids, to, *force);
+        }
+        QuarantineCommand::Delete { ids } => {
+            let mut failed = false;
+            for input in ids {
+                match store
+                    .lookup(input)
+                    .and_then(|id| store.delete(&id).map(|()| id))
+                {
+                    Ok(id) => println!("{id}: deleted"),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed = true;
+                    }
+                }
+            }
+            return if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+        QuarantineCommand::Purge { older_than } => {
+            let age = match crate::config::parse_duration(older_than) {
+                Ok(d) => d,
+                Err(e) => return fail(format!("--older-than: {e}")),
+            };
+            match purge(&store, age.as_secs()) {
+                Ok(n) => println!("purged {n} entries older than {older_than}"),
+                Err(e) => return fail(e),
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mailwarden quarantine: {e}");
+    ExitCode::from(1)
+}
+
+/// Deletes entries older than `age_secs`, with progress on a terminal.
+fn purge(store: &Quarantine, age_secs: u64) -> Result<usize, quarantine::StoreError> {
+    let mut progress: Option<Progress> = None;
+    let n = store.purge_older_than(age_secs, |_, total| {
+        progress
+            .get_or_insert_with(|| Progress::new("purging", total))
+            .step()
+    })?;
+    if let Some(p) = progress {
+        p.done();
+    }
+    Ok(n)
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:<26}  {:<19}  {:<9}  {:<28}  {:<28}  {}\n",
+        "ID", "RECEIVED (UTC)", "STATE", "FROM", "TO", "REASON"
+    );
+    for r in rows {
+        let date = crate::smtp::trace::iso_date(r.received_at);
+        let from = if r.header_from.is_empty() {
+            &r.mail_from
+        } else {
+            &r.header_from
+        };
+        let reason = if r.flags.is_empty() {
+            &r.reasons
+        } else {
+            &r.flags
+        };
+        out.push_str(&format!(
+            "{:<26}  {:<19}  {:<9}  {:<28}  {:<28}  {}\n",
+            r.id,
+            date,
+            r.state,
+            clip(from, 28),
+            clip(&r.rcpts, 28),
+            clip(reason, 60)
+        ));
+    }
+    out.push_str(&format!(
+        "{} entr{}\n",
+        rows.len(),
+        if rows.len() == 1 { "y" } else { "ies" }
+    ));
+    out
+}
+
+/// Terminal-safe, width-bounded text.
+fn clip(s: &str, width: usize) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.chars().count() <= width {
+        clean
+    } else {
+        let mut t: String = clean.chars().take(width.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn show(store: &Quarantine, input: &str, raw: bool, json: bool) -> ExitCode {
+    let id = match store.lookup(input) {
+        Ok(id) => id,
+        Err(e) => return fail(e),
+    };
+    let (meta, message) = match (store.meta(&id), store.message(&id)) {
+        (Ok(m), Ok(b)) => (m, b),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
+    if raw {
+        let _ = std::io::stdout().write_all(&message);
+        return ExitCode::SUCCESS;
+    }
+    let preview = crate::quarantine::preview::text_preview(&message, 2000);
+    let headers = crate::quarantine::preview::header_summary(&message);
+    if json {
+        let v = serde_json::json!({"meta": meta, "headers": headers, "preview": preview});
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    let mut out = String::new();
+    let mut row = |k: &str, v: &str| out.push_str(&format!("{k:<16} {}\n", clip(v, 200)));
+    row("ID", &meta.id);
+    row("State", &meta.state);
+    row("Received", &crate::smtp::trace::iso_date(meta.received_at));
+    row("Client", &format!("{} (HELO {})", meta.client, meta.helo));
+    row("Envelope from", &meta.mail_from);
+    row("Envelope to", &meta.rcpts.join(", "));
+    row("Size", &meta.size.to_string());
+    row("Verdict", &meta.verdict);
+    row("Flags", &meta.flags.join(", "));
+    row("Reasons", &meta.reasons.join("; "));
+    row("Auth results", &meta.authentication_results);
+    out.push_str("\n-- headers --\n");
+    for (name, value) in &headers {
+        out.push_str(&format!("{name}: {}\n", clip(value, 200)));
+    }
+    out.push_str("\n-- text preview (not rendered, links not followed) --\n");
+    out.push_str(&preview);
+    out.push('\n');
+    print!("{out}");
+    ExitCode::SUCCESS
+}
+
+fn release_all(
+    config: &Config,
+    store: &Quarantine,
+    ids: &[String],
+    to: &[String],
+    force: bool,
+) -> ExitCode {
+    let hop = match NextHop::from_config(config) {
+        Ok(h) => Arc::new(h),
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    let mut failed = false;
+    let mut progress = Progress::new("releasing", ids.len());
+    for input in ids {
+        let result = match store.lookup(input) {
+            Ok(id) => runtime
+                .block_on(release(
+                    store,
+                    hop.clone(),
+                    &id,
+                    to,
+                    force,
+                    config.authserv_id(),
+                    &config.auth.verdict_header,
+                ))
+                .map(|reply| format!("{id}: released ({reply})")),
+            Err(e) => Err(ReleaseError::Store(e)),
+        };
+        progress.clear();
+        match result {
+            Ok(line) => println!("{line}"),
+            Err(ReleaseError::AlreadyReleased) => println!("{input}: already released"),
+            Err(e) => {
+                eprintln!("{input}: {e}");
+                failed = true;
+            }
+        }
+        progress.step();
+    }
+    progress.done();
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// A one-line progress counter on stderr, only when it is a terminal and the job is long.
+struct Progress {
+    label: &'static str,
+    total: usize,
+    done: usize,
+    show: bool,
+}
+
+impl Progress {
+    fn new(label: &'static str, total: usize) -> Progress {
+        Progress {
+            label,
+            total,
+            done: 0,
+            show: total > 5 && std::io::stderr().is_terminal(),
+        }
+    }
+    fn step(&mut self) {
+        self.done += 1;
+        if self.show {
+            eprint!("\r{} {}/{}", self.label, self.done, self.total);
+        }
+    }
+    fn clear(&self) {
+        if self.show {
+            eprint!("\r\x1b[K");
+        }
+    }
+    fn done(&self) {
+        if self.show {
+            eprintln!();
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The queryable index of the quarantine (SQLite, WAL). The entry files are the truth;
+//! the index can always be rebuilt from their `meta.json` (see `Quarantine::open`). It is
+//! also where the state of an entry changes atomically: `held → releasing → released`
+//! happens in one UPDATE guarded by the current state, so two releases of the same entry
+//! can never both proceed.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::Meta;
+
+pub struct Index {
+    conn: Connection,
+}
+
+/// Filters of `quarantine list`.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    /// Only entries received at or after this time (seconds since the epoch).
+    pub since: Option<u64>,
+    /// Substring of a reason or a flag.
+    pub reason: Option<String>,
+    /// Substring of the envelope sender or the header From.
+    pub from: Option<String>,
+    /// Substring of a recipient.
+    pub rcpt: Option<String>,
+    /// Include released and deleted entries too.
+    pub all_states: bool,
+    pub limit: usize,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    received_at INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    mail_from TEXT NOT NULL,
+    rcpts TEXT NOT NULL,
+    header_from TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    verdict TEXT NOT NULL,
+    reasons TEXT NOT NULL,
+    flags TEXT NOT NULL,
+    client TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at DESC);
+CREATE INDEX IF NOT EXISTS entries_state ON entries (state, received_at DESC);
+";
+
+fn like(s: &str) -> String {
+    let escaped = s
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
+impl Index {
+    pub fn open(path: &std::path::Path) -> rusqlite::Result<Index> {
+        let conn = Connection::open(path)?;
+        // WAL: readers (the CLI, the admin API) never block the writers (sessions).
+        // synchronous=NORMAL: a crash may lose the last index rows, never the entries,
+        // which are fsync'd before this is written and re-indexed at the next open.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Index { conn })
+    }
+
+    pub fn insert(&self, m: &Meta) -> rusqlite::Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO entries
+             (id, received_at, state, mail_from, rcpts, header_from, subject, size, verdict, reasons, flags, client)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                m.id,
+                m.received_at as i64,
+                m.state,
+                m.mail_from,
+                m.rcpts.join(","),
+                m.header_from,
+                m.subject,
+                m.size as i64,
+                m.verdict,
+                m.reasons.join("; "),
+                m.flags.join(","),
+                m.client
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn contains(&self, id: &str) -> rusqlite::Result<bool> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM entries WHERE id = ?1", [id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    pub fn state(&self, id: &str) -> rusqlite::Result<Option<String>> {
+        self.conn
+            .query_row("SELECT state FROM entries WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+    }
+
+    /// Moves `id` from `from` to `to`; false when it was not in state `from`.
+    pub fn transition(&self, id: &str, from: &str, to: &str) -> rusqlite::Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE entries SET state = ?3 WHERE id = ?1 AND state = ?2",
+            params![id, from, to],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn remove(&self, id: &str) -> rusqlite::Result<()> {
+        self.conn
+            .execute("DELETE FROM entries WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Ids received before `before` (seconds since the epoch), oldest first.
+    pub fn older_than(&self, before: u64) -> rusqlite::Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM entries WHERE received_at < ?1 ORDER BY received_at")?;
+        let rows = stmt.query_map([before as i64], |r| r.get(0))?;
+        rows.collect()
+    }
+
+    /// Newest first, filtered; `(id, received_at, state, mail_from, rcpts, subject, reasons, flags, size)`.
+    pub fn list(&self, f: &Filter) -> rusqlite::Result<Vec<Row>> {
+        let mut sql = String::from(
+            "SELECT id, received_at, state, mail_from, header_from, rcpts, subject, reasons, flags, size FROM entries WHERE 1=1",
+        );
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if !f.all_states {
+            sql.push_str(" AND state IN ('held', 'releasing')");
+        }
+        if let Some(since) = f.since {
+            args.push(Box::new(since as i64));
+            sql.push_str(&format!(" AND received_at >= ?{}", args.len()));
+        }
+        if let Some(reason) = &f.reason {
+            args.push(Box::new(like(reason)));
+            let n = args.len();
+            sql.push_str(&format!(
+                " AND (reasons LIKE ?{n} ESCAPE '\\' OR flags LIKE ?{n} ESCAPE '\\')"
+            ));
+        }
+        if let Some(from) = &f.from {
+            args.push(Box::new(like(from)));
+            let n = args.len();
+            sql.push_str(&format!(
+                " AND (mail_from LIKE ?{n} ESCAPE '\\' OR header_from LIKE ?{n} ESCAPE '\\')"
+            ));
+        }
+        if let Some(rcpt) = &f.rcpt {
+            args.push(Box::new(like(rcpt)));
+            sql.push_str(&format!(" AND rcpts LIKE ?{} ESCAPE '\\'", args.len()));
+        }
+        args.push(Box::new(f.limit.max(1) as i64));
+        sql.push_str(&format!(
+            " ORDER BY received_at DESC, id LIMIT ?{}",
+            args.len()
+        ));
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+            Ok(Row {
+                id: r.get(0)?,
+                received_at: r.get::<_, i64>(1)? as u64,
+                state: r.get(2)?,
+                mail_from: r.get(3)?,
+                header_from: r.get(4)?,
+                rcpts: r.get(5)?,
+                subject: r.get(6)?,
+                reasons: r.get(7)?,
+                flags: r.get(8)?,
+                size: r.get::<_, i64>(9)? as u64,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Number of entries per state.
+    pub fn counts(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM entries GROUP BY state ORDER BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        rows.collect()
+    }
+
+    /// Runs `f` in one transaction (bulk inserts when rebuilding).
+    pub fn batch<T>(
+        &mut self,
+        f: impl FnOnce(&Index) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.conn.execute_batch("BEGIN")?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// One line of `quarantine list`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub id: String,
+    pub received_at: u64,
+    pub state: String,
+    pub mail_from: String,
+    pub header_from: String,
+    pub rcpts: String,
+    pub subject: String,
+    pub reasons: String,
+    pub flags: String,
+    pub size: u64,
+}

@@ -1,0 +1,149 @@
+//! Releasing a held message: re-injected through the configured next hop with its
+//! original envelope and its `Authentication-Results`, exactly once.
+//!
+//! The entry moves `held → releasing` in one guarded index update before anything is
+//! sent, so two releases can never both send it. A clear failure (next hop down, a 4xx or
+//! 5xx) moves it back to `held`, to be retried. If the connection dies after the whole
+//! message was sent, nobody knows whether the next hop has it: the entry stays
+//! `releasing` and only `release --force` (after checking the next hop) sends it again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use smtp_proto::{MailFrom, RcptTo};
+
+use super::{Quarantine, QuarantineId, StoreError};
+use crate::relay::{ClientIdentity, Envelope, NextHop, Relay, RelayError};
+use crate::smtp::reply::Reply;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("next hop refused it: {0} (entry is held again; retry later)")]
+    Refused(Reply),
+    #[error("next hop unavailable: {0} (entry is held again; retry later)")]
+    Failed(RelayError),
+    #[error(
+        "outcome unknown: {0}. The entry stays `releasing`; check the next hop's log, then `release --force` if it did not arrive"
+    )]
+    Unsettled(RelayError),
+    #[error("entry is already released")]
+    AlreadyReleased,
+}
+
+/// What the next hop is told about the original client (XCLIENT), from the entry.
+fn identity(client: &str, helo: &str) -> ClientIdentity {
+    ClientIdentity {
+        addr: client
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
+        helo: Some(helo.to_string()).filter(|h| !h.is_empty()),
+        esmtp: true,
+        login: None,
+    }
+}
+
+/// Releases one entry to its original recipients, or to `to` when given.
+pub async fn release(
+    store: &Quarantine,
+    hop: Arc<NextHop>,
+    id: &QuarantineId,
+    to: &[String],
+    force: bool,
+    authserv_id: &str,
+    verdict_header: &str,
+) -> Result<Reply, ReleaseError> {
+    let started = match store.transition(id, "held", "releasing") {
+        Err(StoreError::WrongState { state, .. }) if force && state == "releasing" => {
+            store.transition(id, "releasing", "releasing")
+        }
+        other => other,
+    };
+    match started {
+        Ok(()) => send(store, hop, id, to, authserv_id, verdict_header).await,
+        Err(StoreError::WrongState { state, .. }) if state == "released" => {
+            Err(ReleaseError::AlreadyReleased)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn send(
+    store: &Quarantine,
+    hop: Arc<NextHop>,
+    id: &QuarantineId,
+    to: &[String],
+    authserv_id: &str,
+    verdict_header: &str,
+) -> Result<Reply, ReleaseError> {
+    let meta = store.meta(id)?;
+    let message = store.message(id)?;
+    let from = MailFrom {
+        address: meta.mail_from.clone(),
+        size: message.len(),
+        ..Default::default()
+    };
+    let rcpt_list = if to.is_empty() { &meta.rcpts } else { to };
+    let rcpts: Vec<RcptTo<String>> = rcpt_list
+        .iter()
+        .map(|r| RcptTo {
+            address: r.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let fields = crate::auth::headers::fields(&message);
+    let strip = crate::auth::headers::forged_ranges(&fields, authserv_id, verdict_header);
+    let parts = crate::relay::writer::without(&message, &strip);
+    let mut headers = Vec::new();
+    if !meta.authentication_results.is_empty() {
+        headers.push(format!(
+            "Authentication-Results: {}",
+            meta.authentication_results
+        ));
+    }
+
+    let mut relay = Relay::new(hop);
+    let outcome = async {
+        let reply = relay
+            .start(&identity(&meta.client, &meta.helo), &from, message.len())
+            .await?;
+        if !reply.is_positive() {
+            return Ok(Err(reply));
+        }
+        let mut accepted = Vec::new();
+        for rcpt in &rcpts {
+            let reply = relay.rcpt(rcpt).await?;
+            if !reply.is_positive() {
+                return Ok(Err(reply));
+            }
+            accepted.push(rcpt.clone());
+        }
+        let envelope = Envelope {
+            from: &from,
+            rcpts: &accepted,
+        };
+        relay
+            .deliver(&envelope, &headers, &parts)
+            .await
+            .map(|r| if r.is_positive() { Ok(r) } else { Err(r) })
+    }
+    .await;
+    relay.close().await;
+    match outcome {
+        Ok(Ok(reply)) => {
+            store.transition(id, "releasing", "released")?;
+            tracing::info!(id = %id, reply = %reply, "quarantine: released");
+            Ok(reply)
+        }
+        Ok(Err(reply)) => {
+            store.transition(id, "releasing", "held")?;
+            Err(ReleaseError::Refused(reply))
+        }
+        Err(RelayError::Unsettled(e)) => Err(ReleaseError::Unsettled(*e)),
+        Err(e) => {
+            store.transition(id, "releasing", "held")?;
+            Err(ReleaseError::Failed(e))
+        }
+    }
+}
