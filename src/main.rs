@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mailwarden::config::{Config, LogFormat};
+use mailwarden::policy::rules::Policy;
 use mailwarden::server::{Server, shutdown};
 use tokio_util::sync::CancellationToken;
 
@@ -85,16 +86,26 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, log_format } => run(config, log_format),
-        Command::CheckConfig { config } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
+        Command::CheckConfig { config } => {
+            // The policy file is part of the configuration: a broken one must fail here,
+            // not at the next start or reload.
+            let checked = Config::load(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|c| match c.policy_file() {
+                    Some(p) => Policy::load(p).map(|_| ()).map_err(|e| e.to_string()),
+                    None => Ok(()),
+                });
+            match checked {
+                Ok(()) => {
+                    println!("{}: ok", config.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::from(1)
-            }
-        },
+        }
         Command::Check {
             config,
             ip,

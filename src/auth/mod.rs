@@ -68,6 +68,11 @@ impl From<&DkimResult> for AuthResult {
     fn from(r: &DkimResult) -> Self {
         match r {
             DkimResult::Pass => AuthResult::Pass,
+            // mail-auth reports a body hash mismatch as neutral; RFC 6376 §6.1.3 makes it
+            // a failed verification.
+            DkimResult::Neutral(mail_auth::Error::Dkim(
+                mail_auth::dkim::DkimError::FailedBodyHashMatch,
+            )) => AuthResult::Fail,
             DkimResult::Neutral(_) => AuthResult::Neutral,
             DkimResult::Fail(_) => AuthResult::Fail,
             DkimResult::PermError(_) => AuthResult::PermError,

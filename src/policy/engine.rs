@@ -242,8 +242,25 @@ impl Enforcer {
         }
         if ev.action == ActionKind::Tag {
             let flags = verdict.flag_names();
+            // Reasons are our own texts and flag descriptions; keep them to one
+            // header-safe line (no `;`, which separates the fields).
+            let reasons: Vec<String> = verdict
+                .reasons()
+                .iter()
+                .map(|r| {
+                    r.chars()
+                        .map(|c| {
+                            if c.is_ascii_graphic() && c != ';' {
+                                c
+                            } else {
+                                ' '
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
             added.push(format!(
-                "{}: tag; rule={}; flags={}",
+                "{}: tag; rule={}; flags={}; reasons={}",
                 self.verdict_header,
                 ev.rule
                     .replace(|c: char| !c.is_ascii_graphic() || c == ';', "_"),
@@ -251,6 +268,11 @@ impl Enforcer {
                     "none".to_string()
                 } else {
                     flags.join(",")
+                },
+                if reasons.is_empty() {
+                    "none".to_string()
+                } else {
+                    reasons.join(", ")
                 }
             ));
             if !self.subject_prefix.is_empty() {

@@ -28,6 +28,8 @@ pub struct Capabilities {
     pub pipelining: bool,
     /// `Some(attributes)` when XCLIENT is offered.
     pub xclient: Option<Vec<String>>,
+    /// SASL mechanisms offered (upper case).
+    pub auth: Vec<String>,
 }
 
 impl Capabilities {
@@ -46,6 +48,7 @@ impl Capabilities {
                 "STARTTLS" => caps.starttls = true,
                 "PIPELINING" => caps.pipelining = true,
                 "XCLIENT" => caps.xclient = Some(words.map(str::to_string).collect()),
+                "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}
             }
         }
@@ -210,6 +213,41 @@ impl SmtpConnection {
             .map_err(|e| RelayError::Unsettled(Box::new(e)))
     }
 
+    /// Authenticates at the next hop with the client's credentials (PLAIN when offered,
+    /// else LOGIN). The next hop checks the password; we only pass it on. Returns the
+    /// next hop's final reply (235 on success).
+    pub async fn authenticate(&mut self, creds: &super::Credentials) -> Result<Reply, RelayError> {
+        use base64::Engine;
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        let timeout = self.cfg.command_timeout;
+        if self.caps.auth.iter().any(|m| m == "PLAIN") {
+            let mut blob = Vec::new();
+            blob.extend_from_slice(creds.authzid.as_bytes());
+            blob.push(0);
+            blob.extend_from_slice(creds.username.as_bytes());
+            blob.push(0);
+            blob.extend_from_slice(creds.password.as_bytes());
+            let line = format!("AUTH PLAIN {}\r\n", b64(&blob));
+            return self.command(line.as_bytes(), timeout).await;
+        }
+        if self.caps.auth.iter().any(|m| m == "LOGIN") {
+            for step in [
+                "AUTH LOGIN\r\n".to_string(),
+                format!("{}\r\n", b64(creds.username.as_bytes())),
+            ] {
+                let reply = self.command(step.as_bytes(), timeout).await?;
+                if reply.code != 334 {
+                    return Ok(reply);
+                }
+            }
+            let line = format!("{}\r\n", b64(creds.password.as_bytes()));
+            return self.command(line.as_bytes(), timeout).await;
+        }
+        Err(RelayError::Policy(
+            "next hop offers neither AUTH PLAIN nor AUTH LOGIN",
+        ))
+    }
+
     pub async fn rset(&mut self) -> Result<Reply, RelayError> {
         self.command(b"RSET\r\n", self.cfg.command_timeout).await
     }
@@ -231,7 +269,7 @@ impl SmtpConnection {
     }
 
     async fn command(&mut self, line: &[u8], timeout: Duration) -> Result<Reply, RelayError> {
-        debug_assert!(line.ends_with(b"\r\n") && line.len() <= 4096);
+        debug_assert!(line.ends_with(b"\r\n") && line.len() <= 8192);
         self.write(line, timeout).await?;
         self.read_reply(timeout).await
     }

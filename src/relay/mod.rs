@@ -124,6 +124,22 @@ pub struct Relay {
     in_transaction: bool,
 }
 
+/// SASL credentials on their way to the next hop. Never logged: `Debug` shows the
+/// user name only.
+pub struct Credentials {
+    pub authzid: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The message envelope as the client gave it.
 pub struct Envelope<'a> {
     pub from: &'a MailFrom<String>,
@@ -153,9 +169,47 @@ impl Relay {
         from: &MailFrom<String>,
         size: usize,
     ) -> Result<Reply, RelayError> {
-        let Target::Smtp { host, port } = &self.hop.target else {
+        if matches!(self.hop.target, Target::Maildir(_)) {
             self.in_transaction = true;
             return Ok(Reply::new(250, Enhanced(2, 1, 0), "Ok"));
+        }
+        self.connect(client).await?;
+        let result = self.connection()?.mail(from, size).await;
+        let reply = self.settle(result)?;
+        self.in_transaction = reply.is_positive();
+        Ok(reply)
+    }
+
+    /// Passes a client's SASL login to the next hop, which checks it. The connection
+    /// stays open and authenticated for the session's transactions.
+    pub async fn authenticate(
+        &mut self,
+        client: &ClientIdentity,
+        creds: &Credentials,
+    ) -> Result<Reply, RelayError> {
+        if matches!(self.hop.target, Target::Maildir(_)) {
+            return Err(RelayError::Policy(
+                "the Maildir next hop cannot check passwords",
+            ));
+        }
+        self.connect(client).await?;
+        let result = self.connection()?.authenticate(creds).await;
+        self.settle(result)
+    }
+
+    /// Whether the next hop offers a mechanism we can relay a login with.
+    pub async fn can_authenticate(&mut self, client: &ClientIdentity) -> bool {
+        if self.connect(client).await.is_err() {
+            return false;
+        }
+        self.conn
+            .as_ref()
+            .is_some_and(|c| c.caps.auth.iter().any(|m| m == "PLAIN" || m == "LOGIN"))
+    }
+
+    async fn connect(&mut self, client: &ClientIdentity) -> Result<(), RelayError> {
+        let Target::Smtp { host, port } = &self.hop.target else {
+            return Ok(());
         };
         if self.conn.is_none() {
             let conn = SmtpConnection::open(
@@ -169,10 +223,7 @@ impl Relay {
             .await?;
             self.conn = Some(conn);
         }
-        let result = self.connection()?.mail(from, size).await;
-        let reply = self.settle(result)?;
-        self.in_transaction = reply.is_positive();
-        Ok(reply)
+        Ok(())
     }
 
     pub async fn rcpt(&mut self, to: &RcptTo<String>) -> Result<Reply, RelayError> {

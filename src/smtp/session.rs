@@ -93,6 +93,8 @@ pub struct Session {
     /// The client's address (from the PROXY header when behind a load balancer).
     pub peer: SocketAddr,
     pub(super) relay: Relay,
+    /// The SASL login name once AUTH succeeded (submission listeners).
+    pub(super) login: Option<String>,
     errors: u32,
     junk: u32,
     pub(super) transactions: u32,
@@ -109,6 +111,7 @@ impl Session {
             id: new_session_id(),
             stream: SmtpStream::new(stream),
             relay: Relay::new(shared.next_hop.clone()),
+            login: None,
             shared,
             listener,
             peer,
@@ -250,10 +253,10 @@ impl Session {
                 .await;
                 (state, Flow::Close)
             }
-            Request::Auth { .. } => {
-                let reply = Reply::new(503, Enhanced(5, 5, 1), "Authentication not offered");
-                (state, self.error(reply).await)
-            }
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.on_auth(state, mechanism, initial_response).await,
             Request::Lhlo { .. }
             | Request::Expn { .. }
             | Request::Etrn { .. }

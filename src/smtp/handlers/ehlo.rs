@@ -37,6 +37,9 @@ impl Session {
             if self.listener.tls.is_some() && !self.is_tls() {
                 lines.push("STARTTLS".to_string());
             }
+            if self.offers_auth() && self.login.is_none() {
+                lines.push("AUTH PLAIN LOGIN".to_string());
+            }
             Reply::plain(250, lines)
         } else {
             Reply::plain(250, vec![hostname.clone()])

@@ -41,6 +41,7 @@ impl Session {
                 // RFC 3207 §4.2: the client must start over with EHLO. The next hop was
                 // told the old HELO, so close that connection too.
                 self.relay.close().await;
+                self.login = None;
                 (State::Fresh, Flow::Continue)
             }
             Ok(Err(e)) => {

@@ -1,0 +1,726 @@
+//! Shared harness for the mailwarden integration tests.
+//!
+//! * [`Proxy`]: the real `mailwarden` binary, started with `run --config <tempfile>`,
+//!   killed on drop.
+//! * [`fake_mta::FakeMta`]: a scriptable next-hop SMTP server on loopback.
+//! * [`smtp_client::Client`]: a tiny SMTP test client.
+//!
+//! Everything runs on 127.0.0.1 only.
+#![allow(dead_code)]
+
+// Re-exports used by some test crates only.
+#[allow(unused_imports)]
+pub mod dns;
+pub mod fake_mta;
+pub mod smtp_client;
+
+use std::fmt::Write as _;
+use std::io::{self, Read as _};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Generous per-step timeout: every network read in the tests is bounded by this.
+pub const STEP: Duration = Duration::from_secs(60);
+/// Upper bound for a whole test body.
+pub const TEST_BUDGET: Duration = Duration::from_secs(240);
+
+/// Run a test body with an overall timeout so a test can never hang.
+pub async fn bounded<F: std::future::Future<Output = ()>>(fut: F) {
+    match tokio::time::timeout(TEST_BUDGET, fut).await {
+        Ok(()) => {}
+        Err(_) => panic!("test did not finish within {TEST_BUDGET:?}"),
+    }
+}
+
+/// A free loopback port: bind 127.0.0.1:0 with std, read the port, drop the socket.
+pub fn free_addr() -> SocketAddr {
+    let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr")
+}
+
+/// A loopback UDP address where nothing listens.
+pub fn dead_udp_addr() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp 127.0.0.1:0");
+    s.local_addr().expect("local_addr")
+}
+
+/// Path of a file in the repository (e.g. `certs/test-server.crt`).
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+pub fn cert_path() -> PathBuf {
+    repo_path("certs/test-server.crt")
+}
+
+pub fn key_path() -> PathBuf {
+    repo_path("certs/test-server.key")
+}
+
+// ---------------------------------------------------------------------------
+// TLS configurations (aws-lc-rs provider, no process-wide default needed)
+// ---------------------------------------------------------------------------
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Server config for the fake MTA, using certs/test-server.{crt,key}.
+pub fn server_tls_config() -> Arc<rustls::ServerConfig> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path())
+        .expect("open test cert")
+        .collect::<Result<_, _>>()
+        .expect("parse test cert");
+    let key = PrivateKeyDer::from_pem_file(key_path()).expect("parse test key");
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server cert");
+    Arc::new(cfg)
+}
+
+/// Trusts exactly certs/test-server.crt (pinned by its DER bytes; the test certificate
+/// is self-signed with CA:TRUE, which webpki refuses as an end-entity certificate),
+/// while still verifying the handshake signatures with the provider's algorithms.
+#[derive(Debug)]
+struct PinnedCert {
+    der: Vec<u8>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.der.as_slice() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Client config trusting certs/test-server.crt.
+pub fn client_tls_config() -> Arc<rustls::ClientConfig> {
+    let der = CertificateDer::from_pem_file(cert_path())
+        .expect("parse test cert")
+        .as_ref()
+        .to_vec();
+    let p = provider();
+    let cfg = rustls::ClientConfig::builder_with_provider(p.clone())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCert { der, provider: p }))
+        .with_no_client_auth();
+    Arc::new(cfg)
+}
+
+// ---------------------------------------------------------------------------
+// A byte stream that is either plain TCP or TLS (client or server side)
+// ---------------------------------------------------------------------------
+
+pub enum Stream {
+    Plain(TcpStream),
+    ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl Stream {
+    pub async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf).await,
+            Stream::ClientTls(s) => s.read(buf).await,
+            Stream::ServerTls(s) => s.read(buf).await,
+            Stream::Gone => Err(io::Error::new(io::ErrorKind::NotConnected, "gone")),
+        }
+    }
+
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Stream::ClientTls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Stream::ServerTls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
+            Stream::Gone => Err(io::Error::new(io::ErrorKind::NotConnected, "gone")),
+        }
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = match self {
+            Stream::Plain(s) => s.shutdown().await,
+            Stream::ClientTls(s) => s.shutdown().await,
+            Stream::ServerTls(s) => s.shutdown().await,
+            Stream::Gone => Ok(()),
+        };
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::ClientTls(_) | Stream::ServerTls(_))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Proxy configuration template
+// ---------------------------------------------------------------------------
+
+/// Options rendered into the TOML config file given to `mailwarden run`.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// `[next_hop] address`: "smtp://127.0.0.1:PORT" or "maildir:PATH".
+    pub next_hop: String,
+    /// "submission" (default here: no local_domains restriction) or "inbound".
+    pub role: String,
+    pub local_domains: Vec<String>,
+    /// Offer STARTTLS with certs/test-server.{crt,key}.
+    pub starttls: bool,
+    /// TLS from the first byte (implies the cert/key are configured).
+    pub implicit_tls: bool,
+    /// Expect a HAProxy PROXY header from `trusted_proxies`.
+    pub proxy_protocol: bool,
+    pub trusted_proxies: Vec<String>,
+    pub max_sessions: Option<u32>,
+    pub max_sessions_per_client: Option<u32>,
+    /// `[next_hop] tls`: off | opportunistic | require.
+    pub next_hop_tls: String,
+    /// `[next_hop] xclient`: require | auto | off.
+    pub xclient: String,
+    /// Raw `key = value` lines appended to `[limits]`.
+    pub limits: Vec<String>,
+    /// Raw `key = value` lines appended to `[next_hop]` (override the defaults below).
+    pub next_hop_extra: Vec<String>,
+    pub grace_period: String,
+    pub hostname: String,
+    /// `[dns] nameservers` entry ("IP:PORT", e.g. a `dns::DnsServer`); None: a dead
+    /// loopback UDP port, so nothing ever leaves the machine.
+    pub dns_nameserver: Option<String>,
+    /// `[auth] enabled`: sender authentication and policy. Off by default here so relay
+    /// tests do not depend on DNS; the authentication tests turn it on.
+    pub auth: bool,
+    /// Raw `key = value` lines appended to `[auth]`.
+    pub auth_extra: Vec<String>,
+    /// Raw TOML appended at the end (whole sections such as `[spoof]`).
+    pub extra_toml: Vec<String>,
+}
+
+impl ProxyOptions {
+    pub fn new(next_hop: impl Into<String>) -> Self {
+        ProxyOptions {
+            next_hop: next_hop.into(),
+            role: "submission".into(),
+            local_domains: vec![],
+            starttls: false,
+            implicit_tls: false,
+            proxy_protocol: false,
+            trusted_proxies: vec![],
+            max_sessions: None,
+            max_sessions_per_client: None,
+            next_hop_tls: "off".into(),
+            xclient: "require".into(),
+            limits: vec![],
+            next_hop_extra: vec![],
+            grace_period: "30s".into(),
+            hostname: "mailwarden.test".into(),
+            dns_nameserver: None,
+            auth: false,
+            auth_extra: vec![],
+            extra_toml: vec![],
+        }
+    }
+
+    /// For a next hop that is a [`fake_mta::FakeMta`] at `addr`.
+    pub fn smtp(addr: SocketAddr) -> Self {
+        Self::new(format!("smtp://{addr}"))
+    }
+
+    pub fn limit(mut self, line: &str) -> Self {
+        self.limits.push(line.to_string());
+        self
+    }
+
+    pub fn next_hop_opt(mut self, line: &str) -> Self {
+        self.next_hop_extra.push(line.to_string());
+        self
+    }
+
+    fn render(&self, listen: SocketAddr) -> String {
+        fn q(s: &str) -> String {
+            // TOML basic string; test values never contain quotes or backslashes
+            // except paths, which we escape.
+            format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+        }
+        let mut c = String::new();
+        writeln!(c, "hostname = {}", q(&self.hostname)).unwrap();
+        let doms: Vec<String> = self.local_domains.iter().map(|d| q(d)).collect();
+        writeln!(c, "local_domains = [{}]", doms.join(", ")).unwrap();
+        writeln!(c).unwrap();
+        writeln!(c, "[[listener]]").unwrap();
+        writeln!(c, "address = {}", q(&listen.to_string())).unwrap();
+        writeln!(c, "role = {}", q(&self.role)).unwrap();
+        if self.starttls || self.implicit_tls {
+            writeln!(c, "tls_cert = {}", q(&cert_path().to_string_lossy())).unwrap();
+            writeln!(c, "tls_key = {}", q(&key_path().to_string_lossy())).unwrap();
+        }
+        if self.implicit_tls {
+            writeln!(c, "implicit_tls = true").unwrap();
+        }
+        if self.proxy_protocol {
+            writeln!(c, "proxy_protocol = true").unwrap();
+            let tp: Vec<String> = self.trusted_proxies.iter().map(|d| q(d)).collect();
+            writeln!(c, "trusted_proxies = [{}]", tp.join(", ")).unwrap();
+        }
+        if let Some(n) = self.max_sessions {
+            writeln!(c, "max_sessions = {n}").unwrap();
+        }
+        if let Some(n) = self.max_sessions_per_client {
+            writeln!(c, "max_sessions_per_client = {n}").unwrap();
+        }
+        writeln!(c).unwrap();
+        writeln!(c, "[limits]").unwrap();
+        for l in &self.limits {
+            writeln!(c, "{l}").unwrap();
+        }
+        writeln!(c).unwrap();
+        writeln!(c, "[next_hop]").unwrap();
+        writeln!(c, "address = {}", q(&self.next_hop)).unwrap();
+        writeln!(c, "tls = {}", q(&self.next_hop_tls)).unwrap();
+        writeln!(c, "xclient = {}", q(&self.xclient)).unwrap();
+        // Generous defaults (loopback only); tests that exercise a timeout override one.
+        let defaults = [
+            ("connect_timeout", "\"20s\""),
+            ("greeting_timeout", "\"20s\""),
+            ("command_timeout", "\"20s\""),
+            ("data_timeout", "\"20s\""),
+            ("end_of_data_timeout", "\"20s\""),
+        ];
+        for (k, v) in defaults {
+            let overridden = self
+                .next_hop_extra
+                .iter()
+                .any(|l| l.split('=').next().map(str::trim) == Some(k));
+            if !overridden {
+                writeln!(c, "{k} = {v}").unwrap();
+            }
+        }
+        for l in &self.next_hop_extra {
+            writeln!(c, "{l}").unwrap();
+        }
+        writeln!(c).unwrap();
+        writeln!(c, "[shutdown]").unwrap();
+        writeln!(c, "grace_period = {}", q(&self.grace_period)).unwrap();
+        writeln!(c).unwrap();
+        // Keep every lookup on loopback: a UDP port nobody listens on (queries fail fast
+        // with "port unreachable"; nothing ever leaves the machine).
+        writeln!(c, "[dns]").unwrap();
+        let ns = self
+            .dns_nameserver
+            .clone()
+            .unwrap_or_else(|| dead_udp_addr().to_string());
+        writeln!(c, "nameservers = [{}]", q(&ns)).unwrap();
+        writeln!(c).unwrap();
+        writeln!(c, "[auth]").unwrap();
+        writeln!(c, "enabled = {}", self.auth).unwrap();
+        for l in &self.auth_extra {
+            writeln!(c, "{l}").unwrap();
+        }
+        writeln!(c).unwrap();
+        writeln!(c, "[log]").unwrap();
+        writeln!(c, "level = \"info\"").unwrap();
+        writeln!(c, "format = \"text\"").unwrap();
+        for t in &self.extra_toml {
+            writeln!(c, "{t}").unwrap();
+        }
+        c
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The proxy process guard
+// ---------------------------------------------------------------------------
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mailwarden")
+}
+
+/// The real `mailwarden` binary, running `run --config <tempfile>`. Killed on drop.
+pub struct Proxy {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub stderr_path: PathBuf,
+    pub config_text: String,
+    pub implicit_tls: bool,
+    pub proxy_protocol: bool,
+}
+
+impl Proxy {
+    /// Write the config, spawn the binary and wait until the listener greets.
+    pub async fn start(opts: ProxyOptions) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(opts, dir).await
+    }
+
+    /// Like [`Proxy::start`] but with a caller-provided directory (e.g. one that also
+    /// holds the maildir).
+    pub async fn start_in(opts: ProxyOptions, dir: tempfile::TempDir) -> Proxy {
+        let addr = free_addr();
+        let config_text = opts.render(addr);
+        let config_path = dir.path().join("mailwarden.toml");
+        std::fs::write(&config_path, &config_text).expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
+        let child = Command::new(bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn mailwarden");
+        let mut p = Proxy {
+            child: Some(child),
+            addr,
+            dir,
+            config_path,
+            stderr_path,
+            config_text,
+            implicit_tls: opts.implicit_tls,
+            proxy_protocol: opts.proxy_protocol,
+        };
+        p.wait_ready().await;
+        p
+    }
+
+    /// Poll-connect until the listener accepts and sends a 220 greeting; then QUIT that
+    /// probe session cleanly (read to EOF so the server has released it).
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.try_status() {
+                panic!(
+                    "mailwarden exited before accepting connections: {status}\nconfig:\n{}\nstderr:\n{}",
+                    self.config_text,
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "mailwarden did not accept connections on {} within 60s\nstderr:\n{}",
+                    self.addr,
+                    self.log()
+                );
+            }
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(self.addr)).await
+            {
+                if self.proxy_protocol {
+                    // A PROXY-protocol listener expects a header first: a TCP connect
+                    // is the only neutral probe.
+                    drop(s);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return;
+                }
+                let mut c = smtp_client::Client::from_tcp(s);
+                if self.implicit_tls {
+                    c.upgrade_tls().await;
+                }
+                let greet = c.read_reply().await;
+                assert_eq!(
+                    greet.code,
+                    220,
+                    "readiness probe: unexpected greeting {greet:?}\nstderr:\n{}",
+                    self.log()
+                );
+                let q = c.cmd("QUIT").await;
+                assert_eq!(q.code, 221, "readiness probe QUIT: {q:?}");
+                c.expect_eof().await;
+                // Give the server a moment to drop its session bookkeeping.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Send SIGTERM via the `kill` utility (no unsafe, no nix).
+    pub fn sigterm(&self) {
+        let st = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill -TERM");
+        assert!(st.success(), "kill -TERM failed: {st}");
+    }
+
+    /// Wait (polling, without blocking the runtime) for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_status() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "mailwarden did not exit within {timeout:?}\nstderr:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait until the log contains `needle` (log lines are flushed asynchronously).
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let l = self.log();
+            if l.contains(needle) {
+                return l;
+            }
+            if Instant::now() > deadline {
+                panic!("log never contained {needle:?} within {timeout:?}; stderr:\n{l}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn connect(&self) -> smtp_client::Client {
+        smtp_client::Client::connect(self.addr).await
+    }
+
+    /// Connect; on an implicit-TLS listener also run the TLS handshake.
+    pub async fn connect_any(&self) -> smtp_client::Client {
+        let mut c = self.connect().await;
+        if self.implicit_tls {
+            c.upgrade_tls().await;
+        }
+        c
+    }
+
+    /// Connect, read the greeting (must be 220) and EHLO (must be 250).
+    pub async fn connect_ehlo(&self, name: &str) -> smtp_client::Client {
+        let mut c = self.connect_any().await;
+        let g = c.read_reply().await;
+        assert_eq!(g.code, 220, "greeting: {g:?}");
+        let r = c.cmd(&format!("EHLO {name}")).await;
+        assert_eq!(r.code, 250, "EHLO: {r:?}");
+        c
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Assertions on bytes
+// ---------------------------------------------------------------------------
+
+/// Panics unless every CR is followed by LF and every LF is preceded by CR.
+pub fn assert_canonical_crlf(what: &str, bytes: &[u8]) {
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'\r' && bytes.get(i + 1) != Some(&b'\n') {
+            panic!(
+                "{what}: bare CR at offset {i}: {:?}",
+                show(&bytes[i.saturating_sub(40)..(i + 40).min(bytes.len())])
+            );
+        }
+        if b == b'\n' && (i == 0 || bytes[i - 1] != b'\r') {
+            panic!(
+                "{what}: bare LF at offset {i}: {:?}",
+                show(&bytes[i.saturating_sub(40)..(i + 40).min(bytes.len())])
+            );
+        }
+    }
+}
+
+pub fn show(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle).is_some()
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+pub fn count(hay: &[u8], needle: &[u8]) -> usize {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return 0;
+    }
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+// ---------------------------------------------------------------------------
+// Setup shortcuts
+// ---------------------------------------------------------------------------
+
+/// A fake next hop with `script` and a proxy relaying to it (default options).
+pub async fn setup(script: fake_mta::Script) -> (fake_mta::FakeMta, Proxy) {
+    setup_with(script, |o| o).await
+}
+
+/// Same, with the proxy options adjusted by `f`.
+pub async fn setup_with(
+    script: fake_mta::Script,
+    f: impl FnOnce(ProxyOptions) -> ProxyOptions,
+) -> (fake_mta::FakeMta, Proxy) {
+    let mta = fake_mta::FakeMta::start(script).await;
+    let proxy = Proxy::start(f(ProxyOptions::smtp(mta.addr))).await;
+    (mta, proxy)
+}
+
+/// Canonical-transcript check over everything the next hop received, plus the rule that
+/// every command line mailwarden sent is at most 512 octets (RFC 5321 4.5.3.1.4).
+pub fn assert_next_hop_canonical(mta: &fake_mta::FakeMta) {
+    for c in mta.conns() {
+        assert_canonical_crlf(
+            &format!("next-hop connection {} transcript", c.id),
+            &c.transcript,
+        );
+        for cmd in &c.commands {
+            assert!(
+                cmd.len() + 2 <= 512,
+                "next-hop command longer than 512 octets: {cmd:?}"
+            );
+        }
+    }
+    for m in mta.messages() {
+        assert_canonical_crlf("message content at the next hop", &m.raw);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Edited configs (keys of tables the template writes itself, e.g. `[dns] timeout_ms`)
+// ---------------------------------------------------------------------------
+
+impl Proxy {
+    /// Like [`Proxy::start`], with the rendered config text passed through `edit` first.
+    pub async fn start_edited(opts: ProxyOptions, edit: impl FnOnce(String) -> String) -> Proxy {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = free_addr();
+        let config_text = edit(opts.render(addr));
+        let config_path = dir.path().join("mailwarden.toml");
+        std::fs::write(&config_path, &config_text).expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
+        let child = Command::new(bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn mailwarden");
+        let mut p = Proxy {
+            child: Some(child),
+            addr,
+            dir,
+            config_path,
+            stderr_path,
+            config_text,
+            implicit_tls: opts.implicit_tls,
+            proxy_protocol: opts.proxy_protocol,
+        };
+        p.wait_ready().await;
+        p
+    }
+}

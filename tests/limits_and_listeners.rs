@@ -1,0 +1,491 @@
+//! Session limits (recipients, loops, errors, timeouts), client failures during DATA,
+//! listener variants (implicit TLS, PROXY protocol), XCLIENT modes, and a small
+//! concurrent no-loss run.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::fake_mta::{Act, Script};
+use common::smtp_client::{Client, assert_reply, dot_stuff_and_terminate, simple_message};
+use common::{assert_next_hop_canonical, bounded, contains, setup, setup_with, show};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_beyond_max_get_452() {
+    bounded(async {
+        let (mta, proxy) = setup_with(Script::default(), |o| o.limit("max_recipients = 100")).await;
+        let mut c = proxy.connect_ehlo("many.example").await;
+        c.expect("MAIL FROM:<a@x.example>", "250 2.1.0").await;
+        for i in 0..100 {
+            c.expect(&format!("RCPT TO:<r{i}@y.example>"), "250").await;
+        }
+        c.expect("RCPT TO:<r100@y.example>", "452 4.5.3").await;
+        let fin = c
+            .data(&simple_message("a@x.example", "r0@y.example", "many", "x"))
+            .await;
+        assert_eq!(fin.code, 250, "{fin:?}");
+        let msgs = mta.accepted();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].rcpts.len(), 100);
+        assert!(
+            !mta.all_commands().iter().any(|l| l.contains("r100@")),
+            "the 101st recipient reached the next hop"
+        );
+    })
+    .await
+}
+
+fn with_received(n: usize, subject: &str) -> Vec<u8> {
+    let mut m = Vec::new();
+    for i in 0..n {
+        m.extend_from_slice(
+            format!(
+                "Received: from hop{i}.example by hop{}.example; Thu, 1 Jan 2026 00:00:00 +0000\r\n",
+                i + 1
+            )
+            .as_bytes(),
+        );
+    }
+    m.extend_from_slice(&simple_message(
+        "a@x.example",
+        "b@y.example",
+        subject,
+        "loop?",
+    ));
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_loop_detected_by_received_count() {
+    bounded(async {
+        let (mta, proxy) = setup(Script::default()).await;
+        let mut c = proxy.connect_ehlo("loop.example").await;
+        let r = c
+            .send_mail(
+                "a@x.example",
+                &["b@y.example"],
+                &with_received(51, "loop-51"),
+            )
+            .await;
+        assert_reply(&r, "554 5.4.6", "51 Received headers");
+        assert!(
+            mta.messages().is_empty(),
+            "looping message relayed:\n{}",
+            mta.transcripts_debug()
+        );
+        c.expect("RSET", "250 2.0.0").await;
+        let r = c
+            .send_mail(
+                "a@x.example",
+                &["b@y.example"],
+                &with_received(50, "loop-50"),
+            )
+            .await;
+        assert_eq!(r.code, 250, "50 Received headers are allowed: {r:?}");
+        assert_eq!(mta.accepted().len(), 1);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_error_limit_closes_with_421() {
+    bounded(async {
+        let (_mta, proxy) =
+            setup_with(Script::default(), |o| o.limit("hard_error_limit = 3")).await;
+        let mut c = proxy.connect_ehlo("errors.example").await;
+        let mut saw_421 = false;
+        for i in 0..3 {
+            c.send_raw(b"FROBNICATE\r\n").await;
+            let r = c.read_reply().await;
+            if r.code == 421 {
+                assert_reply(&r, "421 4.7.0", "error limit");
+                saw_421 = true;
+                break;
+            }
+            assert_reply(&r, "502 5.5.1", &format!("error {}", i + 1));
+        }
+        if !saw_421 {
+            let _ = c.try_send_raw(b"NOOP\r\n").await;
+            match c.try_read_reply().await {
+                Some(r) => assert_reply(&r, "421 4.7.0", "after hard_error_limit errors"),
+                None => panic!("closed without 421 after the error limit"),
+            }
+        }
+        c.expect_eof().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_times_out_with_421() {
+    bounded(async {
+        let (_mta, proxy) =
+            setup_with(Script::default(), |o| o.limit("command_timeout = \"1s\"")).await;
+        let mut c = proxy.connect_ehlo("idle.example").await;
+        // Send nothing: the server must give up by itself.
+        let r = c.read_reply().await;
+        assert_reply(&r, "421 4.4.2", "idle client");
+        c.expect_eof().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_stalls_in_data_nothing_delivered() {
+    bounded(async {
+        let (mta, proxy) =
+            setup_with(Script::default(), |o| o.limit("data_timeout = \"1s\"")).await;
+        let mut c = proxy.connect_ehlo("stall.example").await;
+        c.expect("MAIL FROM:<a@x.example>", "250 2.1.0").await;
+        c.expect("RCPT TO:<b@y.example>", "250").await;
+        c.expect("DATA", "354").await;
+        c.send_raw(b"Subject: stalled\r\n\r\nhalf a mess").await;
+        // No more data: the session is closed with a 4xx and nothing is delivered.
+        if let Some(r) = c.try_read_reply().await {
+            assert_eq!(r.code, 421, "stalled DATA: {r:?}");
+        }
+        c.expect_eof().await;
+        assert!(mta.accepted().is_empty(), "partial message delivered");
+        assert!(
+            mta.messages().is_empty(),
+            "partial message sent to the next hop"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_mid_data_nothing_delivered() {
+    bounded(async {
+        let (mta, proxy) = setup(Script::default()).await;
+        let mut c = proxy.connect_ehlo("gone.example").await;
+        c.expect("MAIL FROM:<a@x.example>", "250 2.1.0").await;
+        c.expect("RCPT TO:<b@y.example>", "250").await;
+        c.expect("DATA", "354").await;
+        c.send_raw(b"Subject: cut\r\n\r\nthis message never ends\r\n")
+            .await;
+        drop(c);
+        // Sync point: the proxy gives up its next-hop connection for this transaction.
+        mta.wait_closed(1, Duration::from_secs(30)).await;
+        assert!(
+            mta.messages().is_empty(),
+            "partial message reached the next hop:\n{}",
+            mta.transcripts_debug()
+        );
+        // And the proxy still serves others.
+        let mut c2 = proxy.connect_ehlo("next.example").await;
+        let fin = c2
+            .send_mail(
+                "a@x.example",
+                &["b@y.example"],
+                &simple_message("a@x.example", "b@y.example", "after-cut", "x"),
+            )
+            .await;
+        assert_eq!(fin.code, 250, "{fin:?}");
+        assert_eq!(mta.accepted().len(), 1);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implicit_tls_listener_relays() {
+    bounded(async {
+        let (mta, proxy) = setup_with(Script::default(), |mut o| {
+            o.implicit_tls = true;
+            o
+        })
+        .await;
+        let mut c = proxy.connect_any().await;
+        assert!(c.is_tls());
+        let g = c.read_reply().await;
+        assert_eq!(g.code, 220, "{g:?}");
+        let e = c.ehlo("tls465.example").await;
+        assert!(
+            !e.has_ext("STARTTLS"),
+            "STARTTLS inside implicit TLS: {e:?}"
+        );
+        let body = simple_message("a@x.example", "b@y.example", "implicit", "x");
+        let fin = c.send_mail("a@x.example", &["b@y.example"], &body).await;
+        assert_eq!(fin.code, 250, "{fin:?}");
+        assert!(mta.accepted()[0].data.ends_with(&body));
+
+        // Plaintext SMTP on the implicit-TLS port gets no SMTP greeting.
+        let mut p = proxy.connect().await;
+        p.send_raw(b"EHLO plain.example\r\n").await;
+        let rest = p.expect_eof().await;
+        assert!(
+            !rest.starts_with(b"220") && !contains(&rest, b"250"),
+            "implicit-TLS listener spoke plaintext SMTP: {:?}",
+            show(&rest)
+        );
+    })
+    .await
+}
+
+fn proxy_v2_tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\x00\r\nQUIT\n".to_vec();
+    h.push(0x21); // version 2, PROXY
+    h.push(0x11); // AF_INET, STREAM
+    h.extend_from_slice(&12u16.to_be_bytes());
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(&sport.to_be_bytes());
+    h.extend_from_slice(&dport.to_be_bytes());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_from_trusted_proxy_sets_client_identity() {
+    bounded(async {
+        let (mta, proxy) = setup_with(Script::default(), |mut o| {
+            o.proxy_protocol = true;
+            o.trusted_proxies = vec!["127.0.0.1/32".into()];
+            o
+        })
+        .await;
+        // v1
+        let mut c = proxy.connect().await;
+        c.send_raw(b"PROXY TCP4 192.0.2.10 198.51.100.1 40000 25\r\n")
+            .await;
+        assert_eq!(c.read_reply().await.code, 220);
+        c.ehlo("v1.example").await;
+        let fin = c
+            .send_mail(
+                "a@x.example",
+                &["b@y.example"],
+                &simple_message("a@x.example", "b@y.example", "pp-v1", "x"),
+            )
+            .await;
+        assert_eq!(fin.code, 250, "{fin:?}");
+        // v2
+        let mut c = proxy.connect().await;
+        c.send_raw(&proxy_v2_tcp4(
+            [192, 0, 2, 11],
+            [198, 51, 100, 1],
+            40001,
+            25,
+        ))
+        .await;
+        assert_eq!(c.read_reply().await.code, 220);
+        c.ehlo("v2.example").await;
+        let fin = c
+            .send_mail(
+                "a@x.example",
+                &["b@y.example"],
+                &simple_message("a@x.example", "b@y.example", "pp-v2", "x"),
+            )
+            .await;
+        assert_eq!(fin.code, 250, "{fin:?}");
+
+        let conns = mta.conns();
+        assert_eq!(conns.len(), 2);
+        assert_eq!(conns[0].xclient_attr("ADDR").as_deref(), Some("192.0.2.10"));
+        assert_eq!(conns[0].xclient_attr("PORT").as_deref(), Some("40000"));
+        assert_eq!(conns[0].xclient_attr("HELO").as_deref(), Some("v1.example"));
+        assert_eq!(conns[1].xclient_attr("ADDR").as_deref(), Some("192.0.2.11"));
+        assert_eq!(conns[1].xclient_attr("PORT").as_deref(), Some("40001"));
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_from_untrusted_source_is_not_believed() {
+    bounded(async {
+        let (mta, proxy) = setup_with(Script::default(), |mut o| {
+            o.proxy_protocol = true;
+            o.trusted_proxies = vec!["10.0.0.0/8".into()];
+            o
+        })
+        .await;
+        let mut c = proxy.connect().await;
+        c.send_raw(b"PROXY TCP4 192.0.2.66 198.51.100.1 40000 25\r\n")
+            .await;
+        // Whatever the reaction (close, error reply), the claimed address must never be
+        // used. If the session survives, a transaction shows the identity used.
+        let mut alive = false;
+        if let Some(first) = c.try_read_reply().await {
+            assert_ne!(
+                first.code / 100,
+                2,
+                "untrusted PROXY header accepted: {first:?}"
+            );
+            if first.code == 220 || first.code / 100 == 5 {
+                alive = c.try_send_raw(b"NOOP\r\n").await.is_ok();
+            }
+        }
+        if alive {
+            // Skip replies for the PROXY line until the NOOP's 250 (or EOF).
+            let mut got_noop = false;
+            while let Some(r) = c.try_read_reply().await {
+                if r.code == 250 {
+                    got_noop = true;
+                    break;
+                }
+            }
+            if got_noop {
+                c.ehlo("untrusted.example").await;
+                let fin = c
+                    .send_mail(
+                        "a@x.example",
+                        &["b@y.example"],
+                        &simple_message("a@x.example", "b@y.example", "pp-untrusted", "x"),
+                    )
+                    .await;
+                assert_eq!(fin.code, 250, "{fin:?}");
+                assert_eq!(
+                    mta.conns()[0].xclient_attr("ADDR").as_deref(),
+                    Some("127.0.0.1")
+                );
+            }
+        }
+        assert!(
+            !contains(&mta.all_bytes(), b"192.0.2.66"),
+            "untrusted PROXY address reached the next hop"
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xclient_off_sends_no_xclient() {
+    bounded(async {
+        let (mta, proxy) = setup_with(Script::default().without_cap("XCLIENT"), |mut o| {
+            o.xclient = "off".into();
+            o
+        })
+        .await;
+        let mut c = proxy.connect_ehlo("client.example").await;
+        let fin = c
+            .send_mail(
+                "a@x.example",
+                &["b@y.example"],
+                &simple_message("a@x.example", "b@y.example", "xoff", "x"),
+            )
+            .await;
+        assert_eq!(fin.code, 250, "{fin:?}");
+        assert!(mta.conns()[0].xclient.is_empty());
+        assert_eq!(mta.accepted().len(), 1);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_message_bytes_intact() {
+    bounded(async {
+        let (mta, proxy) = setup(Script::default()).await;
+        let mut c = proxy.connect_ehlo("big.example").await;
+        let mut body = simple_message("a@x.example", "b@y.example", "large", "start");
+        let mut i = 0u64;
+        while body.len() < 3 * 1024 * 1024 {
+            // Varying lines, some starting with '.', some 998 octets long.
+            let len = (i * 7919 % 998) as usize;
+            let ch = b'!' + (i % 90) as u8;
+            if i.is_multiple_of(13) {
+                body.push(b'.');
+            }
+            body.extend(std::iter::repeat_n(ch, len));
+            body.extend_from_slice(b"\r\n");
+            i += 1;
+        }
+        let fin = c.send_mail("a@x.example", &["b@y.example"], &body).await;
+        assert_eq!(fin.code, 250, "{fin:?}");
+        let msgs = mta.accepted();
+        assert_eq!(msgs.len(), 1);
+        assert!(
+            msgs[0].data.ends_with(&body),
+            "3 MB body altered in transit"
+        );
+        assert_next_hop_canonical(&mta);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_no_loss_no_duplicates() {
+    bounded(async {
+        // Messages whose content carries "tempfail-" get 451 at end of data from the
+        // next hop. Every message the client got 250 for must be at the next hop exactly
+        // once; every 451 message must not be delivered.
+        let s = Script {
+            eod_by_content: vec![(
+                "tempfail-".into(),
+                Act::reply("451 4.3.0 Temporary failure, try again"),
+            )],
+            ..Script::default()
+        };
+        let (mta, proxy) = setup(s).await;
+        let addr = proxy.addr;
+        let mut tasks = Vec::new();
+        for sess in 0..8 {
+            tasks.push(tokio::spawn(async move {
+                let mut c = Client::connect(addr).await;
+                assert_eq!(c.read_reply().await.code, 220);
+                c.ehlo(&format!("s{sess}.example")).await;
+                let mut ok = Vec::new();
+                let mut failed = Vec::new();
+                for n in 0..4 {
+                    let tag = if (sess + n) % 3 == 0 {
+                        format!("tempfail-{sess}-{n}")
+                    } else {
+                        format!("good-{sess}-{n}")
+                    };
+                    let body = simple_message(
+                        &format!("s{sess}@x.example"),
+                        "b@y.example",
+                        &tag,
+                        &format!("unique {tag}"),
+                    );
+                    c.expect(&format!("MAIL FROM:<s{sess}@x.example>"), "250 2.1.0")
+                        .await;
+                    c.expect("RCPT TO:<b@y.example>", "250").await;
+                    c.expect("RCPT TO:<c@y.example>", "250").await;
+                    c.expect("DATA", "354").await;
+                    c.send_raw(&dot_stuff_and_terminate(&body)).await;
+                    let r = c.read_reply().await;
+                    match r.code {
+                        250 => ok.push(tag),
+                        451 => {
+                            assert_reply(&r, "451 4.3.0", "tempfail passthrough");
+                            failed.push(tag)
+                        }
+                        _ => panic!("unexpected final reply {r:?}"),
+                    }
+                }
+                c.expect("QUIT", "221 2.0.0").await;
+                (ok, failed)
+            }));
+        }
+        let mut ok = BTreeSet::new();
+        let mut failed = BTreeSet::new();
+        for t in tasks {
+            let (o, f) = t.await.expect("session task");
+            ok.extend(o);
+            failed.extend(f);
+        }
+        assert_eq!(ok.len() + failed.len(), 32);
+        assert!(failed.iter().all(|t| t.starts_with("tempfail-")));
+        assert!(ok.iter().all(|t| t.starts_with("good-")));
+
+        let mut delivered: Vec<String> = Vec::new();
+        for m in mta.accepted() {
+            let text = m.data_str();
+            let subj = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: "))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            delivered.push(subj);
+        }
+        let delivered_set: BTreeSet<String> = delivered.iter().cloned().collect();
+        assert_eq!(
+            delivered.len(),
+            delivered_set.len(),
+            "duplicates delivered: {delivered:?}"
+        );
+        assert_eq!(delivered_set, ok, "delivered set differs from the 250 set");
+        assert_next_hop_canonical(&mta);
+    })
+    .await
+}

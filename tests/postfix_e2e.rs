@@ -1,0 +1,1168 @@
+//! End-to-end test against a real Postfix.
+//!
+//! client (bound to 127.0.0.2) -> mailwarden (127.0.0.1, `xclient = "require"`)
+//! -> private Postfix instance (smtpd on a free 127.0.0.1 port, XCLIENT allowed
+//! from 127.0.0.0/8) -> virtual(8) delivery into a Maildir under a tempdir.
+//!
+//! Checks that every delivered copy is byte-for-byte the message the client sent
+//! (after dot-unstuffing and Postfix's CRLF -> LF conversion), apart from the
+//! trace headers Postfix prepends, and that Postfix attributes the message to the
+//! original client address 127.0.0.2 (its `QUEUEID: client=...[127.0.0.2]` log
+//! line and its Received header), not to the proxy's 127.0.0.1.
+//!
+//! Needs Debian's postfix package and root (Postfix drops to mail_owner=postfix
+//! and delivers as `nobody`). CI installs it with
+//! `DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix`.
+//! A missing Postfix is a test FAILURE, not a skip.
+//!
+//! The private instance has its own config_directory, queue_directory and
+//! data_directory, listens only on 127.0.0.1, has no outbound transports
+//! (default/relay/local transports are `error:`) and never does DNS lookups.
+//! It is stopped (`postfix stop`, then `postfix abort`, then SIGKILL of master)
+//! when the test ends, also on panic.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const APT_LINE: &str =
+    "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix";
+const DOMAIN: &str = "example.test";
+const POSTFIX_HOSTNAME: &str = "postfix-e2e.example.test";
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------
+// helpers
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = vec!["/usr/sbin".into(), "/usr/bin".into(), "/sbin".into()];
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn require_program(name: &str) -> PathBuf {
+    find_program(name).unwrap_or_else(|| {
+        panic!(
+            "`{name}` not found: Postfix is not installed. This test needs Debian's postfix \
+             package; install it with `{APT_LINE}` (CI's .ci/run does this)."
+        )
+    })
+}
+
+fn effective_uid() -> u32 {
+    let status = fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("parse effective uid from /proc/self/status")
+}
+
+/// uid/gid of `nobody` (virtual(8) delivers as this user; it must be >= 100).
+fn nobody_ids() -> (u32, u32) {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[0] == "nobody").then(|| (f[2].parse().ok(), f[3].parse().ok()))
+        })
+        .and_then(|(u, g)| Some((u?, g?)))
+        .unwrap_or((65534, 65534))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port on 127.0.0.1")
+        .port()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {}, stdout: {}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie still has /proc/PID; treat state Z as dead.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// private Postfix instance
+
+struct Postfix {
+    postfix_bin: PathBuf,
+    root: PathBuf,
+    config_dir: PathBuf,
+    queue_dir: PathBuf,
+    maildir_base: PathBuf,
+    maillog: PathBuf,
+    port: u16,
+    running: bool,
+}
+
+impl Postfix {
+    /// Configure and start a private instance under `root`, retrying with a new
+    /// port if the one picked was taken in the meantime.
+    /// `xclient_hosts`: value of smtpd_authorized_xclient_hosts.
+    fn start(root: &Path, mailboxes: &[&str], xclient_hosts: &str) -> Postfix {
+        let postfix_bin = require_program("postfix");
+        require_program("postconf");
+        assert_eq!(
+            effective_uid(),
+            0,
+            "the Postfix end-to-end test must run as root (it starts a private Postfix instance)"
+        );
+        let mut last_error = String::new();
+        for attempt in 0..3 {
+            let dir = root.join(format!("postfix{attempt}"));
+            let mut pf = Postfix {
+                postfix_bin: postfix_bin.clone(),
+                config_dir: dir.join("etc"),
+                queue_dir: dir.join("queue"),
+                maildir_base: dir.join("maildir"),
+                maillog: dir.join("maillog"),
+                root: dir,
+                port: free_port(),
+                running: false,
+            };
+            pf.write_config(mailboxes, xclient_hosts);
+            match pf.try_start() {
+                Ok(()) => return pf,
+                Err(e) => {
+                    last_error = e;
+                    pf.stop();
+                }
+            }
+        }
+        panic!("could not start a private Postfix instance: {last_error}");
+    }
+
+    fn write_config(&self, mailboxes: &[&str], xclient_hosts: &str) {
+        let (uid, gid) = nobody_ids();
+        let data_dir = self.root.join("data");
+        for d in [
+            &self.root,
+            &self.config_dir,
+            &self.queue_dir,
+            &data_dir,
+            &self.maildir_base,
+        ] {
+            fs::create_dir_all(d).unwrap();
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let postfix_ids = fs::read_to_string("/etc/passwd")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() >= 4 && f[0] == "postfix")
+                    .then(|| Some((f[2].parse::<u32>().ok()?, f[3].parse::<u32>().ok()?)))
+                    .flatten()
+            })
+            .expect("user `postfix` missing from /etc/passwd: is the postfix package installed?");
+        std::os::unix::fs::chown(&data_dir, Some(postfix_ids.0), Some(postfix_ids.1)).unwrap();
+        std::os::unix::fs::chown(&self.maildir_base, Some(uid), Some(gid)).unwrap();
+
+        let d = |p: &Path| p.display().to_string();
+        let main_cf = format!(
+            "# private instance for mailwarden's tests/postfix_e2e.rs\n\
+             compatibility_level = 3.6\n\
+             queue_directory = {queue}\n\
+             data_directory = {data}\n\
+             mail_owner = postfix\n\
+             setgid_group = postdrop\n\
+             myhostname = {POSTFIX_HOSTNAME}\n\
+             mydomain = {DOMAIN}\n\
+             myorigin = $myhostname\n\
+             mydestination =\n\
+             relay_domains =\n\
+             relayhost =\n\
+             mynetworks = 127.0.0.0/8\n\
+             inet_interfaces = loopback-only\n\
+             inet_protocols = ipv4\n\
+             smtp_dns_support_level = disabled\n\
+             smtp_host_lookup = native\n\
+             smtpd_peername_lookup = no\n\
+             default_transport = error:no outbound delivery from the test instance\n\
+             relay_transport = error:no relay from the test instance\n\
+             local_transport = error:no local delivery in the test instance\n\
+             alias_maps =\n\
+             alias_database =\n\
+             biff = no\n\
+             append_dot_mydomain = no\n\
+             local_header_rewrite_clients =\n\
+             smtpd_authorized_xclient_hosts = {xclient_hosts}\n\
+             smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
+             smtpd_tls_security_level = none\n\
+             smtp_tls_security_level = none\n\
+             virtual_mailbox_domains = {DOMAIN}\n\
+             virtual_mailbox_base = {base}\n\
+             virtual_mailbox_maps = texthash:{vmailbox}\n\
+             virtual_uid_maps = static:{uid}\n\
+             virtual_gid_maps = static:{gid}\n\
+             virtual_minimum_uid = 100\n\
+             maillog_file = {maillog}\n\
+             maillog_file_prefixes = {root}\n",
+            queue = d(&self.queue_dir),
+            data = d(&data_dir),
+            base = d(&self.maildir_base),
+            vmailbox = d(&self.config_dir.join("vmailbox")),
+            maillog = d(&self.maillog),
+            root = d(&self.root),
+        );
+        fs::write(self.config_dir.join("main.cf"), main_cf).unwrap();
+
+        let mut vmailbox = String::new();
+        for local in mailboxes {
+            // trailing slash: Maildir format
+            writeln!(vmailbox, "{local}@{DOMAIN} {local}/").unwrap();
+        }
+        fs::write(self.config_dir.join("vmailbox"), vmailbox).unwrap();
+
+        // No chroot anywhere (column 5 = n): the instance lives in a tempdir.
+        let master_cf = format!(
+            "127.0.0.1:{port} inet n - n - - smtpd\n\
+             pickup     unix n - n 60 1 pickup\n\
+             cleanup    unix n - n - 0 cleanup\n\
+             qmgr       unix n - n 300 1 qmgr\n\
+             rewrite    unix - - n - - trivial-rewrite\n\
+             bounce     unix - - n - 0 bounce\n\
+             defer      unix - - n - 0 bounce\n\
+             trace      unix - - n - 0 bounce\n\
+             verify     unix - - n - 1 verify\n\
+             flush      unix n - n 1000? 0 flush\n\
+             proxymap   unix - - n - - proxymap\n\
+             proxywrite unix - - n - 1 proxymap\n\
+             smtp       unix - - n - - smtp\n\
+             relay      unix - - n - - smtp\n\
+             showq      unix n - n - - showq\n\
+             error      unix - - n - - error\n\
+             retry      unix - - n - - error\n\
+             discard    unix - - n - - discard\n\
+             local      unix - n n - - local\n\
+             virtual    unix - n n - - virtual\n\
+             anvil      unix - - n - 1 anvil\n\
+             scache     unix - - n - 1 scache\n\
+             postlog    unix-dgram n - n - 1 postlogd\n",
+            port = self.port
+        );
+        fs::write(self.config_dir.join("master.cf"), master_cf).unwrap();
+    }
+
+    fn postfix(&self, action: &str) -> Output {
+        run(Command::new(&self.postfix_bin)
+            .arg("-c")
+            .arg(&self.config_dir)
+            .arg(action)
+            .env_remove("MAIL_CONFIG"))
+    }
+
+    fn try_start(&mut self) -> Result<(), String> {
+        let check = self.postfix("check");
+        if !check.status.success() {
+            return Err(format!("`postfix check` failed: {}", describe(&check)));
+        }
+        let out = self.postfix("start");
+        self.running = true; // even a failed start may have left a master behind
+        if !out.status.success() {
+            return Err(format!(
+                "`postfix start` failed: {}\n{}",
+                describe(&out),
+                self.log()
+            ));
+        }
+        // Ready when smtpd answers with a 220 greeting.
+        let mut last = String::new();
+        let ready = wait_until(Duration::from_secs(30), || {
+            match TcpStream::connect(("127.0.0.1", self.port)) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                    let mut line = String::new();
+                    let _ = BufReader::new(&s).read_line(&mut line);
+                    let _ = (&s).write_all(b"QUIT\r\n");
+                    last = line.clone();
+                    line.starts_with("220 ")
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    false
+                }
+            }
+        });
+        if !ready {
+            return Err(format!(
+                "Postfix smtpd on 127.0.0.1:{} never greeted (last: {last})\n{}",
+                self.port,
+                self.log()
+            ));
+        }
+        // postlogd must be working: the start-up line has to be in the maillog.
+        if !wait_until(Duration::from_secs(10), || {
+            self.log().contains("daemon started")
+        }) {
+            return Err(format!(
+                "Postfix's maillog_file {} never got the master's start-up line; log so far:\n{}",
+                self.maillog.display(),
+                self.log()
+            ));
+        }
+        Ok(())
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.maillog).unwrap_or_else(|e| format!("<no maillog: {e}>"))
+    }
+
+    fn master_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.queue_dir.join("pid/master.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    fn stop(&mut self) {
+        if !self.running {
+            return;
+        }
+        self.running = false;
+        let pid = self.master_pid();
+        let gone = |pid: Option<u32>| pid.is_none_or(|p| !pid_alive(p));
+        let _ = self.postfix("stop");
+        if wait_until(Duration::from_secs(10), || gone(pid)) {
+            return;
+        }
+        let _ = self.postfix("abort");
+        if wait_until(Duration::from_secs(5), || gone(pid)) {
+            return;
+        }
+        if let Some(p) = pid {
+            let _ = run(Command::new("kill").arg("-KILL").arg(p.to_string()));
+            wait_until(Duration::from_secs(5), || gone(Some(p)));
+        }
+    }
+
+    fn maildir_new(&self, local: &str) -> PathBuf {
+        self.maildir_base.join(local).join("new")
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// loopback stub DNS server
+
+/// Answers every DNS query with NXDOMAIN (plus a root SOA so negative answers
+/// can be cached), over UDP and TCP on one 127.0.0.1 port. mailwarden's
+/// sender-authentication lookups (SPF, DMARC, ...) go here instead of the
+/// system resolver, so the test sends nothing off the machine and every check
+/// gives `none`.
+struct StubDns {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl StubDns {
+    fn start() -> StubDns {
+        let (udp, tcp) = (0..20)
+            .find_map(|_| {
+                let udp = UdpSocket::bind("127.0.0.1:0").ok()?;
+                let port = udp.local_addr().ok()?.port();
+                let tcp = TcpListener::bind(("127.0.0.1", port)).ok()?;
+                Some((udp, tcp))
+            })
+            .expect("bind a UDP+TCP port pair for the stub DNS server");
+        let port = udp.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let udp_stop = stop.clone();
+        let udp_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !udp_stop.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = udp.recv_from(&mut buf)
+                    && let Some(reply) = dns_nxdomain(&buf[..n])
+                {
+                    let _ = udp.send_to(&reply, peer);
+                }
+            }
+        });
+        let tcp_stop = stop.clone();
+        let tcp_thread = std::thread::spawn(move || {
+            while !tcp_stop.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((conn, _)) => {
+                        std::thread::spawn(move || dns_tcp_session(conn));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        StubDns {
+            port,
+            stop,
+            threads: vec![udp_thread, tcp_thread],
+        }
+    }
+}
+
+impl Drop for StubDns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn dns_tcp_session(mut conn: TcpStream) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    loop {
+        let mut len = [0u8; 2];
+        if conn.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut query = vec![0u8; u16::from_be_bytes(len) as usize];
+        if conn.read_exact(&mut query).is_err() {
+            return;
+        }
+        let Some(reply) = dns_nxdomain(&query) else {
+            return;
+        };
+        let mut out = (reply.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&reply);
+        if conn.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+/// NXDOMAIN reply to `query`: same id and question, AA+RA, root SOA (TTL 300).
+fn dns_nxdomain(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let qdcount = u16::from_be_bytes([query[4], query[5]]).min(1);
+    let mut end = 12;
+    if qdcount == 1 {
+        loop {
+            let len = *query.get(end)? as usize;
+            end += 1;
+            if len == 0 {
+                break;
+            }
+            if len & 0xc0 != 0 {
+                return None;
+            }
+            end += len;
+        }
+        end += 4; // QTYPE, QCLASS
+        if end > query.len() {
+            return None;
+        }
+    }
+    let mut r = Vec::with_capacity(end + 40);
+    r.extend_from_slice(&query[..2]);
+    r.push(0x80 | 0x04 | (query[2] & 0x79)); // QR, AA, opcode and RD copied
+    r.push(0x80 | 3); // RA, NXDOMAIN
+    r.extend_from_slice(&[0, qdcount as u8, 0, 0, 0, 1, 0, 0]);
+    r.extend_from_slice(&query[12..end]);
+    // authority: ". 300 IN SOA . . 1 3600 600 86400 300"
+    r.push(0);
+    r.extend_from_slice(&6u16.to_be_bytes());
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&300u32.to_be_bytes());
+    r.extend_from_slice(&22u16.to_be_bytes());
+    r.extend_from_slice(&[0, 0]);
+    for v in [1u32, 3600, 600, 86400, 300] {
+        r.extend_from_slice(&v.to_be_bytes());
+    }
+    Some(r)
+}
+
+// ---------------------------------------------------------------------------
+// mailwarden
+
+struct Mailwarden {
+    child: Child,
+    port: u16,
+    stderr_path: PathBuf,
+    /// Its only DNS server; stopped after the child is killed.
+    _dns: StubDns,
+}
+
+impl Mailwarden {
+    fn start(dir: &Path, next_hop_port: u16) -> Mailwarden {
+        fs::create_dir_all(dir).unwrap();
+        let mut last_error = String::new();
+        for attempt in 0..3 {
+            let port = free_port();
+            let dns = StubDns::start();
+            let dns_port = dns.port;
+            let config = dir.join(format!("mailwarden{attempt}.toml"));
+            fs::write(
+                &config,
+                format!(
+                    "hostname = \"mailwarden.test\"\n\
+                     local_domains = [\"{DOMAIN}\"]\n\
+                     \n\
+                     [[listener]]\n\
+                     address = \"127.0.0.1:{port}\"\n\
+                     role = \"inbound\"\n\
+                     \n\
+                     [next_hop]\n\
+                     address = \"smtp://127.0.0.1:{next_hop_port}\"\n\
+                     xclient = \"require\"\n\
+                     tls = \"off\"\n\
+                     connect_timeout = \"10s\"\n\
+                     greeting_timeout = \"10s\"\n\
+                     command_timeout = \"30s\"\n\
+                     data_timeout = \"30s\"\n\
+                     end_of_data_timeout = \"30s\"\n\
+                     \n\
+                     [dns]\n\
+                     nameservers = [\"127.0.0.1:{dns_port}\"]\n\
+                     timeout_ms = 2000\n\
+                     attempts = 1\n\
+                     \n\
+                     [shutdown]\n\
+                     grace_period = \"2s\"\n\
+                     \n\
+                     [log]\n\
+                     level = \"debug\"\n"
+                ),
+            )
+            .unwrap();
+            let stderr_path = dir.join(format!("mailwarden{attempt}.stderr"));
+            let stderr = fs::File::create(&stderr_path).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_mailwarden"))
+                .arg("run")
+                .arg("--config")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("spawn the mailwarden binary");
+            let mut mw = Mailwarden {
+                child,
+                port,
+                stderr_path,
+                _dns: dns,
+            };
+            let mut exited = None;
+            let up = wait_until(Duration::from_secs(20), || {
+                if let Ok(Some(status)) = mw.child.try_wait() {
+                    exited = Some(status);
+                    return true;
+                }
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            match (up, exited) {
+                (true, None) => return mw,
+                (_, Some(status)) => {
+                    last_error = format!("mailwarden exited with {status}; stderr:\n{}", mw.log())
+                }
+                (false, None) => {
+                    last_error = format!(
+                        "mailwarden did not listen on 127.0.0.1:{port} within 20s; stderr:\n{}",
+                        mw.log()
+                    )
+                }
+            }
+        }
+        panic!("could not start mailwarden: {last_error}");
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Mailwarden {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// minimal SMTP client
+
+struct Reply {
+    code: u16,
+    lines: Vec<String>,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+struct Client {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+    transcript: String,
+}
+
+impl Client {
+    /// Connects to 127.0.0.1:port from `source` (port chosen by the kernel).
+    fn connect_from(source: Ipv4Addr, port: u16) -> Client {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let stream = rt
+            .block_on(async {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::from((source, 0)))?;
+                let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                tokio::time::timeout(IO_TIMEOUT, socket.connect(target))
+                    .await
+                    .map_err(|_| std::io::Error::other("connect timed out"))?
+            })
+            .unwrap_or_else(|e| panic!("connect {source} -> 127.0.0.1:{port}: {e}"));
+        let stream = stream.into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        assert_eq!(stream.local_addr().unwrap().ip(), source);
+        stream.set_nodelay(true).unwrap();
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Client {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            transcript: String::new(),
+        }
+    }
+
+    fn read_reply(&mut self) -> Reply {
+        let mut lines = Vec::new();
+        loop {
+            let mut raw = Vec::new();
+            let n = (&mut self.reader)
+                .take(100_000)
+                .read_until(b'\n', &mut raw)
+                .unwrap_or_else(|e| panic!("reading reply: {e}\ntranscript:\n{}", self.transcript));
+            assert!(
+                n > 0,
+                "connection closed while waiting for a reply\ntranscript:\n{}",
+                self.transcript
+            );
+            let line = String::from_utf8_lossy(&raw)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
+            writeln!(self.transcript, "S: {line}").unwrap();
+            assert!(
+                line.len() >= 3 && line.as_bytes()[..3].iter().all(u8::is_ascii_digit),
+                "malformed reply line {line:?}\ntranscript:\n{}",
+                self.transcript
+            );
+            let last = line.as_bytes().get(3) != Some(&b'-');
+            lines.push(line);
+            if last {
+                break;
+            }
+        }
+        let code = lines[0][..3].parse().unwrap();
+        Reply { code, lines }
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer
+            .write_all(bytes)
+            .unwrap_or_else(|e| panic!("write: {e}\ntranscript:\n{}", self.transcript));
+    }
+
+    fn cmd(&mut self, line: &str) -> Reply {
+        writeln!(self.transcript, "C: {line}").unwrap();
+        self.send_raw(format!("{line}\r\n").as_bytes());
+        self.read_reply()
+    }
+
+    fn expect(&mut self, line: &str, code: u16) -> Reply {
+        let reply = self.cmd(line);
+        assert_eq!(
+            reply.code,
+            code,
+            "unexpected reply to {line:?}: {}\ntranscript:\n{}",
+            reply.text(),
+            self.transcript
+        );
+        reply
+    }
+
+    /// Sends `message` (CRLF lines, not dot-stuffed) after a 354, dot-stuffing it.
+    fn data(&mut self, message: &[u8]) -> Reply {
+        self.expect("DATA", 354);
+        let mut wire = Vec::with_capacity(message.len() + 1024);
+        for line in message.split_inclusive(|b| *b == b'\n') {
+            if line.first() == Some(&b'.') {
+                wire.push(b'.');
+            }
+            wire.extend_from_slice(line);
+        }
+        assert!(wire.ends_with(b"\r\n"));
+        wire.extend_from_slice(b".\r\n");
+        writeln!(
+            self.transcript,
+            "C: <{} octets of message data>",
+            wire.len()
+        )
+        .unwrap();
+        self.send_raw(&wire);
+        self.read_reply()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// message construction and comparison
+
+fn build_message(token: &str, to: &str) -> Vec<u8> {
+    let mut m = String::new();
+    let mut line = |s: &str| {
+        m.push_str(s);
+        m.push_str("\r\n");
+    };
+    line("Date: Thu, 01 Jan 2026 00:00:00 +0000");
+    line("From: Sender <sender@example.org>");
+    line(&format!("To: {to}"));
+    line(&format!("Subject: mailwarden postfix e2e {token}"));
+    line(&format!("Message-ID: <{token}@example.org>"));
+    line("MIME-Version: 1.0");
+    line("Content-Type: text/plain; charset=utf-8");
+    line("Content-Transfer-Encoding: 8bit");
+    line("X-Folded: first part");
+    line(" second part");
+    line("\tthird part");
+    line("X-Empty-Looking:    ");
+    line("");
+    line("Hello through mailwarden and Postfix.");
+    line(".leading dot");
+    line("..two leading dots");
+    line(".");
+    line(" .");
+    line(". ");
+    line("..");
+    line("8-bit: gr\u{fc}\u{df}e, \u{65e5}\u{672c}\u{8a9e}, \u{1f4ec}");
+    line("trailing spaces   ");
+    line("tab\there");
+    line("");
+    line("");
+    line("From the start of a line (mbox-style escaping must not happen)");
+    line(&"x".repeat(990));
+    for i in 0..2000 {
+        line(&format!(
+            "line {i:05} {} {}",
+            "abcdefghijklmnopqrstuvwxyz".repeat(1 + i % 3),
+            if i % 7 == 0 { "." } else { "" }
+        ));
+        if i % 97 == 0 {
+            line(".");
+        }
+    }
+    line("last line");
+    m.into_bytes()
+}
+
+/// What a Maildir file must contain after the trace headers: the sent message
+/// with CRLF turned into LF (Postfix stores Unix line ends).
+fn crlf_to_lf(message: &[u8]) -> Vec<u8> {
+    let text = std::str::from_utf8(message).unwrap();
+    text.replace("\r\n", "\n").into_bytes()
+}
+
+/// Header fields added on top of the message on its way: Postfix's trace
+/// fields and mailwarden's Authentication-Results (RFC 8601: prepended like a
+/// trace field).
+const TRACE_HEADERS: [&str; 5] = [
+    "return-path",
+    "delivered-to",
+    "received",
+    "x-original-to",
+    "authentication-results",
+];
+
+/// Splits the leading trace header fields (with their continuation lines) off a
+/// delivered message. Returns (trace fields unfolded, rest).
+fn split_trace(delivered: &[u8]) -> (Vec<String>, &[u8]) {
+    let mut fields: Vec<String> = Vec::new();
+    let mut pos = 0;
+    while pos < delivered.len() {
+        let end = delivered[pos..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(delivered.len(), |i| pos + i + 1);
+        let line = String::from_utf8_lossy(&delivered[pos..end]);
+        let line = line.trim_end_matches('\n');
+        if line.starts_with([' ', '\t']) && !fields.is_empty() {
+            let last = fields.last_mut().unwrap();
+            last.push(' ');
+            last.push_str(line.trim());
+        } else {
+            let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+            if !line.contains(':') || !TRACE_HEADERS.contains(&name.as_str()) {
+                break;
+            }
+            fields.push(line.to_string());
+        }
+        pos = end;
+    }
+    (fields, &delivered[pos..])
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> String {
+    let i = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let ctx = |s: &[u8]| {
+        let from = i.saturating_sub(80);
+        let to = (i + 80).min(s.len());
+        String::from_utf8_lossy(&s[from..to]).into_owned()
+    };
+    format!(
+        "lengths {} vs {}, first difference at byte {i}\nexpected around it: {:?}\ndelivered around it: {:?}",
+        a.len(),
+        b.len(),
+        ctx(a),
+        ctx(b)
+    )
+}
+
+/// Waits for exactly `count` files in a Maildir's new/ and returns their contents.
+fn wait_for_maildir(dir: &Path, count: usize, pf: &Postfix, mw: &Mailwarden) -> Vec<Vec<u8>> {
+    let list = || -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = fs::read_dir(dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+    };
+    let ok = wait_until(DELIVERY_TIMEOUT, || list().len() >= count);
+    assert!(
+        ok,
+        "expected {count} message(s) in {} within {DELIVERY_TIMEOUT:?}, found {}\n\
+         --- postfix maillog ---\n{}\n--- mailwarden stderr ---\n{}",
+        dir.display(),
+        list().len(),
+        pf.log(),
+        mw.log()
+    );
+    let files = list();
+    assert_eq!(
+        files.len(),
+        count,
+        "unexpected extra messages in {}",
+        dir.display()
+    );
+    files.iter().map(|f| fs::read(f).unwrap()).collect()
+}
+
+/// Checks one delivered copy and returns the Postfix queue id from its Received header.
+fn check_delivered(delivered: &[u8], sent: &[u8], rcpt: &str) -> String {
+    let (trace, rest) = split_trace(delivered);
+    let expected = crlf_to_lf(sent);
+    assert!(
+        rest == expected.as_slice(),
+        "delivered message for {rcpt} differs from what was sent (apart from leading trace headers {trace:?}): {}",
+        first_difference(&expected, rest)
+    );
+    let has = |prefix: &str, value: &str| {
+        trace.iter().any(|f| {
+            f.to_ascii_lowercase()
+                .starts_with(&prefix.to_ascii_lowercase())
+                && f.contains(value)
+        })
+    };
+    assert!(
+        has("Return-Path:", "<sender@example.org>"),
+        "no Return-Path in {trace:?}"
+    );
+    assert!(
+        has("Delivered-To:", rcpt),
+        "no Delivered-To: {rcpt} in {trace:?}"
+    );
+    // mailwarden's own verification result, exactly one, with its authserv-id.
+    let auth_results: Vec<&String> = trace
+        .iter()
+        .filter(|f| {
+            f.to_ascii_lowercase()
+                .starts_with("authentication-results:")
+        })
+        .collect();
+    assert!(
+        auth_results.len() == 1
+            && auth_results[0]["authentication-results:".len()..]
+                .trim_start()
+                .starts_with("mailwarden.test;"),
+        "want exactly one `Authentication-Results: mailwarden.test; ...` on top, got {auth_results:?}"
+    );
+    let postfix_received = trace
+        .iter()
+        .find(|f| {
+            f.to_ascii_lowercase().starts_with("received:")
+                && f.contains(&format!("by {POSTFIX_HOSTNAME} (Postfix)"))
+        })
+        .unwrap_or_else(|| panic!("no Received header from Postfix in {trace:?}"));
+    assert!(
+        postfix_received.contains("[127.0.0.2]") && !postfix_received.contains("[127.0.0.1]"),
+        "Postfix's Received header does not name the original client [127.0.0.2]: {postfix_received}"
+    );
+    let queue_id = postfix_received
+        .split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)
+        .map(|w| w.trim_end_matches(';').to_string())
+        .unwrap_or_else(|| panic!("no queue id in {postfix_received}"));
+    assert!(!queue_id.is_empty());
+    queue_id
+}
+
+/// Postfix's smtpd logs `QUEUEID: client=NAME[ADDR]` once per message.
+fn check_log_client(pf: &Postfix, queue_id: &str, mw: &Mailwarden) {
+    let needle = format!("{queue_id}: client=");
+    let mut line = String::new();
+    let found = wait_until(Duration::from_secs(20), || {
+        match pf.log().lines().find(|l| l.contains(&needle)) {
+            Some(l) => {
+                line = l.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    assert!(
+        found,
+        "no `{needle}` line in Postfix's log\n--- postfix maillog ---\n{}\n--- mailwarden stderr ---\n{}",
+        pf.log(),
+        mw.log()
+    );
+    let client = line.split(&needle).nth(1).unwrap_or("");
+    let client = client.split([',', ' ']).next().unwrap_or("");
+    assert!(
+        client.ends_with("[127.0.0.2]"),
+        "Postfix logged client {client:?} for {queue_id}, expected the original client [127.0.0.2] \
+         (XCLIENT not applied?): {line}"
+    );
+    let delivered = format!("{queue_id}: to=<");
+    assert!(
+        wait_until(Duration::from_secs(20), || pf
+            .log()
+            .lines()
+            .any(|l| l.contains(&delivered) && l.contains("status=sent"))),
+        "no `status=sent` line for {queue_id} in Postfix's log:\n{}",
+        pf.log()
+    );
+}
+
+fn tempdir() -> tempfile::TempDir {
+    // Keep paths short: Postfix's UNIX sockets live under queue_directory and
+    // sun_path is limited to 108 bytes.
+    let base = std::env::temp_dir();
+    let base = if base.as_os_str().len() > 40 {
+        PathBuf::from("/tmp")
+    } else {
+        base
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("mw-postfix-e2e-")
+        .tempdir_in(base)
+        .expect("create tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+// ---------------------------------------------------------------------------
+// the test
+
+#[test]
+fn relays_through_postfix_with_xclient_and_delivers_byte_exact() {
+    let dir = tempdir();
+    let pf = Postfix::start(dir.path(), &["rcpt", "other"], "127.0.0.0/8");
+    let mw = Mailwarden::start(&dir.path().join("mailwarden"), pf.port);
+
+    let token = format!(
+        "{}.{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let first = build_message(
+        &format!("{token}.1"),
+        "Recipient <rcpt@example.test>, other@example.test",
+    );
+    let second = build_message(&format!("{token}.2"), "rcpt@example.test");
+
+    let mut c = Client::connect_from(CLIENT_IP, mw.port);
+    let greeting = c.read_reply();
+    assert_eq!(greeting.code, 220, "greeting: {}", greeting.text());
+    c.expect("EHLO client.example.org", 250);
+
+    // Transaction 1: two recipients, 8-bit body.
+    c.expect(
+        &format!(
+            "MAIL FROM:<sender@example.org> BODY=8BITMIME SIZE={}",
+            first.len()
+        ),
+        250,
+    );
+    c.expect("RCPT TO:<rcpt@example.test>", 250);
+    c.expect("RCPT TO:<other@example.test>", 250);
+    let reply = c.data(&first);
+    assert_eq!(
+        reply.code,
+        250,
+        "end of DATA (1): {}\ntranscript:\n{}\n--- postfix maillog ---\n{}\n--- mailwarden stderr ---\n{}",
+        reply.text(),
+        c.transcript,
+        pf.log(),
+        mw.log()
+    );
+
+    // Transaction 2 in the same session.
+    c.expect("MAIL FROM:<sender@example.org> BODY=8BITMIME", 250);
+    c.expect("RCPT TO:<rcpt@example.test>", 250);
+    let reply = c.data(&second);
+    assert_eq!(
+        reply.code,
+        250,
+        "end of DATA (2): {}\ntranscript:\n{}\n--- postfix maillog ---\n{}\n--- mailwarden stderr ---\n{}",
+        reply.text(),
+        c.transcript,
+        pf.log(),
+        mw.log()
+    );
+    c.expect("QUIT", 221);
+
+    // rcpt@ gets both messages, other@ only the first.
+    let rcpt_files = wait_for_maildir(&pf.maildir_new("rcpt"), 2, &pf, &mw);
+    let other_files = wait_for_maildir(&pf.maildir_new("other"), 1, &pf, &mw);
+
+    let subject_of = |m: &[u8], tok: &str| {
+        let needle = format!("Subject: mailwarden postfix e2e {tok}\n");
+        m.windows(needle.len()).any(|w| w == needle.as_bytes())
+    };
+    let rcpt_first = rcpt_files
+        .iter()
+        .find(|m| subject_of(m, &format!("{token}.1")))
+        .expect("rcpt@ did not get message 1");
+    let rcpt_second = rcpt_files
+        .iter()
+        .find(|m| subject_of(m, &format!("{token}.2")))
+        .expect("rcpt@ did not get message 2");
+
+    let id1 = check_delivered(rcpt_first, &first, "rcpt@example.test");
+    let id1_other = check_delivered(&other_files[0], &first, "other@example.test");
+    assert_eq!(
+        id1, id1_other,
+        "both copies of message 1 come from one Postfix queue file"
+    );
+    let id2 = check_delivered(rcpt_second, &second, "rcpt@example.test");
+    assert_ne!(id1, id2);
+
+    check_log_client(&pf, &id1, &mw);
+    check_log_client(&pf, &id2, &mw);
+
+    // Postfix saw the proxy's connection(s) from 127.0.0.1, never a direct one
+    // from 127.0.0.2 (the client only talked to mailwarden).
+    let log = pf.log();
+    assert!(
+        !log.lines().any(|l| l.contains("connect from")
+            && l.contains("[127.0.0.2]")
+            && !l.contains("disconnect")),
+        "Postfix saw a direct connection from 127.0.0.2?\n{log}"
+    );
+
+    drop(mw);
+    drop(pf);
+}
+
+/// With `xclient = "require"`, a Postfix that does not authorize the proxy for
+/// XCLIENT (and so does not offer it) must never receive the message: the
+/// client gets 451 4.3.0 at RCPT and nothing is queued.
+#[test]
+fn xclient_require_refuses_postfix_without_xclient_authorization() {
+    let dir = tempdir();
+    let pf = Postfix::start(dir.path(), &["rcpt"], "");
+    let mw = Mailwarden::start(&dir.path().join("mailwarden"), pf.port);
+
+    let mut c = Client::connect_from(CLIENT_IP, mw.port);
+    assert_eq!(c.read_reply().code, 220);
+    c.expect("EHLO client.example.org", 250);
+    c.expect("MAIL FROM:<sender@example.org>", 250);
+    let reply = c.cmd("RCPT TO:<rcpt@example.test>");
+    assert!(
+        reply.code == 451 && reply.lines[0].starts_with("451 4.3.0"),
+        "RCPT through a next hop without XCLIENT: want 451 4.3.0, got {}\ntranscript:\n{}\n\
+         --- postfix maillog ---\n{}\n--- mailwarden stderr ---\n{}",
+        reply.text(),
+        c.transcript,
+        pf.log(),
+        mw.log()
+    );
+    // The session stays usable.
+    c.expect("RSET", 250);
+    c.expect("QUIT", 221);
+
+    // Nothing was queued or delivered by Postfix.
+    std::thread::sleep(Duration::from_secs(1));
+    let log = pf.log();
+    assert!(
+        !log.contains(": client="),
+        "Postfix queued a message although XCLIENT was not available:\n{log}"
+    );
+    let delivered = fs::read_dir(pf.maildir_new("rcpt"))
+        .map(|rd| rd.count())
+        .unwrap_or(0);
+    assert_eq!(delivered, 0, "a message was delivered:\n{log}");
+}
