@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod check;
 pub mod config;
+pub mod metrics;
 pub mod policy;
 pub mod quarantine;
 pub mod relay;

@@ -1,3 +1,23 @@
-//! Administration: the command-line tools that work on the local stores.
+//! Administration: the command-line tools that work on the local stores, and the state
+//! the admin HTTP API shares with the running proxy.
 
 pub mod quarantine_cli;
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::policy::Inspector;
+use crate::quarantine::Quarantine;
+use crate::relay::NextHop;
+
+/// What the admin API acts on: the running proxy's own objects.
+#[derive(Clone)]
+pub struct AdminState {
+    pub config: Arc<Config>,
+    /// `None` when checks (and so the quarantine) are off.
+    pub quarantine: Option<Arc<Quarantine>>,
+    /// The verdict engine: policy version and last reload result.
+    pub inspector: Arc<dyn Inspector>,
+    /// Where released messages go.
+    pub next_hop: Arc<NextHop>,
+}

@@ -7,12 +7,12 @@
 
 pub mod dns;
 pub mod headers;
+pub mod spf;
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use mail_auth::dmarc::Policy as DmarcRecordPolicy;
-use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, SpfResult,
 };
@@ -334,10 +334,17 @@ impl Verifier {
         if mail_from.is_empty() {
             return self.spf_helo(ip, helo, deadline).await;
         }
-        let params = SpfParameters::verify_mail_from(ip, helo, &self.hostname, mail_from);
-        let result = within(deadline, self.authenticator.verify_spf(params))
+        // check_host() itself gives `none` for a domain that is not a valid domain name (RFC 7208 §4.3).
+        let req = spf::SpfRequest {
+            ip,
+            domain: &domain,
+            sender: mail_from,
+            helo,
+            receiver: &self.hostname,
+        };
+        let result = within(deadline, spf::check_host(&self.authenticator.0, &req))
             .await
-            .map_or(AuthResult::TempError, |o| o.result().into());
+            .unwrap_or(AuthResult::TempError);
         SpfCheck { result, domain }
     }
 
@@ -351,10 +358,17 @@ impl Verifier {
                 domain,
             };
         }
-        let params = SpfParameters::verify_ehlo(ip, helo, &self.hostname);
-        let result = within(deadline, self.authenticator.verify_spf(params))
+        let sender = format!("postmaster@{helo}");
+        let req = spf::SpfRequest {
+            ip,
+            domain: &domain,
+            sender: &sender,
+            helo,
+            receiver: &self.hostname,
+        };
+        let result = within(deadline, spf::check_host(&self.authenticator.0, &req))
             .await
-            .map_or(AuthResult::TempError, |o| o.result().into());
+            .unwrap_or(AuthResult::TempError);
         SpfCheck { result, domain }
     }
 }

@@ -43,6 +43,8 @@ pub struct Config {
     #[serde(default)]
     pub quarantine: QuarantineConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -362,6 +364,38 @@ impl Default for SpoofSettings {
     }
 }
 
+/// The admin HTTP API and web page.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Off unless configured.
+    pub enabled: bool,
+    /// Loopback by default; any other address requires `tls_cert`/`tls_key`.
+    pub listen: SocketAddr,
+    /// File holding the bearer token (must be mode 0600 or stricter).
+    pub token_file: Option<PathBuf>,
+    /// Or: the SHA-256 of the token, hex (so the config file holds no secret).
+    pub token_sha256: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Failed authentications per source address per minute before 429.
+    pub auth_fail_limit: u32,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
+            token_file: None,
+            token_sha256: None,
+            tls_cert: None,
+            tls_key: None,
+            auth_fail_limit: 10,
+        }
+    }
+}
+
 /// Where quarantined messages are kept, and for how long.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -515,6 +549,33 @@ impl Config {
                     format!(
                         "listener {} is inbound: list the domains it receives mail for",
                         l.address
+                    ),
+                );
+            }
+        }
+        let admin = &self.admin;
+        if admin.enabled {
+            if admin.token_file.is_none() == admin.token_sha256.is_none() {
+                return err(
+                    "admin",
+                    "token_file",
+                    "set exactly one of token_file and token_sha256".into(),
+                );
+            }
+            if admin.tls_cert.is_some() != admin.tls_key.is_some() {
+                return err(
+                    "admin",
+                    "tls_cert",
+                    "tls_cert and tls_key go together".into(),
+                );
+            }
+            if !admin.listen.ip().is_loopback() && admin.tls_cert.is_none() {
+                return err(
+                    "admin",
+                    "listen",
+                    format!(
+                        "{} is not loopback: configure tls_cert and tls_key",
+                        admin.listen
                     ),
                 );
             }

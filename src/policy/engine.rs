@@ -87,6 +87,7 @@ pub struct Enforcer {
     subject_prefix: String,
     verify_submission: bool,
     spf_early_reject: bool,
+    last_reload: RwLock<Option<Result<String, String>>>,
 }
 
 impl Enforcer {
@@ -115,6 +116,7 @@ impl Enforcer {
             subject_prefix: config.auth.subject_prefix.clone(),
             verify_submission: config.auth.verify_submission,
             spf_early_reject: config.auth.spf_early_reject,
+            last_reload: RwLock::new(None),
         })
     }
 
@@ -296,6 +298,49 @@ impl Enforcer {
     }
 }
 
+/// Counts one verdict in the metrics.
+fn count(verdict: &Verdict, took: std::time::Duration) {
+    let m = crate::metrics::global();
+    let ev = &verdict.evaluation;
+    m.verdicts
+        .get_or_create(&vec![
+            ("action", ev.action.as_str().to_string()),
+            ("rule", ev.rule.clone()),
+        ])
+        .inc();
+    for (rule, _) in &ev.shadow_hits {
+        m.shadow_hits
+            .get_or_create(&crate::metrics::label("rule", rule.clone()))
+            .inc();
+    }
+    for flag in verdict.flag_names() {
+        m.flags
+            .get_or_create(&crate::metrics::label("flag", flag))
+            .inc();
+    }
+    let Some(r) = &verdict.report else { return };
+    m.verify_seconds.observe(took.as_secs_f64());
+    let mut results = vec![
+        ("spf", r.spf.mail_from.result),
+        ("arc", r.arc.result),
+        ("dmarc", r.dmarc.result),
+    ];
+    results.push(("dkim", r.dkim_aggregate()));
+    for (check, result) in results {
+        m.auth_results
+            .get_or_create(&vec![
+                ("check", check.to_string()),
+                ("result", result.as_str().to_string()),
+            ])
+            .inc();
+        if result == AuthResult::TempError {
+            m.dns_temperrors
+                .get_or_create(&crate::metrics::label("check", check))
+                .inc();
+        }
+    }
+}
+
 /// A compact one-line form of the decision trace for logs: `rule=matched:action,...`.
 fn trace_line(ev: &Evaluation) -> String {
     ev.trace
@@ -316,7 +361,9 @@ impl Inspector for Enforcer {
     ) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>> {
         Box::pin(async move {
             let fields = headers::fields(ctx.message);
+            let started = std::time::Instant::now();
             let verdict = self.evaluate(ctx, &fields).await;
+            count(&verdict, started.elapsed());
             let ev = &verdict.evaluation;
             for (rule, action) in &ev.shadow_hits {
                 tracing::info!(session = %ctx.session_id, rule = %rule, would = action.as_str(), "shadow rule matched");
@@ -332,6 +379,17 @@ impl Inspector for Enforcer {
             );
             self.decision(&verdict, &fields)
         })
+    }
+
+    fn policy_status(&self) -> super::PolicyStatus {
+        super::PolicyStatus {
+            version: self.policy().version.clone(),
+            last_reload: self
+                .last_reload
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        }
     }
 
     fn check_mail_from<'a>(
@@ -362,6 +420,13 @@ impl Inspector for Enforcer {
     }
 
     fn reload(&self) -> Result<String, String> {
-        self.reload_policy().map_err(|e| e.to_string())
+        let result = self.reload_policy().map_err(|e| e.to_string());
+        let word = if result.is_ok() { "ok" } else { "error" };
+        *self.last_reload.write().unwrap_or_else(|e| e.into_inner()) = Some(result.clone());
+        crate::metrics::global()
+            .policy_reloads
+            .get_or_create(&crate::metrics::label("result", word))
+            .inc();
+        result
     }
 }

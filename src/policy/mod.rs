@@ -111,6 +111,22 @@ pub trait Inspector: Send + Sync {
     fn reload(&self) -> Result<String, String> {
         Ok("nothing to reload".into())
     }
+
+    /// The running policy's version and the result of the last reload.
+    fn policy_status(&self) -> PolicyStatus {
+        PolicyStatus {
+            version: "none (checks off)".into(),
+            last_reload: None,
+        }
+    }
+}
+
+/// For the admin API: which policy runs, and how the last reload went.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PolicyStatus {
+    pub version: String,
+    /// `None` before the first reload; `Ok(version)` or `Err(reason)` after.
+    pub last_reload: Option<Result<String, String>>,
 }
 
 /// The verdict used when checks are off: relay everything. verification is configured: relay everything.

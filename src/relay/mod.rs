@@ -51,6 +51,19 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RelayError::Connect(_) | RelayError::ConnectTimeout => "connect",
+            RelayError::Timeout(_) => "timeout",
+            RelayError::Closed | RelayError::Io(_) => "closed",
+            RelayError::Protocol(_) | RelayError::Tls(_) => "protocol",
+            RelayError::Rejected(_) | RelayError::Policy(_) => "refused",
+            RelayError::Maildir(_) => "maildir",
+            RelayError::Unsettled(_) => "unsettled",
+        }
+    }
+
     /// The reply the client gets. Generic text: details go to the log, not to the sender.
     pub fn reply(&self) -> Reply {
         match self {

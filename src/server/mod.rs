@@ -171,9 +171,9 @@ async fn apply_retention(store: Arc<Quarantine>, retention: Duration, shutdown: 
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let store = store.clone();
+        let worker = store.clone();
         let result = tokio::task::spawn_blocking(move || {
-            store.purge_older_than(retention.as_secs(), |_, _| {})
+            worker.purge_older_than(retention.as_secs(), |_, _| {})
         })
         .await;
         match result {
@@ -186,6 +186,19 @@ async fn apply_retention(store: Arc<Quarantine>, retention: Duration, shutdown: 
             Ok(Err(e)) => tracing::error!(error = %e, "quarantine: purge failed"),
             Err(e) => tracing::error!(error = %e, "quarantine: purge task failed"),
         }
+        update_held_gauge(&store);
+    }
+}
+
+/// Sets the quarantine gauge from the index.
+fn update_held_gauge(store: &Quarantine) {
+    if let Ok(counts) = store.counts() {
+        let held: u64 = counts
+            .iter()
+            .filter(|(s, _)| s == "held" || s == "releasing")
+            .map(|(_, n)| n)
+            .sum();
+        crate::metrics::global().quarantine_held.set(held as i64);
     }
 }
 
@@ -237,9 +250,19 @@ async fn serve_connection(
     } else {
         tcp_peer
     };
+    let metrics = crate::metrics::global();
     let _slot = match limits.admit(peer.ip()) {
         Ok(slot) => slot,
         Err(reply) => {
+            let why = if reply.enhanced.is_some_and(|e| e.2 == 2) {
+                "max_sessions"
+            } else {
+                "per_client"
+            };
+            metrics
+                .sessions_refused
+                .get_or_create(&crate::metrics::label("limit", why))
+                .inc();
             tracing::info!(client = %peer, reply = %reply, "connection refused by limits");
             refuse(
                 tcp,
@@ -264,9 +287,16 @@ async fn serve_connection(
     } else {
         MaybeTls::Plain(tcp)
     };
+    let role = format!("{:?}", lc.role).to_lowercase();
+    metrics
+        .sessions
+        .get_or_create(&crate::metrics::label("role", role))
+        .inc();
+    metrics.sessions_active.inc();
     let session = Session::new(stream, peer, shared, listener);
     tracing::debug!(session = %session.id, client = %peer, "connected");
     session.run().await;
+    metrics.sessions_active.dec();
 }
 
 /// Sends a refusal and closes (through TLS on an implicit-TLS listener).

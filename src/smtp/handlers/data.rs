@@ -60,6 +60,15 @@ impl Session {
             }
         };
         let outcome = self.settle(&helo, &tx, &message, &stats).await;
+        let result = match outcome.reply.code {
+            200..=299 => "accepted",
+            400..=499 => "deferred",
+            _ => "refused",
+        };
+        crate::metrics::global()
+            .transactions
+            .get_or_create(&crate::metrics::label("outcome", result))
+            .inc();
         self.log_transaction(&helo, &tx, &stats, &outcome);
         let flow = if outcome.reply.closes_session() {
             self.say_goodbye(outcome.reply).await;
@@ -141,9 +150,18 @@ impl Session {
                     rcpts: &tx.rcpts,
                 };
                 let parts = crate::relay::writer::without(message, &decision.strip);
-                match self.relay.deliver(&envelope, &headers, &parts).await {
+                let started = std::time::Instant::now();
+                let delivered = self.relay.deliver(&envelope, &headers, &parts).await;
+                crate::metrics::global()
+                    .next_hop_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                match delivered {
                     Ok(reply) => reply,
                     Err(e) => {
+                        crate::metrics::global()
+                            .next_hop_errors
+                            .get_or_create(&crate::metrics::label("kind", e.kind()))
+                            .inc();
                         tracing::warn!(session = %self.id, error = %e, "next hop failed at end of data");
                         e.reply()
                     }
@@ -203,7 +221,12 @@ impl Session {
         let bytes = message.to_vec();
         let stored = tokio::task::spawn_blocking(move || store.store(&mut meta, &[&bytes])).await;
         match stored {
-            Ok(Ok(id)) => Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}")),
+            Ok(Ok(id)) => {
+                let m = crate::metrics::global();
+                m.quarantined.inc();
+                m.quarantine_held.inc();
+                Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}"))
+            }
             Ok(Err(e)) => {
                 tracing::error!(session = %self.id, error = %e, "quarantine write failed");
                 Reply::new(

@@ -50,6 +50,10 @@ impl Session {
                     return reply;
                 }
                 Err(e) => {
+                    crate::metrics::global()
+                        .next_hop_errors
+                        .get_or_create(&crate::metrics::label("kind", e.kind()))
+                        .inc();
                     tracing::warn!(session = %self.id, error = %e, "next hop failed at MAIL");
                     let reply = e.reply();
                     tx.relay_failure = Some(reply.clone());
@@ -65,6 +69,10 @@ impl Session {
                 reply
             }
             Err(e) => {
+                crate::metrics::global()
+                    .next_hop_errors
+                    .get_or_create(&crate::metrics::label("kind", e.kind()))
+                    .inc();
                 tracing::warn!(session = %self.id, error = %e, "next hop failed at RCPT");
                 let reply = e.reply();
                 tx.relay_failure = Some(reply.clone());

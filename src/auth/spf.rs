@@ -1,0 +1,1173 @@
+//! SPF: the `check_host()` function of RFC 7208, written from the RFC.
+//!
+//! * record lookup and selection (§4.4, §4.5): TXT only, exactly one `v=spf1` record;
+//! * strict record syntax (§4.6.1, §5, §6, §7.1, the ABNF of §12): every term of the
+//!   record is parsed before anything is evaluated, any error is `permerror`;
+//! * evaluation (§4.6.2, §5, §6.1) with the processing limits of §4.6.4: at most 10
+//!   DNS-querying terms, 10 MX / PTR names per term and 2 void lookups per check;
+//! * macro expansion (§7).
+//!
+//! Explanations (`exp=`, §6.2) are parsed and syntax-checked but never fetched: the proxy
+//! does not produce SMTP explanation texts. DNS goes through the proxy's hickory resolver;
+//! every name is queried as an absolute name. NXDOMAIN and "no answer" are both "no
+//! records" (a void lookup, §4.6.4); any other DNS failure or a timeout is `temperror`.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::pin::Pin;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
+
+use super::AuthResult;
+
+/// §4.6.4: terms that cause DNS queries, per check_host() evaluation (with includes and
+/// redirects).
+const MAX_DNS_TERMS: u32 = 10;
+/// §4.6.4: MX or PTR names looked at by one `mx` / `ptr` term (or one `%{p}`).
+const MAX_NAMES_PER_TERM: usize = 10;
+/// §4.6.4: lookups that return NXDOMAIN or no answers.
+const MAX_VOID_LOOKUPS: u32 = 2;
+
+/// The inputs of check_host() (§4.1) plus the HELO name and our own name for macros.
+pub struct SpfRequest<'a> {
+    /// The SMTP client's address (an IPv4-mapped IPv6 address counts as IPv4, §5).
+    pub ip: IpAddr,
+    /// The domain whose record is checked: MAIL FROM's domain or the HELO name.
+    pub domain: &'a str,
+    /// `local@domain`, or `postmaster@helo` for the HELO identity / null sender (§2.4).
+    pub sender: &'a str,
+    pub helo: &'a str,
+    /// Our host name, the `%{r}` macro.
+    pub receiver: &'a str,
+}
+
+/// Evaluates the SPF record of `req.domain` for `req.ip` (RFC 7208 §4).
+pub async fn check_host(resolver: &TokioResolver, req: &SpfRequest<'_>) -> AuthResult {
+    let (local, sender_domain) = match req.sender.rsplit_once('@') {
+        // §4.3: a sender without a local-part is postmaster@domain.
+        Some(("", d)) => ("postmaster", d),
+        Some((l, d)) => (l, d),
+        None => ("postmaster", req.domain),
+    };
+    let mut eval = Evaluator {
+        resolver,
+        ip: req.ip.to_canonical(),
+        local,
+        sender_domain,
+        helo: req.helo,
+        receiver: req.receiver,
+        dns_terms: 0,
+        void_lookups: 0,
+    };
+    // §4.3: internationalized names are looked up as A-labels.
+    let domain = if req.domain.is_ascii() {
+        req.domain.to_string()
+    } else {
+        match idna::domain_to_ascii(req.domain) {
+            Ok(d) => d,
+            Err(_) => return AuthResult::None,
+        }
+    };
+    match eval.check(domain).await {
+        Ok(r) => r,
+        Err(Abort::Temp) => AuthResult::TempError,
+        Err(Abort::Perm) => AuthResult::PermError,
+    }
+}
+
+/// Why an evaluation stopped early: the result words of §2.6.6 and §2.6.7.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Abort {
+    Temp,
+    Perm,
+}
+
+// ---------------------------------------------------------------------------------------
+// Record syntax (§4.6.1, §5, §6, §12)
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Qualifier {
+    Pass,
+    Fail,
+    SoftFail,
+    Neutral,
+}
+
+impl Qualifier {
+    fn result(self) -> AuthResult {
+        match self {
+            Qualifier::Pass => AuthResult::Pass,
+            Qualifier::Fail => AuthResult::Fail,
+            Qualifier::SoftFail => AuthResult::SoftFail,
+            Qualifier::Neutral => AuthResult::Neutral,
+        }
+    }
+}
+
+/// The mechanisms of §5; `None` domains mean "the current <domain>".
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mechanism {
+    All,
+    Include(MacroString),
+    A {
+        domain: Option<MacroString>,
+        cidr4: u8,
+        cidr6: u8,
+    },
+    Mx {
+        domain: Option<MacroString>,
+        cidr4: u8,
+        cidr6: u8,
+    },
+    Ptr(Option<MacroString>),
+    Ip4(Ipv4Addr, u8),
+    Ip6(Ipv6Addr, u8),
+    Exists(MacroString),
+}
+
+/// A parsed `v=spf1` record.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Record {
+    directives: Vec<(Qualifier, Mechanism)>,
+    redirect: Option<MacroString>,
+    /// Parsed for its syntax only (§6.2): explanations are not produced.
+    exp: Option<MacroString>,
+}
+
+/// §4.5: a record is an SPF record if it is `v=spf1` alone or followed by a space.
+fn is_spf1(text: &[u8]) -> bool {
+    text.len() >= 6
+        && text[..6].eq_ignore_ascii_case(b"v=spf1")
+        && (text.len() == 6 || text[6] == b' ')
+}
+
+/// Parses a whole record (§4.6.1: `record = version terms *SP`, terms separated by one or
+/// more spaces, nothing else). Every syntax error anywhere is reported (§4.6).
+fn parse_record(text: &str) -> Result<Record, String> {
+    if !is_spf1(text.as_bytes()) {
+        return Err("not a v=spf1 record".into());
+    }
+    // §3.1: records are 7-bit ASCII; control characters fail the term syntax below.
+    if !text.is_ascii() {
+        return Err("non-ASCII character in the record".into());
+    }
+    let mut record = Record::default();
+    for term in text[6..].split(' ').filter(|t| !t.is_empty()) {
+        parse_term(term, &mut record)?;
+    }
+    Ok(record)
+}
+
+/// One term: a modifier (`name=value`, §6 and §4.6.1) or a directive (§4.6.2).
+fn parse_term(term: &str, record: &mut Record) -> Result<(), String> {
+    // name = ALPHA *( ALPHA / DIGIT / "-" / "_" / "." ), immediately followed by "=".
+    let name_len = term
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b))
+        .count();
+    if let Some(value) = term[name_len..].strip_prefix('=') {
+        let name = &term[..name_len];
+        if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            return Err(format!("invalid modifier name in {term:?}"));
+        }
+        let slot = match name.to_ascii_lowercase().as_str() {
+            "redirect" => &mut record.redirect,
+            "exp" => &mut record.exp,
+            // §6: unknown modifiers are ignored, but their value must be a macro-string.
+            _ => {
+                MacroString::parse(value, true)?;
+                return Ok(());
+            }
+        };
+        if slot.is_some() {
+            return Err(format!("{name}= appears twice (§6)"));
+        }
+        *slot = Some(parse_domain_spec(value)?);
+        return Ok(());
+    }
+
+    let (qualifier, rest) = match term.as_bytes()[0] {
+        b'+' => (Qualifier::Pass, &term[1..]),
+        b'-' => (Qualifier::Fail, &term[1..]),
+        b'~' => (Qualifier::SoftFail, &term[1..]),
+        b'?' => (Qualifier::Neutral, &term[1..]),
+        _ => (Qualifier::Pass, term),
+    };
+    let name_len = rest.bytes().take_while(u8::is_ascii_alphanumeric).count();
+    let (name, arg) = rest.split_at(name_len);
+    let bad = || format!("invalid mechanism {term:?}");
+    let required_spec = |arg: &str| match arg.strip_prefix(':') {
+        Some(spec) => parse_domain_spec(spec),
+        None => Err(bad()),
+    };
+    let optional_spec = |arg: &str| {
+        if arg.is_empty() {
+            Ok(None)
+        } else {
+            required_spec(arg).map(Some)
+        }
+    };
+    let mechanism = match name.to_ascii_lowercase().as_str() {
+        "all" if arg.is_empty() => Mechanism::All,
+        "include" => Mechanism::Include(required_spec(arg)?),
+        "exists" => Mechanism::Exists(required_spec(arg)?),
+        "ptr" => Mechanism::Ptr(optional_spec(arg)?),
+        "a" | "mx" => {
+            let (spec, cidr4, cidr6) = split_dual_cidr(arg)?;
+            let domain = optional_spec(spec)?;
+            if name.eq_ignore_ascii_case("a") {
+                Mechanism::A {
+                    domain,
+                    cidr4,
+                    cidr6,
+                }
+            } else {
+                Mechanism::Mx {
+                    domain,
+                    cidr4,
+                    cidr6,
+                }
+            }
+        }
+        "ip4" => {
+            let net = arg.strip_prefix(':').ok_or_else(bad)?;
+            let (addr, len) = match net.split_once('/') {
+                Some((addr, len)) => (addr, parse_cidr(len, 32)?),
+                None => (net, 32),
+            };
+            // ip4-network: four decimal octets without leading zeros (std rejects them).
+            Mechanism::Ip4(addr.parse().map_err(|_| bad())?, len)
+        }
+        "ip6" => {
+            let net = arg.strip_prefix(':').ok_or_else(bad)?;
+            let (addr, len) = match net.split_once('/') {
+                Some((addr, len)) => (addr, parse_cidr(len, 128)?),
+                None => (net, 128),
+            };
+            Mechanism::Ip6(addr.parse().map_err(|_| bad())?, len)
+        }
+        _ => return Err(bad()),
+    };
+    record.directives.push((qualifier, mechanism));
+    Ok(())
+}
+
+/// A CIDR length (§5.6): decimal without leading zeros, at most `max`.
+fn parse_cidr(digits: &str, max: u8) -> Result<u8, String> {
+    let ok = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    match digits.parse::<u8>() {
+        Ok(n) if ok && n <= max => Ok(n),
+        _ => Err(format!("invalid CIDR length /{digits}")),
+    }
+}
+
+/// Splits `[":" domain-spec] [dual-cidr-length]` (§5.3, §5.4) into the domain part and the
+/// IPv4 / IPv6 prefix lengths. A domain-spec may itself contain `/`, so the lengths are
+/// taken from the end: `dual-cidr-length = [ "/" ip4-len ] [ "//" ip6-len ]`.
+fn split_dual_cidr(arg: &str) -> Result<(&str, u8, u8), String> {
+    // The digits after the last "/" and the text before that "/", if all digits.
+    fn last_len(s: &str) -> Option<(&str, &str)> {
+        let (head, digits) = s.rsplit_once('/')?;
+        (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then_some((head, digits))
+    }
+    let (mut rest, mut cidr4, mut cidr6) = (arg, 32, 128);
+    if let Some((head, digits)) = last_len(rest) {
+        if let Some(head) = head.strip_suffix('/') {
+            cidr6 = parse_cidr(digits, 128)?;
+            rest = head;
+            if let Some((head4, digits4)) = last_len(rest).filter(|(h, _)| !h.ends_with('/')) {
+                cidr4 = parse_cidr(digits4, 32)?;
+                rest = head4;
+            }
+        } else {
+            cidr4 = parse_cidr(digits, 32)?;
+            rest = head;
+        }
+    }
+    Ok((rest, cidr4, cidr6))
+}
+
+/// `domain-spec = macro-string domain-end` with
+/// `domain-end = ( "." toplabel [ "." ] ) / macro-expand` (§7.1). Macro letters that are
+/// only allowed in explanation text (c, r, t) are errors here.
+fn parse_domain_spec(text: &str) -> Result<MacroString, String> {
+    let spec = MacroString::parse(text, false)?;
+    let valid_end = match spec.0.last() {
+        None => false,
+        Some(Token::Macro(_) | Token::Escape(_)) => true,
+        Some(Token::Literal(lit)) => {
+            let lit = lit.strip_suffix('.').unwrap_or(lit);
+            lit.rsplit_once('.').is_some_and(|(_, top)| is_toplabel(top))
+        }
+    };
+    if valid_end {
+        Ok(spec)
+    } else {
+        Err(format!("invalid domain-spec {text:?}"))
+    }
+}
+
+/// `toplabel = ( *alphanum ALPHA *alphanum ) / ( 1*alphanum "-" *( alphanum / "-" ) alphanum )`
+/// (§7.1): letters and digits, not all digits, inner hyphens only.
+fn is_toplabel(label: &str) -> bool {
+    let b = label.as_bytes();
+    let (Some(first), Some(last)) = (b.first(), b.last()) else {
+        return false;
+    };
+    b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        && first.is_ascii_alphanumeric()
+        && last.is_ascii_alphanumeric()
+        && (b.contains(&b'-') || b.iter().any(u8::is_ascii_alphabetic))
+}
+
+// ---------------------------------------------------------------------------------------
+// Macros (§7)
+// ---------------------------------------------------------------------------------------
+
+/// A parsed macro-string (§7.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MacroString(Vec<Token>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    /// A run of macro-literals (visible ASCII except `%`).
+    Literal(String),
+    /// `%%`, `%_`, `%-`: their expansions `%`, a space, `%20` (§7.1).
+    Escape(&'static str),
+    Macro(Macro),
+}
+
+/// `"%{" macro-letter transformers *delimiter "}"` (§7.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Macro {
+    /// Lowercase letter.
+    letter: u8,
+    /// An uppercase letter: URL-escape the expansion (§7.3).
+    url_escape: bool,
+    /// Keep this many right-hand parts.
+    keep: Option<usize>,
+    reverse: bool,
+    /// Split on these characters; `.` when none are given.
+    delimiters: Vec<u8>,
+}
+
+impl MacroString {
+    /// Parses `text`; `explanation_letters` also allows c, r and t (§7.2).
+    fn parse(text: &str, explanation_letters: bool) -> Result<MacroString, String> {
+        let err = |what: &str| Err(format!("{what} in macro-string {text:?}"));
+        let b = text.as_bytes();
+        let mut tokens = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'%' => {
+                    let escape = match b.get(i + 1) {
+                        Some(b'%') => "%",
+                        Some(b'_') => " ",
+                        Some(b'-') => "%20",
+                        Some(b'{') => {
+                            let Some(len) = b[i + 2..].iter().position(|&c| c == b'}') else {
+                                return err("unterminated macro");
+                            };
+                            let body = &b[i + 2..i + 2 + len];
+                            let Some(m) = Macro::parse(body, explanation_letters) else {
+                                return err("invalid macro");
+                            };
+                            tokens.push(Token::Macro(m));
+                            i += len + 3;
+                            continue;
+                        }
+                        _ => return err("'%' not followed by '{', '%', '_' or '-'"),
+                    };
+                    tokens.push(Token::Escape(escape));
+                    i += 2;
+                }
+                c @ 0x21..=0x7e => {
+                    if let Some(Token::Literal(s)) = tokens.last_mut() {
+                        s.push(char::from(c));
+                    } else {
+                        tokens.push(Token::Literal(char::from(c).to_string()));
+                    }
+                    i += 1;
+                }
+                _ => return err("invalid character"),
+            }
+        }
+        Ok(MacroString(tokens))
+    }
+
+    fn uses(&self, letter: u8) -> bool {
+        self.0
+            .iter()
+            .any(|t| matches!(t, Token::Macro(m) if m.letter == letter))
+    }
+
+    fn expand(&self, values: &MacroValues<'_>) -> String {
+        let mut out = String::new();
+        for token in &self.0 {
+            match token {
+                Token::Literal(s) => out.push_str(s),
+                Token::Escape(s) => out.push_str(s),
+                Token::Macro(m) => out.push_str(&m.expand(&values.value(m.letter))),
+            }
+        }
+        out
+    }
+}
+
+impl Macro {
+    /// `macro-letter transformers *delimiter`, the text between the braces.
+    fn parse(body: &[u8], explanation_letters: bool) -> Option<Macro> {
+        let (&letter, mut rest) = body.split_first()?;
+        let lower = letter.to_ascii_lowercase();
+        let allowed: &[u8] = if explanation_letters {
+            b"slodiphvcrt"
+        } else {
+            b"slodiphv"
+        };
+        if !allowed.contains(&lower) {
+            return None;
+        }
+        let digits = rest.iter().take_while(|c| c.is_ascii_digit()).count();
+        let keep = if digits == 0 {
+            None
+        } else {
+            // §7.3: the number must be nonzero; 128 parts is more than any name has.
+            let n = std::str::from_utf8(&rest[..digits])
+                .ok()?
+                .parse::<u64>()
+                .unwrap_or(u64::MAX);
+            if n == 0 {
+                return None;
+            }
+            Some(n.min(128) as usize)
+        };
+        rest = &rest[digits..];
+        let reverse = matches!(rest.first(), Some(b'r' | b'R'));
+        if reverse {
+            rest = &rest[1..];
+        }
+        if !rest.iter().all(|c| b".-+,/_=".contains(c)) {
+            return None;
+        }
+        Some(Macro {
+            letter: lower,
+            url_escape: letter.is_ascii_uppercase(),
+            keep,
+            reverse,
+            delimiters: rest.to_vec(),
+        })
+    }
+
+    /// §7.3: split on the delimiters, reverse, keep the right-hand parts, join with dots,
+    /// then URL-escape for uppercase letters.
+    fn expand(&self, value: &str) -> String {
+        let delimiters: &[u8] = if self.delimiters.is_empty() {
+            b"."
+        } else {
+            &self.delimiters
+        };
+        let mut parts: Vec<&str> = value
+            .split(|c: char| c.is_ascii() && delimiters.contains(&(c as u8)))
+            .collect();
+        if self.reverse {
+            parts.reverse();
+        }
+        if let Some(n) = self.keep {
+            parts.drain(..parts.len().saturating_sub(n));
+        }
+        let joined = parts.join(".");
+        if !self.url_escape {
+            return joined;
+        }
+        let mut out = String::with_capacity(joined.len());
+        for b in joined.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    }
+}
+
+/// The values macro letters expand to (§7.2).
+struct MacroValues<'a> {
+    local: &'a str,
+    sender_domain: &'a str,
+    domain: &'a str,
+    ip: IpAddr,
+    helo: &'a str,
+    receiver: &'a str,
+    /// The validated domain name of the client (`%{p}`), when the macro-string uses it.
+    validated_name: Option<&'a str>,
+}
+
+impl MacroValues<'_> {
+    fn value(&self, letter: u8) -> String {
+        match letter {
+            b's' => format!("{}@{}", self.local, self.sender_domain),
+            b'l' => self.local.to_string(),
+            b'o' => self.sender_domain.to_string(),
+            b'd' => self.domain.to_string(),
+            b'i' => match self.ip {
+                IpAddr::V4(v4) => v4.to_string(),
+                // §7.3: IPv6 is 32 dot-separated nibbles.
+                IpAddr::V6(v6) => v6
+                    .octets()
+                    .iter()
+                    .flat_map(|b| [b >> 4, b & 0xf])
+                    .map(|n| format!("{n:x}"))
+                    .collect::<Vec<_>>()
+                    .join("."),
+            },
+            b'p' => self.validated_name.unwrap_or("unknown").to_string(),
+            b'v' if self.ip.is_ipv4() => "in-addr".into(),
+            b'v' => "ip6".into(),
+            b'h' => self.helo.to_string(),
+            b'c' => self.ip.to_string(),
+            b'r' if self.receiver.is_empty() => "unknown".into(),
+            b'r' => self.receiver.to_string(),
+            b't' => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+                .to_string(),
+            _ => String::new(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Domain names
+// ---------------------------------------------------------------------------------------
+
+/// A name produced during evaluation, made ready for a query: one trailing dot dropped,
+/// truncated from the left to 253 characters (§7.3), `None` if it still is no valid DNS
+/// name (an empty label, a label over 63 octets).
+fn target_name(expanded: &str) -> Option<String> {
+    let mut name = expanded.strip_suffix('.').unwrap_or(expanded);
+    while name.len() > 253 {
+        name = name.split_once('.')?.1;
+    }
+    let valid = !name.is_empty() && name.split('.').all(|l| !l.is_empty() && l.len() <= 63);
+    valid.then(|| name.to_string())
+}
+
+/// §4.3: the domain check_host() starts from must be a multi-label name with valid labels
+/// and a real top label, or the result is `none`.
+fn checkable_domain(domain: &str) -> Option<String> {
+    let name = target_name(domain)?;
+    let (_, top) = name.rsplit_once('.')?;
+    (name.len() == domain.trim_end_matches('.').len() && is_toplabel(top)).then_some(name)
+}
+
+/// The absolute query name for `name` (labels as raw octets: SPF names may contain any
+/// visible character).
+fn query_name(name: &str) -> Option<Name> {
+    Name::from_labels(name.split('.').map(str::as_bytes)).ok()
+}
+
+/// A name from DNS data as text, without the trailing dot.
+fn name_text(name: &Name) -> String {
+    name.iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// `name` is `parent` or a subdomain of it (ASCII case-insensitive).
+fn is_within(name: &str, parent: &str) -> bool {
+    let (name, parent) = (name.to_ascii_lowercase(), parent.to_ascii_lowercase());
+    name == parent || name.ends_with(&format!(".{parent}"))
+}
+
+/// The reverse-lookup name of `ip` (§5.5).
+fn reverse_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(v6) => {
+            let mut s = String::new();
+            for b in v6.octets().iter().rev() {
+                s.push_str(&format!("{:x}.{:x}.", b & 0xf, b >> 4));
+            }
+            s + "ip6.arpa"
+        }
+    }
+}
+
+fn in_prefix(ip: IpAddr, net: IpAddr, cidr4: u8, cidr6: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(cidr4)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(cidr6)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Evaluation (§4, §5, §6.1)
+// ---------------------------------------------------------------------------------------
+
+type Eval<'f, T> = Pin<Box<dyn Future<Output = Result<T, Abort>> + Send + 'f>>;
+
+struct Evaluator<'a> {
+    resolver: &'a TokioResolver,
+    /// Canonical: IPv4-mapped IPv6 addresses are IPv4 (§5).
+    ip: IpAddr,
+    local: &'a str,
+    sender_domain: &'a str,
+    helo: &'a str,
+    receiver: &'a str,
+    dns_terms: u32,
+    void_lookups: u32,
+}
+
+impl Evaluator<'_> {
+    /// check_host() for `domain` (§4): recursive through include and redirect, sharing
+    /// the processing limits.
+    fn check(&mut self, domain: String) -> Eval<'_, AuthResult> {
+        Box::pin(async move {
+            let Some(domain) = checkable_domain(&domain) else {
+                return Ok(AuthResult::None);
+            };
+            let Some(text) = self.find_record(&domain).await? else {
+                return Ok(AuthResult::None);
+            };
+            let record = parse_record(&text).map_err(|e| {
+                tracing::debug!(%domain, error = %e, "SPF permerror: record syntax");
+                Abort::Perm
+            })?;
+            for (qualifier, mechanism) in &record.directives {
+                if self.matches(mechanism, &domain).await? {
+                    return Ok(qualifier.result());
+                }
+            }
+            // §6.1: redirect applies when no mechanism matched; a target without a
+            // record (or a malformed one) is a permerror.
+            if let Some(spec) = &record.redirect {
+                self.count_dns_term()?;
+                let target = self.expand(spec, &domain).await?.ok_or(Abort::Perm)?;
+                return match self.check(target).await? {
+                    AuthResult::None => Err(Abort::Perm),
+                    r => Ok(r),
+                };
+            }
+            Ok(AuthResult::Neutral)
+        })
+    }
+
+    /// §4.4, §4.5: the one `v=spf1` TXT record of `domain`, if any.
+    async fn find_record(&self, domain: &str) -> Result<Option<String>, Abort> {
+        let mut found = Vec::new();
+        for rdata in self.lookup(domain, RecordType::TXT).await? {
+            if let RData::TXT(txt) = rdata {
+                // §3.3: the character-strings are concatenated without separator.
+                let text: Vec<u8> = txt.txt_data.iter().flatten().copied().collect();
+                if is_spf1(&text) {
+                    found.push(text);
+                }
+            }
+        }
+        match found.len() {
+            0 => Ok(None),
+            1 => String::from_utf8(found.remove(0))
+                .map(Some)
+                .map_err(|_| Abort::Perm),
+            _ => {
+                tracing::debug!(%domain, "SPF permerror: more than one v=spf1 record");
+                Err(Abort::Perm)
+            }
+        }
+    }
+
+    /// Whether `mechanism` matches (§5); errors end the whole evaluation.
+    async fn matches(&mut self, mechanism: &Mechanism, domain: &str) -> Result<bool, Abort> {
+        match mechanism {
+            Mechanism::All => Ok(true),
+            Mechanism::Ip4(net, len) => Ok(in_prefix(self.ip, IpAddr::V4(*net), *len, 0)),
+            Mechanism::Ip6(net, len) => Ok(in_prefix(self.ip, IpAddr::V6(*net), 0, *len)),
+            Mechanism::Include(spec) => {
+                self.count_dns_term()?;
+                // §5.2: a malformed target has no record: "none", which is a permerror.
+                let target = self.expand(spec, domain).await?.ok_or(Abort::Perm)?;
+                match self.check(target).await? {
+                    AuthResult::Pass => Ok(true),
+                    AuthResult::Fail | AuthResult::SoftFail | AuthResult::Neutral => Ok(false),
+                    AuthResult::TempError => Err(Abort::Temp),
+                    _ => Err(Abort::Perm),
+                }
+            }
+            Mechanism::A {
+                domain: spec,
+                cidr4,
+                cidr6,
+            } => {
+                self.count_dns_term()?;
+                let Some(target) = self.target(spec.as_ref(), domain).await? else {
+                    return Ok(false);
+                };
+                let addrs = self.addresses(&target).await?;
+                if addrs.is_empty() {
+                    self.count_void()?;
+                }
+                Ok(addrs
+                    .iter()
+                    .any(|a| in_prefix(self.ip, *a, *cidr4, *cidr6)))
+            }
+            Mechanism::Mx {
+                domain: spec,
+                cidr4,
+                cidr6,
+            } => {
+                self.count_dns_term()?;
+                let Some(target) = self.target(spec.as_ref(), domain).await? else {
+                    return Ok(false);
+                };
+                let mut exchanges: Vec<(u16, Name)> = self
+                    .lookup(&target, RecordType::MX)
+                    .await?
+                    .into_iter()
+                    .filter_map(|r| match r {
+                        RData::MX(mx) => Some((mx.preference, mx.exchange)),
+                        _ => None,
+                    })
+                    .collect();
+                if exchanges.is_empty() {
+                    self.count_void()?;
+                    return Ok(false);
+                }
+                exchanges.sort_by_key(|(preference, _)| *preference);
+                // RFC 7505 null MX ("." exchange) names no host.
+                exchanges.retain(|(_, name)| !name.is_root());
+                for (n, (_, exchange)) in exchanges.iter().enumerate() {
+                    // §4.6.4: more than 10 MX names to look at is a permerror.
+                    if n == MAX_NAMES_PER_TERM {
+                        tracing::debug!(%target, "SPF permerror: more than 10 MX names");
+                        return Err(Abort::Perm);
+                    }
+                    let addrs = self.addresses(&name_text(exchange)).await?;
+                    if addrs.iter().any(|a| in_prefix(self.ip, *a, *cidr4, *cidr6)) {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            }
+            Mechanism::Ptr(spec) => {
+                self.count_dns_term()?;
+                let Some(target) = self.target(spec.as_ref(), domain).await? else {
+                    return Ok(false);
+                };
+                Ok(!self.validated_names(Some(&target)).await?.is_empty())
+            }
+            Mechanism::Exists(spec) => {
+                self.count_dns_term()?;
+                let Some(target) = self.expand(spec, domain).await? else {
+                    return Ok(false);
+                };
+                // §5.7: always an A lookup, whatever the client's address family.
+                let found = !self.lookup(&target, RecordType::A).await?.is_empty();
+                if !found {
+                    self.count_void()?;
+                }
+                Ok(found)
+            }
+        }
+    }
+
+    /// §4.6.4: one more DNS-querying term.
+    fn count_dns_term(&mut self) -> Result<(), Abort> {
+        self.dns_terms += 1;
+        if self.dns_terms > MAX_DNS_TERMS {
+            tracing::debug!("SPF permerror: more than 10 DNS-querying terms");
+            return Err(Abort::Perm);
+        }
+        Ok(())
+    }
+
+    /// §4.6.4: one more lookup that found nothing.
+    fn count_void(&mut self) -> Result<(), Abort> {
+        self.void_lookups += 1;
+        if self.void_lookups > MAX_VOID_LOOKUPS {
+            tracing::debug!("SPF permerror: more than 2 void lookups");
+            return Err(Abort::Perm);
+        }
+        Ok(())
+    }
+
+    /// The <target-name> of a mechanism: its expanded domain-spec or the current domain.
+    async fn target(
+        &self,
+        spec: Option<&MacroString>,
+        domain: &str,
+    ) -> Result<Option<String>, Abort> {
+        match spec {
+            Some(spec) => self.expand(spec, domain).await,
+            None => Ok(Some(domain.to_string())),
+        }
+    }
+
+    /// Expands a domain-spec (§7) into a query name; `None` when the result is not a
+    /// valid DNS name (such a target matches nothing).
+    async fn expand(&self, spec: &MacroString, domain: &str) -> Result<Option<String>, Abort> {
+        let validated = if spec.uses(b'p') {
+            self.validated_names(None).await?.into_iter().min_by_key(|n| {
+                // §7.3: <domain> itself, else a subdomain of it, else any validated name.
+                if n.eq_ignore_ascii_case(domain) {
+                    0
+                } else if is_within(n, domain) {
+                    1
+                } else {
+                    2
+                }
+            })
+        } else {
+            None
+        };
+        let values = MacroValues {
+            local: self.local,
+            sender_domain: self.sender_domain,
+            domain,
+            ip: self.ip,
+            helo: self.helo,
+            receiver: self.receiver,
+            validated_name: validated.as_deref(),
+        };
+        Ok(target_name(&spec.expand(&values)))
+    }
+
+    /// §5.5 "validated domain names" of the client: PTR names (the first 10) whose
+    /// addresses include the client's; only those within `within` when given. A DNS error
+    /// on the PTR lookup gives no names; one on an address lookup skips that name.
+    async fn validated_names(&mut self, within: Option<&str>) -> Result<Vec<String>, Abort> {
+        let ptrs = match self.lookup(&reverse_name(self.ip), RecordType::PTR).await {
+            Ok(ptrs) => ptrs,
+            Err(_) => return Ok(Vec::new()),
+        };
+        if ptrs.is_empty() && within.is_some() {
+            self.count_void()?;
+        }
+        let mut validated = Vec::new();
+        for rdata in ptrs.into_iter().take(MAX_NAMES_PER_TERM) {
+            let RData::PTR(ptr) = rdata else { continue };
+            let name = name_text(&ptr.0);
+            if within.is_some_and(|t| !is_within(&name, t)) {
+                continue;
+            }
+            if let Ok(addrs) = self.addresses(&name).await
+                && addrs.contains(&self.ip)
+            {
+                validated.push(name);
+            }
+        }
+        Ok(validated)
+    }
+
+    /// The A (IPv4 client) or AAAA (IPv6 client) addresses of `name` (§5.3).
+    async fn addresses(&self, name: &str) -> Result<Vec<IpAddr>, Abort> {
+        let rtype = if self.ip.is_ipv4() {
+            RecordType::A
+        } else {
+            RecordType::AAAA
+        };
+        Ok(self
+            .lookup(name, rtype)
+            .await?
+            .into_iter()
+            .filter_map(|r| match r {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// One DNS query for the absolute name `name`: the answers of type `rtype` (none for
+    /// NXDOMAIN or an empty answer), `temperror` for any other failure (§5, §2.6.6).
+    async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Vec<RData>, Abort> {
+        let Some(qname) = target_name(name).as_deref().and_then(query_name) else {
+            return Ok(Vec::new());
+        };
+        match self.resolver.lookup(qname, rtype).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter(|r| r.record_type() == rtype)
+                .map(|r| r.data.clone())
+                .collect()),
+            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => {
+                tracing::debug!(%name, %rtype, error = %e, "SPF DNS lookup failed");
+                Err(Abort::Temp)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Record, String> {
+        parse_record(text)
+    }
+
+    fn spec(text: &str) -> MacroString {
+        parse_domain_spec(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn record_selection() {
+        assert!(is_spf1(b"v=spf1"));
+        assert!(is_spf1(b"V=SpF1 -all"));
+        assert!(!is_spf1(b"v=spf10"));
+        assert!(!is_spf1(b"v=spf1mx"));
+        assert!(!is_spf1(b"v=spf"));
+    }
+
+    #[test]
+    fn parses_mechanisms_and_modifiers() {
+        let r = parse("v=spf1  +a -mx:example.org/24//64 ~ptr ?ip4:192.0.2.0/24 ip6:2001:db8::/32 include:_spf.example.com exists:%{ir}.bl.example.net redirect=%{d}.example. exp=exp.example.com moo.cow-far_out=man:dog/cat all ").unwrap();
+        assert_eq!(r.directives.len(), 8);
+        assert_eq!(
+            r.directives[0],
+            (
+                Qualifier::Pass,
+                Mechanism::A {
+                    domain: None,
+                    cidr4: 32,
+                    cidr6: 128
+                }
+            )
+        );
+        assert!(matches!(
+            &r.directives[1],
+            (Qualifier::Fail, Mechanism::Mx { domain: Some(_), cidr4: 24, cidr6: 64 })
+        ));
+        assert_eq!(r.directives[2], (Qualifier::SoftFail, Mechanism::Ptr(None)));
+        assert_eq!(
+            r.directives[3],
+            (Qualifier::Neutral, Mechanism::Ip4(Ipv4Addr::new(192, 0, 2, 0), 24))
+        );
+        assert_eq!(
+            r.directives[4].1,
+            Mechanism::Ip6("2001:db8::".parse().unwrap(), 32)
+        );
+        assert_eq!(r.directives[7], (Qualifier::Pass, Mechanism::All));
+        assert!(r.redirect.is_some() && r.exp.is_some());
+        assert_eq!(parse("v=spf1").unwrap(), Record::default());
+    }
+
+    #[test]
+    fn dual_cidr_lengths() {
+        assert_eq!(split_dual_cidr(""), Ok(("", 32, 128)));
+        assert_eq!(split_dual_cidr("/0"), Ok(("", 0, 128)));
+        assert_eq!(split_dual_cidr("//0"), Ok(("", 32, 0)));
+        assert_eq!(split_dual_cidr(":a.example/24//64"), Ok((":a.example", 24, 64)));
+        assert_eq!(split_dual_cidr(":foo:bar/baz.example"), Ok((":foo:bar/baz.example", 32, 128)));
+        assert!(split_dual_cidr("/33").is_err());
+        assert!(split_dual_cidr("//129").is_err());
+        assert!(split_dual_cidr("/032").is_err());
+        assert!(split_dual_cidr("/24/64").is_err());
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        for bad in [
+            "v=spf1 ip4:1.2.3.4 -all moo",
+            "v=spf1 moo.cow/far_out=man:dog/cat",
+            "v=spf1 moo.cow:far_out=man:dog/cat",
+            "v=spf1 redirect:t2.example.com",
+            "v=spf1 -all.",
+            "v=spf1 -all:foobar",
+            "v=spf1 -all/8",
+            "v=spf1 ptr/0",
+            "v=spf1 ptr:",
+            "v=spf1 a:",
+            "v=spf1 a/33",
+            "v=spf1 a//129",
+            "v=spf1 a/24/64",
+            "v=spf1 a:foo-bar",
+            "v=spf1 a:museum",
+            "v=spf1 a:museum.",
+            "v=spf1 a:111.222.33.44",
+            "v=spf1 a:abc.123",
+            "v=spf1 a:example.-com",
+            "v=spf1 a:example.com:8080",
+            "v=spf1 a:foo.example.com\0",
+            "v=spf1 a:ctrl.example.com\rptr -all",
+            "v=spf1 \u{80}a:example.net -all",
+            "v=spf1 include",
+            "v=spf1 include:ip5.example.com/24",
+            "v=spf1 exists",
+            "v=spf1 exists:mail.example.com/24",
+            "v=spf1 ip4",
+            "v=spf1 ip4:1.2.3",
+            "v=spf1 ip4:1.2.3.4:8080",
+            "v=spf1 ip4:1.2.3.4/33",
+            "v=spf1 ip4:1.2.3.4/032",
+            "v=spf1 ip4:1.2.3.4//32",
+            "v=spf1 ip4:01.2.3.4",
+            "v=spf1 ip4:192.0.2.5\n include:spf.example.com",
+            "v=spf1 ip6:::1.1.1.1/129",
+            "v=spf1 ip6:::1.1.1.1//33",
+            "v=spf1 ip6::CAFE::BABE",
+            "v=spf1 1up=foo",
+            "v=spf1 =all",
+            "v=spf1 foo=%abc",
+            "v=spf1 exp=",
+            "v=spf1 exp=-all",
+            "v=spf1 redirect=",
+            "v=spf1 redirect=-all ?all",
+            "v=spf1 exp=a.example.com exp=b.example.com",
+            "v=spf1 redirect=a.example.com redirect=a.example.com",
+            "v=spf1 exp=%{r}.example.com",
+            "v=spf1 a:%{a}.example.com",
+            "v=spf1 exists:%(ir).sbl.example.com",
+            "v=spf1 exists:foo%.sbl.example.com",
+            "v=spf1 exists:%{d0}.example.com",
+            "v=spf1 -",
+            "v=spf1 -foo=bar",
+        ] {
+            assert!(parse(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn accepts_edge_syntax() {
+        for good in [
+            "v=spf1 a:foo:bar/baz.example.com",
+            "v=spf1 a:foo.example.xn--zckzah -all",
+            "v=spf1 a:mail.example...com",
+            "v=spf1 a:%{H}.bar",
+            "v=spf1 a:macro%%percent%_%_space%-url-space.example.com",
+            "v=spf1 default=+ x.y=%{c}%{r}%{t}",
+            "V=SPF1 ALL",
+            "v=spf1 exists:%{l2r+-}.user.%{d2}",
+            "v=spf1 include:o.spf.example.com.",
+        ] {
+            assert!(parse(good).is_ok(), "rejected {good:?}: {:?}", parse(good));
+        }
+    }
+
+    fn values(ip: &str) -> MacroValues<'static> {
+        MacroValues {
+            local: "strong-bad",
+            sender_domain: "email.example.com",
+            domain: "email.example.com",
+            ip: ip.parse().unwrap(),
+            helo: "mx.example.org",
+            receiver: "mx.example.net",
+            validated_name: Some("mx.example.org"),
+        }
+    }
+
+    /// RFC 7208 §7.4.
+    #[test]
+    fn macro_examples_of_section_7_4() {
+        let v4 = values("192.0.2.3");
+        for (macro_string, expansion) in [
+            ("%{s}", "strong-bad@email.example.com"),
+            ("%{o}", "email.example.com"),
+            ("%{d}", "email.example.com"),
+            ("%{d4}", "email.example.com"),
+            ("%{d3}", "email.example.com"),
+            ("%{d2}", "example.com"),
+            ("%{d1}", "com"),
+            ("%{dr}", "com.example.email"),
+            ("%{d2r}", "example.email"),
+            ("%{l}", "strong-bad"),
+            ("%{l-}", "strong.bad"),
+            ("%{lr}", "strong-bad"),
+            ("%{lr-}", "bad.strong"),
+            ("%{l1r-}", "strong"),
+            ("%{ir}.%{v}._spf.%{d2}", "3.2.0.192.in-addr._spf.example.com"),
+            ("%{lr-}.lp._spf.%{d2}", "bad.strong.lp._spf.example.com"),
+            (
+                "%{lr-}.lp.%{ir}.%{v}._spf.%{d2}",
+                "bad.strong.lp.3.2.0.192.in-addr._spf.example.com",
+            ),
+            (
+                "%{ir}.%{v}.%{l1r-}.lp._spf.%{d2}",
+                "3.2.0.192.in-addr.strong.lp._spf.example.com",
+            ),
+            (
+                "%{d2}.trusted-domains.example.net",
+                "example.com.trusted-domains.example.net",
+            ),
+        ] {
+            assert_eq!(spec(macro_string).expand(&v4), expansion, "{macro_string}");
+        }
+        let v6 = values("2001:db8::cb01");
+        assert_eq!(
+            spec("%{ir}.%{v}._spf.%{d2}").expand(&v6),
+            "1.0.b.c.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6._spf.example.com"
+        );
+    }
+
+    #[test]
+    fn macro_escapes_and_url_encoding() {
+        let v = MacroValues {
+            local: "~jack&jill=up-a_b3.c",
+            ..values("192.0.2.3")
+        };
+        assert_eq!(
+            MacroString::parse("%{L}", true).unwrap().expand(&v),
+            "~jack%26jill%3Dup-a_b3.c"
+        );
+        assert_eq!(
+            spec("macro%%percent%_%_space%-url-space.example.com").expand(&v),
+            "macro%percent  space%20url-space.example.com"
+        );
+        assert_eq!(spec("%{p}.example.com").expand(&v), "mx.example.org.example.com");
+        assert!(MacroString::parse("%{c} %{r}", true).is_err(), "a space is no literal");
+        assert_eq!(
+            MacroString::parse("%{c}.%{r}.%{v}", true)
+                .unwrap()
+                .expand(&values("2001:db8::1")),
+            "2001:db8::1.mx.example.net.ip6"
+        );
+    }
+
+    #[test]
+    fn target_names() {
+        assert_eq!(target_name("example.com."), Some("example.com".into()));
+        assert_eq!(target_name("mail.example...com"), None);
+        assert_eq!(target_name(&format!("{}.example.com", "a".repeat(64))), None);
+        let long = format!("{}.example.com", ["label"; 60].join("."));
+        let t = target_name(&long).unwrap();
+        assert!(t.len() <= 253 && t.ends_with(".example.com") && t.starts_with("label."));
+        assert_eq!(checkable_domain("A...example.com"), None);
+        assert_eq!(checkable_domain("[1.2.3.5]"), None);
+        assert_eq!(checkable_domain("A2345678"), None);
+        assert_eq!(checkable_domain("example.com."), Some("example.com".into()));
+    }
+
+    #[test]
+    fn prefixes_and_reverse_names() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(in_prefix(ip("1.2.3.4"), ip("1.1.1.1"), 0, 128));
+        assert!(in_prefix(ip("1.2.3.4"), ip("1.2.3.5"), 24, 128));
+        assert!(!in_prefix(ip("1.2.3.4"), ip("1.2.3.5"), 32, 0));
+        assert!(!in_prefix(ip("1.2.3.4"), ip("::1.1.1.1"), 0, 0));
+        assert!(!in_prefix(ip("cafe:babe:8000::"), ip("cafe:babe::"), 32, 33));
+        assert!(in_prefix(ip("cafe:babe:7fff::"), ip("cafe:babe::"), 32, 33));
+        assert_eq!(reverse_name(ip("1.2.3.4")), "4.3.2.1.in-addr.arpa");
+        assert_eq!(
+            reverse_name(ip("2001:db8::1")),
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! Prometheus metrics: one process-wide registry, typed handles for each place that
+//! counts something, and the text exposition served by the admin API at `/metrics`.
+//!
+//! Label values are always from small fixed sets (actions, result words, error kinds,
+//! rule names from the operator's own policy), never from message content, so the
+//! number of series stays bounded.
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Sessions accepted, by listener role.
+    pub sessions: Family<Labels, Counter>,
+    /// Sessions open now.
+    pub sessions_active: Gauge,
+    /// Connections refused by limits (`max_sessions`, per client).
+    pub sessions_refused: Family<Labels, Counter>,
+    /// Transactions that reached end of data, by outcome (`accepted`, `refused`, `deferred`, `failed`).
+    pub transactions: Family<Labels, Counter>,
+    /// Verdicts, by action and deciding rule.
+    pub verdicts: Family<Labels, Counter>,
+    /// Authentication results, by check (`spf`, `dkim`, `arc`, `dmarc`) and result word.
+    pub auth_results: Family<Labels, Counter>,
+    /// Spoof and burst flags raised, by flag.
+    pub flags: Family<Labels, Counter>,
+    /// Shadow rules that matched, by rule.
+    pub shadow_hits: Family<Labels, Counter>,
+    /// Time spent verifying one message (all checks).
+    pub verify_seconds: Histogram,
+    /// DNS-dependent checks that ended in temperror, by check.
+    pub dns_temperrors: Family<Labels, Counter>,
+    /// Next hop: end-of-data round trip.
+    pub next_hop_seconds: Histogram,
+    /// Next hop failures, by kind (`connect`, `timeout`, `protocol`, `closed`, `refused`).
+    pub next_hop_errors: Family<Labels, Counter>,
+    /// Messages put in quarantine; entries held now.
+    pub quarantined: Counter,
+    pub quarantine_held: Gauge,
+    /// Outbound burst alerts, accounts frozen now, Redis fallback (1 = using local counters).
+    pub burst_alerts: Counter,
+    pub frozen_accounts: Gauge,
+    pub redis_fallback: Gauge,
+    /// Policy reloads, by result (`ok`, `error`).
+    pub policy_reloads: Family<Labels, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mailwarden");
+        let m = Metrics {
+            sessions: Family::default(),
+            sessions_active: Gauge::default(),
+            sessions_refused: Family::default(),
+            transactions: Family::default(),
+            verdicts: Family::default(),
+            auth_results: Family::default(),
+            flags: Family::default(),
+            shadow_hits: Family::default(),
+            verify_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            dns_temperrors: Family::default(),
+            next_hop_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+            next_hop_errors: Family::default(),
+            quarantined: Counter::default(),
+            quarantine_held: Gauge::default(),
+            burst_alerts: Counter::default(),
+            frozen_accounts: Gauge::default(),
+            redis_fallback: Gauge::default(),
+            policy_reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
+        registry.register(
+            "sessions_active",
+            "SMTP sessions open now",
+            m.sessions_active.clone(),
+        );
+        registry.register(
+            "sessions_refused",
+            "Connections refused by limits",
+            m.sessions_refused.clone(),
+        );
+        registry.register(
+            "transactions",
+            "Transactions that reached end of data",
+            m.transactions.clone(),
+        );
+        registry.register("verdicts", "Policy verdicts", m.verdicts.clone());
+        registry.register(
+            "auth_results",
+            "Authentication check results",
+            m.auth_results.clone(),
+        );
+        registry.register("flags", "Spoof and burst flags raised", m.flags.clone());
+        registry.register(
+            "shadow_rule_hits",
+            "Shadow rules that matched",
+            m.shadow_hits.clone(),
+        );
+        registry.register(
+            "verify_seconds",
+            "Time to verify one message",
+            m.verify_seconds.clone(),
+        );
+        registry.register(
+            "dns_temperrors",
+            "Checks that ended in temperror",
+            m.dns_temperrors.clone(),
+        );
+        registry.register(
+            "next_hop_seconds",
+            "Next hop end-of-data round trip",
+            m.next_hop_seconds.clone(),
+        );
+        registry.register(
+            "next_hop_errors",
+            "Next hop failures",
+            m.next_hop_errors.clone(),
+        );
+        registry.register(
+            "quarantined",
+            "Messages put in quarantine",
+            m.quarantined.clone(),
+        );
+        registry.register(
+            "quarantine_held",
+            "Quarantine entries held",
+            m.quarantine_held.clone(),
+        );
+        registry.register(
+            "burst_alerts",
+            "Outbound burst alerts",
+            m.burst_alerts.clone(),
+        );
+        registry.register(
+            "frozen_accounts",
+            "Accounts frozen now",
+            m.frozen_accounts.clone(),
+        );
+        registry.register(
+            "redis_fallback",
+            "1 when Redis is unreachable and local counters are used",
+            m.redis_fallback.clone(),
+        );
+        registry.register("policy_reloads", "Policy reloads", m.policy_reloads.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Shorthand for a one-label set.
+pub fn label(name: &'static str, value: impl Into<String>) -> Labels {
+    vec![(name, value.into())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters() {
+        let m = global();
+        m.verdicts
+            .get_or_create(&vec![
+                ("action", "accept".to_string()),
+                ("rule", "default".to_string()),
+            ])
+            .inc();
+        m.sessions_active.inc();
+        let text = m.render();
+        assert!(
+            text.contains("mailwarden_verdicts_total{action=\"accept\",rule=\"default\"}"),
+            "{text}"
+        );
+        assert!(text.contains("mailwarden_sessions_active"), "{text}");
+    }
+}
