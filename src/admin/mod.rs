@@ -1,6 +1,7 @@
 //! Administration: the command-line tools that work on the local stores, and the state
 //! the admin HTTP API shares with the running proxy.
 
+pub mod http;
 pub mod quarantine_cli;
 
 use std::sync::Arc;

@@ -87,50 +87,50 @@ enum Abort {
 // Record syntax (§4.6.1, §5, §6, §12)
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Qualifier {
-    Pass,
-    Fail,
-    SoftFail,
-    Neutral,
-}
-
-impl Qualifier {
-    fn result(self) -> AuthResult {
-        match self {
-            Qualifier::Pass => AuthResult::Pass,
-            Qualifier::Fail => AuthResult::Fail,
-            Qualifier::SoftFail => AuthResult::SoftFail,
-            Qualifier::Neutral => AuthResult::Neutral,
-        }
-    }
-}
-
 /// The mechanisms of §5; `None` domains mean "the current <domain>".
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Mechanism {
     All,
     Include(MacroString),
-    A {
-        domain: Option<MacroString>,
-        cidr4: u8,
-        cidr6: u8,
-    },
-    Mx {
-        domain: Option<MacroString>,
-        cidr4: u8,
-        cidr6: u8,
-    },
+    A(Option<MacroString>, Cidr),
+    Mx(Option<MacroString>, Cidr),
     Ptr(Option<MacroString>),
     Ip4(Ipv4Addr, u8),
     Ip6(Ipv6Addr, u8),
     Exists(MacroString),
 }
 
+/// `dual-cidr-length` (§5.6): prefix lengths for IPv4 and for IPv6 addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cidr {
+    v4: u8,
+    v6: u8,
+}
+
+impl Cidr {
+    const FULL: Cidr = Cidr { v4: 32, v6: 128 };
+
+    /// Whether `ip` and `net` (same address family) share the prefix.
+    fn contains(self, net: IpAddr, ip: IpAddr) -> bool {
+        match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.v4)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.v6)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A parsed `v=spf1` record.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Record {
-    directives: Vec<(Qualifier, Mechanism)>,
+    /// Each mechanism with its qualifier's result (§4.6.2).
+    directives: Vec<(AuthResult, Mechanism)>,
     redirect: Option<MacroString>,
     /// Parsed for its syntax only (§6.2): explanations are not produced.
     exp: Option<MacroString>,
@@ -189,11 +189,11 @@ fn parse_term(term: &str, record: &mut Record) -> Result<(), String> {
     }
 
     let (qualifier, rest) = match term.as_bytes()[0] {
-        b'+' => (Qualifier::Pass, &term[1..]),
-        b'-' => (Qualifier::Fail, &term[1..]),
-        b'~' => (Qualifier::SoftFail, &term[1..]),
-        b'?' => (Qualifier::Neutral, &term[1..]),
-        _ => (Qualifier::Pass, term),
+        b'+' => (AuthResult::Pass, &term[1..]),
+        b'-' => (AuthResult::Fail, &term[1..]),
+        b'~' => (AuthResult::SoftFail, &term[1..]),
+        b'?' => (AuthResult::Neutral, &term[1..]),
+        _ => (AuthResult::Pass, term),
     };
     let name_len = rest.bytes().take_while(u8::is_ascii_alphanumeric).count();
     let (name, arg) = rest.split_at(name_len);
@@ -215,20 +215,12 @@ fn parse_term(term: &str, record: &mut Record) -> Result<(), String> {
         "exists" => Mechanism::Exists(required_spec(arg)?),
         "ptr" => Mechanism::Ptr(optional_spec(arg)?),
         "a" | "mx" => {
-            let (spec, cidr4, cidr6) = split_dual_cidr(arg)?;
+            let (spec, cidr) = split_dual_cidr(arg)?;
             let domain = optional_spec(spec)?;
             if name.eq_ignore_ascii_case("a") {
-                Mechanism::A {
-                    domain,
-                    cidr4,
-                    cidr6,
-                }
+                Mechanism::A(domain, cidr)
             } else {
-                Mechanism::Mx {
-                    domain,
-                    cidr4,
-                    cidr6,
-                }
+                Mechanism::Mx(domain, cidr)
             }
         }
         "ip4" => {
@@ -268,27 +260,27 @@ fn parse_cidr(digits: &str, max: u8) -> Result<u8, String> {
 /// Splits `[":" domain-spec] [dual-cidr-length]` (§5.3, §5.4) into the domain part and the
 /// IPv4 / IPv6 prefix lengths. A domain-spec may itself contain `/`, so the lengths are
 /// taken from the end: `dual-cidr-length = [ "/" ip4-len ] [ "//" ip6-len ]`.
-fn split_dual_cidr(arg: &str) -> Result<(&str, u8, u8), String> {
+fn split_dual_cidr(arg: &str) -> Result<(&str, Cidr), String> {
     // The digits after the last "/" and the text before that "/", if all digits.
     fn last_len(s: &str) -> Option<(&str, &str)> {
         let (head, digits) = s.rsplit_once('/')?;
         (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then_some((head, digits))
     }
-    let (mut rest, mut cidr4, mut cidr6) = (arg, 32, 128);
+    let (mut rest, mut cidr) = (arg, Cidr::FULL);
     if let Some((head, digits)) = last_len(rest) {
         if let Some(head) = head.strip_suffix('/') {
-            cidr6 = parse_cidr(digits, 128)?;
+            cidr.v6 = parse_cidr(digits, 128)?;
             rest = head;
             if let Some((head4, digits4)) = last_len(rest).filter(|(h, _)| !h.ends_with('/')) {
-                cidr4 = parse_cidr(digits4, 32)?;
+                cidr.v4 = parse_cidr(digits4, 32)?;
                 rest = head4;
             }
         } else {
-            cidr4 = parse_cidr(digits, 32)?;
+            cidr.v4 = parse_cidr(digits, 32)?;
             rest = head;
         }
     }
-    Ok((rest, cidr4, cidr6))
+    Ok((rest, cidr))
 }
 
 /// `domain-spec = macro-string domain-end` with
@@ -301,7 +293,8 @@ fn parse_domain_spec(text: &str) -> Result<MacroString, String> {
         Some(Token::Macro(_) | Token::Escape(_)) => true,
         Some(Token::Literal(lit)) => {
             let lit = lit.strip_suffix('.').unwrap_or(lit);
-            lit.rsplit_once('.').is_some_and(|(_, top)| is_toplabel(top))
+            lit.rsplit_once('.')
+                .is_some_and(|(_, top)| is_toplabel(top))
         }
     };
     if valid_end {
@@ -603,20 +596,6 @@ fn reverse_name(ip: IpAddr) -> String {
     }
 }
 
-fn in_prefix(ip: IpAddr, net: IpAddr, cidr4: u8, cidr6: u8) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(cidr4)).unwrap_or(0);
-            u32::from(a) & mask == u32::from(b) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(cidr6)).unwrap_or(0);
-            u128::from(a) & mask == u128::from(b) & mask
-        }
-        _ => false,
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Evaluation (§4, §5, §6.1)
 // ---------------------------------------------------------------------------------------
@@ -652,7 +631,7 @@ impl Evaluator<'_> {
             })?;
             for (qualifier, mechanism) in &record.directives {
                 if self.matches(mechanism, &domain).await? {
-                    return Ok(qualifier.result());
+                    return Ok(*qualifier);
                 }
             }
             // §6.1: redirect applies when no mechanism matched; a target without a
@@ -697,8 +676,13 @@ impl Evaluator<'_> {
     async fn matches(&mut self, mechanism: &Mechanism, domain: &str) -> Result<bool, Abort> {
         match mechanism {
             Mechanism::All => Ok(true),
-            Mechanism::Ip4(net, len) => Ok(in_prefix(self.ip, IpAddr::V4(*net), *len, 0)),
-            Mechanism::Ip6(net, len) => Ok(in_prefix(self.ip, IpAddr::V6(*net), 0, *len)),
+            // §5.6: ip4 never matches an IPv6 client nor ip6 an IPv4 one.
+            Mechanism::Ip4(net, len) => {
+                Ok(Cidr { v4: *len, v6: 0 }.contains((*net).into(), self.ip))
+            }
+            Mechanism::Ip6(net, len) => {
+                Ok(Cidr { v4: 0, v6: *len }.contains((*net).into(), self.ip))
+            }
             Mechanism::Include(spec) => {
                 self.count_dns_term()?;
                 // §5.2: a malformed target has no record: "none", which is a permerror.
@@ -710,11 +694,7 @@ impl Evaluator<'_> {
                     _ => Err(Abort::Perm),
                 }
             }
-            Mechanism::A {
-                domain: spec,
-                cidr4,
-                cidr6,
-            } => {
+            Mechanism::A(spec, cidr) => {
                 self.count_dns_term()?;
                 let Some(target) = self.target(spec.as_ref(), domain).await? else {
                     return Ok(false);
@@ -723,15 +703,9 @@ impl Evaluator<'_> {
                 if addrs.is_empty() {
                     self.count_void()?;
                 }
-                Ok(addrs
-                    .iter()
-                    .any(|a| in_prefix(self.ip, *a, *cidr4, *cidr6)))
+                Ok(addrs.iter().any(|a| cidr.contains(*a, self.ip)))
             }
-            Mechanism::Mx {
-                domain: spec,
-                cidr4,
-                cidr6,
-            } => {
+            Mechanism::Mx(spec, cidr) => {
                 self.count_dns_term()?;
                 let Some(target) = self.target(spec.as_ref(), domain).await? else {
                     return Ok(false);
@@ -759,7 +733,7 @@ impl Evaluator<'_> {
                         return Err(Abort::Perm);
                     }
                     let addrs = self.addresses(&name_text(exchange)).await?;
-                    if addrs.iter().any(|a| in_prefix(self.ip, *a, *cidr4, *cidr6)) {
+                    if addrs.iter().any(|a| cidr.contains(*a, self.ip)) {
                         return Ok(true);
                     }
                 }
@@ -809,7 +783,7 @@ impl Evaluator<'_> {
 
     /// The <target-name> of a mechanism: its expanded domain-spec or the current domain.
     async fn target(
-        &self,
+        &mut self,
         spec: Option<&MacroString>,
         domain: &str,
     ) -> Result<Option<String>, Abort> {
@@ -821,18 +795,21 @@ impl Evaluator<'_> {
 
     /// Expands a domain-spec (§7) into a query name; `None` when the result is not a
     /// valid DNS name (such a target matches nothing).
-    async fn expand(&self, spec: &MacroString, domain: &str) -> Result<Option<String>, Abort> {
+    async fn expand(&mut self, spec: &MacroString, domain: &str) -> Result<Option<String>, Abort> {
         let validated = if spec.uses(b'p') {
-            self.validated_names(None).await?.into_iter().min_by_key(|n| {
-                // §7.3: <domain> itself, else a subdomain of it, else any validated name.
-                if n.eq_ignore_ascii_case(domain) {
-                    0
-                } else if is_within(n, domain) {
-                    1
-                } else {
-                    2
-                }
-            })
+            self.validated_names(None)
+                .await?
+                .into_iter()
+                .min_by_key(|n| {
+                    // §7.3: <domain> itself, else a subdomain of it, else any validated name.
+                    if n.eq_ignore_ascii_case(domain) {
+                        0
+                    } else if is_within(n, domain) {
+                        1
+                    } else {
+                        2
+                    }
+                })
         } else {
             None
         };
@@ -920,12 +897,14 @@ impl Evaluator<'_> {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Record, String> {
-        parse_record(text)
-    }
+    use AuthResult::{Fail, Neutral, Pass, SoftFail};
 
     fn spec(text: &str) -> MacroString {
         parse_domain_spec(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    fn cidr(v4: u8, v6: u8) -> Cidr {
+        Cidr { v4, v6 }
     }
 
     #[test]
@@ -939,48 +918,39 @@ mod tests {
 
     #[test]
     fn parses_mechanisms_and_modifiers() {
-        let r = parse("v=spf1  +a -mx:example.org/24//64 ~ptr ?ip4:192.0.2.0/24 ip6:2001:db8::/32 include:_spf.example.com exists:%{ir}.bl.example.net redirect=%{d}.example. exp=exp.example.com moo.cow-far_out=man:dog/cat all ").unwrap();
-        assert_eq!(r.directives.len(), 8);
+        let r = parse_record(
+            "v=spf1  +a -mx:example.org/24//64 ~ptr ?ip4:192.0.2.0/24 ip6:2001:db8::/32 \
+             include:_spf.example.com exists:%{ir}.bl.example.net redirect=%{d}.example. \
+             exp=exp.example.com moo.cow-far_out=man:dog/cat all ",
+        )
+        .unwrap();
+        let d = &r.directives;
+        assert_eq!(d.len(), 8);
+        assert_eq!(d[0], (Pass, Mechanism::A(None, Cidr::FULL)));
         assert_eq!(
-            r.directives[0],
-            (
-                Qualifier::Pass,
-                Mechanism::A {
-                    domain: None,
-                    cidr4: 32,
-                    cidr6: 128
-                }
-            )
+            d[1],
+            (Fail, Mechanism::Mx(Some(spec("example.org")), cidr(24, 64)))
         );
-        assert!(matches!(
-            &r.directives[1],
-            (Qualifier::Fail, Mechanism::Mx { domain: Some(_), cidr4: 24, cidr6: 64 })
-        ));
-        assert_eq!(r.directives[2], (Qualifier::SoftFail, Mechanism::Ptr(None)));
-        assert_eq!(
-            r.directives[3],
-            (Qualifier::Neutral, Mechanism::Ip4(Ipv4Addr::new(192, 0, 2, 0), 24))
-        );
-        assert_eq!(
-            r.directives[4].1,
-            Mechanism::Ip6("2001:db8::".parse().unwrap(), 32)
-        );
-        assert_eq!(r.directives[7], (Qualifier::Pass, Mechanism::All));
+        assert_eq!(d[2], (SoftFail, Mechanism::Ptr(None)));
+        assert_eq!(d[3], (Neutral, Mechanism::Ip4([192, 0, 2, 0].into(), 24)));
+        assert_eq!(d[4].1, Mechanism::Ip6("2001:db8::".parse().unwrap(), 32));
+        assert_eq!(d[7], (Pass, Mechanism::All));
         assert!(r.redirect.is_some() && r.exp.is_some());
-        assert_eq!(parse("v=spf1").unwrap(), Record::default());
+        assert_eq!(parse_record("v=spf1").unwrap(), Record::default());
     }
 
     #[test]
     fn dual_cidr_lengths() {
-        assert_eq!(split_dual_cidr(""), Ok(("", 32, 128)));
-        assert_eq!(split_dual_cidr("/0"), Ok(("", 0, 128)));
-        assert_eq!(split_dual_cidr("//0"), Ok(("", 32, 0)));
-        assert_eq!(split_dual_cidr(":a.example/24//64"), Ok((":a.example", 24, 64)));
-        assert_eq!(split_dual_cidr(":foo:bar/baz.example"), Ok((":foo:bar/baz.example", 32, 128)));
-        assert!(split_dual_cidr("/33").is_err());
-        assert!(split_dual_cidr("//129").is_err());
-        assert!(split_dual_cidr("/032").is_err());
-        assert!(split_dual_cidr("/24/64").is_err());
+        assert_eq!(split_dual_cidr(""), Ok(("", Cidr::FULL)));
+        assert_eq!(split_dual_cidr("/0"), Ok(("", cidr(0, 128))));
+        assert_eq!(split_dual_cidr("//0"), Ok(("", cidr(32, 0))));
+        let spec_and_cidr = split_dual_cidr(":a.example/24//64");
+        assert_eq!(spec_and_cidr, Ok((":a.example", cidr(24, 64))));
+        let slash_in_spec = split_dual_cidr(":foo:bar/baz.example");
+        assert_eq!(slash_in_spec, Ok((":foo:bar/baz.example", Cidr::FULL)));
+        for bad in ["/33", "//129", "/032", "/24/64"] {
+            assert!(split_dual_cidr(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -1041,7 +1011,7 @@ mod tests {
             "v=spf1 -",
             "v=spf1 -foo=bar",
         ] {
-            assert!(parse(bad).is_err(), "accepted {bad:?}");
+            assert!(parse_record(bad).is_err(), "accepted {bad:?}");
         }
     }
 
@@ -1058,7 +1028,8 @@ mod tests {
             "v=spf1 exists:%{l2r+-}.user.%{d2}",
             "v=spf1 include:o.spf.example.com.",
         ] {
-            assert!(parse(good).is_ok(), "rejected {good:?}: {:?}", parse(good));
+            let parsed = parse_record(good);
+            assert!(parsed.is_ok(), "rejected {good:?}: {parsed:?}");
         }
     }
 
@@ -1093,7 +1064,10 @@ mod tests {
             ("%{lr}", "strong-bad"),
             ("%{lr-}", "bad.strong"),
             ("%{l1r-}", "strong"),
-            ("%{ir}.%{v}._spf.%{d2}", "3.2.0.192.in-addr._spf.example.com"),
+            (
+                "%{ir}.%{v}._spf.%{d2}",
+                "3.2.0.192.in-addr._spf.example.com",
+            ),
             ("%{lr-}.lp._spf.%{d2}", "bad.strong.lp._spf.example.com"),
             (
                 "%{lr-}.lp.%{ir}.%{v}._spf.%{d2}",
@@ -1131,8 +1105,14 @@ mod tests {
             spec("macro%%percent%_%_space%-url-space.example.com").expand(&v),
             "macro%percent  space%20url-space.example.com"
         );
-        assert_eq!(spec("%{p}.example.com").expand(&v), "mx.example.org.example.com");
-        assert!(MacroString::parse("%{c} %{r}", true).is_err(), "a space is no literal");
+        assert_eq!(
+            spec("%{p}.example.com").expand(&v),
+            "mx.example.org.example.com"
+        );
+        assert!(
+            MacroString::parse("%{c} %{r}", true).is_err(),
+            "a space is no literal"
+        );
         assert_eq!(
             MacroString::parse("%{c}.%{r}.%{v}", true)
                 .unwrap()
@@ -1145,7 +1125,10 @@ mod tests {
     fn target_names() {
         assert_eq!(target_name("example.com."), Some("example.com".into()));
         assert_eq!(target_name("mail.example...com"), None);
-        assert_eq!(target_name(&format!("{}.example.com", "a".repeat(64))), None);
+        assert_eq!(
+            target_name(&format!("{}.example.com", "a".repeat(64))),
+            None
+        );
         let long = format!("{}.example.com", ["label"; 60].join("."));
         let t = target_name(&long).unwrap();
         assert!(t.len() <= 253 && t.ends_with(".example.com") && t.starts_with("label."));
@@ -1158,12 +1141,12 @@ mod tests {
     #[test]
     fn prefixes_and_reverse_names() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(in_prefix(ip("1.2.3.4"), ip("1.1.1.1"), 0, 128));
-        assert!(in_prefix(ip("1.2.3.4"), ip("1.2.3.5"), 24, 128));
-        assert!(!in_prefix(ip("1.2.3.4"), ip("1.2.3.5"), 32, 0));
-        assert!(!in_prefix(ip("1.2.3.4"), ip("::1.1.1.1"), 0, 0));
-        assert!(!in_prefix(ip("cafe:babe:8000::"), ip("cafe:babe::"), 32, 33));
-        assert!(in_prefix(ip("cafe:babe:7fff::"), ip("cafe:babe::"), 32, 33));
+        assert!(cidr(0, 128).contains(ip("1.1.1.1"), ip("1.2.3.4")));
+        assert!(cidr(24, 128).contains(ip("1.2.3.5"), ip("1.2.3.4")));
+        assert!(!cidr(32, 0).contains(ip("1.2.3.5"), ip("1.2.3.4")));
+        assert!(!cidr(0, 0).contains(ip("::1.1.1.1"), ip("1.2.3.4")));
+        assert!(!cidr(32, 33).contains(ip("cafe:babe::"), ip("cafe:babe:8000::")));
+        assert!(cidr(32, 33).contains(ip("cafe:babe::"), ip("cafe:babe:7fff::")));
         assert_eq!(reverse_name(ip("1.2.3.4")), "4.3.2.1.in-addr.arpa");
         assert_eq!(
             reverse_name(ip("2001:db8::1")),

@@ -1,0 +1,567 @@
+//! The handlers of the JSON API and `/metrics`. Store work (SQLite, files) runs on the
+//! blocking pool; ids from the request are parsed into a [`QuarantineId`] before anything
+//! else, and the store is only ever given that.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{App, Peer, printable};
+use crate::quarantine::index::Filter;
+use crate::quarantine::release::ReleaseError;
+use crate::quarantine::{Quarantine, QuarantineId, StoreError};
+
+/// Characters of text preview in an entry view.
+const PREVIEW_CHARS: usize = 4000;
+/// Bounds on list filters and release recipients.
+const MAX_LIST: usize = 1000;
+const DEFAULT_LIST: usize = 50;
+const MAX_FILTER_LEN: usize = 256;
+const MAX_RELEASE_RCPTS: usize = 100;
+const MAX_ADDRESS_LEN: usize = 320;
+const MAX_REASON_LEN: usize = 500;
+
+/// An error as JSON: `{"error": "<code>", "message": "<text>"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %e, "admin API: {what} failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{what} failed; see the proxy's log"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::BadId(_) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "bad_id",
+                "not a quarantine id (26 characters of 0-9 A-Z without I L O U)",
+            ),
+            StoreError::NotFound(id) => Self::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no quarantine entry {id}"),
+            ),
+            StoreError::WrongState { .. } => {
+                Self::new(StatusCode::CONFLICT, "wrong_state", e.to_string())
+            }
+            other => Self::internal("quarantine access", other),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn store(app: &App) -> ApiResult<Arc<Quarantine>> {
+    app.state.quarantine.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "quarantine_off",
+            "there is no quarantine: checks are off ([auth] enabled = false)",
+        )
+    })
+}
+
+/// The id in the path: malformed → 400 (and an audit line), unknown → 404.
+fn parse_id(
+    peer: Option<&Peer>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<QuarantineId> {
+    let input = match path {
+        Ok(Path(s)) => s,
+        Err(_) => {
+            audit_bad_id(peer, "(undecodable)");
+            return Err(StoreError::BadId(String::new()).into());
+        }
+    };
+    let Some(id) = QuarantineId::parse(&input) else {
+        audit_bad_id(peer, &input);
+        return Err(StoreError::BadId(String::new()).into());
+    };
+    Ok(id)
+}
+
+fn audit_bad_id(peer: Option<&Peer>, input: &str) {
+    tracing::warn!(target: "mailwarden::audit",
+        client = %peer.map(|p| p.0.to_string()).unwrap_or_default(),
+        id = %printable(input), len = input.len(),
+        "admin API: malformed quarantine id refused");
+}
+
+/// Runs store work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::internal("quarantine task", e)),
+    }
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))
+}
+
+fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("body: {e}")))
+}
+
+// ---------------------------------------------------------------------------
+// /metrics
+// ---------------------------------------------------------------------------
+
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    // The quarantine gauge is refreshed at each scrape (cheap: one GROUP BY).
+    if let Some(q) = app.state.quarantine.clone() {
+        let counts = tokio::task::spawn_blocking(move || q.counts()).await;
+        if let Ok(Ok(counts)) = counts {
+            let held: u64 = counts
+                .iter()
+                .filter(|(s, _)| s == "held" || s == "releasing")
+                .map(|(_, n)| n)
+                .sum();
+            crate::metrics::global()
+                .quarantine_held
+                .set(i64::try_from(held).unwrap_or(i64::MAX));
+        }
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::global().render(),
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------
+// Quarantine
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    since: Option<String>,
+    reason: Option<String>,
+    from: Option<String>,
+    rcpt: Option<String>,
+    limit: Option<usize>,
+    all: Option<bool>,
+}
+
+fn filter_text(name: &str, v: Option<String>) -> ApiResult<Option<String>> {
+    match v {
+        Some(s) if s.len() > MAX_FILTER_LEN => Err(ApiError::bad_request(format!(
+            "{name}: at most {MAX_FILTER_LEN} bytes"
+        ))),
+        Some(s) if s.is_empty() => Ok(None),
+        other => Ok(other),
+    }
+}
+
+pub async fn list(
+    State(app): State<Arc<App>>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let q = query(q)?;
+    let store = store(&app)?;
+    let since = match q.since.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => {
+            let d = crate::config::parse_duration(s)
+                .map_err(|e| ApiError::bad_request(format!("since: {e}")))?;
+            Some(crate::quarantine::now().saturating_sub(d.as_secs()))
+        }
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_LIST);
+    if limit == 0 || limit > MAX_LIST {
+        return Err(ApiError::bad_request(format!("limit: 1 to {MAX_LIST}")));
+    }
+    let filter = Filter {
+        since,
+        reason: filter_text("reason", q.reason)?,
+        from: filter_text("from", q.from)?,
+        rcpt: filter_text("rcpt", q.rcpt)?,
+        all_states: q.all.unwrap_or(false),
+        limit,
+    };
+    let (rows, counts) = blocking(move || Ok((store.list(&filter)?, store.counts()?))).await?;
+    let counts: BTreeMap<String, u64> = counts.into_iter().collect();
+    Ok(Json(json!({"entries": rows, "counts": counts})))
+}
+
+#[derive(Serialize)]
+struct HeaderLine {
+    name: String,
+    value: String,
+}
+
+pub async fn entry(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> ApiResult<Json<Value>> {
+    let id = parse_id(req.extensions().get::<Peer>(), path)?;
+    let store = store(&app)?;
+    let (meta, headers, preview) = blocking(move || {
+        let id = store.lookup(id.as_str())?;
+        let meta = store.meta(&id)?;
+        let message = store.message(&id)?;
+        let headers: Vec<HeaderLine> = crate::quarantine::preview::header_summary(&message)
+            .into_iter()
+            .map(|(name, value)| HeaderLine { name, value })
+            .collect();
+        let preview = crate::quarantine::preview::text_preview(&message, PREVIEW_CHARS);
+        Ok((meta, headers, preview))
+    })
+    .await?;
+    Ok(Json(
+        json!({"meta": meta, "headers": headers, "preview": preview}),
+    ))
+}
+
+pub async fn raw(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> ApiResult<Response> {
+    let id = parse_id(req.extensions().get::<Peer>(), path)?;
+    let store = store(&app)?;
+    let (id, bytes) = blocking(move || {
+        let id = store.lookup(id.as_str())?;
+        let bytes = store.message(&id)?;
+        Ok((id, bytes))
+    })
+    .await?;
+    tracing::info!(target: "mailwarden::audit", id = %id, client = %peer_str(&req),
+        "admin API: raw message downloaded");
+    let disposition = HeaderValue::from_str(&format!("attachment; filename=\"{id}.eml\""))
+        .map_err(|e| ApiError::internal("header", e))?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+fn peer_str(req: &Request) -> String {
+    req.extensions()
+        .get::<Peer>()
+        .map(|p| p.0.to_string())
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    #[serde(default)]
+    to: Vec<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// A recipient given to release: one address, nothing that could end or extend an SMTP
+/// command.
+fn valid_address(a: &str) -> bool {
+    !a.is_empty()
+        && a.len() <= MAX_ADDRESS_LEN
+        && a.contains('@')
+        && !a
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '<' | '>' | '"' | ','))
+}
+
+pub async fn release(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> ApiResult<Json<Value>> {
+    let peer = peer_str(&req);
+    let id = parse_id(req.extensions().get::<Peer>(), path)?;
+    let body = axum::body::to_bytes(req.into_body(), super::MAX_BODY)
+        .await
+        .map_err(|_| ApiError::bad_request("body too large"))?;
+    let body: ReleaseBody = json_body(&body)?;
+    if body.to.len() > MAX_RELEASE_RCPTS {
+        return Err(ApiError::bad_request(format!(
+            "to: at most {MAX_RELEASE_RCPTS} recipients"
+        )));
+    }
+    if let Some(bad) = body.to.iter().find(|a| !valid_address(a)) {
+        return Err(ApiError::bad_request(format!(
+            "to: `{}` is not an address",
+            printable(bad)
+        )));
+    }
+    let store = store(&app)?;
+    let lookup = store.clone();
+    let id = blocking(move || lookup.lookup(id.as_str())).await?;
+    let config = &app.state.config;
+    let result = crate::quarantine::release::release(
+        &store,
+        app.state.next_hop.clone(),
+        &id,
+        &body.to,
+        body.force,
+        config.authserv_id(),
+        &config.auth.verdict_header,
+    )
+    .await;
+    let outcome = match &result {
+        Ok(_) => "released".to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::info!(target: "mailwarden::audit", id = %id, client = %peer,
+        to = ?body.to.iter().map(|s| printable(s)).collect::<Vec<_>>(), force = body.force,
+        outcome = %outcome, "admin API: release");
+    match result {
+        Ok(reply) => Ok(Json(json!({
+            "id": id.to_string(),
+            "state": "released",
+            "reply": reply.to_string().trim_end(),
+        }))),
+        Err(ReleaseError::AlreadyReleased) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_released",
+            "entry is already released",
+        )),
+        Err(ReleaseError::Store(e)) => Err(e.into()),
+        Err(e @ ReleaseError::Refused(_)) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "next_hop_refused",
+            e.to_string(),
+        )),
+        Err(e @ ReleaseError::Failed(_)) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "next_hop_unavailable",
+            e.to_string(),
+        )),
+        Err(e @ ReleaseError::Unsettled(_)) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "outcome_unknown",
+            e.to_string(),
+        )),
+    }
+}
+
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> ApiResult<Json<Value>> {
+    let peer = peer_str(&req);
+    let id = parse_id(req.extensions().get::<Peer>(), path)?;
+    let store = store(&app)?;
+    let id = blocking(move || {
+        let id = store.lookup(id.as_str())?;
+        store.delete(&id)?;
+        Ok(id)
+    })
+    .await?;
+    tracing::info!(target: "mailwarden::audit", id = %id, client = %peer, "admin API: deleted");
+    Ok(Json(json!({"id": id.to_string(), "state": "deleted"})))
+}
+
+// ---------------------------------------------------------------------------
+// Accounts (outbound burst detector)
+// ---------------------------------------------------------------------------
+
+// TODO(core): wire the outbound burst detector. Once `src/outbound` exists, add
+// `pub detector: Option<Arc<crate::outbound::Detector>>` to `AdminState` and answer from
+// it here: `accounts().await` for the list, `freeze(account, by, why)` /
+// `unfreeze(...)`, `backend_status()` for `backend`. Until then the accounts endpoints
+// say the detector is not available (the page shows that).
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FreezeBody {
+    #[serde(default)]
+    reason: String,
+}
+
+fn detector_unavailable() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "accounts_unavailable",
+        "outbound burst detection is not available in this build",
+    )
+}
+
+pub async fn accounts(State(_app): State<Arc<App>>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({
+        "available": false,
+        "backend": null,
+        "accounts": [],
+    })))
+}
+
+/// An account name from the path: printable, bounded, no separators.
+fn account_name(path: Result<Path<String>, PathRejection>) -> ApiResult<String> {
+    let Ok(Path(name)) = path else {
+        return Err(ApiError::bad_request("account: not decodable"));
+    };
+    if name.is_empty()
+        || name.len() > MAX_ADDRESS_LEN
+        || name
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '/' | '\\'))
+    {
+        return Err(ApiError::bad_request("account: not an account name"));
+    }
+    Ok(name)
+}
+
+async fn set_frozen(
+    _app: Arc<App>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+    freeze: bool,
+) -> ApiResult<Json<Value>> {
+    let peer = peer_str(&req);
+    let account = account_name(path)?;
+    let body = axum::body::to_bytes(req.into_body(), super::MAX_BODY)
+        .await
+        .map_err(|_| ApiError::bad_request("body too large"))?;
+    let body: FreezeBody = json_body(&body)?;
+    if body.reason.len() > MAX_REASON_LEN || body.reason.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "reason: one line, at most {MAX_REASON_LEN} bytes"
+        )));
+    }
+    tracing::info!(target: "mailwarden::audit", account = %printable(&account), client = %peer,
+        freeze, outcome = "unavailable", "admin API: account freeze change");
+    Err(detector_unavailable())
+}
+
+pub async fn freeze(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> ApiResult<Json<Value>> {
+    set_frozen(app, path, req, true).await
+}
+
+pub async fn unfreeze(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> ApiResult<Json<Value>> {
+    set_frozen(app, path, req, false).await
+}
+
+// ---------------------------------------------------------------------------
+// Policy and stats
+// ---------------------------------------------------------------------------
+
+pub async fn policy(State(app): State<Arc<App>>) -> Json<Value> {
+    let status = app.state.inspector.policy_status();
+    let last_reload = match status.last_reload {
+        None => Value::Null,
+        Some(Ok(v)) => json!({"ok": true, "message": v}),
+        Some(Err(e)) => json!({"ok": false, "message": e}),
+    };
+    Json(json!({"version": status.version, "last_reload": last_reload}))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    hours: Option<u64>,
+}
+
+pub async fn stats(
+    State(app): State<Arc<App>>,
+    q: Result<Query<StatsQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let q = query(q)?;
+    let hours = q.hours.unwrap_or(6);
+    if !(1..=24).contains(&hours) {
+        return Err(ApiError::bad_request("hours: 1 to 24"));
+    }
+    let now = crate::quarantine::now();
+    app.history.sample(now);
+    let series = app.history.series(now, hours);
+    let quarantine = match app.state.quarantine.clone() {
+        None => Value::Null,
+        Some(q) => {
+            let counts = blocking(move || q.counts()).await?;
+            json!(counts.into_iter().collect::<BTreeMap<String, u64>>())
+        }
+    };
+    Ok(Json(json!({
+        "now": now,
+        "verdicts": series,
+        "quarantine": quarantine,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_addresses() {
+        assert!(valid_address("a@b.example"));
+        for bad in [
+            "",
+            "a",
+            "a@b\r\nRCPT TO:<x@y>",
+            "a@b> NOTIFY=NEVER",
+            "a b@c",
+            "a@b,c@d",
+        ] {
+            assert!(!valid_address(bad), "{bad:?}");
+        }
+        assert!(!valid_address(&format!("{}@b", "a".repeat(400))));
+    }
+}

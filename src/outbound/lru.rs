@@ -1,0 +1,229 @@
+//! A bounded map that forgets its least recently used entry when full: the entries live
+//! in a slab, linked into a recency list by index, and a `HashMap` finds them by key.
+//! Every operation is O(1); nothing is allocated per entry beyond the key and the value.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::Hash;
+
+const NIL: u32 = u32::MAX;
+
+struct Node<K, V> {
+    key: K,
+    value: V,
+    /// Towards the most recently used end.
+    newer: u32,
+    /// Towards the least recently used end.
+    older: u32,
+}
+
+pub struct Lru<K, V> {
+    map: HashMap<K, u32>,
+    nodes: Vec<Node<K, V>>,
+    newest: u32,
+    oldest: u32,
+    cap: usize,
+}
+
+impl<K: Hash + Eq + Clone, V> Lru<K, V> {
+    pub fn new(cap: usize) -> Self {
+        Lru {
+            map: HashMap::new(),
+            nodes: Vec::new(),
+            newest: NIL,
+            oldest: NIL,
+            cap: cap.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The entry for `key`, marked as the most recently used.
+    pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let i = *self.map.get(key)?;
+        self.touch(i);
+        Some(&mut self.nodes[i as usize].value)
+    }
+
+    /// The entry for `key` without changing its recency.
+    pub fn peek<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.map.get(key).map(|&i| &self.nodes[i as usize].value)
+    }
+
+    /// The entry for `key` (created by `make` when absent, evicting the least recently
+    /// used entry when full), marked as the most recently used.
+    pub fn get_or_insert_with<Q>(&mut self, key: &Q, make: impl FnOnce() -> (K, V)) -> &mut V
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(&i) = self.map.get(key) {
+            self.touch(i);
+            return &mut self.nodes[i as usize].value;
+        }
+        let (k, v) = make();
+        self.insert_new(k, v)
+    }
+
+    /// Inserts or replaces, as the most recently used entry.
+    pub fn insert(&mut self, key: K, value: V) {
+        if let Some(&i) = self.map.get(&key) {
+            self.nodes[i as usize].value = value;
+            self.touch(i);
+        } else {
+            self.insert_new(key, value);
+        }
+    }
+
+    fn insert_new(&mut self, key: K, value: V) -> &mut V {
+        let i = if self.nodes.len() >= self.cap {
+            // Reuse the least recently used slot.
+            let i = self.oldest;
+            self.unlink(i);
+            let node = &mut self.nodes[i as usize];
+            self.map.remove(&node.key);
+            node.key = key.clone();
+            node.value = value;
+            i
+        } else {
+            self.nodes.push(Node {
+                key: key.clone(),
+                value,
+                newer: NIL,
+                older: NIL,
+            });
+            (self.nodes.len() - 1) as u32
+        };
+        self.map.insert(key, i);
+        self.link_newest(i);
+        &mut self.nodes[i as usize].value
+    }
+
+    fn touch(&mut self, i: u32) {
+        if self.newest != i {
+            self.unlink(i);
+            self.link_newest(i);
+        }
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (newer, older) = {
+            let n = &self.nodes[i as usize];
+            (n.newer, n.older)
+        };
+        if newer == NIL {
+            self.newest = older;
+        } else {
+            self.nodes[newer as usize].older = older;
+        }
+        if older == NIL {
+            self.oldest = newer;
+        } else {
+            self.nodes[older as usize].newer = newer;
+        }
+    }
+
+    fn link_newest(&mut self, i: u32) {
+        let old_newest = self.newest;
+        {
+            let n = &mut self.nodes[i as usize];
+            n.newer = NIL;
+            n.older = old_newest;
+        }
+        if old_newest != NIL {
+            self.nodes[old_newest as usize].newer = i;
+        }
+        self.newest = i;
+        if self.oldest == NIL {
+            self.oldest = i;
+        }
+    }
+
+    /// Entries from the least to the most recently used.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        let mut i = self.oldest;
+        std::iter::from_fn(move || {
+            if i == NIL {
+                return None;
+            }
+            let n = &self.nodes[i as usize];
+            i = n.newer;
+            Some((&n.key, &n.value))
+        })
+    }
+
+    /// Keeps only the entries for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
+        let old = std::mem::replace(self, Lru::new(self.cap));
+        let mut order: Vec<u32> = Vec::with_capacity(old.nodes.len());
+        let mut i = old.oldest;
+        while i != NIL {
+            order.push(i);
+            i = old.nodes[i as usize].newer;
+        }
+        let mut slots: Vec<Option<Node<K, V>>> = old.nodes.into_iter().map(Some).collect();
+        for i in order {
+            if let Some(n) = slots[i as usize].take()
+                && keep(&n.key, &n.value)
+            {
+                self.insert_new(n.key, n.value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_and_evicts_the_least_recently_used() {
+        let mut l: Lru<String, u32> = Lru::new(3);
+        for (i, k) in ["a", "b", "c"].iter().enumerate() {
+            l.insert(k.to_string(), i as u32);
+        }
+        // Touch "a": "b" is now the oldest.
+        assert_eq!(l.get_mut("a"), Some(&mut 0));
+        l.insert("d".into(), 3);
+        assert_eq!(l.len(), 3);
+        assert!(l.peek("b").is_none());
+        let keys: Vec<&String> = l.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["c", "a", "d"]);
+        *l.get_or_insert_with("e", || ("e".into(), 9)) += 1;
+        assert_eq!(l.peek("e"), Some(&10));
+        assert!(l.peek("c").is_none());
+        for i in 0..1000u32 {
+            l.insert(format!("k{i}"), i);
+        }
+        assert_eq!(l.len(), 3);
+        let keys: Vec<&String> = l.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["k997", "k998", "k999"]);
+    }
+
+    #[test]
+    fn retain_keeps_the_order() {
+        let mut l: Lru<u32, u32> = Lru::new(10);
+        for i in 0..10 {
+            l.insert(i, i);
+        }
+        l.get_mut(&0);
+        l.retain(|k, _| k % 2 == 0);
+        let keys: Vec<u32> = l.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, [2, 4, 6, 8, 0]);
+        assert!(!l.is_empty());
+    }
+}

@@ -1,0 +1,448 @@
+//! The in-process store: accounts in `SHARDS` independently locked LRU maps (bounded by
+//! `tracked_accounts` in all), client addresses' AUTH failures in one more, and the
+//! freeze book. With the Redis backend it is the local fallback, kept warm by counting
+//! every message here too.
+//!
+//! Snapshot (`state_file`), JSON lines: a header `{"version","written_at","layout"}`,
+//! then `{"account", "state"}` per account (least recently active first, per shard) and
+//! `{"client", "state"}` per client address with recent failures or a block. Written
+//! atomically (dot-file, fsync, rename). Freezes are not in it: they are in
+//! `freeze_file`, rewritten on every change.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::io::{BufRead, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use super::baseline::Params;
+use super::config::{Limits, Settings};
+use super::freeze::{Freeze, FreezeBook, FreezeRecord};
+use super::lru::Lru;
+use super::report::{self, AccountDetail, AccountSummary};
+use super::state::{AccountState, ClientState, FailLimits, Observation, secs};
+
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    pub version: u32,
+    pub written_at: u64,
+    pub layout: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum SnapshotLine {
+    Account { account: String, state: AccountState },
+    Client { client: IpAddr, state: ClientState },
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct MemoryStore {
+    s: Arc<Settings>,
+    p: Params,
+    shards: Box<[Mutex<Lru<Arc<str>, AccountState>>]>,
+    hasher: std::hash::RandomState,
+    clients: Mutex<Lru<IpAddr, ClientState>>,
+    freezes: RwLock<FreezeBook>,
+    /// Accounts with a freeze record in force (a fast path: usually 0).
+    frozen: AtomicUsize,
+    dirty: AtomicBool,
+}
+
+impl MemoryStore {
+    pub fn new(s: Arc<Settings>) -> MemoryStore {
+        let tracked = s.cfg.tracked_accounts;
+        // Small bounds get one shard so that the bound is an exact LRU.
+        let n = if tracked >= 64 * 64 { 64 } else { 1 };
+        let shards = (0..n)
+            .map(|i| Mutex::new(Lru::new(tracked / n + usize::from(i < tracked % n))))
+            .collect();
+        MemoryStore {
+            p: Params::from_settings(&s),
+            clients: Mutex::new(Lru::new(s.cfg.auth_failures.tracked_clients)),
+            s,
+            shards,
+            hasher: std::hash::RandomState::new(),
+            freezes: RwLock::new(FreezeBook::default()),
+            frozen: AtomicUsize::new(0),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    fn shard(&self, account: &str) -> &Mutex<Lru<Arc<str>, AccountState>> {
+        let i = self.hasher.hash_one(account) as usize % self.shards.len();
+        &self.shards[i]
+    }
+
+    /// Counts one message and returns what the limits look at.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        account: &str,
+        now_ms: u64,
+        ip: IpAddr,
+        rcpts: u32,
+        rejected: u32,
+        domains: &[u32],
+        limits: &Limits,
+    ) -> Observation {
+        let cap = if limits.bulk || limits.max_domains == 0 {
+            0
+        } else {
+            limits.max_domains as usize + 1
+        };
+        let mut o = {
+            let mut shard = lock(self.shard(account));
+            let st = shard.get_or_insert_with(account, || (Arc::from(account), AccountState::new(&self.s, now_ms)));
+            st.record(&self.s, &self.p, now_ms, rcpts, rejected, domains, cap);
+            st.observe(&self.s, &self.p, now_ms, Some(ip))
+        };
+        o.frozen = self.frozen(account, now_ms);
+        self.dirty.store(true, Ordering::Relaxed);
+        o
+    }
+
+    /// A successful login of `account` from `ip`.
+    pub fn login(&self, account: &str, ip: IpAddr, now_ms: u64) {
+        let mut shard = lock(self.shard(account));
+        let st = shard.get_or_insert_with(account, || (Arc::from(account), AccountState::new(&self.s, now_ms)));
+        st.login(ip, secs(now_ms), self.s.cfg.new_ip.remember);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an alert (a From alert when `from`, else a burst alert) for `account` is
+    /// due (none in the last `interval` seconds); if so, records it as sent.
+    pub fn alert_due(&self, account: &str, from: bool, now_ms: u64, interval: u32) -> bool {
+        let now = secs(now_ms);
+        let mut shard = lock(self.shard(account));
+        let Some(st) = shard.get_mut(account) else {
+            return true;
+        };
+        let last = if from { &mut st.last_from_alert } else { &mut st.last_alert };
+        if *last != 0 && now.saturating_sub(*last) < interval {
+            return false;
+        }
+        *last = now.max(1);
+        true
+    }
+
+    pub fn auth_failure(&self, ip: IpAddr, user: u32, now_ms: u64, l: FailLimits) -> Option<(u32, u32)> {
+        let mut clients = lock(&self.clients);
+        let c = clients.get_or_insert_with(&ip, || (ip, ClientState::default()));
+        self.dirty.store(true, Ordering::Relaxed);
+        c.fail(secs(now_ms), user, l)
+    }
+
+    /// Until when `ip` is blocked, if it is.
+    pub fn blocked(&self, ip: IpAddr, now_ms: u64) -> Option<u32> {
+        lock(&self.clients).peek(&ip)?.blocked(secs(now_ms))
+    }
+
+    pub fn block(&self, ip: IpAddr, until: u32) {
+        let mut clients = lock(&self.clients);
+        clients.get_or_insert_with(&ip, || (ip, ClientState::default())).blocked_until = until;
+    }
+
+    pub fn frozen(&self, account: &str, now_ms: u64) -> Option<Freeze> {
+        if self.frozen.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let book = self.freezes.read().unwrap_or_else(|e| e.into_inner());
+        book.frozen(account, u64::from(secs(now_ms))).cloned()
+    }
+
+    /// Changes the freeze book; the closure's result is returned.
+    pub fn with_freezes<R>(&self, f: impl FnOnce(&mut FreezeBook) -> R) -> R {
+        let mut book = self.freezes.write().unwrap_or_else(|e| e.into_inner());
+        let r = f(&mut book);
+        self.frozen.store(book.frozen_count(), Ordering::Relaxed);
+        r
+    }
+
+    pub fn freeze_book(&self) -> FreezeBook {
+        self.freezes.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn freeze_record(&self, account: &str) -> Option<FreezeRecord> {
+        self.freezes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .accounts
+            .get(account)
+            .cloned()
+    }
+
+    pub fn state(&self, account: &str) -> Option<AccountState> {
+        lock(self.shard(account)).peek(account).cloned()
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// Every tracked or frozen account, most recently active first.
+    pub fn summaries(&self, now_ms: u64) -> Vec<AccountSummary> {
+        let book = self.freeze_book();
+        let now = u64::from(secs(now_ms));
+        let mut out = Vec::new();
+        let mut seen: HashMap<String, ()> = HashMap::new();
+        for shard in self.shards.iter() {
+            let entries: Vec<(Arc<str>, AccountState)> =
+                lock(shard).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            for (k, st) in entries {
+                out.push(report::summary(&self.s, &k, Some(&st), book.frozen(&k, now), now_ms));
+                seen.insert(k.to_string(), ());
+            }
+        }
+        for (account, rec) in &book.accounts {
+            if !seen.contains_key(account)
+                && let Some(f) = rec.current.as_ref().filter(|f| f.active(now))
+            {
+                out.push(report::summary(&self.s, account, None, Some(f), now_ms));
+            }
+        }
+        sort_summaries(&mut out);
+        out
+    }
+
+    pub fn detail(&self, account: &str, now_ms: u64) -> Option<AccountDetail> {
+        let st = self.state(account);
+        let rec = self.freeze_record(account);
+        if st.is_none() && rec.is_none() {
+            return None;
+        }
+        Some(report::detail(&self.s, account, st.as_ref(), rec.as_ref(), now_ms))
+    }
+
+    /// Whether anything was counted since the last snapshot (and clears the flag).
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::Relaxed)
+    }
+
+    /// Writes the counters snapshot; returns the number of accounts written.
+    pub fn write_snapshot(&self, path: &Path, now_ms: u64) -> std::io::Result<usize> {
+        let mut n = 0;
+        super::freeze::write_atomic(path, |w| {
+            let header = SnapshotHeader {
+                version: SNAPSHOT_VERSION,
+                written_at: u64::from(secs(now_ms)),
+                layout: self.s.layout.clone(),
+            };
+            serde_json::to_writer(&mut *w, &header).map_err(std::io::Error::other)?;
+            w.write_all(b"\n")?;
+            for shard in self.shards.iter() {
+                // Copy under the lock, write without it.
+                let entries: Vec<(Arc<str>, AccountState)> =
+                    lock(shard).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                for (account, state) in entries {
+                    let line = SnapshotLine::Account {
+                        account: account.to_string(),
+                        state,
+                    };
+                    serde_json::to_writer(&mut *w, &line).map_err(std::io::Error::other)?;
+                    w.write_all(b"\n")?;
+                    n += 1;
+                }
+            }
+            let now = secs(now_ms);
+            let window = self.s.cfg.auth_failures.window.as_secs() as u32;
+            let clients: Vec<(IpAddr, ClientState)> = lock(&self.clients)
+                .iter()
+                .filter(|(_, c)| c.blocked_until > now || c.fails.iter().any(|&(t, _)| t + window > now))
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            for (client, state) in clients {
+                serde_json::to_writer(&mut *w, &SnapshotLine::Client { client, state })
+                    .map_err(std::io::Error::other)?;
+                w.write_all(b"\n")?;
+            }
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
+    /// Loads a snapshot written by [`write_snapshot`](Self::write_snapshot); returns the
+    /// number of accounts loaded. A missing file loads nothing.
+    pub fn load_snapshot(&self, path: &Path) -> Result<usize, String> {
+        let mut n = 0;
+        let layout_ok = read_snapshot(path, |header| header.layout == self.s.layout, |line| {
+            match line {
+                SnapshotLine::Account { account, mut state } => {
+                    state.fit_layout(&self.s);
+                    lock(self.shard(&account)).insert(Arc::from(account.as_str()), state);
+                    n += 1;
+                }
+                SnapshotLine::Client { client, state } => lock(&self.clients).insert(client, state),
+            }
+        })?;
+        if layout_ok == Some(false) {
+            tracing::info!(file = %path.display(), "outbound: windows changed since the snapshot; window counters restart from zero");
+        }
+        Ok(n)
+    }
+}
+
+/// Frozen first, then most recently active first.
+pub fn sort_summaries(v: &mut [AccountSummary]) {
+    v.sort_by(|a, b| {
+        b.frozen
+            .cmp(&a.frozen)
+            .then(b.last_seen.cmp(&a.last_seen))
+            .then(a.account.cmp(&b.account))
+    });
+}
+
+/// Reads a snapshot line by line. `Ok(None)`: no file; `Ok(Some(layout matches))`.
+fn read_snapshot(
+    path: &Path,
+    check: impl FnOnce(&SnapshotHeader) -> bool,
+    mut each: impl FnMut(SnapshotLine),
+) -> Result<Option<bool>, String> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let mut lines = std::io::BufReader::new(file).lines();
+    let header: SnapshotHeader = match lines.next() {
+        Some(Ok(l)) => serde_json::from_str(&l).map_err(|e| format!("{}: header: {e}", path.display()))?,
+        Some(Err(e)) => return Err(format!("{}: {e}", path.display())),
+        None => return Ok(None),
+    };
+    if header.version != SNAPSHOT_VERSION {
+        return Err(format!("{}: snapshot version {} (expected {SNAPSHOT_VERSION})", path.display(), header.version));
+    }
+    let ok = check(&header);
+    for (i, line) in lines.enumerate() {
+        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        let parsed: SnapshotLine =
+            serde_json::from_str(&line).map_err(|e| format!("{}: line {}: {e}", path.display(), i + 2))?;
+        each(parsed);
+    }
+    Ok(Some(ok))
+}
+
+/// The snapshot as the CLI reads it: its header and every account's state.
+pub fn read_accounts(path: &Path) -> Result<Option<(SnapshotHeader, Vec<(String, AccountState)>)>, String> {
+    let mut header = None;
+    let mut accounts = Vec::new();
+    let found = read_snapshot(
+        path,
+        |h| {
+            header = Some(SnapshotHeader {
+                version: h.version,
+                written_at: h.written_at,
+                layout: h.layout.clone(),
+            });
+            true
+        },
+        |line| {
+            if let SnapshotLine::Account { account, state } = line {
+                accounts.push((account, state));
+            }
+        },
+    )?;
+    Ok(found.and(header).map(|h| (h, accounts)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::config::OutboundConfig;
+    use crate::outbound::state::domain_hashes;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn store(cfg: OutboundConfig) -> MemoryStore {
+        MemoryStore::new(Arc::new(Settings::new(&cfg).unwrap()))
+    }
+
+    #[test]
+    fn lru_bound_holds() {
+        let s = store(OutboundConfig {
+            tracked_accounts: 10,
+            ..Default::default()
+        });
+        let limits = s.s.limits_for("x").clone();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for i in 0..25 {
+            s.record(&format!("user{i}@example.org"), T0 + i, ip, 1, 0, &[], &limits);
+        }
+        assert_eq!(s.tracked(), 10);
+        assert!(s.state("user24@example.org").is_some());
+        assert!(s.state("user14@example.org").is_none());
+        assert!(s.state("user15@example.org").is_some());
+        // A big bound is sharded but still exact in total.
+        let s = store(OutboundConfig {
+            tracked_accounts: 5000,
+            ..Default::default()
+        });
+        for i in 0..20_000 {
+            s.record(&format!("u{i}"), T0, ip, 1, 0, &[], &limits);
+        }
+        assert!(s.tracked() <= 5000, "{}", s.tracked());
+        assert!(s.tracked() > 4500, "{}", s.tracked());
+    }
+
+    #[test]
+    fn snapshot_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let cfg = OutboundConfig::default();
+        let a = store(cfg.clone());
+        let limits = a.s.limits_for("x").clone();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let rcpts = vec!["a@one.example".to_string(), "b@two.example".to_string()];
+        for i in 0..5 {
+            a.record("alice@example.org", T0 + i * 1000, ip, 2, 1, &domain_hashes(&rcpts), &limits);
+        }
+        a.login("alice@example.org", ip, T0);
+        let fl = FailLimits {
+            window: 600,
+            max_failures: 1,
+            max_usernames: 5,
+            block: 3600,
+        };
+        a.auth_failure("198.51.100.7".parse().unwrap(), 1, T0, fl);
+        assert!(a.auth_failure("198.51.100.7".parse().unwrap(), 1, T0, fl).is_some());
+        assert_eq!(a.write_snapshot(&path, T0 + 5000).unwrap(), 1);
+
+        let b = store(cfg.clone());
+        assert_eq!(b.load_snapshot(&path).unwrap(), 1);
+        let now = T0 + 6000;
+        let oa = a.state("alice@example.org").unwrap().observe(&a.s, &a.p, now, Some(ip));
+        let ob = b.state("alice@example.org").unwrap().observe(&b.s, &b.p, now, Some(ip));
+        assert_eq!(oa.windows, ob.windows);
+        assert_eq!(ob.windows[0], (5.0, 10.0));
+        assert_eq!(ob.rejected, (15.0, 5.0));
+        assert_eq!(ob.domains, 2);
+        assert_eq!(b.state("alice@example.org").unwrap().ips.len(), 1);
+        assert!(b.blocked("198.51.100.7".parse().unwrap(), now).is_some());
+
+        // Other windows: the counters restart, the rest stays.
+        let c = store(OutboundConfig {
+            windows: vec![],
+            ..cfg
+        });
+        assert_eq!(c.load_snapshot(&path).unwrap(), 1);
+        let st = c.state("alice@example.org").unwrap();
+        assert_eq!(st.messages, 5);
+        assert_eq!(st.rings.len(), crate::outbound::window::RING_LEN);
+        assert_eq!(st.observe(&c.s, &c.p, now, None).rejected, (0.0, 0.0));
+
+        let (header, accounts) = read_accounts(&path).unwrap().unwrap();
+        assert_eq!(header.written_at, (T0 + 5000) / 1000);
+        assert_eq!(accounts.len(), 1);
+        assert!(read_accounts(&dir.path().join("none.json")).unwrap().is_none());
+        assert_eq!(store(OutboundConfig::default()).load_snapshot(&dir.path().join("none.json")).unwrap(), 0);
+    }
+}
