@@ -17,6 +17,7 @@ pub mod auth;
 pub mod check;
 pub mod config;
 pub mod metrics;
+pub mod outbound;
 pub mod policy;
 pub mod quarantine;
 pub mod relay;

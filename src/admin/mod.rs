@@ -2,6 +2,7 @@
 //! the admin HTTP API shares with the running proxy.
 
 pub mod http;
+pub mod accounts_cli;
 pub mod quarantine_cli;
 
 use std::sync::Arc;
@@ -21,4 +22,6 @@ pub struct AdminState {
     pub inspector: Arc<dyn Inspector>,
     /// Where released messages go.
     pub next_hop: Arc<NextHop>,
+    /// The outbound burst detector (accounts, freezes); `None` when `[outbound]` is off.
+    pub detector: Option<Arc<crate::outbound::Detector>>,
 }

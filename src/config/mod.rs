@@ -45,6 +45,8 @@ pub struct Config {
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
+    pub outbound: crate::outbound::OutboundConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -552,6 +554,9 @@ impl Config {
                     ),
                 );
             }
+        }
+        if let Err((key, reason)) = self.outbound.validate() {
+            return err("outbound", &key, reason);
         }
         let admin = &self.admin;
         if admin.enabled {

@@ -40,10 +40,6 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         self.nodes.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
     /// The entry for `key`, marked as the most recently used.
     pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
     where
@@ -165,25 +161,6 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
             Some((&n.key, &n.value))
         })
     }
-
-    /// Keeps only the entries for which `keep` is true.
-    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
-        let old = std::mem::replace(self, Lru::new(self.cap));
-        let mut order: Vec<u32> = Vec::with_capacity(old.nodes.len());
-        let mut i = old.oldest;
-        while i != NIL {
-            order.push(i);
-            i = old.nodes[i as usize].newer;
-        }
-        let mut slots: Vec<Option<Node<K, V>>> = old.nodes.into_iter().map(Some).collect();
-        for i in order {
-            if let Some(n) = slots[i as usize].take()
-                && keep(&n.key, &n.value)
-            {
-                self.insert_new(n.key, n.value);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -212,18 +189,5 @@ mod tests {
         assert_eq!(l.len(), 3);
         let keys: Vec<&String> = l.iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["k997", "k998", "k999"]);
-    }
-
-    #[test]
-    fn retain_keeps_the_order() {
-        let mut l: Lru<u32, u32> = Lru::new(10);
-        for i in 0..10 {
-            l.insert(i, i);
-        }
-        l.get_mut(&0);
-        l.retain(|k, _| k % 2 == 0);
-        let keys: Vec<u32> = l.iter().map(|(k, _)| *k).collect();
-        assert_eq!(keys, [2, 4, 6, 8, 0]);
-        assert!(!l.is_empty());
     }
 }

@@ -28,16 +28,16 @@
 //!                   └▶ limits (evaluate) + From check ─▶ Assessment ─▶ freeze / alert
 //! ```
 
-pub mod alert;
-pub mod baseline;
+pub(crate) mod alert;
+pub(crate) mod baseline;
 pub mod config;
-pub mod freeze;
+pub(crate) mod freeze;
 mod lru;
-pub mod memory;
-pub mod redis_store;
+pub(crate) mod memory;
+pub(crate) mod redis_store;
 pub mod report;
-pub mod state;
-pub mod window;
+pub(crate) mod state;
+pub(crate) mod window;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -217,7 +217,7 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
         Some(_) if s.cfg.new_ip.enabled => s.cfg.new_ip.factor,
         _ => 1.0,
     };
-    let mut over = |signal: String, what: String, value: f64, limit: f64, extra: String| {
+    fn over(out: &mut Vec<Breach>, signal: String, what: String, value: f64, limit: f64, extra: String) {
         if value > limit + 1e-9 {
             out.push(Breach {
                 text: format!("{what}: {} > {}{extra}", num(value), num(limit)),
@@ -226,20 +226,21 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
                 limit,
             });
         }
-    };
+    }
     for (i, &(max_m, max_r)) in limits.windows.iter().enumerate() {
         let label = &s.rings[i].label;
         let (m, r) = obs.windows[i];
         if let Some(max) = max_m {
-            over(format!("messages_{label}"), format!("messages in {label}"), m, f64::from(max) * factor, String::new());
+            over(&mut out, format!("messages_{label}"), format!("messages in {label}"), m, f64::from(max) * factor, String::new());
         }
         if let Some(max) = max_r {
-            over(format!("recipients_{label}"), format!("recipients in {label}"), r, f64::from(max) * factor, String::new());
+            over(&mut out, format!("recipients_{label}"), format!("recipients in {label}"), r, f64::from(max) * factor, String::new());
         }
     }
     if limits.max_domains > 0 {
         let label = config::label(s.cfg.recipient_domains_window);
         over(
+            &mut out,
             format!("domains_{label}"),
             format!("recipient domains in {label}"),
             f64::from(obs.domains),
@@ -273,6 +274,7 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
         let tr = a.floor_recipients.max(a.k * br) * factor;
         let (rm, rr) = obs.rate;
         over(
+            &mut out,
             "messages_rate_1h".into(),
             "messages in the last hour".into(),
             rm,
@@ -280,6 +282,7 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
             format!(" (max of floor {} and {} × baseline {:.1}/h)", num(a.floor_messages), num(a.k), bm),
         );
         over(
+            &mut out,
             "recipients_rate_1h".into(),
             "recipients in the last hour".into(),
             rr,
@@ -316,6 +319,28 @@ fn bare_address(s: &str) -> String {
     inner.trim().to_lowercase()
 }
 
+/// The mailboxes of an address list: split at commas outside quotes and `<>`.
+fn split_addresses(s: &str) -> Vec<&str> {
+    let (mut out, mut start, mut quoted, mut angle) = (Vec::new(), 0, false, false);
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '<' if !quoted => angle = true,
+            '>' if !quoted => angle = false,
+            ',' if !quoted && !angle => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
 fn domain_of(addr: &str) -> Option<&str> {
     addr.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.')).filter(|d| !d.is_empty())
 }
@@ -332,8 +357,8 @@ fn from_mismatch(s: &Settings, limits: &Limits, account: &str, header_from: &str
         format!("{account}@{}", s.cfg.from.login_domain.as_deref()?.to_lowercase())
     };
     let own_domain = domain_of(&own)?;
-    let addresses: Vec<String> = header_from
-        .split(',')
+    let addresses: Vec<String> = split_addresses(header_from)
+        .into_iter()
         .map(bare_address)
         .filter(|a| !a.is_empty())
         .collect();
@@ -447,7 +472,13 @@ impl Detector {
         }
     }
 
-    /// Alerts emitted since start (log lines; webhook posts follow them).
+    /// Accounts whose counters are kept in this process (bounded by `tracked_accounts`).
+    pub fn tracked_accounts(&self) -> usize {
+        self.local.tracked()
+    }
+
+    /// Alerts emitted since start: `outbound burst`, `outbound from mismatch` and
+    /// `auth failures` lines (each also posted to the webhook).
     pub fn alerts_sent(&self) -> u64 {
         self.alerts.load(Ordering::Relaxed)
     }
@@ -771,7 +802,6 @@ impl Detector {
         let changed = changed.unwrap_or(local_changed);
         self.persist_freezes().await;
         if changed {
-            self.alerts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 account = %account,
                 by = %f.by,
@@ -1001,19 +1031,36 @@ impl Detector {
                 for account in &expired {
                     tracing::warn!(account = %account, "outbound freeze expired");
                 }
-                let changed = self.local.with_freezes(|b| {
-                    let before: Vec<(String, Option<Freeze>)> =
-                        b.accounts.iter().map(|(a, r)| (a.clone(), r.current.clone())).collect();
+                let nows = u64::from(secs(now));
+                let (frozen, thawed) = self.local.with_freezes(|b| {
+                    let before: Vec<String> = b
+                        .accounts
+                        .iter()
+                        .filter(|(_, r)| r.current.as_ref().is_some_and(|f| f.active(nows)))
+                        .map(|(a, _)| a.clone())
+                        .collect();
+                    let frozen: Vec<(String, Freeze)> =
+                        active.iter().filter(|(a, _)| !before.contains(a)).cloned().collect();
+                    let thawed: Vec<String> = before
+                        .into_iter()
+                        .filter(|a| !active.iter().any(|(x, _)| x == a))
+                        .collect();
                     for rec in b.accounts.values_mut() {
                         rec.current = None;
                     }
                     for (a, f) in &active {
                         b.accounts.entry(a.clone()).or_default().current = Some(f.clone());
                     }
-                    before.len() != b.accounts.len()
-                        || before.iter().any(|(a, f)| b.accounts.get(a).map(|r| &r.current) != Some(f))
+                    (frozen, thawed)
                 });
-                if changed {
+                // Changes made by other instances or the CLI, seen here for the first time.
+                for (account, f) in &frozen {
+                    tracing::warn!(account = %account, by = %f.by, why = %f.why, "outbound account frozen (shared state)");
+                }
+                for account in thawed.iter().filter(|a| !expired.contains(a)) {
+                    tracing::warn!(account = %account, "outbound account unfrozen (shared state)");
+                }
+                if !frozen.is_empty() || !thawed.is_empty() {
                     self.version.fetch_add(1, Ordering::SeqCst);
                     self.persist_freezes().await;
                 }

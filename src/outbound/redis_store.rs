@@ -393,7 +393,7 @@ where
     #[serde(untagged)]
     enum Either<V> {
         Map(std::collections::HashMap<String, V>),
-        Seq(Vec<serde::de::IgnoredAny>),
+        Seq(#[allow(dead_code)] Vec<serde::de::IgnoredAny>),
     }
     Ok(match Either::<V>::deserialize(d)? {
         Either::Map(m) => m,

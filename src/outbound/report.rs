@@ -5,7 +5,8 @@ use serde::Serialize;
 
 use super::baseline::Params;
 use super::config::Settings;
-use super::freeze::{Freeze, FreezeEvent, FreezeRecord};
+pub use super::freeze::{Freeze, FreezeEvent};
+use super::freeze::FreezeRecord;
 use super::state::{AccountState, secs};
 
 /// Messages and recipients in one window, with the limits that apply.
@@ -111,7 +112,7 @@ fn windows(s: &Settings, account: &str, st: Option<&AccountState>, now_ms: u64) 
         .collect()
 }
 
-pub fn summary(
+pub(crate) fn summary(
     s: &Settings,
     account: &str,
     st: Option<&AccountState>,
@@ -135,7 +136,7 @@ pub fn summary(
     }
 }
 
-pub fn detail(
+pub(crate) fn detail(
     s: &Settings,
     account: &str,
     st: Option<&AccountState>,

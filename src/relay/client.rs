@@ -109,9 +109,13 @@ impl SmtpConnection {
                 }
                 conn.xclient_sent = true;
                 // XCLIENT starts a new SMTP session at the next hop (Postfix semantics).
-                conn.ehlo(our_name).await?;
+                // Greet with the client's own HELO name so the next hop's HELO checks
+                // and its Received line see it, not ours (XCLIENT_README).
+                let name = client.helo.as_deref().filter(|h| is_helo_token(h)).unwrap_or(our_name);
+                conn.ehlo(name).await?;
             }
             (XclientMode::Require, None) => {
+                conn.quit().await;
                 return Err(RelayError::Policy(
                     "next hop does not offer XCLIENT (xclient = \"require\"): it would see our address, not the client's",
                 ));
@@ -304,6 +308,11 @@ impl SmtpConnection {
             RelayError::Protocol(format!("malformed reply: {:?}", reply::sanitize(&lines[0])))
         })
     }
+}
+
+/// A HELO argument we can repeat in our own EHLO: one printable token, not too long.
+fn is_helo_token(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 255 && h.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Builds `MAIL FROM:<addr> [params]` keeping only what the next hop supports.

@@ -58,7 +58,13 @@ impl Server {
         shutdown: CancellationToken,
     ) -> Result<Server, String> {
         let next_hop = Arc::new(NextHop::from_config(&config)?);
-        let quarantine = if config.auth.enabled {
+        let has_submission = config.listeners.iter().any(|l| l.role == crate::config::Role::Submission);
+        let outbound = if config.outbound.enabled && has_submission {
+            Some(Arc::new(crate::outbound::Detector::new(&config.outbound).await?))
+        } else {
+            None
+        };
+        let quarantine = if config.auth.enabled || outbound.is_some() {
             let dir = &config.quarantine.dir;
             let q =
                 Quarantine::open(dir).map_err(|e| format!("quarantine {}: {e}", dir.display()))?;
@@ -96,6 +102,7 @@ impl Server {
                 next_hop,
                 inspector,
                 quarantine,
+                outbound,
                 shutdown,
             }),
             grace,
@@ -135,6 +142,9 @@ impl Server {
                 self.shared.clone(),
                 tracker.clone(),
             )));
+        }
+        if let Some(detector) = self.shared.outbound.clone() {
+            tokio::spawn(detector.maintain(shutdown.clone()));
         }
         if let Some(store) = self.shared.quarantine.clone() {
             let retention = self.shared.config.quarantine.retention;

@@ -25,6 +25,8 @@ pub struct SessionShared {
     pub inspector: Arc<dyn Inspector>,
     /// Where `quarantine` verdicts put messages; without one they are deferred.
     pub quarantine: Option<Arc<crate::quarantine::Quarantine>>,
+    /// Outbound burst detection for submission listeners (`[outbound] enabled`).
+    pub outbound: Option<Arc<crate::outbound::Detector>>,
     /// Cancelled on SIGTERM: idle sessions say 421 and close; open transactions finish.
     pub shutdown: CancellationToken,
 }
@@ -49,6 +51,8 @@ pub struct Transaction {
     pub rcpts: Vec<RcptTo<String>>,
     /// Recipients asked for, accepted or not (the recipient limit counts these).
     pub rcpt_attempts: usize,
+    /// Recipients the next hop refused (a signal of address guessing by a sender).
+    pub rcpt_refused: usize,
     /// Whether MAIL has been replayed to the next hop.
     pub relay_started: bool,
     /// Set when the next hop refused MAIL or failed: every later RCPT and DATA gets it.

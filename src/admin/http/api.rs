@@ -127,6 +127,32 @@ fn audit_bad_id(peer: Option<&Peer>, input: &str) {
         "admin API: malformed quarantine id refused");
 }
 
+/// An entry that exists as a plain directory with plain files. The store's own lookup
+/// follows symlinks; here a symlink planted in `entries/` (or inside an entry) is not an
+/// entry, so nothing outside the store is ever read or deleted through the API.
+fn lookup(store: &Quarantine, id: &QuarantineId) -> Result<QuarantineId, StoreError> {
+    let id = store.lookup(id.as_str())?;
+    let dir = store.entry_dir(&id);
+    let plain = |p: &std::path::Path, want_dir: bool| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| {
+            if want_dir {
+                m.file_type().is_dir()
+            } else {
+                m.file_type().is_file()
+            }
+        })
+    };
+    if !plain(&dir, true)
+        || !plain(&dir.join("message.eml"), false)
+        || !plain(&dir.join("meta.json"), false)
+    {
+        tracing::warn!(target: "mailwarden::audit", id = %id,
+            "admin API: quarantine entry is not a plain directory of plain files (symlink?); refused");
+        return Err(StoreError::NotFound(id.to_string()));
+    }
+    Ok(id)
+}
+
 /// Runs store work on the blocking pool.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -248,7 +274,7 @@ pub async fn entry(
     let id = parse_id(req.extensions().get::<Peer>(), path)?;
     let store = store(&app)?;
     let (meta, headers, preview) = blocking(move || {
-        let id = store.lookup(id.as_str())?;
+        let id = lookup(&store, &id)?;
         let meta = store.meta(&id)?;
         let message = store.message(&id)?;
         let headers: Vec<HeaderLine> = crate::quarantine::preview::header_summary(&message)
@@ -272,7 +298,7 @@ pub async fn raw(
     let id = parse_id(req.extensions().get::<Peer>(), path)?;
     let store = store(&app)?;
     let (id, bytes) = blocking(move || {
-        let id = store.lookup(id.as_str())?;
+        let id = lookup(&store, &id)?;
         let bytes = store.message(&id)?;
         Ok((id, bytes))
     })
@@ -344,8 +370,8 @@ pub async fn release(
         )));
     }
     let store = store(&app)?;
-    let lookup = store.clone();
-    let id = blocking(move || lookup.lookup(id.as_str())).await?;
+    let checker = store.clone();
+    let id = blocking(move || lookup(&checker, &id)).await?;
     let config = &app.state.config;
     let result = crate::quarantine::release::release(
         &store,
@@ -403,7 +429,7 @@ pub async fn delete(
     let id = parse_id(req.extensions().get::<Peer>(), path)?;
     let store = store(&app)?;
     let id = blocking(move || {
-        let id = store.lookup(id.as_str())?;
+        let id = lookup(&store, &id)?;
         store.delete(&id)?;
         Ok(id)
     })
@@ -416,12 +442,6 @@ pub async fn delete(
 // Accounts (outbound burst detector)
 // ---------------------------------------------------------------------------
 
-// TODO(core): wire the outbound burst detector. Once `src/outbound` exists, add
-// `pub detector: Option<Arc<crate::outbound::Detector>>` to `AdminState` and answer from
-// it here: `accounts().await` for the list, `freeze(account, by, why)` /
-// `unfreeze(...)`, `backend_status()` for `backend`. Until then the accounts endpoints
-// say the detector is not available (the page shows that).
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FreezeBody {
@@ -429,19 +449,29 @@ struct FreezeBody {
     reason: String,
 }
 
-fn detector_unavailable() -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "accounts_unavailable",
-        "outbound burst detection is not available in this build",
-    )
+fn detector(app: &App) -> ApiResult<Arc<crate::outbound::Detector>> {
+    app.state.detector.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "accounts_unavailable",
+            "outbound burst detection is off ([outbound] enabled = false)",
+        )
+    })
 }
 
-pub async fn accounts(State(_app): State<Arc<App>>) -> ApiResult<Json<Value>> {
+pub async fn accounts(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
+    let Some(d) = app.state.detector.clone() else {
+        return Ok(Json(json!({
+            "available": false,
+            "backend": null,
+            "accounts": [],
+        })));
+    };
+    let accounts = d.accounts().await;
     Ok(Json(json!({
-        "available": false,
-        "backend": null,
-        "accounts": [],
+        "available": true,
+        "backend": d.backend_status(),
+        "accounts": accounts,
     })))
 }
 
@@ -450,6 +480,7 @@ fn account_name(path: Result<Path<String>, PathRejection>) -> ApiResult<String> 
     let Ok(Path(name)) = path else {
         return Err(ApiError::bad_request("account: not decodable"));
     };
+    let name = name.trim();
     if name.is_empty()
         || name.len() > MAX_ADDRESS_LEN
         || name
@@ -458,11 +489,27 @@ fn account_name(path: Result<Path<String>, PathRejection>) -> ApiResult<String> 
     {
         return Err(ApiError::bad_request("account: not an account name"));
     }
-    Ok(name)
+    Ok(name.to_string())
+}
+
+pub async fn account(
+    State(app): State<Arc<App>>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let account = account_name(path)?;
+    let d = detector(&app)?;
+    match d.account_detail(&account).await {
+        Some(detail) => Ok(Json(json!(detail))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no account {}", printable(&account)),
+        )),
+    }
 }
 
 async fn set_frozen(
-    _app: Arc<App>,
+    app: Arc<App>,
     path: Result<Path<String>, PathRejection>,
     req: Request,
     freeze: bool,
@@ -473,14 +520,44 @@ async fn set_frozen(
         .await
         .map_err(|_| ApiError::bad_request("body too large"))?;
     let body: FreezeBody = json_body(&body)?;
-    if body.reason.len() > MAX_REASON_LEN || body.reason.chars().any(char::is_control) {
+    let reason = body.reason.trim();
+    if reason.len() > MAX_REASON_LEN || reason.chars().any(char::is_control) {
         return Err(ApiError::bad_request(format!(
             "reason: one line, at most {MAX_REASON_LEN} bytes"
         )));
     }
+    let d = detector(&app)?;
+    let ip = req_ip(&peer);
+    let by = format!("admin API ({ip})");
+    let why = if reason.is_empty() {
+        if freeze {
+            "frozen from the admin API"
+        } else {
+            "unfrozen from the admin API"
+        }
+    } else {
+        reason
+    };
+    let result = if freeze {
+        d.freeze(&account, &by, why).await
+    } else {
+        d.unfreeze(&account, &by, why).await
+    };
     tracing::info!(target: "mailwarden::audit", account = %printable(&account), client = %peer,
-        freeze, outcome = "unavailable", "admin API: account freeze change");
-    Err(detector_unavailable())
+        freeze, outcome = %result.as_ref().err().map_or("ok", String::as_str),
+        "admin API: account freeze change");
+    match result {
+        Ok(()) => Ok(Json(json!({
+            "account": crate::outbound::normalize(&account),
+            "frozen": freeze,
+        }))),
+        Err(e) => Err(ApiError::new(StatusCode::CONFLICT, "wrong_state", e)),
+    }
+}
+
+/// The address part of `ip:port` (for the freeze record's "by").
+fn req_ip(peer: &str) -> &str {
+    peer.rsplit_once(':').map_or(peer, |(ip, _)| ip)
 }
 
 pub async fn freeze(

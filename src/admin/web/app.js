@@ -138,6 +138,8 @@
 
   const VIEWS = ['login', 'dashboard', 'quarantine', 'entry', 'accounts'];
   let refreshTimer = null;
+  // A message for the next view (e.g. "Deleted ..." after leaving the entry view).
+  let pendingNotice = null;
 
   function showView(name) {
     for (const v of VIEWS) $('view-' + v).hidden = v !== name;
@@ -157,7 +159,8 @@
     }
     $('nav').hidden = false;
     $('logout').hidden = false;
-    notice(null);
+    notice(pendingNotice, false);
+    pendingNotice = null;
     const hash = location.hash || '#/dashboard';
     const parts = hash.slice(2).split('/');
     try {
@@ -411,8 +414,8 @@
     const id = currentId;
     try {
       await api('/api/quarantine/' + encodeURIComponent(id) + '/delete', { method: 'POST', json: {} });
+      pendingNotice = `Deleted ${id}.`;
       location.hash = '#/quarantine';
-      notice(`Deleted ${id}.`, false);
     } catch (e) {
       resetDelete();
       if (e.status !== 401) result(`Not deleted: ${e.message}`, true);

@@ -97,6 +97,13 @@ impl Session {
                 )
                 .await;
         }
+        if let Some(detector) = self.shared.outbound.clone()
+            && let Err(why) = detector.auth_allowed(self.peer.ip()).await
+        {
+            tracing::warn!(session = %self.id, client = %self.peer, reason = %why, "AUTH refused: address blocked");
+            let reply = Reply::new(454, Enhanced(4, 7, 0), "Temporary authentication failure");
+            return self.refuse(state, reply).await;
+        }
         let creds = match mechanism {
             smtp_proto::AUTH_PLAIN => self.collect_plain(initial).await,
             smtp_proto::AUTH_LOGIN => self.collect_login(initial).await,
@@ -112,6 +119,12 @@ impl Session {
             Collect::Closed => return (state, Flow::Close),
         };
         let reply = self.login_at_next_hop(&helo, &creds).await;
+        // Only the next hop's definite answers count for credential-stuffing detection.
+        if let Some(detector) = self.shared.outbound.clone()
+            && (reply.code == 235 || reply.code == 535)
+        {
+            detector.auth_result(self.peer.ip(), &creds.username, reply.code == 235).await;
+        }
         if reply.code == 235 {
             tracing::info!(session = %self.id, client = %self.peer, user = %creds.username, "authenticated");
             self.login = Some(creds.username.clone());

@@ -119,6 +119,9 @@ impl Session {
             };
         }
 
+        if let Some(outcome) = self.outbound_check(helo, tx, message).await {
+            return outcome;
+        }
         let ctx = MessageContext {
             session_id: &self.id,
             client: self.peer,
@@ -173,6 +176,51 @@ impl Session {
             verdict,
             reasons: decision.reasons.clone(),
         }
+    }
+
+    /// Outbound burst detection (submission listeners): counts the message for its
+    /// account and applies the detector's action. `None` means go on as usual.
+    async fn outbound_check(&mut self, helo: &Helo, tx: &Transaction, message: &[u8]) -> Option<Outcome> {
+        use crate::outbound::OutboundAction;
+        if self.listener.config.role != crate::config::Role::Submission {
+            return None;
+        }
+        let detector = self.shared.outbound.clone()?;
+        let account = detector.account(self.login.as_deref(), self.peer.ip(), &tx.from.address)?;
+        let fields = crate::auth::headers::fields(message);
+        let header_from = crate::auth::headers::first(&fields, "From")
+            .map(|f| crate::policy::spoof::parse_from_header(&f.value).1)
+            .unwrap_or_default();
+        let rcpts: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();
+        let a = detector.assess(&account, self.peer.ip(), &header_from, &rcpts, tx.rcpt_refused).await;
+        let held = a.frozen || matches!(a.action, Some(OutboundAction::Hold | OutboundAction::Freeze));
+        let reply = if held {
+            let decision = Decision {
+                action: Action::Quarantine,
+                headers: Vec::new(),
+                strip: Vec::new(),
+                reasons: a.reasons.clone(),
+                flags: a.flags.iter().map(|f| f.to_string()).collect(),
+                authentication_results: None,
+            };
+            self.relay.reset().await;
+            tracing::warn!(session = %self.id, account = %account, frozen = a.frozen, reasons = %a.reasons.join("; "), "outbound: message held");
+            self.hold(helo, tx, message, &decision).await
+        } else {
+            match a.action {
+                Some(OutboundAction::Reject) if a.flags.contains(&crate::outbound::FLAG_FROM) => {
+                    Reply::new(550, Enhanced(5, 7, 1), "From address not permitted for this account")
+                }
+                Some(OutboundAction::Reject) => Reply::new(550, Enhanced(5, 7, 1), "Sending limit exceeded for this account"),
+                Some(OutboundAction::Defer) => Reply::new(451, Enhanced(4, 7, 1), "Sending rate exceeded, try again later"),
+                _ => return None,
+            }
+        };
+        if !held {
+            self.relay.reset().await;
+        }
+        let verdict = if held { "hold" } else { a.action.map_or("accept", |x| x.as_str()) };
+        Some(Outcome { reply, verdict, reasons: a.reasons })
     }
 
     /// Puts the message in quarantine. 250 only once it is on disk durably; any

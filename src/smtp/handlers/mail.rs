@@ -53,6 +53,7 @@ impl Session {
             from,
             rcpts: Vec::new(),
             rcpt_attempts: 0,
+            rcpt_refused: 0,
             relay_started: false,
             relay_failure: None,
             started: Instant::now(),

@@ -18,6 +18,9 @@ impl Session {
         }
         tx.rcpt_attempts += 1;
         let reply = self.rcpt_reply(&helo, &mut tx, &to).await;
+        if !reply.is_positive() {
+            tx.rcpt_refused += 1;
+        }
         let flow = if reply.is_positive() {
             tx.rcpts.push(to);
             self.stream.queue(&reply);
