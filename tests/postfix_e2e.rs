@@ -956,6 +956,12 @@ fn check_delivered(delivered: &[u8], sent: &[u8], rcpt: &str) -> String {
         postfix_received.contains("[127.0.0.2]") && !postfix_received.contains("[127.0.0.1]"),
         "Postfix's Received header does not name the original client [127.0.0.2]: {postfix_received}"
     );
+    // XCLIENT HELO plus a re-EHLO with the client's own name: Postfix records the
+    // client's HELO, not mailwarden's.
+    assert!(
+        postfix_received.contains("from client.example.org"),
+        "Postfix's Received header does not carry the client's HELO name: {postfix_received}"
+    );
     let queue_id = postfix_received
         .split_whitespace()
         .skip_while(|w| *w != "id")
