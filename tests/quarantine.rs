@@ -108,7 +108,8 @@ fn store_root(proxy: &Proxy) -> PathBuf {
 
 fn message(from: &str, to: &str, subject: &str, marker: &str) -> Vec<u8> {
     format!(
-        "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\nDate: Tue, 25 Nov 2025 10:00:00 +0000\r\n\
+        "From: {from}\r\nTo: {to}\r\nSubject: {subject}\r\n\
+         Date: Tue, 25 Nov 2025 10:00:00 +0000\r\n\
          Message-ID: <{marker}@test.example>\r\n\
          Authentication-Results: mailwarden.test; dmarc=pass (forged by the sender)\r\n\
          MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\
@@ -119,7 +120,8 @@ fn message(from: &str, to: &str, subject: &str, marker: &str) -> Vec<u8> {
 }
 
 /// The forged header every [`message`] carries (stripped at release).
-const FORGED: &str = "Authentication-Results: mailwarden.test; dmarc=pass (forged by the sender)\r\n";
+const FORGED: &str =
+    "Authentication-Results: mailwarden.test; dmarc=pass (forged by the sender)\r\n";
 
 /// The id in `250 2.0.0 Ok: queued as <ID>`.
 fn queued_id(r: &Reply) -> Option<String> {
@@ -328,10 +330,17 @@ fn whole_entries(root: &Path) -> BTreeMap<String, (Vec<u8>, Meta)> {
         let raw = std::fs::read(dir.join("meta.json"))
             .unwrap_or_else(|err| panic!("entry {id}: meta.json: {err}"));
         let meta: Meta = serde_json::from_slice(&raw).unwrap_or_else(|err| {
-            panic!("entry {id}: meta.json does not parse ({err}): {}", show(&raw))
+            panic!(
+                "entry {id}: meta.json does not parse ({err}): {}",
+                show(&raw)
+            )
         });
         assert_eq!(meta.id, id, "entry {id}: meta.json names another id");
-        assert_eq!(meta.size, eml.len(), "entry {id}: size in meta vs message.eml");
+        assert_eq!(
+            meta.size,
+            eml.len(),
+            "entry {id}: size in meta vs message.eml"
+        );
         out.insert(id, (eml, meta));
     }
     out
@@ -383,7 +392,11 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
         let (proxy, mta) = (&env.proxy, &env.mta);
         let root = store_root(proxy);
 
-        let rcpts_a = ["user1@example.org", "user2@example.org", "user3@example.org"];
+        let rcpts_a = [
+            "user1@example.org",
+            "user2@example.org",
+            "user3@example.org",
+        ];
         let msg_a = message(
             "Alice <alice@sender.example>",
             "user1@example.org",
@@ -411,7 +424,12 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
         );
 
         // An old entry, stored through the library with a received_at 3 days ago.
-        let msg_d = message("Old <old@old.example>", "eve@example.org", "old D", "marker-d");
+        let msg_d = message(
+            "Old <old@old.example>",
+            "eve@example.org",
+            "old D",
+            "marker-d",
+        );
         let id_d = {
             let q = Quarantine::open(&root).expect("open store");
             let mut meta = Meta {
@@ -451,7 +469,9 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
             assert!(line.contains("held"), "{line}");
         }
         assert!(
-            table.lines().any(|l| l.starts_with(&id_b) && l.contains("bulk sender")),
+            table
+                .lines()
+                .any(|l| l.starts_with(&id_b) && l.contains("bulk sender")),
             "{table}"
         );
         assert!(table.trim_end().ends_with("4 entries"), "{table}");
@@ -472,32 +492,70 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
         assert_eq!(row(&id_b)["reasons"], "bulk sender");
 
         // --- list: filters ---
-        let f = |args: &'static [&'static str]| async move { sorted(ids_of(&list_json(proxy, args).await)) };
+        let f = |args: &'static [&'static str]| async move {
+            sorted(ids_of(&list_json(proxy, args).await))
+        };
         let live = sorted(vec![id_a.clone(), id_b.clone(), id_c.clone()]);
         assert_eq!(f(&["--since", "1h"]).await, live, "--since 1h");
         assert_eq!(f(&["--since", "4d"]).await.len(), 4, "--since 4d");
-        assert_eq!(f(&["--reason", "bulk"]).await, vec![id_b.clone()], "--reason bulk");
+        assert_eq!(
+            f(&["--reason", "bulk"]).await,
+            vec![id_b.clone()],
+            "--reason bulk"
+        );
         assert_eq!(
             f(&["--reason", "test"]).await,
             sorted(vec![id_a.clone(), id_c.clone()]),
             "--reason test"
         );
-        assert_eq!(f(&["--reason", "AGED"]).await, vec![id_d.clone()], "--reason is case-insensitive");
-        assert_eq!(f(&["--from", "bulk.example"]).await, vec![id_b.clone()], "--from");
-        assert_eq!(f(&["--from", "Alice"]).await, vec![id_a.clone()], "--from header From");
-        assert_eq!(f(&["--rcpt", "user2@"]).await, vec![id_a.clone()], "--rcpt");
-        assert_eq!(f(&["--rcpt", "dave@example.org"]).await, vec![id_c.clone()], "--rcpt");
         assert_eq!(
-            f(&["--from", "sender.example", "--rcpt", "dave", "--since", "1h"]).await,
+            f(&["--reason", "AGED"]).await,
+            vec![id_d.clone()],
+            "--reason is case-insensitive"
+        );
+        assert_eq!(
+            f(&["--from", "bulk.example"]).await,
+            vec![id_b.clone()],
+            "--from"
+        );
+        assert_eq!(
+            f(&["--from", "Alice"]).await,
+            vec![id_a.clone()],
+            "--from header From"
+        );
+        assert_eq!(f(&["--rcpt", "user2@"]).await, vec![id_a.clone()], "--rcpt");
+        assert_eq!(
+            f(&["--rcpt", "dave@example.org"]).await,
+            vec![id_c.clone()],
+            "--rcpt"
+        );
+        assert_eq!(
+            f(&[
+                "--from",
+                "sender.example",
+                "--rcpt",
+                "dave",
+                "--since",
+                "1h"
+            ])
+            .await,
             vec![id_c.clone()],
             "filters combined"
         );
         assert!(f(&["--from", "nobody.example"]).await.is_empty());
-        assert!(f(&["--reason", "%"]).await.is_empty(), "% is literal, not a wildcard");
+        assert!(
+            f(&["--reason", "%"]).await.is_empty(),
+            "% is literal, not a wildcard"
+        );
         let two = ids_of(&list_json(proxy, &["--limit", "2"]).await);
         assert_eq!(two.len(), 2, "--limit 2");
         assert!(!two.contains(&id_d), "--limit keeps the newest: {two:?}");
-        assert_eq!(list_json(proxy, &["--limit", "1", "--reason", "test"]).await.len(), 1);
+        assert_eq!(
+            list_json(proxy, &["--limit", "1", "--reason", "test"])
+                .await
+                .len(),
+            1
+        );
         let bad = cli(proxy, &["list", "--since", "yesterday"]).await;
         bad.failed();
         assert!(bad.stderr.contains("--since"), "{}", bad.stderr);
@@ -527,23 +585,40 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
         ] {
             assert!(text.contains(&needle), "show lacks {needle:?}:\n{text}");
         }
-        assert!(!text.contains('\x1b'), "show printed a terminal escape:\n{text}");
+        assert!(
+            !text.contains('\x1b'),
+            "show printed a terminal escape:\n{text}"
+        );
 
         let v = show_json(proxy, &id_a).await;
         assert_eq!(v["meta"]["id"], id_a.as_str());
         assert_eq!(v["meta"]["state"], "held");
         assert_eq!(v["meta"]["rcpts"], serde_json::json!(rcpts_a));
         assert_eq!(v["meta"]["mail_from"], "alice@sender.example");
-        assert_eq!(v["meta"]["client"].as_str().unwrap().split(':').next(), Some("127.0.0.1"));
-        let ar = v["meta"]["authentication_results"].as_str().unwrap().to_string();
+        assert_eq!(
+            v["meta"]["client"].as_str().unwrap().split(':').next(),
+            Some("127.0.0.1")
+        );
+        let ar = v["meta"]["authentication_results"]
+            .as_str()
+            .unwrap()
+            .to_string();
         assert!(ar.starts_with(&format!("{AUTHSERV_ID}; spf=pass")), "{ar}");
-        assert!(v["preview"].as_str().unwrap().contains("Hello marker-a"), "{v}");
+        assert!(
+            v["preview"].as_str().unwrap().contains("Hello marker-a"),
+            "{v}"
+        );
         assert!(
             v["headers"].to_string().contains("marker-a@test.example"),
             "{v}"
         );
 
-        for (id, msg) in [(&id_a, &msg_a), (&id_b, &msg_b), (&id_c, &msg_c), (&id_d, &msg_d)] {
+        for (id, msg) in [
+            (&id_a, &msg_a),
+            (&id_b, &msg_b),
+            (&id_c, &msg_c),
+            (&id_d, &msg_d),
+        ] {
             let raw = cli(proxy, &["show", "--raw", id]).await;
             raw.ok();
             assert!(
@@ -569,7 +644,10 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
         assert_eq!(m.sender(), "alice@sender.example");
         assert_eq!(m.rcpt_addrs(), rcpts_a.to_vec(), "all original recipients");
         assert_eq!(
-            m.xclient.as_ref().and_then(|x| x.iter().find(|(k, _)| k == "ADDR").map(|(_, v)| v.clone())),
+            m.xclient
+                .as_ref()
+                .and_then(|x| x.iter().find(|(k, _)| k == "ADDR"))
+                .map(|(_, v)| v.clone()),
             Some("127.0.0.1".to_string()),
             "XCLIENT names the original client"
         );
@@ -580,7 +658,8 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
         assert_eq!(
             m.data_str(),
             expected,
-            "released content: our Authentication-Results on top, the forged one gone, the rest as received"
+            "released content: our Authentication-Results on top, the forged one gone, \
+             the rest as received"
         );
         assert_eq!(
             common::count(&m.data, format!("{AUTHSERV_ID};").as_bytes()),
@@ -591,7 +670,10 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
         assert_eq!(state_of(proxy, &id_a).await, "released");
         assert!(!ids_of(&list_json(proxy, &[]).await).contains(&id_a));
         let all = list_json(proxy, &["--all"]).await;
-        let ra = all.iter().find(|r| r["id"] == id_a.as_str()).expect("--all shows released");
+        let ra = all
+            .iter()
+            .find(|r| r["id"] == id_a.as_str())
+            .expect("--all shows released");
         assert_eq!(ra["state"], "released");
 
         // Releasing again: nothing sent, not even a connection.
@@ -616,7 +698,8 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
             .filter(|m| common::contains(&m.data, b"marker-c"))
             .count();
         assert_eq!(
-            delivered_c, 1,
+            delivered_c,
+            1,
             "concurrent releases: {delivered_c} deliveries\n1: {} {}\n2: {} {}",
             r1.out(),
             r1.stderr,
@@ -638,7 +721,11 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
         let run = cli(proxy, &["delete", &id_b]).await;
         run.failed();
         assert!(run.stderr.contains("no quarantine entry"), "{}", run.stderr);
-        assert!(tmp_names(&root).is_empty(), "delete left {:?} in tmp/", tmp_names(&root));
+        assert!(
+            tmp_names(&root).is_empty(),
+            "delete left {:?} in tmp/",
+            tmp_names(&root)
+        );
 
         // --- purge ---
         let run = cli(proxy, &["purge", "--older-than", "1d"]).await;
@@ -668,7 +755,12 @@ async fn release_to_a_down_next_hop_fails_cleanly_and_succeeds_on_retry() {
     bounded(async {
         let env = start(Script::default(), |o| o).await;
         let proxy = &env.proxy;
-        let msg = message("Alice <alice@sender.example>", "u@example.org", "down", "marker-down");
+        let msg = message(
+            "Alice <alice@sender.example>",
+            "u@example.org",
+            "down",
+            "marker-down",
+        );
         let rcpts = ["u@example.org", "v@example.org"];
         let id = hold(proxy, "alice@sender.example", &rcpts, &msg).await;
 
@@ -681,7 +773,11 @@ async fn release_to_a_down_next_hop_fails_cleanly_and_succeeds_on_retry() {
         let started = Instant::now();
         let run = cli_with(proxy.dir.path(), &config, &["release", &id]).await;
         run.failed();
-        assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "took {:?}",
+            started.elapsed()
+        );
         assert!(
             run.stderr.contains("next hop unavailable") && run.stderr.contains("held again"),
             "{}",
@@ -714,14 +810,24 @@ async fn release_refused_by_the_next_hop_keeps_the_entry_held() {
     bounded(async {
         let env = start(Script::default(), |o| o).await;
         let proxy = &env.proxy;
-        let msg = message("Alice <alice@sender.example>", "u@example.org", "refused", "marker-ref");
+        let msg = message(
+            "Alice <alice@sender.example>",
+            "u@example.org",
+            "refused",
+            "marker-ref",
+        );
         let id = hold(proxy, "alice@sender.example", &["u@example.org"], &msg).await;
         env.mta.update(|s| s.eod = Act::reply("554 5.7.1 Go away"));
         let run = cli(proxy, &["release", &id]).await;
         run.failed();
-        assert!(run.stderr.contains("refused") && run.stderr.contains("554"), "{}", run.stderr);
+        assert!(
+            run.stderr.contains("refused") && run.stderr.contains("554"),
+            "{}",
+            run.stderr
+        );
         assert_eq!(state_of(proxy, &id).await, "held");
-        env.mta.update(|s| s.eod = Act::reply("250 2.0.0 Ok: queued as LATER"));
+        env.mta
+            .update(|s| s.eod = Act::reply("250 2.0.0 Ok: queued as LATER"));
         cli(proxy, &["release", &id]).await.ok();
         assert_eq!(env.mta.accepted().len(), 1);
         assert_eq!(state_of(proxy, &id).await, "released");
@@ -738,7 +844,12 @@ async fn release_with_unknown_outcome_stays_releasing_until_forced() {
         .await;
         let proxy = &env.proxy;
         assert!(proxy.config_text.contains("end_of_data_timeout = \"2s\""));
-        let msg = message("Alice <alice@sender.example>", "u@example.org", "hang", "marker-hang");
+        let msg = message(
+            "Alice <alice@sender.example>",
+            "u@example.org",
+            "hang",
+            "marker-hang",
+        );
         let id = hold(proxy, "alice@sender.example", &["u@example.org"], &msg).await;
 
         // A next hop that takes the whole message and never answers the final dot.
@@ -752,7 +863,10 @@ async fn release_with_unknown_outcome_stays_releasing_until_forced() {
         let run = cli_with(proxy.dir.path(), &config, &["release", &id]).await;
         run.failed();
         let took = started.elapsed();
-        assert!(took < Duration::from_secs(15), "end_of_data_timeout 2s, took {took:?}");
+        assert!(
+            took < Duration::from_secs(15),
+            "end_of_data_timeout 2s, took {took:?}"
+        );
         assert!(run.stderr.contains("outcome unknown"), "{}", run.stderr);
         assert!(run.stderr.contains("--force"), "{}", run.stderr);
         assert_eq!(hang.messages().len(), 1, "the message was sent once");
@@ -763,7 +877,11 @@ async fn release_with_unknown_outcome_stays_releasing_until_forced() {
         assert_eq!(rows[0]["state"], "releasing");
         let shown = cli(proxy, &["show", &id]).await;
         shown.ok();
-        assert!(shown.out().contains("State            releasing"), "{}", shown.out());
+        assert!(
+            shown.out().contains("State            releasing"),
+            "{}",
+            shown.out()
+        );
 
         // A plain retry refuses, without connecting.
         let conns = hang.connection_count();
@@ -778,7 +896,12 @@ async fn release_with_unknown_outcome_stays_releasing_until_forced() {
         hang.update(|s| s.eod = Act::reply("250 2.0.0 Ok: queued as FORCED"));
         let run = cli_with(proxy.dir.path(), &config, &["release", "--force", &id]).await;
         run.ok();
-        assert!(run.out().contains("released (250 2.0.0 Ok: queued as FORCED"), "{}", run.out());
+        assert!(
+            run.out()
+                .contains("released (250 2.0.0 Ok: queued as FORCED"),
+            "{}",
+            run.out()
+        );
         let msgs = hang.messages();
         assert_eq!(msgs.len(), 2);
         assert_eq!(hang.accepted().len(), 1);
@@ -823,7 +946,10 @@ async fn hundred_concurrent_sessions_each_get_their_own_entry() {
                 assert_eq!(c.read_reply().await.code, 220);
                 c.ehlo(HELO).await;
                 assert_eq!(c.cmd("MAIL FROM:<alice@sender.example>").await.code, 250);
-                assert_eq!(c.cmd(&format!("RCPT TO:<u{i}@example.org>")).await.code, 250);
+                assert_eq!(
+                    c.cmd(&format!("RCPT TO:<u{i}@example.org>")).await.code,
+                    250
+                );
                 assert_eq!(c.cmd("DATA").await.code, 354);
                 let wire = dot_stuff_and_terminate(&msg);
                 c.send_raw(&wire[..wire.len() - 3]).await;
@@ -840,16 +966,25 @@ async fn hundred_concurrent_sessions_each_get_their_own_entry() {
         for t in tasks {
             let (i, msg, r) = t.await.expect("client task");
             match queued_id(&r) {
-                Some(id) => assert!(acked.insert(id.clone(), msg).is_none(), "id {id} given twice"),
+                Some(id) => assert!(
+                    acked.insert(id.clone(), msg).is_none(),
+                    "id {id} given twice"
+                ),
                 None => refused.push((i, show(&r.raw))),
             }
         }
-        assert!(refused.is_empty(), "not quarantined: {refused:?}\nlog:\n{}", env.proxy.log());
+        assert!(
+            refused.is_empty(),
+            "not quarantined: {refused:?}\nlog:\n{}",
+            env.proxy.log()
+        );
         assert_eq!(acked.len(), N);
 
         let entries = whole_entries(&root);
         for (id, msg) in &acked {
-            let (eml, meta) = entries.get(id).unwrap_or_else(|| panic!("250 for {id} but no entry"));
+            let (eml, meta) = entries
+                .get(id)
+                .unwrap_or_else(|| panic!("250 for {id} but no entry"));
             assert!(eml == msg, "entry {id} holds another message");
             assert_eq!(meta.state, "held");
         }
@@ -863,7 +998,11 @@ async fn hundred_concurrent_sessions_each_get_their_own_entry() {
             acked.keys().cloned().collect::<Vec<_>>(),
             "list vs acknowledged ids"
         );
-        assert!(tmp_names(&root).is_empty(), "tmp/ not empty: {:?}", tmp_names(&root));
+        assert!(
+            tmp_names(&root).is_empty(),
+            "tmp/ not empty: {:?}",
+            tmp_names(&root)
+        );
         assert!(env.mta.messages().is_empty());
     })
     .await;
@@ -904,7 +1043,9 @@ async fn cli_use_while_the_proxy_writes_does_not_disturb_writes() {
                         "during cli",
                         &format!("marker-{s}-{k}"),
                     );
-                    let r = c.send_mail("alice@sender.example", &["u@example.org"], &msg).await;
+                    let r = c
+                        .send_mail("alice@sender.example", &["u@example.org"], &msg)
+                        .await;
                     out.push((msg, r));
                 }
                 let _ = c.cmd("QUIT").await;
@@ -918,7 +1059,9 @@ async fn cli_use_while_the_proxy_writes_does_not_disturb_writes() {
             async move {
                 let mut runs = 0;
                 while !done.load(Ordering::SeqCst) {
-                    cli_with(&dir, &config, &["list", "--limit", "5"]).await.ok();
+                    cli_with(&dir, &config, &["list", "--limit", "5"])
+                        .await
+                        .ok();
                     runs += 1;
                 }
                 runs
@@ -946,27 +1089,46 @@ async fn cli_use_while_the_proxy_writes_does_not_disturb_writes() {
         let broken: Vec<String> = entry_problems(&root)
             .into_iter()
             .map(|(id, what)| {
-                let acked = if acked.contains_key(&id) { "ACKNOWLEDGED with 250" } else { "not acknowledged" };
+                let acked = if acked.contains_key(&id) {
+                    "ACKNOWLEDGED with 250"
+                } else {
+                    "not acknowledged"
+                };
                 format!("{id} ({acked}) {what}")
             })
             .collect();
         let missing: Vec<&String> = acked
             .keys()
-            .filter(|id| !root.join("entries").join(id.as_str()).join("message.eml").is_file())
+            .filter(|id| {
+                !root
+                    .join("entries")
+                    .join(id.as_str())
+                    .join("message.eml")
+                    .is_file()
+            })
             .collect();
         let log = env.proxy.log();
-        let write_errors: Vec<&str> = log.lines().filter(|l| l.contains("quarantine write failed")).collect();
+        let write_errors: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("quarantine write failed"))
+            .collect();
         assert!(
             failed.is_empty() && missing.is_empty() && broken.is_empty(),
             "{runs} `quarantine list` runs during {} writes: {} sessions got no 250 (e.g. {:?}); \
-             {} acknowledged ids have no message.eml; half-written entries in entries/: {broken:?}; \
+             {} acknowledged ids have no message.eml; \
+             half-written entries in entries/: {broken:?}; \
              proxy logged {} `quarantine write failed`, e.g.:\n{}",
             SESSIONS * PER_SESSION,
             failed.len(),
             failed.first(),
             missing.len(),
             write_errors.len(),
-            write_errors.iter().take(3).copied().collect::<Vec<_>>().join("\n")
+            write_errors
+                .iter()
+                .take(3)
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         assert_eq!(acked.len(), SESSIONS * PER_SESSION);
         whole_entries(&root);
@@ -981,7 +1143,9 @@ async fn cli_use_while_the_proxy_writes_does_not_disturb_writes() {
 /// One transaction that tolerates the proxy vanishing: None when the connection ended.
 async fn try_deliver(c: &mut Client, from: &str, rcpt: &str, msg: &[u8]) -> Option<Reply> {
     async fn cmd(c: &mut Client, line: &str) -> Option<Reply> {
-        c.try_send_raw(format!("{line}\r\n").as_bytes()).await.ok()?;
+        c.try_send_raw(format!("{line}\r\n").as_bytes())
+            .await
+            .ok()?;
         c.try_read_reply().await
     }
     let r = cmd(c, &format!("MAIL FROM:<{from}>")).await?;
@@ -1003,7 +1167,12 @@ async fn try_deliver(c: &mut Client, from: &str, rcpt: &str, msg: &[u8]) -> Opti
 type Acked = Arc<Mutex<BTreeMap<String, Vec<u8>>>>;
 
 /// Sends messages over and over (new session every 20) until the proxy is gone.
-async fn sender_loop(addr: std::net::SocketAddr, worker: usize, acked: Acked, attempts: Arc<AtomicUsize>) {
+async fn sender_loop(
+    addr: std::net::SocketAddr,
+    worker: usize,
+    acked: Acked,
+    attempts: Arc<AtomicUsize>,
+) {
     let mut n = 0;
     loop {
         let Ok(mut c) = Client::try_connect(addr).await else {
@@ -1014,7 +1183,10 @@ async fn sender_loop(addr: std::net::SocketAddr, worker: usize, acked: Acked, at
             Some(r) if r.code == 220 => {}
             _ => return,
         }
-        if c.try_send_raw(format!("EHLO {HELO}\r\n").as_bytes()).await.is_err() {
+        if c.try_send_raw(format!("EHLO {HELO}\r\n").as_bytes())
+            .await
+            .is_err()
+        {
             return;
         }
         match c.try_read_reply().await {
@@ -1047,7 +1219,8 @@ async fn sender_loop(addr: std::net::SocketAddr, worker: usize, acked: Acked, at
 async fn sigkill_mid_write_loses_no_acknowledged_message() {
     bounded(async {
         const WORKERS: usize = 24;
-        const KILL_AFTER: usize = 80;
+        const KILL_AFTER: usize = 60;
+        const ROUNDS: usize = 3;
         let dns = DnsServer::start(zone());
         let mta = FakeMta::start(Script::default()).await;
         let base = tempfile::tempdir().expect("tempdir");
@@ -1063,56 +1236,103 @@ async fn sigkill_mid_write_loses_no_acknowledged_message() {
             o
         };
 
-        let mut first = Proxy::start(opts()).await;
+        // Three rounds: start the proxy on the store, let the senders run, kill -9 it
+        // while sessions are in the middle of writes.
         let acked: Acked = Arc::default();
-        let attempts = Arc::new(AtomicUsize::new(0));
-        let workers: Vec<_> = (0..WORKERS)
-            .map(|w| tokio::spawn(sender_loop(first.addr, w, acked.clone(), attempts.clone())))
-            .collect();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while acked.lock().unwrap().len() < KILL_AFTER {
-            assert!(Instant::now() < deadline, "only {} acknowledged", acked.lock().unwrap().len());
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut before = BTreeMap::new();
+        for round in 1..=ROUNDS {
+            let mut proxy = Proxy::start(opts()).await;
+            assert!(
+                tmp_names(&root).is_empty(),
+                "round {round}: tmp/ not cleaned at start: {:?}",
+                tmp_names(&root)
+            );
+            if round > 1 {
+                // Entries written before the kill whose index row may be missing.
+                let entries = whole_entries(&root);
+                assert_eq!(
+                    entries.keys().collect::<Vec<_>>(),
+                    before.keys().collect::<Vec<_>>(),
+                    "round {round}: entries changed across the restart"
+                );
+            }
+            let target = acked.lock().unwrap().len() + KILL_AFTER;
+            let attempts = Arc::new(AtomicUsize::new(0));
+            let workers: Vec<_> = (0..WORKERS)
+                .map(|w| {
+                    tokio::spawn(sender_loop(
+                        proxy.addr,
+                        round * 1000 + w,
+                        acked.clone(),
+                        attempts.clone(),
+                    ))
+                })
+                .collect();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while acked.lock().unwrap().len() < target {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: only {} acknowledged\n{}",
+                    acked.lock().unwrap().len(),
+                    proxy.log()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let st = Command::new("kill")
+                .args(["-KILL", &proxy.pid().to_string()])
+                .status()
+                .expect("kill -KILL");
+            assert!(st.success());
+            let status = proxy.wait_exit(Duration::from_secs(10)).await;
+            assert!(!status.success(), "killed proxy exited with {status}");
+            for w in workers {
+                w.await.expect("sender task");
+            }
+            let acked = acked.lock().unwrap().clone();
+            let in_tmp = tmp_names(&root);
+            before = whole_entries(&root);
+            eprintln!(
+                "SIGKILL round {round}: {} transactions started, {} acknowledged in all, \
+                 {} entries on disk, {} half-written in tmp/",
+                attempts.load(Ordering::SeqCst),
+                acked.len(),
+                before.len(),
+                in_tmp.len()
+            );
+            for (id, msg) in &acked {
+                let (eml, meta) = before
+                    .get(id)
+                    .unwrap_or_else(|| panic!("round {round}: acknowledged {id} lost"));
+                assert!(eml == msg, "entry {id} holds another message");
+                assert_eq!(meta.state, "held");
+            }
         }
-        let st = Command::new("kill")
-            .args(["-KILL", &first.pid().to_string()])
-            .status()
-            .expect("kill -KILL");
-        assert!(st.success());
-        let status = first.wait_exit(Duration::from_secs(10)).await;
-        assert!(!status.success(), "killed proxy exited with {status}");
-        for w in workers {
-            w.await.expect("sender task");
-        }
-        let acked = acked.lock().unwrap().clone();
-        let attempts = attempts.load(Ordering::SeqCst);
-        let left_in_tmp = tmp_names(&root);
-        let before = whole_entries(&root);
-        eprintln!(
-            "SIGKILL: {attempts} transactions started, {} acknowledged, {} entries on disk, {} half-written in tmp/",
-            acked.len(),
-            before.len(),
-            left_in_tmp.len()
-        );
-        for (id, msg) in &acked {
-            let (eml, _) = before.get(id).unwrap_or_else(|| panic!("acknowledged {id} lost by SIGKILL"));
-            assert!(eml == msg, "entry {id} holds another message");
-        }
-        drop(first);
 
         // Restart on the same store.
         let second = Proxy::start(opts()).await;
-        assert!(tmp_names(&root).is_empty(), "tmp/ not cleaned at start: {:?}", tmp_names(&root));
+        assert!(
+            tmp_names(&root).is_empty(),
+            "tmp/ not cleaned at start: {:?}",
+            tmp_names(&root)
+        );
         let after = whole_entries(&root);
         assert_eq!(
             after.keys().collect::<Vec<_>>(),
             before.keys().collect::<Vec<_>>(),
             "entries changed across the restart"
         );
+        if let Some(line) = second.log().lines().find(|l| l.contains("re-indexed")) {
+            eprintln!("restart: {line}");
+        }
         let cli_config = base.path().join("cli.toml");
         std::fs::write(&cli_config, &second.config_text).unwrap();
         let listed = {
-            let run = cli_with(base.path(), &cli_config, &["list", "--json", "--all", "--limit", "100000"]).await;
+            let run = cli_with(
+                base.path(),
+                &cli_config,
+                &["list", "--json", "--all", "--limit", "100000"],
+            )
+            .await;
             run.ok();
             let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
             ids_of(v.as_array().unwrap())
@@ -1123,7 +1343,18 @@ async fn sigkill_mid_write_loses_no_acknowledged_message() {
             "list vs entries on disk after the restart"
         );
         // The restarted proxy quarantines again.
-        let id = hold(&second, "alice@sender.example", &["u@example.org"], &message("A <alice@sender.example>", "u@example.org", "after", "marker-after")).await;
+        let id = hold(
+            &second,
+            "alice@sender.example",
+            &["u@example.org"],
+            &message(
+                "A <alice@sender.example>",
+                "u@example.org",
+                "after",
+                "marker-after",
+            ),
+        )
+        .await;
         assert!(root.join("entries").join(&id).join("message.eml").is_file());
         drop(second);
 
@@ -1131,7 +1362,12 @@ async fn sigkill_mid_write_loses_no_acknowledged_message() {
         for f in ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"] {
             let _ = std::fs::remove_file(root.join(f));
         }
-        let run = cli_with(base.path(), &cli_config, &["list", "--json", "--all", "--limit", "100000"]).await;
+        let run = cli_with(
+            base.path(),
+            &cli_config,
+            &["list", "--json", "--all", "--limit", "100000"],
+        )
+        .await;
         run.ok();
         let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
         let rebuilt = sorted(ids_of(v.as_array().unwrap()));
@@ -1139,6 +1375,52 @@ async fn sigkill_mid_write_loses_no_acknowledged_message() {
         want.push(id);
         assert_eq!(rebuilt, sorted(want), "rebuilt index");
         assert!(mta.messages().is_empty());
+    })
+    .await;
+}
+
+/// A crash in the middle of `delete` (the entry directory already renamed to
+/// `tmp/<ID>.deleting`, its index row not yet removed), reproduced by doing that rename
+/// by hand: the next open cleans `tmp/`, and must not leave the index listing an entry
+/// that no longer exists (a ghost nobody can show, release, delete or purge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_during_delete_leaves_no_ghost_in_the_index() {
+    bounded(async {
+        let env = start(Script::default(), |o| o).await;
+        let proxy = &env.proxy;
+        let root = store_root(proxy);
+        let msg = message(
+            "Alice <alice@sender.example>",
+            "u@example.org",
+            "ghost",
+            "marker-ghost",
+        );
+        let id = hold(proxy, "alice@sender.example", &["u@example.org"], &msg).await;
+        let keep = hold(proxy, "alice@sender.example", &["u@example.org"], &msg).await;
+        std::fs::rename(
+            root.join("entries").join(&id),
+            root.join("tmp").join(format!("{id}.deleting")),
+        )
+        .unwrap();
+
+        let listed = ids_of(&list_json(proxy, &["--all"]).await);
+        assert!(tmp_names(&root).is_empty(), "open cleans tmp/");
+        let show = cli(proxy, &["show", &id]).await;
+        let delete = cli(proxy, &["delete", &id]).await;
+        // `--older-than 0s` takes what was received before this second.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let purge = cli(proxy, &["purge", "--older-than", "0s"]).await;
+        purge.ok();
+        let after_purge = ids_of(&list_json(proxy, &["--all"]).await);
+        assert!(
+            !listed.contains(&id) && !after_purge.contains(&id),
+            "entry {id} is gone from disk but still listed (list after the crash: {listed:?}; \
+             show: {:?}; delete: {:?}; after `purge --older-than 0s` ({}): {after_purge:?})",
+            show.stderr.trim(),
+            delete.stderr.trim(),
+            purge.out().trim()
+        );
+        assert!(!after_purge.contains(&keep), "purge 0s purges everything");
     })
     .await;
 }
@@ -1153,14 +1435,23 @@ async fn malformed_unknown_and_path_like_ids_are_refused() {
         let env = start(Script::default(), |o| o).await;
         let proxy = &env.proxy;
         let root = store_root(proxy);
-        let msg = message("Alice <alice@sender.example>", "u@example.org", "ids", "marker-ids");
+        let msg = message(
+            "Alice <alice@sender.example>",
+            "u@example.org",
+            "ids",
+            "marker-ids",
+        );
         let id = hold(proxy, "alice@sender.example", &["u@example.org"], &msg).await;
 
         // Sentinels where a path built from the input would land: `var/SENTINEL` next to
         // the store, `var/etc/passwd` (entries/../../etc/passwd), each shaped like an entry.
         let var = root.parent().unwrap().to_path_buf();
         let mut sentinels = Vec::new();
-        for dir in [var.join("SENTINEL"), var.join("etc/passwd"), root.join("SENTINEL")] {
+        for dir in [
+            var.join("SENTINEL"),
+            var.join("etc/passwd"),
+            root.join("SENTINEL"),
+        ] {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("message.eml"), b"sentinel message\r\n").unwrap();
             std::fs::write(dir.join("meta.json"), b"{\"sentinel\": true}").unwrap();
@@ -1201,7 +1492,8 @@ async fn malformed_unknown_and_path_like_ids_are_refused() {
             let run = cli(proxy, &[cmd, unknown]).await;
             run.failed();
             assert!(
-                run.stderr.contains(&format!("no quarantine entry {unknown}")),
+                run.stderr
+                    .contains(&format!("no quarantine entry {unknown}")),
                 "{cmd} unknown: {}",
                 run.stderr
             );
@@ -1210,19 +1502,32 @@ async fn malformed_unknown_and_path_like_ids_are_refused() {
 
         // Nothing outside the store was touched, and the entry is intact.
         for dir in &sentinels {
-            assert_eq!(std::fs::read(dir.join("message.eml")).unwrap(), b"sentinel message\r\n");
-            assert_eq!(std::fs::read(dir.join("meta.json")).unwrap(), b"{\"sentinel\": true}");
+            assert_eq!(
+                std::fs::read(dir.join("message.eml")).unwrap(),
+                b"sentinel message\r\n"
+            );
+            assert_eq!(
+                std::fs::read(dir.join("meta.json")).unwrap(),
+                b"{\"sentinel\": true}"
+            );
         }
         let entries = whole_entries(&root);
         assert_eq!(entries.len(), 1);
         assert!(entries[&id].0 == msg);
-        assert_eq!(ids_of(&list_json(proxy, &["--all"]).await), vec![id.clone()]);
+        assert_eq!(
+            ids_of(&list_json(proxy, &["--all"]).await),
+            vec![id.clone()]
+        );
 
         // The id in lower case is the same id.
         let lower = id.to_lowercase();
         let run = cli(proxy, &["show", &lower]).await;
         run.ok();
-        assert!(run.out().contains(&format!("ID               {id}")), "{}", run.out());
+        assert!(
+            run.out().contains(&format!("ID               {id}")),
+            "{}",
+            run.out()
+        );
         let raw = cli(proxy, &["show", "--raw", &lower]).await;
         raw.ok();
         assert!(raw.stdout == msg);
@@ -1239,6 +1544,52 @@ async fn malformed_unknown_and_path_like_ids_are_refused() {
     .await;
 }
 
+/// The errors for refused ids are bounded and terminal-safe: the id is echoed through
+/// the store's `printable` (64 printable ASCII characters at most), never raw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_ids_are_not_echoed_raw() {
+    bounded(async {
+        let env = start(Script::default(), |o| o).await;
+        let proxy = &env.proxy;
+        let long = "A".repeat(1024);
+        let escape = "\x1b]0;pwned\x07\x1b[2J";
+        let mut bad = Vec::new();
+        for cmd in ["show", "release", "delete"] {
+            let run = cli(proxy, &[cmd, &long]).await;
+            run.failed();
+            if run.stderr.len() >= 400 {
+                bad.push(format!(
+                    "`{cmd} <1 KB id>`: {} bytes on stderr: {:?}",
+                    run.stderr.len(),
+                    run.stderr
+                        .chars()
+                        .take(40)
+                        .chain(
+                            run.stderr
+                                .chars()
+                                .rev()
+                                .take(60)
+                                .collect::<Vec<_>>()
+                                .into_iter()
+                                .rev()
+                        )
+                        .collect::<String>()
+                ));
+            }
+            let run = cli(proxy, &[cmd, escape]).await;
+            run.failed();
+            if run.stderr.contains('\x1b') || run.stderr.contains('\x07') {
+                bad.push(format!(
+                    "`{cmd} <ESC id>` echoed control characters: {:?}",
+                    run.stderr
+                ));
+            }
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    })
+    .await;
+}
+
 // ===========================================================================
 // 6. File permissions
 // ===========================================================================
@@ -1249,7 +1600,12 @@ async fn store_directories_are_0700_and_files_0600() {
         let env = start(Script::default(), |o| o).await;
         let proxy = &env.proxy;
         let root = store_root(proxy);
-        let msg = message("Alice <alice@sender.example>", "u@example.org", "perm", "marker-perm");
+        let msg = message(
+            "Alice <alice@sender.example>",
+            "u@example.org",
+            "perm",
+            "marker-perm",
+        );
         let id = hold(proxy, "alice@sender.example", &["u@example.org"], &msg).await;
         let id2 = hold(proxy, "alice@sender.example", &["u@example.org"], &msg).await;
 
@@ -1282,7 +1638,11 @@ async fn store_directories_are_0700_and_files_0600() {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("q");
         let config = dir.path().join("cli.toml");
-        std::fs::write(&config, format!("[quarantine]\ndir = {:?}\n", store.to_str().unwrap())).unwrap();
+        std::fs::write(
+            &config,
+            format!("[quarantine]\ndir = {:?}\n", store.to_str().unwrap()),
+        )
+        .unwrap();
         let out = Command::new("sh")
             .args(["-c", "umask 000 && exec \"$0\" quarantine -c \"$1\" list"])
             .arg(bin())

@@ -130,16 +130,29 @@ fn memory_backend(s: &Settings, cmd: &AccountsCommand) -> ExitCode {
     let cfg = &s.cfg;
     let now = now_ms();
     match cmd {
-        AccountsCommand::List { frozen, limit, json } => {
+        AccountsCommand::List {
+            frozen,
+            limit,
+            json,
+        } => {
             let (snapshot, book) = match load_files(cfg) {
                 Ok(v) => v,
                 Err(e) => return fail(e),
             };
             let nows = now / 1000;
             let mut out: Vec<AccountSummary> = Vec::new();
-            let accounts = snapshot.as_ref().map(|(_, a)| a.as_slice()).unwrap_or_default();
+            let accounts = snapshot
+                .as_ref()
+                .map(|(_, a)| a.as_slice())
+                .unwrap_or_default();
             for (name, st) in accounts {
-                out.push(report::summary(s, name, Some(st), book.frozen(name, nows), now));
+                out.push(report::summary(
+                    s,
+                    name,
+                    Some(st),
+                    book.frozen(name, nows),
+                    now,
+                ));
             }
             for (name, rec) in &book.accounts {
                 if let Some(f) = rec.current.as_ref().filter(|f| f.active(nows))
@@ -149,7 +162,13 @@ fn memory_backend(s: &Settings, cmd: &AccountsCommand) -> ExitCode {
                 }
             }
             memory::sort_summaries(&mut out);
-            print_list(out, *frozen, *limit, *json, snapshot.as_ref().map(|(h, _)| h.written_at));
+            print_list(
+                out,
+                *frozen,
+                *limit,
+                *json,
+                snapshot.as_ref().map(|(h, _)| h.written_at),
+            );
             ExitCode::SUCCESS
         }
         AccountsCommand::Show { account, json } => {
@@ -167,7 +186,9 @@ fn memory_backend(s: &Settings, cmd: &AccountsCommand) -> ExitCode {
                 .map(|(_, st)| st.clone());
             let rec = book.accounts.get(&account);
             if st.is_none() && rec.is_none() {
-                return fail(format!("no account {account} (not seen since the last snapshot, never frozen)"));
+                return fail(format!(
+                    "no account {account} (not seen since the last snapshot, never frozen)"
+                ));
             }
             let d = report::detail(s, &account, st.as_ref(), rec, now);
             let pending: Vec<String> = freeze::pending(&cfg.command_dir)
@@ -176,7 +197,12 @@ fn memory_backend(s: &Settings, cmd: &AccountsCommand) -> ExitCode {
                 .filter(|c| normalize(&c.account) == account)
                 .map(|c| format!("{:?} by {}: {}", c.op, c.by, c.why).to_lowercase())
                 .collect();
-            print_detail(&d, *json, snapshot.as_ref().map(|(h, _)| h.written_at), &pending);
+            print_detail(
+                &d,
+                *json,
+                snapshot.as_ref().map(|(h, _)| h.written_at),
+                &pending,
+            );
             ExitCode::SUCCESS
         }
         AccountsCommand::Freeze {
@@ -185,19 +211,28 @@ fn memory_backend(s: &Settings, cmd: &AccountsCommand) -> ExitCode {
             duration,
             wait,
         } => {
-            let expires = match duration.as_deref().map(|d| duration_arg("--for", d)).transpose() {
+            let expires = match duration
+                .as_deref()
+                .map(|d| duration_arg("--for", d))
+                .transpose()
+            {
                 Ok(d) => d.map(|d| d.as_secs()),
                 Err(e) => return fail(e),
             };
             spool(cfg, Op::Freeze, account, reason.as_deref(), expires, wait)
         }
-        AccountsCommand::Unfreeze { account, reason, wait } => {
-            spool(cfg, Op::Unfreeze, account, reason.as_deref(), None, wait)
-        }
+        AccountsCommand::Unfreeze {
+            account,
+            reason,
+            wait,
+        } => spool(cfg, Op::Unfreeze, account, reason.as_deref(), None, wait),
     }
 }
 
-type Snapshot = Option<(memory::SnapshotHeader, Vec<(String, crate::outbound::state::AccountState)>)>;
+type Snapshot = Option<(
+    memory::SnapshotHeader,
+    Vec<(String, crate::outbound::state::AccountState)>,
+)>;
 
 fn load_files(cfg: &OutboundConfig) -> Result<(Snapshot, FreezeBook), String> {
     let snapshot = memory::read_accounts(&cfg.state_file)?;
@@ -243,7 +278,11 @@ fn spool(
         None => {
             println!(
                 "{} of {account} queued as {}: the proxy did not answer within {}s (not running?); it applies the command when it starts",
-                if op == Op::Freeze { "freeze" } else { "unfreeze" },
+                if op == Op::Freeze {
+                    "freeze"
+                } else {
+                    "unfreeze"
+                },
                 cfg.command_dir.join(format!("{name}.json")).display(),
                 wait.as_secs_f64()
             );
@@ -253,7 +292,10 @@ fn spool(
 }
 
 fn redis_backend(s: Arc<Settings>, cmd: &AccountsCommand) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(e),
     };
@@ -267,7 +309,11 @@ fn redis_backend(s: Arc<Settings>, cmd: &AccountsCommand) -> ExitCode {
         }
         let now = now_ms();
         match cmd {
-            AccountsCommand::List { frozen, limit, json } => match r.summaries(now).await {
+            AccountsCommand::List {
+                frozen,
+                limit,
+                json,
+            } => match r.summaries(now).await {
                 Ok(v) => {
                     print_list(v, *frozen, *limit, *json, None);
                     ExitCode::SUCCESS
@@ -298,7 +344,11 @@ fn redis_backend(s: Arc<Settings>, cmd: &AccountsCommand) -> ExitCode {
                     Ok(a) => a,
                     Err(e) => return fail(e),
                 };
-                let until = match duration.as_deref().map(|d| duration_arg("--for", d)).transpose() {
+                let until = match duration
+                    .as_deref()
+                    .map(|d| duration_arg("--for", d))
+                    .transpose()
+                {
                     Ok(d) => d.map(|d| now / 1000 + d.as_secs()),
                     Err(e) => return fail(e),
                 };
@@ -317,7 +367,9 @@ fn redis_backend(s: Arc<Settings>, cmd: &AccountsCommand) -> ExitCode {
                     Err(e) => fail(e),
                 }
             }
-            AccountsCommand::Unfreeze { account, reason, .. } => {
+            AccountsCommand::Unfreeze {
+                account, reason, ..
+            } => {
                 let account = match account_arg(account) {
                     Ok(a) => a,
                     Err(e) => return fail(e),
@@ -338,7 +390,10 @@ fn redis_backend(s: Arc<Settings>, cmd: &AccountsCommand) -> ExitCode {
 
 /// Terminal-safe, width-bounded text.
 fn clip(s: &str, width: usize) -> String {
-    let clean: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if clean.chars().count() <= width {
         clean
     } else {
@@ -352,7 +407,13 @@ fn when(t: Option<u64>) -> String {
     t.map_or_else(|| "-".into(), iso_date)
 }
 
-fn print_list(mut v: Vec<AccountSummary>, frozen_only: bool, limit: usize, json: bool, snapshot_at: Option<u64>) {
+fn print_list(
+    mut v: Vec<AccountSummary>,
+    frozen_only: bool,
+    limit: usize,
+    json: bool,
+    snapshot_at: Option<u64>,
+) {
     if frozen_only {
         v.retain(|s| s.frozen);
     }
@@ -372,9 +433,16 @@ fn print_list(mut v: Vec<AccountSummary>, frozen_only: bool, limit: usize, json:
     }
     out.push_str(&format!("  {:>8}  {}\n", "BASE/H", "STATE"));
     for s in &v {
-        out.push_str(&format!("{:<36}  {:<19}", clip(&s.account, 36), when(s.last_seen)));
+        out.push_str(&format!(
+            "{:<36}  {:<19}",
+            clip(&s.account, 36),
+            when(s.last_seen)
+        ));
         for w in &s.windows {
-            out.push_str(&format!("  {:>13}", format!("{}/{}", w.messages, w.recipients)));
+            out.push_str(&format!(
+                "  {:>13}",
+                format!("{}/{}", w.messages, w.recipients)
+            ));
         }
         let state = if s.frozen {
             match s.frozen_until {
@@ -386,7 +454,9 @@ fn print_list(mut v: Vec<AccountSummary>, frozen_only: bool, limit: usize, json:
         } else {
             String::new()
         };
-        let base = s.baseline_messages_per_hour.map_or_else(|| "-".into(), |b| format!("{b:.1}"));
+        let base = s
+            .baseline_messages_per_hour
+            .map_or_else(|| "-".into(), |b| format!("{b:.1}"));
         out.push_str(&format!("  {base:>8}  {state}\n"));
     }
     out.push_str(&format!(
@@ -414,14 +484,20 @@ fn print_detail(d: &AccountDetail, json: bool, snapshot_at: Option<u64>, pending
     }
     let mut out = format!("account:      {}\n", clip(&d.account, 200));
     if let Some(p) = &d.policy {
-        out.push_str(&format!("policy:       [[outbound.account]] {}{}\n", clip(p, 100), if d.bulk { " (bulk)" } else { "" }));
+        out.push_str(&format!(
+            "policy:       [[outbound.account]] {}{}\n",
+            clip(p, 100),
+            if d.bulk { " (bulk)" } else { "" }
+        ));
     }
     match &d.frozen {
         Some(f) => out.push_str(&format!(
             "state:        FROZEN since {} by {}{}: {}\n",
             iso_date(f.since),
             clip(&f.by, 60),
-            f.until.map(|u| format!(" until {}", iso_date(u))).unwrap_or_default(),
+            f.until
+                .map(|u| format!(" until {}", iso_date(u)))
+                .unwrap_or_default(),
             clip(&f.why, 300)
         )),
         None => out.push_str("state:        relaying\n"),
@@ -454,7 +530,11 @@ fn print_detail(d: &AccountDetail, json: bool, snapshot_at: Option<u64>, pending
             "  recipient domains in {}: {} (max {})\n",
             d.recipient_domains.window,
             d.recipient_domains.domains,
-            if d.recipient_domains.max == 0 { "-".to_string() } else { d.recipient_domains.max.to_string() }
+            if d.recipient_domains.max == 0 {
+                "-".to_string()
+            } else {
+                d.recipient_domains.max.to_string()
+            }
         ));
         out.push_str(&format!(
             "  refused recipients in {}: {} of {} (max share {:.0}% from {} tried)\n",
@@ -496,7 +576,9 @@ fn print_detail(d: &AccountDetail, json: bool, snapshot_at: Option<u64>, pending
                 e.action,
                 clip(&e.by, 60),
                 clip(&e.why, 300),
-                e.until.map(|u| format!(" (until {})", iso_date(u))).unwrap_or_default()
+                e.until
+                    .map(|u| format!(" (until {})", iso_date(u)))
+                    .unwrap_or_default()
             ));
         }
     }
@@ -526,7 +608,8 @@ mod tests {
         let d = Arc::new(Detector::with_clock(&c, clock.clone()).await.unwrap());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let rcpt = vec!["x@example.net".to_string()];
-        d.assess("alice@example.org", ip, "alice@example.org", &rcpt, 0).await;
+        d.assess("alice@example.org", ip, "alice@example.org", &rcpt, 0)
+            .await;
         d.snapshot().await;
         let token = tokio_util::sync::CancellationToken::new();
         let maint = tokio::spawn(d.clone().maintain(token.clone()));
@@ -544,7 +627,9 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(code, ExitCode::SUCCESS);
-        let a = d.assess("alice@example.org", ip, "alice@example.org", &rcpt, 0).await;
+        let a = d
+            .assess("alice@example.org", ip, "alice@example.org", &rcpt, 0)
+            .await;
         assert!(a.frozen, "{a:?}");
         // Freezing twice is an error the CLI reports.
         let code = cli(AccountsCommand::Freeze {
@@ -578,7 +663,11 @@ mod tests {
             .unwrap(),
             ExitCode::SUCCESS
         );
-        assert!(!d.assess("alice@example.org", ip, "alice@example.org", &rcpt, 0).await.frozen);
+        assert!(
+            !d.assess("alice@example.org", ip, "alice@example.org", &rcpt, 0)
+                .await
+                .frozen
+        );
         token.cancel();
         maint.await.unwrap();
     }

@@ -1,8 +1,8 @@
 //! Administration: the command-line tools that work on the local stores, and the state
 //! the admin HTTP API shares with the running proxy.
 
-pub mod http;
 pub mod accounts_cli;
+pub mod http;
 pub mod quarantine_cli;
 
 use std::sync::Arc;

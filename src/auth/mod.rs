@@ -4,22 +4,30 @@
 //! [`Verifier::verify`] is the only way to build an [`AuthReport`]; the proxy and the
 //! offline `check` command both go through it. Whatever DNS does, it returns within the
 //! budget: a check that runs out of time is `temperror`, never a hang.
+//!
+//! Parsed DNS data is kept between messages, for its TTL and bounded by `[dns]
+//! cache_entries` (see [`cache`]): mail-auth's DKIM keys, DMARC records and A records,
+//! and our SPF records.
 
+pub mod cache;
 pub mod dns;
 pub mod headers;
 pub mod spf;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use mail_auth::dmarc::Policy as DmarcRecordPolicy;
 use mail_auth::{
-    AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, SpfResult,
+    AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, Parameters,
+    RecordSet, SpfResult,
 };
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::AuthConfig;
+
+use cache::{TtlCache, TxtCache};
 
 /// RFC 8601 result words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -176,6 +184,12 @@ pub struct VerifyInput<'a> {
 /// Runs the checks. Cheap to share: one per process.
 pub struct Verifier {
     authenticator: MessageAuthenticator,
+    /// mail-auth's parsed TXT records (DKIM keys, DMARC records) and the A records of its
+    /// RFC 8020 check: the only caches `verify_dkim`, `verify_arc` and `verify_dmarc`
+    /// consult (mail-auth 0.13: they look up no MX, AAAA or PTR records).
+    txt_cache: TxtCache,
+    ipv4_cache: TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
+    spf_cache: spf::SpfCache,
     /// Our host name, the `%{r}` SPF macro.
     hostname: String,
     time_budget: Duration,
@@ -184,9 +198,15 @@ pub struct Verifier {
 }
 
 impl Verifier {
+    /// The caches hold at most `[dns] cache_entries` entries each: the resolver's cache
+    /// size, which [`dns::authenticator`] sets from it.
     pub fn new(authenticator: MessageAuthenticator, hostname: &str, cfg: &AuthConfig) -> Verifier {
+        let entries = usize::try_from(authenticator.0.options().cache_size).unwrap_or(usize::MAX);
         Verifier {
             authenticator,
+            txt_cache: TxtCache::new(entries),
+            ipv4_cache: TtlCache::new(entries),
+            spf_cache: spf::SpfCache::new(entries),
             hostname: hostname.to_string(),
             time_budget: cfg.time_budget,
             spf_time_budget: cfg.spf_time_budget,
@@ -231,10 +251,26 @@ impl Verifier {
             .map(|(_, d)| d.to_ascii_lowercase())
             .unwrap_or_default();
 
-        let dkim_outputs = within(deadline, self.authenticator.verify_dkim(&message)).await;
+        let dkim_outputs = within(
+            deadline,
+            self.authenticator.verify_dkim(
+                Parameters::new(&message)
+                    .with_txt_cache(&self.txt_cache)
+                    .with_ipv4_cache(&self.ipv4_cache),
+            ),
+        )
+        .await;
         let dkim_outputs: Option<Vec<DkimOutput<'_>>> =
             dkim_outputs.map(|v| v.into_iter().map(|o| refuse_sha1(o, &message)).collect());
-        let arc = within(deadline, self.authenticator.verify_arc(&message)).await;
+        let arc = within(
+            deadline,
+            self.authenticator.verify_arc(
+                Parameters::new(&message)
+                    .with_txt_cache(&self.txt_cache)
+                    .with_ipv4_cache(&self.ipv4_cache),
+            ),
+        )
+        .await;
 
         // DMARC aligns with the SPF result of the MAIL FROM identity (HELO's for <>).
         let spf_domain = mail_from.domain.clone();
@@ -243,13 +279,16 @@ impl Verifier {
         let dkim_slice: &[DkimOutput<'_>] = dkim_outputs.as_deref().unwrap_or(&[]);
         let dmarc = within(
             deadline,
-            self.authenticator
-                .verify_dmarc(mail_auth::dmarc::verify::DmarcParameters::new(
+            self.authenticator.verify_dmarc(
+                Parameters::new(mail_auth::dmarc::verify::DmarcParameters::new(
                     &message,
                     dkim_slice,
                     &spf_domain,
                     &spf_for_dmarc,
-                )),
+                ))
+                .with_txt_cache(&self.txt_cache)
+                .with_ipv4_cache(&self.ipv4_cache),
+            ),
         )
         .await;
 
@@ -342,9 +381,12 @@ impl Verifier {
             helo,
             receiver: &self.hostname,
         };
-        let result = within(deadline, spf::check_host(&self.authenticator.0, &req))
-            .await
-            .unwrap_or(AuthResult::TempError);
+        let result = within(
+            deadline,
+            spf::check_host(&self.authenticator.0, &self.spf_cache, &req),
+        )
+        .await
+        .unwrap_or(AuthResult::TempError);
         SpfCheck { result, domain }
     }
 
@@ -366,9 +408,12 @@ impl Verifier {
             helo,
             receiver: &self.hostname,
         };
-        let result = within(deadline, spf::check_host(&self.authenticator.0, &req))
-            .await
-            .unwrap_or(AuthResult::TempError);
+        let result = within(
+            deadline,
+            spf::check_host(&self.authenticator.0, &self.spf_cache, &req),
+        )
+        .await
+        .unwrap_or(AuthResult::TempError);
         SpfCheck { result, domain }
     }
 }

@@ -11,15 +11,27 @@
 //! does not produce SMTP explanation texts. DNS goes through the proxy's hickory resolver;
 //! every name is queried as an absolute name. NXDOMAIN and "no answer" are both "no
 //! records" (a void lookup, §4.6.4); any other DNS failure or a timeout is `temperror`.
+//!
+//! Parsed records are kept between messages in an [`SpfCache`] (by lowercased domain, for
+//! the TXT answer's TTL): the outcome of the record lookup (§4.4, §4.5) and of parsing
+//! (§4.6) is a function of the TXT answer alone, so a cached outcome gives the same result
+//! as a new lookup of the same answer. "No records" (NXDOMAIN, NODATA) is cached for the
+//! negative TTL of the SOA in the answer, at most [`NEGATIVE_TTL_MAX`], and not at all
+//! without an SOA (RFC 2308 §5); a DNS error or a timeout is never cached. The other
+//! lookups (A, AAAA, MX, PTR, `exists`) go to hickory, whose cache respects TTLs too.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
+use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
 use super::AuthResult;
+use super::cache::TtlCache;
 
 /// §4.6.4: terms that cause DNS queries, per check_host() evaluation (with includes and
 /// redirects).
@@ -28,6 +40,41 @@ const MAX_DNS_TERMS: u32 = 10;
 const MAX_NAMES_PER_TERM: usize = 10;
 /// §4.6.4: lookups that return NXDOMAIN or no answers.
 const MAX_VOID_LOOKUPS: u32 = 2;
+/// Longest time "this domain has no TXT records" is cached (RFC 2308 negative caching,
+/// kept short so that a newly published record is seen soon).
+pub const NEGATIVE_TTL_MAX: Duration = Duration::from_secs(60);
+
+/// Parsed SPF records (and the absence of one) by lowercased domain, for the DNS TTL;
+/// bounded ([`TtlCache`]). One per process, shared by every check.
+pub struct SpfCache(TtlCache<Box<str>, CachedRecord>);
+
+impl SpfCache {
+    /// A cache of at most `capacity` domains; 0 caches nothing.
+    pub fn new(capacity: usize) -> SpfCache {
+        SpfCache(TtlCache::new(capacity))
+    }
+
+    /// Domains currently cached (expired entries included).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The outcome of the record lookup and parse of one domain (§4.4 to §4.6).
+#[derive(Clone)]
+enum CachedRecord {
+    Found(Arc<Record>),
+    /// No `v=spf1` record: no TXT records, or none of them is one.
+    Missing,
+    /// `permerror` (the reason is logged at each use, as it was found).
+    MoreThanOne,
+    NotUtf8,
+    Syntax(Arc<str>),
+}
 
 /// The inputs of check_host() (§4.1) plus the HELO name and our own name for macros.
 pub struct SpfRequest<'a> {
@@ -43,7 +90,11 @@ pub struct SpfRequest<'a> {
 }
 
 /// Evaluates the SPF record of `req.domain` for `req.ip` (RFC 7208 §4).
-pub async fn check_host(resolver: &TokioResolver, req: &SpfRequest<'_>) -> AuthResult {
+pub async fn check_host(
+    resolver: &TokioResolver,
+    cache: &SpfCache,
+    req: &SpfRequest<'_>,
+) -> AuthResult {
     let (local, sender_domain) = match req.sender.rsplit_once('@') {
         // §4.3: a sender without a local-part is postmaster@domain.
         Some(("", d)) => ("postmaster", d),
@@ -52,6 +103,7 @@ pub async fn check_host(resolver: &TokioResolver, req: &SpfRequest<'_>) -> AuthR
     };
     let mut eval = Evaluator {
         resolver,
+        cache,
         ip: req.ip.to_canonical(),
         local,
         sender_domain,
@@ -604,6 +656,7 @@ type Eval<'f, T> = Pin<Box<dyn Future<Output = Result<T, Abort>> + Send + 'f>>;
 
 struct Evaluator<'a> {
     resolver: &'a TokioResolver,
+    cache: &'a SpfCache,
     /// Canonical: IPv4-mapped IPv6 addresses are IPv4 (§5).
     ip: IpAddr,
     local: &'a str,
@@ -622,13 +675,9 @@ impl Evaluator<'_> {
             let Some(domain) = checkable_domain(&domain) else {
                 return Ok(AuthResult::None);
             };
-            let Some(text) = self.find_record(&domain).await? else {
+            let Some(record) = self.record(&domain).await? else {
                 return Ok(AuthResult::None);
             };
-            let record = parse_record(&text).map_err(|e| {
-                tracing::debug!(%domain, error = %e, "SPF permerror: record syntax");
-                Abort::Perm
-            })?;
             for (qualifier, mechanism) in &record.directives {
                 if self.matches(mechanism, &domain).await? {
                     return Ok(*qualifier);
@@ -648,25 +697,34 @@ impl Evaluator<'_> {
         })
     }
 
-    /// §4.4, §4.5: the one `v=spf1` TXT record of `domain`, if any.
-    async fn find_record(&self, domain: &str) -> Result<Option<String>, Abort> {
-        let mut found = Vec::new();
-        for rdata in self.lookup(domain, RecordType::TXT).await? {
-            if let RData::TXT(txt) = rdata {
-                // §3.3: the character-strings are concatenated without separator.
-                let text: Vec<u8> = txt.txt_data.iter().flatten().copied().collect();
-                if is_spf1(&text) {
-                    found.push(text);
+    /// §4.4 to §4.6: the parsed `v=spf1` record of `domain`, if it has one; from the
+    /// cache while the TXT answer's TTL lasts.
+    async fn record(&self, domain: &str) -> Result<Option<Arc<Record>>, Abort> {
+        let key = domain.to_ascii_lowercase();
+        let outcome = match self.cache.0.get(key.as_str()) {
+            Some(outcome) => outcome,
+            None => {
+                // A temporary error returns here: it is never cached.
+                let (rdata, valid_until) = self.query(domain, RecordType::TXT).await?;
+                let outcome = find_record(rdata);
+                if let Some(valid_until) = valid_until {
+                    self.cache
+                        .0
+                        .insert(key.into_boxed_str(), outcome.clone(), valid_until);
                 }
+                outcome
             }
-        }
-        match found.len() {
-            0 => Ok(None),
-            1 => String::from_utf8(found.remove(0))
-                .map(Some)
-                .map_err(|_| Abort::Perm),
-            _ => {
+        };
+        match outcome {
+            CachedRecord::Found(record) => Ok(Some(record)),
+            CachedRecord::Missing => Ok(None),
+            CachedRecord::MoreThanOne => {
                 tracing::debug!(%domain, "SPF permerror: more than one v=spf1 record");
+                Err(Abort::Perm)
+            }
+            CachedRecord::NotUtf8 => Err(Abort::Perm),
+            CachedRecord::Syntax(e) => {
+                tracing::debug!(%domain, error = %e, "SPF permerror: record syntax");
                 Err(Abort::Perm)
             }
         }
@@ -874,22 +932,66 @@ impl Evaluator<'_> {
     /// One DNS query for the absolute name `name`: the answers of type `rtype` (none for
     /// NXDOMAIN or an empty answer), `temperror` for any other failure (§5, §2.6.6).
     async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Vec<RData>, Abort> {
+        Ok(self.query(name, rtype).await?.0)
+    }
+
+    /// [`Self::lookup`], with how long the answer may be cached: the answer's TTL; for "no
+    /// records", the SOA's negative TTL capped at [`NEGATIVE_TTL_MAX`]. `None`: not
+    /// cacheable (no query was made, or a negative answer without an SOA).
+    async fn query(
+        &self,
+        name: &str,
+        rtype: RecordType,
+    ) -> Result<(Vec<RData>, Option<Instant>), Abort> {
         let Some(qname) = target_name(name).as_deref().and_then(query_name) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         match self.resolver.lookup(qname, rtype).await {
-            Ok(lookup) => Ok(lookup
-                .answers()
-                .iter()
-                .filter(|r| r.record_type() == rtype)
-                .map(|r| r.data.clone())
-                .collect()),
-            Err(e) if e.is_no_records_found() => Ok(Vec::new()),
+            Ok(lookup) => {
+                let rdata = lookup
+                    .answers()
+                    .iter()
+                    .filter(|r| r.record_type() == rtype)
+                    .map(|r| r.data.clone())
+                    .collect();
+                Ok((rdata, Some(lookup.valid_until())))
+            }
+            Err(NetError::Dns(DnsError::NoRecordsFound(NoRecords { negative_ttl, .. }))) => {
+                let valid_until = negative_ttl.map(|ttl| {
+                    Instant::now() + Duration::from_secs(ttl.into()).min(NEGATIVE_TTL_MAX)
+                });
+                Ok((Vec::new(), valid_until))
+            }
             Err(e) => {
                 tracing::debug!(%name, %rtype, error = %e, "SPF DNS lookup failed");
                 Err(Abort::Temp)
             }
         }
+    }
+}
+
+/// §4.4 to §4.6: the one `v=spf1` record among the TXT answers of a domain, parsed.
+fn find_record(answers: Vec<RData>) -> CachedRecord {
+    let mut found = Vec::new();
+    for rdata in answers {
+        if let RData::TXT(txt) = rdata {
+            // §3.3: the character-strings are concatenated without separator.
+            let text: Vec<u8> = txt.txt_data.iter().flatten().copied().collect();
+            if is_spf1(&text) {
+                found.push(text);
+            }
+        }
+    }
+    match found.len() {
+        0 => CachedRecord::Missing,
+        1 => match String::from_utf8(found.remove(0)) {
+            Ok(text) => match parse_record(&text) {
+                Ok(record) => CachedRecord::Found(Arc::new(record)),
+                Err(e) => CachedRecord::Syntax(e.into()),
+            },
+            Err(_) => CachedRecord::NotUtf8,
+        },
+        _ => CachedRecord::MoreThanOne,
     }
 }
 

@@ -25,9 +25,9 @@ pub struct WebhookTarget {
 
 impl WebhookTarget {
     pub fn parse(url: &str) -> Result<WebhookTarget, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| "only http:// URLs (put a local relay in front of an https endpoint)".to_string())?;
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            "only http:// URLs (put a local relay in front of an https endpoint)".to_string()
+        })?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
@@ -41,18 +41,27 @@ impl WebhookTarget {
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (h, after) = v6.split_once(']').ok_or("unclosed [ in the host")?;
             let port = match after.strip_prefix(':') {
-                Some(p) => p.parse::<u16>().map_err(|_| format!("`{p}` is not a port"))?,
+                Some(p) => p
+                    .parse::<u16>()
+                    .map_err(|_| format!("`{p}` is not a port"))?,
                 None if after.is_empty() => 80,
                 None => return Err("garbage after the host".into()),
             };
             (h.to_string(), port)
         } else {
             match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| format!("`{p}` is not a port"))?),
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.parse::<u16>()
+                        .map_err(|_| format!("`{p}` is not a port"))?,
+                ),
                 None => (authority.to_string(), 80),
             }
         };
-        if host.is_empty() || port == 0 || host.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        if host.is_empty()
+            || port == 0
+            || host.contains(|c: char| c.is_whitespace() || c.is_control())
+        {
             return Err("needs a host (and a non-zero port)".into());
         }
         Ok(WebhookTarget {
@@ -68,7 +77,11 @@ impl WebhookTarget {
         } else {
             self.host.clone()
         };
-        if self.port == 80 { host } else { format!("{host}:{}", self.port) }
+        if self.port == 80 {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
     }
 }
 
@@ -112,7 +125,10 @@ impl Alerter {
             return;
         };
         let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
-            tracing::warn!(event = body.event, "outbound: webhook busy, alert not posted");
+            tracing::warn!(
+                event = body.event,
+                "outbound: webhook busy, alert not posted"
+            );
             return;
         };
         let json = serde_json::to_string(body).unwrap_or_default();
@@ -163,9 +179,15 @@ async fn send(t: &WebhookTarget, json: &str) -> std::io::Result<u16> {
     }
     let line = String::from_utf8_lossy(&buf);
     let mut parts = line.split_whitespace();
-    match (parts.next(), parts.next().and_then(|c| c.parse::<u16>().ok())) {
+    match (
+        parts.next(),
+        parts.next().and_then(|c| c.parse::<u16>().ok()),
+    ) {
         (Some(v), Some(code)) if v.starts_with("HTTP/1.") => Ok(code),
-        _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not an HTTP response",
+        )),
     }
 }
 
@@ -183,9 +205,15 @@ mod tests {
                 path: "/hooks/x?token=1".into()
             }
         );
-        assert_eq!(WebhookTarget::parse("http://alerts.example").unwrap().port, 80);
+        assert_eq!(
+            WebhookTarget::parse("http://alerts.example").unwrap().port,
+            80
+        );
         let v6 = WebhookTarget::parse("http://[::1]:81/a").unwrap();
-        assert_eq!((v6.host.as_str(), v6.port, v6.host_header()), ("::1", 81, "[::1]:81".to_string()));
+        assert_eq!(
+            (v6.host.as_str(), v6.port, v6.host_header()),
+            ("::1", 81, "[::1]:81".to_string())
+        );
         assert!(WebhookTarget::parse("https://alerts.example/").is_err());
         assert!(WebhookTarget::parse("http://user:pw@alerts.example/").is_err());
         assert!(WebhookTarget::parse("http://:80/").is_err());
@@ -212,7 +240,9 @@ mod tests {
                         .parse()
                         .unwrap();
                     if body.len() >= len {
-                        s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
+                        s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                            .await
+                            .unwrap();
                         return text;
                     }
                 }
@@ -229,9 +259,15 @@ mod tests {
             thresholds: vec!["recipients_1m=300".into()],
             reasons: vec![],
         });
-        let req = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+        let req = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(req.starts_with("POST /hook HTTP/1.1\r\n"), "{req}");
-        assert!(req.contains(&format!("Host: 127.0.0.1:{port}\r\n")), "{req}");
+        assert!(
+            req.contains(&format!("Host: 127.0.0.1:{port}\r\n")),
+            "{req}"
+        );
         assert!(req.contains("\"event\":\"outbound-burst\""), "{req}");
     }
 }

@@ -77,7 +77,8 @@ impl Baseline {
         let (tm, tr) = self.threshold(p);
         let keep = 1.0 - p.alpha;
         let m = p.alpha * f64::from(self.cur_messages).min(tm) + keep * f64::from(self.messages);
-        let r = p.alpha * f64::from(self.cur_recipients).min(tr) + keep * f64::from(self.recipients);
+        let r =
+            p.alpha * f64::from(self.cur_recipients).min(tr) + keep * f64::from(self.recipients);
         // Hours with no mail at all since then.
         let idle = (hour - self.hour - 1).min(100_000) as i32;
         let decay = keep.powi(idle);

@@ -373,7 +373,10 @@ pub fn label(d: Duration) -> String {
 fn alias_pattern(s: &str) -> Option<String> {
     let s = s.trim().to_ascii_lowercase();
     let (local, domain) = s.rsplit_once('@')?;
-    if domain.is_empty() || domain.contains(char::is_whitespace) || local.contains(char::is_whitespace) {
+    if domain.is_empty()
+        || domain.contains(char::is_whitespace)
+        || local.contains(char::is_whitespace)
+    {
         return None;
     }
     Some(s)
@@ -383,7 +386,10 @@ impl OutboundConfig {
     /// Semantic checks serde cannot express. Errors are (key inside `[outbound]`, reason);
     /// `windows[N]`/`account[N]` name the N-th array entry.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        fn err<T>(key: impl Into<String>, reason: impl Into<String>) -> Result<T, (String, String)> {
+        fn err<T>(
+            key: impl Into<String>,
+            reason: impl Into<String>,
+        ) -> Result<T, (String, String)> {
             Err((key.into(), reason.into()))
         }
         if self.windows.len() > MAX_WINDOWS {
@@ -398,7 +404,10 @@ impl OutboundConfig {
         check_window("recipient_domains_window", self.recipient_domains_window)?;
         check_window("rejected_window", self.rejected_window)?;
         if self.max_recipient_domains > MAX_RECIPIENT_DOMAINS {
-            return err("max_recipient_domains", format!("at most {MAX_RECIPIENT_DOMAINS}"));
+            return err(
+                "max_recipient_domains",
+                format!("at most {MAX_RECIPIENT_DOMAINS}"),
+            );
         }
         if !(self.max_rejected_share > 0.0 && self.max_rejected_share <= 1.0) {
             return err("max_rejected_share", "must be more than 0 and at most 1");
@@ -418,7 +427,10 @@ impl OutboundConfig {
             }
         }
         if a.half_life < Duration::from_secs(3600) {
-            return err("adaptive.half_life", "must be at least 1h (the baseline is hourly)");
+            return err(
+                "adaptive.half_life",
+                "must be at least 1h (the baseline is hourly)",
+            );
         }
         if !(self.new_ip.factor > 0.0 && self.new_ip.factor <= 1.0) {
             return err("new_ip.factor", "must be more than 0 and at most 1");
@@ -432,7 +444,10 @@ impl OutboundConfig {
         if let Some(e) = self.freeze_expiry
             && e.is_zero()
         {
-            return err("freeze_expiry", "must be more than zero (omit it for freezes that never expire)");
+            return err(
+                "freeze_expiry",
+                "must be more than zero (omit it for freezes that never expire)",
+            );
         }
         if self.alert_interval.is_zero() {
             return err("alert_interval", "must be more than zero");
@@ -447,15 +462,24 @@ impl OutboundConfig {
         }
         for (i, s) in self.from.aliases.iter().enumerate() {
             if alias_pattern(s).is_none() {
-                return err(format!("from.aliases[{i}]"), format!("`{s}` is neither user@domain nor @domain"));
+                return err(
+                    format!("from.aliases[{i}]"),
+                    format!("`{s}` is neither user@domain nor @domain"),
+                );
             }
         }
         let f = &self.auth_failures;
         if f.window.is_zero() || f.block.is_zero() {
-            return err("auth_failures.window", "window and block must be more than zero");
+            return err(
+                "auth_failures.window",
+                "window and block must be more than zero",
+            );
         }
         if f.max_failures == 0 || f.max_usernames == 0 {
-            return err("auth_failures.max_failures", "max_failures and max_usernames must be at least 1");
+            return err(
+                "auth_failures.max_failures",
+                "max_failures and max_usernames must be at least 1",
+            );
         }
         if f.max_failures > 10_000 {
             return err("auth_failures.max_failures", "at most 10000");
@@ -476,7 +500,10 @@ impl OutboundConfig {
                     return err(format!("{t}.name"), "must be an account or @domain");
                 }
                 if let Some(j) = seen.insert(n.clone(), i) {
-                    return err(format!("{t}.name"), format!("`{n}` is already configured in account[{j}]"));
+                    return err(
+                        format!("{t}.name"),
+                        format!("`{n}` is already configured in account[{j}]"),
+                    );
                 }
             }
             for (j, w) in o.windows.iter().enumerate() {
@@ -490,28 +517,46 @@ impl OutboundConfig {
             if let Some(m) = o.max_recipient_domains
                 && m > MAX_RECIPIENT_DOMAINS
             {
-                return err(format!("{t}.max_recipient_domains"), format!("at most {MAX_RECIPIENT_DOMAINS}"));
+                return err(
+                    format!("{t}.max_recipient_domains"),
+                    format!("at most {MAX_RECIPIENT_DOMAINS}"),
+                );
             }
             if let Some(s) = o.max_rejected_share
                 && !(s > 0.0 && s <= 1.0)
             {
-                return err(format!("{t}.max_rejected_share"), "must be more than 0 and at most 1");
+                return err(
+                    format!("{t}.max_rejected_share"),
+                    "must be more than 0 and at most 1",
+                );
             }
             for (j, s) in o.from_aliases.iter().enumerate() {
                 if alias_pattern(s).is_none() {
-                    return err(format!("{t}.from_aliases[{j}]"), format!("`{s}` is neither user@domain nor @domain"));
+                    return err(
+                        format!("{t}.from_aliases[{j}]"),
+                        format!("`{s}` is neither user@domain nor @domain"),
+                    );
                 }
             }
         }
         if self.backend == Backend::Redis {
             if !self.redis_url.starts_with("redis://") && !self.redis_url.starts_with("unix://") {
-                return err("redis_url", "must be redis://HOST:PORT/DB or unix://PATH (no TLS)");
+                return err(
+                    "redis_url",
+                    "must be redis://HOST:PORT/DB or unix://PATH (no TLS)",
+                );
             }
             if redis::Client::open(self.redis_url.as_str()).is_err() {
-                return err("redis_url", format!("`{}` is not a Redis URL", redact_url(&self.redis_url)));
+                return err(
+                    "redis_url",
+                    format!("`{}` is not a Redis URL", redact_url(&self.redis_url)),
+                );
             }
             if self.redis_timeout.is_zero() || self.redis_retry.is_zero() {
-                return err("redis_timeout", "redis_timeout and redis_retry must be more than zero");
+                return err(
+                    "redis_timeout",
+                    "redis_timeout and redis_retry must be more than zero",
+                );
             }
         }
         if self.snapshot_interval.is_zero() {
@@ -602,7 +647,8 @@ pub(crate) struct Settings {
 
 impl Settings {
     pub fn new(cfg: &OutboundConfig) -> Result<Settings, String> {
-        cfg.validate().map_err(|(k, r)| format!("outbound.{k}: {r}"))?;
+        cfg.validate()
+            .map_err(|(k, r)| format!("outbound.{k}: {r}"))?;
         let mut rings: Vec<WindowSpec> = cfg
             .windows
             .iter()
@@ -622,12 +668,21 @@ impl Settings {
             .join(",");
         let half_life_hours = cfg.adaptive.half_life.as_secs_f64() / 3600.0;
         let alpha = 1.0 - 0.5f64.powf(1.0 / half_life_hours);
-        let mut global_aliases: Vec<String> = cfg.from.aliases.iter().filter_map(|s| alias_pattern(s)).collect();
+        let mut global_aliases: Vec<String> = cfg
+            .from
+            .aliases
+            .iter()
+            .filter_map(|s| alias_pattern(s))
+            .collect();
         global_aliases.sort();
         let defaults = Limits {
             name: None,
             bulk: false,
-            windows: cfg.windows.iter().map(|w| (w.messages, w.recipients)).collect(),
+            windows: cfg
+                .windows
+                .iter()
+                .map(|w| (w.messages, w.recipients))
+                .collect(),
             max_domains: cfg.max_recipient_domains,
             max_rejected_share: cfg.max_rejected_share,
             adaptive: cfg.adaptive.enabled,
@@ -640,13 +695,21 @@ impl Settings {
         let mut by_name = HashMap::new();
         let mut by_domain = HashMap::new();
         for o in &cfg.accounts {
-            let names: Vec<String> = o.name.iter().chain(o.names.iter()).map(|n| n.trim().to_lowercase()).collect();
+            let names: Vec<String> = o
+                .name
+                .iter()
+                .chain(o.names.iter())
+                .map(|n| n.trim().to_lowercase())
+                .collect();
             let mut l = defaults.clone();
             l.name = names.first().cloned();
             l.bulk = o.bulk;
             for w in &o.windows {
                 if let Some(i) = cfg.windows.iter().position(|g| g.window == w.window) {
-                    l.windows[i] = (w.messages.or(l.windows[i].0), w.recipients.or(l.windows[i].1));
+                    l.windows[i] = (
+                        w.messages.or(l.windows[i].0),
+                        w.recipients.or(l.windows[i].1),
+                    );
                 }
             }
             l.max_domains = o.max_recipient_domains.unwrap_or(l.max_domains);
@@ -654,7 +717,8 @@ impl Settings {
             l.adaptive = o.adaptive.unwrap_or(l.adaptive);
             l.action = o.action.unwrap_or(l.action);
             l.from_allow = o.from_allow.unwrap_or(l.from_allow);
-            l.from_aliases.extend(o.from_aliases.iter().filter_map(|s| alias_pattern(s)));
+            l.from_aliases
+                .extend(o.from_aliases.iter().filter_map(|s| alias_pattern(s)));
             l.from_action = o.from_action.unwrap_or(l.from_action);
             let idx = overrides.len();
             overrides.push(l);
@@ -706,7 +770,11 @@ impl Settings {
 
     /// Whether `ip` is never blocked for AUTH failures.
     pub fn is_auth_exempt(&self, ip: IpAddr) -> bool {
-        self.cfg.auth_failures.exempt_networks.iter().any(|n| n.contains(&ip))
+        self.cfg
+            .auth_failures
+            .exempt_networks
+            .iter()
+            .any(|n| n.contains(&ip))
     }
 }
 
@@ -722,7 +790,9 @@ mod tests {
 
     fn parse(s: &str) -> Result<OutboundConfig, String> {
         let w: Wrapper = toml::from_str(s).map_err(|e| e.to_string())?;
-        w.outbound.validate().map_err(|(k, r)| format!("{k}: {r}"))?;
+        w.outbound
+            .validate()
+            .map_err(|(k, r)| format!("{k}: {r}"))?;
         Ok(w.outbound)
     }
 
@@ -779,8 +849,14 @@ from_aliases = ["@example.com"]
         assert_eq!(c.windows[1].messages, None);
         let s = Settings::new(&c).unwrap();
         assert!(s.limits_for("news@example.org").bulk);
-        assert_eq!(s.limits_for("joe@sales.example.org").windows[1], (Some(50), Some(1000)));
-        assert_eq!(s.limits_for("boss@example.org").windows[0], (Some(10), Some(100)));
+        assert_eq!(
+            s.limits_for("joe@sales.example.org").windows[1],
+            (Some(50), Some(1000))
+        );
+        assert_eq!(
+            s.limits_for("boss@example.org").windows[0],
+            (Some(10), Some(100))
+        );
         assert_eq!(s.limits_for("other@example.org").name, None);
         assert!(s.is_trusted("10.1.2.3".parse().unwrap()));
         assert!(!s.is_trusted("192.0.2.1".parse().unwrap()));
@@ -798,11 +874,16 @@ from_aliases = ["@example.com"]
         assert!(e.starts_with("webhook_url"), "{e}");
         let e = parse("[[outbound.account]]\nbulk = true\n").unwrap_err();
         assert!(e.starts_with("account[0].name"), "{e}");
-        let e = parse("[[outbound.account]]\nname = \"a\"\nwindows = [{window = \"5m\", messages = 1}]\n").unwrap_err();
+        let e = parse(
+            "[[outbound.account]]\nname = \"a\"\nwindows = [{window = \"5m\", messages = 1}]\n",
+        )
+        .unwrap_err();
         assert!(e.starts_with("account[0].windows[0].window"), "{e}");
-        let e = parse("[[outbound.account]]\nname = \"a\"\n[[outbound.account]]\nname = \"A\"\n").unwrap_err();
+        let e = parse("[[outbound.account]]\nname = \"a\"\n[[outbound.account]]\nname = \"A\"\n")
+            .unwrap_err();
         assert!(e.starts_with("account[1].name"), "{e}");
-        let e = parse("[outbound]\nbackend = \"redis\"\nredis_url = \"rediss://h/\"\n").unwrap_err();
+        let e =
+            parse("[outbound]\nbackend = \"redis\"\nredis_url = \"rediss://h/\"\n").unwrap_err();
         assert!(e.starts_with("redis_url"), "{e}");
         let e = parse("[outbound.from]\naliases = [\"nobody\"]\n").unwrap_err();
         assert!(e.starts_with("from.aliases[0]"), "{e}");

@@ -84,7 +84,11 @@ impl FreezeRecord {
 impl FreezeBook {
     /// The account's freeze when it is in force at `now`.
     pub fn frozen(&self, account: &str, now: u64) -> Option<&Freeze> {
-        self.accounts.get(account)?.current.as_ref().filter(|f| f.active(now))
+        self.accounts
+            .get(account)?
+            .current
+            .as_ref()
+            .filter(|f| f.active(now))
     }
 
     /// Freezes `account`; false when it already was.
@@ -139,7 +143,10 @@ impl FreezeBook {
     }
 
     pub fn frozen_count(&self) -> usize {
-        self.accounts.values().filter(|r| r.current.is_some()).count()
+        self.accounts
+            .values()
+            .filter(|r| r.current.is_some())
+            .count()
     }
 
     fn bound(&mut self) {
@@ -162,7 +169,9 @@ impl FreezeBook {
     /// Reads `path`; a missing file is an empty book.
     pub fn load(path: &Path) -> Result<FreezeBook, String> {
         match fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FreezeBook::default()),
             Err(e) => Err(format!("{}: {e}", path.display())),
         }
@@ -181,7 +190,10 @@ pub fn mkdir_private(dir: &Path) -> std::io::Result<()> {
     if dir.as_os_str().is_empty() {
         return Ok(());
     }
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Writes `path` so that a reader (or a crash) sees either the old or the new content:
@@ -211,7 +223,11 @@ pub fn write_atomic(
     }
     drop(w);
     fs::rename(&tmp, path)?;
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(dir)?.sync_all()
 }
 
@@ -325,7 +341,10 @@ pub fn clean_results(dir: &Path, age: Duration) {
         return;
     };
     for e in entries.filter_map(|e| e.ok()) {
-        let is_result = e.file_name().to_str().is_some_and(|n| n.ends_with(".result"));
+        let is_result = e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(".result"));
         let old = e
             .metadata()
             .and_then(|m| m.modified())
@@ -361,11 +380,18 @@ mod tests {
         assert!(b.unfreeze("a@x", 201, "root", "again").is_none());
         assert!(b.freeze("a@x", f(300, Some(400))));
         assert!(b.frozen("a@x", 399).is_some());
-        assert!(b.frozen("a@x", 400).is_none(), "expired even before expire() ran");
+        assert!(
+            b.frozen("a@x", 400).is_none(),
+            "expired even before expire() ran"
+        );
         assert_eq!(b.expire(399).len(), 0);
         let gone = b.expire(401);
         assert_eq!(gone.len(), 1);
-        let actions: Vec<&str> = b.accounts["a@x"].history.iter().map(|e| e.action.as_str()).collect();
+        let actions: Vec<&str> = b.accounts["a@x"]
+            .history
+            .iter()
+            .map(|e| e.action.as_str())
+            .collect();
         assert_eq!(actions, ["freeze", "unfreeze", "freeze", "expire"]);
         assert_eq!(b.accounts["a@x"].history[1].by, "root");
         assert_eq!(b.frozen_count(), 0);
@@ -381,8 +407,16 @@ mod tests {
         let back = FreezeBook::load(&path).unwrap();
         assert_eq!(back.accounts["a@x"].current, Some(f(100, Some(1000))));
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(FreezeBook::load(&dir.path().join("missing.json")).unwrap().accounts.is_empty());
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            FreezeBook::load(&dir.path().join("missing.json"))
+                .unwrap()
+                .accounts
+                .is_empty()
+        );
 
         let spool = dir.path().join("commands");
         let cmd = Command {
@@ -394,14 +428,29 @@ mod tests {
             at: 1,
         };
         let n1 = submit(&spool, &cmd).unwrap();
-        let n2 = submit(&spool, &Command { op: Op::Unfreeze, ..cmd.clone() }).unwrap();
+        let n2 = submit(
+            &spool,
+            &Command {
+                op: Op::Unfreeze,
+                ..cmd.clone()
+            },
+        )
+        .unwrap();
         fs::write(spool.join("junk.json"), "{").unwrap();
         let p = pending(&spool);
         assert_eq!(p.len(), 3);
         assert_eq!(p[0].0, n1);
         assert_eq!(p[1].1.as_ref().unwrap().op, Op::Unfreeze);
         assert!(p[2].1.is_err());
-        complete(&spool, &n1, &CommandResult { ok: true, message: "frozen".into() }).unwrap();
+        complete(
+            &spool,
+            &n1,
+            &CommandResult {
+                ok: true,
+                message: "frozen".into(),
+            },
+        )
+        .unwrap();
         assert_eq!(pending(&spool).len(), 2);
         let r = wait_result(&spool, &n1, Duration::from_millis(10)).unwrap();
         assert!(r.ok);

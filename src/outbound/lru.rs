@@ -109,6 +109,39 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         &mut self.nodes[i as usize].value
     }
 
+    /// Removes and returns the least recently used entry.
+    pub fn pop_oldest(&mut self) -> Option<(K, V)> {
+        let i = self.oldest;
+        if i == NIL {
+            return None;
+        }
+        self.unlink(i);
+        let last = (self.nodes.len() - 1) as u32;
+        if i != last {
+            // The last node moves into slot `i`: repoint its neighbours and its key.
+            let (newer, older) = (
+                self.nodes[last as usize].newer,
+                self.nodes[last as usize].older,
+            );
+            if newer == NIL {
+                self.newest = i;
+            } else {
+                self.nodes[newer as usize].older = i;
+            }
+            if older == NIL {
+                self.oldest = i;
+            } else {
+                self.nodes[older as usize].newer = i;
+            }
+            if let Some(slot) = self.map.get_mut(&self.nodes[last as usize].key) {
+                *slot = i;
+            }
+        }
+        let node = self.nodes.swap_remove(i as usize);
+        self.map.remove(&node.key);
+        Some((node.key, node.value))
+    }
+
     fn touch(&mut self, i: u32) {
         if self.newest != i {
             self.unlink(i);
@@ -189,5 +222,24 @@ mod tests {
         assert_eq!(l.len(), 3);
         let keys: Vec<&String> = l.iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["k997", "k998", "k999"]);
+    }
+
+    #[test]
+    fn pop_oldest_keeps_the_rest_consistent() {
+        let mut l: Lru<u32, u32> = Lru::new(usize::MAX);
+        for i in 0..6 {
+            l.insert(i, i * 10);
+        }
+        l.get_mut(&0);
+        assert_eq!(l.pop_oldest(), Some((1, 10)));
+        assert_eq!(l.pop_oldest(), Some((2, 20)));
+        l.insert(9, 90);
+        assert_eq!(l.get_mut(&5), Some(&mut 50));
+        let keys: Vec<u32> = l.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, [3, 4, 0, 9, 5]);
+        while l.pop_oldest().is_some() {}
+        assert_eq!(l.len(), 0);
+        l.insert(1, 1);
+        assert_eq!(l.peek(&1), Some(&1));
     }
 }

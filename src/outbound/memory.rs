@@ -1,6 +1,7 @@
-//! The in-process store: accounts in `SHARDS` independently locked LRU maps (bounded by
-//! `tracked_accounts` in all), client addresses' AUTH failures in one more, and the
-//! freeze book. With the Redis backend it is the local fallback, kept warm by counting
+//! The in-process store: accounts in independently locked LRU maps (64 shards; one for
+//! small bounds), `tracked_accounts` in all: an account that is new when the store is
+//! full evicts its shard's least recently active account, which approximates one global
+//! LRU. Client addresses' AUTH failures are in one more LRU map, then the freeze book. With the Redis backend it is the local fallback, kept warm by counting
 //! every message here too.
 //!
 //! Snapshot (`state_file`), JSON lines: a header `{"version","written_at","layout"}`,
@@ -38,8 +39,14 @@ pub struct SnapshotHeader {
 #[derive(Serialize, Deserialize)]
 #[serde(untagged)]
 enum SnapshotLine {
-    Account { account: String, state: AccountState },
-    Client { client: IpAddr, state: ClientState },
+    Account {
+        account: String,
+        state: AccountState,
+    },
+    Client {
+        client: IpAddr,
+        state: ClientState,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -55,6 +62,8 @@ pub struct MemoryStore {
     freezes: RwLock<FreezeBook>,
     /// Accounts with a freeze record in force (a fast path: usually 0).
     frozen: AtomicUsize,
+    /// Accounts tracked, all shards together.
+    count: AtomicUsize,
     dirty: AtomicBool,
 }
 
@@ -63,9 +72,7 @@ impl MemoryStore {
         let tracked = s.cfg.tracked_accounts;
         // Small bounds get one shard so that the bound is an exact LRU.
         let n = if tracked >= 64 * 64 { 64 } else { 1 };
-        let shards = (0..n)
-            .map(|i| Mutex::new(Lru::new(tracked / n + usize::from(i < tracked % n))))
-            .collect();
+        let shards = (0..n).map(|_| Mutex::new(Lru::new(usize::MAX))).collect();
         MemoryStore {
             p: Params::from_settings(&s),
             clients: Mutex::new(Lru::new(s.cfg.auth_failures.tracked_clients)),
@@ -74,6 +81,7 @@ impl MemoryStore {
             hasher: std::hash::RandomState::new(),
             freezes: RwLock::new(FreezeBook::default()),
             frozen: AtomicUsize::new(0),
+            count: AtomicUsize::new(0),
             dirty: AtomicBool::new(false),
         }
     }
@@ -81,6 +89,18 @@ impl MemoryStore {
     fn shard(&self, account: &str) -> &Mutex<Lru<Arc<str>, AccountState>> {
         let i = self.hasher.hash_one(account) as usize % self.shards.len();
         &self.shards[i]
+    }
+
+    /// Makes room for `account` in its (locked) shard when it is new and the store is full.
+    fn admit(&self, shard: &mut Lru<Arc<str>, AccountState>, account: &str) {
+        if shard.peek(account).is_some() {
+            return;
+        }
+        if self.count.fetch_add(1, Ordering::SeqCst) >= self.s.cfg.tracked_accounts
+            && shard.pop_oldest().is_some()
+        {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Counts one message and returns what the limits look at.
@@ -102,7 +122,10 @@ impl MemoryStore {
         };
         let mut o = {
             let mut shard = lock(self.shard(account));
-            let st = shard.get_or_insert_with(account, || (Arc::from(account), AccountState::new(&self.s, now_ms)));
+            self.admit(&mut shard, account);
+            let st = shard.get_or_insert_with(account, || {
+                (Arc::from(account), AccountState::new(&self.s, now_ms))
+            });
             st.record(&self.s, &self.p, now_ms, rcpts, rejected, domains, cap);
             st.observe(&self.s, &self.p, now_ms, Some(ip))
         };
@@ -114,7 +137,10 @@ impl MemoryStore {
     /// A successful login of `account` from `ip`.
     pub fn login(&self, account: &str, ip: IpAddr, now_ms: u64) {
         let mut shard = lock(self.shard(account));
-        let st = shard.get_or_insert_with(account, || (Arc::from(account), AccountState::new(&self.s, now_ms)));
+        self.admit(&mut shard, account);
+        let st = shard.get_or_insert_with(account, || {
+            (Arc::from(account), AccountState::new(&self.s, now_ms))
+        });
         st.login(ip, secs(now_ms), self.s.cfg.new_ip.remember);
         self.dirty.store(true, Ordering::Relaxed);
     }
@@ -127,7 +153,11 @@ impl MemoryStore {
         let Some(st) = shard.get_mut(account) else {
             return true;
         };
-        let last = if from { &mut st.last_from_alert } else { &mut st.last_alert };
+        let last = if from {
+            &mut st.last_from_alert
+        } else {
+            &mut st.last_alert
+        };
         if *last != 0 && now.saturating_sub(*last) < interval {
             return false;
         }
@@ -135,7 +165,13 @@ impl MemoryStore {
         true
     }
 
-    pub fn auth_failure(&self, ip: IpAddr, user: u32, now_ms: u64, l: FailLimits) -> Option<(u32, u32)> {
+    pub fn auth_failure(
+        &self,
+        ip: IpAddr,
+        user: u32,
+        now_ms: u64,
+        l: FailLimits,
+    ) -> Option<(u32, u32)> {
         let mut clients = lock(&self.clients);
         let c = clients.get_or_insert_with(&ip, || (ip, ClientState::default()));
         self.dirty.store(true, Ordering::Relaxed);
@@ -149,7 +185,9 @@ impl MemoryStore {
 
     pub fn block(&self, ip: IpAddr, until: u32) {
         let mut clients = lock(&self.clients);
-        clients.get_or_insert_with(&ip, || (ip, ClientState::default())).blocked_until = until;
+        clients
+            .get_or_insert_with(&ip, || (ip, ClientState::default()))
+            .blocked_until = until;
     }
 
     pub fn frozen(&self, account: &str, now_ms: u64) -> Option<Freeze> {
@@ -169,7 +207,10 @@ impl MemoryStore {
     }
 
     pub fn freeze_book(&self) -> FreezeBook {
-        self.freezes.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.freezes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn freeze_record(&self, account: &str) -> Option<FreezeRecord> {
@@ -186,7 +227,7 @@ impl MemoryStore {
     }
 
     pub fn tracked(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).len()).sum()
+        self.count.load(Ordering::SeqCst)
     }
 
     /// Every tracked or frozen account, most recently active first.
@@ -196,10 +237,18 @@ impl MemoryStore {
         let mut out = Vec::new();
         let mut seen: HashMap<String, ()> = HashMap::new();
         for shard in self.shards.iter() {
-            let entries: Vec<(Arc<str>, AccountState)> =
-                lock(shard).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let entries: Vec<(Arc<str>, AccountState)> = lock(shard)
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             for (k, st) in entries {
-                out.push(report::summary(&self.s, &k, Some(&st), book.frozen(&k, now), now_ms));
+                out.push(report::summary(
+                    &self.s,
+                    &k,
+                    Some(&st),
+                    book.frozen(&k, now),
+                    now_ms,
+                ));
                 seen.insert(k.to_string(), ());
             }
         }
@@ -220,7 +269,13 @@ impl MemoryStore {
         if st.is_none() && rec.is_none() {
             return None;
         }
-        Some(report::detail(&self.s, account, st.as_ref(), rec.as_ref(), now_ms))
+        Some(report::detail(
+            &self.s,
+            account,
+            st.as_ref(),
+            rec.as_ref(),
+            now_ms,
+        ))
     }
 
     /// Whether anything was counted since the last snapshot (and clears the flag).
@@ -241,8 +296,10 @@ impl MemoryStore {
             w.write_all(b"\n")?;
             for shard in self.shards.iter() {
                 // Copy under the lock, write without it.
-                let entries: Vec<(Arc<str>, AccountState)> =
-                    lock(shard).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let entries: Vec<(Arc<str>, AccountState)> = lock(shard)
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
                 for (account, state) in entries {
                     let line = SnapshotLine::Account {
                         account: account.to_string(),
@@ -257,7 +314,9 @@ impl MemoryStore {
             let window = self.s.cfg.auth_failures.window.as_secs() as u32;
             let clients: Vec<(IpAddr, ClientState)> = lock(&self.clients)
                 .iter()
-                .filter(|(_, c)| c.blocked_until > now || c.fails.iter().any(|&(t, _)| t + window > now))
+                .filter(|(_, c)| {
+                    c.blocked_until > now || c.fails.iter().any(|&(t, _)| t + window > now)
+                })
                 .map(|(k, v)| (*k, v.clone()))
                 .collect();
             for (client, state) in clients {
@@ -274,16 +333,20 @@ impl MemoryStore {
     /// number of accounts loaded. A missing file loads nothing.
     pub fn load_snapshot(&self, path: &Path) -> Result<usize, String> {
         let mut n = 0;
-        let layout_ok = read_snapshot(path, |header| header.layout == self.s.layout, |line| {
-            match line {
+        let layout_ok = read_snapshot(
+            path,
+            |header| header.layout == self.s.layout,
+            |line| match line {
                 SnapshotLine::Account { account, mut state } => {
                     state.fit_layout(&self.s);
-                    lock(self.shard(&account)).insert(Arc::from(account.as_str()), state);
+                    let mut shard = lock(self.shard(&account));
+                    self.admit(&mut shard, &account);
+                    shard.insert(Arc::from(account.as_str()), state);
                     n += 1;
                 }
                 SnapshotLine::Client { client, state } => lock(&self.clients).insert(client, state),
-            }
-        })?;
+            },
+        )?;
         if layout_ok == Some(false) {
             tracing::info!(file = %path.display(), "outbound: windows changed since the snapshot; window counters restart from zero");
         }
@@ -314,25 +377,33 @@ fn read_snapshot(
     };
     let mut lines = std::io::BufReader::new(file).lines();
     let header: SnapshotHeader = match lines.next() {
-        Some(Ok(l)) => serde_json::from_str(&l).map_err(|e| format!("{}: header: {e}", path.display()))?,
+        Some(Ok(l)) => {
+            serde_json::from_str(&l).map_err(|e| format!("{}: header: {e}", path.display()))?
+        }
         Some(Err(e)) => return Err(format!("{}: {e}", path.display())),
         None => return Ok(None),
     };
     if header.version != SNAPSHOT_VERSION {
-        return Err(format!("{}: snapshot version {} (expected {SNAPSHOT_VERSION})", path.display(), header.version));
+        return Err(format!(
+            "{}: snapshot version {} (expected {SNAPSHOT_VERSION})",
+            path.display(),
+            header.version
+        ));
     }
     let ok = check(&header);
     for (i, line) in lines.enumerate() {
         let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
-        let parsed: SnapshotLine =
-            serde_json::from_str(&line).map_err(|e| format!("{}: line {}: {e}", path.display(), i + 2))?;
+        let parsed: SnapshotLine = serde_json::from_str(&line)
+            .map_err(|e| format!("{}: line {}: {e}", path.display(), i + 2))?;
         each(parsed);
     }
     Ok(Some(ok))
 }
 
 /// The snapshot as the CLI reads it: its header and every account's state.
-pub fn read_accounts(path: &Path) -> Result<Option<(SnapshotHeader, Vec<(String, AccountState)>)>, String> {
+pub fn read_accounts(
+    path: &Path,
+) -> Result<Option<(SnapshotHeader, Vec<(String, AccountState)>)>, String> {
     let mut header = None;
     let mut accounts = Vec::new();
     let found = read_snapshot(
@@ -375,7 +446,15 @@ mod tests {
         let limits = s.s.limits_for("x").clone();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         for i in 0..25 {
-            s.record(&format!("user{i}@example.org"), T0 + i, ip, 1, 0, &[], &limits);
+            s.record(
+                &format!("user{i}@example.org"),
+                T0 + i,
+                ip,
+                1,
+                0,
+                &[],
+                &limits,
+            );
         }
         assert_eq!(s.tracked(), 10);
         assert!(s.state("user24@example.org").is_some());
@@ -386,11 +465,24 @@ mod tests {
             tracked_accounts: 5000,
             ..Default::default()
         });
-        for i in 0..20_000 {
+        assert_eq!(s.shards.len(), 64);
+        for i in 0..5000 {
             s.record(&format!("u{i}"), T0, ip, 1, 0, &[], &limits);
         }
-        assert!(s.tracked() <= 5000, "{}", s.tracked());
-        assert!(s.tracked() > 4500, "{}", s.tracked());
+        assert_eq!(
+            s.tracked(),
+            5000,
+            "nobody evicted before the bound is reached"
+        );
+        for i in 5000..20_000 {
+            s.record(&format!("u{i}"), T0, ip, 1, 0, &[], &limits);
+        }
+        assert_eq!(s.tracked(), 5000);
+        assert_eq!(
+            s.shards.iter().map(|sh| lock(sh).len()).sum::<usize>(),
+            5000
+        );
+        assert!(s.state("u19999").is_some());
     }
 
     #[test]
@@ -403,7 +495,15 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let rcpts = vec!["a@one.example".to_string(), "b@two.example".to_string()];
         for i in 0..5 {
-            a.record("alice@example.org", T0 + i * 1000, ip, 2, 1, &domain_hashes(&rcpts), &limits);
+            a.record(
+                "alice@example.org",
+                T0 + i * 1000,
+                ip,
+                2,
+                1,
+                &domain_hashes(&rcpts),
+                &limits,
+            );
         }
         a.login("alice@example.org", ip, T0);
         let fl = FailLimits {
@@ -413,14 +513,23 @@ mod tests {
             block: 3600,
         };
         a.auth_failure("198.51.100.7".parse().unwrap(), 1, T0, fl);
-        assert!(a.auth_failure("198.51.100.7".parse().unwrap(), 1, T0, fl).is_some());
+        assert!(
+            a.auth_failure("198.51.100.7".parse().unwrap(), 1, T0, fl)
+                .is_some()
+        );
         assert_eq!(a.write_snapshot(&path, T0 + 5000).unwrap(), 1);
 
         let b = store(cfg.clone());
         assert_eq!(b.load_snapshot(&path).unwrap(), 1);
         let now = T0 + 6000;
-        let oa = a.state("alice@example.org").unwrap().observe(&a.s, &a.p, now, Some(ip));
-        let ob = b.state("alice@example.org").unwrap().observe(&b.s, &b.p, now, Some(ip));
+        let oa = a
+            .state("alice@example.org")
+            .unwrap()
+            .observe(&a.s, &a.p, now, Some(ip));
+        let ob = b
+            .state("alice@example.org")
+            .unwrap()
+            .observe(&b.s, &b.p, now, Some(ip));
         assert_eq!(oa.windows, ob.windows);
         assert_eq!(ob.windows[0], (5.0, 10.0));
         assert_eq!(ob.rejected, (15.0, 5.0));
@@ -442,7 +551,16 @@ mod tests {
         let (header, accounts) = read_accounts(&path).unwrap().unwrap();
         assert_eq!(header.written_at, (T0 + 5000) / 1000);
         assert_eq!(accounts.len(), 1);
-        assert!(read_accounts(&dir.path().join("none.json")).unwrap().is_none());
-        assert_eq!(store(OutboundConfig::default()).load_snapshot(&dir.path().join("none.json")).unwrap(), 0);
+        assert!(
+            read_accounts(&dir.path().join("none.json"))
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store(OutboundConfig::default())
+                .load_snapshot(&dir.path().join("none.json"))
+                .unwrap(),
+            0
+        );
     }
 }

@@ -188,7 +188,12 @@ pub fn normalize(account: &str) -> String {
 #[derive(Debug, Clone)]
 enum PendingOp {
     Freeze(String, Freeze),
-    Unfreeze { account: String, at: u64, by: String, why: String },
+    Unfreeze {
+        account: String,
+        at: u64,
+        by: String,
+        why: String,
+    },
 }
 
 /// One signal over its limit.
@@ -217,7 +222,14 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
         Some(_) if s.cfg.new_ip.enabled => s.cfg.new_ip.factor,
         _ => 1.0,
     };
-    fn over(out: &mut Vec<Breach>, signal: String, what: String, value: f64, limit: f64, extra: String) {
+    fn over(
+        out: &mut Vec<Breach>,
+        signal: String,
+        what: String,
+        value: f64,
+        limit: f64,
+        extra: String,
+    ) {
         if value > limit + 1e-9 {
             out.push(Breach {
                 text: format!("{what}: {} > {}{extra}", num(value), num(limit)),
@@ -231,10 +243,24 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
         let label = &s.rings[i].label;
         let (m, r) = obs.windows[i];
         if let Some(max) = max_m {
-            over(&mut out, format!("messages_{label}"), format!("messages in {label}"), m, f64::from(max) * factor, String::new());
+            over(
+                &mut out,
+                format!("messages_{label}"),
+                format!("messages in {label}"),
+                m,
+                f64::from(max) * factor,
+                String::new(),
+            );
         }
         if let Some(max) = max_r {
-            over(&mut out, format!("recipients_{label}"), format!("recipients in {label}"), r, f64::from(max) * factor, String::new());
+            over(
+                &mut out,
+                format!("recipients_{label}"),
+                format!("recipients in {label}"),
+                r,
+                f64::from(max) * factor,
+                String::new(),
+            );
         }
     }
     if limits.max_domains > 0 {
@@ -279,7 +305,12 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
             "messages in the last hour".into(),
             rm,
             tm,
-            format!(" (max of floor {} and {} × baseline {:.1}/h)", num(a.floor_messages), num(a.k), bm),
+            format!(
+                " (max of floor {} and {} × baseline {:.1}/h)",
+                num(a.floor_messages),
+                num(a.k),
+                bm
+            ),
         );
         over(
             &mut out,
@@ -287,7 +318,12 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
             "recipients in the last hour".into(),
             rr,
             tr,
-            format!(" (max of floor {} and {} × baseline {:.1}/h)", num(a.floor_recipients), num(a.k), br),
+            format!(
+                " (max of floor {} and {} × baseline {:.1}/h)",
+                num(a.floor_recipients),
+                num(a.k),
+                br
+            ),
         );
     }
     if factor < 1.0
@@ -342,11 +378,18 @@ fn split_addresses(s: &str) -> Vec<&str> {
 }
 
 fn domain_of(addr: &str) -> Option<&str> {
-    addr.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.')).filter(|d| !d.is_empty())
+    addr.rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('.'))
+        .filter(|d| !d.is_empty())
 }
 
 /// Why `header_from` is not allowed for `account`, if it is not.
-fn from_mismatch(s: &Settings, limits: &Limits, account: &str, header_from: &str) -> Option<String> {
+fn from_mismatch(
+    s: &Settings,
+    limits: &Limits,
+    account: &str,
+    header_from: &str,
+) -> Option<String> {
     if limits.from_allow == FromAllow::Any {
         return None;
     }
@@ -354,7 +397,10 @@ fn from_mismatch(s: &Settings, limits: &Limits, account: &str, header_from: &str
         account.to_string()
     } else {
         // No own address, nothing to compare with: not checked.
-        format!("{account}@{}", s.cfg.from.login_domain.as_deref()?.to_lowercase())
+        format!(
+            "{account}@{}",
+            s.cfg.from.login_domain.as_deref()?.to_lowercase()
+        )
     };
     let own_domain = domain_of(&own)?;
     let addresses: Vec<String> = split_addresses(header_from)
@@ -363,18 +409,26 @@ fn from_mismatch(s: &Settings, limits: &Limits, account: &str, header_from: &str
         .filter(|a| !a.is_empty())
         .collect();
     if addresses.is_empty() {
-        return Some(format!("message has no header From address (account {account})"));
+        return Some(format!(
+            "message has no header From address (account {account})"
+        ));
     }
     for from in &addresses {
         let from_domain = domain_of(from).unwrap_or("");
         let ok = *from == own
-            || (limits.from_allow == FromAllow::Domain && from_domain.eq_ignore_ascii_case(own_domain))
-            || limits.from_aliases.iter().any(|a| match a.strip_prefix('@') {
-                Some(d) => from_domain == d,
-                None => a == from,
-            });
+            || (limits.from_allow == FromAllow::Domain
+                && from_domain.eq_ignore_ascii_case(own_domain))
+            || limits
+                .from_aliases
+                .iter()
+                .any(|a| match a.strip_prefix('@') {
+                    Some(d) => from_domain == d,
+                    None => a == from,
+                });
         if !ok {
-            return Some(format!("header From {from} is not allowed for account {account}"));
+            return Some(format!(
+                "header From {from} is not allowed for account {account}"
+            ));
         }
     }
     None
@@ -409,7 +463,10 @@ impl Detector {
         Self::with_clock(cfg, Arc::new(SystemClock)).await
     }
 
-    pub async fn with_clock(cfg: &OutboundConfig, clock: Arc<dyn Clock>) -> Result<Detector, String> {
+    pub async fn with_clock(
+        cfg: &OutboundConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Detector, String> {
         let s = Arc::new(Settings::new(cfg)?);
         let local = Arc::new(MemoryStore::new(s.clone()));
         let now = clock.now_ms();
@@ -437,7 +494,9 @@ impl Detector {
             .await
             .map_err(|e| e.to_string())?;
         match loaded {
-            Ok(n) if n > 0 => tracing::info!(accounts = n, file = %cfg.state_file.display(), "outbound: counters restored"),
+            Ok(n) if n > 0 => {
+                tracing::info!(accounts = n, file = %cfg.state_file.display(), "outbound: counters restored")
+            }
             Ok(_) => {}
             Err(e) => {
                 let aside = cfg.state_file.with_extension("corrupt");
@@ -449,7 +508,9 @@ impl Detector {
             let r = RedisStore::new(d.s.clone())?;
             match r.connect().await {
                 Ok(()) => tracing::info!(redis = %r.url(), "outbound: shared state in redis"),
-                Err(e) => tracing::warn!(redis = %r.url(), error = %e, "outbound: redis unreachable, using local counters until it is back"),
+                Err(e) => {
+                    tracing::warn!(redis = %r.url(), error = %e, "outbound: redis unreachable, using local counters until it is back")
+                }
             }
             d.redis = Some(r);
             d.sync_redis().await;
@@ -515,7 +576,11 @@ impl Detector {
             return None;
         }
         let sender = bare_address(mail_from);
-        Some(if sender.is_empty() { "<>".into() } else { sender })
+        Some(if sender.is_empty() {
+            "<>".into()
+        } else {
+            sender
+        })
     }
 
     /// Before accepting AUTH from `ip`: `Err(reply text)` while the address is blocked
@@ -615,7 +680,10 @@ impl Detector {
                 account: None,
                 client: Some(ip.to_string()),
                 action: Some("block"),
-                signals: vec![format!("failures={failures}"), format!("usernames={usernames}")],
+                signals: vec![
+                    format!("failures={failures}"),
+                    format!("usernames={usernames}"),
+                ],
                 thresholds: vec![
                     format!("failures={}", f.max_failures),
                     format!("usernames={}", f.max_usernames),
@@ -648,9 +716,14 @@ impl Detector {
         };
         let n = u32::try_from(rcpts.len()).unwrap_or(u32::MAX);
         let rejected = u32::try_from(rejected_rcpts).unwrap_or(u32::MAX);
-        let local = self.local.record(&account, now, ip, n, rejected, &domains, limits);
+        let local = self
+            .local
+            .record(&account, now, ip, n, rejected, &domains, limits);
         let (obs, shared) = match self.redis_up() {
-            Some(r) => match r.record(&account, now, ip, n, rejected, &domains, limits).await {
+            Some(r) => match r
+                .record(&account, now, ip, n, rejected, &domains, limits)
+                .await
+            {
                 Ok(o) => (o, true),
                 Err(e) => {
                     self.redis_failed(&e);
@@ -727,13 +800,27 @@ impl Detector {
                 Err(e) => self.redis_failed(&e),
             }
         }
-        self.local.alert_due(account, kind == "from", now, interval.as_secs() as u32)
+        self.local
+            .alert_due(account, kind == "from", now, interval.as_secs() as u32)
     }
 
-    fn burst_alert(&self, account: &str, ip: IpAddr, action: OutboundAction, breaches: &[Breach], now: u64) {
+    fn burst_alert(
+        &self,
+        account: &str,
+        ip: IpAddr,
+        action: OutboundAction,
+        breaches: &[Breach],
+        now: u64,
+    ) {
         self.alerts.fetch_add(1, Ordering::Relaxed);
-        let signals: Vec<String> = breaches.iter().map(|b| format!("{}={}", b.signal, num(b.value))).collect();
-        let thresholds: Vec<String> = breaches.iter().map(|b| format!("{}={}", b.signal, num(b.limit))).collect();
+        let signals: Vec<String> = breaches
+            .iter()
+            .map(|b| format!("{}={}", b.signal, num(b.value)))
+            .collect();
+        let thresholds: Vec<String> = breaches
+            .iter()
+            .map(|b| format!("{}={}", b.signal, num(b.limit)))
+            .collect();
         tracing::warn!(
             account = %account,
             client = %ip,
@@ -756,7 +843,11 @@ impl Detector {
     }
 
     async fn freeze_auto(&self, account: &str, why: &str) -> Result<bool, String> {
-        let until = self.s.cfg.freeze_expiry.map(|d| u64::from(secs(self.now())) + d.as_secs());
+        let until = self
+            .s
+            .cfg
+            .freeze_expiry
+            .map(|d| u64::from(secs(self.now())) + d.as_secs());
         self.freeze_until(account, DETECTOR, why, until).await
     }
 
@@ -767,7 +858,13 @@ impl Detector {
     }
 
     /// Freezes `account`, for `duration` or (`None`) until unfrozen.
-    pub async fn freeze_for(&self, account: &str, by: &str, why: &str, duration: Option<Duration>) -> Result<(), String> {
+    pub async fn freeze_for(
+        &self,
+        account: &str,
+        by: &str,
+        why: &str,
+        duration: Option<Duration>,
+    ) -> Result<(), String> {
         let account = normalize(account);
         if account.is_empty() {
             return Err("no account given".into());
@@ -780,7 +877,13 @@ impl Detector {
     }
 
     /// Freezes (durably, before returning); true when the account was not frozen.
-    async fn freeze_until(&self, account: &str, by: &str, why: &str, until: Option<u64>) -> Result<bool, String> {
+    async fn freeze_until(
+        &self,
+        account: &str,
+        by: &str,
+        why: &str,
+        until: Option<u64>,
+    ) -> Result<bool, String> {
         let f = Freeze {
             since: u64::from(secs(self.now())),
             until,
@@ -838,7 +941,9 @@ impl Detector {
                 Err(e) => self.redis_failed(&e),
             }
         }
-        let local_was = self.local.with_freezes(|b| b.unfreeze(&account, at, by, why));
+        let local_was = self
+            .local
+            .with_freezes(|b| b.unfreeze(&account, at, by, why));
         self.version.fetch_add(1, Ordering::SeqCst);
         if !reached && self.redis.is_some() {
             lock(&self.pending).push(PendingOp::Unfreeze {
@@ -870,7 +975,11 @@ impl Detector {
     /// Writes `freeze_file` (atomically) if the book changed since the last write.
     async fn persist_freezes(&self) {
         let version = self.version.load(Ordering::SeqCst);
-        let (local, written, path) = (self.local.clone(), self.written.clone(), self.s.cfg.freeze_file.clone());
+        let (local, written, path) = (
+            self.local.clone(),
+            self.written.clone(),
+            self.s.cfg.freeze_file.clone(),
+        );
         let result = tokio::task::spawn_blocking(move || {
             let mut last = lock(&written);
             if *last >= version {
@@ -883,7 +992,9 @@ impl Detector {
         .await;
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(file = %self.s.cfg.freeze_file.display(), error = %e, "outbound: cannot save freezes"),
+            Ok(Err(e)) => {
+                tracing::error!(file = %self.s.cfg.freeze_file.display(), error = %e, "outbound: cannot save freezes")
+            }
             Err(e) => tracing::error!(error = %e, "outbound: cannot save freezes"),
         }
     }
@@ -949,7 +1060,8 @@ impl Detector {
         }
         if let Some(r) = &self.redis {
             let retry = self.s.cfg.redis_retry.as_millis() as u64;
-            if !r.is_up() && now.saturating_sub(self.last_redis_try.load(Ordering::SeqCst)) >= retry {
+            if !r.is_up() && now.saturating_sub(self.last_redis_try.load(Ordering::SeqCst)) >= retry
+            {
                 self.last_redis_try.store(now, Ordering::SeqCst);
                 match r.connect().await {
                     Ok(()) => {
@@ -995,8 +1107,14 @@ impl Detector {
         let (local, path) = (self.local.clone(), self.s.cfg.state_file.clone());
         let started = std::time::Instant::now();
         match tokio::task::spawn_blocking(move || local.write_snapshot(&path, now)).await {
-            Ok(Ok(n)) => tracing::debug!(accounts = n, ms = started.elapsed().as_millis() as u64, "outbound: snapshot written"),
-            Ok(Err(e)) => tracing::error!(file = %self.s.cfg.state_file.display(), error = %e, "outbound: cannot write snapshot"),
+            Ok(Ok(n)) => tracing::debug!(
+                accounts = n,
+                ms = started.elapsed().as_millis() as u64,
+                "outbound: snapshot written"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(file = %self.s.cfg.state_file.display(), error = %e, "outbound: cannot write snapshot")
+            }
             Err(e) => tracing::error!(error = %e, "outbound: cannot write snapshot"),
         }
     }
@@ -1007,7 +1125,12 @@ impl Detector {
         for (i, op) in ops.iter().enumerate() {
             let result = match op {
                 PendingOp::Freeze(account, f) => r.freeze(account, f).await.map(|_| ()),
-                PendingOp::Unfreeze { account, at, by, why } => r.unfreeze(account, *at, by, why).await.map(|_| ()),
+                PendingOp::Unfreeze {
+                    account,
+                    at,
+                    by,
+                    why,
+                } => r.unfreeze(account, *at, by, why).await.map(|_| ()),
             };
             if let Err(e) = result {
                 tracing::warn!(error = %e, "outbound: cannot replay freezes to redis yet");
@@ -1016,7 +1139,10 @@ impl Detector {
             }
         }
         if !ops.is_empty() {
-            tracing::info!(operations = ops.len(), "outbound: freezes made during the redis outage replayed");
+            tracing::info!(
+                operations = ops.len(),
+                "outbound: freezes made during the redis outage replayed"
+            );
         }
     }
 
@@ -1039,8 +1165,11 @@ impl Detector {
                         .filter(|(_, r)| r.current.as_ref().is_some_and(|f| f.active(nows)))
                         .map(|(a, _)| a.clone())
                         .collect();
-                    let frozen: Vec<(String, Freeze)> =
-                        active.iter().filter(|(a, _)| !before.contains(a)).cloned().collect();
+                    let frozen: Vec<(String, Freeze)> = active
+                        .iter()
+                        .filter(|(a, _)| !before.contains(a))
+                        .cloned()
+                        .collect();
                     let thawed: Vec<String> = before
                         .into_iter()
                         .filter(|a| !active.iter().any(|(x, _)| x == a))
@@ -1099,7 +1228,12 @@ impl Detector {
         let account = normalize(&cmd.account);
         let r = match cmd.op {
             Op::Freeze => self
-                .freeze_for(&account, &cmd.by, &cmd.why, cmd.expires_after.map(Duration::from_secs))
+                .freeze_for(
+                    &account,
+                    &cmd.by,
+                    &cmd.why,
+                    cmd.expires_after.map(Duration::from_secs),
+                )
                 .await
                 .map(|()| format!("account {account} frozen")),
             Op::Unfreeze => self

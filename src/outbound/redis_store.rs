@@ -60,7 +60,11 @@ impl std::fmt::Display for RedisFailure {
 
 impl From<redis::RedisError> for RedisFailure {
     fn from(e: redis::RedisError) -> Self {
-        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+        if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_unrecoverable_error()
+        {
             RedisFailure::Down(e.to_string())
         } else {
             RedisFailure::Failed(e.to_string())
@@ -501,7 +505,9 @@ impl RedisStore {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
-        let fut = self.client.get_multiplexed_async_connection_with_config(&config);
+        let fut = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config);
         let mut conn = tokio::time::timeout(self.timeout * 2, fut)
             .await
             .map_err(|_| RedisFailure::Down("connect timed out".into()))??;
@@ -613,9 +619,11 @@ impl RedisStore {
         for d in domains {
             inv.arg(format!("{d:08x}"));
         }
-        let json: String = self.run(|mut c| async move { inv.invoke_async(&mut c).await }).await?;
-        let ro: RedisObservation =
-            serde_json::from_str(&json).map_err(|e| RedisFailure::Failed(format!("assess reply: {e}")))?;
+        let json: String = self
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        let ro: RedisObservation = serde_json::from_str(&json)
+            .map_err(|e| RedisFailure::Failed(format!("assess reply: {e}")))?;
         let mut o = Observation::empty();
         let nw = s.windows();
         for i in 0..nw {
@@ -629,8 +637,14 @@ impl RedisStore {
             ro.w.get(2 * nw + 1).copied().unwrap_or(0.0),
         );
         o.domains = ro.dom as u32;
-        o.rate = (ro.rate.first().copied().unwrap_or(0.0), ro.rate.get(1).copied().unwrap_or(0.0));
-        o.baseline = (ro.base.first().copied().unwrap_or(0.0), ro.base.get(1).copied().unwrap_or(0.0));
+        o.rate = (
+            ro.rate.first().copied().unwrap_or(0.0),
+            ro.rate.get(1).copied().unwrap_or(0.0),
+        );
+        o.baseline = (
+            ro.base.first().copied().unwrap_or(0.0),
+            ro.base.get(1).copied().unwrap_or(0.0),
+        );
         o.new_ip_age = (ro.age >= 0.0).then_some(ro.age as u32);
         if !ro.frozen.is_empty() {
             o.frozen = serde_json::from_str::<Freeze>(&ro.frozen)
@@ -656,7 +670,9 @@ impl RedisStore {
             .arg(s.rings.len())
             .arg(s.cfg.adaptive.new_account_messages)
             .arg(s.cfg.adaptive.new_account_recipients);
-        let _: i64 = self.run(|mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        let _: i64 = self
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
         Ok(())
     }
 
@@ -680,9 +696,19 @@ impl RedisStore {
     }
 
     /// One AUTH failure from `ip`: `Some((failures, user names))` when it blocks the client.
-    pub async fn auth_failure(&self, ip: IpAddr, user: u32, now_ms: u64, l: FailLimits) -> R<Option<(u32, u32)>> {
+    pub async fn auth_failure(
+        &self,
+        ip: IpAddr,
+        user: u32,
+        now_ms: u64,
+        l: FailLimits,
+    ) -> R<Option<(u32, u32)>> {
         let ip = ip.to_string();
-        let member = format!("{now_ms}-{}-{}", std::process::id(), self.seq.fetch_add(1, Ordering::Relaxed));
+        let member = format!(
+            "{now_ms}-{}-{}",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
         let mut inv = self.scripts.auth_fail.prepare_invoke();
         inv.key(self.key("af", &ip))
             .key(self.key("au", &ip))
@@ -694,15 +720,20 @@ impl RedisStore {
             .arg(l.max_failures)
             .arg(l.max_usernames)
             .arg(u64::from(l.block) * 1000);
-        let (blocked, f, u): (i64, u32, u32) = self.run(|mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        let (blocked, f, u): (i64, u32, u32) = self
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
         Ok((blocked == 1).then_some((f, u)))
     }
 
     /// Until when (ms) `ip` is blocked, if it is.
     pub async fn blocked(&self, ip: IpAddr, now_ms: u64) -> R<Option<u64>> {
         let key = self.key("ab", &ip.to_string());
-        let v: Option<String> = self.run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await }).await?;
-        Ok(v.and_then(|v| v.parse::<u64>().ok()).filter(|&until| until > now_ms))
+        let v: Option<String> = self
+            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await?;
+        Ok(v.and_then(|v| v.parse::<u64>().ok())
+            .filter(|&until| until > now_ms))
     }
 
     /// Freezes `account`; false when it already was.
@@ -723,7 +754,9 @@ impl RedisStore {
             .arg(serde_json::to_string(&event).unwrap_or_default())
             .arg(f.until.map_or(0, |u| u * 1000))
             .arg(HISTORY);
-        let n: i64 = self.run(|mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        let n: i64 = self
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
         Ok(n == 1)
     }
 
@@ -743,7 +776,9 @@ impl RedisStore {
             .arg(account)
             .arg(serde_json::to_string(&event).unwrap_or_default())
             .arg(HISTORY);
-        let f: Option<String> = self.run(|mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        let f: Option<String> = self
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
         Ok(f.and_then(|f| serde_json::from_str(&f).ok()))
     }
 
@@ -751,9 +786,13 @@ impl RedisStore {
     /// freeze just expired.
     pub async fn sync_freezes(&self, now_ms: u64) -> R<(Vec<(String, Freeze)>, Vec<String>)> {
         let mut inv = self.scripts.sync.prepare_invoke();
-        inv.key(self.frozen_key()).arg(now_ms).arg(&self.prefix).arg(HISTORY);
-        let (active, gone): (Vec<String>, Vec<String>) =
-            self.run(|mut c| async move { inv.invoke_async(&mut c).await }).await?;
+        inv.key(self.frozen_key())
+            .arg(now_ms)
+            .arg(&self.prefix)
+            .arg(HISTORY);
+        let (active, gone): (Vec<String>, Vec<String>) = self
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
         let active = active
             .chunks(2)
             .filter_map(|p| match p {
@@ -767,9 +806,19 @@ impl RedisStore {
     async fn history(&self, account: &str) -> R<Vec<FreezeEvent>> {
         let key = self.key("h", account);
         let raw: Vec<String> = self
-            .run(|mut c| async move { redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query_async(&mut c).await })
+            .run(|mut c| async move {
+                redis::cmd("LRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
-        Ok(raw.iter().filter_map(|e| serde_json::from_str(e).ok()).collect())
+        Ok(raw
+            .iter()
+            .filter_map(|e| serde_json::from_str(e).ok())
+            .collect())
     }
 
     async fn states(&self, accounts: &[String]) -> R<Vec<Option<AccountState>>> {
@@ -777,8 +826,9 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = accounts.iter().map(|a| self.key("s", a)).collect();
-        let raw: Vec<Option<String>> =
-            self.run(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await }).await?;
+        let raw: Vec<Option<String>> = self
+            .run(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await })
+            .await?;
         Ok(raw
             .into_iter()
             .map(|r| {
@@ -791,21 +841,35 @@ impl RedisStore {
     pub async fn detail(&self, account: &str, now_ms: u64) -> R<Option<AccountDetail>> {
         let st = self.states(&[account.to_string()]).await?.pop().flatten();
         let key = self.key("f", account);
-        let current: Option<String> =
-            self.run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await }).await?;
+        let current: Option<String> = self
+            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await?;
         let history = self.history(account).await?;
         let current = current.and_then(|f| serde_json::from_str::<Freeze>(&f).ok());
         if st.is_none() && current.is_none() && history.is_empty() {
             return Ok(None);
         }
         let rec = FreezeRecord { current, history };
-        Ok(Some(report::detail(&self.s, account, st.as_ref(), Some(&rec), now_ms)))
+        Ok(Some(report::detail(
+            &self.s,
+            account,
+            st.as_ref(),
+            Some(&rec),
+            now_ms,
+        )))
     }
 
     pub async fn summaries(&self, now_ms: u64) -> R<Vec<AccountSummary>> {
         let key = self.accounts_key();
         let names: Vec<String> = self
-            .run(|mut c| async move { redis::cmd("ZREVRANGE").arg(key).arg(0).arg(-1).query_async(&mut c).await })
+            .run(|mut c| async move {
+                redis::cmd("ZREVRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+            })
             .await?;
         let (frozen, _) = self.sync_freezes(now_ms).await?;
         let frozen: std::collections::HashMap<String, Freeze> = frozen.into_iter().collect();
@@ -813,7 +877,13 @@ impl RedisStore {
         for chunk in names.chunks(500) {
             for (name, st) in chunk.iter().zip(self.states(chunk).await?) {
                 if let Some(st) = st {
-                    out.push(report::summary(&self.s, name, Some(&st), frozen.get(name), now_ms));
+                    out.push(report::summary(
+                        &self.s,
+                        name,
+                        Some(&st),
+                        frozen.get(name),
+                        now_ms,
+                    ));
                 }
             }
         }

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use super::baseline::Params;
 use super::config::Settings;
-pub use super::freeze::{Freeze, FreezeEvent};
 use super::freeze::FreezeRecord;
+pub use super::freeze::{Freeze, FreezeEvent};
 use super::state::{AccountState, secs};
 
 /// Messages and recipients in one window, with the limits that apply.
@@ -95,7 +95,12 @@ pub struct AccountDetail {
     pub login_ips: Vec<LoginIp>,
 }
 
-fn windows(s: &Settings, account: &str, st: Option<&AccountState>, now_ms: u64) -> Vec<WindowCount> {
+fn windows(
+    s: &Settings,
+    account: &str,
+    st: Option<&AccountState>,
+    now_ms: u64,
+) -> Vec<WindowCount> {
     let limits = s.limits_for(account);
     let obs = st.map(|st| st.observe(s, &Params::from_settings(s), now_ms, None));
     (0..s.windows())
@@ -105,8 +110,16 @@ fn windows(s: &Settings, account: &str, st: Option<&AccountState>, now_ms: u64) 
                 window: s.rings[i].label.clone(),
                 messages: m.round() as u64,
                 recipients: r.round() as u64,
-                max_messages: if limits.bulk { None } else { limits.windows[i].0 },
-                max_recipients: if limits.bulk { None } else { limits.windows[i].1 },
+                max_messages: if limits.bulk {
+                    None
+                } else {
+                    limits.windows[i].0
+                },
+                max_recipients: if limits.bulk {
+                    None
+                } else {
+                    limits.windows[i].1
+                },
             }
         })
         .collect()
@@ -148,7 +161,11 @@ pub(crate) fn detail(
     let obs = st.map(|st| st.observe(s, &p, now_ms, None));
     let (tried, refused) = obs.as_ref().map_or((0.0, 0.0), |o| o.rejected);
     let mut b = st.map(|st| st.baseline).unwrap_or_else(|| {
-        super::baseline::Baseline::new(now_ms, s.cfg.adaptive.new_account_messages, s.cfg.adaptive.new_account_recipients)
+        super::baseline::Baseline::new(
+            now_ms,
+            s.cfg.adaptive.new_account_messages,
+            s.cfg.adaptive.new_account_recipients,
+        )
     });
     b.roll(now_ms, &p);
     let (cur_m, cur_r) = b.rate(now_ms);
@@ -173,7 +190,11 @@ pub(crate) fn detail(
             window: s.rings[s.windows()].label.clone(),
             tried: tried.round() as u64,
             refused: refused.round() as u64,
-            share: if tried > 0.0 { round2(refused / tried) } else { 0.0 },
+            share: if tried > 0.0 {
+                round2(refused / tried)
+            } else {
+                0.0
+            },
             max_share: limits.max_rejected_share,
             min_recipients: s.cfg.rejected_min_recipients,
         },
@@ -186,7 +207,9 @@ pub(crate) fn detail(
             max_messages: round2(max_m),
             max_recipients: round2(max_r),
         },
-        frozen: rec.and_then(|r| r.current.clone()).filter(|f| f.active(now)),
+        frozen: rec
+            .and_then(|r| r.current.clone())
+            .filter(|f| f.active(now)),
         history: rec.map(|r| r.history.clone()).unwrap_or_default(),
         login_ips: st
             .map(|st| {

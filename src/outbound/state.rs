@@ -154,7 +154,13 @@ impl AccountState {
             if i < nw {
                 window::add(ring, w.bucket_ms, now_ms, 1, rcpts);
             } else {
-                window::add(ring, w.bucket_ms, now_ms, rcpts.saturating_add(rejected), rejected);
+                window::add(
+                    ring,
+                    w.bucket_ms,
+                    now_ms,
+                    rcpts.saturating_add(rejected),
+                    rejected,
+                );
             }
         }
         self.baseline.roll(now_ms, p);
@@ -174,7 +180,13 @@ impl AccountState {
     }
 
     /// The counts at `now_ms`, as seen by a message from `ip`.
-    pub fn observe(&self, s: &Settings, p: &Params, now_ms: u64, ip: Option<IpAddr>) -> Observation {
+    pub fn observe(
+        &self,
+        s: &Settings,
+        p: &Params,
+        now_ms: u64,
+        ip: Option<IpAddr>,
+    ) -> Observation {
         let mut o = Observation::empty();
         let nw = s.windows();
         for (i, w) in s.rings.iter().enumerate() {
@@ -214,7 +226,12 @@ impl AccountState {
         }
         let new = !self.ips.is_empty();
         if self.ips.len() >= remember
-            && let Some(oldest) = self.ips.iter().enumerate().min_by_key(|(_, k)| k.last).map(|(i, _)| i)
+            && let Some(oldest) = self
+                .ips
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, k)| k.last)
+                .map(|(i, _)| i)
         {
             self.ips.swap_remove(oldest);
         }
@@ -281,7 +298,11 @@ mod tests {
 
     #[test]
     fn domains_are_deduplicated_case_insensitively() {
-        let d = domain_hashes(&["a@Example.org".into(), "b@example.ORG".into(), "<c@other.net>".into()]);
+        let d = domain_hashes(&[
+            "a@Example.org".into(),
+            "b@example.ORG".into(),
+            "<c@other.net>".into(),
+        ]);
         assert_eq!(d.len(), 2);
         assert!(d.contains(&fnv32("example.org")));
         assert!(d.contains(&fnv32("other.net")));
@@ -311,7 +332,10 @@ mod tests {
         a.login(ip("192.0.2.1"), 300, 2);
         a.login(ip("192.0.2.3"), 400, 2);
         assert_eq!(a.ips.len(), 2, "bounded by `remember`");
-        assert!(a.ips.iter().all(|k| k.ip != ip("192.0.2.2")), "least recently seen dropped");
+        assert!(
+            a.ips.iter().all(|k| k.ip != ip("192.0.2.2")),
+            "least recently seen dropped"
+        );
     }
 
     #[test]

@@ -64,16 +64,29 @@ async fn a_burst_is_frozen_within_a_dozen_messages() {
     let book = FreezeBook::load(&dir.path().join("freezes.json")).unwrap();
     assert!(book.frozen(ALICE, f.since).is_some());
     // Everyone else is unaffected.
-    let b = d.assess("bob@example.org", client, "bob@example.org", &rcpts(2, "x.example"), 0).await;
+    let b = d
+        .assess(
+            "bob@example.org",
+            client,
+            "bob@example.org",
+            &rcpts(2, "x.example"),
+            0,
+        )
+        .await;
     assert_eq!(b, Assessment::relay());
     // Unfrozen by an administrator: relayed again (the window has passed).
     d.unfreeze(ALICE, "admin", "password reset").await.unwrap();
     assert!(d.unfreeze(ALICE, "admin", "again").await.is_err());
     clock.advance(Duration::from_secs(24 * 3600));
-    let a = d.assess(ALICE, client, ALICE, &rcpts(1, "x.example"), 0).await;
+    let a = d
+        .assess(ALICE, client, ALICE, &rcpts(1, "x.example"), 0)
+        .await;
     assert_eq!(a, Assessment::relay());
     let h = d.account_detail(ALICE).await.unwrap().history;
-    assert_eq!(h.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["freeze", "unfreeze"]);
+    assert_eq!(
+        h.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["freeze", "unfreeze"]
+    );
     assert_eq!(h[1].by, "admin");
     assert_eq!(h[1].why, "password reset");
 }
@@ -86,7 +99,11 @@ async fn many_recipient_domains_stop_a_burst_sooner() {
     for i in 0..20 {
         clock.advance(Duration::from_millis(20));
         let to: Vec<String> = (0..30).map(|j| format!("x@d{i}-{j}.example")).collect();
-        if d.assess(ALICE, ip("192.0.2.1"), ALICE, &to, 0).await.action.is_some() {
+        if d.assess(ALICE, ip("192.0.2.1"), ALICE, &to, 0)
+            .await
+            .action
+            .is_some()
+        {
             stop = Some(i);
             break;
         }
@@ -101,9 +118,11 @@ async fn many_recipient_domains_stop_a_burst_sooner() {
 async fn messages_and_recipients_are_counted_separately() {
     let dir = tempfile::tempdir().unwrap();
     let (d, clock) = detector(&cfg(dir.path())).await;
-    d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(16, "example.net"), 0).await;
+    d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(16, "example.net"), 0)
+        .await;
     clock.advance(Duration::from_secs(1));
-    d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "example.net"), 0).await;
+    d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "example.net"), 0)
+        .await;
     let detail = d.account_detail(ALICE).await.unwrap();
     let w = &detail.windows[0];
     assert_eq!((w.window.as_str(), w.messages, w.recipients), ("1m", 2, 17));
@@ -127,7 +146,10 @@ async fn windows_slide() {
     let (d, clock) = detector(&c).await;
     let to = rcpts(1, "example.net");
     for _ in 0..5 {
-        assert_eq!(d.assess(ALICE, ip("192.0.2.1"), ALICE, &to, 0).await.action, None);
+        assert_eq!(
+            d.assess(ALICE, ip("192.0.2.1"), ALICE, &to, 0).await.action,
+            None
+        );
         clock.advance(Duration::from_secs(1));
     }
     let a = d.assess(ALICE, ip("192.0.2.1"), ALICE, &to, 0).await;
@@ -137,7 +159,10 @@ async fn windows_slide() {
     // A minute (plus one bucket) later the window is empty again.
     clock.advance(Duration::from_secs(60 + 8));
     for _ in 0..5 {
-        assert_eq!(d.assess(ALICE, ip("192.0.2.1"), ALICE, &to, 0).await.action, None);
+        assert_eq!(
+            d.assess(ALICE, ip("192.0.2.1"), ALICE, &to, 0).await.action,
+            None
+        );
     }
 }
 
@@ -168,22 +193,43 @@ async fn bulk_senders_and_groups_have_their_own_limits() {
     let to: Vec<String> = (0..100).map(|j| format!("x@d{j}.example")).collect();
     for _ in 0..200 {
         clock.advance(Duration::from_millis(5));
-        let a = d.assess("news@example.org", ip("192.0.2.1"), "news@example.org", &to, 0).await;
+        let a = d
+            .assess(
+                "news@example.org",
+                ip("192.0.2.1"),
+                "news@example.org",
+                &to,
+                0,
+            )
+            .await;
         assert_eq!(a, Assessment::relay());
     }
     let to = rcpts(1, "example.net");
     let who = "joe@sales.example.org";
     for _ in 0..3 {
-        assert_eq!(d.assess(who, ip("192.0.2.1"), who, &to, 0).await.action, None);
+        assert_eq!(
+            d.assess(who, ip("192.0.2.1"), who, &to, 0).await.action,
+            None
+        );
     }
     let a = d.assess(who, ip("192.0.2.1"), who, &to, 0).await;
     assert_eq!(a.action, Some(OutboundAction::Hold));
     assert!(!a.frozen);
     let list = d.accounts().await;
-    let news = list.iter().find(|s| s.account == "news@example.org").unwrap();
+    let news = list
+        .iter()
+        .find(|s| s.account == "news@example.org")
+        .unwrap();
     assert!(news.bulk);
     assert_eq!(news.windows[0].messages, 200);
-    assert_eq!(list.iter().find(|s| s.account == who).unwrap().policy.as_deref(), Some("@sales.example.org"));
+    assert_eq!(
+        list.iter()
+            .find(|s| s.account == who)
+            .unwrap()
+            .policy
+            .as_deref(),
+        Some("@sales.example.org")
+    );
 }
 
 #[tokio::test]
@@ -213,26 +259,69 @@ async fn from_policy() {
         async move { d.assess(account, ip("192.0.2.1"), from, &to, 0).await }
     };
     assert_eq!(check(ALICE, "Alice <Alice@Example.org>").await.action, None);
-    assert_eq!(check(ALICE, "sales@example.org").await.action, None, "own domain");
-    assert_eq!(check(ALICE, "noreply@example.com").await.action, None, "global alias");
+    assert_eq!(
+        check(ALICE, "sales@example.org").await.action,
+        None,
+        "own domain"
+    );
+    assert_eq!(
+        check(ALICE, "noreply@example.com").await.action,
+        None,
+        "global alias"
+    );
     let a = check(ALICE, "\"PayPal\" <service@paypal.example>").await;
     assert_eq!(a.action, Some(OutboundAction::Hold));
     assert_eq!(a.flags, [FLAG_FROM]);
-    assert_eq!(a.reasons, ["header From service@paypal.example is not allowed for account alice@example.org"]);
-    assert_eq!(check(ALICE, "").await.action, Some(OutboundAction::Hold), "no From at all");
+    assert_eq!(
+        a.reasons,
+        ["header From service@paypal.example is not allowed for account alice@example.org"]
+    );
+    assert_eq!(
+        check(ALICE, "").await.action,
+        Some(OutboundAction::Hold),
+        "no From at all"
+    );
     // Address-only account: its own address and its aliases, not its domain.
-    assert_eq!(check("ceo@example.org", "ceo@example.org").await.action, None);
-    assert_eq!(check("ceo@example.org", "x@ceo-office.example").await.action, None);
-    assert_eq!(check("ceo@example.org", "hr@example.org").await.action, Some(OutboundAction::Hold));
-    assert_eq!(check("app@example.org", "anything@anywhere.example").await.action, None);
+    assert_eq!(
+        check("ceo@example.org", "ceo@example.org").await.action,
+        None
+    );
+    assert_eq!(
+        check("ceo@example.org", "x@ceo-office.example")
+            .await
+            .action,
+        None
+    );
+    assert_eq!(
+        check("ceo@example.org", "hr@example.org").await.action,
+        Some(OutboundAction::Hold)
+    );
+    assert_eq!(
+        check("app@example.org", "anything@anywhere.example")
+            .await
+            .action,
+        None
+    );
     // Bare logins get `login_domain`.
     assert_eq!(check("bob", "bob@example.org").await.action, None);
-    assert_eq!(check("bob", "bob@evil.example").await.action, Some(OutboundAction::Hold));
-    assert_eq!(d.alerts_sent(), 3, "one From alert per account per interval");
+    assert_eq!(
+        check("bob", "bob@evil.example").await.action,
+        Some(OutboundAction::Hold)
+    );
+    assert_eq!(
+        d.alerts_sent(),
+        3,
+        "one From alert per account per interval"
+    );
     // Without login_domain a bare login has no own address: not checked.
     let dir2 = tempfile::tempdir().unwrap();
     let (d2, _) = detector(&cfg(dir2.path())).await;
-    assert_eq!(d2.assess("bob", ip("192.0.2.1"), "x@y.example", &to, 0).await.action, None);
+    assert_eq!(
+        d2.assess("bob", ip("192.0.2.1"), "x@y.example", &to, 0)
+            .await
+            .action,
+        None
+    );
 }
 
 #[tokio::test]
@@ -287,7 +376,11 @@ async fn a_login_from_a_new_address_tightens_the_limits() {
     let mut stop = None;
     for i in 0..20 {
         clock.advance(Duration::from_millis(50));
-        if d.assess(ALICE, attacker, ALICE, &to, 0).await.action.is_some() {
+        if d.assess(ALICE, attacker, ALICE, &to, 0)
+            .await
+            .action
+            .is_some()
+        {
             stop = Some(i);
             break;
         }
@@ -299,7 +392,12 @@ async fn a_login_from_a_new_address_tightens_the_limits() {
     assert!(why.contains("recipients in 1m: 180 > 150"), "{why}");
     assert!(why.contains("new address 1 min ago"), "{why}");
     assert_eq!(detail.login_ips.len(), 2);
-    assert!(detail.login_ips.iter().any(|l| l.ip == "203.0.113.66" && l.new));
+    assert!(
+        detail
+            .login_ips
+            .iter()
+            .any(|l| l.ip == "203.0.113.66" && l.new)
+    );
     // The same volume from the usual address would have passed.
     let bob = "bob@example.org";
     d.auth_result(home, bob, true).await;
@@ -316,13 +414,20 @@ async fn many_refused_recipients_are_flagged() {
     c.action = OutboundAction::Alert;
     let (d, clock) = detector(&c).await;
     // 10 accepted, 9 refused: 19 tried, under the minimum sample.
-    let a = d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 9).await;
+    let a = d
+        .assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 9)
+        .await;
     assert_eq!(a.action, None);
     clock.advance(Duration::from_secs(10));
-    let a = d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 9).await;
+    let a = d
+        .assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 9)
+        .await;
     assert_eq!(a.action, Some(OutboundAction::Alert));
     assert!(!a.frozen);
-    assert_eq!(a.reasons, ["recipients refused by the next hop in 1h: 90% > 50% (18 of 20)"]);
+    assert_eq!(
+        a.reasons,
+        ["recipients refused by the next hop in 1h: 90% > 50% (18 of 20)"]
+    );
 }
 
 #[tokio::test]
@@ -344,7 +449,11 @@ async fn the_adaptive_limit_follows_the_account_history() {
         async move {
             for i in 0..n {
                 clock.advance(Duration::from_millis(100));
-                if d.assess(who, ip("192.0.2.1"), who, &to, 0).await.action.is_some() {
+                if d.assess(who, ip("192.0.2.1"), who, &to, 0)
+                    .await
+                    .action
+                    .is_some()
+                {
                     return Some(i);
                 }
             }
@@ -357,13 +466,23 @@ async fn the_adaptive_limit_follows_the_account_history() {
     let steady = "steady@example.org";
     for _ in 0..14 * 24 * 15 {
         clock.advance(Duration::from_secs(240));
-        assert_eq!(d.assess(steady, ip("192.0.2.1"), steady, &to, 0).await.action, None);
+        assert_eq!(
+            d.assess(steady, ip("192.0.2.1"), steady, &to, 0)
+                .await
+                .action,
+            None
+        );
     }
     let b = d.account_detail(steady).await.unwrap().baseline;
     assert!((b.messages_per_hour - 15.0).abs() < 0.5, "{b:?}");
     // Two quiet hours later (one idle hour folded in), a burst stops at the learned limit.
     clock.advance(Duration::from_secs(7200));
-    let max = d.account_detail(steady).await.unwrap().baseline.max_messages;
+    let max = d
+        .account_detail(steady)
+        .await
+        .unwrap()
+        .baseline
+        .max_messages;
     assert!((55.0..=61.0).contains(&max), "{max}");
     assert_eq!(burst(70, steady).await, Some(max.floor() as usize));
 }
@@ -382,7 +501,14 @@ async fn alerts_are_rate_limited_per_account() {
     let to = rcpts(1, "x.example");
     for _ in 0..20 {
         d.assess(ALICE, ip("192.0.2.1"), ALICE, &to, 0).await;
-        d.assess("bob@example.org", ip("192.0.2.1"), "bob@example.org", &to, 0).await;
+        d.assess(
+            "bob@example.org",
+            ip("192.0.2.1"),
+            "bob@example.org",
+            &to,
+            0,
+        )
+        .await;
     }
     assert_eq!(d.alerts_sent(), 2);
     clock.advance(Duration::from_secs(600));
@@ -400,13 +526,22 @@ async fn freezes_expire_when_configured() {
     let to = rcpts(301, "x.example");
     assert!(d.assess(ALICE, ip("192.0.2.1"), ALICE, &to, 0).await.frozen);
     clock.advance(Duration::from_secs(1800));
-    assert!(d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 0).await.frozen);
+    assert!(
+        d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 0)
+            .await
+            .frozen
+    );
     clock.advance(Duration::from_secs(1801));
     d.maintain_once().await;
-    let a = d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 0).await;
+    let a = d
+        .assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 0)
+        .await;
     assert!(!a.frozen, "{a:?}");
     let h = d.account_detail(ALICE).await.unwrap().history;
-    assert_eq!(h.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["freeze", "expire"]);
+    assert_eq!(
+        h.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["freeze", "expire"]
+    );
     assert_eq!(h[0].until, Some(T0 / 1000 + 3600));
     // A manual freeze with no duration does not expire.
     d.freeze(ALICE, "admin", "investigating").await.unwrap();
@@ -422,10 +557,13 @@ async fn state_survives_a_restart() {
     let c = cfg(dir.path());
     let (d, clock) = detector(&c).await;
     for _ in 0..3 {
-        d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(5, "x.example"), 0).await;
+        d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(5, "x.example"), 0)
+            .await;
     }
     d.auth_result(ip("192.0.2.1"), ALICE, true).await;
-    d.freeze("mallory@example.org", "admin", "phished").await.unwrap();
+    d.freeze("mallory@example.org", "admin", "phished")
+        .await
+        .unwrap();
     clock.advance(Duration::from_secs(31));
     d.maintain_once().await; // the snapshot is due
     assert!(dir.path().join("state.json").exists());
@@ -436,9 +574,21 @@ async fn state_survives_a_restart() {
     assert_eq!(detail.messages_total, 3);
     assert_eq!(detail.windows[1].recipients, 15);
     assert_eq!(detail.login_ips.len(), 1);
-    let m = d.assess("mallory@example.org", ip("192.0.2.1"), "mallory@example.org", &rcpts(1, "x.example"), 0).await;
+    let m = d
+        .assess(
+            "mallory@example.org",
+            ip("192.0.2.1"),
+            "mallory@example.org",
+            &rcpts(1, "x.example"),
+            0,
+        )
+        .await;
     assert!(m.frozen);
-    assert!(m.reasons[0].contains("by admin: phished"), "{:?}", m.reasons);
+    assert!(
+        m.reasons[0].contains("by admin: phished"),
+        "{:?}",
+        m.reasons
+    );
     let list = d.accounts().await;
     assert_eq!(list[0].account, "mallory@example.org", "frozen first");
     assert_eq!(list.len(), 2);
@@ -473,15 +623,34 @@ async fn cli_commands_are_applied_from_the_spool() {
     let (d, _) = detector(&c).await;
     let r = freeze::wait_result(&c.command_dir, &first, Duration::from_millis(10)).unwrap();
     assert!(r.ok, "{r:?}");
-    assert!(d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 0).await.frozen);
+    assert!(
+        d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 0)
+            .await
+            .frozen
+    );
     // While it runs: applied by the next maintenance round.
     let again = freeze::submit(&c.command_dir, &cmd).unwrap();
-    let unfreeze = freeze::submit(&c.command_dir, &Command { op: Op::Unfreeze, ..cmd.clone() }).unwrap();
+    let unfreeze = freeze::submit(
+        &c.command_dir,
+        &Command {
+            op: Op::Unfreeze,
+            ..cmd.clone()
+        },
+    )
+    .unwrap();
     d.maintain_once().await;
     let r = freeze::wait_result(&c.command_dir, &again, Duration::from_millis(10)).unwrap();
     assert!(!r.ok && r.message.contains("already frozen"), "{r:?}");
-    assert!(freeze::wait_result(&c.command_dir, &unfreeze, Duration::from_millis(10)).unwrap().ok);
-    assert!(!d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 0).await.frozen);
+    assert!(
+        freeze::wait_result(&c.command_dir, &unfreeze, Duration::from_millis(10))
+            .unwrap()
+            .ok
+    );
+    assert!(
+        !d.assess(ALICE, ip("192.0.2.1"), ALICE, &rcpts(1, "x.example"), 0)
+            .await
+            .frozen
+    );
     let h = d.account_detail(ALICE).await.unwrap().history;
     assert_eq!(h[0].by, "cli:root");
     assert!(freeze::pending(&c.command_dir).is_empty());
@@ -493,8 +662,14 @@ async fn accounts_are_logins_or_trusted_senders() {
     let mut c = cfg(dir.path());
     c.trusted_networks = vec!["10.0.0.0/8".parse().unwrap()];
     let (d, _) = detector(&c).await;
-    assert_eq!(d.account(Some("Alice@Example.ORG"), ip("192.0.2.1"), "x@y"), Some(ALICE.into()));
-    assert_eq!(d.account(None, ip("10.2.3.4"), "<App@Example.org>"), Some("app@example.org".into()));
+    assert_eq!(
+        d.account(Some("Alice@Example.ORG"), ip("192.0.2.1"), "x@y"),
+        Some(ALICE.into())
+    );
+    assert_eq!(
+        d.account(None, ip("10.2.3.4"), "<App@Example.org>"),
+        Some("app@example.org".into())
+    );
     assert_eq!(d.account(None, ip("10.2.3.4"), ""), Some("<>".into()));
     assert_eq!(d.account(None, ip("192.0.2.1"), "app@example.org"), None);
     assert_eq!(d.backend_status(), "memory");
@@ -502,7 +677,11 @@ async fn accounts_are_logins_or_trusted_senders() {
     c.enabled = false;
     let (d, _) = detector(&c).await;
     assert_eq!(d.account(Some("alice"), ip("192.0.2.1"), ""), None);
-    assert_eq!(d.assess(ALICE, ip("192.0.2.1"), "x@evil", &rcpts(5000, "x"), 0).await, Assessment::relay());
+    assert_eq!(
+        d.assess(ALICE, ip("192.0.2.1"), "x@evil", &rcpts(5000, "x"), 0)
+            .await,
+        Assessment::relay()
+    );
     assert!(d.auth_allowed(ip("192.0.2.1")).await.is_ok());
 }
 
@@ -513,7 +692,14 @@ async fn tracked_accounts_are_bounded() {
     c.tracked_accounts = 50;
     let (d, _) = detector(&c).await;
     for i in 0..500 {
-        d.assess(&format!("u{i}@example.org"), ip("192.0.2.1"), "", &rcpts(1, "x"), 0).await;
+        d.assess(
+            &format!("u{i}@example.org"),
+            ip("192.0.2.1"),
+            "",
+            &rcpts(1, "x"),
+            0,
+        )
+        .await;
     }
     d.freeze("u0@example.org", "admin", "test").await.unwrap();
     let list = d.accounts().await;
@@ -527,7 +713,16 @@ fn breach_texts() {
     assert_eq!(num(150.0000001), "150");
     assert_eq!(num(12.25), "12.2");
     assert_eq!(bare_address("\"A, B\" <A@B.example>"), "a@b.example");
-    assert_eq!(split_addresses("\"A, B\" <a@b>, c@d"), ["\"A, B\" <a@b>", " c@d"]);
-    assert_eq!(OutboundAction::max(Some(OutboundAction::Hold), OutboundAction::Alert), OutboundAction::Hold);
-    assert_eq!(OutboundAction::max(Some(OutboundAction::Reject), OutboundAction::Freeze), OutboundAction::Freeze);
+    assert_eq!(
+        split_addresses("\"A, B\" <a@b>, c@d"),
+        ["\"A, B\" <a@b>", " c@d"]
+    );
+    assert_eq!(
+        OutboundAction::max(Some(OutboundAction::Hold), OutboundAction::Alert),
+        OutboundAction::Hold
+    );
+    assert_eq!(
+        OutboundAction::max(Some(OutboundAction::Reject), OutboundAction::Freeze),
+        OutboundAction::Freeze
+    );
 }

@@ -74,7 +74,11 @@ pub fn sums(ring: &[u32], bucket_ms: u64, now_ms: u64) -> (f64, f64) {
         if k > h || h - k >= SLOTS as u32 {
             continue;
         }
-        let w = if k + BUCKETS as u32 == n { 1.0 - frac } else { 1.0 };
+        let w = if k + BUCKETS as u32 == n {
+            1.0 - frac
+        } else {
+            1.0
+        };
         let s = k as usize % SLOTS;
         a += f64::from(ring[1 + s]) * w;
         b += f64::from(ring[1 + SLOTS + s]) * w;

@@ -183,7 +183,10 @@ impl Quarantine {
     /// Parses user input into an id that exists.
     pub fn lookup(&self, input: &str) -> Result<QuarantineId, StoreError> {
         let id = QuarantineId::parse(input).ok_or_else(|| StoreError::BadId(printable(input)))?;
-        if !self.entry_dir(&id).is_dir() {
+        // A real directory, not a symlink someone planted: never follow one out of the store.
+        let real_dir =
+            fs::symlink_metadata(self.entry_dir(&id)).is_ok_and(|m| m.file_type().is_dir());
+        if !real_dir {
             return Err(StoreError::NotFound(id.to_string()));
         }
         Ok(id)

@@ -111,7 +111,11 @@ impl SmtpConnection {
                 // XCLIENT starts a new SMTP session at the next hop (Postfix semantics).
                 // Greet with the client's own HELO name so the next hop's HELO checks
                 // and its Received line see it, not ours (XCLIENT_README).
-                let name = client.helo.as_deref().filter(|h| is_helo_token(h)).unwrap_or(our_name);
+                let name = client
+                    .helo
+                    .as_deref()
+                    .filter(|h| is_helo_token(h))
+                    .unwrap_or(our_name);
                 conn.ehlo(name).await?;
             }
             (XclientMode::Require, None) => {

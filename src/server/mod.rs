@@ -38,6 +38,8 @@ pub struct Server {
     listeners: Vec<Bound>,
     shared: Arc<SessionShared>,
     grace: Duration,
+    /// The admin HTTP API, bound and ready (`[admin] enabled`).
+    admin: Option<crate::admin::http::AdminServer>,
 }
 
 impl Server {
@@ -58,9 +60,14 @@ impl Server {
         shutdown: CancellationToken,
     ) -> Result<Server, String> {
         let next_hop = Arc::new(NextHop::from_config(&config)?);
-        let has_submission = config.listeners.iter().any(|l| l.role == crate::config::Role::Submission);
+        let has_submission = config
+            .listeners
+            .iter()
+            .any(|l| l.role == crate::config::Role::Submission);
         let outbound = if config.outbound.enabled && has_submission {
-            Some(Arc::new(crate::outbound::Detector::new(&config.outbound).await?))
+            Some(Arc::new(
+                crate::outbound::Detector::new(&config.outbound).await?,
+            ))
         } else {
             None
         };
@@ -95,10 +102,25 @@ impl Server {
         }
         let grace = config.shutdown.grace_period;
         tracing::info!(next_hop = %next_hop.describe(), "next hop");
+        let config = Arc::new(config);
+        let admin = if config.admin.enabled {
+            let state = crate::admin::AdminState {
+                config: config.clone(),
+                quarantine: quarantine.clone(),
+                inspector: inspector.clone(),
+                next_hop: next_hop.clone(),
+                detector: outbound.clone(),
+            };
+            // Bound before anything is served: a bad token file or a busy port stops the start.
+            Some(crate::admin::http::bind(state, shutdown.clone()).await?)
+        } else {
+            None
+        };
         Ok(Server {
             listeners,
+            admin,
             shared: Arc::new(SessionShared {
-                config: Arc::new(config),
+                config,
                 next_hop,
                 inspector,
                 quarantine,
@@ -150,6 +172,7 @@ impl Server {
             let retention = self.shared.config.quarantine.retention;
             tokio::spawn(apply_retention(store, retention, shutdown.clone()));
         }
+        let admin = self.admin.map(|a| tokio::spawn(a.run()));
         shutdown.cancelled().await;
         for l in accept_loops {
             let _ = l.await; // the loops end on the same token and drop their sockets
@@ -168,6 +191,9 @@ impl Server {
                 sessions = tracker.len(),
                 "grace period over: closing remaining sessions"
             );
+        }
+        if let Some(a) = admin {
+            let _ = a.await; // stops on the same token
         }
         tracker.len()
     }

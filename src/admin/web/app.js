@@ -172,6 +172,7 @@
         await loadEntry(decodeURIComponent(parts[1]));
       } else if (parts[0] === 'accounts') {
         showView('accounts');
+        $('account-detail').hidden = true;
         await loadAccounts();
       } else {
         showView('dashboard');
@@ -202,13 +203,44 @@
 
   async function loadDashboard() {
     const hours = $('hours').value;
-    const [stats, policy] = await Promise.all([
+    const [stats, policy, recent, accounts] = await Promise.all([
       api('/api/stats?hours=' + encodeURIComponent(hours)),
       api('/api/policy'),
+      api('/api/quarantine?limit=6'),
+      api('/api/accounts'),
     ]);
     renderPolicy(policy);
-    renderCards(stats);
+    renderCards(stats, accounts);
     renderChart(stats.verdicts);
+    renderRecent(recent.entries);
+    renderFrozen(accounts);
+  }
+
+  function renderRecent(entries) {
+    const rows = entries.map((r) => el('tr', {},
+      el('td', { text: fmtTime(r.received_at), className: 'nowrap muted' }),
+      el('td', { text: r.mail_from || '<>' }),
+      el('td', {}, el('a', { href: '#/entry/' + encodeURIComponent(r.id), text: r.subject || '(no subject)', className: 'entry-link' })),
+      el('td', { text: r.flags || r.reasons, className: 'muted nowrap' })));
+    $('recent').querySelector('tbody').replaceChildren(...rows);
+    $('recent-empty').hidden = rows.length > 0;
+  }
+
+  function renderFrozen(data) {
+    const empty = $('frozen-empty');
+    const tbody = $('frozen').querySelector('tbody');
+    if (!data.available) {
+      tbody.replaceChildren();
+      empty.textContent = 'Outbound burst detection is off.';
+      empty.hidden = false;
+      return;
+    }
+    const frozen = data.accounts.filter((a) => a.frozen);
+    tbody.replaceChildren(...frozen.map((a) => el('tr', {},
+      el('td', {}, el('a', { href: '#/accounts', text: a.account, className: 'account-link' })),
+      el('td', { text: a.frozen_until ? 'until ' + fmtDate(a.frozen_until) : 'until unfrozen', className: 'muted' }))));
+    empty.textContent = `No account is frozen (${data.accounts.length} tracked, backend ${data.backend}).`;
+    empty.hidden = frozen.length > 0;
   }
 
   function renderPolicy(p) {
@@ -223,7 +255,7 @@
     );
   }
 
-  function renderCards(stats) {
+  function renderCards(stats, accounts) {
     const t = stats.verdicts.totals || {};
     const q = stats.quarantine || {};
     const held = (q.held || 0) + (q.releasing || 0);
@@ -231,14 +263,19 @@
     stats.verdicts.actions.forEach((a, i) => {
       const card = el('div', { className: 'stat' },
         el('span', { className: 'swatch', 'data-action': a }),
-        el('span', { className: 'label', text: a }),
+        el('span', { className: 'label action', text: a }),
         el('span', { className: 'value', text: String(t[a] || 0) }));
       card.querySelector('.swatch').style.background = colorOf(a, i);
       cards.push(card);
     });
     cards.push(el('div', { className: 'stat' },
-      el('span', { className: 'label', text: 'held in quarantine' }),
+      el('span', { className: 'label', text: 'Held now' }),
       el('span', { className: 'value', id: 'held-count', text: String(held) })));
+    if (accounts.available) {
+      cards.push(el('div', { className: 'stat' },
+        el('span', { className: 'label', text: 'Frozen accounts' }),
+        el('span', { className: 'value', id: 'frozen-count', text: String(accounts.accounts.filter((a) => a.frozen).length) })));
+    }
     $('cards').replaceChildren(...cards);
   }
 
@@ -445,46 +482,39 @@
   async function loadAccounts() {
     const data = await api('/api/accounts');
     const note = $('accounts-note');
-    const thead = $('atable').querySelector('thead');
     const tbody = $('atable').querySelector('tbody');
     if (!data.available) {
-      note.textContent = 'Outbound burst detection is not available, so there are no accounts to show.';
-      thead.replaceChildren();
+      note.textContent = 'Outbound burst detection is off ([outbound] enabled = false, or no submission listener): no accounts to show.';
       tbody.replaceChildren();
       return;
     }
     const accounts = data.accounts || [];
     const frozen = accounts.filter((a) => a.frozen).length;
-    note.textContent = `${accounts.length} accounts tracked, ${frozen} frozen.` + (data.backend ? ` Backend: ${describe(data.backend)}.` : '');
-    const keys = [];
-    for (const a of accounts) {
-      for (const [k, v] of Object.entries(a)) {
-        if (v !== null && typeof v === 'object') continue;
-        if (!keys.includes(k)) keys.push(k);
-      }
-    }
-    thead.replaceChildren(el('tr', {}, ...keys.map((k) => el('th', { text: k.replace(/_/g, ' ') })), el('th', { text: '' })));
-    // Frozen accounts first.
+    note.textContent = `${accounts.length} accounts tracked, ${frozen} frozen. Backend: ${data.backend}.`;
+    // Frozen accounts first (the API already orders them so; keep it if not).
     accounts.sort((a, b) => (b.frozen ? 1 : 0) - (a.frozen ? 1 : 0));
-    tbody.replaceChildren(...accounts.map((a) => accountRow(a, keys)));
+    tbody.replaceChildren(...accounts.map(accountRow));
   }
 
-  function describe(v) {
-    return typeof v === 'object' ? JSON.stringify(v) : String(v);
+  function windowsText(ws) {
+    return (ws || []).map((w) => {
+      const lim = w.max_messages === null || w.max_messages === undefined ? '∞' : w.max_messages;
+      return `${w.window}: ${w.messages}/${lim}`;
+    }).join(' · ');
   }
 
-  function accountRow(a, keys) {
-    const name = a.account || a.name || '';
-    const reason = el('input', { placeholder: 'reason', size: '16' });
+  function accountRow(a) {
+    const reason = el('input', { placeholder: a.frozen ? 'why unfreeze' : 'why freeze', size: '14' });
     const button = el('button', {
       type: 'button',
       className: a.frozen ? '' : 'danger',
       text: a.frozen ? 'Unfreeze' : 'Freeze',
+      'data-account': a.account,
       on: {
         click: async () => {
           button.disabled = true;
           try {
-            await api('/api/accounts/' + encodeURIComponent(name) + (a.frozen ? '/unfreeze' : '/freeze'), {
+            await api('/api/accounts/' + encodeURIComponent(a.account) + (a.frozen ? '/unfreeze' : '/freeze'), {
               method: 'POST',
               json: { reason: reason.value.trim() },
             });
@@ -496,9 +526,43 @@
         },
       },
     });
-    return el('tr', { className: a.frozen ? 'frozen' : '' },
-      ...keys.map((k) => el('td', { text: a[k] === undefined ? '' : describe(a[k]) })),
-      el('td', { className: 'nowrap' }, reason, button));
+    const status = a.frozen
+      ? el('span', { className: 'frozen-badge', text: a.frozen_until ? 'frozen until ' + fmtDate(a.frozen_until) : 'frozen' })
+      : el('span', { className: 'active-badge', text: a.bulk ? 'active (bulk)' : 'active' });
+    const name = el('a', { href: '#/accounts', text: a.account, className: 'account-link', on: { click: (ev) => { ev.preventDefault(); showAccount(a.account); } } });
+    return el('tr', { className: a.frozen ? 'frozen' : '', 'data-account': a.account },
+      el('td', {}, name),
+      el('td', { text: a.last_seen ? fmtDate(a.last_seen) : '–', className: 'nowrap' }),
+      el('td', { text: windowsText(a.windows) }),
+      el('td', { text: a.baseline_messages_per_hour === null || a.baseline_messages_per_hour === undefined ? '–' : a.baseline_messages_per_hour.toFixed(1), className: 'num' }),
+      el('td', {}, status),
+      el('td', { className: 'nowrap' }, reason, ' ', button));
+  }
+
+  async function showAccount(account) {
+    try {
+      const d = await api('/api/accounts/' + encodeURIComponent(account));
+      $('account-detail-title').textContent = d.account;
+      const f = d.frozen;
+      const rows = [
+        ['Messages (total)', String(d.messages_total)],
+        ['Last seen', d.last_seen ? fmtDate(d.last_seen) : '–'],
+        ['Policy', d.policy || 'default' + (d.bulk ? ' (bulk)' : '')],
+        ['Counts / limits', windowsText(d.windows)],
+        ['Frozen', f ? `since ${fmtDate(f.since)} by ${f.by}: ${f.why}` + (f.until ? ` (until ${fmtDate(f.until)})` : '') : 'no'],
+        ['Login addresses', (d.login_ips || []).map((i) => i.ip + (i.new ? ' (new)' : '')).join(', ') || '–'],
+      ];
+      $('account-detail-meta').replaceChildren(...rows.flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: v })]));
+      const hist = (d.history || []).slice().reverse().map((h) => el('tr', {},
+        el('td', { text: fmtDate(h.at), className: 'nowrap' }),
+        el('td', { text: h.action }),
+        el('td', { text: h.by }),
+        el('td', { text: h.why })));
+      $('account-history').querySelector('tbody').replaceChildren(...hist);
+      $('account-detail').hidden = false;
+    } catch (e) {
+      if (e.status !== 401) notice(e.message, true);
+    }
   }
 
   // ---------------------------------------------------------------------------

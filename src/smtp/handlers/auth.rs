@@ -123,7 +123,9 @@ impl Session {
         if let Some(detector) = self.shared.outbound.clone()
             && (reply.code == 235 || reply.code == 535)
         {
-            detector.auth_result(self.peer.ip(), &creds.username, reply.code == 235).await;
+            detector
+                .auth_result(self.peer.ip(), &creds.username, reply.code == 235)
+                .await;
         }
         if reply.code == 235 {
             tracing::info!(session = %self.id, client = %self.peer, user = %creds.username, "authenticated");

@@ -180,7 +180,12 @@ impl Session {
 
     /// Outbound burst detection (submission listeners): counts the message for its
     /// account and applies the detector's action. `None` means go on as usual.
-    async fn outbound_check(&mut self, helo: &Helo, tx: &Transaction, message: &[u8]) -> Option<Outcome> {
+    async fn outbound_check(
+        &mut self,
+        helo: &Helo,
+        tx: &Transaction,
+        message: &[u8],
+    ) -> Option<Outcome> {
         use crate::outbound::OutboundAction;
         if self.listener.config.role != crate::config::Role::Submission {
             return None;
@@ -192,8 +197,20 @@ impl Session {
             .map(|f| crate::policy::spoof::parse_from_header(&f.value).1)
             .unwrap_or_default();
         let rcpts: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();
-        let a = detector.assess(&account, self.peer.ip(), &header_from, &rcpts, tx.rcpt_refused).await;
-        let held = a.frozen || matches!(a.action, Some(OutboundAction::Hold | OutboundAction::Freeze));
+        let a = detector
+            .assess(
+                &account,
+                self.peer.ip(),
+                &header_from,
+                &rcpts,
+                tx.rcpt_refused,
+            )
+            .await;
+        let held = a.frozen
+            || matches!(
+                a.action,
+                Some(OutboundAction::Hold | OutboundAction::Freeze)
+            );
         let reply = if held {
             let decision = Decision {
                 action: Action::Quarantine,
@@ -209,18 +226,38 @@ impl Session {
         } else {
             match a.action {
                 Some(OutboundAction::Reject) if a.flags.contains(&crate::outbound::FLAG_FROM) => {
-                    Reply::new(550, Enhanced(5, 7, 1), "From address not permitted for this account")
+                    Reply::new(
+                        550,
+                        Enhanced(5, 7, 1),
+                        "From address not permitted for this account",
+                    )
                 }
-                Some(OutboundAction::Reject) => Reply::new(550, Enhanced(5, 7, 1), "Sending limit exceeded for this account"),
-                Some(OutboundAction::Defer) => Reply::new(451, Enhanced(4, 7, 1), "Sending rate exceeded, try again later"),
+                Some(OutboundAction::Reject) => Reply::new(
+                    550,
+                    Enhanced(5, 7, 1),
+                    "Sending limit exceeded for this account",
+                ),
+                Some(OutboundAction::Defer) => Reply::new(
+                    451,
+                    Enhanced(4, 7, 1),
+                    "Sending rate exceeded, try again later",
+                ),
                 _ => return None,
             }
         };
         if !held {
             self.relay.reset().await;
         }
-        let verdict = if held { "hold" } else { a.action.map_or("accept", |x| x.as_str()) };
-        Some(Outcome { reply, verdict, reasons: a.reasons })
+        let verdict = if held {
+            "hold"
+        } else {
+            a.action.map_or("accept", |x| x.as_str())
+        };
+        Some(Outcome {
+            reply,
+            verdict,
+            reasons: a.reasons,
+        })
     }
 
     /// Puts the message in quarantine. 250 only once it is on disk durably; any
