@@ -1404,7 +1404,10 @@ async fn crash_during_delete_leaves_no_ghost_in_the_index() {
         .unwrap();
 
         let listed = ids_of(&list_json(proxy, &["--all"]).await);
-        assert!(tmp_names(&root).is_empty(), "open cleans tmp/");
+        assert!(
+            !tmp_names(&root).is_empty(),
+            "the CLI never touches tmp/ (a running proxy writes there); the proxy cleans it at start"
+        );
         let show = cli(proxy, &["show", &id]).await;
         let delete = cli(proxy, &["delete", &id]).await;
         // `--older-than 0s` takes what was received before this second.

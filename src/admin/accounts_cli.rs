@@ -229,10 +229,7 @@ fn memory_backend(s: &Settings, cmd: &AccountsCommand) -> ExitCode {
     }
 }
 
-type Snapshot = Option<(
-    memory::SnapshotHeader,
-    Vec<(String, crate::outbound::state::AccountState)>,
-)>;
+type Snapshot = Option<memory::SnapshotAccounts>;
 
 fn load_files(cfg: &OutboundConfig) -> Result<(Snapshot, FreezeBook), String> {
     let snapshot = memory::read_accounts(&cfg.state_file)?;

@@ -302,9 +302,9 @@ fn release_all(
         progress.clear();
         match result {
             Ok(line) => println!("{line}"),
-            Err(ReleaseError::AlreadyReleased) => println!("{input}: already released"),
+            Err(ReleaseError::AlreadyReleased) => println!("{}: already released", clip(input, 40)),
             Err(e) => {
-                eprintln!("{input}: {e}");
+                eprintln!("{}: {e}", clip(input, 40));
                 failed = true;
             }
         }

@@ -995,6 +995,133 @@ fn find_record(answers: Vec<RData>) -> CachedRecord {
     }
 }
 
+/// The tests' authoritative DNS server, for the cache tests.
+#[cfg(test)]
+#[path = "../../tests/common/dns.rs"]
+mod test_dns;
+
+#[cfg(test)]
+mod cache_tests {
+    use super::test_dns::{DnsServer, Zone};
+    use super::*;
+    use crate::config::DnsConfig;
+
+    /// A resolver without hickory's cache: every record lookup that the SPF cache does
+    /// not answer reaches the server.
+    fn uncached_resolver(dns: &DnsServer) -> TokioResolver {
+        let cfg = DnsConfig {
+            nameservers: vec![dns.addr()],
+            timeout_ms: 300,
+            attempts: 1,
+            cache_entries: 0,
+        };
+        crate::auth::dns::authenticator(&cfg).unwrap().0
+    }
+
+    async fn check(resolver: &TokioResolver, cache: &SpfCache, domain: &str) -> AuthResult {
+        let sender = format!("alice@{domain}");
+        let req = SpfRequest {
+            ip: "192.0.2.1".parse().unwrap(),
+            domain,
+            sender: &sender,
+            helo: "mx.example.org",
+            receiver: "mx.example.net",
+        };
+        check_host(resolver, cache, &req).await
+    }
+
+    #[tokio::test]
+    async fn records_and_their_absence_are_cached_errors_are_not() {
+        let zone = |pass_record: &str| {
+            Zone::new()
+                .txt("pass.example", pass_record)
+                .txt("bad.example", "v=spf1 moo")
+                .txt("other.example", "not spf")
+        };
+        let first = "v=spf1 ip4:192.0.2.0/24 -all";
+        let dns = DnsServer::start(zone(first).servfail("broken.example"));
+        let resolver = uncached_resolver(&dns);
+        let cache = SpfCache::new(100);
+
+        // A record: one query, then from the cache (any case of the name), while the
+        // TTL lasts even if the zone changes.
+        assert_eq!(
+            check(&resolver, &cache, "pass.example").await,
+            AuthResult::Pass
+        );
+        assert_eq!(dns.queries_for("pass.example"), 1);
+        assert_eq!(
+            check(&resolver, &cache, "PASS.Example").await,
+            AuthResult::Pass
+        );
+        assert_eq!(dns.queries_for("pass.example"), 1);
+        dns.update_zone(|z| {
+            *z = zone("v=spf1 -all").servfail("broken.example");
+        });
+        assert_eq!(
+            check(&resolver, &cache, "pass.example").await,
+            AuthResult::Pass
+        );
+        // Without the cache, the new record (and nothing cached by hickory).
+        let fresh = SpfCache::new(100);
+        assert_eq!(
+            check(&resolver, &fresh, "pass.example").await,
+            AuthResult::Fail
+        );
+        assert_eq!(dns.queries_for("pass.example"), 2);
+
+        // NXDOMAIN, TXT without SPF, a syntax error: cached too.
+        for (domain, result) in [
+            ("nx.example", AuthResult::None),
+            ("other.example", AuthResult::None),
+            ("bad.example", AuthResult::PermError),
+        ] {
+            for _ in 0..2 {
+                assert_eq!(check(&resolver, &cache, domain).await, result, "{domain}");
+                assert_eq!(dns.queries_for(domain), 1, "{domain}");
+            }
+        }
+        assert_eq!(cache.len(), 4);
+
+        // SERVFAIL: temperror, never cached: the repaired zone is seen at once.
+        assert_eq!(
+            check(&resolver, &cache, "broken.example").await,
+            AuthResult::TempError
+        );
+        let queried = dns.queries_for("broken.example");
+        assert!(queried > 0);
+        assert_eq!(
+            check(&resolver, &cache, "broken.example").await,
+            AuthResult::TempError
+        );
+        assert!(dns.queries_for("broken.example") > queried);
+        dns.set_zone(zone(first).txt("broken.example", "v=spf1 +all"));
+        assert_eq!(
+            check(&resolver, &cache, "broken.example").await,
+            AuthResult::Pass
+        );
+        assert_eq!(cache.len(), 5);
+
+        // A timeout: never cached either.
+        dns.set_blackhole(true);
+        assert_eq!(
+            check(&resolver, &fresh, "other.example").await,
+            AuthResult::TempError
+        );
+        dns.set_blackhole(false);
+        assert_eq!(
+            check(&resolver, &fresh, "other.example").await,
+            AuthResult::None
+        );
+    }
+
+    #[test]
+    fn capacity_zero_caches_nothing() {
+        let cache = SpfCache::new(0);
+        assert!(cache.is_empty());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

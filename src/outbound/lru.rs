@@ -36,6 +36,7 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

@@ -53,10 +53,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// One shard of the accounts.
+type Shard = Mutex<Lru<Arc<str>, AccountState>>;
+
+/// A snapshot as read back: its header and every account's state.
+pub type SnapshotAccounts = (SnapshotHeader, Vec<(String, AccountState)>);
+
 pub struct MemoryStore {
     s: Arc<Settings>,
     p: Params,
-    shards: Box<[Mutex<Lru<Arc<str>, AccountState>>]>,
+    shards: Box<[Shard]>,
     hasher: std::hash::RandomState,
     clients: Mutex<Lru<IpAddr, ClientState>>,
     freezes: RwLock<FreezeBook>,
@@ -86,7 +92,7 @@ impl MemoryStore {
         }
     }
 
-    fn shard(&self, account: &str) -> &Mutex<Lru<Arc<str>, AccountState>> {
+    fn shard(&self, account: &str) -> &Shard {
         let i = self.hasher.hash_one(account) as usize % self.shards.len();
         &self.shards[i]
     }
@@ -283,6 +289,11 @@ impl MemoryStore {
         self.dirty.swap(false, Ordering::Relaxed)
     }
 
+    /// The snapshot failed: write it again next time.
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
     /// Writes the counters snapshot; returns the number of accounts written.
     pub fn write_snapshot(&self, path: &Path, now_ms: u64) -> std::io::Result<usize> {
         let mut n = 0;
@@ -401,9 +412,7 @@ fn read_snapshot(
 }
 
 /// The snapshot as the CLI reads it: its header and every account's state.
-pub fn read_accounts(
-    path: &Path,
-) -> Result<Option<(SnapshotHeader, Vec<(String, AccountState)>)>, String> {
+pub fn read_accounts(path: &Path) -> Result<Option<SnapshotAccounts>, String> {
     let mut header = None;
     let mut accounts = Vec::new();
     let found = read_snapshot(

@@ -215,7 +215,8 @@ fn num(x: f64) -> String {
     }
 }
 
-/// The volume limits `obs` exceeds.
+/// The volume limits `obs` exceeds. Texts are built only for a breach: this runs for
+/// every message.
 fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
     let mut out = Vec::new();
     let factor = match obs.new_ip_age {
@@ -224,15 +225,14 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
     };
     fn over(
         out: &mut Vec<Breach>,
-        signal: String,
-        what: String,
         value: f64,
         limit: f64,
-        extra: String,
+        name: impl FnOnce() -> (String, String),
     ) {
         if value > limit + 1e-9 {
+            let (signal, text) = name();
             out.push(Breach {
-                text: format!("{what}: {} > {}{extra}", num(value), num(limit)),
+                text: format!("{text}: {} > {}", num(value), num(limit)),
                 signal,
                 value,
                 limit,
@@ -240,45 +240,42 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
         }
     }
     for (i, &(max_m, max_r)) in limits.windows.iter().enumerate() {
-        let label = &s.rings[i].label;
         let (m, r) = obs.windows[i];
         if let Some(max) = max_m {
-            over(
-                &mut out,
-                format!("messages_{label}"),
-                format!("messages in {label}"),
-                m,
-                f64::from(max) * factor,
-                String::new(),
-            );
+            over(&mut out, m, f64::from(max) * factor, || {
+                let label = &s.rings[i].label;
+                (format!("messages_{label}"), format!("messages in {label}"))
+            });
         }
         if let Some(max) = max_r {
-            over(
-                &mut out,
-                format!("recipients_{label}"),
-                format!("recipients in {label}"),
-                r,
-                f64::from(max) * factor,
-                String::new(),
-            );
+            over(&mut out, r, f64::from(max) * factor, || {
+                let label = &s.rings[i].label;
+                (
+                    format!("recipients_{label}"),
+                    format!("recipients in {label}"),
+                )
+            });
         }
     }
     if limits.max_domains > 0 {
-        let label = config::label(s.cfg.recipient_domains_window);
         over(
             &mut out,
-            format!("domains_{label}"),
-            format!("recipient domains in {label}"),
             f64::from(obs.domains),
             f64::from(limits.max_domains) * factor,
-            String::new(),
+            || {
+                let label = config::label(s.cfg.recipient_domains_window);
+                (
+                    format!("domains_{label}"),
+                    format!("recipient domains in {label}"),
+                )
+            },
         );
     }
     let (tried, refused) = obs.rejected;
     if tried >= f64::from(s.cfg.rejected_min_recipients) && tried > 0.0 {
-        let label = &s.rings[s.windows()].label;
         let share = refused / tried;
         if share > limits.max_rejected_share + 1e-9 {
+            let label = &s.rings[s.windows()].label;
             out.push(Breach {
                 signal: format!("rejected_share_{label}"),
                 value: share,
@@ -296,50 +293,56 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
     if limits.adaptive {
         let a = &s.cfg.adaptive;
         let (bm, br) = obs.baseline;
-        let tm = a.floor_messages.max(a.k * bm) * factor;
-        let tr = a.floor_recipients.max(a.k * br) * factor;
         let (rm, rr) = obs.rate;
+        let how = |floor: f64, base: f64| {
+            format!(
+                " (max of floor {} and {} × baseline {base:.1}/h)",
+                num(floor),
+                num(a.k)
+            )
+        };
         over(
             &mut out,
-            "messages_rate_1h".into(),
-            "messages in the last hour".into(),
             rm,
-            tm,
-            format!(
-                " (max of floor {} and {} × baseline {:.1}/h)",
-                num(a.floor_messages),
-                num(a.k),
-                bm
-            ),
+            a.floor_messages.max(a.k * bm) * factor,
+            || {
+                (
+                    "messages_rate_1h".into(),
+                    "messages in the last hour".into(),
+                )
+            },
         );
+        if let Some(b) = out.last_mut().filter(|b| b.signal == "messages_rate_1h") {
+            b.text.push_str(&how(a.floor_messages, bm));
+        }
         over(
             &mut out,
-            "recipients_rate_1h".into(),
-            "recipients in the last hour".into(),
             rr,
-            tr,
-            format!(
-                " (max of floor {} and {} × baseline {:.1}/h)",
-                num(a.floor_recipients),
-                num(a.k),
-                br
-            ),
+            a.floor_recipients.max(a.k * br) * factor,
+            || {
+                (
+                    "recipients_rate_1h".into(),
+                    "recipients in the last hour".into(),
+                )
+            },
         );
+        if let Some(b) = out.last_mut().filter(|b| b.signal == "recipients_rate_1h") {
+            b.text.push_str(&how(a.floor_recipients, br));
+        }
     }
     if factor < 1.0
         && !out.is_empty()
         && let Some(age) = obs.new_ip_age
     {
-        let note = format!(
-            "limits × {} after a login from a new address {} min ago",
-            s.cfg.new_ip.factor,
-            age / 60
-        );
         out.push(Breach {
             signal: "new_login_address".into(),
             value: f64::from(age),
             limit: s.cfg.new_ip.window.as_secs_f64(),
-            text: note,
+            text: format!(
+                "limits × {} after a login from a new address {} min ago",
+                s.cfg.new_ip.factor,
+                age / 60
+            ),
         });
     }
     out
@@ -515,6 +518,10 @@ impl Detector {
             d.redis = Some(r);
             d.sync_redis().await;
         } else {
+            // Ours (0700, this user), before a CLI run by someone else creates it.
+            if let Err(e) = freeze::mkdir_private(&cfg.command_dir) {
+                tracing::warn!(dir = %cfg.command_dir.display(), error = %e, "outbound: cannot create the command spool");
+            }
             d.apply_commands().await;
         }
         Ok(d)
@@ -1113,9 +1120,13 @@ impl Detector {
                 "outbound: snapshot written"
             ),
             Ok(Err(e)) => {
-                tracing::error!(file = %self.s.cfg.state_file.display(), error = %e, "outbound: cannot write snapshot")
+                self.local.mark_dirty();
+                tracing::error!(file = %self.s.cfg.state_file.display(), error = %e, "outbound: cannot write snapshot");
             }
-            Err(e) => tracing::error!(error = %e, "outbound: cannot write snapshot"),
+            Err(e) => {
+                self.local.mark_dirty();
+                tracing::error!(error = %e, "outbound: cannot write snapshot");
+            }
         }
     }
 

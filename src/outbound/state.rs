@@ -138,6 +138,7 @@ impl AccountState {
 
     /// Counts one message with `rcpts` accepted and `rejected` refused recipients.
     /// `domain_cap` bounds the recipient domains kept (the limit plus one; 0: none).
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &mut self,
         s: &Settings,
@@ -234,6 +235,10 @@ impl AccountState {
                 .map(|(i, _)| i)
         {
             self.ips.swap_remove(oldest);
+        }
+        if self.ips.len() == self.ips.capacity() {
+            // Most accounts log in from one to three addresses: grow one at a time.
+            self.ips.reserve_exact(1);
         }
         self.ips.push(KnownIp {
             ip,

@@ -66,7 +66,7 @@ pub enum StoreError {
     NotFound(String),
     #[error("`{0}` is not a quarantine id (26 characters of 0-9 A-Z without I L O U)")]
     BadId(String),
-    #[error("entry {id} is {state}, not {wanted}")]
+    #[error("entry {id} is {state}, not {wanted}{hint}", hint = if state == "releasing" { " (an earlier release has an unknown outcome: check the next hop, then use --force)" } else { "" })]
     WrongState {
         id: String,
         state: String,
@@ -94,39 +94,60 @@ fn write_synced(path: &Path, bytes: &[&[u8]]) -> std::io::Result<()> {
 }
 
 impl Quarantine {
-    /// Opens (creating if needed) the store at `root`, and removes half-written entries
-    /// left in `tmp/` by a crash: they were never acknowledged.
+    /// Opens (creating if needed) the store at `root` for reading and administration
+    /// (the CLI). It never touches `tmp/` (a running proxy may be writing there) and
+    /// does not scan `entries/`: only a crash of the writer can leave the index behind,
+    /// and the writer repairs it when it starts ([`Quarantine::open_as_writer`]).
     pub fn open(root: &Path) -> Result<Quarantine, StoreError> {
+        Self::open_with(root, false)
+    }
+
+    fn open_with(root: &Path, repair: bool) -> Result<Quarantine, StoreError> {
         use std::os::unix::fs::PermissionsExt;
         mkdir_private(&root.join("entries"))?;
         mkdir_private(&root.join("tmp"))?;
         fs::set_permissions(root, fs::Permissions::from_mode(0o700))?;
-        for leftover in fs::read_dir(root.join("tmp"))? {
-            let path = leftover?.path();
-            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
-        }
+        // A store whose index is gone (deleted, or a fresh copy) is re-indexed by anyone.
+        let fresh_index = !root.join("index.sqlite").exists();
         let mut index = Index::open(&root.join("index.sqlite"))?;
         for f in ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"] {
             let _ = fs::set_permissions(root.join(f), fs::Permissions::from_mode(0o600));
         }
-        Self::reindex(root, &mut index)?;
+        if repair || fresh_index {
+            Self::reindex(root, &mut index)?;
+        }
         Ok(Quarantine {
             root: root.to_path_buf(),
             index: Mutex::new(index),
         })
     }
 
-    /// Adds index rows for entries that have none (written just before a crash).
+    /// Opens the store as its one writer (the proxy, at start): also removes what a
+    /// crash left in `tmp/` (entries never acknowledged, deletions half done).
+    pub fn open_as_writer(root: &Path) -> Result<Quarantine, StoreError> {
+        let store = Self::open_with(root, true)?;
+        for leftover in fs::read_dir(root.join("tmp"))? {
+            let path = leftover?.path();
+            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+        }
+        Ok(store)
+    }
+
+    /// Brings the index in line with `entries/`: rows for entries written just before a
+    /// crash are added (from their `meta.json`), rows whose entry is gone are dropped.
     fn reindex(root: &Path, index: &mut Index) -> Result<usize, StoreError> {
-        let mut missing = Vec::new();
+        let mut on_disk = std::collections::HashSet::new();
         for dirent in fs::read_dir(root.join("entries"))? {
             let name = dirent?.file_name();
-            let Some(id) = name.to_str().and_then(QuarantineId::parse) else {
-                continue;
-            };
-            if !index.contains(id.as_str())? {
-                missing.push(id);
+            if let Some(id) = name.to_str().and_then(QuarantineId::parse) {
+                on_disk.insert(id.to_string());
             }
+        }
+        let indexed: std::collections::HashSet<String> = index.all_ids()?.into_iter().collect();
+        let missing: Vec<&String> = on_disk.difference(&indexed).collect();
+        let ghosts: Vec<&String> = indexed.difference(&on_disk).collect();
+        if missing.is_empty() && ghosts.is_empty() {
+            return Ok(0);
         }
         index.batch(|ix| {
             for id in &missing {
@@ -138,15 +159,17 @@ impl Quarantine {
                     ix.insert(&meta)?;
                 }
             }
+            for id in &ghosts {
+                ix.remove(id)?;
+            }
             Ok(())
         })?;
-        if !missing.is_empty() {
-            tracing::warn!(
-                entries = missing.len(),
-                "quarantine: re-indexed entries written before a crash"
-            );
-        }
-        Ok(missing.len())
+        tracing::warn!(
+            added = missing.len(),
+            dropped = ghosts.len(),
+            "quarantine: index repaired after a crash"
+        );
+        Ok(missing.len() + ghosts.len())
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -207,8 +230,27 @@ impl Quarantine {
             .map_err(|_| StoreError::NotFound(id.to_string()))
     }
 
+    /// Entries matching `filter`, newest first. A row whose entry is gone from disk (the
+    /// entry is always written before its row, so this is never a write in progress) is
+    /// dropped from the index rather than shown.
     pub fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
-        Ok(self.index().list(filter)?)
+        let index = self.index();
+        let mut rows = index.list(filter)?;
+        let exists = |id: &str| {
+            QuarantineId::parse(id).is_some_and(|id| {
+                fs::symlink_metadata(self.entry_dir(&id)).is_ok_and(|m| m.file_type().is_dir())
+            })
+        };
+        let ghosts: Vec<String> = rows
+            .iter()
+            .filter(|r| !exists(&r.id))
+            .map(|r| r.id.clone())
+            .collect();
+        for id in &ghosts {
+            index.remove(id)?;
+        }
+        rows.retain(|r| !ghosts.contains(&r.id));
+        Ok(rows)
     }
 
     pub fn counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
@@ -255,9 +297,16 @@ impl Quarantine {
         Ok(())
     }
 
-    /// Removes an entry's files and its index row.
+    /// Removes an entry's index row and files. The row goes first: a crash after it
+    /// leaves the entry on disk, re-indexed at the next open, never a row without an
+    /// entry that nothing can remove.
     pub fn delete(&self, id: &QuarantineId) -> Result<(), StoreError> {
         let dir = self.entry_dir(id);
+        let real_dir = fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir());
+        self.index().remove(id.as_str())?;
+        if !real_dir {
+            return Err(StoreError::NotFound(id.to_string()));
+        }
         // Move it out of entries/ first (atomic), then remove: never half visible.
         let doomed = self
             .root
@@ -265,7 +314,6 @@ impl Quarantine {
             .join(format!("{}.deleting", id.as_str()));
         fs::rename(&dir, &doomed).map_err(|_| StoreError::NotFound(id.to_string()))?;
         File::open(self.root.join("entries"))?.sync_all()?;
-        self.index().remove(id.as_str())?;
         fs::remove_dir_all(&doomed)?;
         Ok(())
     }
@@ -391,7 +439,7 @@ mod tests {
         };
         fs::remove_file(dir.path().join("index.sqlite")).unwrap();
         let _ = fs::remove_file(dir.path().join("index.sqlite-wal"));
-        let q = Quarantine::open(dir.path()).unwrap();
+        let q = Quarantine::open_as_writer(dir.path()).unwrap();
         let rows = q
             .list(&Filter {
                 limit: 10,
@@ -407,6 +455,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("tmp/HALF")).unwrap();
         Quarantine::open(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            1,
+            "readers never touch tmp/"
+        );
+        Quarantine::open_as_writer(dir.path()).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 }

@@ -73,8 +73,8 @@ impl Server {
         };
         let quarantine = if config.auth.enabled || outbound.is_some() {
             let dir = &config.quarantine.dir;
-            let q =
-                Quarantine::open(dir).map_err(|e| format!("quarantine {}: {e}", dir.display()))?;
+            let q = Quarantine::open_as_writer(dir)
+                .map_err(|e| format!("quarantine {}: {e}", dir.display()))?;
             Some(Arc::new(q))
         } else {
             None
