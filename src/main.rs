@@ -73,6 +73,13 @@ enum Command {
         #[command(subcommand)]
         command: mailwarden::admin::quarantine_cli::QuarantineCommand,
     },
+    /// Outbound accounts: burst counters, freezes.
+    Accounts {
+        #[arg(long, short, default_value = "config/mailwarden.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: mailwarden::admin::accounts_cli::AccountsCommand,
+    },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
         #[arg(long, default_value = "certs")]
@@ -128,6 +135,7 @@ fn main() -> ExitCode {
         Command::Quarantine { config, command } => {
             mailwarden::admin::quarantine_cli::run(&config, &command)
         }
+        Command::Accounts { config, command } => mailwarden::admin::accounts_cli::run(&config, &command),
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());

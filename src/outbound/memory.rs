@@ -196,6 +196,11 @@ impl MemoryStore {
             .blocked_until = until;
     }
 
+    /// Accounts frozen now (as of the last freeze change).
+    pub fn frozen_count(&self) -> usize {
+        self.frozen.load(Ordering::Relaxed)
+    }
+
     pub fn frozen(&self, account: &str, now_ms: u64) -> Option<Freeze> {
         if self.frozen.load(Ordering::Relaxed) == 0 {
             return None;

@@ -545,6 +545,11 @@ impl Detector {
         self.local.tracked()
     }
 
+    /// Accounts frozen now (Redis freezes are mirrored here every few seconds).
+    pub fn frozen_accounts(&self) -> usize {
+        self.local.frozen_count()
+    }
+
     /// Alerts emitted since start: `outbound burst`, `outbound from mismatch` and
     /// `auth failures` lines (each also posted to the webhook).
     pub fn alerts_sent(&self) -> u64 {

@@ -165,9 +165,12 @@ impl Server {
                 tracker.clone(),
             )));
         }
-        if let Some(detector) = self.shared.outbound.clone() {
-            tokio::spawn(detector.maintain(shutdown.clone()));
-        }
+        // The detector's housekeeping writes a last snapshot when shutdown starts: wait
+        // for it below so the counters survive the restart.
+        let outbound = self.shared.outbound.clone().map(|detector| {
+            tokio::spawn(export_outbound_metrics(detector.clone(), shutdown.clone()));
+            tokio::spawn(detector.maintain(shutdown.clone()))
+        });
         if let Some(store) = self.shared.quarantine.clone() {
             let retention = self.shared.config.quarantine.retention;
             tokio::spawn(apply_retention(store, retention, shutdown.clone()));
@@ -194,6 +197,9 @@ impl Server {
         }
         if let Some(a) = admin {
             let _ = a.await; // stops on the same token
+        }
+        if let Some(m) = outbound {
+            let _ = tokio::time::timeout(Duration::from_secs(10), m).await;
         }
         tracker.len()
     }
@@ -223,6 +229,24 @@ async fn apply_retention(store: Arc<Quarantine>, retention: Duration, shutdown: 
             Err(e) => tracing::error!(error = %e, "quarantine: purge task failed"),
         }
         update_held_gauge(&store);
+    }
+}
+
+/// Copies the burst detector's state into the metrics every few seconds.
+async fn export_outbound_metrics(detector: Arc<crate::outbound::Detector>, shutdown: CancellationToken) {
+    let m = crate::metrics::global();
+    let mut reported = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let alerts = detector.alerts_sent();
+        m.burst_alerts.inc_by(alerts.saturating_sub(reported));
+        reported = alerts;
+        m.frozen_accounts.set(detector.frozen_accounts() as i64);
+        m.redis_fallback.set(i64::from(detector.backend_status().contains("unavailable")));
     }
 }
 
