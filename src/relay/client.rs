@@ -221,6 +221,11 @@ impl SmtpConnection {
             .map_err(|e| RelayError::Unsettled(Box::new(e)))
     }
 
+    /// Whether the connection to the next hop is encrypted.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
+    }
+
     /// Authenticates at the next hop with the client's credentials (PLAIN when offered,
     /// else LOGIN). The next hop checks the password; we only pass it on. Returns the
     /// next hop's final reply (235 on success).

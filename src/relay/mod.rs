@@ -210,14 +210,25 @@ impl Relay {
         self.settle(result)
     }
 
-    /// Whether the next hop offers a mechanism we can relay a login with.
+    /// Whether the next hop offers a mechanism we can relay a login with, over a link
+    /// a password may cross: TLS, or loopback. A password is never sent in clear over a
+    /// network (opportunistic STARTTLS can be stripped by an attacker on the path).
     pub async fn can_authenticate(&mut self, client: &ClientIdentity) -> bool {
         if self.connect(client).await.is_err() {
             return false;
         }
-        self.conn
-            .as_ref()
-            .is_some_and(|c| c.caps.auth.iter().any(|m| m == "PLAIN" || m == "LOGIN"))
+        let loopback = match &self.hop.target {
+            Target::Smtp { host, .. } => {
+                host == "localhost"
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            Target::Maildir(_) => false,
+        };
+        self.conn.as_ref().is_some_and(|c| {
+            (c.is_tls() || loopback) && c.caps.auth.iter().any(|m| m == "PLAIN" || m == "LOGIN")
+        })
     }
 
     async fn connect(&mut self, client: &ClientIdentity) -> Result<(), RelayError> {

@@ -139,7 +139,10 @@ impl Session {
             addr: self.peer,
             helo: Some(helo.name.clone()),
             esmtp: helo.esmtp,
-            login: None,
+            // After AUTH, a replacement next-hop connection (the first one failed, or the
+            // client said EHLO again) carries the login as XCLIENT LOGIN=, so the next
+            // hop still treats the client as authenticated.
+            login: self.login.clone(),
         }
     }
 

@@ -237,6 +237,9 @@ struct State {
     script: Option<Script>,
     conns: Vec<ConnRecord>,
     messages: Vec<Message>,
+    /// AUTH: the (user, password) pairs accepted (see the end of this file).
+    auth_users: Vec<(String, String)>,
+    auth_attempts: Vec<AuthAttempt>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -669,6 +672,7 @@ impl Conn {
                     rcpts.clear();
                     self.perform(&script.rset).await
                 }
+                "AUTH" => self.auth(&line).await,
                 "NOOP" => self.perform(&Act::reply("250 2.0.0 Ok")).await,
                 "QUIT" => {
                     let _ = self.perform(&Act::reply("221 2.0.0 Bye")).await;
@@ -762,4 +766,145 @@ pub fn unstuff(raw: &[u8]) -> Vec<u8> {
         at_start = b == b'\n';
     }
     out
+}
+
+// ---------------------------------------------------------------------------
+// AUTH PLAIN / LOGIN (RFC 4954): the fake checks passwords like a real next hop
+// ---------------------------------------------------------------------------
+
+/// One AUTH exchange the fake completed.
+#[derive(Clone, Debug)]
+pub struct AuthAttempt {
+    pub conn: usize,
+    /// `PLAIN` or `LOGIN`.
+    pub mechanism: String,
+    pub username: String,
+    /// Answered 235.
+    pub success: bool,
+}
+
+impl Script {
+    /// Offer `AUTH PLAIN LOGIN` in EHLO (accepted users: [`FakeMta::set_auth_users`]).
+    pub fn with_auth(mut self) -> Self {
+        self.caps.push("AUTH PLAIN LOGIN".into());
+        self
+    }
+}
+
+impl FakeMta {
+    /// AUTH answers 235 for exactly these (user, password) pairs, 535 5.7.8 otherwise.
+    pub fn set_auth_users(&self, users: &[(&str, &str)]) {
+        self.state.lock().unwrap().auth_users = users
+            .iter()
+            .map(|(u, p)| (u.to_string(), p.to_string()))
+            .collect();
+    }
+
+    pub fn auth_attempts(&self) -> Vec<AuthAttempt> {
+        self.state.lock().unwrap().auth_attempts.clone()
+    }
+
+    /// Who logged in successfully on connection `conn` (the last one, if several).
+    pub fn login_of(&self, conn: usize) -> Option<String> {
+        let g = self.state.lock().unwrap();
+        g.auth_attempts
+            .iter()
+            .rev()
+            .find(|a| a.conn == conn && a.success)
+            .map(|a| a.username.clone())
+    }
+
+    /// Messages answered 2xx, per login of their connection (`""`: not authenticated).
+    pub fn accepted_per_login(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for m in self.accepted() {
+            let login = self.login_of(m.conn).unwrap_or_default();
+            *out.entry(login).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+impl Conn {
+    /// Reads one SASL response line after sending `334 challenge`.
+    async fn sasl_response(&mut self, challenge: &str) -> Option<String> {
+        if !self.send(format!("334 {challenge}\r\n").as_bytes()).await {
+            return None;
+        }
+        self.read_line().await
+    }
+
+    async fn auth(&mut self, line: &str) -> Flow {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let decode = |s: &str| {
+            b64.decode(s.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+        };
+        let mut words = line.split_whitespace().skip(1);
+        let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
+        let initial = words.next().map(str::to_string);
+        let creds = match mechanism.as_str() {
+            "PLAIN" => {
+                let response = match initial {
+                    Some(r) => r,
+                    None => match self.sasl_response("").await {
+                        Some(r) => r,
+                        None => return Flow::Close,
+                    },
+                };
+                decode(&response).and_then(|blob| {
+                    let parts: Vec<&str> = blob.split('\0').collect();
+                    match parts.as_slice() {
+                        [_, user, pass] => Some((user.to_string(), pass.to_string())),
+                        _ => None,
+                    }
+                })
+            }
+            "LOGIN" => {
+                let user = match initial {
+                    Some(u) => u,
+                    None => match self.sasl_response(&b64.encode("Username:")).await {
+                        Some(u) => u,
+                        None => return Flow::Close,
+                    },
+                };
+                let Some(pass) = self.sasl_response(&b64.encode("Password:")).await else {
+                    return Flow::Close;
+                };
+                decode(&user).zip(decode(&pass))
+            }
+            _ => {
+                return self
+                    .perform(&Act::reply("504 5.5.4 Unrecognized authentication type"))
+                    .await;
+            }
+        };
+        let Some((username, password)) = creds else {
+            return self
+                .perform(&Act::reply("501 5.5.2 Cannot decode response"))
+                .await;
+        };
+        let success = {
+            let mut g = self.st.lock().unwrap();
+            let ok = g
+                .auth_users
+                .iter()
+                .any(|(u, p)| *u == username && *p == password);
+            g.auth_attempts.push(AuthAttempt {
+                conn: self.id,
+                mechanism,
+                username,
+                success: ok,
+            });
+            ok
+        };
+        let reply = if success {
+            "235 2.7.0 Authentication successful"
+        } else {
+            "535 5.7.8 Authentication credentials invalid"
+        };
+        self.perform(&Act::reply(reply)).await
+    }
 }
