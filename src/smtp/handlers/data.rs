@@ -313,11 +313,13 @@ impl Session {
                 Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}"))
             }
             Ok(Err(e)) => {
+                // Disk full or not writable: the client keeps the message and retries
+                // (RFC 3463 4.3.1, insufficient system storage).
                 tracing::error!(session = %self.id, error = %e, "quarantine write failed");
                 Reply::new(
-                    451,
-                    Enhanced(4, 3, 0),
-                    "Temporary local problem, try again later",
+                    452,
+                    Enhanced(4, 3, 1),
+                    "Insufficient system storage, try again later",
                 )
             }
             Err(e) => {
