@@ -135,7 +135,9 @@ fn main() -> ExitCode {
         Command::Quarantine { config, command } => {
             mailwarden::admin::quarantine_cli::run(&config, &command)
         }
-        Command::Accounts { config, command } => mailwarden::admin::accounts_cli::run(&config, &command),
+        Command::Accounts { config, command } => {
+            mailwarden::admin::accounts_cli::run(&config, &command)
+        }
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());

@@ -233,7 +233,10 @@ async fn apply_retention(store: Arc<Quarantine>, retention: Duration, shutdown: 
 }
 
 /// Copies the burst detector's state into the metrics every few seconds.
-async fn export_outbound_metrics(detector: Arc<crate::outbound::Detector>, shutdown: CancellationToken) {
+async fn export_outbound_metrics(
+    detector: Arc<crate::outbound::Detector>,
+    shutdown: CancellationToken,
+) {
     let m = crate::metrics::global();
     let mut reported = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -246,7 +249,8 @@ async fn export_outbound_metrics(detector: Arc<crate::outbound::Detector>, shutd
         m.burst_alerts.inc_by(alerts.saturating_sub(reported));
         reported = alerts;
         m.frozen_accounts.set(detector.frozen_accounts() as i64);
-        m.redis_fallback.set(i64::from(detector.backend_status().contains("unavailable")));
+        m.redis_fallback
+            .set(i64::from(detector.backend_status().contains("unavailable")));
     }
 }
 
