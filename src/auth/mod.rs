@@ -306,6 +306,22 @@ impl Verifier {
                 })
                 .collect(),
         };
+        // mail-auth reports DKIM-Signature fields it could not parse only when the error
+        // is a DKIM one; a signature missing b=, bh= or d= would vanish and the message
+        // look unsigned. Each is a permerror (RFC 6376 §6.1.1).
+        let mut dkim = dkim;
+        for bad in message.errors.iter().filter(|h| {
+            h.name.eq_ignore_ascii_case(b"DKIM-Signature")
+                && !matches!(h.header, mail_auth::Error::Dkim(_))
+        }) {
+            dkim.push(DkimCheck {
+                result: AuthResult::PermError,
+                domain: String::new(),
+                selector: String::new(),
+                algorithm: String::new(),
+                reason: Some(format!("malformed signature: {}", bad.header)),
+            });
+        }
         let arc = match arc {
             Some(out) => ArcCheck {
                 result: AuthResult::from(out.result()),

@@ -82,3 +82,6 @@ pub const DEFAULT_DKIM_MAX_SIGNATURES: usize = 10;
 pub const DEFAULT_QUARANTINE_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// How often the running proxy applies the quarantine retention.
 pub const QUARANTINE_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Message content must keep arriving at this rate (bytes per second) on top of the data
+/// timeout, or the session is cut (Postfix `smtpd_min_data_rate`).
+pub const MIN_DATA_RATE: u64 = 500;

@@ -189,12 +189,20 @@ impl SmtpConnection {
         from: &MailFrom<String>,
         size: usize,
     ) -> Result<Reply, RelayError> {
+        if !self.caps.smtputf8
+            && (from.flags & smtp_proto::MAIL_SMTPUTF8 != 0 || !from.address.is_ascii())
+        {
+            return Ok(no_smtputf8());
+        }
         let line = mail_command(from, &self.caps, size);
         self.command(line.as_bytes(), self.cfg.command_timeout)
             .await
     }
 
     pub async fn rcpt(&mut self, to: &RcptTo<String>) -> Result<Reply, RelayError> {
+        if !self.caps.smtputf8 && !to.address.is_ascii() {
+            return Ok(no_smtputf8());
+        }
         let line = rcpt_command(to, &self.caps);
         self.command(line.as_bytes(), self.cfg.command_timeout)
             .await
@@ -319,15 +327,60 @@ impl SmtpConnection {
     }
 }
 
+/// An address as RFC 5321 writes it: a local part that is not a plain dot-atom (it had
+/// quotes on the way in: spaces, `>`, `@`, …) is quoted again, so it can never be read
+/// as the end of the path or as parameters by the next hop.
+pub fn smtp_path(address: &str) -> String {
+    if address.is_empty() {
+        return String::new(); // the null reverse path <>
+    }
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return quote_if_needed(address);
+    };
+    format!("{}@{}", quote_if_needed(local), domain)
+}
+
+fn quote_if_needed(local: &str) -> String {
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    let dot_atom = !local.is_empty()
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local.chars().all(|c| c == '.' || atext(c));
+    if dot_atom {
+        return local.to_string();
+    }
+    let mut q = String::with_capacity(local.len() + 2);
+    q.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    q
+}
+
 /// A HELO argument we can repeat in our own EHLO: one printable token, not too long.
 fn is_helo_token(h: &str) -> bool {
     !h.is_empty() && h.len() <= 255 && h.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// RFC 6531 §3.2: internationalized mail cannot go to a server without SMTPUTF8.
+fn no_smtputf8() -> Reply {
+    Reply::new(
+        553,
+        crate::smtp::reply::Enhanced(5, 6, 7),
+        "Next hop does not support SMTPUTF8",
+    )
+}
+
 /// Builds `MAIL FROM:<addr> [params]` keeping only what the next hop supports.
 pub fn mail_command(from: &MailFrom<String>, caps: &Capabilities, size: usize) -> String {
     use smtp_proto::*;
-    let mut line = format!("MAIL FROM:<{}>", from.address);
+    let mut line = format!("MAIL FROM:<{}>", smtp_path(&from.address));
     if caps.size.is_some() && size > 0 {
         line.push_str(&format!(" SIZE={size}"));
     }
@@ -358,7 +411,7 @@ pub fn mail_command(from: &MailFrom<String>, caps: &Capabilities, size: usize) -
 /// Builds `RCPT TO:<addr> [params]` keeping only what the next hop supports.
 pub fn rcpt_command(to: &RcptTo<String>, caps: &Capabilities) -> String {
     use smtp_proto::*;
-    let mut line = format!("RCPT TO:<{}>", to.address);
+    let mut line = format!("RCPT TO:<{}>", smtp_path(&to.address));
     if caps.dsn {
         let notify: Vec<&str> = [
             (RCPT_NOTIFY_SUCCESS, "SUCCESS"),
@@ -436,6 +489,19 @@ mod tests {
             rcpt_command(&to, &all_caps()),
             "RCPT TO:<c@d.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;c+2Bx@d.example\r\n"
         );
+    }
+
+    #[test]
+    fn quoted_local_parts_stay_quoted() {
+        assert_eq!(smtp_path("a.b@x.example"), "a.b@x.example");
+        assert_eq!(
+            smtp_path("y@other.example> ORCPT=rfc822;x@example.org"),
+            "\"y@other.example> ORCPT=rfc822;x\"@example.org"
+        );
+        assert_eq!(smtp_path("f g@y.example"), "\"f g\"@y.example");
+        assert_eq!(smtp_path("a\"b@y.example"), "\"a\\\"b\"@y.example");
+        assert_eq!(smtp_path(""), "");
+        assert_eq!(smtp_path("postmaster"), "postmaster");
     }
 
     #[test]

@@ -11,6 +11,9 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::config::defaults::MIN_DATA_RATE;
 
 use super::reply::Reply;
 
@@ -108,12 +111,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
     }
 
     /// Reads more bytes into the buffer, flushing pending replies first so a client
-    /// waiting for them is never deadlocked.
-    async fn fill(&mut self, timeout: Duration) -> Result<(), ReadError> {
-        self.flush().await?;
+    /// waiting for them is never deadlocked. Everything must happen before `deadline`.
+    async fn fill(&mut self, deadline: Instant) -> Result<(), ReadError> {
+        match tokio::time::timeout_at(deadline, self.flush()).await {
+            Err(_) => return Err(ReadError::Timeout),
+            Ok(r) => r?,
+        }
         let start = self.rbuf.len();
         self.rbuf.resize(start + READ_CHUNK, 0);
-        let n = match tokio::time::timeout(timeout, self.io.read(&mut self.rbuf[start..])).await {
+        let n = match tokio::time::timeout_at(deadline, self.io.read(&mut self.rbuf[start..])).await
+        {
             Err(_) => {
                 self.rbuf.truncate(start);
                 return Err(ReadError::Timeout);
@@ -136,8 +143,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
         self.unread().contains(&b'\n')
     }
 
-    /// Reads one command line of at most `max` octets (terminator included).
+    /// Reads one command line of at most `max` octets (terminator included). The whole
+    /// line must arrive within `timeout` (a per-request deadline, not reset by each byte:
+    /// a client trickling one byte at a time is cut like an idle one).
     pub async fn read_line(&mut self, max: usize, timeout: Duration) -> Result<Line, ReadError> {
+        let deadline = Instant::now() + timeout;
         let mut too_long = false;
         loop {
             if let Some(i) = memchr(b'\n', self.unread()) {
@@ -156,7 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
                 let n = self.buffered();
                 self.consume(n);
             }
-            self.fill(timeout).await?;
+            self.fill(deadline).await?;
         }
     }
 
@@ -171,13 +181,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
         timeout: Duration,
     ) -> Result<DataStats, ReadError> {
         let mut reader = DataReader::new(limit);
+        let start = Instant::now();
         loop {
             let (consumed, done) = reader.ingest(self.unread(), out);
             self.consume(consumed);
             if done {
                 return Ok(reader.stats);
             }
-            self.fill(timeout).await?;
+            // Per-request deadline with a minimum data rate (Postfix
+            // `smtpd_per_request_deadline` + `smtpd_min_data_rate`): `timeout`, plus one
+            // second per MIN_DATA_RATE bytes received so far.
+            let earned = Duration::from_secs_f64(reader.stats.size as f64 / MIN_DATA_RATE as f64);
+            self.fill(start + timeout + earned).await?;
         }
     }
 

@@ -35,14 +35,73 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
             "Invalid character in command",
         ));
     }
+    // smtp-proto decodes lossily; a command is text, and bytes that are not UTF-8
+    // would reach the next hop as U+FFFD.
+    if std::str::from_utf8(body).is_err() {
+        return Err(Reply::new(
+            501,
+            Enhanced(5, 5, 2),
+            "Invalid UTF-8 in command",
+        ));
+    }
+    // smtp-proto saturates SIZE values it cannot hold in a way that can wrap; no real
+    // message has a size of more than 15 digits.
+    if oversized_size_parameter(body) {
+        return Err(Reply::new(
+            552,
+            Enhanced(5, 3, 4),
+            "Message size exceeds fixed limit",
+        ));
+    }
     // smtp-proto wants a CRLF-terminated line; give it one whatever the client used.
     let mut canonical = Vec::with_capacity(body.len() + 2);
     canonical.extend_from_slice(body);
     canonical.extend_from_slice(b"\r\n");
     match Request::parse(&mut canonical.iter()) {
-        Ok(req) => Ok(req.into_owned()),
+        Ok(req) => check_addresses(req.into_owned()),
         Err(e) => Err(parse_error_reply(e)),
     }
+}
+
+/// Addresses with control characters (possible once quoted) cannot be written to the
+/// next hop or a log line safely; non-ASCII addresses need SMTPUTF8 (RFC 6531 §3.4).
+fn check_addresses(req: Command) -> Result<Command, Reply> {
+    let bad = |a: &str| a.chars().any(|c| c.is_control());
+    match &req {
+        Request::Mail { from } if bad(&from.address) => Err(Reply::new(
+            501,
+            Enhanced(5, 1, 7),
+            "Bad sender address syntax",
+        )),
+        Request::Mail { from }
+            if !from.address.is_ascii() && from.flags & smtp_proto::MAIL_SMTPUTF8 == 0 =>
+        {
+            Err(Reply::new(
+                553,
+                Enhanced(5, 6, 7),
+                "Non-ASCII address requires SMTPUTF8",
+            ))
+        }
+        Request::Rcpt { to } if bad(&to.address) => Err(Reply::new(
+            501,
+            Enhanced(5, 1, 3),
+            "Bad recipient address syntax",
+        )),
+        _ => Ok(req),
+    }
+}
+
+/// A `SIZE=` parameter with more digits than any real size.
+fn oversized_size_parameter(line: &[u8]) -> bool {
+    let upper = line.to_ascii_uppercase();
+    upper.windows(6).enumerate().any(|(i, w)| {
+        w == b" SIZE="
+            && upper[i + 6..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count()
+                > 15
+    })
 }
 
 fn parse_error_reply(e: ParseError) -> Reply {
@@ -86,6 +145,24 @@ mod tests {
             parse(b"MAIL FROM:<a@b.example>\n").is_ok(),
             "bare LF command line"
         );
+    }
+
+    #[test]
+    fn refuses_bad_utf8_huge_sizes_and_unflagged_utf8() {
+        assert_eq!(parse(b"EHLO \xff\xfe\r\n").unwrap_err().code, 501);
+        assert_eq!(
+            parse(b"MAIL FROM:<a@b> SIZE=99999999999999999999999999\r\n")
+                .unwrap_err()
+                .code,
+            552
+        );
+        assert_eq!(
+            parse("MAIL FROM:<üser@exämple.org>\r\n".as_bytes())
+                .unwrap_err()
+                .code,
+            553
+        );
+        assert!(parse("MAIL FROM:<üser@exämple.org> SMTPUTF8\r\n".as_bytes()).is_ok());
     }
 
     #[test]

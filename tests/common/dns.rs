@@ -29,8 +29,11 @@
 //! * any other name: NXDOMAIN (SOA in the authority section);
 //! * faults configured per name (and optionally per type): SERVFAIL, REFUSED, a timeout
 //!   (the query is never answered), or an extra delay;
-//! * server-wide: [`DnsServer::set_blackhole`] (no query is ever answered) and
-//!   [`DnsServer::set_delay`] (every answer is delayed).
+//! * server-wide: [`DnsServer::set_blackhole`] (no query is ever answered),
+//!   [`DnsServer::set_delay`] (every answer is delayed), [`DnsServer::set_servfail_all`]
+//!   (every answer is SERVFAIL), [`DnsServer::set_truncate_udp`] (every UDP answer is
+//!   empty with the TC bit) and [`DnsServer::set_tcp_blackhole`] (nothing is answered
+//!   over TCP).
 //!
 //! Large answers are truncated over UDP (TC bit; 512 octets without EDNS, up to 1232 with
 //! it), so resolvers retry over TCP as in real life.
@@ -517,6 +520,10 @@ struct State {
     zone: RwLock<Zone>,
     delay: RwLock<Duration>,
     blackhole: std::sync::atomic::AtomicBool,
+    /// Server-wide faults (see [`DnsServer::set_servfail_all`] and friends).
+    servfail_all: std::sync::atomic::AtomicBool,
+    truncate_udp: std::sync::atomic::AtomicBool,
+    tcp_blackhole: std::sync::atomic::AtomicBool,
     count: AtomicU64,
     log: Mutex<Vec<QueryLog>>,
 }
@@ -560,8 +567,21 @@ impl RequestHandler for Handler {
         if st.blackhole.load(Ordering::SeqCst) {
             return info_without_reply(request);
         }
+        let over_tcp = request.protocol() == Protocol::Tcp;
+        if over_tcp && st.tcp_blackhole.load(Ordering::SeqCst) {
+            return info_without_reply(request);
+        }
         let global_delay = *st.delay.read().unwrap();
-        let answer = st.zone.read().unwrap().resolve(&qname, qtype);
+        let mut answer = st.zone.read().unwrap().resolve(&qname, qtype);
+        if st.servfail_all.load(Ordering::SeqCst) {
+            answer = Answer::reply(ResponseCode::ServFail, vec![], Duration::ZERO);
+        }
+        // A truncated UDP answer: TC set, every section empty (RFC 2181 9: the client
+        // must retry over TCP rather than use a partial answer).
+        let truncate = !over_tcp && st.truncate_udp.load(Ordering::SeqCst);
+        if truncate && let Answer::Reply { code, delay, .. } = answer {
+            answer = Answer::reply(code, vec![], delay);
+        }
         let Answer::Reply {
             code,
             answers,
@@ -577,6 +597,7 @@ impl RequestHandler for Handler {
         }
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.response_code = code;
+        metadata.truncation = truncate;
         metadata.authoritative = true;
         metadata.recursion_available = true;
         // An OPT record in the request requires one in the response (RFC 6891 6.1.1);
@@ -619,6 +640,9 @@ impl DnsServer {
             zone: RwLock::new(zone),
             delay: RwLock::new(Duration::ZERO),
             blackhole: std::sync::atomic::AtomicBool::new(false),
+            servfail_all: std::sync::atomic::AtomicBool::new(false),
+            truncate_udp: std::sync::atomic::AtomicBool::new(false),
+            tcp_blackhole: std::sync::atomic::AtomicBool::new(false),
             count: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
         });
@@ -717,6 +741,22 @@ impl DnsServer {
     /// When on, no query is answered at all (the server still counts them).
     pub fn set_blackhole(&self, on: bool) {
         self.state.blackhole.store(on, Ordering::SeqCst);
+    }
+
+    /// When on, every query is answered SERVFAIL, whatever the zone says.
+    pub fn set_servfail_all(&self, on: bool) {
+        self.state.servfail_all.store(on, Ordering::SeqCst);
+    }
+
+    /// When on, every UDP answer is truncated: TC bit set, no records (TCP answers are
+    /// whole), so a resolver must retry over TCP.
+    pub fn set_truncate_udp(&self, on: bool) {
+        self.state.truncate_udp.store(on, Ordering::SeqCst);
+    }
+
+    /// When on, queries over TCP are never answered (the connection stays open).
+    pub fn set_tcp_blackhole(&self, on: bool) {
+        self.state.tcp_blackhole.store(on, Ordering::SeqCst);
     }
 }
 

@@ -80,6 +80,10 @@ pub struct Script {
     pub data: Act,
     /// Close the connection as soon as any message content arrives.
     pub disconnect_mid_data: bool,
+    /// Close the connection (unread bytes pending, so the peer sees a reset) as soon as
+    /// the message content received so far contains one of these substrings, before
+    /// its end (a per-message [`Script::disconnect_mid_data`]).
+    pub disconnect_mid_data_if: Vec<String>,
     /// Reply to the end of data.
     pub eod: Act,
     /// End-of-data replies chosen by content: (substring of the message, act).
@@ -88,6 +92,42 @@ pub struct Script {
     /// Also end DATA at `\n.\n`, `\n.\r\n`, `\r\n.\n`, `\r.\r\n`, `\r.\r` (like MTAs
     /// vulnerable to SMTP smuggling), so non-canonical output shows up as extra messages.
     pub lenient_data_end: bool,
+    /// Postfix-like relay restrictions applied to RCPT (see [`RelayRules`]); `None`: every
+    /// recipient gets the scripted answer.
+    pub relay_rules: Option<RelayRules>,
+}
+
+/// What a Postfix next hop with `smtpd_relay_restrictions = permit_mynetworks,
+/// permit_sasl_authenticated, reject_unauth_destination` decides at RCPT: a recipient in
+/// `local_domains` gets the scripted answer; any other recipient only when the client
+/// (the XCLIENT `ADDR` if one was sent, else the TCP peer: the proxy itself) is in
+/// `mynetworks`, or the session is authenticated (a successful AUTH on this connection,
+/// or an XCLIENT `LOGIN`). Otherwise `554 5.7.1 Relay access denied`.
+#[derive(Clone, Debug, Default)]
+pub struct RelayRules {
+    pub local_domains: Vec<String>,
+    /// IPv4 networks, `"a.b.c.d/len"` (or a bare address).
+    pub mynetworks: Vec<String>,
+}
+
+impl RelayRules {
+    fn in_mynetworks(&self, ip: std::net::IpAddr) -> bool {
+        let std::net::IpAddr::V4(ip) = ip else {
+            return false;
+        };
+        self.mynetworks.iter().any(|n| {
+            let (net, len) = n.split_once('/').unwrap_or((n.as_str(), "32"));
+            let (Ok(net), Ok(len)) = (net.parse::<std::net::Ipv4Addr>(), len.parse::<u32>()) else {
+                return false;
+            };
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - len.min(32))
+            };
+            u32::from(ip) & mask == u32::from(net) & mask
+        })
+    }
 }
 
 pub fn default_caps() -> Vec<String> {
@@ -120,10 +160,12 @@ impl Default for Script {
             rcpt_by_addr: vec![],
             data: Act::reply("354 End data with <CR><LF>.<CR><LF>"),
             disconnect_mid_data: false,
+            disconnect_mid_data_if: vec![],
             eod: Act::reply("250 2.0.0 Ok: queued as FAKE1"),
             eod_by_content: vec![],
             rset: Act::reply("250 2.0.0 Ok"),
             lenient_data_end: false,
+            relay_rules: None,
         }
     }
 }
@@ -155,6 +197,8 @@ pub struct ConnRecord {
     pub xclient: Vec<Vec<(String, String)>>,
     pub tls: bool,
     pub closed: bool,
+    /// The TCP peer of this connection (the proxy's address).
+    pub peer: Option<SocketAddr>,
 }
 
 impl ConnRecord {
@@ -240,6 +284,8 @@ struct State {
     /// AUTH: the (user, password) pairs accepted (see the end of this file).
     auth_users: Vec<(String, String)>,
     auth_attempts: Vec<AuthAttempt>,
+    /// Connection tasks, so [`FakeMta::crash`] can end them all at once.
+    conn_tasks: Vec<tokio::task::AbortHandle>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -273,16 +319,18 @@ impl FakeMta {
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
+                let Ok((tcp, peer)) = listener.accept().await else {
                     continue;
                 };
                 let st = st.clone();
-                tokio::spawn(async move {
+                let st2 = st.clone();
+                let handle = tokio::spawn(async move {
                     let id = {
                         let mut g = st.lock().unwrap();
                         let id = g.conns.len();
                         g.conns.push(ConnRecord {
                             id,
+                            peer: Some(peer),
                             ..Default::default()
                         });
                         id
@@ -297,6 +345,9 @@ impl FakeMta {
                     conn.io.shutdown().await;
                     st.lock().unwrap().conns[id].closed = true;
                 });
+                let mut g = st2.lock().unwrap();
+                g.conn_tasks.retain(|h| !h.is_finished());
+                g.conn_tasks.push(handle.abort_handle());
             }
         });
         FakeMta { addr, state, task }
@@ -308,6 +359,31 @@ impl FakeMta {
             .await
             .expect("bind fake MTA at addr");
         Self::from_listener(listener, script)
+    }
+
+    /// Like [`FakeMta::start_at`], retrying for up to `within` while the port is still
+    /// taken (a restart on the same port: the old socket may linger briefly).
+    pub async fn restart_at(addr: SocketAddr, script: Script, within: Duration) -> FakeMta {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => return Self::from_listener(l, script),
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    panic!("cannot bind the fake MTA again at {addr}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Simulates a crash of the MTA process: stops listening and drops every open
+    /// connection at once, wherever it is in its dialogue. What was recorded so far
+    /// stays readable. (Dropping a `FakeMta` only stops the listener.)
+    pub fn crash(&self) {
+        self.task.abort();
+        for h in self.state.lock().unwrap().conn_tasks.drain(..) {
+            h.abort();
+        }
     }
 
     /// An address where nothing listens (connection refused).
@@ -620,6 +696,12 @@ impl Conn {
                         .find(|(pat, _)| arg.contains(&pat.to_ascii_lowercase()))
                         .map(|(_, a)| a.clone())
                         .unwrap_or_else(|| script.rcpt.clone());
+                    let act = match &script.relay_rules {
+                        Some(rules) if !self.relay_permitted(rules, &line, xclient.as_deref()) => {
+                            Act::reply("554 5.7.1 Relay access denied")
+                        }
+                        _ => act,
+                    };
                     if mail.is_some() && act.code().is_some_and(|c| c / 100 == 2) {
                         rcpts.push(line.clone());
                     }
@@ -630,7 +712,11 @@ impl Conn {
                     let f = self.perform(&act).await;
                     if f == Flow::Continue && act.code() == Some(354) {
                         match self
-                            .read_data(script.lenient_data_end, script.disconnect_mid_data)
+                            .read_data(
+                                script.lenient_data_end,
+                                script.disconnect_mid_data,
+                                &script.disconnect_mid_data_if,
+                            )
                             .await
                         {
                             None => Flow::Close,
@@ -704,11 +790,22 @@ impl Conn {
 
     /// Read message content up to the end-of-data marker; returns the (dot-stuffed)
     /// content including the CRLF of the last line, or None if the connection ended.
-    async fn read_data(&mut self, lenient: bool, disconnect_mid: bool) -> Option<Vec<u8>> {
+    async fn read_data(
+        &mut self,
+        lenient: bool,
+        disconnect_mid: bool,
+        disconnect_if: &[String],
+    ) -> Option<Vec<u8>> {
         loop {
             // Checked first: even if the whole message arrived in one read, the fake
             // closes without ever completing it.
             if disconnect_mid && !self.buf.is_empty() {
+                return None;
+            }
+            if disconnect_if
+                .iter()
+                .any(|p| super::contains(&self.buf, p.as_bytes()))
+            {
                 return None;
             }
             if let Some((content_end, consumed)) = find_data_end(&self.buf, lenient) {
@@ -906,5 +1003,49 @@ impl Conn {
             "535 5.7.8 Authentication credentials invalid"
         };
         self.perform(&Act::reply(reply)).await
+    }
+}
+
+impl Conn {
+    /// [`RelayRules`] applied to one `RCPT TO:` line.
+    fn relay_permitted(
+        &self,
+        rules: &RelayRules,
+        rcpt_line: &str,
+        xclient: Option<&[(String, String)]>,
+    ) -> bool {
+        let addr = angle_addr(rcpt_line).to_ascii_lowercase();
+        let local = addr.rsplit_once('@').is_some_and(|(_, d)| {
+            rules
+                .local_domains
+                .iter()
+                .any(|l| l.eq_ignore_ascii_case(d))
+        });
+        if local {
+            return true;
+        }
+        let attr = |name: &str| {
+            xclient.and_then(|a| {
+                a.iter()
+                    .rev()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            })
+        };
+        let login = attr("LOGIN").is_some_and(|v| !v.is_empty() && v != "[UNAVAILABLE]");
+        let authenticated = login || {
+            let g = self.st.lock().unwrap();
+            g.auth_attempts
+                .iter()
+                .any(|a| a.conn == self.id && a.success)
+        };
+        if authenticated {
+            return true;
+        }
+        let client = match attr("ADDR") {
+            Some(a) => a.parse::<std::net::IpAddr>().ok(),
+            None => self.st.lock().unwrap().conns[self.id].peer.map(|p| p.ip()),
+        };
+        client.is_some_and(|ip| rules.in_mynetworks(ip))
     }
 }

@@ -724,3 +724,50 @@ impl Proxy {
         p
     }
 }
+
+// ---------------------------------------------------------------------------
+// A proxy started under a given umask (file-permission tests)
+// ---------------------------------------------------------------------------
+
+impl Proxy {
+    /// Like [`Proxy::start_in`], but the binary runs under `umask` (set by `sh`, which
+    /// then `exec`s it, so the pid is the proxy's): files it creates without an explicit
+    /// mode show up as group- or world-accessible.
+    pub async fn start_in_with_umask(
+        opts: ProxyOptions,
+        dir: tempfile::TempDir,
+        umask: u32,
+    ) -> Proxy {
+        let addr = free_addr();
+        let config_text = opts.render(addr);
+        let config_path = dir.path().join("mailwarden.toml");
+        std::fs::write(&config_path, &config_text).expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask {umask:03o} && exec \"$0\" run --config \"$1\""
+            ))
+            .arg(bin())
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("spawn mailwarden under sh");
+        let mut p = Proxy {
+            child: Some(child),
+            addr,
+            dir,
+            config_path,
+            stderr_path,
+            config_text,
+            implicit_tls: opts.implicit_tls,
+            proxy_protocol: opts.proxy_protocol,
+        };
+        p.wait_ready().await;
+        p
+    }
+}

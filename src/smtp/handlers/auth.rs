@@ -128,12 +128,12 @@ impl Session {
                 .await;
         }
         if reply.code == 235 {
-            tracing::info!(session = %self.id, client = %self.peer, user = %creds.username, "authenticated");
+            tracing::info!(session = %self.id, client = %self.peer, user = ?creds.username, "authenticated");
             self.login = Some(creds.username.clone());
             self.stream.queue(&reply);
             return (state, Flow::Continue);
         }
-        tracing::info!(session = %self.id, client = %self.peer, user = %creds.username, reply = %reply.summary(), "authentication failed");
+        tracing::info!(session = %self.id, client = %self.peer, user = ?creds.username, reply = %reply.summary(), "authentication failed");
         self.refuse(state, reply).await
     }
 

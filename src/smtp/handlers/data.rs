@@ -363,6 +363,7 @@ impl Session {
             size = stats.size,
             bare_lf = stats.bare_lf,
             bare_cr = stats.bare_cr,
+            long_lines = stats.long_lines,
             next_hop_reply = %outcome.reply.summary(),
             verdict = outcome.verdict,
             reasons = %outcome.reasons.join(","),
