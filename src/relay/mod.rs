@@ -344,6 +344,15 @@ impl Relay {
             self.conn = None;
             self.in_transaction = false;
         }
-        result
+        // The next hop closing its connection is not the client's session ending: the
+        // client gets a retryable 451 and keeps its session (a new connection is opened
+        // for its next transaction).
+        result.map(|reply| {
+            if reply.closes_session() {
+                Reply { code: 451, ..reply }
+            } else {
+                reply
+            }
+        })
     }
 }

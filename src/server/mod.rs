@@ -85,8 +85,7 @@ impl Server {
                 (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
                 _ => None,
             };
-            let socket = TcpListener::bind(lc.address)
-                .await
+            let socket = listen(lc.address, lc.max_sessions)
                 .map_err(|e| format!("cannot listen on {}: {e}", lc.address))?;
             listeners.push(Bound {
                 socket,
@@ -264,6 +263,20 @@ fn update_held_gauge(store: &Quarantine) {
             .sum();
         crate::metrics::global().quarantine_held.set(held as i64);
     }
+}
+
+/// Binds with a listen backlog that can hold a burst of `max_sessions` connections (the
+/// default 128 would strand clients behind SYN cookies, waiting for a greeting that never
+/// comes).
+fn listen(addr: SocketAddr, max_sessions: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(max_sessions.max(1024)).unwrap_or(u32::MAX))
 }
 
 async fn accept_loop(bound: Bound, shared: Arc<SessionShared>, tracker: TaskTracker) {
