@@ -16,6 +16,8 @@ pub mod admin;
 pub mod auth;
 pub mod check;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;

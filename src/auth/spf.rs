@@ -995,6 +995,62 @@ fn find_record(answers: Vec<RData>) -> CachedRecord {
     }
 }
 
+/// Fuzzing entry point (`crate::fuzzing::spf_record`): parses `text` as a record and, if
+/// it is one, expands each mechanism's domain-spec and the `redirect=` target (not `exp=`,
+/// which is never fetched) with fixed macro values for an IPv4 and an IPv6 client, as
+/// `Evaluator::query` would. Each is the query name, or `None` if it matches nothing.
+#[doc(hidden)]
+pub fn fuzz_parse_record(text: &str) -> Result<Vec<Option<String>>, String> {
+    let record = parse_record(text)?;
+    let _ = checkable_domain(text);
+    let clients = [
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+    ];
+    let mut names = Vec::new();
+    for ip in clients {
+        let values = MacroValues {
+            local: "user",
+            sender_domain: "example.org",
+            domain: "example.org",
+            ip,
+            helo: "mx.example.org",
+            receiver: "",
+            validated_name: Some("mail.example.org"),
+        };
+        for (_, mechanism) in &record.directives {
+            let spec = match mechanism {
+                Mechanism::Include(s) | Mechanism::Exists(s) => Some(s),
+                Mechanism::A(s, cidr) | Mechanism::Mx(s, cidr) => {
+                    let _ = cidr.contains(ip, ip);
+                    s.as_ref()
+                }
+                Mechanism::Ptr(s) => s.as_ref(),
+                Mechanism::Ip4(net, len) => {
+                    let _ = Cidr { v4: *len, v6: 128 }.contains(IpAddr::V4(*net), ip);
+                    None
+                }
+                Mechanism::Ip6(net, len) => {
+                    let _ = Cidr { v4: 32, v6: *len }.contains(IpAddr::V6(*net), ip);
+                    None
+                }
+                Mechanism::All => None,
+            };
+            names.extend(spec.map(|s| target_name(&s.expand(&values))));
+        }
+        names.extend(
+            record
+                .redirect
+                .iter()
+                .map(|s| target_name(&s.expand(&values))),
+        );
+    }
+    Ok(names
+        .into_iter()
+        .map(|n| n.filter(|n| query_name(n).is_some()))
+        .collect())
+}
+
 /// The tests' authoritative DNS server, for the cache tests.
 #[cfg(test)]
 #[path = "../../tests/common/dns.rs"]

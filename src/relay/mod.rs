@@ -280,7 +280,8 @@ impl Relay {
                         format!("Delivered-To: {}\r\n", rcpt.address).as_bytes(),
                     );
                 }
-                for h in headers {
+                let guard = writer::orphan_fold_guard(headers, parts);
+                for h in headers.iter().map(String::as_str).chain(guard) {
                     content.extend_from_slice(h.as_bytes());
                     content.extend_from_slice(b"\r\n");
                 }

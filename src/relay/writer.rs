@@ -17,7 +17,11 @@ pub fn encode_parts(headers: &[String], parts: &[&[u8]]) -> Vec<u8> {
     let extra: usize = headers.iter().map(|h| h.len() + 3).sum();
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut out = Vec::with_capacity(len + len / 64 + extra + 8);
-    for h in headers {
+    for h in headers
+        .iter()
+        .map(String::as_str)
+        .chain(orphan_fold_guard(headers, parts))
+    {
         push_content(h.as_bytes(), &mut out);
         // A header that carried its own terminator got it from push_content.
         if !out.ends_with(b"\r\n") {
@@ -60,6 +64,15 @@ fn push_content(bytes: &[u8], out: &mut Vec<u8>) {
         }
         i += 1;
     }
+}
+
+/// A message may (illegally) begin with a continuation line (SP or HTAB first). Put
+/// right after the headers we add, it would continue our last one: the sender could append
+/// `dkim=pass` to our `Authentication-Results`. This header absorbs it instead.
+pub fn orphan_fold_guard(headers: &[String], parts: &[&[u8]]) -> Option<&'static str> {
+    let first = parts.iter().find(|p| !p.is_empty())?;
+    (!headers.is_empty() && matches!(first[0], b' ' | b'\t'))
+        .then_some("X-Mailwarden-Malformed: message began with a folded line")
 }
 
 /// The pieces of `message` outside the sorted, non-overlapping `strip` ranges.

@@ -344,7 +344,13 @@ pub fn canonicalize(bytes: &[u8]) -> Vec<u8> {
         if last && line.is_empty() {
             break;
         }
-        let content = line.strip_suffix(b"\r").unwrap_or(line);
+        // Only a CR before an LF ends a line; a CR at the very end of the file is a
+        // stray CR, as the DATA reader sees it.
+        let content = if last {
+            line
+        } else {
+            line.strip_suffix(b"\r").unwrap_or(line)
+        };
         out.extend(content.iter().map(|&b| if b == b'\r' { b' ' } else { b }));
         out.extend_from_slice(b"\r\n");
     }
