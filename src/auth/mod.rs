@@ -390,20 +390,7 @@ impl Verifier {
             return self.spf_helo(ip, helo, deadline).await;
         }
         // check_host() itself gives `none` for a domain that is not a valid domain name (RFC 7208 §4.3).
-        let req = spf::SpfRequest {
-            ip,
-            domain: &domain,
-            sender: mail_from,
-            helo,
-            receiver: &self.hostname,
-        };
-        let result = within(
-            deadline,
-            spf::check_host(&self.authenticator.0, &self.spf_cache, &req),
-        )
-        .await
-        .unwrap_or(AuthResult::TempError);
-        SpfCheck { result, domain }
+        self.check_host(ip, domain, mail_from, helo, deadline).await
     }
 
     /// SPF for the HELO identity. A HELO that is not a domain name (an address literal,
@@ -417,10 +404,22 @@ impl Verifier {
             };
         }
         let sender = format!("postmaster@{helo}");
+        self.check_host(ip, domain, &sender, helo, deadline).await
+    }
+
+    /// One SPF evaluation within `deadline`; running out of time is `temperror`.
+    async fn check_host(
+        &self,
+        ip: IpAddr,
+        domain: String,
+        sender: &str,
+        helo: &str,
+        deadline: Instant,
+    ) -> SpfCheck {
         let req = spf::SpfRequest {
             ip,
             domain: &domain,
-            sender: &sender,
+            sender,
             helo,
             receiver: &self.hostname,
         };
