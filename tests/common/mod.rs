@@ -426,16 +426,42 @@ impl Proxy {
     /// Like [`Proxy::start`] but with a caller-provided directory (e.g. one that also
     /// holds the maildir).
     pub async fn start_in(opts: ProxyOptions, dir: tempfile::TempDir) -> Proxy {
+        Self::launch(opts, dir, |text| text, None).await
+    }
+
+    /// Writes the config (rendered, then passed through `edit`), spawns the binary in
+    /// `dir` (under `umask` when given, via `sh`, which `exec`s it so the pid is the
+    /// proxy's) and waits until it greets.
+    async fn launch(
+        opts: ProxyOptions,
+        dir: tempfile::TempDir,
+        edit: impl FnOnce(String) -> String,
+        umask: Option<u32>,
+    ) -> Proxy {
         let addr = free_addr();
-        let config_text = opts.render(addr);
+        let config_text = edit(opts.render(addr));
         let config_path = dir.path().join("mailwarden.toml");
         std::fs::write(&config_path, &config_text).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
-        let child = Command::new(bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
+        let mut command = match umask {
+            None => {
+                let mut c = Command::new(bin());
+                c.arg("run").arg("--config").arg(&config_path);
+                c
+            }
+            Some(umask) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!(
+                        "umask {umask:03o} && exec \"$0\" run --config \"$1\""
+                    ))
+                    .arg(bin())
+                    .arg(&config_path);
+                c
+            }
+        };
+        let child = command
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -694,34 +720,7 @@ impl Proxy {
     /// Like [`Proxy::start`], with the rendered config text passed through `edit` first.
     pub async fn start_edited(opts: ProxyOptions, edit: impl FnOnce(String) -> String) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
-        let addr = free_addr();
-        let config_text = edit(opts.render(addr));
-        let config_path = dir.path().join("mailwarden.toml");
-        std::fs::write(&config_path, &config_text).expect("write config");
-        let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
-        let child = Command::new(bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("spawn mailwarden");
-        let mut p = Proxy {
-            child: Some(child),
-            addr,
-            dir,
-            config_path,
-            stderr_path,
-            config_text,
-            implicit_tls: opts.implicit_tls,
-            proxy_protocol: opts.proxy_protocol,
-        };
-        p.wait_ready().await;
-        p
+        Self::launch(opts, dir, edit, None).await
     }
 }
 
@@ -738,36 +737,6 @@ impl Proxy {
         dir: tempfile::TempDir,
         umask: u32,
     ) -> Proxy {
-        let addr = free_addr();
-        let config_text = opts.render(addr);
-        let config_path = dir.path().join("mailwarden.toml");
-        std::fs::write(&config_path, &config_text).expect("write config");
-        let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "umask {umask:03o} && exec \"$0\" run --config \"$1\""
-            ))
-            .arg(bin())
-            .arg(&config_path)
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("spawn mailwarden under sh");
-        let mut p = Proxy {
-            child: Some(child),
-            addr,
-            dir,
-            config_path,
-            stderr_path,
-            config_text,
-            implicit_tls: opts.implicit_tls,
-            proxy_protocol: opts.proxy_protocol,
-        };
-        p.wait_ready().await;
-        p
+        Self::launch(opts, dir, |text| text, Some(umask)).await
     }
 }
