@@ -84,4 +84,5 @@ seed_tests!(
     spf_record,
     config_policy,
     xclient,
+    session,
 );

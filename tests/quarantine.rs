@@ -195,10 +195,23 @@ static RUNS: AtomicUsize = AtomicUsize::new(0);
 /// Runs `mailwarden ARGS` in `dir`, output to files (no pipe can fill up), polling
 /// without blocking the runtime (the fake MTA lives on it); killed after the deadline.
 async fn run_bin(dir: &Path, args: Vec<OsString>) -> Run {
+    run_bin_under(&[], dir, args).await
+}
+
+/// [`run_bin`] under `wrapper`, a program that execs its arguments (e.g. `nsenter`).
+async fn run_bin_under(wrapper: &[&str], dir: &Path, args: Vec<OsString>) -> Run {
     let n = RUNS.fetch_add(1, Ordering::SeqCst);
     let out_path = dir.join(format!("cli-{n}.stdout"));
     let err_path = dir.join(format!("cli-{n}.stderr"));
-    let mut child = Command::new(bin())
+    let mut command = match wrapper.split_first() {
+        None => Command::new(bin()),
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(bin());
+            c
+        }
+    };
+    let mut child = command
         .args(&args)
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -245,7 +258,11 @@ async fn cli(proxy: &Proxy, args: &[&str]) -> Run {
 async fn list_json(proxy: &Proxy, args: &[&str]) -> Vec<serde_json::Value> {
     let mut a = vec!["list", "--json"];
     a.extend_from_slice(args);
-    let run = cli(proxy, &a).await;
+    list_json_at(&cli(proxy, &a).await)
+}
+
+/// The rows of a successful `list --json` run.
+fn list_json_at(run: &Run) -> Vec<serde_json::Value> {
     run.ok();
     let v: serde_json::Value = serde_json::from_slice(&run.stdout)
         .unwrap_or_else(|e| panic!("list --json is not JSON ({e}): {}", run.out()));
@@ -1655,6 +1672,177 @@ async fn store_directories_are_0700_and_files_0600() {
             .expect("sh");
         assert!(out.status.success(), "{}", show(&out.stderr));
         check(&store);
+    })
+    .await;
+}
+
+/// Policy for the disk-full test: only mail from `bulk.example` is held; the rest is
+/// relayed, so the proxy can be seen to keep serving while the store is full.
+const POLICY_HOLD_BULK: &str = r#"
+[[rule]]
+name = "hold-bulk"
+from_domain = ["bulk.example"]
+action = "quarantine"
+reason = "bulk sender"
+"#;
+
+/// The quarantine's filesystem fills up (RELIABILITY: disk full → 452 4.3.1). The proxy
+/// runs in a mount namespace of its own with its store on a 512 KiB tmpfs that only it
+/// sees (we look in through `/proc/<pid>/root`), and 24 KiB messages are held until the
+/// writes fail for want of space (ENOSPC, not a permission error):
+/// - every end-of-data reply is `250 … queued as <id>` or `452 4.3.1`, and 452s come;
+/// - every acknowledged message is a whole entry, listed by the CLI; nothing else is
+///   stored and nothing is left in `tmp/`; the log names the failure;
+/// - mail that is not held is still relayed while the store is full;
+/// - once entries are deleted (the CLI, freeing space), holding works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_quarantine_disk_answers_452_and_loses_nothing() {
+    bounded(async {
+        let dns = DnsServer::start(zone());
+        let mta = FakeMta::start(Script::default()).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(&policy, POLICY_HOLD_BULK).expect("write policy");
+        std::fs::create_dir_all(dir.path().join("var/quarantine")).expect("mkdir store");
+        let proxy = Proxy::start_in_own_mounts(
+            options(&mta, &dns, &policy),
+            dir,
+            "mount -t tmpfs -o size=512k,mode=0700 mailwarden-full var/quarantine",
+        )
+        .await;
+        // The store as the proxy sees it (for reading files; SQLite resolves the
+        // /proc/<pid>/root link, so the CLI runs inside the proxy's mounts instead).
+        let root = PathBuf::from(format!("/proc/{}/root", proxy.pid()))
+            .join(
+                proxy
+                    .dir
+                    .path()
+                    .strip_prefix("/")
+                    .expect("absolute tempdir"),
+            )
+            .join("var/quarantine");
+        let pid = proxy.pid().to_string();
+        // -w: the proxy's working directory as seen inside (ours would still be outside).
+        let nsenter = ["nsenter", "--target", pid.as_str(), "--mount", "-w", "--"];
+        let cli_full = |args: &[&str]| {
+            let mut all: Vec<OsString> = vec![
+                "quarantine".into(),
+                "-c".into(),
+                proxy.config_path.clone().into(),
+            ];
+            all.extend(args.iter().map(OsString::from));
+            run_bin_under(&nsenter, proxy.dir.path(), all)
+        };
+
+        let filler = format!("{}\r\n", "0123456789abcdef".repeat(4)).repeat(370);
+        let big = |n: usize| {
+            let mut m = message(
+                "Bulk <news@bulk.example>",
+                "u@example.org",
+                "full",
+                &format!("full-{n}"),
+            );
+            m.extend_from_slice(filler.as_bytes());
+            m
+        };
+        let (mut acked, mut refused) = (Vec::new(), 0);
+        for n in 0..100 {
+            let mut c = proxy.connect_ehlo(HELO).await;
+            let r = c
+                .send_mail("news@bulk.example", &["u@example.org"], &big(n))
+                .await;
+            if let Some(id) = queued_id(&r) {
+                assert_eq!(
+                    refused,
+                    0,
+                    "250 after a 452 with nothing freed: {:?}",
+                    show(&r.raw)
+                );
+                acked.push(id);
+            } else {
+                assert!(
+                    r.code == 452 && r.text().starts_with("4.3.1"),
+                    "neither 250 queued nor 452 4.3.1: {:?}\nlog:\n{}",
+                    show(&r.raw),
+                    proxy.log()
+                );
+                refused += 1;
+            }
+            assert_eq!(c.cmd("QUIT").await.code, 221);
+            if refused == 3 {
+                break;
+            }
+        }
+        assert_eq!(
+            refused,
+            3,
+            "the store never filled up; {} held",
+            acked.len()
+        );
+        assert!(
+            acked.len() >= 5,
+            "only {} held before the store was full",
+            acked.len()
+        );
+        proxy
+            .wait_log("No space left on device", Duration::from_secs(10))
+            .await;
+
+        let stored: Vec<String> = whole_entries(&root).into_keys().collect();
+        assert_eq!(sorted(stored), sorted(acked.clone()), "entries vs 250s");
+        assert!(
+            tmp_names(&root).is_empty(),
+            "left in tmp/: {:?}",
+            tmp_names(&root)
+        );
+        let run = cli_full(&["list", "--json"]).await;
+        let listed = list_json_at(&run);
+        assert_eq!(
+            sorted(ids_of(&listed)),
+            sorted(acked.clone()),
+            "CLI list vs 250s\nCLI stderr: {}\nproxy log:\n{}",
+            run.stderr,
+            proxy.log()
+        );
+
+        // Mail that is not held still flows while the store is full.
+        let mut c = proxy.connect_ehlo(HELO).await;
+        let ok = message(
+            "Alice <alice@sender.example>",
+            "u@example.org",
+            "ok",
+            "full-ok",
+        );
+        let r = c
+            .send_mail("alice@sender.example", &["u@example.org"], &ok)
+            .await;
+        assert_eq!(
+            r.code,
+            250,
+            "relayed mail while the store is full: {:?}",
+            show(&r.raw)
+        );
+        assert_eq!(mta.messages().len(), 1);
+
+        // Free space: delete the first half; holding works again.
+        for id in &acked[..acked.len() / 2] {
+            cli_full(&["delete", id]).await.ok();
+        }
+        let id = hold(&proxy, "news@bulk.example", &["u@example.org"], &big(1000)).await;
+        let mut expected = acked[acked.len() / 2..].to_vec();
+        expected.push(id);
+        let stored: Vec<String> = whole_entries(&root).into_keys().collect();
+        assert_eq!(
+            sorted(stored),
+            sorted(expected.clone()),
+            "entries after freeing space"
+        );
+        let listed = list_json_at(&cli_full(&["list", "--json"]).await);
+        assert_eq!(
+            sorted(ids_of(&listed)),
+            sorted(expected),
+            "CLI list after freeing space"
+        );
     })
     .await;
 }

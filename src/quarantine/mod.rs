@@ -21,6 +21,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,10 @@ pub struct Meta {
 pub struct Quarantine {
     root: PathBuf,
     index: Mutex<Index>,
+    /// An index write failed after its entry was stored (e.g. the disk filled up
+    /// between the two): the next store re-indexes, so the entry becomes visible to
+    /// `list` without waiting for a restart.
+    reindex_pending: AtomicBool,
 }
 
 /// Why a store operation failed.
@@ -119,6 +124,7 @@ impl Quarantine {
         Ok(Quarantine {
             root: root.to_path_buf(),
             index: Mutex::new(index),
+            reindex_pending: AtomicBool::new(false),
         })
     }
 
@@ -196,9 +202,19 @@ impl Quarantine {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e.into());
         }
-        // The entry is durable now; a failed index write is repaired at the next open.
-        if let Err(e) = self.index().insert(meta) {
-            tracing::error!(id = %id, error = %e, "quarantine index write failed (entry is stored; re-indexed at next start)");
+        // The entry is durable now. A failed index write is retried by the next store
+        // (a full re-index: it also picks up this entry) and at the next start.
+        let indexed = if self.reindex_pending.load(Ordering::Relaxed) {
+            Self::reindex(&self.root, &mut self.index()).map(drop)
+        } else {
+            self.index().insert(meta).map_err(StoreError::from)
+        };
+        match indexed {
+            Ok(()) => self.reindex_pending.store(false, Ordering::Relaxed),
+            Err(e) => {
+                self.reindex_pending.store(true, Ordering::Relaxed);
+                tracing::error!(id = %id, error = %e, "quarantine index write failed (entry is stored; re-indexed at the next write or start)");
+            }
         }
         Ok(id)
     }
@@ -298,15 +314,33 @@ impl Quarantine {
     }
 
     /// Removes an entry's index row and files. The row goes first: a crash after it
-    /// leaves the entry on disk, re-indexed at the next open, never a row without an
-    /// entry that nothing can remove.
+    /// leaves the entry on disk, re-indexed at the next open, rather than a listed row
+    /// whose entry is gone. Except on a full disk, where the row cannot be removed (SQLite
+    /// needs room to delete) and deleting is how the operator makes room: there the files
+    /// go first and the row after them.
     pub fn delete(&self, id: &QuarantineId) -> Result<(), StoreError> {
         let dir = self.entry_dir(id);
         let real_dir = fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir());
-        self.index().remove(id.as_str())?;
+        // Bound first: the index lock must be released before the fallback takes it again.
+        let removed = self.index().remove(id.as_str());
+        match removed {
+            Err(e) if real_dir && is_disk_full(&e) => {
+                self.remove_entry_files(id)?;
+                // A row left behind here (still no room) is dropped by the next re-index
+                // or a second delete.
+                return self.index().remove(id.as_str()).map_err(StoreError::from);
+            }
+            result => result?,
+        }
         if !real_dir {
             return Err(StoreError::NotFound(id.to_string()));
         }
+        self.remove_entry_files(id)
+    }
+
+    /// Takes an entry's directory out of `entries/` (atomically) and removes it.
+    fn remove_entry_files(&self, id: &QuarantineId) -> Result<(), StoreError> {
+        let dir = self.entry_dir(id);
         // Move it out of entries/ first (atomic), then remove: never half visible.
         let doomed = self
             .root
@@ -353,6 +387,11 @@ impl Quarantine {
 }
 
 /// User input shown back in an error: printable ASCII only, bounded.
+/// SQLite's "database or disk is full" (SQLITE_FULL).
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
+
 fn printable(s: &str) -> String {
     s.chars()
         .take(64)

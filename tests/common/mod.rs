@@ -426,17 +426,20 @@ impl Proxy {
     /// Like [`Proxy::start`] but with a caller-provided directory (e.g. one that also
     /// holds the maildir).
     pub async fn start_in(opts: ProxyOptions, dir: tempfile::TempDir) -> Proxy {
-        Self::launch(opts, dir, |text| text, None).await
+        Self::launch(opts, dir, |text| text, None, &[]).await
     }
 
     /// Writes the config (rendered, then passed through `edit`), spawns the binary in
-    /// `dir` (under `umask` when given, via `sh`, which `exec`s it so the pid is the
-    /// proxy's) and waits until it greets.
+    /// `dir` and waits until it greets. With a `prelude` (shell commands, e.g. a umask
+    /// or a mount), `sh` runs it first and then `exec`s the binary; `sh` itself runs
+    /// under `wrapper` (a program that execs its arguments, e.g. `unshare`). Every step
+    /// execs the next, so the pid is the proxy's.
     async fn launch(
         opts: ProxyOptions,
         dir: tempfile::TempDir,
         edit: impl FnOnce(String) -> String,
-        umask: Option<u32>,
+        prelude: Option<&str>,
+        wrapper: &[&str],
     ) -> Proxy {
         let addr = free_addr();
         let config_text = edit(opts.render(addr));
@@ -444,18 +447,21 @@ impl Proxy {
         std::fs::write(&config_path, &config_text).expect("write config");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("create stderr file");
-        let mut command = match umask {
+        let mut command = match prelude {
             None => {
                 let mut c = Command::new(bin());
                 c.arg("run").arg("--config").arg(&config_path);
                 c
             }
-            Some(umask) => {
-                let mut c = Command::new("sh");
+            Some(prelude) => {
+                let (program, args) = wrapper.split_first().unwrap_or((&"sh", &[]));
+                let mut c = Command::new(program);
+                c.args(args);
+                if !wrapper.is_empty() {
+                    c.arg("sh");
+                }
                 c.arg("-c")
-                    .arg(format!(
-                        "umask {umask:03o} && exec \"$0\" run --config \"$1\""
-                    ))
+                    .arg(format!("{prelude} && exec \"$0\" run --config \"$1\""))
                     .arg(bin())
                     .arg(&config_path);
                 c
@@ -720,7 +726,7 @@ impl Proxy {
     /// Like [`Proxy::start`], with the rendered config text passed through `edit` first.
     pub async fn start_edited(opts: ProxyOptions, edit: impl FnOnce(String) -> String) -> Proxy {
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::launch(opts, dir, edit, None).await
+        Self::launch(opts, dir, edit, None, &[]).await
     }
 }
 
@@ -737,6 +743,26 @@ impl Proxy {
         dir: tempfile::TempDir,
         umask: u32,
     ) -> Proxy {
-        Self::launch(opts, dir, |text| text, Some(umask)).await
+        Self::launch(
+            opts,
+            dir,
+            |text| text,
+            Some(&format!("umask {umask:03o}")),
+            &[],
+        )
+        .await
+    }
+
+    /// Like [`Proxy::start_in`], but in a mount namespace of its own (`unshare`, which
+    /// needs root or user namespaces), where `sh` runs `prelude` in `dir` first (e.g. a
+    /// mount only the proxy sees) and then `exec`s the binary. The proxy's view of its
+    /// files is under `/proc/<pid>/root`.
+    pub async fn start_in_own_mounts(
+        opts: ProxyOptions,
+        dir: tempfile::TempDir,
+        prelude: &str,
+    ) -> Proxy {
+        let unshare = ["unshare", "--mount", "--propagation", "private", "--"];
+        Self::launch(opts, dir, |text| text, Some(prelude), &unshare).await
     }
 }

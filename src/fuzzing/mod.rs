@@ -34,6 +34,9 @@ use crate::smtp::codec::{DataReader, canonicalize};
 use crate::smtp::command;
 use crate::smtp::reply::{self, Reply};
 
+mod session;
+pub use session::session;
+
 /// A target: panics when a property does not hold for the input.
 pub type Target = fn(&[u8]);
 
@@ -46,6 +49,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("spf_record", spf_record),
     ("config_policy", config_policy),
     ("xclient", xclient),
+    ("session", session),
 ];
 
 /// The authserv-id and verdict header the message checks use.
