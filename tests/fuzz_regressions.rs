@@ -2,7 +2,7 @@
 //! that shows it. Unfixed ones are `#[ignore]`d with the reason, so `cargo test` stays
 //! green and `cargo test --test fuzz_regressions -- --ignored` shows them failing; when a
 //! bug is fixed, drop its `#[ignore]` and the matching KNOWN BUG skip in
-//! src/fuzzing.rs.
+//! src/fuzzing/.
 
 use mailwarden::relay::client::{Capabilities, mail_command, rcpt_command};
 use mailwarden::relay::writer;
