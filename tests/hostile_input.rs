@@ -47,7 +47,7 @@ use base64::Engine;
 use common::dns::{DnsServer, Zone};
 use common::fake_mta::{FakeMta, Script};
 use common::smtp_client::{Client, Reply, dot_stuff_and_terminate, simple_message};
-use common::{Proxy, ProxyOptions, STEP, bin, bounded, contains, show};
+use common::{Proxy, ProxyOptions, STEP, bin, bounded, contains, rss_kib, show};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// The proxy's host name (harness default): our authserv-id.
@@ -429,19 +429,6 @@ fn results_of(ar: &str, method: &str) -> Vec<String> {
         .filter_map(|r| r.strip_prefix(&format!("{method}=")))
         .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
         .collect()
-}
-
-/// Peak and current resident set size of a process, in KiB.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
 }
 
 /// Runs `mailwarden ARGS` in `dir`, output to files, bounded in time; (success, stdout, stderr).

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::fake_mta::{Act, Script};
 use common::smtp_client::{Client, assert_reply, dot_stuff_and_terminate, simple_message};
-use common::{assert_next_hop_canonical, bounded, contains, setup, setup_with, show};
+use common::{assert_next_hop_canonical, bounded, contains, rss_kib, setup, setup_with, show};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recipients_beyond_max_get_452() {
@@ -486,6 +486,136 @@ async fn concurrent_sessions_no_loss_no_duplicates() {
         );
         assert_eq!(delivered_set, ok, "delivered set differs from the 250 set");
         assert_next_hop_canonical(&mta);
+    })
+    .await
+}
+
+/// `[limits] message_memory` caps the message content all sessions hold together: with
+/// one session holding most of it (content sent, final dot not yet), another session's
+/// message is read to its end and answered `452 4.3.1`; that session stays usable, the
+/// first message is delivered whole, and once it is, the second goes through on retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_memory_budget_defers_what_does_not_fit() {
+    bounded(async {
+        let (mta, proxy) = setup_with(Script::default(), |o| {
+            o.limit("message_size_limit = 400000")
+                .limit("message_memory = 600000")
+        })
+        .await;
+        let line = format!("{}\r\n", "m".repeat(78));
+        let big = |tag: &str, lines: usize| {
+            let mut m = simple_message("a@x.example", "r@y.example", tag, "start");
+            m.extend_from_slice(line.repeat(lines).as_bytes());
+            m
+        };
+
+        // A: 380 KB of content, no final dot yet.
+        let first = big("first", 4700);
+        let mut a = proxy.connect_ehlo("a.example").await;
+        a.expect("MAIL FROM:<a@x.example>", "250").await;
+        a.expect("RCPT TO:<r@y.example>", "250").await;
+        a.expect("DATA", "354").await;
+        let wire = dot_stuff_and_terminate(&first);
+        let (body, end) = wire.split_at(wire.len() - 3);
+        a.send_raw(body).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        // B: 200 KB does not fit next to it.
+        let second = big("second", 2500);
+        let mut b = proxy.connect_ehlo("b.example").await;
+        let r = b.send_mail("a@x.example", &["r@y.example"], &second).await;
+        assert_reply(&r, "452 4.3.1", "over the memory budget");
+        b.expect("NOOP", "250").await;
+
+        a.send_raw(end).await;
+        let r = a.read_reply().await;
+        assert_reply(&r, "250", "the message holding the budget");
+        let r = b.send_mail("a@x.example", &["r@y.example"], &second).await;
+        assert_reply(&r, "250", "retried once the budget is free");
+
+        let msgs = mta.accepted();
+        assert_eq!(msgs.len(), 2);
+        for (got, sent) in msgs.iter().zip([&first, &second]) {
+            assert!(
+                got.data.ends_with(sent),
+                "content at the next hop differs ({} vs {} bytes)",
+                got.data.len(),
+                sent.len()
+            );
+        }
+        assert!(
+            proxy.log().contains("message memory budget"),
+            "{}",
+            proxy.log()
+        );
+    })
+    .await
+}
+
+/// RELIABILITY L3: one message of exactly the size limit, then 20 at once (10 MB each,
+/// checks off): each arrives at the next hop byte for byte, and the proxy's peak
+/// resident memory grows by less than 2 × message size × concurrency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_ten_megabyte_messages() {
+    const SIZE: usize = 10_240_000;
+    const CONCURRENCY: usize = 20;
+    bounded(async {
+        let (mta, proxy) = setup(Script::default()).await;
+        let (_, rss_start) = rss_kib(proxy.pid());
+        let message = |n: usize| {
+            let mut m = simple_message("a@x.example", "r@y.example", &format!("big {n}"), "");
+            let line = format!("{n:04} {}\r\n", "0123456789".repeat(7));
+            while m.len() + line.len() <= SIZE {
+                m.extend_from_slice(line.as_bytes());
+            }
+            m.resize(SIZE - 2, b'x');
+            m.extend_from_slice(b"\r\n");
+            m
+        };
+        let send = |n: usize| {
+            let addr = proxy.addr;
+            async move {
+                let m = message(n);
+                let mut c = common::smtp_client::Client::connect(addr).await;
+                c.read_reply().await;
+                c.ehlo("big.example").await;
+                let r = c.send_mail("a@x.example", &["r@y.example"], &m).await;
+                assert_reply(&r, "250", &format!("10 MB message {n}"));
+                m
+            }
+        };
+        let mut sent = vec![send(CONCURRENCY).await];
+        let mut tasks = Vec::new();
+        for n in 0..CONCURRENCY {
+            tasks.push(tokio::spawn(send(n)));
+        }
+        for t in tasks {
+            sent.push(t.await.expect("sender task"));
+        }
+        let (peak, _) = rss_kib(proxy.pid());
+        let growth = peak.saturating_sub(rss_start) as usize * 1024;
+        eprintln!(
+            "L3: 1 + {CONCURRENCY} messages of {SIZE} bytes; proxy RSS {rss_start} KiB at start, \
+             peak {peak} KiB: {:.2} × message size × concurrency",
+            growth as f64 / (SIZE * CONCURRENCY) as f64
+        );
+        assert!(
+            growth < 2 * SIZE * CONCURRENCY,
+            "peak RSS grew by {growth} bytes"
+        );
+        let got = mta.accepted();
+        assert_eq!(got.len(), sent.len());
+        for m in &sent {
+            let subject = &m[..200];
+            let arrived = got
+                .iter()
+                .filter(|g| contains(&g.data, subject) && g.data.ends_with(m))
+                .count();
+            assert_eq!(
+                arrived, 1,
+                "a 10 MB message is not at the next hop exactly once"
+            );
+        }
     })
     .await
 }

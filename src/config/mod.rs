@@ -131,6 +131,7 @@ pub enum BareLf {
 pub struct Limits {
     pub max_command_line: usize,
     pub message_size_limit: usize,
+    pub message_memory: usize,
     pub max_recipients: usize,
     #[serde(with = "duration")]
     pub command_timeout: Duration,
@@ -151,6 +152,7 @@ impl Default for Limits {
         Limits {
             max_command_line: DEFAULT_MAX_COMMAND_LINE,
             message_size_limit: DEFAULT_MESSAGE_SIZE_LIMIT,
+            message_memory: DEFAULT_MESSAGE_MEMORY,
             max_recipients: DEFAULT_MAX_RECIPIENTS,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
             data_timeout: DEFAULT_DATA_TIMEOUT,
@@ -607,6 +609,16 @@ impl Config {
                 "must be at least 1024".into(),
             );
         }
+        if lim.message_memory < lim.message_size_limit {
+            return err(
+                "limits",
+                "message_memory",
+                format!(
+                    "must be at least message_size_limit ({}), or no message of the largest size could be taken",
+                    lim.message_size_limit
+                ),
+            );
+        }
         if lim.hard_error_limit == 0 {
             return err("limits", "hard_error_limit", "must be at least 1".into());
         }
@@ -791,6 +803,17 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
         assert!(e.to_string().contains("command_timeout"), "{e}");
+    }
+
+    #[test]
+    fn message_memory_must_hold_a_largest_message() {
+        let e = parse(&format!(
+            "{MINIMAL}[limits]\nmessage_size_limit = 2000000\nmessage_memory = 1000000\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "limits.message_memory", "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(parse(&format!("{MINIMAL}[limits]\nmessage_memory = 20000000\n")).is_ok());
     }
 
     #[test]

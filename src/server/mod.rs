@@ -119,6 +119,7 @@ impl Server {
             listeners,
             admin,
             shared: Arc::new(SessionShared {
+                memory: crate::smtp::memory::MessageMemory::new(config.limits.message_memory),
                 config,
                 next_hop,
                 inspector,

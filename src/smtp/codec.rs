@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::defaults::MIN_DATA_RATE;
 
+use super::memory::Reservation;
 use super::reply::Reply;
 
 /// Bytes read from the socket at a time.
@@ -56,6 +57,9 @@ pub struct DataStats {
     pub bare_cr: usize,
     /// Lines longer than RFC 5321's 1000 octets (counted, never altered: signatures).
     pub long_lines: usize,
+    /// The shared message memory budget had no room: the content was read to the end
+    /// and dropped.
+    pub over_budget: bool,
 }
 
 /// Client connection with a read buffer and a reply buffer (for PIPELINING, replies are
@@ -174,17 +178,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
     /// dot-stuffing removed), keeping at most `limit` bytes; beyond it the rest is read
     /// and dropped so the client hears our answer in step. Bare LFs are normalised here;
     /// the `bare_lf = reject` policy is applied by the caller from the returned counts.
+    /// `memory` must cover what `out` holds; when it cannot, `out` is emptied and the
+    /// rest is read and dropped (`over_budget`).
     pub async fn read_data(
         &mut self,
         out: &mut Vec<u8>,
         limit: usize,
         timeout: Duration,
+        memory: &mut Reservation,
     ) -> Result<DataStats, ReadError> {
         let mut reader = DataReader::new(limit);
         let start = Instant::now();
         loop {
             let (consumed, done) = reader.ingest(self.unread(), out);
             self.consume(consumed);
+            if !reader.stats.over_budget && !memory.cover(out.capacity()) {
+                reader.discard_rest();
+                *out = Vec::new();
+                memory.release();
+            }
             if done {
                 return Ok(reader.stats);
             }
@@ -302,12 +314,17 @@ impl DataReader {
         self.push(content, strays > 0, out);
     }
 
+    /// Keeps reading to the end of data but stores nothing more (no memory for it).
+    pub fn discard_rest(&mut self) {
+        self.stats.over_budget = true;
+    }
+
     fn push(&mut self, bytes: &[u8], replace_cr: bool, out: &mut Vec<u8>) {
         self.stats.size += bytes.len();
         if self.stats.size > self.limit {
             self.stats.too_big = true;
         }
-        if self.stats.too_big {
+        if self.stats.too_big || self.stats.over_budget {
             return;
         }
         if replace_cr {

@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod command;
 mod handlers;
+pub mod memory;
 pub mod reply;
 pub mod session;
 pub mod trace;

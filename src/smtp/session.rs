@@ -29,6 +29,8 @@ pub struct SessionShared {
     pub outbound: Option<Arc<crate::outbound::Detector>>,
     /// Cancelled on SIGTERM: idle sessions say 421 and close; open transactions finish.
     pub shutdown: CancellationToken,
+    /// Message content held by all sessions (`[limits] message_memory`).
+    pub memory: Arc<crate::smtp::memory::MessageMemory>,
 }
 
 /// What a session shares with the other sessions of its listener.

@@ -796,6 +796,9 @@ impl Conn {
         disconnect_mid: bool,
         disconnect_if: &[String],
     ) -> Option<Vec<u8>> {
+        // Bytes already searched for the end marker: each fill searches only what is new
+        // (plus a marker's length back), so a 10 MB message is not rescanned per read.
+        let mut searched: usize = 0;
         loop {
             // Checked first: even if the whole message arrived in one read, the fake
             // closes without ever completing it.
@@ -808,11 +811,13 @@ impl Conn {
             {
                 return None;
             }
-            if let Some((content_end, consumed)) = find_data_end(&self.buf, lenient) {
+            let from = searched.saturating_sub(5);
+            if let Some((content_end, consumed)) = find_data_end_from(&self.buf, from, lenient) {
                 let raw = self.buf[..content_end].to_vec();
                 self.buf.drain(..consumed);
                 return Some(raw);
             }
+            searched = self.buf.len();
             if !self.fill().await {
                 return None;
             }
@@ -822,10 +827,15 @@ impl Conn {
 
 /// Find the end of DATA. Returns (end of content, bytes consumed including the marker).
 pub fn find_data_end(buf: &[u8], lenient: bool) -> Option<(usize, usize)> {
-    if buf.starts_with(b".\r\n") {
+    find_data_end_from(buf, 0, lenient)
+}
+
+/// [`find_data_end`] for a marker that starts at `from` or later.
+fn find_data_end_from(buf: &[u8], from: usize, lenient: bool) -> Option<(usize, usize)> {
+    if from == 0 && buf.starts_with(b".\r\n") {
         return Some((0, 3));
     }
-    if lenient && buf.starts_with(b".\n") {
+    if from == 0 && lenient && buf.starts_with(b".\n") {
         return Some((0, 2));
     }
     // (pattern, length of the line ending that belongs to the content)
@@ -841,7 +851,7 @@ pub fn find_data_end(buf: &[u8], lenient: bool) -> Option<(usize, usize)> {
     let pats = if lenient { loose } else { strict };
     let mut best: Option<(usize, usize, usize)> = None; // (index, content_end, consumed)
     for (pat, keep) in pats {
-        if let Some(i) = super::find(buf, pat)
+        if let Some(i) = super::find(&buf[from.min(buf.len())..], pat).map(|i| i + from)
             && best.is_none_or(|(bi, _, _)| i < bi)
         {
             best = Some((i, i + keep, i + pat.len()));

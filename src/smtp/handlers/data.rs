@@ -6,6 +6,7 @@ use crate::policy::{Action, Decision, MessageContext};
 use crate::quarantine::Meta;
 use crate::relay::Envelope;
 use crate::smtp::codec::{DataStats, ReadError};
+use crate::smtp::memory::Reservation;
 use crate::smtp::reply::{Enhanced, Reply};
 use crate::smtp::session::{Flow, Helo, Session, State, Transaction};
 use crate::smtp::trace;
@@ -42,8 +43,15 @@ impl Session {
         ));
         let limits = &self.config().limits;
         let (limit, timeout) = (limits.message_size_limit, limits.data_timeout);
-        let mut message = Vec::with_capacity(tx.from.size.clamp(4096, limit));
-        let stats = match self.stream.read_data(&mut message, limit, timeout).await {
+        // SIZE is the client's word: it sizes the first allocation, up to 1 MiB only.
+        let mut message = Vec::with_capacity(tx.from.size.clamp(4096, limit.min(1 << 20)));
+        // Held until the message is relayed or quarantined (the end of this function).
+        let mut memory = Reservation::new(&self.shared.memory);
+        let read = self
+            .stream
+            .read_data(&mut message, limit, timeout, &mut memory)
+            .await;
+        let stats = match read {
             Ok(stats) => stats,
             Err(e) => {
                 tracing::info!(session = %self.id, client = %self.peer, error = %e, "client lost during DATA");
@@ -89,7 +97,15 @@ impl Session {
         stats: &DataStats,
     ) -> Outcome {
         let limits = &self.shared.config.limits;
-        let refusal = if stats.too_big {
+        let refusal = if stats.over_budget {
+            tracing::warn!(session = %self.id, size = stats.size, in_use = self.shared.memory.in_use(),
+                "message memory budget ([limits] message_memory) full: message deferred");
+            Some(Reply::new(
+                452,
+                Enhanced(4, 3, 1),
+                "Insufficient system resources, try again later",
+            ))
+        } else if stats.too_big {
             Some(Reply::new(
                 552,
                 Enhanced(5, 3, 4),
