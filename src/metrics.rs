@@ -51,6 +51,8 @@ pub struct Metrics {
     pub redis_fallback: Gauge,
     /// Policy reloads, by result (`ok`, `error`).
     pub policy_reloads: Family<Labels, Counter>,
+    /// Bytes of message content reserved by all sessions (`[limits] message_memory`).
+    pub message_memory: Gauge,
 }
 
 impl Metrics {
@@ -75,6 +77,7 @@ impl Metrics {
             frozen_accounts: Gauge::default(),
             redis_fallback: Gauge::default(),
             policy_reloads: Family::default(),
+            message_memory: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -124,6 +127,11 @@ impl Metrics {
             "next_hop_errors",
             "Next hop failures",
             m.next_hop_errors.clone(),
+        );
+        registry.register(
+            "message_memory_bytes",
+            "Message content held in memory by all sessions (bytes reserved)",
+            m.message_memory.clone(),
         );
         registry.register(
             "quarantined",

@@ -72,12 +72,17 @@ fn quoted_text_in_the_domain_is_refused() {
         b"RCPT TO:<a@example.org\"> NOTIFY=NEVER x\">\r\n",
         b"MAIL FROM:<a@b.example\"..  ol::MEj SMTPU\"\"le>\r\n",
         b"RCPT TO:<a@[1.2.3.4] x>\r\n",
+        b"RCPT TO:<x@\"evil@example.org\">\r\n",
+        b"MAIL FROM:<\"a\"@b.example\"\">\r\n",
     ] {
         let reply = command::parse(line).expect_err(&String::from_utf8_lossy(line));
         assert_eq!(reply.code, 501, "{}", String::from_utf8_lossy(line));
     }
     for line in [
         &b"RCPT TO:<postmaster>\r\n"[..],
+        b"RCPT TO:<\"a@b\"@example.org>\r\n",
+        b"RCPT TO:<\"a\\\"@b\"@example.org>\r\n",
+        b"MAIL FROM:<a@example.org.>\r\n",
         b"MAIL FROM:<a@mail_relay.example>\r\n",
     ] {
         let Ok(cmd) = command::parse(line) else {

@@ -609,12 +609,12 @@ impl Config {
                 "must be at least 1024".into(),
             );
         }
-        if lim.message_memory < lim.message_size_limit {
+        if lim.message_memory < lim.message_size_limit.saturating_mul(2) {
             return err(
                 "limits",
                 "message_memory",
                 format!(
-                    "must be at least message_size_limit ({}), or no message of the largest size could be taken",
+                    "must be at least twice message_size_limit ({}): a buffer grows by doubling, and a message of the largest size must fit",
                     lim.message_size_limit
                 ),
             );
@@ -808,12 +808,12 @@ mod tests {
     #[test]
     fn message_memory_must_hold_a_largest_message() {
         let e = parse(&format!(
-            "{MINIMAL}[limits]\nmessage_size_limit = 2000000\nmessage_memory = 1000000\n"
+            "{MINIMAL}[limits]\nmessage_size_limit = 2000000\nmessage_memory = 3000000\n"
         ))
         .unwrap_err();
         assert_eq!(e.key, "limits.message_memory", "{e}");
         assert_eq!(e.line, Some(6), "{e}");
-        assert!(parse(&format!("{MINIMAL}[limits]\nmessage_memory = 20000000\n")).is_ok());
+        assert!(parse(&format!("{MINIMAL}[limits]\nmessage_memory = 20480000\n")).is_ok());
     }
 
     #[test]

@@ -48,6 +48,8 @@ struct Harness {
 pub fn session(data: &[u8]) {
     let harness = harness();
     let _one_at_a_time = harness.lock.lock().unwrap_or_else(|e| e.into_inner());
+    // Also done after each input; here too in case the previous one panicked early.
+    clear(&harness.maildir);
     let run = converse(harness.addr, data);
     let outcome = std::panic::catch_unwind(|| check(&run, data, &harness.maildir));
     clear(&harness.maildir);
@@ -125,9 +127,10 @@ fn check(run: &Conversation, data: &[u8], maildir: &Path) {
         replies.len()
     );
     if let Some(tls) = after_starttls {
-        // 0x15: a TLS alert record, which is all a plain-text ClientHello should earn.
+        // A TLS record (content type 20..=23, version 3.x): an alert for plain text, or
+        // a ServerHello if the input happened to carry a ClientHello.
         assert!(
-            tls.is_empty() || tls[0] == 0x15,
+            tls.is_empty() || (matches!(tls[0], 0x14..=0x17) && tls.get(1).is_none_or(|&v| v == 3)),
             "plain text after the STARTTLS go-ahead: {:?}",
             String::from_utf8_lossy(tls)
         );
@@ -233,7 +236,8 @@ fn start() -> Harness {
     } else {
         std::env::temp_dir()
     };
-    let maildir = base.join(format!("mailwarden-fuzz-session-{}", std::process::id()));
+    remove_stale_maildirs(&base);
+    let maildir = base.join(format!("{MAILDIR_PREFIX}{}", std::process::id()));
     let config = Config::parse_for(
         &config_text(&maildir),
         Path::new("fuzz-session.toml"),
@@ -263,6 +267,23 @@ fn start() -> Harness {
         addr,
         maildir,
         lock: Mutex::new(()),
+    }
+}
+
+/// Maildirs are named after the process that made them (fuzz workers and test threads
+/// run at once); those of processes that are gone are removed.
+const MAILDIR_PREFIX: &str = "mailwarden-fuzz-session-";
+
+fn remove_stale_maildirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(MAILDIR_PREFIX);
+        if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

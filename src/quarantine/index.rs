@@ -58,12 +58,14 @@ fn like(s: &str) -> String {
 impl Index {
     pub fn open(path: &std::path::Path) -> rusqlite::Result<Index> {
         let conn = Connection::open(path)?;
+        // First: even the pragmas below may meet a lock held by the proxy's writes
+        // (a CLI run during a busy moment would otherwise fail with "database is locked").
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // WAL: readers (the CLI, the admin API) never block the writers (sessions).
         // synchronous=NORMAL: a crash may lose the last index rows, never the entries,
         // which are fsync'd before this is written and re-indexed at the next open.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA)?;
         // Keep the planner's statistics current, so filtered lists use the time index
         // instead of sorting every held row (cheap: it only analyzes what changed).

@@ -202,21 +202,40 @@ impl Quarantine {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e.into());
         }
-        // The entry is durable now. A failed index write is retried by the next store
-        // (a full re-index: it also picks up this entry) and at the next start.
-        let indexed = if self.reindex_pending.load(Ordering::Relaxed) {
-            Self::reindex(&self.root, &mut self.index()).map(drop)
+        // The entry is durable now. A failed index write is retried (a full re-index,
+        // which also picks up this entry) by the next store, list or delete of this
+        // process, and at the next start.
+        let mut index = self.index();
+        let indexed = if self.catch_up(&mut index) {
+            index.insert(meta).map_err(StoreError::from)
         } else {
-            self.index().insert(meta).map_err(StoreError::from)
+            Err(StoreError::Io(std::io::Error::other("re-index failed")))
         };
-        match indexed {
-            Ok(()) => self.reindex_pending.store(false, Ordering::Relaxed),
-            Err(e) => {
-                self.reindex_pending.store(true, Ordering::Relaxed);
-                tracing::error!(id = %id, error = %e, "quarantine index write failed (entry is stored; re-indexed at the next write or start)");
-            }
+        if let Err(e) = indexed {
+            // Set under the index lock, like every read and write of the flag: another
+            // store cannot clear it without having re-indexed.
+            self.reindex_pending.store(true, Ordering::Relaxed);
+            tracing::error!(id = %id, error = %e, "quarantine index write failed (entry is stored; re-indexed at the next write or start)");
         }
         Ok(id)
+    }
+
+    /// Re-indexes if an earlier index write failed; true when the index is complete.
+    /// Called with the index lock held (`index`), which guards `reindex_pending` too.
+    fn catch_up(&self, index: &mut Index) -> bool {
+        if !self.reindex_pending.load(Ordering::Relaxed) {
+            return true;
+        }
+        match Self::reindex(&self.root, index) {
+            Ok(_) => {
+                self.reindex_pending.store(false, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "quarantine re-index failed; retried at the next write");
+                false
+            }
+        }
     }
 
     /// Parses user input into an id that exists.
@@ -250,7 +269,8 @@ impl Quarantine {
     /// entry is always written before its row, so this is never a write in progress) is
     /// dropped from the index rather than shown.
     pub fn list(&self, filter: &Filter) -> Result<Vec<Row>, StoreError> {
-        let index = self.index();
+        let mut index = self.index();
+        self.catch_up(&mut index);
         let mut rows = index.list(filter)?;
         let exists = |id: &str| {
             QuarantineId::parse(id).is_some_and(|id| {
@@ -263,7 +283,8 @@ impl Quarantine {
             .map(|r| r.id.clone())
             .collect();
         for id in &ghosts {
-            index.remove(id)?;
+            // Best effort (no room on a full disk): they are filtered out either way.
+            let _ = index.remove(id);
         }
         rows.retain(|r| !ghosts.contains(&r.id));
         Ok(rows)
@@ -322,13 +343,20 @@ impl Quarantine {
         let dir = self.entry_dir(id);
         let real_dir = fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir());
         // Bound first: the index lock must be released before the fallback takes it again.
-        let removed = self.index().remove(id.as_str());
+        let removed = {
+            let mut index = self.index();
+            self.catch_up(&mut index);
+            index.remove(id.as_str())
+        };
         match removed {
             Err(e) if real_dir && is_disk_full(&e) => {
                 self.remove_entry_files(id)?;
-                // A row left behind here (still no room) is dropped by the next re-index
-                // or a second delete.
-                return self.index().remove(id.as_str()).map_err(StoreError::from);
+                // The entry is gone, which is what was asked. A row still left (no room
+                // yet) is skipped by `list` and dropped by the next re-index.
+                if let Err(e) = self.index().remove(id.as_str()) {
+                    tracing::warn!(id = %id, error = %e, "quarantine: entry deleted, its index row stays until the next re-index");
+                }
+                return Ok(());
             }
             result => result?,
         }
@@ -386,12 +414,12 @@ impl Quarantine {
     }
 }
 
-/// User input shown back in an error: printable ASCII only, bounded.
 /// SQLite's "database or disk is full" (SQLITE_FULL).
 fn is_disk_full(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
 
+/// User input shown back in an error: printable ASCII only, bounded.
 fn printable(s: &str) -> String {
     s.chars()
         .take(64)
@@ -467,6 +495,27 @@ mod tests {
             q.lookup("../../etc/passwd"),
             Err(StoreError::BadId(_))
         ));
+    }
+
+    #[test]
+    fn a_failed_index_write_is_caught_up_by_the_next_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Quarantine::open_as_writer(dir.path()).unwrap();
+        let all = Filter {
+            limit: 10,
+            ..Default::default()
+        };
+        let first = q.store(&mut meta(), &[b"x"]).unwrap();
+        // As after an index write that failed (disk full): row missing, flag set.
+        q.index().remove(first.as_str()).unwrap();
+        q.reindex_pending.store(true, Ordering::Relaxed);
+        let second = q.store(&mut meta(), &[b"y"]).unwrap();
+        let mut ids: Vec<String> = q.list(&all).unwrap().into_iter().map(|r| r.id).collect();
+        ids.sort();
+        let mut want = vec![first.to_string(), second.to_string()];
+        want.sort();
+        assert_eq!(ids, want);
+        assert!(!q.reindex_pending.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
             "Message size exceeds fixed limit",
         ));
     }
+    if let Some(reply) = quoted_domain(body) {
+        return Err(reply);
+    }
     // smtp-proto wants a CRLF-terminated line; give it one whatever the client used.
     let mut canonical = Vec::with_capacity(body.len() + 2);
     canonical.extend_from_slice(body);
@@ -98,10 +101,48 @@ fn check_addresses(req: Command) -> Result<Command, Reply> {
     }
 }
 
+/// A MAIL or RCPT path with a `"` after its last unquoted `@`, i.e. quoted text in the
+/// domain: smtp-proto drops the quotes, so `<x@"evil@example.org">` would become the
+/// address `x@evil@example.org`, with a domain (`example.org`) the client never wrote.
+/// Checked on the raw line, where the quotes still are.
+fn quoted_domain(body: &[u8]) -> Option<Reply> {
+    let head = body.get(..10).unwrap_or(body).to_ascii_uppercase();
+    let reply = if head.starts_with(b"MAIL FROM:") {
+        Reply::new(501, Enhanced(5, 1, 7), "Bad sender address syntax")
+    } else if head.starts_with(b"RCPT TO:") {
+        Reply::new(501, Enhanced(5, 1, 3), "Bad recipient address syntax")
+    } else {
+        return None;
+    };
+    let start = body.iter().position(|&b| b == b'<')?;
+    let (mut quoted, mut escaped) = (false, false);
+    // Past an unquoted `@`; a quote seen since the last one.
+    let (mut after_at, mut quote_in_domain) = (false, false);
+    for &b in &body[start + 1..] {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => {
+                quoted = !quoted;
+                quote_in_domain |= after_at;
+            }
+            b'@' if !quoted => {
+                after_at = true;
+                quote_in_domain = false;
+            }
+            b'>' if !quoted => break,
+            _ => {}
+        }
+    }
+    quote_in_domain.then_some(reply)
+}
+
 /// RFC 5321 §4.1.2 `Domain`, leniently: labels of letters, digits, `-` and `_` (seen in
 /// the wild), or non-ASCII (U-labels, checked against SMTPUTF8 separately). Address
 /// literals never get here: smtp-proto refuses them.
 fn is_domain(domain: &str) -> bool {
+    // A trailing dot (the root) is tolerated, as Postfix does.
+    let domain = domain.strip_suffix('.').unwrap_or(domain);
     domain.len() <= 255
         && domain.split('.').all(|label| {
             !label.is_empty()

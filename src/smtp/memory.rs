@@ -6,6 +6,11 @@
 //! 64 KiB steps, as content arrives; when the budget has no room the rest of the
 //! content is read and dropped and the client gets `452 4.3.1` (try again later),
 //! as it would on a full disk.
+//!
+//! What is counted is the receive buffer's capacity, which grows by doubling: a message
+//! of the size limit may reserve up to twice its size, hence `message_memory` ≥ 2 ×
+//! `message_size_limit`. The copy made for the next hop while relaying is not counted,
+//! so at the peak, content in memory can reach about twice the budget.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,6 +71,7 @@ impl Reservation {
             });
         if grown.is_ok() {
             self.held = want;
+            gauge().inc_by(extra as i64);
         }
         grown.is_ok()
     }
@@ -73,6 +79,7 @@ impl Reservation {
     /// Gives everything back (the content was dropped).
     pub fn release(&mut self) {
         self.pool.used.fetch_sub(self.held, Ordering::AcqRel);
+        gauge().dec_by(self.held as i64);
         self.held = 0;
     }
 }
@@ -81,6 +88,11 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         self.release();
     }
+}
+
+/// `mailwarden_message_memory_bytes` (all pools of the process: there is one).
+fn gauge() -> &'static prometheus_client::metrics::gauge::Gauge {
+    &crate::metrics::global().message_memory
 }
 
 #[cfg(test)]

@@ -51,6 +51,8 @@ pub struct AdminOptions {
     /// A submission listener (outbound burst detection on, loopback trusted: the envelope
     /// sender is the account) instead of an inbound one.
     pub submission: bool,
+    /// Extra `key = value` lines for `[limits]`.
+    pub limits: Vec<String>,
 }
 
 impl Default for AdminOptions {
@@ -60,6 +62,7 @@ impl Default for AdminOptions {
             tls: false,
             admin_extra: vec![],
             submission: false,
+            limits: vec![],
         }
     }
 }
@@ -99,6 +102,7 @@ pub async fn start(o: AdminOptions) -> AdminEnv {
     opts.local_domains = vec!["example.org".into()];
     opts.dns_nameserver = Some(dns.nameserver());
     opts.auth_extra = vec![format!("policy_file = {:?}", policy.to_str().unwrap())];
+    opts.limits = o.limits;
     let mut section = vec![
         "[admin]".to_string(),
         "enabled = true".to_string(),

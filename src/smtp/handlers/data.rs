@@ -44,7 +44,8 @@ impl Session {
         let limits = &self.config().limits;
         let (limit, timeout) = (limits.message_size_limit, limits.data_timeout);
         // SIZE is the client's word: it sizes the first allocation, up to 1 MiB only.
-        let mut message = Vec::with_capacity(tx.from.size.clamp(4096, limit.min(1 << 20)));
+        let first_allocation = tx.from.size.clamp(4096, limit.clamp(4096, 1 << 20));
+        let mut message = Vec::with_capacity(first_allocation);
         // Held until the message is relayed or quarantined (the end of this function).
         let mut memory = Reservation::new(&self.shared.memory);
         let read = self
@@ -97,19 +98,19 @@ impl Session {
         stats: &DataStats,
     ) -> Outcome {
         let limits = &self.shared.config.limits;
-        let refusal = if stats.over_budget {
+        let refusal = if stats.too_big {
+            Some(Reply::new(
+                552,
+                Enhanced(5, 3, 4),
+                "Message size exceeds fixed limit",
+            ))
+        } else if stats.over_budget {
             tracing::warn!(session = %self.id, size = stats.size, in_use = self.shared.memory.in_use(),
                 "message memory budget ([limits] message_memory) full: message deferred");
             Some(Reply::new(
                 452,
                 Enhanced(4, 3, 1),
                 "Insufficient system resources, try again later",
-            ))
-        } else if stats.too_big {
-            Some(Reply::new(
-                552,
-                Enhanced(5, 3, 4),
-                "Message size exceeds fixed limit",
             ))
         } else if stats.bare_lf > 0 && limits.bare_lf == BareLf::Reject {
             Some(Reply::new(
