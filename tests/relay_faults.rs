@@ -471,3 +471,34 @@ async fn next_hop_refuses_xclient_never_relays() {
     })
     .await
 }
+
+/// The next hop closes a connection the proxy keeps between transactions (Postfix's idle
+/// timeout: an unsolicited `421 4.4.2 … timeout exceeded`, then close). The session's next
+/// transaction is not failed for it: MAIL has changed nothing yet, so the proxy opens a
+/// fresh connection and every message goes through, one next-hop connection each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connection_closed_by_the_next_hop_is_reopened() {
+    bounded(async {
+        let script = Script {
+            eod: Act::raw(
+                b"250 2.0.0 Ok: queued\r\n421 4.4.2 fake.test Error: timeout exceeded\r\n",
+            ),
+            ..Script::default()
+        };
+        let (mta, proxy) = setup_with(script, |o| o).await;
+        let mut c = proxy.connect_ehlo("client.example").await;
+        for n in 0..3 {
+            let body = simple_message("s@x.example", "r@y.example", &format!("idle {n}"), "x");
+            let r = c.send_mail("s@x.example", &["r@y.example"], &body).await;
+            assert_reply(&r, "250", &format!("transaction {n}"));
+        }
+        assert_eq!(mta.messages().len(), 3);
+        assert_eq!(
+            mta.conns().len(),
+            3,
+            "a fresh next-hop connection per transaction"
+        );
+        assert_next_hop_canonical(&mta);
+    })
+    .await
+}

@@ -159,6 +159,14 @@ pub struct Envelope<'a> {
     pub rcpts: &'a [RcptTo<String>],
 }
 
+/// The next hop closed the connection, or said it is closing it (421).
+fn went_away(result: &Result<Reply, RelayError>) -> bool {
+    match result {
+        Ok(reply) => reply.closes_session(),
+        Err(e) => matches!(e, RelayError::Closed | RelayError::Io(_)),
+    }
+}
+
 impl Relay {
     pub fn new(hop: Arc<NextHop>) -> Relay {
         Relay {
@@ -186,8 +194,18 @@ impl Relay {
             self.in_transaction = true;
             return Ok(Reply::new(250, Enhanced(2, 1, 0), "Ok"));
         }
+        let reused = self.conn.is_some();
         self.connect(client).await?;
-        let result = self.connection()?.mail(from, size).await;
+        let mut result = self.connection()?.mail(from, size).await;
+        if reused && went_away(&result) {
+            // A connection kept from an earlier transaction was closed by the next hop
+            // meanwhile (its idle timeout, a restart). MAIL has changed nothing yet, so
+            // one try on a fresh connection is safe, and the client never sees the 451.
+            tracing::debug!(error = ?result.as_ref().err(), "next-hop connection went away while idle; reconnecting");
+            self.conn = None;
+            self.connect(client).await?;
+            result = self.connection()?.mail(from, size).await;
+        }
         let reply = self.settle(result)?;
         self.in_transaction = reply.is_positive();
         Ok(reply)
