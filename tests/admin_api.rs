@@ -13,7 +13,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use admin_common::{AdminOptions, TOKEN, message, request, request_raw_target, start};
+use admin_common::{
+    AdminOptions, TOKEN, message, request, request_raw_target, run_must_fail, start,
+};
 use common::{bin, bounded, count, free_addr};
 use mailwarden::admin::http::{OPENAPI, PUBLIC, ROUTES};
 
@@ -940,38 +942,6 @@ fn config_with_admin(dir: &std::path::Path, admin_lines: &[String]) -> std::path
     let path = dir.join("mailwarden.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-/// Runs `mailwarden run` and expects it to exit non-zero quickly; returns its stderr.
-fn run_must_fail(dir: &std::path::Path, config: &std::path::Path) -> String {
-    let err_path = dir.join("stderr.log");
-    let mut child = Command::new(bin())
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "mailwarden kept running: {}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success());
-    std::fs::read_to_string(&err_path).unwrap()
 }
 
 #[test]

@@ -13,7 +13,7 @@ mod common;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use common::dns::{DnsServer, Zone};
@@ -363,45 +363,22 @@ struct Run {
     stderr: String,
 }
 
-/// Runs `mailwarden ARGS` in `dir` (output to files there, so no pipe can fill up),
-/// polling without blocking the runtime; kills it and panics after [`BIN_DEADLINE`].
+/// Runs `mailwarden ARGS` in `dir` (output to files there); kills it and panics after
+/// [`BIN_DEADLINE`].
 async fn run_bin(dir: &Path, args: &[OsString]) -> Run {
-    let tag = format!(
-        "run-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
-    let out_path = dir.join(format!("{tag}.stdout"));
-    let err_path = dir.join(format!("{tag}.stderr"));
-    let mut child = Command::new(bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .spawn()
-        .expect("spawn mailwarden");
-    let deadline = Instant::now() + BIN_DEADLINE;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "mailwarden {args:?} did not exit within {BIN_DEADLINE:?}; stderr:\n{}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut command = Command::new(bin());
+    command.args(args).current_dir(dir);
+    let done = common::run_bounded(command, dir, BIN_DEADLINE).await;
+    let status = done.status.unwrap_or_else(|| {
+        panic!(
+            "mailwarden {args:?} did not exit within {BIN_DEADLINE:?}; stderr:\n{}",
+            done.stderr
+        )
+    });
     Run {
         status,
-        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+        stdout: done.stdout_text(),
+        stderr: done.stderr,
     }
 }
 

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::dns::{DnsServer, Zone};
 use serde_json::{Value, json};
@@ -426,8 +426,9 @@ impl CheckOut {
 }
 
 fn run_check(config: &Path, message: &Path) -> CheckOut {
-    let start = Instant::now();
-    let mut child = Command::new(common::bin())
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let mut command = Command::new(common::bin());
+    command
         .arg("check")
         .arg("--config")
         .arg(config)
@@ -439,38 +440,9 @@ fn run_check(config: &Path, message: &Path) -> CheckOut {
             "bob@example.org",
         ])
         .arg("--json")
-        .arg(message)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mailwarden check");
-    // Read both pipes on threads so a chatty child can never block.
-    let mut so = child.stdout.take().expect("stdout");
-    let mut se = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut so, &mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut se, &mut s);
-        s
-    });
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break Some(st);
-        }
-        if start.elapsed() > CASE_DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let stdout = t_out.join().unwrap_or_default();
-    let stderr = t_err.join().unwrap_or_default();
+        .arg(message);
+    let done = common::run_bounded_blocking(command, out_dir.path(), CASE_DEADLINE);
+    let (status, stdout, stderr) = (done.status, done.stdout_text(), done.stderr);
     let json = match status {
         Some(st) if st.success() => serde_json::from_str(stdout.trim()).ok(),
         _ => None,

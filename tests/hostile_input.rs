@@ -433,43 +433,14 @@ fn results_of(ar: &str, method: &str) -> Vec<String> {
 
 /// Runs `mailwarden ARGS` in `dir`, output to files, bounded in time; (success, stdout, stderr).
 async fn run_bin(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let tag = format!("run-{}", rand_tag());
-    let (out, err) = (
-        dir.join(format!("{tag}.out")),
-        dir.join(format!("{tag}.err")),
+    let mut command = std::process::Command::new(bin());
+    command.args(args).current_dir(dir);
+    let done = common::run_bounded(command, dir, Duration::from_secs(60)).await;
+    assert!(
+        done.status.is_some(),
+        "mailwarden {args:?} did not finish within 60 s"
     );
-    let mut child = std::process::Command::new(bin())
-        .args(args)
-        .current_dir(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(&out).expect("stdout file"))
-        .stderr(std::fs::File::create(&err).expect("stderr file"))
-        .spawn()
-        .expect("spawn mailwarden");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("mailwarden {args:?} did not finish within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    (
-        status.success(),
-        std::fs::read_to_string(&out).unwrap_or_default(),
-        std::fs::read_to_string(&err).unwrap_or_default(),
-    )
-}
-
-fn rand_tag() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
+    (done.success(), done.stdout_text(), done.stderr)
 }
 
 // ===========================================================================

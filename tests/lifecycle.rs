@@ -292,26 +292,13 @@ fn run_with_invalid_config_fails() {
         dir.path(),
         "[[listener]]\naddress = \"127.0.0.1:2525\"\n[limits]\nmax_command_line = \"lots\"\n",
     );
-    let mut child = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&bad)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            assert!(!st.success(), "run accepted an invalid config");
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("run with an invalid config did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut command = Command::new(bin());
+    command.args(["run", "--config"]).arg(&bad);
+    let done = common::run_bounded_blocking(command, dir.path(), Duration::from_secs(60));
+    let status = done
+        .status
+        .unwrap_or_else(|| panic!("run with an invalid config did not exit"));
+    assert!(!status.success(), "run accepted an invalid config");
 }
 
 #[test]

@@ -228,36 +228,24 @@ impl Drop for Reaped {
 /// relative `var/outbound/...` paths resolve), as operator `test-admin`.
 async fn accounts(proxy: &Proxy, args: &[&str]) -> Run {
     let out_dir = tempfile::tempdir().expect("tempdir");
-    let (out_path, err_path) = (out_dir.path().join("out"), out_dir.path().join("err"));
-    let child = Command::new(bin())
+    let mut command = Command::new(bin());
+    command
         .arg("accounts")
         .arg("-c")
         .arg(&proxy.config_path)
         .args(args)
         .current_dir(proxy.dir.path())
         .env_remove("SUDO_USER")
-        .env("USER", "test-admin")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .spawn()
-        .expect("spawn mailwarden accounts");
-    let mut child = Reaped(child);
-    let deadline = Instant::now() + CLI_DEADLINE;
-    let status = loop {
-        if let Some(st) = child.0.try_wait().expect("try_wait") {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "`mailwarden accounts {args:?}` did not finish within {CLI_DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        .env("USER", "test-admin");
+    let done = common::run_bounded(command, out_dir.path(), CLI_DEADLINE).await;
+    assert!(
+        done.status.is_some(),
+        "`mailwarden accounts {args:?}` did not finish within {CLI_DEADLINE:?}"
+    );
     Run {
-        ok: status.success(),
-        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+        ok: done.success(),
+        stdout: done.stdout_text(),
+        stderr: done.stderr,
     }
 }
 

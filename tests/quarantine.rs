@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -190,19 +190,14 @@ impl Run {
     }
 }
 
-static RUNS: AtomicUsize = AtomicUsize::new(0);
-
-/// Runs `mailwarden ARGS` in `dir`, output to files (no pipe can fill up), polling
-/// without blocking the runtime (the fake MTA lives on it); killed after the deadline.
+/// Runs `mailwarden ARGS` in `dir`, output to files (no pipe can fill up), without
+/// blocking the runtime (the fake MTA lives on it); killed after the deadline.
 async fn run_bin(dir: &Path, args: Vec<OsString>) -> Run {
     run_bin_under(&[], dir, args).await
 }
 
 /// [`run_bin`] under `wrapper`, a program that execs its arguments (e.g. `nsenter`).
 async fn run_bin_under(wrapper: &[&str], dir: &Path, args: Vec<OsString>) -> Run {
-    let n = RUNS.fetch_add(1, Ordering::SeqCst);
-    let out_path = dir.join(format!("cli-{n}.stdout"));
-    let err_path = dir.join(format!("cli-{n}.stderr"));
     let mut command = match wrapper.split_first() {
         None => Command::new(bin()),
         Some((program, rest)) => {
@@ -211,33 +206,18 @@ async fn run_bin_under(wrapper: &[&str], dir: &Path, args: Vec<OsString>) -> Run
             c
         }
     };
-    let mut child = command
-        .args(&args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .spawn()
-        .expect("spawn mailwarden");
-    let deadline = Instant::now() + CLI_DEADLINE;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "mailwarden {args:?} did not exit within {CLI_DEADLINE:?}; stderr:\n{}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    command.args(&args).current_dir(dir);
+    let done = common::run_bounded(command, dir, CLI_DEADLINE).await;
+    let status = done.status.unwrap_or_else(|| {
+        panic!(
+            "mailwarden {args:?} did not exit within {CLI_DEADLINE:?}; stderr:\n{}",
+            done.stderr
+        )
+    });
     Run {
         status,
-        stdout: std::fs::read(&out_path).unwrap_or_default(),
-        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+        stdout: done.stdout,
+        stderr: done.stderr,
         args,
     }
 }

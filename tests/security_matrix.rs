@@ -28,8 +28,8 @@ mod common;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine;
 use common::dns::{DnsServer, Zone};
@@ -658,37 +658,6 @@ async fn state_written_under_umask_000_is_private() {
     .await
 }
 
-/// Runs `mailwarden run` on a config with `[admin]` and expects it to exit non-zero.
-fn run_must_fail(dir: &Path, config: &Path) -> String {
-    let err_path = dir.join("refused.log");
-    let mut child = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(config)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&err_path).expect("stderr"))
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "mailwarden started with a bad token file: {}",
-                std::fs::read_to_string(&err_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success());
-    std::fs::read_to_string(&err_path).unwrap_or_default()
-}
-
 #[test]
 fn admin_token_file_open_to_group_or_others_stops_the_start() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -709,7 +678,7 @@ fn admin_token_file_open_to_group_or_others_stops_the_start() {
     .expect("config");
     for m in [0o640, 0o604, 0o620, 0o602, 0o660, 0o666, 0o700 | 0o040] {
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(m)).expect("chmod");
-        let err = run_must_fail(dir.path(), &config);
+        let err = admin_common::run_must_fail(dir.path(), &config);
         assert!(
             err.contains("token_file") && err.contains(&format!("{:04o}", m)),
             "mode {m:04o}: {err}"

@@ -21,10 +21,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -206,10 +205,9 @@ SPF only.\r\n";
 fn run_check(config: &Path, message: &Path, case: &Case) -> Outcome {
     let start = Instant::now();
     let dir = tempfile::tempdir().expect("tempdir");
-    let out_path = dir.path().join("stdout");
-    let err_path = dir.path().join("stderr");
     let program = std::env::var("SPF_CHECK_BIN").unwrap_or_else(|_| common::bin().to_string());
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .arg("check")
         .arg("--config")
         .arg(config)
@@ -220,32 +218,9 @@ fn run_check(config: &Path, message: &Path, case: &Case) -> Outcome {
         .arg("--mail-from")
         .arg(&case.mailfrom)
         .arg("--json")
-        .arg(message)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .spawn()
-        .expect("spawn mailwarden check");
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for check") {
-            break Some(st);
-        }
-        if start.elapsed() > CASE_DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let read = |p: &Path| {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(p) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    };
-    let stdout = read(&out_path);
-    let stderr = read(&err_path);
+        .arg(message);
+    let done = common::run_bounded_blocking(command, dir.path(), CASE_DEADLINE);
+    let (status, stdout, stderr) = (done.status, done.stdout_text(), done.stderr);
     let elapsed = start.elapsed();
     let stderr_tail: Vec<&str> = stderr.lines().rev().take(8).collect();
     let stderr_tail: Vec<&str> = stderr_tail.into_iter().rev().collect();

@@ -425,3 +425,19 @@ pub fn metric(exposition: &str, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// Runs `mailwarden run --config CONFIG` in `dir`, which must exit non-zero within 30 s
+/// (a refused start); returns its stderr.
+pub fn run_must_fail(dir: &Path, config: &Path) -> String {
+    let mut command = std::process::Command::new(crate::common::bin());
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .current_dir(dir);
+    let done = crate::common::run_bounded_blocking(command, dir, Duration::from_secs(30));
+    let status = done
+        .status
+        .unwrap_or_else(|| panic!("mailwarden kept running:\n{}", done.stderr));
+    assert!(!status.success(), "mailwarden started:\n{}", done.stderr);
+    done.stderr
+}

@@ -779,3 +779,67 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
     };
     (field("VmHWM:"), field("VmRSS:"))
 }
+
+// ---------------------------------------------------------------------------
+// One-shot commands (the CLI, `check`, a `run` that must fail), bounded in time
+// ---------------------------------------------------------------------------
+
+/// How a bounded command ended.
+pub struct Finished {
+    /// `None`: still running at the deadline, so it was killed.
+    pub status: Option<ExitStatus>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// Runs `command` with stdin closed and stdout/stderr going to fresh files in `dir` (no
+/// pipe can fill up and block it), polling until it exits; kills it at `deadline`.
+pub fn run_bounded_blocking(mut command: Command, dir: &Path, deadline: Duration) -> Finished {
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag = format!("cmd-{}-{n}", std::process::id());
+    let out_path = dir.join(format!("{tag}.stdout"));
+    let err_path = dir.join(format!("{tag}.stderr"));
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break Some(st);
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Finished {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+    }
+}
+
+/// [`run_bounded_blocking`] on a blocking thread, so the test's runtime (a fake MTA, a
+/// DNS server) keeps running meanwhile.
+pub async fn run_bounded(command: Command, dir: &Path, deadline: Duration) -> Finished {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || run_bounded_blocking(command, &dir, deadline))
+        .await
+        .expect("command thread")
+}
