@@ -1081,6 +1081,22 @@ struct Env {
     proxy: Proxy,
 }
 
+/// [`env`] with `[auth] policy_file` at a new file holding `policy`; also returns that
+/// file (and the directory keeping it), for tests that rewrite it.
+async fn env_with_policy(policy: &str) -> (Env, tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, policy).expect("write policy");
+    let p = path.clone();
+    let e = env(Script::default(), move |mut o| {
+        o.auth_extra
+            .push(format!("policy_file = {:?}", p.to_str().unwrap()));
+        o
+    })
+    .await;
+    (e, dir, path)
+}
+
 async fn env(script: Script, f: impl FnOnce(ProxyOptions) -> ProxyOptions) -> Env {
     let dns = DnsServer::start(Zone::new().a("mx.example.org", "192.0.2.25"));
     let mta = FakeMta::start(script).await;
@@ -1478,16 +1494,7 @@ reason = "partner mail"
 fn fault_sighup_with_broken_policy_during_load() {
     const WORKERS: usize = 40;
     run_test(false, Duration::from_secs(90), async {
-        let pdir = tempfile::tempdir().expect("tempdir");
-        let policy = pdir.path().join("policy.toml");
-        std::fs::write(&policy, POLICY_V1).unwrap();
-        let p = policy.clone();
-        let e = env(Script::default(), move |mut o| {
-            o.auth_extra
-                .push(format!("policy_file = {:?}", p.to_str().unwrap()));
-            o
-        })
-        .await;
+        let (e, _pdir, policy) = env_with_policy(POLICY_V1).await;
         let run = nonce();
         let make: MsgFn = Arc::new(move |w, n| {
             let (kind, domain) = if n % 2 == 0 {
@@ -1723,16 +1730,7 @@ fn fault_quarantine_unwritable_during_load() {
     const WORKERS: usize = 40;
     const PER: usize = 5;
     run_test(false, Duration::from_secs(90), async {
-        let pdir = tempfile::tempdir().expect("tempdir");
-        let policy = pdir.path().join("policy.toml");
-        std::fs::write(&policy, POLICY_HOLD_ALL).unwrap();
-        let p = policy.clone();
-        let e = env(Script::default(), move |mut o| {
-            o.auth_extra
-                .push(format!("policy_file = {:?}", p.to_str().unwrap()));
-            o
-        })
-        .await;
+        let (e, _pdir, _policy) = env_with_policy(POLICY_HOLD_ALL).await;
         let store = e.proxy.dir.path().join("var/quarantine");
         let tmp = store.join("tmp");
         std::fs::remove_dir_all(&tmp).expect("remove quarantine tmp/");
