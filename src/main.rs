@@ -99,7 +99,13 @@ fn main() -> ExitCode {
             let checked = Config::load(&config)
                 .map_err(|e| e.to_string())
                 .and_then(|c| match c.policy_file() {
-                    Some(p) => Policy::load(p).map(|_| ()).map_err(|e| e.to_string()),
+                    Some(p) => Policy::load(p)
+                        .map(|policy| {
+                            for w in &policy.warnings {
+                                eprintln!("warning: {w}");
+                            }
+                        })
+                        .map_err(|e| e.to_string()),
                     None => Ok(()),
                 });
             match checked {

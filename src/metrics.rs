@@ -34,6 +34,11 @@ pub struct Metrics {
     pub flags: Family<Labels, Counter>,
     /// Shadow rules that matched, by rule.
     pub shadow_hits: Family<Labels, Counter>,
+    /// Messages whose header failed the sanity stage, by problem (`several-from-fields`, …).
+    pub header_problems: Family<Labels, Counter>,
+    /// Recipients answered 452 because another recipient's policy already applies to
+    /// the transaction (per-recipient policy).
+    pub recipient_policy_splits: Counter,
     /// Time spent verifying one message (all checks).
     pub verify_seconds: Histogram,
     /// DNS-dependent checks that ended in temperror, by check.
@@ -67,6 +72,8 @@ impl Metrics {
             auth_results: Family::default(),
             flags: Family::default(),
             shadow_hits: Family::default(),
+            header_problems: Family::default(),
+            recipient_policy_splits: Counter::default(),
             verify_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             dns_temperrors: Family::default(),
             next_hop_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
@@ -107,6 +114,16 @@ impl Metrics {
             "shadow_rule_hits",
             "Shadow rules that matched",
             m.shadow_hits.clone(),
+        );
+        registry.register(
+            "header_problems",
+            "Messages refused or marked by header sanity",
+            m.header_problems.clone(),
+        );
+        registry.register(
+            "recipient_policy_splits",
+            "Recipients deferred to another transaction because their policy differs",
+            m.recipient_policy_splits.clone(),
         );
         registry.register(
             "verify_seconds",

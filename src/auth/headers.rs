@@ -122,32 +122,67 @@ pub fn forged_ranges(
     authserv_id: &str,
     verdict_header: &str,
 ) -> Vec<Range<usize>> {
+    let ours = normalize_authserv_id(authserv_id);
     fields
         .iter()
         .filter(|f| {
             (f.name.eq_ignore_ascii_case("Authentication-Results")
-                && authserv_id_of(&f.value).eq_ignore_ascii_case(authserv_id))
+                && authserv_id_of(&f.value).is_some_and(|id| normalize_authserv_id(&id) == ours))
                 || f.name.eq_ignore_ascii_case(verdict_header)
         })
         .map(|f| f.range.clone())
         .collect()
 }
 
-/// The authserv-id of an `Authentication-Results` value: the first token, with any
-/// RFC 5322 comments removed (`(comment) mx.example.org (x); ...`).
-fn authserv_id_of(value: &str) -> String {
+/// The form two authserv-ids are compared in: a domain name compares without case and
+/// without a trailing dot, whichever way it was written.
+fn normalize_authserv_id(id: &str) -> String {
+    id.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The authserv-id of an `Authentication-Results` value, read as RFC 8601 §2.2 defines
+/// it: `[CFWS] authserv-id`, where authserv-id is an RFC 2045 `value` (a token or a
+/// quoted-string) and comments may nest. `"mx.example.org"`, `(c) MX.Example.ORG.` and
+/// `mx.example.org(c);` all name the same server. `None` for a value that does not start
+/// with one (nothing to compare).
+fn authserv_id_of(value: &str) -> Option<String> {
+    let mut chars = value.chars().peekable();
+    // Leading CFWS: white space and (nested) comments.
     let mut depth = 0usize;
-    let mut out = String::new();
-    for c in value.chars() {
+    while let Some(&c) = chars.peek() {
         match c {
             '(' => depth += 1,
-            ')' => depth = depth.saturating_sub(1),
-            ';' if depth == 0 => break,
-            c if depth == 0 => out.push(c),
-            _ => {}
+            ')' if depth > 0 => depth -= 1,
+            '\\' if depth > 0 => {
+                chars.next();
+            }
+            c if depth > 0 || c.is_whitespace() => {}
+            _ => break,
         }
+        chars.next();
     }
-    out.split_whitespace().next().unwrap_or("").to_string()
+    let mut id = String::new();
+    if chars.peek() == Some(&'"') {
+        chars.next();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => id.extend(chars.next()),
+                '"' => return Some(id),
+                c => id.push(c),
+            }
+        }
+        // Unterminated: a lenient reader downstream may still take the start as the
+        // id, so compare that (stripping too much is harmless, too little is not).
+        return id.split([';', ' ', '\t']).next().map(str::to_string);
+    }
+    // RFC 2045 token: up to white space, a comment, `;` or another tspecial.
+    for c in chars {
+        if c.is_whitespace() || c.is_control() || "()<>@,;:\\\"/[]?=".contains(c) {
+            break;
+        }
+        id.push(c);
+    }
+    (!id.is_empty()).then_some(id)
 }
 
 #[cfg(test)]
@@ -212,5 +247,39 @@ mod tests {
             b"Authentication-Results: (c) MX.example.org (x);\r\n dmarc=pass\r\n"
         );
         assert_eq!(first(&f, "subject").unwrap().value, "hi");
+    }
+
+    #[test]
+    fn authserv_id_is_read_as_rfc_8601_writes_it() {
+        for forged in [
+            "mx.example.org; dmarc=pass",
+            "\"mx.example.org\"; dmarc=pass",
+            "\"MX.example.org.\" 1; dmarc=pass",
+            "mx.example.org.; dmarc=pass",
+            "(a (nested) comment)mx.example.org(c);dmarc=pass",
+            "  \t mx.EXAMPLE.org 1 ; dmarc=pass",
+            "\"mx.ex\\ample.org\"; dmarc=pass",
+            "\"mx.example.org; dmarc=pass",
+        ] {
+            let msg = format!("Authentication-Results: {forged}\r\nSubject: x\r\n\r\n");
+            let f = fields(msg.as_bytes());
+            assert_eq!(
+                forged_ranges(&f, "mx.example.org", "X-V").len(),
+                1,
+                "{forged}"
+            );
+        }
+        for other in [
+            "mx.example.org.evil; dmarc=pass",
+            "other.example; dmarc=pass (mx.example.org)",
+            "",
+        ] {
+            let msg = format!("Authentication-Results: {other}\r\nSubject: x\r\n\r\n");
+            let f = fields(msg.as_bytes());
+            assert!(
+                forged_ranges(&f, "mx.example.org", "X-V").is_empty(),
+                "{other}"
+            );
+        }
     }
 }

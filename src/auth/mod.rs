@@ -179,6 +179,9 @@ pub struct VerifyInput<'a> {
     /// MAIL FROM address, "" for the null sender.
     pub mail_from: &'a str,
     pub message: &'a [u8],
+    /// The one From domain header sanity found (`src/policy/sanity.rs`): the domain DMARC
+    /// evaluates. `None` when the header has no single author domain.
+    pub author_domain: Option<&'a str>,
 }
 
 /// Runs the checks. Cheap to share: one per process.
@@ -245,11 +248,14 @@ impl Verifier {
         };
         // Bounded work per message: signatures past the cap are not looked at.
         message.dkim_headers.truncate(self.max_signatures);
-        let header_from = message
-            .from()
-            .rsplit_once('@')
-            .map(|(_, d)| d.to_ascii_lowercase())
-            .unwrap_or_default();
+        let header_from = match input.author_domain {
+            Some(d) => d.to_string(),
+            None => message
+                .from()
+                .rsplit_once('@')
+                .map(|(_, d)| d.to_ascii_lowercase())
+                .unwrap_or_default(),
+        };
 
         let dkim_outputs = within(
             deadline,

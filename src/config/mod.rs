@@ -327,6 +327,25 @@ pub struct AuthConfig {
     pub policy_file: Option<PathBuf>,
     /// Reject at MAIL FROM when SPF for the MAIL FROM domain fails.
     pub spf_early_reject: bool,
+    /// What happens to a message whose author is ambiguous: no From field, several, one
+    /// naming several domains, an unparseable one, or several Subject fields (header
+    /// sanity, `src/policy/sanity.rs`).
+    pub malformed_from: SanityAction,
+}
+
+/// The action for a message that fails header sanity. There is no `accept`: DMARC cannot
+/// protect a message whose author is ambiguous, so the mildest choice still marks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SanityAction {
+    /// Relay, with the verdict header saying why.
+    Tag,
+    /// Hold in quarantine.
+    Quarantine,
+    /// `550 5.7.1` with the reason.
+    Reject,
+    /// `451 4.7.1` (for a trial period: senders retry, nothing is lost).
+    Defer,
 }
 
 impl Default for AuthConfig {
@@ -342,6 +361,7 @@ impl Default for AuthConfig {
             subject_prefix: String::new(),
             policy_file: None,
             spf_early_reject: false,
+            malformed_from: DEFAULT_MALFORMED_FROM,
         }
     }
 }

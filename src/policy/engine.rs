@@ -9,17 +9,21 @@ use std::sync::{Arc, RwLock};
 use serde_json::json;
 
 use super::rules::{ActionKind, Evaluation, Facts, Policy};
+use super::sanity;
 use super::spoof::{self, SpoofConfig, SpoofInput};
 use super::{Action, Decision, Inspector, MessageContext};
 use crate::auth::headers::{self, Field};
 use crate::auth::{AuthReport, AuthResult, Verifier, VerifyInput};
-use crate::config::{Config, ConfigError, Role};
+use crate::config::{Config, ConfigError, Role, SanityAction};
 use crate::smtp::reply::{Enhanced, Reply};
 
 /// Everything decided about one message.
 pub struct Verdict {
-    /// `None` when verification was skipped (submission listeners by default).
+    /// `None` when verification was skipped (submission listeners by default, or a
+    /// header-sanity refusal).
     pub report: Option<AuthReport>,
+    /// What header sanity found wrong, if anything.
+    pub sanity: Option<sanity::Problem>,
     pub flags: Vec<(spoof::Flag, String)>,
     pub evaluation: Evaluation,
     /// The `Authentication-Results` value on one line.
@@ -37,6 +41,9 @@ impl Verdict {
     /// Why, in a few words each: flag reasons, then the deciding rule's reason.
     pub fn reasons(&self) -> Vec<String> {
         let mut out: Vec<String> = self.flags.iter().map(|(_, why)| why.clone()).collect();
+        if let Some(p) = &self.sanity {
+            out.insert(0, p.reply_text());
+        }
         if self.evaluation.action != ActionKind::Accept
             && let Some(r) = &self.evaluation.reason
         {
@@ -66,6 +73,7 @@ impl Verdict {
             "dkim": dkim,
             "arc": arc,
             "dmarc": dmarc,
+            "header_sanity": self.sanity.as_ref().map_or("ok", |p| p.as_str()),
             "flags": self.flag_names(),
             "verdict": self.evaluation.action.as_str(),
             "reasons": self.reasons(),
@@ -87,6 +95,7 @@ pub struct Enforcer {
     subject_prefix: String,
     verify_submission: bool,
     spf_early_reject: bool,
+    malformed_from: SanityAction,
     last_reload: RwLock<Option<Result<String, String>>>,
 }
 
@@ -94,7 +103,7 @@ impl Enforcer {
     pub fn from_config(config: &Config) -> Result<Enforcer, String> {
         let authenticator = crate::auth::dns::authenticator(&config.dns)?;
         let policy = match config.policy_file() {
-            Some(path) => Policy::load(path).map_err(|e| e.to_string())?,
+            Some(path) => warn_unsafe(Policy::load(path).map_err(|e| e.to_string())?),
             None => Policy::builtin(),
         };
         let protected = if config.spoof.protected_domains.is_empty() {
@@ -116,6 +125,7 @@ impl Enforcer {
             subject_prefix: config.auth.subject_prefix.clone(),
             verify_submission: config.auth.verify_submission,
             spf_early_reject: config.auth.spf_early_reject,
+            malformed_from: config.auth.malformed_from,
             last_reload: RwLock::new(None),
         })
     }
@@ -132,13 +142,18 @@ impl Enforcer {
         let Some(path) = &self.policy_path else {
             return Ok("built-in".into());
         };
-        let policy = Policy::load(path)?;
+        let policy = warn_unsafe(Policy::load(path)?);
         let version = policy.version.clone();
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
         Ok(version)
     }
 
     /// Verifies and decides. `fields` are the message's header fields.
+    ///
+    /// Stages, in order: header sanity (one author domain), verification, spoof flags,
+    /// the rules. A sanity problem whose action is reject or defer ends it there (no DNS
+    /// is spent on a message that will be refused anyway); tag and quarantine still
+    /// verify, so the added results are there, and the stricter of the two actions wins.
     pub async fn evaluate(&self, ctx: &MessageContext<'_>, fields: &[Field<'_>]) -> Verdict {
         let policy = self.policy();
         if ctx.role == Role::Submission && !self.verify_submission {
@@ -151,11 +166,45 @@ impl Enforcer {
             };
             return Verdict {
                 report: None,
+                sanity: None,
                 flags: Vec::new(),
                 evaluation,
                 authentication_results: None,
             };
         }
+        let author = sanity::check(fields);
+        let problem = author.as_ref().err().cloned();
+        if let Some(p) = &problem {
+            count_problem(p);
+            let action = sanity_action(self.malformed_from);
+            if matches!(action, ActionKind::Reject | ActionKind::Defer) {
+                return Verdict {
+                    report: None,
+                    sanity: problem.clone(),
+                    flags: Vec::new(),
+                    evaluation: sanity_evaluation(p, action, None),
+                    authentication_results: None,
+                };
+            }
+        }
+        // Every mailbox of every From field: the spoof checks look at all of them (with
+        // a sane header that is the one author's mailboxes).
+        let mailboxes: Vec<(String, String)> = match &author {
+            Ok(a) => a.mailboxes.clone(),
+            Err(_) => fields
+                .iter()
+                .filter(|f| f.name.eq_ignore_ascii_case("From"))
+                .flat_map(|f| spoof::parse_from_mailboxes(&f.value))
+                .collect(),
+        };
+        let from_domain = match &author {
+            Ok(a) => a.domain.clone(),
+            Err(_) => mailboxes
+                .first()
+                .and_then(|(_, a)| a.rsplit_once('@'))
+                .map(|(_, d)| d.trim_end_matches('.').to_lowercase())
+                .unwrap_or_default(),
+        };
         let report = self
             .verifier
             .verify(&VerifyInput {
@@ -163,21 +212,10 @@ impl Enforcer {
                 helo: ctx.helo,
                 mail_from: &ctx.mail_from.address,
                 message: ctx.message,
+                author_domain: author.as_ref().ok().map(|a| a.domain.as_str()),
             })
             .await;
-        let (display_name, from_address) = headers::first(fields, "From")
-            .map(|f| spoof::parse_from_header(&f.value))
-            .unwrap_or_default();
-        let flags = spoof::check(
-            &self.spoof,
-            &SpoofInput {
-                from_display_name: &display_name,
-                from_address: &from_address,
-                mail_from: &ctx.mail_from.address,
-                inbound: ctx.role == Role::Inbound,
-                dmarc_pass: report.dmarc.result == AuthResult::Pass,
-            },
-        );
+        let flags = self.spoof_flags(ctx, &mailboxes, &report);
         let flag_names: Vec<String> = flags.iter().map(|(f, _)| f.as_str().to_string()).collect();
         let rcpt_domains: Vec<String> = ctx
             .rcpts
@@ -188,20 +226,9 @@ impl Enforcer {
                     .map(|(_, d)| d.to_ascii_lowercase())
             })
             .collect();
-        let list_id = headers::first(fields, "List-Id").and_then(|f| {
-            let v = f.value.as_str();
-            let inner = v
-                .rsplit_once('<')
-                .and_then(|(_, r)| r.split_once('>'))
-                .map_or(v, |(i, _)| i);
-            Some(inner.trim().to_string()).filter(|s| !s.is_empty())
-        });
-        let from_domain = from_address
-            .rsplit_once('@')
-            .map(|(_, d)| d.to_ascii_lowercase())
-            .unwrap_or_default();
+        let list_id = list_id(fields);
         let mail_from_domain = report.spf.mail_from.domain.clone();
-        let evaluation = policy.evaluate(&Facts {
+        let mut evaluation = policy.evaluate(&Facts {
             report: &report,
             flags: &flag_names,
             from_domain: &from_domain,
@@ -210,13 +237,46 @@ impl Enforcer {
             list_id: list_id.as_deref(),
             client_ip: ctx.client.ip(),
         });
+        if let Some(p) = &problem {
+            evaluation = sanity_evaluation(p, sanity_action(self.malformed_from), Some(evaluation));
+        }
         let ar = headers::authentication_results(&self.authserv_id, &report, "; ");
         Verdict {
             report: Some(report),
+            sanity: problem,
             flags,
             evaluation,
             authentication_results: Some(ar),
         }
+    }
+
+    /// The spoof flags over every From mailbox, each flag once (with its first reason).
+    fn spoof_flags(
+        &self,
+        ctx: &MessageContext<'_>,
+        mailboxes: &[(String, String)],
+        report: &AuthReport,
+    ) -> Vec<(spoof::Flag, String)> {
+        let mut flags: Vec<(spoof::Flag, String)> = Vec::new();
+        for (display_name, address) in mailboxes {
+            let found = spoof::check(
+                &self.spoof,
+                &SpoofInput {
+                    from_display_name: display_name,
+                    from_address: address,
+                    mail_from: &ctx.mail_from.address,
+                    inbound: ctx.role == Role::Inbound,
+                    dmarc_pass: report.dmarc.result == AuthResult::Pass,
+                },
+            );
+            for (flag, why) in found {
+                if !flags.iter().any(|(f, _)| *f == flag) {
+                    flags.push((flag, why));
+                }
+            }
+        }
+        flags.sort_by_key(|(f, _)| *f);
+        flags
     }
 
     /// Turns a verdict into what the session does: the reply for refusals, the headers
@@ -296,6 +356,87 @@ impl Enforcer {
             authentication_results: verdict.authentication_results.clone(),
         }
     }
+}
+
+/// Logs the policy's unsafe rules (the same lines `check-config` prints).
+fn warn_unsafe(policy: Policy) -> Policy {
+    for w in &policy.warnings {
+        tracing::warn!(warning = %w, "policy rule lowers a verdict on unauthenticated fields");
+    }
+    policy
+}
+
+/// The List-Id identifier (RFC 2919: the part in angle brackets), when the message has
+/// exactly one List-Id field: with two, a sender could show one and match on the other.
+fn list_id(fields: &[Field<'_>]) -> Option<String> {
+    let mut ids = fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("List-Id"));
+    let (Some(f), None) = (ids.next(), ids.next()) else {
+        return None;
+    };
+    let v = f.value.as_str();
+    let inner = v
+        .rsplit_once('<')
+        .and_then(|(_, r)| r.split_once('>'))
+        .map_or(v, |(i, _)| i);
+    Some(inner.trim().to_ascii_lowercase()).filter(|s| !s.is_empty())
+}
+
+fn sanity_action(a: SanityAction) -> ActionKind {
+    match a {
+        SanityAction::Tag => ActionKind::Tag,
+        SanityAction::Quarantine => ActionKind::Quarantine,
+        SanityAction::Reject => ActionKind::Reject,
+        SanityAction::Defer => ActionKind::Defer,
+    }
+}
+
+/// How strict an action is, to combine header sanity with the rules' verdict.
+fn severity(a: ActionKind) -> u8 {
+    match a {
+        ActionKind::Accept => 0,
+        ActionKind::Tag => 1,
+        ActionKind::Quarantine => 2,
+        ActionKind::Defer => 3,
+        ActionKind::Reject => 4,
+    }
+}
+
+/// The evaluation with the header-sanity stage first in its trace. With the rules'
+/// evaluation (`rules`, for tag and quarantine), the stricter action wins.
+fn sanity_evaluation(
+    problem: &sanity::Problem,
+    action: ActionKind,
+    rules: Option<Evaluation>,
+) -> Evaluation {
+    let entry = super::rules::TraceEntry {
+        rule: "header-sanity".into(),
+        matched: true,
+        action: Some(action.as_str()),
+        shadow: false,
+    };
+    let mut ev = rules.unwrap_or(Evaluation {
+        action: ActionKind::Accept,
+        rule: "default".into(),
+        reason: None,
+        trace: Vec::new(),
+        shadow_hits: Vec::new(),
+    });
+    ev.trace.insert(0, entry);
+    if severity(action) >= severity(ev.action) {
+        ev.action = action;
+        ev.rule = "header-sanity".into();
+        ev.reason = Some(problem.reply_text());
+    }
+    ev
+}
+
+fn count_problem(p: &sanity::Problem) {
+    crate::metrics::global()
+        .header_problems
+        .get_or_create(&crate::metrics::label("problem", p.as_str()))
+        .inc();
 }
 
 /// Counts one verdict in the metrics.

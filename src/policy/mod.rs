@@ -6,6 +6,7 @@
 
 pub mod engine;
 pub mod rules;
+pub mod sanity;
 pub mod spoof;
 
 use std::future::Future;

@@ -127,6 +127,8 @@ pub struct Evaluation {
 /// A loaded policy: rules in order, plus counters of shadow-rule hits.
 pub struct Policy {
     rules: Vec<Rule>,
+    /// Rules that are valid but unsafe (`check-config` prints them, the proxy logs them).
+    pub warnings: Vec<String>,
     /// Where it came from ("built-in" or the file path) and a hash of its text.
     pub version: String,
     shadow_counts: HashMap<String, AtomicU64>,
@@ -249,7 +251,30 @@ impl Policy {
             }
         }
         let version = format!("{} ({:016x})", path.display(), fnv1a(source.as_bytes()));
-        Ok(Policy::from_rules(file.rules, version))
+        let warnings = lowering_rules(&file.rules)
+            .into_iter()
+            .map(|i| {
+                let rule = &file.rules[i];
+                let line = locate(&source, &format!("rule[{i}]"), "action")
+                    .map_or(String::new(), |l| format!("{l}:"));
+                format!(
+                    "{}:{line} rule[{i}] `{}`: {} mail that a later rule would reject or hold, \
+                     on conditions the sender writes (envelope and header fields); anyone can \
+                     meet them. Add an authenticated condition: spf/dkim/dmarc = [\"pass\"], \
+                     arc_sealer, list_id or client_ip",
+                    path.display(),
+                    rule.name,
+                    if rule.action == ActionKind::Accept {
+                        "accepts"
+                    } else {
+                        "only tags"
+                    },
+                )
+            })
+            .collect();
+        let mut policy = Policy::from_rules(file.rules, version);
+        policy.warnings = warnings;
+        Ok(policy)
     }
 
     fn from_rules(rules: Vec<Rule>, version: String) -> Policy {
@@ -260,6 +285,7 @@ impl Policy {
             .collect();
         Policy {
             rules,
+            warnings: Vec::new(),
             version,
             shadow_counts,
         }
@@ -357,16 +383,60 @@ impl Rule {
                 .arc_sealer
                 .as_ref()
                 .is_none_or(|w| r.arc.sealers.iter().any(|d| domain_in(d, w)))
-            && self
-                .list_id
-                .as_ref()
-                .is_none_or(|w| f.list_id.is_some_and(|l| domain_in(l, w)))
+            && self.list_id.as_ref().is_none_or(|w| {
+                f.list_id
+                    .is_some_and(|l| domain_in(l, w) && list_authenticated(l, r))
+            })
             && self
                 .client_ip
                 .as_ref()
                 .is_none_or(|w| w.iter().any(|n| n.contains(&f.client_ip.to_canonical())))
             && self.temperror.is_none_or(|t| t == r.any_temperror())
     }
+}
+
+/// Indexes of rules that lower a verdict on sender-controlled facts alone: an accept or
+/// tag rule (not shadow) before a reject or quarantine rule, with no condition that
+/// needs authentication. Results other than `pass` (`dmarc = ["fail"]`), domains,
+/// recipients, flags and `temperror` are all things a spoofer chooses.
+fn lowering_rules(rules: &[Rule]) -> Vec<usize> {
+    let pass_only = |r: &Option<Vec<AuthResult>>| {
+        r.as_ref()
+            .is_some_and(|v| !v.is_empty() && v.iter().all(|x| *x == AuthResult::Pass))
+    };
+    let authenticated = |r: &Rule| {
+        pass_only(&r.spf)
+            || pass_only(&r.spf_helo)
+            || pass_only(&r.dkim)
+            || pass_only(&r.arc)
+            || pass_only(&r.dmarc)
+            || r.arc_sealer.is_some()
+            || r.list_id.is_some()
+            || r.client_ip.is_some()
+    };
+    rules
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            !r.shadow
+                && matches!(r.action, ActionKind::Accept | ActionKind::Tag)
+                && !authenticated(r)
+                && rules[i + 1..].iter().any(|later| {
+                    !later.shadow
+                        && matches!(later.action, ActionKind::Reject | ActionKind::Quarantine)
+                })
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Whether the list itself vouches for the message: a passing DKIM signature whose `d=`
+/// is the List-Id's domain or a parent of it. A List-Id header is the sender's word
+/// (anyone can add one to a spoof); the list's own signature is not.
+fn list_authenticated(list_id: &str, report: &AuthReport) -> bool {
+    report.dkim.iter().any(|d| {
+        d.result == AuthResult::Pass && domain_in(list_id, std::slice::from_ref(&d.domain))
+    })
 }
 
 /// `domain` equals one of `list` or is a subdomain of it (case-insensitive).
@@ -499,6 +569,101 @@ action = "tag"
         std::fs::write(&path, "[[rule]]\nname = \"x\"\naction = \"explode\"\n").unwrap();
         let e = Policy::load(&path).err().unwrap();
         assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn list_id_needs_the_lists_own_signature() {
+        let path = std::env::temp_dir().join(format!("mw-list-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[[rule]]\nname = \"lists\"\nlist_id = [\"lists.example.net\"]\ndmarc = [\"fail\"]\naction = \"tag\"\n",
+        )
+        .unwrap();
+        let p = Policy::load(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mut r = report(AuthResult::Fail, Some("reject"));
+        let mut f = facts(&r, &[], &[]);
+        f.list_id = Some("news.lists.example.net");
+        assert_eq!(p.evaluate(&f).rule, "default", "a List-Id header alone");
+        for (d, result, matches) in [
+            ("lists.example.net", AuthResult::Pass, true),
+            ("example.net", AuthResult::Pass, true),
+            ("lists.example.net", AuthResult::Fail, false),
+            ("attacker.example", AuthResult::Pass, false),
+            ("news.lists.example.net.evil", AuthResult::Pass, false),
+        ] {
+            r.dkim = vec![DkimCheck {
+                result,
+                domain: d.into(),
+                selector: "s".into(),
+                algorithm: "rsa-sha256".into(),
+                reason: None,
+            }];
+            let mut f = facts(&r, &[], &[]);
+            f.list_id = Some("news.lists.example.net");
+            assert_eq!(p.evaluate(&f).rule == "lists", matches, "{d} {result:?}");
+        }
+    }
+
+    #[test]
+    fn rules_lowering_a_verdict_on_sender_fields_are_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(
+            &path,
+            r#"
+[[rule]]
+name = "partner"
+rcpt_domain = ["sales.example.org"]
+dmarc = ["fail"]
+action = "tag"
+
+[[rule]]
+name = "friends"
+from_domain = ["friend.example"]
+action = "accept"
+
+[[rule]]
+name = "signed-friends"
+from_domain = ["friend.example"]
+dkim = ["pass"]
+action = "accept"
+
+[[rule]]
+name = "trial"
+from_domain = ["x.example"]
+action = "accept"
+shadow = true
+
+[[rule]]
+name = "dmarc-reject"
+dmarc = ["fail"]
+action = "reject"
+
+[[rule]]
+name = "after"
+from_domain = ["late.example"]
+action = "accept"
+"#,
+        )
+        .unwrap();
+        let p = Policy::load(&path).unwrap();
+        assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
+        assert!(
+            p.warnings[0].contains("rule[0] `partner`: only tags"),
+            "{}",
+            p.warnings[0]
+        );
+        assert!(
+            p.warnings[0].contains("policy.toml:6:"),
+            "{}",
+            p.warnings[0]
+        );
+        assert!(p.warnings[1].contains("rule[1] `friends`: accepts"));
+        let example = Policy::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.example.toml"),
+        );
+        assert!(example.unwrap().warnings.is_empty());
     }
 
     #[test]

@@ -273,29 +273,40 @@ pub fn check(cfg: &SpoofConfig, input: &SpoofInput<'_>) -> Vec<(Flag, String)> {
     flags
 }
 
-/// Splits an RFC 5322 From header value into (display name, address), decoding RFC 2047 encoded-words
-/// in the display name (=?utf-8?B?...?= and ?Q?), handling quoted strings, comments and a bare addr-spec.
+/// Splits an RFC 5322 From header value into (display name, address) for its first mailbox.
+/// See [`parse_from_mailboxes`].
+pub fn parse_from_header(value: &str) -> (String, String) {
+    parse_from_mailboxes(value)
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+}
+
+/// Every mailbox of an RFC 5322 address-list header value as (display name, address), decoding
+/// RFC 2047 encoded-words in display names (=?utf-8?B?...?= and ?Q?), handling quoted strings,
+/// comments and bare addr-specs; the mailboxes of groups are included, a group with none adds none.
 ///
 /// Uses mail-parser's address parser (the one mail-auth uses for DMARC), so every charset it knows
-/// decodes; a group or list yields its first mailbox; a comment stands in for a missing name.
-pub fn parse_from_header(value: &str) -> (String, String) {
+/// decodes; a comment stands in for a missing name.
+pub fn parse_from_mailboxes(value: &str) -> Vec<(String, String)> {
     let mut line = value.trim().to_owned();
     line.push_str("\r\n");
     let parsed = MessageStream::new(line.as_bytes()).parse_address();
-    let Some(addr) = (match &parsed {
-        HeaderValue::Address(a) => a.first(),
-        _ => None,
-    }) else {
-        return (String::new(), String::new());
+    let HeaderValue::Address(list) = &parsed else {
+        return Vec::new();
     };
-    let name = addr.name.as_deref().unwrap_or("").trim().to_owned();
-    let address = addr.address.as_deref().unwrap_or("").trim();
-    // Obsolete source route `<@relay:user@host>`: the mailbox is after the colon.
-    let address = match address.split_once(':') {
-        Some((route, mailbox)) if route.starts_with('@') => mailbox,
-        _ => address,
-    };
-    (name, address.to_owned())
+    list.iter()
+        .map(|addr| {
+            let name = addr.name.as_deref().unwrap_or("").trim().to_owned();
+            let address = addr.address.as_deref().unwrap_or("").trim();
+            // Obsolete source route `<@relay:user@host>`: the mailbox is after the colon.
+            let address = match address.split_once(':') {
+                Some((route, mailbox)) if route.starts_with('@') => mailbox,
+                _ => address,
+            };
+            (name, address.to_owned())
+        })
+        .collect()
 }
 
 /// The normalised domain of an address, None for the null sender, no `@` or a domain literal.

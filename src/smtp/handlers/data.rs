@@ -209,10 +209,19 @@ impl Session {
         }
         let detector = self.shared.outbound.clone()?;
         let account = detector.account(self.login.as_deref(), self.peer.ip(), &tx.from.address)?;
+        // The From policy covers every mailbox of every From field, and Sender: a second,
+        // foreign From must not pass because only the first one was read.
         let fields = crate::auth::headers::fields(message);
-        let header_from = crate::auth::headers::first(&fields, "From")
-            .map(|f| crate::policy::spoof::parse_from_header(&f.value).1)
-            .unwrap_or_default();
+        let header_from = fields
+            .iter()
+            .filter(|f| {
+                f.name.eq_ignore_ascii_case("From") || f.name.eq_ignore_ascii_case("Sender")
+            })
+            .flat_map(|f| crate::policy::spoof::parse_from_mailboxes(&f.value))
+            .map(|(_, address)| address)
+            .filter(|a| !a.is_empty())
+            .collect::<Vec<_>>()
+            .join(", ");
         let rcpts: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();
         let a = detector
             .assess(
