@@ -15,6 +15,7 @@ use super::{Action, Decision, Inspector, MessageContext};
 use crate::auth::headers::{self, Field};
 use crate::auth::{AuthReport, AuthResult, Verifier, VerifyInput};
 use crate::config::{Config, ConfigError, Role, SanityAction};
+use crate::relay::writer::Edit;
 use crate::smtp::reply::{Enhanced, Reply};
 
 /// Everything decided about one message.
@@ -280,8 +281,8 @@ impl Enforcer {
     }
 
     /// Turns a verdict into what the session does: the reply for refusals, the headers
-    /// to add and the ranges to strip for relayed mail.
-    fn decision(&self, verdict: &Verdict, fields: &[Field<'_>]) -> Decision {
+    /// to add and the edits (forged fields out, subject prefix in) for relayed mail.
+    fn decision(&self, verdict: &Verdict, message: &[u8], fields: &[Field<'_>]) -> Decision {
         let ev = &verdict.evaluation;
         let reason = ev
             .reason
@@ -294,7 +295,11 @@ impl Enforcer {
             ActionKind::Reject => Action::Reject(Reply::new(550, Enhanced(5, 7, 1), reason)),
             ActionKind::Defer => Action::Defer(Reply::new(451, Enhanced(4, 7, 1), reason)),
         };
-        let mut strip = headers::forged_ranges(fields, &self.authserv_id, &self.verdict_header);
+        let mut edits: Vec<Edit> =
+            headers::forged_ranges(fields, &self.authserv_id, &self.verdict_header)
+                .into_iter()
+                .map(Edit::remove)
+                .collect();
         let mut added = Vec::new();
         if let Some(report) = &verdict.report {
             added.push(format!(
@@ -338,24 +343,49 @@ impl Enforcer {
                 }
             ));
             if !self.subject_prefix.is_empty() {
-                let subject = headers::first(fields, "Subject");
-                if let Some(s) = subject {
-                    strip.push(s.range.clone());
+                let prefixed = subject_prefix_edits(message, fields, &self.subject_prefix);
+                if prefixed.is_empty() {
+                    added.push(format!("Subject: {}", self.subject_prefix.trim_end()));
                 }
-                let old = subject.map(|s| s.value.as_str()).unwrap_or("");
-                added.push(format!("Subject: {}{}", self.subject_prefix, old));
+                edits.extend(prefixed);
             }
         }
-        strip.sort_by_key(|r| r.start);
+        edits.sort_by_key(|e| (e.range.start, e.range.end));
         Decision {
             action,
             headers: added,
-            strip,
+            edits,
             reasons: verdict.reasons(),
             flags: verdict.flag_names(),
             authentication_results: verdict.authentication_results.clone(),
         }
     }
+}
+
+/// Inserts `prefix` at the start of every Subject field's value, in the message's own
+/// bytes: an 8-bit or RFC 2047 encoded subject is never decoded and rewritten (Latin-1
+/// bytes used to become U+FFFD). Header sanity allows one Subject field; when tagging
+/// lets a message with several through, each gets the prefix, so none can hide it.
+fn subject_prefix_edits(message: &[u8], fields: &[Field<'_>], prefix: &str) -> Vec<Edit> {
+    fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("Subject"))
+        .filter_map(|f| {
+            let raw = message.get(f.range.clone())?;
+            let colon = raw.iter().position(|&b| b == b':')?;
+            // After the colon and one space, if there is one.
+            let mut at = colon + 1;
+            if raw.get(at) == Some(&b' ') {
+                at += 1;
+            }
+            let mut bytes = prefix.as_bytes().to_vec();
+            // An encoded-word must stand apart from other text (RFC 2047 §5).
+            if raw[at..].starts_with(b"=?") && !prefix.ends_with([' ', '\t']) {
+                bytes.push(b' ');
+            }
+            Some(Edit::insert(f.range.start + at, bytes))
+        })
+        .collect()
 }
 
 /// Logs the policy's unsafe rules (the same lines `check-config` prints).
@@ -518,8 +548,15 @@ impl Inspector for Enforcer {
                 auth = %verdict.authentication_results.as_deref().unwrap_or("-"),
                 "verdict"
             );
-            self.decision(&verdict, &fields)
+            self.decision(&verdict, ctx.message, &fields)
         })
+    }
+
+    fn recipient_class(&self, role: Role, rcpt: &str) -> Vec<usize> {
+        if role == Role::Submission && !self.verify_submission {
+            return Vec::new();
+        }
+        self.policy().recipient_class(rcpt)
     }
 
     fn policy_status(&self) -> super::PolicyStatus {

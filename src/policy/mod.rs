@@ -11,12 +11,12 @@ pub mod spoof;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::pin::Pin;
 
 use smtp_proto::{MailFrom, RcptTo};
 
 use crate::config::Role;
+use crate::relay::writer::Edit;
 use crate::smtp::reply::Reply;
 
 /// Everything known about a message when its verdict is asked for.
@@ -65,9 +65,9 @@ pub struct Decision {
     pub action: Action,
     /// Header lines (without CRLF) to add at the top of the relayed message.
     pub headers: Vec<String>,
-    /// Byte ranges of the message to leave out when relaying (forged verification
-    /// results, a Subject being rewritten).
-    pub strip: Vec<Range<usize>>,
+    /// Changes to the message when relaying, sorted: forged verification results left
+    /// out, a subject prefix inserted.
+    pub edits: Vec<Edit>,
     /// Short reasons for the log line and the quarantine entry.
     pub reasons: Vec<String>,
     /// Flags raised by the checks.
@@ -81,7 +81,7 @@ impl Decision {
         Decision {
             action: Action::Accept,
             headers: Vec::new(),
-            strip: Vec::new(),
+            edits: Vec::new(),
             reasons: Vec::new(),
             flags: Vec::new(),
             authentication_results: None,
@@ -105,6 +105,13 @@ pub trait Inspector: Send + Sync {
         _mail_from: &'a str,
     ) -> Pin<Box<dyn Future<Output = Option<Reply>> + Send + 'a>> {
         Box::pin(async { None })
+    }
+
+    /// The policy class of a recipient: which recipient-dependent rules apply to it.
+    /// Recipients of one transaction must share a class (they share one verdict), so a
+    /// lenient rule for one domain can never carry another domain's recipients with it.
+    fn recipient_class(&self, _role: Role, _rcpt: &str) -> Vec<usize> {
+        Vec::new()
     }
 
     /// Re-reads what can change without a restart (the policy file). An error keeps

@@ -336,6 +336,18 @@ impl Policy {
         }
     }
 
+    /// The rules whose `rcpt_domain` names this recipient's domain (by index): two
+    /// recipients with the same list get the same verdict from every rule.
+    pub fn recipient_class(&self, rcpt: &str) -> Vec<usize> {
+        let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.rcpt_domain.as_ref().is_some_and(|w| domain_in(domain, w)))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// How often each shadow rule matched since the policy was loaded.
     pub fn shadow_counts(&self) -> Vec<(String, u64)> {
         let mut v: Vec<_> = self

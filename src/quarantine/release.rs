@@ -93,8 +93,12 @@ async fn send(
         })
         .collect();
     let fields = crate::auth::headers::fields(&message);
-    let strip = crate::auth::headers::forged_ranges(&fields, authserv_id, verdict_header);
-    let parts = crate::relay::writer::without(&message, &strip);
+    let edits: Vec<crate::relay::writer::Edit> =
+        crate::auth::headers::forged_ranges(&fields, authserv_id, verdict_header)
+            .into_iter()
+            .map(crate::relay::writer::Edit::remove)
+            .collect();
+    let parts = crate::relay::writer::edited(&message, &edits);
     let mut headers = Vec::new();
     if !meta.authentication_results.is_empty() {
         headers.push(format!(

@@ -75,14 +75,43 @@ pub fn orphan_fold_guard(headers: &[String], parts: &[&[u8]]) -> Option<&'static
         .then_some("X-Mailwarden-Malformed: message began with a folded line")
 }
 
-/// The pieces of `message` outside the sorted, non-overlapping `strip` ranges.
-pub fn without<'a>(message: &'a [u8], strip: &[std::ops::Range<usize>]) -> Vec<&'a [u8]> {
-    let mut parts = Vec::with_capacity(strip.len() + 1);
+/// One change to a message on its way to the next hop: the bytes of `range` are replaced
+/// by `with` (empty `with`: a field left out; empty range: bytes inserted). The message
+/// itself is never copied or re-decoded, so 8-bit and encoded text stays as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub range: std::ops::Range<usize>,
+    pub with: Vec<u8>,
+}
+
+impl Edit {
+    /// Leaves `range` out.
+    pub fn remove(range: std::ops::Range<usize>) -> Edit {
+        Edit {
+            range,
+            with: Vec::new(),
+        }
+    }
+
+    /// Inserts `bytes` before offset `at`.
+    pub fn insert(at: usize, bytes: Vec<u8>) -> Edit {
+        Edit {
+            range: at..at,
+            with: bytes,
+        }
+    }
+}
+
+/// The pieces of `message` with `edits` applied. Edits must be sorted by position and
+/// not overlap; one that does (or lies outside the message) is ignored.
+pub fn edited<'a>(message: &'a [u8], edits: &'a [Edit]) -> Vec<&'a [u8]> {
+    let mut parts = Vec::with_capacity(2 * edits.len() + 1);
     let mut pos = 0;
-    for r in strip {
-        if r.start >= pos && r.end <= message.len() {
-            parts.push(&message[pos..r.start]);
-            pos = r.end;
+    for e in edits {
+        if e.range.start >= pos && e.range.start <= e.range.end && e.range.end <= message.len() {
+            parts.push(&message[pos..e.range.start]);
+            parts.push(e.with.as_slice());
+            pos = e.range.end;
         }
     }
     parts.push(&message[pos..]);
@@ -117,12 +146,30 @@ mod tests {
     #[allow(clippy::single_range_in_vec_init)] // one range to strip, not a range of values
     fn leaves_out_ranges() {
         let m = b"A: 1\r\nB: 2\r\nC: 3\r\n\r\nbody\r\n";
-        let parts = without(m, &[6..12]);
+        let edits = [Edit::remove(6..12)];
+        let parts = edited(m, &edits);
         assert_eq!(parts.concat(), b"A: 1\r\nC: 3\r\n\r\nbody\r\n");
         assert_eq!(
             encode_parts(&[], &parts),
             b"A: 1\r\nC: 3\r\n\r\nbody\r\n.\r\n"
         );
+    }
+
+    #[test]
+    fn inserts_bytes_in_place() {
+        let m = b"A: 1\r\nSubject: Caf\xe9\r\n\r\nbody\r\n";
+        let edits = [Edit::remove(0..6), Edit::insert(15, b"[X] ".to_vec())];
+        assert_eq!(
+            edited(m, &edits).concat(),
+            b"Subject: [X] Caf\xe9\r\n\r\nbody\r\n"
+        );
+        // Overlapping or out-of-range edits are ignored, never panic.
+        let bad = [
+            Edit::remove(4..10),
+            Edit::remove(6..8),
+            Edit::insert(99, vec![b'x']),
+        ];
+        assert_eq!(edited(m, &bad).concat().len(), m.len() - 6);
     }
 
     #[test]

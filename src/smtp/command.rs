@@ -61,9 +61,28 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
     canonical.extend_from_slice(body);
     canonical.extend_from_slice(b"\r\n");
     match Request::parse(&mut canonical.iter()) {
-        Ok(req) => check_addresses(req.into_owned()),
+        Ok(req) => check_addresses(postmaster(req.into_owned(), body)),
         Err(e) => Err(parse_error_reply(e)),
     }
+}
+
+/// `RCPT TO:<Postmaster>` without a domain must be accepted (RFC 5321 §4.5.1);
+/// smtp-proto reads it as an empty address, so the path is taken from the line itself.
+/// Any other empty recipient (`RCPT TO:<>`) stays empty and is refused as bad syntax.
+fn postmaster(mut req: Command, body: &[u8]) -> Command {
+    if let Request::Rcpt { to } = &mut req
+        && to.address.is_empty()
+    {
+        let line = String::from_utf8_lossy(body);
+        let path = line
+            .split_once('<')
+            .and_then(|(_, rest)| rest.split_once('>'))
+            .map(|(p, _)| p.trim());
+        if let Some(p) = path.filter(|p| p.eq_ignore_ascii_case("postmaster")) {
+            to.address = p.to_string();
+        }
+    }
+    req
 }
 
 /// Addresses with control characters (possible once quoted) cannot be written to the
@@ -92,7 +111,7 @@ fn check_addresses(req: Command) -> Result<Command, Reply> {
                 "Non-ASCII address requires SMTPUTF8",
             ))
         }
-        Request::Rcpt { to } if bad(&to.address) => Err(Reply::new(
+        Request::Rcpt { to } if to.address.is_empty() || bad(&to.address) => Err(Reply::new(
             501,
             Enhanced(5, 1, 3),
             "Bad recipient address syntax",
@@ -206,6 +225,21 @@ mod tests {
             parse(b"MAIL FROM:<a@b.example>\n").is_ok(),
             "bare LF command line"
         );
+    }
+
+    #[test]
+    fn postmaster_without_a_domain_is_a_recipient() {
+        for line in [
+            &b"RCPT TO:<postmaster>\r\n"[..],
+            b"RCPT TO:<PostMaster> NOTIFY=NEVER\r\n",
+        ] {
+            let Ok(Request::Rcpt { to }) = parse(line) else {
+                panic!("{line:?}")
+            };
+            assert!(to.address.eq_ignore_ascii_case("postmaster"));
+        }
+        assert_eq!(parse(b"RCPT TO:<>\r\n").unwrap_err().code, 501);
+        assert_eq!(parse(b"RCPT TO:<postmistress>\r\n").unwrap_err().code, 501);
     }
 
     #[test]

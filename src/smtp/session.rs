@@ -59,6 +59,10 @@ pub struct Transaction {
     pub relay_started: bool,
     /// Set when the next hop refused MAIL or failed: every later RCPT and DATA gets it.
     pub relay_failure: Option<Reply>,
+    /// The policy class of the first accepted recipient (see
+    /// [`crate::policy::Inspector::recipient_class`]); a recipient of another class is
+    /// answered 452 and comes back in a transaction of its own.
+    pub policy_class: Option<Vec<usize>>,
     pub started: Instant,
 }
 

@@ -169,7 +169,7 @@ impl Session {
                     from: &tx.from,
                     rcpts: &tx.rcpts,
                 };
-                let parts = crate::relay::writer::without(message, &decision.strip);
+                let parts = crate::relay::writer::edited(message, &decision.edits);
                 let started = std::time::Instant::now();
                 let delivered = self.relay.deliver(&envelope, &headers, &parts).await;
                 crate::metrics::global()
@@ -241,7 +241,7 @@ impl Session {
             let decision = Decision {
                 action: Action::Quarantine,
                 headers: Vec::new(),
-                strip: Vec::new(),
+                edits: Vec::new(),
                 reasons: a.reasons.clone(),
                 flags: a.flags.iter().map(|f| f.to_string()).collect(),
                 authentication_results: None,

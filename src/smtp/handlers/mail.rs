@@ -56,6 +56,7 @@ impl Session {
             rcpt_refused: 0,
             relay_started: false,
             relay_failure: None,
+            policy_class: None,
             started: Instant::now(),
         };
         self.ok(

@@ -17,11 +17,34 @@ impl Session {
             return (State::Transaction(helo, tx), self.error(reply).await);
         }
         tx.rcpt_attempts += 1;
+        // Per-recipient policy: one transaction gets one verdict, so every recipient in it
+        // must fall under the same rules. A recipient whose rules differ from the first
+        // accepted one's is asked for again in another transaction (452: the sender's MTA
+        // does that by itself, RFC 5321 §4.5.3.1.10), before the next hop hears of it.
+        let class = self
+            .shared
+            .inspector
+            .recipient_class(self.listener.config.role, &to.address);
+        if tx
+            .policy_class
+            .as_ref()
+            .is_some_and(|first| *first != class)
+        {
+            crate::metrics::global().recipient_policy_splits.inc();
+            tracing::info!(session = %self.id, rcpt = %to.address, "recipient policy differs: 452, another transaction");
+            self.stream.queue(&Reply::new(
+                452,
+                Enhanced(4, 5, 3),
+                "Recipient policy differs, send to this recipient in a separate transaction",
+            ));
+            return (State::Transaction(helo, tx), Flow::Continue);
+        }
         let reply = self.rcpt_reply(&helo, &mut tx, &to).await;
         if !reply.is_positive() {
             tx.rcpt_refused += 1;
         }
         let flow = if reply.is_positive() {
+            tx.policy_class.get_or_insert(class);
             tx.rcpts.push(to);
             self.stream.queue(&reply);
             Flow::Continue
