@@ -93,6 +93,12 @@ fn quoted_text_in_the_domain_is_refused() {
             Request::Rcpt { to } => (to.address.clone(), rcpt_command(&to, &all_caps())),
             other => panic!("not MAIL or RCPT: {other:?}"),
         };
+        if address.eq_ignore_ascii_case("postmaster") {
+            // smtp-proto (the model of a next hop here) reads `<postmaster>` as an empty
+            // path; real MTAs take it (RFC 5321 §4.5.1), so the line itself is checked.
+            assert_eq!(rebuilt.trim_end(), "RCPT TO:<postmaster>");
+            continue;
+        }
         let seen = match next_hop(&rebuilt) {
             Ok(Request::Mail { from }) => from.address,
             Ok(Request::Rcpt { to }) => to.address,
