@@ -1080,6 +1080,39 @@ async fn cli_freezes_and_unfreezes_a_running_proxy() {
 // 6. The From check
 // ---------------------------------------------------------------------------
 
+/// The From policy reads every From field, every mailbox in it, and Sender: a foreign
+/// address hidden second is as foreign as one alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_from_or_a_foreign_sender_is_checked_too() {
+    within(async {
+        let alice = "alice@example.org".to_string();
+        let mta = next_hop(std::slice::from_ref(&alice)).await;
+        let proxy = Proxy::start(options(&mta, "[outbound.from]\naction = \"reject\"\n")).await;
+        let to = vec!["bob@partner.example".to_string()];
+        let mut c = login_session(proxy.addr, &alice).await;
+        for headers in [
+            "From: alice@example.org\r\nFrom: \"CEO\" <ceo@bank.example>\r\n",
+            "From: \"CEO\" <ceo@bank.example>\r\nFrom: alice@example.org\r\n",
+            "From: alice@example.org, ceo@bank.example\r\n",
+            "From: alice@example.org\r\nSender: ceo@bank.example\r\n",
+        ] {
+            let body = format!("{headers}To: <{}>\r\nSubject: pay\r\n\r\nPay now.\r\n", to[0]);
+            let r = send_pipelined(&mut c, &alice, &to, body.as_bytes()).await;
+            assert_reply(&r, "550 5.7.1", headers);
+        }
+        // Her own address in From and Sender: relayed.
+        let body = format!(
+            "From: alice@example.org\r\nSender: Alice <alice@example.org>\r\nTo: <{}>\r\nSubject: ok\r\n\r\nHi.\r\n",
+            to[0]
+        );
+        let r = send_pipelined(&mut c, &alice, &to, body.as_bytes()).await;
+        assert!(relayed(&r), "{}", show(&r.raw));
+        quit(c).await;
+        assert_eq!(mta.accepted().len(), 1);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_from_outside_the_account_is_flagged() {
     within(async {
