@@ -92,6 +92,9 @@ const DATA_CSP: &str = "default-src 'none'; frame-ancestors 'none'; sandbox";
 
 /// Concurrent admin connections; beyond this, new ones are closed at once.
 const MAX_CONNECTIONS: usize = 64;
+
+/// How long a wrong token from a blocked source waits for its 429 (see `require_token`).
+const BLOCKED_DELAY: Duration = Duration::from_secs(1);
 /// TLS handshake and request head must arrive within this.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request bodies (release and freeze parameters) are small.
@@ -353,14 +356,28 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
     }
     let peer = peer_of(&req);
     let now = Instant::now();
-    if let Some(retry) = app.limiter.blocked(peer.ip(), now) {
-        return too_many(retry);
-    }
     let credential = auth::bearer(
         req.headers()
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
     );
+    // The right token always gets in, blocked source or not: every local process shares
+    // 127.0.0.1, so blocking a source before looking at the token let any local user lock
+    // the administrator out with ten wrong guesses. Guessing stays slow: a wrong token
+    // from a blocked source waits `BLOCKED_DELAY` before its 429, and the admin listener
+    // serves at most `MAX_CONNECTIONS` at once, so at most 64 guesses a second are
+    // possible against a token of at least 16 characters.
+    if let Credential::Token(t) = credential
+        && app.token.matches(t)
+    {
+        return next.run(req).await;
+    }
+    if let Some(retry) = app.limiter.blocked(peer.ip(), now) {
+        if matches!(credential, Credential::Token(_)) {
+            tokio::time::sleep(BLOCKED_DELAY).await;
+        }
+        return too_many(retry);
+    }
     let why = match credential {
         Credential::Token(t) if app.token.matches(t) => return next.run(req).await,
         Credential::Token(_) => "wrong token",
