@@ -141,9 +141,19 @@ async fn token_is_required_never_taken_from_the_query_and_failures_are_limited()
         // The right token is never locked out (issue: any local process shares
         // 127.0.0.1), while wrong ones stay blocked and are slowed down.
         let r = request(a, "GET", "/api/policy", &[("Authorization", &good)], None).await;
-        assert_eq!(r.status, 200, "the right token works while the source is blocked");
+        assert_eq!(
+            r.status, 200,
+            "the right token works while the source is blocked"
+        );
         let before = Instant::now();
-        let r = request(a, "GET", "/api/policy", &[("Authorization", &near_miss)], None).await;
+        let r = request(
+            a,
+            "GET",
+            "/api/policy",
+            &[("Authorization", &near_miss)],
+            None,
+        )
+        .await;
         assert_eq!(r.status, 429, "{r:?}");
         assert!(
             before.elapsed() >= Duration::from_millis(900),
