@@ -156,6 +156,7 @@ fn generate(dir: &Path) -> (Vec<Case>, Zone) {
                 let ip = r["ip"].as_str().expect("A ip").parse().expect("IPv4");
                 zone.add(name, Rec::A(ip));
             }
+            Some("SERVFAIL") => zone = zone.servfail(name),
             other => panic!("zone.json: record type {other:?} for {name}"),
         }
     }
@@ -197,7 +198,12 @@ fn run_check(config: &Path, case: &Case, scratch: &Path) -> Result<Value, String
         .arg("--config")
         .arg(config)
         .args(["--ip", &case.ip, "--helo", &case.helo])
-        .args(["--mail-from", &case.mail_from, "--rcpt", "bob@receiver.example"])
+        .args([
+            "--mail-from",
+            &case.mail_from,
+            "--rcpt",
+            "bob@receiver.example",
+        ])
         .arg("--json")
         .arg(&case.file);
     let done = common::run_bounded_blocking(command, scratch, CASE_DEADLINE);
@@ -355,7 +361,9 @@ fn load_known(path: &Path) -> (BTreeMap<(String, String), Known>, BTreeMap<Strin
                     .unwrap_or_else(|| panic!("{}:{n}: expected `KEY: text`", path.display()));
                 let key = key.trim().to_string();
                 assert!(
-                    reasons.insert(key.clone(), text.trim().to_string()).is_none(),
+                    reasons
+                        .insert(key.clone(), text.trim().to_string())
+                        .is_none(),
                     "{}:{n}: reason {key} given twice",
                     path.display()
                 );
@@ -425,7 +433,9 @@ fn write_report(path: &Path, rows: &[Row], known: &BTreeMap<(String, String), Kn
             r.case, r.family, r.check, r.mailwarden, r.oracle, status, r.detail
         ));
     }
-    out.push_str("\n# [disagreements] lines for known_disagreements.txt (reason ? = to classify)\n");
+    out.push_str(
+        "\n# [disagreements] lines for known_disagreements.txt (reason ? = to classify)\n",
+    );
     for r in rows.iter().filter(|r| !r.agrees()) {
         let reason = known
             .get(&(r.case.clone(), r.check.clone()))

@@ -5,7 +5,8 @@ Usage: corpus.py OUT_DIR
 
 Writes into OUT_DIR:
   zone.json   the DNS records the test serves from its loopback server:
-              [{"name", "type": "TXT", "strings": [...]} | {"name", "type": "A", "ip"}]
+              [{"name", "type": "TXT", "strings": [...]} | {"name", "type": "A", "ip"}
+               | {"name", "type": "SERVFAIL"} (every query for the name fails)]
   cases.json  one entry per message: {"id", "family", "file", "ip", "helo", "mail_from"}
   <id>.eml    the messages (CRLF), signed by dkimpy and mutated afterwards
 
@@ -93,6 +94,11 @@ def txt(name, value):
 
 def a_record(name, ip):
     ZONE.append({"name": name, "type": "A", "ip": ip})
+
+
+def servfail(name):
+    """Every query for `name` is answered SERVFAIL (a temporary DNS failure)."""
+    ZONE.append({"name": name, "type": "SERVFAIL"})
 
 
 def key(selector, domain, kind):
@@ -721,6 +727,28 @@ def family_multi():
          sign_custom(spoof, "gone", "attacker.example", RSA, publish=False))
 
 
+def family_dns_errors():
+    """Temporary DNS failures (SERVFAIL) for a key or a DMARC record."""
+    servfail("servfail._domainkey.attacker.example")
+    servfail("servfail._domainkey." + SIGNER)
+    spoof = base_messages("From: Boss <boss@reject.example>")["plain"]
+    # An unrelated signature whose key lookup fails must not decide DMARC (issue 11).
+    case("dnserr-spoof-unaligned-key-servfail", "dns-errors",
+         sign_custom(spoof, "servfail", "attacker.example", RSA, publish=False))
+    # The aligned signature's key lookup fails: DMARC cannot be decided now.
+    case("dnserr-aligned-key-servfail", "dns-errors",
+         sign_custom(BASE["plain"], "servfail", SIGNER, RSA, publish=False))
+    # Aligned key fails, a second aligned signature passes.
+    case("dnserr-aligned-key-servfail-other-pass", "dns-errors",
+         sign(sign_custom(BASE["plain"], "servfail", SIGNER, RSA, publish=False), "ed", SIGNER, ED))
+    # The DMARC record itself cannot be fetched.
+    servfail("_dmarc.dnsfail.example")
+    txt("dnsfail.example", "v=spf1 ip4:%s -all" % IP_OK)
+    m = base_messages("From: Someone <someone@dnsfail.example>")["plain"]
+    case("dnserr-dmarc-record-servfail-unsigned", "dns-errors", m)
+    case("dnserr-dmarc-record-servfail-aligned", "dns-errors", sign(m, "s1", "dnsfail.example", RSA))
+
+
 def main():
     family_baseline()
     family_edits()
@@ -732,6 +760,7 @@ def main():
     family_dmarc()
     family_arc()
     family_multi()
+    family_dns_errors()
     # Other domains' plain records.
     for d in ("thirdparty.example", "attacker.example"):
         txt(d, "v=spf1 -all")

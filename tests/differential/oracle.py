@@ -40,7 +40,6 @@ dns.resolver.default_resolver = _resolver
 
 import functools  # noqa: E402
 import os  # noqa: E402
-import tempfile  # noqa: E402
 
 import authheaders  # noqa: E402  (after the resolver is in place)
 import authheaders.dmarc_lookup  # noqa: E402
@@ -57,7 +56,7 @@ from authres.dmarc import DMARCAuthenticationResult  # noqa: E402
 # the bare TLD instead, which would align every .example domain with every other. The
 # rule is added explicitly to a copy of Debian's list; authheaders' code is unchanged.
 # Its get_org_domain() parses the whole list on every call, so results are memoized.
-_psl = os.path.join(tempfile.mkdtemp(prefix="oracle-psl-"), "public_suffix_list.dat")
+_psl = os.path.join(os.path.dirname(os.path.abspath(OUT)), "public_suffix_list.dat")
 with open(_psl, "w") as _f:
     _f.write(open(authheaders.findpsl.location).read())
     _f.write("\n// added by tests/differential/oracle.py: RFC 2606 test TLD\nexample\n")
