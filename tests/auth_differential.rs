@@ -413,8 +413,14 @@ fn load_known(path: &Path) -> (BTreeMap<(String, String), Known>, BTreeMap<Strin
 }
 
 /// The table written when MAILWARDEN_DIFF_REPORT is set.
-fn write_report(path: &Path, rows: &[Row], known: &BTreeMap<(String, String), Known>) {
-    let mut out = String::from(
+fn write_report(
+    path: &Path,
+    versions: &str,
+    rows: &[Row],
+    known: &BTreeMap<(String, String), Known>,
+) {
+    let mut out = format!("# oracle packages: {versions}\n");
+    out.push_str(
         "# Every compared check of every case: case, family, check, mailwarden, oracle, status, \
          reasons\n",
     );
@@ -489,6 +495,11 @@ fn mailwarden_agrees_with_an_independent_implementation() {
         (oracle.join().expect("oracle thread"), (checks, checks_time))
     });
     let elapsed = started.elapsed();
+    let versions = oracle
+        .get("_versions")
+        .map(Value::to_string)
+        .unwrap_or_default();
+    eprintln!("oracle packages: {versions}");
     eprintln!(
         "oracle {:.1} s, mailwarden checks {:.1} s ({WORKERS} at a time)",
         oracle_time.as_secs_f64(),
@@ -521,7 +532,7 @@ fn mailwarden_agrees_with_an_independent_implementation() {
     let known_path = differential_dir().join("known_disagreements.txt");
     let (known, _reasons) = load_known(&known_path);
     if let Ok(path) = std::env::var("MAILWARDEN_DIFF_REPORT") {
-        write_report(Path::new(&path), &rows, &known);
+        write_report(Path::new(&path), &versions, &rows, &known);
     }
 
     let mut new = Vec::new();
@@ -563,7 +574,7 @@ fn mailwarden_agrees_with_an_independent_implementation() {
     );
     assert!(
         new.is_empty() && stale.is_empty(),
-        "differential test against dkimpy/authheaders/pyspf:\n\
+        "differential test against dkimpy/authheaders/pyspf ({versions}):\n\
          {} disagreement(s) not in {}:\n{}\n\
          {} listed disagreement(s) that no longer occur (remove them):\n{}\n\
          (MAILWARDEN_DIFF_REPORT=path writes the full table and the lines to paste)",

@@ -188,9 +188,23 @@ def check_dmarc(m, c, spf_word, dkim_entries):
     }
 
 
+def versions():
+    """The oracle's package versions (the accepted disagreements are for these)."""
+    from importlib import metadata
+    out = {}
+    for names in (("dkimpy",), ("authheaders",), ("pyspf", "spf"), ("dnspython",)):
+        for n in names:
+            try:
+                out[names[0]] = metadata.version(n)
+                break
+            except metadata.PackageNotFoundError:
+                out[names[0]] = getattr(sys.modules.get(n), "__version__", "?")
+    return out
+
+
 def main():
     cases = json.load(open(CASES))
-    out = {}
+    out = {"_versions": versions()}
     for c in cases:
         m = open(c["file"], "rb").read()
         spf_word, spf_expl = check_spf(c)
