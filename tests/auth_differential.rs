@@ -22,8 +22,10 @@
 //! list cannot go stale. With `MAILWARDEN_DIFF_REPORT=path` it writes a table of every
 //! case and check (and the disagreement lines ready to paste) to `path`.
 //!
-//! Needs `/usr/bin/python3` with python3-dkim, python3-nacl, python3-authheaders and
-//! python3-spf (all from Debian; `.ci/run` installs them) and the `openssl` command.
+//! Needs `/usr/bin/python3` with python3-dkim, python3-nacl, python3-authheaders,
+//! python3-spf, python3-dnspython and python3-pkg-resources (all from Debian; `.ci/run`
+//! installs them; Debian's packages, not pip, so nothing can replace python3-dkim) and the
+//! `openssl` command.
 
 mod common;
 
@@ -96,7 +98,7 @@ fn python() -> &'static str {
         ok,
         "auth_differential needs {p} with dkimpy, PyNaCl, authheaders, pyspf and dnspython: \
          `apt-get install python3-dkim python3-nacl python3-authheaders python3-spf \
-         python3-dnspython` (.ci/run does this); and the openssl command"
+         python3-dnspython python3-pkg-resources` (.ci/run does this); and the openssl command"
     );
     p
 }
