@@ -517,6 +517,17 @@ def family_sig_tags():
         for ka in (RSA, ED):
             case("sig-%s-%s" % (name, ka[0]), "sig-tags",
                  sign_custom(BASE["plain"], ka[0], SIGNER, ka, **kw))
+    # Duplicate tags (RFC 6376 3.2: "if a tag name does occur more than once, the entire
+    # tag-list is invalid"), in the signature and in the key record.
+    case("sig-duplicate-tag-rsa", "sig-tags",
+         sign_custom(BASE["plain"], "rsa", SIGNER, RSA, extra=[(b"zz", b"1"), (b"zz", b"2")]))
+    case("sig-duplicate-d-rsa", "sig-tags",
+         sign_custom(BASE["plain"], "rsa", SIGNER, RSA, extra=[(b"d", SIGNER.encode())]))
+    name = "k-duptag._domainkey." + SIGNER
+    txt(name, "v=DKIM1; k=rsa; p=%s; p=%s" % (RSA_PUB, RSA_PUB))
+    _seen.add(name)
+    case("key-k-duplicate-p", "key-record",
+         sign_custom(BASE["plain"], "k-duptag", SIGNER, RSA, publish=False))
     # rsa-sha1 (RFC 8301: must not pass), dkimpy's own signer.
     case("sig-rsa-sha1", "sig-tags", sign(BASE["plain"], "rsa", SIGNER, ("rsa", b"rsa-sha1")))
     # An Ed25519 signature under an RSA selector and the other way round.
