@@ -333,9 +333,10 @@ EDITS = {
 
 
 def family_edits():
-    """Header and body edits after signing, on two messages, both key types, two canons."""
-    for name in ("plain", "folded"):
-        for ka in (RSA, ED):
+    """Header and body edits after signing: the plain message with both key types, the
+    folded one with RSA, each in relaxed and simple canonicalization."""
+    for name, kas in (("plain", (RSA, ED)), ("folded", (RSA,))):
+        for ka in kas:
             for canon in ("relaxed/relaxed", "simple/simple"):
                 signed = sign(BASE[name], ka[0], SIGNER, ka, canon)
                 for edit, f in EDITS.items():
@@ -585,7 +586,8 @@ def family_dmarc():
             m = base_messages("From: Someone <someone@%s>" % frm)["plain"]
             t = frm.replace(".example", "")
             case("dmarc-%s-dkim-aligned" % t, "dmarc", sign(m, "s1", d, RSA))
-            case("dmarc-%s-dkim-ed-aligned" % t, "dmarc", sign(m, "s2", d, ED))
+            if org in ("reject.example", "strict.example", "org.example", "sp.example"):
+                case("dmarc-%s-dkim-ed-aligned" % t, "dmarc", sign(m, "s2", d, ED))
             case("dmarc-%s-unsigned" % t, "dmarc", m)
             case("dmarc-%s-dkim-broken" % t, "dmarc",
                  append_body(sign(m, "s1", d, RSA), "tampered\r\n"))
