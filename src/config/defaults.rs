@@ -82,6 +82,9 @@ pub const DEFAULT_CHECKS_TIME_BUDGET: Duration = Duration::from_secs(30);
 pub const DEFAULT_SPF_TIME_BUDGET: Duration = Duration::from_secs(20);
 /// DKIM signatures verified per message; more is a resource attack, not mail.
 pub const DEFAULT_DKIM_MAX_SIGNATURES: usize = 10;
+/// ARC sealers whose vouching may override a DMARC fail (RFC 8617 §7.2): none. Trust is
+/// the operator's decision about specific forwarders; nothing is trusted by default.
+pub const DEFAULT_TRUSTED_ARC_SEALERS: &[&str] = &[];
 /// Quarantined messages are purged after this long (RELIABILITY `quarantine_retention`).
 pub const DEFAULT_QUARANTINE_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// How often the running proxy applies the quarantine retention.
