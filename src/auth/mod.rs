@@ -199,12 +199,24 @@ pub struct AuthReport {
 }
 
 impl AuthReport {
-    /// Whether any check could not finish for a temporary reason (DNS).
+    /// Whether a check that could change the outcome did not finish for a temporary
+    /// reason (DNS): the policy's `temperror` condition.
+    ///
+    /// Once DMARC reached `pass` or `fail`, nothing else can change it: a temporary error
+    /// of an identifier that could align already makes DMARC itself `temperror` (see
+    /// [`dmarc`]). So a DKIM signature of an attacker's own domain whose key lookup
+    /// times out cannot turn a DMARC reject into a deferral. Without a DMARC verdict
+    /// (no record, no From domain), any temporary error counts, as before.
     pub fn any_temperror(&self) -> bool {
-        self.spf.mail_from.result == AuthResult::TempError
-            || self.dkim.iter().any(|d| d.result == AuthResult::TempError)
-            || self.arc.result == AuthResult::TempError
-            || self.dmarc.result == AuthResult::TempError
+        match self.dmarc.result {
+            AuthResult::TempError => true,
+            AuthResult::Pass | AuthResult::Fail => false,
+            _ => {
+                self.spf.mail_from.result == AuthResult::TempError
+                    || self.dkim.iter().any(|d| d.result == AuthResult::TempError)
+                    || self.arc.result == AuthResult::TempError
+            }
+        }
     }
 
     /// One DKIM word for the message: pass if any signature passed, else fail if any
