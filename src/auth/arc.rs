@@ -102,7 +102,13 @@ pub fn trusted(sealer: &str, trusted: &[String]) -> bool {
 
 /// Our ARC check and, when the chain validated, its most recent set.
 pub fn check(out: &ArcOutput<'_>) -> (ArcCheck, Option<ArcLatest>) {
-    let result = AuthResult::from(out.result());
+    // RFC 8617 §4.4 (and the RFC 8601 registry) know only none, pass and fail for a
+    // chain; mail-auth says neutral for a body hash mismatch or an expired signature,
+    // which is a chain that does not validate: fail. A DNS error stays temperror.
+    let result = match AuthResult::from(out.result()) {
+        r @ (AuthResult::Pass | AuthResult::None | AuthResult::TempError) => r,
+        _ => AuthResult::Fail,
+    };
     let valid = matches!(out.result(), DkimResult::Pass);
     let sets = out.sets();
     let sealers = if valid {
