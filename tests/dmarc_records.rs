@@ -194,6 +194,23 @@ async fn only_alignable_identifiers_make_temperror_through_check() {
         assert_eq!(v["dkim"][0]["result"], "temperror", "{v}");
         assert_eq!(v["dmarc"]["result"], "temperror", "{v}");
         assert_eq!(v["verdict"], "defer", "{v}");
+        // The attacker's key lookup outlasts the whole time budget (a 2 s DNS timeout
+        // against a 1 s budget): DKIM is cut short, but DMARC discovery ran beside it, so
+        // the spoof is still a DMARC fail and rejected.
+        let slow = dir.path().join("slow.toml");
+        std::fs::write(
+            &slow,
+            format!(
+                "[dns]\nnameservers = [\"{}\"]\ntimeout_ms = 2000\nattempts = 1\n\n[auth]\ntime_budget = \"1s\"\nspf_time_budget = \"1s\"\n",
+                dns.nameserver()
+            ),
+        )
+        .unwrap();
+        let v = check_json(&slow, dir.path(), ATTACKER, &f.signed["attacker-signed"], "c").await;
+        assert_eq!(v["dkim"][0]["result"], "temperror", "{v}");
+        assert_eq!(v["dkim"][0]["reason"], "time budget exhausted", "{v}");
+        assert_eq!(v["dmarc"]["result"], "fail", "{v}");
+        assert_eq!(v["verdict"], "reject", "{v}");
     })
     .await;
 }

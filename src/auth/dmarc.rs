@@ -281,14 +281,15 @@ fn within(id: &str, parent: &str) -> bool {
     id == parent || id.strip_suffix(parent).is_some_and(|p| p.ends_with('.'))
 }
 
-/// DNS for one message's DMARC evaluation: the resolver, the shared cache, and what
-/// this message already walked.
-pub struct Dns<'a> {
-    pub resolver: &'a TokioResolver,
-    pub cache: &'a DmarcCache,
+/// DNS for DMARC: the proxy's resolver and the shared cache. Owned (both are shared
+/// handles) so that discovery can run as its own task beside DKIM and ARC.
+#[derive(Clone)]
+pub struct Dns {
+    pub resolver: TokioResolver,
+    pub cache: Arc<DmarcCache>,
 }
 
-impl Dns<'_> {
+impl Dns {
     /// What is published at `_dmarc.<name>`, from the cache or one TXT query.
     async fn at(&self, name: &str) -> Result<AtName, TempFail> {
         let key = format!("_dmarc.{name}.");
@@ -361,18 +362,18 @@ struct Discovered {
 }
 
 /// One message's evaluation state: memoised organizational domains.
-struct Evaluator<'a, 'd> {
-    dns: &'a Dns<'d>,
-    from: &'a str,
+struct Evaluator<'a> {
+    dns: &'a Dns,
+    from: String,
     orgs: HashMap<String, Result<String, TempFail>>,
 }
 
-impl Evaluator<'_, '_> {
+impl Evaluator<'_> {
     /// RFC 9989 §4.10.1: the first record on the walk from the From domain, and the
     /// names on the way that held several (ignored) records.
     async fn discover(&self) -> Result<(Option<Discovered>, Vec<String>), TempFail> {
         let mut several = Vec::new();
-        for name in walk_names(self.from) {
+        for name in walk_names(&self.from) {
             match self.dns.at(name).await? {
                 AtName::Record(record) => {
                     let found = Discovered {
@@ -431,7 +432,7 @@ impl Evaluator<'_, '_> {
         if mode == Mode::Strict || id.is_empty() {
             return Ok(false);
         }
-        let from = self.from.to_string();
+        let from = self.from.clone();
         let org = self.org(&from).await?;
         if !within(&id, &org) {
             return Ok(false);
@@ -442,8 +443,6 @@ impl Evaluator<'_, '_> {
 
 /// What DMARC evaluation needs from the other checks.
 pub struct DmarcInput<'a> {
-    /// The RFC 5322.From domain to evaluate ("" when there is none).
-    pub from_domain: &'a str,
     /// SPF for the MAIL FROM identity (HELO's for the null sender).
     pub spf: &'a SpfCheck,
     /// Final per-signature DKIM results: only `pass` aligns.
@@ -468,31 +467,75 @@ enum Sample {
     Out,
 }
 
-/// Evaluates DMARC for `input.from_domain`. `sample` decides whether a message is in
-/// the `pct` sample (the caller passes a random draw, tests a fixed one).
-pub async fn evaluate(dns: &Dns<'_>, input: &DmarcInput<'_>) -> DmarcOutcome {
-    evaluate_with(dns, input, |pct| rand::random_range(0..100u8) < pct).await
+/// Policy discovery for one From domain, done before the other checks' results are
+/// known (it needs none of them): the policy record, and the From domain's
+/// organizational domain when there is a record (relaxed alignment needs it).
+pub struct Discovery {
+    from: String,
+    found: Result<(Option<Discovered>, Vec<String>), TempFail>,
+    orgs: HashMap<String, Result<String, TempFail>>,
 }
 
-async fn evaluate_with(
-    dns: &Dns<'_>,
+/// Discovers the policy for `from_domain` (the RFC 5322.From domain to evaluate; ""
+/// when there is none).
+pub async fn discover(dns: &Dns, from_domain: &str) -> Discovery {
+    let mut ev = Evaluator {
+        dns,
+        from: normalize(from_domain),
+        orgs: HashMap::new(),
+    };
+    if ev.from.is_empty() {
+        return Discovery {
+            from: ev.from,
+            found: Ok((None, Vec::new())),
+            orgs: ev.orgs,
+        };
+    }
+    let found = ev.discover().await;
+    if matches!(found, Ok((Some(_), _))) {
+        let from = ev.from.clone();
+        // Memoised, errors included: `decide` then needs no DNS for identifiers outside
+        // the From domain's organization, even once the time budget is spent.
+        let _ = ev.org(&from).await;
+    }
+    Discovery {
+        from: ev.from,
+        found,
+        orgs: ev.orgs,
+    }
+}
+
+/// DMARC for `from_domain`: [`discover`] then [`decide`].
+pub async fn evaluate(dns: &Dns, from_domain: &str, input: &DmarcInput<'_>) -> DmarcOutcome {
+    let discovery = discover(dns, from_domain).await;
+    decide(dns, discovery, input).await
+}
+
+/// The verdict from a discovery and the other checks' results. The `pct` sample is a
+/// random draw per message (`rand`'s thread-local CSPRNG): a message is in it with
+/// probability pct/100, so `pct=0` never and `pct=100` always applies the published
+/// policy.
+pub async fn decide(dns: &Dns, discovery: Discovery, input: &DmarcInput<'_>) -> DmarcOutcome {
+    decide_with(dns, discovery, input, |pct| {
+        rand::random_range(0..100u8) < pct
+    })
+    .await
+}
+
+async fn decide_with(
+    dns: &Dns,
+    discovery: Discovery,
     input: &DmarcInput<'_>,
     sample: impl Fn(u8) -> bool,
 ) -> DmarcOutcome {
-    let from = normalize(input.from_domain);
+    let from = discovery.from.clone();
     let mut check = DmarcCheck::without_record(AuthResult::None, from.clone());
-    if from.is_empty() {
-        return DmarcOutcome {
-            check,
-            vouching_sealer: None,
-        };
-    }
     let mut ev = Evaluator {
         dns,
-        from: &from,
-        orgs: HashMap::new(),
+        from: discovery.from,
+        orgs: discovery.orgs,
     };
-    let (found, several) = match ev.discover().await {
+    let (found, several) = match discovery.found {
         Ok(found) => found,
         Err(TempFail) => {
             check.result = AuthResult::TempError;
@@ -580,7 +623,7 @@ async fn evaluate_with(
 
 /// The published policy for the From domain: `p` at the domain itself, else `np` for a
 /// non-existent subdomain, `sp` for an existing one (RFC 9989 §4.10.1 / §5.3.4).
-async fn published_policy(dns: &Dns<'_>, from: &str, found: &Discovered, p: Policy) -> Policy {
+async fn published_policy(dns: &Dns, from: &str, found: &Discovered, p: Policy) -> Policy {
     let record = &found.record;
     if found.name == from {
         return p;
@@ -602,7 +645,7 @@ async fn published_policy(dns: &Dns<'_>, from: &str, found: &Discovered, p: Poli
 /// did and an aligned identifier (or the alignment check itself) had a temporary error;
 /// fail otherwise. Identifiers that cannot align never make it a temperror.
 async fn alignment_result(
-    ev: &mut Evaluator<'_, '_>,
+    ev: &mut Evaluator<'_>,
     input: &DmarcInput<'_>,
     record: &Record,
 ) -> AuthResult {
@@ -635,8 +678,8 @@ async fn alignment_result(
 /// Whether the most recent ARC set recorded a pass for this From domain: a `dmarc=pass`
 /// with `header.from` equal to ours, or a DKIM/SPF pass whose domain aligns with it under
 /// the record's modes; and no other DMARC result for our domain.
-async fn vouches(ev: &mut Evaluator<'_, '_>, latest: &ArcLatest, record: &Record) -> bool {
-    let claims = latest.claims(ev.from);
+async fn vouches(ev: &mut Evaluator<'_>, latest: &ArcLatest, record: &Record) -> bool {
+    let claims = latest.claims(&ev.from);
     if claims.dmarc_other {
         return false;
     }
@@ -739,14 +782,19 @@ mod tests {
         assert_eq!(names.len(), 8);
     }
 
-    fn dns_for(server: &DnsServer) -> TokioResolver {
+    /// A resolver without hickory's cache (every lookup the DMARC cache does not answer
+    /// reaches the server) and a fresh DMARC cache.
+    fn dns_for(server: &DnsServer) -> Dns {
         let cfg = DnsConfig {
             nameservers: vec![server.addr()],
             timeout_ms: 300,
             attempts: 1,
             cache_entries: 0,
         };
-        crate::auth::dns::authenticator(&cfg).unwrap().0
+        Dns {
+            resolver: crate::auth::dns::authenticator(&cfg).unwrap().0,
+            cache: Arc::new(DmarcCache::new(100)),
+        }
     }
 
     fn spf(result: AuthResult, domain: &str) -> SpfCheck {
@@ -801,20 +849,15 @@ mod tests {
         dkim_c: Vec<DkimCheck>,
         sample: bool,
     ) -> DmarcCheck {
-        let resolver = dns_for(server);
-        let cache = DmarcCache::new(100);
-        let dns = Dns {
-            resolver: &resolver,
-            cache: &cache,
-        };
+        let dns = dns_for(server);
         let input = DmarcInput {
-            from_domain: from,
             spf: &spf_c,
             dkim: &dkim_c,
             arc: None,
             trusted_sealers: &[],
         };
-        evaluate_with(&dns, &input, |_| sample).await.check
+        let discovery = discover(&dns, from).await;
+        decide_with(&dns, discovery, &input, |_| sample).await.check
     }
 
     async fn eval(
@@ -920,30 +963,20 @@ mod tests {
         let server = DnsServer::start(zone());
         let none = spf(AuthResult::Fail, "attacker.example");
         // pct=0: whatever the draw says, never reject (the real draw: `evaluate`).
-        let resolver = dns_for(&server);
-        let cache = DmarcCache::new(100);
-        let dns = Dns {
-            resolver: &resolver,
-            cache: &cache,
-        };
+        let dns = dns_for(&server);
         for _ in 0..20 {
             let input = DmarcInput {
-                from_domain: "pct0.example",
                 spf: &none,
                 dkim: &[],
                 arc: None,
                 trusted_sealers: &[],
             };
-            let c = evaluate(&dns, &input).await.check;
+            let c = evaluate(&dns, "pct0.example", &input).await.check;
             assert_eq!(
                 (c.published_policy, c.policy, c.pct),
                 (Some("reject"), Some("quarantine"), Some(0))
             );
-            let input = DmarcInput {
-                from_domain: "pct100.example",
-                ..input
-            };
-            let c = evaluate(&dns, &input).await.check;
+            let c = evaluate(&dns, "pct100.example", &input).await.check;
             assert_eq!(
                 (c.published_policy, c.policy, c.pct),
                 (Some("reject"), Some("reject"), None)
@@ -1016,15 +1049,10 @@ mod tests {
         // psd.example is a public suffix: a.psd.example and b.psd.example are different
         // organizations and never align in relaxed mode.
         let server = DnsServer::start(zone());
-        let resolver = dns_for(&server);
-        let cache = DmarcCache::new(100);
-        let dns = Dns {
-            resolver: &resolver,
-            cache: &cache,
-        };
+        let dns = dns_for(&server);
         let mut ev = Evaluator {
             dns: &dns,
-            from: "a.psd.example",
+            from: "a.psd.example".into(),
             orgs: HashMap::new(),
         };
         assert_eq!(ev.org("x.a.psd.example").await, Ok("a.psd.example".into()));
@@ -1040,12 +1068,7 @@ mod tests {
     #[tokio::test]
     async fn records_are_cached_errors_are_not() {
         let server = DnsServer::start(zone());
-        let resolver = dns_for(&server);
-        let cache = DmarcCache::new(100);
-        let dns = Dns {
-            resolver: &resolver,
-            cache: &cache,
-        };
+        let dns = dns_for(&server);
         assert!(matches!(
             dns.at("bank.example").await,
             Ok(AtName::Record(_))
@@ -1057,6 +1080,6 @@ mod tests {
         ));
         assert_eq!(server.queries_for("_dmarc.bank.example"), before);
         assert_eq!(dns.at("slow.example").await, Err(TempFail));
-        assert!(cache.get("_dmarc.slow.example.").is_none());
+        assert!(dns.cache.get("_dmarc.slow.example.").is_none());
     }
 }

@@ -251,7 +251,7 @@ pub struct Verifier {
     ipv4_cache: TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
     spf_cache: spf::SpfCache,
     /// What is published at `_dmarc` names, parsed (see [`dmarc`]).
-    dmarc_cache: dmarc::DmarcCache,
+    dmarc_cache: std::sync::Arc<dmarc::DmarcCache>,
     /// `[auth] trusted_arc_sealers`.
     trusted_arc_sealers: Vec<String>,
     /// Our host name, the `%{r}` SPF macro.
@@ -271,7 +271,7 @@ impl Verifier {
             txt_cache: TxtCache::new(entries),
             ipv4_cache: TtlCache::new(entries),
             spf_cache: spf::SpfCache::new(entries),
-            dmarc_cache: dmarc::DmarcCache::new(entries),
+            dmarc_cache: std::sync::Arc::new(dmarc::DmarcCache::new(entries)),
             trusted_arc_sealers: cfg.trusted_arc_sealers.clone(),
             hostname: hostname.to_string(),
             time_budget: cfg.time_budget,
@@ -309,6 +309,18 @@ impl Verifier {
             .rsplit_once('@')
             .map(|(_, d)| d.to_ascii_lowercase())
             .unwrap_or_default();
+
+        // DMARC policy discovery needs nothing from DKIM or ARC: it runs beside them, so
+        // that signatures whose key lookups eat the time budget cannot leave DMARC
+        // without its record (and a spoof with a temperror instead of a fail).
+        let dmarc_dns = dmarc::Dns {
+            resolver: self.authenticator.0.clone(),
+            cache: std::sync::Arc::clone(&self.dmarc_cache),
+        };
+        let mut discovery = AbortOnDrop(tokio::spawn({
+            let (dns, from) = (dmarc_dns.clone(), header_from.clone());
+            async move { dmarc::discover(&dns, &from).await }
+        }));
 
         let dkim_outputs = within(
             deadline,
@@ -366,23 +378,20 @@ impl Verifier {
             None => (ArcCheck::none(AuthResult::TempError), None),
         };
         // DMARC aligns with the SPF result of the MAIL FROM identity (HELO's for <>).
-        let dmarc = within(
-            deadline,
-            dmarc::evaluate(
-                &dmarc::Dns {
-                    resolver: &self.authenticator.0,
-                    cache: &self.dmarc_cache,
-                },
-                &dmarc::DmarcInput {
-                    from_domain: &header_from,
-                    spf: &mail_from,
-                    dkim: &dkim,
-                    arc: arc_latest.as_ref(),
-                    trusted_sealers: &self.trusted_arc_sealers,
-                },
-            ),
-        )
-        .await;
+        let input = dmarc::DmarcInput {
+            spf: &mail_from,
+            dkim: &dkim,
+            arc: arc_latest.as_ref(),
+            trusted_sealers: &self.trusted_arc_sealers,
+        };
+        // Past the deadline `within` still polls once: a decision that needs no more DNS
+        // (the usual case, everything being memoised by discovery) is still made.
+        let dmarc = within(deadline, async {
+            let found = (&mut discovery.0).await.ok()?;
+            Some(dmarc::decide(&dmarc_dns, found, &input).await)
+        })
+        .await
+        .flatten();
         let dmarc = match dmarc {
             Some(out) => {
                 arc.vouching_sealer = out.vouching_sealer;
@@ -448,6 +457,16 @@ impl Verifier {
         .await
         .unwrap_or(AuthResult::TempError);
         SpfCheck { result, domain }
+    }
+}
+
+/// A spawned task that is aborted when its handle goes (a message whose verification
+/// ended or was dropped leaves no lookups behind).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
