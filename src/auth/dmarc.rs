@@ -586,9 +586,8 @@ async fn decide_with(
     };
     let mut applied = published;
     if check.result == AuthResult::Fail {
-        let sampled = if record.pct >= 100 {
-            Sample::In
-        } else if sample(record.pct) {
+        // pct=100 (the default) never consults the draw.
+        let sampled = if record.pct >= 100 || sample(record.pct) {
             Sample::In
         } else {
             Sample::Out
@@ -700,13 +699,9 @@ async fn vouches(ev: &mut Evaluator<'_>, latest: &ArcLatest, record: &Record) ->
 }
 
 #[cfg(test)]
-#[path = "../../tests/common/dns.rs"]
-mod test_dns;
-
-#[cfg(test)]
 mod tests {
-    use super::test_dns::{DnsServer, Zone};
     use super::*;
+    use crate::auth::spf::test_dns::{DnsServer, Zone};
     use crate::config::DnsConfig;
 
     #[test]

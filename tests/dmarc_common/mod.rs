@@ -130,13 +130,11 @@ fn python() -> String {
     );
 }
 
-/// Signs every job in `dir`; returns the key records to publish (name -> TXT) and each
-/// job's message.
-pub fn sign(
-    dir: &Path,
-    keys: &[Key],
-    jobs: &[Job],
-) -> (Vec<(String, String)>, BTreeMap<String, Vec<u8>>) {
+/// What [`sign`] made: the key records to publish (name, TXT) and each job's message.
+pub type Signed = (Vec<(String, String)>, BTreeMap<String, Vec<u8>>);
+
+/// Signs every job in `dir`; returns the key records to publish and each job's message.
+pub fn sign(dir: &Path, keys: &[Key], jobs: &[Job]) -> Signed {
     let step = |s: &Step| match s {
         Step::Prepend(text) => json!({"op": "prepend", "text": text}),
         Step::Dkim(key) => json!({"op": "dkim", "key": key}),
