@@ -838,6 +838,22 @@ mod tests {
     }
 
     #[test]
+    fn trusted_arc_sealers_are_domains() {
+        let c = parse(&format!(
+            "{MINIMAL}[auth]\ntrusted_arc_sealers = [\"sealer.example\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.auth.trusted_arc_sealers, ["sealer.example"]);
+        assert!(parse(MINIMAL).unwrap().auth.trusted_arc_sealers.is_empty());
+        let e = parse(&format!(
+            "{MINIMAL}[auth]\ntrusted_arc_sealers = [\"sealer.example\", \"not a domain\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "auth.trusted_arc_sealers", "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
+    }
+
+    #[test]
     fn next_hop_addresses() {
         assert_eq!(
             NextHopAddress::parse("smtp://127.0.0.1:10025").unwrap(),
