@@ -432,6 +432,13 @@ impl Evaluator<'_> {
         if mode == Mode::Strict || id.is_empty() {
             return Ok(false);
         }
+        // Every organizational domain of the From domain ends in its last label: an
+        // identifier that does not can never align, whatever DNS says (so it needs no
+        // lookup, and a failed walk cannot make it look alignable).
+        let last = |d: &str| d.rsplit('.').next().map(str::to_string);
+        if last(&id) != last(&self.from) {
+            return Ok(false);
+        }
         let from = self.from.clone();
         let org = self.org(&from).await?;
         if !within(&id, &org) {
@@ -1052,6 +1059,10 @@ mod tests {
         };
         assert_eq!(ev.org("x.a.psd.example").await, Ok("a.psd.example".into()));
         assert_eq!(ev.aligned("b.psd.example", Mode::Relaxed).await, Ok(false));
+        // Another top-level domain: no walk at all.
+        let before = server.query_count();
+        assert_eq!(ev.aligned("attacker.test", Mode::Relaxed).await, Ok(false));
+        assert_eq!(server.query_count(), before);
         assert_eq!(ev.aligned("x.a.psd.example", Mode::Relaxed).await, Ok(true));
         assert_eq!(ev.org("www.bank.example").await, Ok("bank.example".into()));
         assert_eq!(
