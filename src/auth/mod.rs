@@ -544,3 +544,45 @@ pub fn looks_like_domain(s: &str) -> bool {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(dmarc: AuthResult, dkim: AuthResult, spf: AuthResult) -> AuthReport {
+        AuthReport {
+            spf: SpfPair {
+                mail_from: SpfCheck {
+                    result: spf,
+                    domain: "attacker.example".into(),
+                },
+                helo: SpfCheck {
+                    result: AuthResult::None,
+                    domain: String::new(),
+                },
+            },
+            dkim: vec![DkimCheck {
+                result: dkim,
+                domain: "attacker.example".into(),
+                selector: "s".into(),
+                algorithm: "rsa-sha256".into(),
+                reason: None,
+            }],
+            arc: ArcCheck::none(AuthResult::None),
+            dmarc: DmarcCheck::without_record(dmarc, "bank.example".into()),
+        }
+    }
+
+    #[test]
+    fn temperror_only_when_it_could_change_the_outcome() {
+        use AuthResult::*;
+        // DMARC reached fail (or pass): an unrelated temperror changes nothing.
+        assert!(!report(Fail, TempError, Pass).any_temperror());
+        assert!(!report(Pass, TempError, TempError).any_temperror());
+        assert!(report(TempError, Pass, Pass).any_temperror());
+        // Without a DMARC verdict every check counts.
+        assert!(report(None, TempError, Pass).any_temperror());
+        assert!(report(None, Pass, TempError).any_temperror());
+        assert!(!report(None, Pass, Pass).any_temperror());
+    }
+}
