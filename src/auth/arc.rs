@@ -217,9 +217,9 @@ pub fn parse_aar(value: &str) -> Option<(u32, Vec<ResInfo>)> {
         }
         _ => return None,
     };
-    // authserv-id [version]
+    // authserv-id [version]; the authserv-id is a value: a token or a quoted-string.
     match parts.next()? {
-        [Tok::Word(_)] | [Tok::Word(_), Tok::Word(_)] => {}
+        [Tok::Word(_) | Tok::Quoted(_)] | [Tok::Word(_) | Tok::Quoted(_), Tok::Word(_)] => {}
         _ => return None,
     }
     let mut results = Vec::new();
@@ -332,6 +332,9 @@ mod tests {
             ("dmarc", "pass")
         );
         assert_eq!(parse_aar("i=1; mx.example; none").unwrap().1, vec![]);
+        let (_, r) =
+            parse_aar("i=1; \"mx.example\" (c); dmarc=pass header.from=\"bank.example\";").unwrap();
+        assert_eq!(r[0].prop("header.from"), Some("bank.example"));
         // Unparseable: nothing vouches.
         assert!(parse_aar("i=1; mx.example; dmarc=pass (unterminated").is_none());
         assert!(parse_aar("i=x; mx.example; dmarc=pass").is_none());
