@@ -296,8 +296,7 @@ impl Dns {
         if let Some(hit) = self.cache.get(key.as_str()) {
             return Ok(hit);
         }
-        let qname = Name::from_ascii(&key).map_err(|_| TempFail);
-        let Ok(qname) = qname else {
+        let Ok(qname) = Name::from_ascii(&key) else {
             // Not a name DNS can hold: nothing can be published there.
             return Ok(AtName::None);
         };
@@ -366,6 +365,8 @@ struct Evaluator<'a> {
     dns: &'a Dns,
     from: String,
     orgs: HashMap<String, Result<String, TempFail>>,
+    /// Walks not finished by then are temporary failures.
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl Evaluator<'_> {
@@ -397,7 +398,14 @@ impl Evaluator<'_> {
         if let Some(known) = self.orgs.get(domain) {
             return known.clone();
         }
-        let result = self.walk_org(domain).await;
+        let result = match self.deadline {
+            // Past the deadline `timeout_at` still polls once: a walk answered from the
+            // cache completes.
+            Some(d) => tokio::time::timeout_at(d, self.walk_org(domain))
+                .await
+                .unwrap_or(Err(TempFail)),
+            None => self.walk_org(domain).await,
+        };
         self.orgs.insert(domain.to_string(), result.clone());
         result
     }
@@ -467,7 +475,7 @@ pub struct DmarcOutcome {
     pub vouching_sealer: Option<String>,
 }
 
-/// How the applied policy was reached from the published one.
+/// Whether a failing message is in the `pct` sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sample {
     In,
@@ -480,6 +488,8 @@ enum Sample {
 pub struct Discovery {
     from: String,
     found: Result<(Option<Discovered>, Vec<String>), TempFail>,
+    /// The published policy that applies to the From domain, when the record has one.
+    published: Option<Policy>,
     orgs: HashMap<String, Result<String, TempFail>>,
 }
 
@@ -490,16 +500,22 @@ pub async fn discover(dns: &Dns, from_domain: &str) -> Discovery {
         dns,
         from: normalize(from_domain),
         orgs: HashMap::new(),
+        deadline: None,
     };
     if ev.from.is_empty() {
         return Discovery {
             from: ev.from,
             found: Ok((None, Vec::new())),
+            published: None,
             orgs: ev.orgs,
         };
     }
     let found = ev.discover().await;
-    if matches!(found, Ok((Some(_), _))) {
+    let mut published = None;
+    if let Ok((Some(found), _)) = &found {
+        if let Some(p) = found.record.p {
+            published = Some(published_policy(dns, &ev.from, found, p).await);
+        }
         let from = ev.from.clone();
         // Memoised, errors included: `decide` then needs no DNS for identifiers outside
         // the From domain's organization, even once the time budget is spent.
@@ -508,6 +524,7 @@ pub async fn discover(dns: &Dns, from_domain: &str) -> Discovery {
     Discovery {
         from: ev.from,
         found,
+        published,
         orgs: ev.orgs,
     }
 }
@@ -515,32 +532,41 @@ pub async fn discover(dns: &Dns, from_domain: &str) -> Discovery {
 /// DMARC for `from_domain`: [`discover`] then [`decide`].
 pub async fn evaluate(dns: &Dns, from_domain: &str, input: &DmarcInput<'_>) -> DmarcOutcome {
     let discovery = discover(dns, from_domain).await;
-    decide(dns, discovery, input).await
+    decide(dns, discovery, input, None).await
 }
 
 /// The verdict from a discovery and the other checks' results. The `pct` sample is a
 /// random draw per message (`rand`'s thread-local CSPRNG): a message is in it with
 /// probability pct/100, so `pct=0` never and `pct=100` always applies the published
-/// policy.
-pub async fn decide(dns: &Dns, discovery: Discovery, input: &DmarcInput<'_>) -> DmarcOutcome {
-    decide_with(dns, discovery, input, |pct| {
-        rand::random_range(0..100u8) < pct
-    })
-    .await
+/// policy. The only DNS left here is the organizational-domain walk of an identifier
+/// under the From domain's organizational domain (relaxed alignment); one not finished
+/// by `deadline` is a temporary failure: `temperror` if the identifier passed or had a
+/// temperror itself, no vouching if an ARC set claimed it.
+pub async fn decide(
+    dns: &Dns,
+    discovery: Discovery,
+    input: &DmarcInput<'_>,
+    deadline: Option<tokio::time::Instant>,
+) -> DmarcOutcome {
+    let draw = |pct| rand::random_range(0..100u8) < pct;
+    decide_with(dns, discovery, input, deadline, draw).await
 }
 
 async fn decide_with(
     dns: &Dns,
     discovery: Discovery,
     input: &DmarcInput<'_>,
+    deadline: Option<tokio::time::Instant>,
     sample: impl Fn(u8) -> bool,
 ) -> DmarcOutcome {
     let from = discovery.from.clone();
     let mut check = DmarcCheck::without_record(AuthResult::None, from.clone());
+    let published = discovery.published;
     let mut ev = Evaluator {
         dns,
         from: discovery.from,
         orgs: discovery.orgs,
+        deadline,
     };
     let (found, several) = match discovery.found {
         Ok(found) => found,
@@ -565,7 +591,7 @@ async fn decide_with(
         };
     };
     let record = Arc::clone(&found.record);
-    let Some(p) = record.p else {
+    let (Some(_), Some(published)) = (record.p, published) else {
         notes.push(format!(
             "record at _dmarc.{} has no valid p= and no valid rua=: DMARC does not apply",
             found.name
@@ -582,7 +608,6 @@ async fn decide_with(
     if found.name != from {
         check.policy_domain = Some(found.name.clone());
     }
-    let published = published_policy(dns, &from, &found, p).await;
     check.published_policy = Some(published.as_str());
     check.result = alignment_result(&mut ev, input, &record).await;
     let vouching_sealer = match input.arc {
@@ -859,7 +884,9 @@ mod tests {
             trusted_sealers: &[],
         };
         let discovery = discover(&dns, from).await;
-        decide_with(&dns, discovery, &input, |_| sample).await.check
+        decide_with(&dns, discovery, &input, None, |_| sample)
+            .await
+            .check
     }
 
     async fn eval(
@@ -1047,6 +1074,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn decide_keeps_to_the_deadline() {
+        let server = DnsServer::start(zone());
+        let dns = dns_for(&server);
+        let spf_c = spf(AuthResult::Fail, "attacker.example");
+        let past = Some(tokio::time::Instant::now());
+        let decide_past = |dkim_c: Vec<DkimCheck>| {
+            let (dns, spf_c) = (dns.clone(), spf_c.clone());
+            async move {
+                let discovery = discover(&dns, "bank.example").await;
+                let input = DmarcInput {
+                    spf: &spf_c,
+                    dkim: &dkim_c,
+                    arc: None,
+                    trusted_sealers: &[],
+                };
+                decide_with(&dns, discovery, &input, past, |_| true)
+                    .await
+                    .check
+            }
+        };
+        // Everything needed was found by discovery: decided even past the deadline.
+        let c = decide_past(vec![dkim(AuthResult::TempError, "attacker.example")]).await;
+        assert_eq!((c.result, c.policy), (AuthResult::Fail, Some("reject")));
+        let c = decide_past(vec![dkim(AuthResult::Pass, "bank.example")]).await;
+        assert_eq!(c.result, AuthResult::Pass);
+        // A subdomain's pass needs one more walk, which the deadline cuts: temperror.
+        let c = decide_past(vec![dkim(AuthResult::Pass, "fresh.bank.example")]).await;
+        assert_eq!(c.result, AuthResult::TempError);
+    }
+
+    #[tokio::test]
     async fn psd_records_bound_the_organizational_domain() {
         // psd.example is a public suffix: a.psd.example and b.psd.example are different
         // organizations and never align in relaxed mode.
@@ -1056,6 +1114,7 @@ mod tests {
             dns: &dns,
             from: "a.psd.example".into(),
             orgs: HashMap::new(),
+            deadline: None,
         };
         assert_eq!(ev.org("x.a.psd.example").await, Ok("a.psd.example".into()));
         assert_eq!(ev.aligned("b.psd.example", Mode::Relaxed).await, Ok(false));

@@ -384,16 +384,14 @@ impl Verifier {
             arc: arc_latest.as_ref(),
             trusted_sealers: &self.trusted_arc_sealers,
         };
-        // Past the deadline `within` still polls once: a decision that needs no more DNS
-        // (the usual case, everything being memoised by discovery) is still made.
-        let dmarc = within(deadline, async {
-            let found = (&mut discovery.0).await.ok()?;
-            Some(dmarc::decide(&dmarc_dns, found, &input).await)
-        })
-        .await
-        .flatten();
-        let dmarc = match dmarc {
-            Some(out) => {
+        // Past the deadline `within` still polls once: a discovery that has finished is
+        // used. `decide` keeps to the deadline itself (see there).
+        let found = within(deadline, &mut discovery.0)
+            .await
+            .and_then(Result::ok);
+        let dmarc = match found {
+            Some(found) => {
+                let out = dmarc::decide(&dmarc_dns, found, &input, Some(deadline)).await;
                 arc.vouching_sealer = out.vouching_sealer;
                 out.check
             }
