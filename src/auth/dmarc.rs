@@ -36,6 +36,12 @@
 //!   applied policy `none` and the sealer named ([`super::arc`] decides what the set
 //!   recorded; alignment of its DKIM/SPF claims is judged here, like our own).
 //!
+//! Two steps, so that the time budget cannot be spent on unrelated signatures before
+//! DMARC has its record: [`discover`] (the record, the applicable published policy, the
+//! From domain's organizational domain) needs nothing from the other checks and runs
+//! beside DKIM and ARC; [`decide`] then needs DNS only for the organizational domain of an
+//! identifier under the From domain's own, and keeps to the deadline itself.
+//!
 //! Lookups go through the proxy's resolver and a [`DmarcCache`] (a [`TtlCache`] bounded
 //! by `[dns] cache_entries`, like mail-auth's TXT cache): what is at a `_dmarc` name,
 //! parsed, until its TTL (a negative answer for its SOA negative TTL, at most
