@@ -632,6 +632,7 @@ async fn decide_with(
         };
         if record.pct < 100 {
             check.pct = Some(record.pct);
+            check.pct_sampled = Some(sampled == Sample::In);
         }
         check.testing = record.testing;
         if sampled == Sample::Out || record.testing {
@@ -865,6 +866,7 @@ mod tests {
             .txt("_dmarc.parent.example", "v=DMARC1; p=quarantine")
             .txt("_dmarc.pct0.example", "v=DMARC1; p=reject; pct=0")
             .txt("_dmarc.pct100.example", "v=DMARC1; p=reject; pct=100")
+            .txt("_dmarc.pct50.example", "v=DMARC1; p=reject; pct=50")
             .txt("_dmarc.test.example", "v=DMARC1; p=quarantine; t=y")
             .txt(
                 "_dmarc.rua.example",
@@ -1008,8 +1010,8 @@ mod tests {
             };
             let c = evaluate(&dns, "pct0.example", &input).await.check;
             assert_eq!(
-                (c.published_policy, c.policy, c.pct),
-                (Some("reject"), Some("quarantine"), Some(0))
+                (c.published_policy, c.policy, c.pct, c.pct_sampled),
+                (Some("reject"), Some("quarantine"), Some(0), Some(false))
             );
             let c = evaluate(&dns, "pct100.example", &input).await.check;
             assert_eq!(
@@ -1017,6 +1019,11 @@ mod tests {
                 (Some("reject"), Some("reject"), None)
             );
         }
+        // pct=50: the draw decides.
+        let c = eval_with(&server, "pct50.example", none.clone(), vec![], true).await;
+        assert_eq!((c.policy, c.pct_sampled), (Some("reject"), Some(true)));
+        let c = eval_with(&server, "pct50.example", none.clone(), vec![], false).await;
+        assert_eq!((c.policy, c.pct_sampled), (Some("quarantine"), Some(false)));
         let c = eval_with(&server, "bank.example", none.clone(), vec![], false).await;
         assert_eq!(
             c.policy,

@@ -67,8 +67,8 @@ pub fn authentication_results(authserv_id: &str, report: &AuthReport, sep: &str)
 fn dmarc_result(d: &super::DmarcCheck) -> String {
     let mut out = format!("dmarc={}", d.result.as_str());
     let mut why = Vec::new();
-    if d.pct.is_some_and(|_| d.policy != d.published_policy) && d.arc_override.is_none() {
-        why.push(format!("not in the pct={} sample", d.pct.unwrap_or(100)));
+    if let (Some(pct), Some(false)) = (d.pct, d.pct_sampled) {
+        why.push(format!("not in the pct={pct} sample"));
     }
     if d.testing {
         why.push("t=y testing".to_string());
@@ -228,6 +228,7 @@ mod tests {
         let mut r = report();
         r.dmarc.result = AuthResult::Fail;
         r.dmarc.pct = Some(0);
+        r.dmarc.pct_sampled = Some(false);
         r.dmarc.policy = Some("quarantine");
         let ar = authentication_results("mx.example.org", &r, "; ");
         assert!(
@@ -235,6 +236,7 @@ mod tests {
             "{ar}"
         );
         r.dmarc.pct = None;
+        r.dmarc.pct_sampled = None;
         r.dmarc.policy = Some("none");
         r.dmarc.arc_override = Some("sealer.example;dmarc=pass".into());
         let ar = authentication_results("mx.example.org", &r, "; ");

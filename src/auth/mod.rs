@@ -154,6 +154,10 @@ pub struct DmarcCheck {
     /// `pct=` of the record, when under 100 and the message failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pct: Option<u8>,
+    /// With `pct`: whether the message was in the sample (the published policy applies)
+    /// or not (the next lower one does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pct_sampled: Option<bool>,
     /// `t=y` (testing mode) on a failed message.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub testing: bool,
@@ -176,6 +180,7 @@ impl DmarcCheck {
             header_from,
             policy_domain: None,
             pct: None,
+            pct_sampled: None,
             testing: false,
             arc_override: None,
             reason: None,
