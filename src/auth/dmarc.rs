@@ -1019,6 +1019,19 @@ mod tests {
                 (Some("reject"), Some("reject"), None)
             );
         }
+        // pct=50 with the real draw: per message, so both outcomes show up (the chance
+        // that 200 draws all agree is 2^-199).
+        let input = DmarcInput {
+            spf: &none,
+            dkim: &[],
+            arc: None,
+            trusted_sealers: &[],
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            seen.insert(evaluate(&dns, "pct50.example", &input).await.check.policy);
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
         // pct=50: the draw decides.
         let c = eval_with(&server, "pct50.example", none.clone(), vec![], true).await;
         assert_eq!((c.policy, c.pct_sampled), (Some("reject"), Some(true)));
