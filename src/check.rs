@@ -136,16 +136,34 @@ fn human(v: &Verdict) -> String {
                 ),
             );
         }
-        row("ARC", r.arc.result.as_str().to_string());
-        row(
-            "DMARC",
-            format!(
-                "{:<10} header.from={} policy={}",
-                r.dmarc.result.as_str(),
-                r.dmarc.header_from,
-                r.dmarc.policy.unwrap_or("-")
-            ),
+        let mut arc = r.arc.result.as_str().to_string();
+        if let Some(s) = &r.arc.latest_sealer {
+            arc.push_str(&format!("       latest sealer={s}"));
+        }
+        if r.arc.vouching_sealer.is_some() {
+            arc.push_str(&format!(", recorded a pass for {}", r.dmarc.header_from));
+        }
+        row("ARC", arc);
+        let d = &r.dmarc;
+        let mut dmarc = format!(
+            "{:<10} header.from={} policy={}",
+            d.result.as_str(),
+            d.header_from,
+            d.policy.unwrap_or("-")
         );
+        if d.published_policy != d.policy {
+            dmarc.push_str(&format!(
+                " (published {})",
+                d.published_policy.unwrap_or("-")
+            ));
+        }
+        if let Some(s) = &d.arc_override {
+            dmarc.push_str(&format!(" arc-override={s}"));
+        }
+        if let Some(why) = &d.reason {
+            dmarc.push_str(&format!(" ({why})"));
+        }
+        row("DMARC", dmarc);
     } else {
         row("Checks", "skipped (submission)".into());
     }

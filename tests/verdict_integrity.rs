@@ -181,9 +181,18 @@ async fn the_sanity_action_is_configurable_and_check_agrees() {
         o
     })
     .await;
-    let msg = message("From: ceo@bank.example\r\nFrom: x@attacker.example\r\nSubject: a\r\n");
+    // The first From passes on its own (SPF aligned), so the sanity action decides; the
+    // stricter of it and the rules' verdict would win (a DMARC reject stays a reject).
+    let msg = message("From: x@attacker.example\r\nFrom: ceo@bank.example\r\nSubject: a\r\n");
     let r = data_reply(&env, "x@attacker.example", &msg).await;
     assert_reply(&r, "451 4.7.1", "malformed_from = defer");
+    let other = message("From: ceo@bank.example\r\nFrom: x@attacker.example\r\nSubject: b\r\n");
+    let r = data_reply(&env, "x@attacker.example", &other).await;
+    assert_reply(
+        &r,
+        "550 5.7.1",
+        "defer does not soften the first From's DMARC reject",
+    );
 
     // `check` runs the same stage and says which problem it found.
     let eml = env.proxy.dir.path().join("two-from.eml");

@@ -54,15 +54,41 @@ pub fn authentication_results(authserv_id: &str, report: &AuthReport, sep: &str)
     if report.arc.result != AuthResult::None {
         parts.push(format!("arc={}", report.arc.result.as_str()));
     }
-    let mut dmarc = format!("dmarc={}", report.dmarc.result.as_str());
-    if !report.dmarc.header_from.is_empty() {
-        dmarc.push_str(&format!(" header.from={}", safe(&report.dmarc.header_from)));
-    }
-    if let Some(p) = report.dmarc.policy {
-        dmarc.push_str(&format!(" policy.dmarc={p}"));
-    }
-    parts.push(dmarc);
+    parts.push(dmarc_result(&report.dmarc));
     parts.join(sep)
+}
+
+/// `dmarc=<result> [(<comment>)] header.from=<d> policy.dmarc=<applied>
+/// [policy.arc-override=<sealer>]`. `policy.dmarc` is the applied policy (RFC 7489
+/// §11.2: "after policy options including pct: and sp: have been processed"); when it
+/// differs from the published one, the comment says why: `(p=reject, not in the pct=0
+/// sample)`, `(p=quarantine, t=y testing)`, `(p=reject, ARC override by <sealer>)`.
+/// Comments hold no `;`, so that naive splitters of the field still see one result.
+fn dmarc_result(d: &super::DmarcCheck) -> String {
+    let mut out = format!("dmarc={}", d.result.as_str());
+    let mut why = Vec::new();
+    if let (Some(pct), Some(false)) = (d.pct, d.pct_sampled) {
+        why.push(format!("not in the pct={pct} sample"));
+    }
+    if d.testing {
+        why.push("t=y testing".to_string());
+    }
+    if let Some(sealer) = &d.arc_override {
+        why.push(format!("ARC override by {}", safe(sealer)));
+    }
+    if let (Some(published), false) = (d.published_policy, why.is_empty()) {
+        out.push_str(&format!(" (p={published}, {})", why.join(", ")));
+    }
+    if !d.header_from.is_empty() {
+        out.push_str(&format!(" header.from={}", safe(&d.header_from)));
+    }
+    if let Some(p) = d.policy {
+        out.push_str(&format!(" policy.dmarc={p}"));
+    }
+    if let Some(sealer) = &d.arc_override {
+        out.push_str(&format!(" policy.arc-override={}", safe(sealer)));
+    }
+    out
 }
 
 /// One header field: its name, its unfolded value, and its byte range in the message
@@ -209,14 +235,11 @@ mod tests {
                 algorithm: "rsa-sha256".into(),
                 reason: None,
             }],
-            arc: ArcCheck {
-                result: AuthResult::None,
-                sealers: vec![],
-            },
+            arc: ArcCheck::none(AuthResult::None),
             dmarc: DmarcCheck {
-                result: AuthResult::Pass,
                 policy: Some("reject"),
-                header_from: "example.com".into(),
+                published_policy: Some("reject"),
+                ..DmarcCheck::without_record(AuthResult::Pass, "example.com".into())
             },
         }
     }
@@ -233,6 +256,30 @@ mod tests {
         let ar = authentication_results("mx.example.org", &r, "; ");
         assert!(ar.contains("smtp.helo=xdmarcpass"), "{ar}");
         assert_eq!(ar.matches("; dmarc=").count(), 1);
+    }
+
+    #[test]
+    fn dmarc_shows_published_and_applied_policy() {
+        let mut r = report();
+        r.dmarc.result = AuthResult::Fail;
+        r.dmarc.pct = Some(0);
+        r.dmarc.pct_sampled = Some(false);
+        r.dmarc.policy = Some("quarantine");
+        let ar = authentication_results("mx.example.org", &r, "; ");
+        assert!(
+            ar.ends_with("; dmarc=fail (p=reject, not in the pct=0 sample) header.from=example.com policy.dmarc=quarantine"),
+            "{ar}"
+        );
+        r.dmarc.pct = None;
+        r.dmarc.pct_sampled = None;
+        r.dmarc.policy = Some("none");
+        r.dmarc.arc_override = Some("sealer.example;dmarc=pass".into());
+        let ar = authentication_results("mx.example.org", &r, "; ");
+        assert!(
+            ar.ends_with("; dmarc=fail (p=reject, ARC override by sealer.exampledmarcpass) header.from=example.com policy.dmarc=none policy.arc-override=sealer.exampledmarcpass"),
+            "{ar}"
+        );
+        assert_eq!(ar.matches(';').count(), 3, "{ar}");
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! Sender authentication: SPF (MAIL FROM and HELO), DKIM, ARC and DMARC for one message,
-//! through mail-auth, each inside a time budget.
+//! each inside a time budget. DKIM and ARC signatures are verified by mail-auth; SPF
+//! ([`spf`]) and DMARC ([`dmarc`]) are evaluated here, and so is what an ARC chain's
+//! most recent set recorded ([`arc`]).
 //!
 //! [`Verifier::verify`] is the only way to build an [`AuthReport`]; the proxy and the
 //! offline `check` command both go through it. Whatever DNS does, it returns within the
 //! budget: a check that runs out of time is `temperror`, never a hang.
 //!
 //! Parsed DNS data is kept between messages, for its TTL and bounded by `[dns]
-//! cache_entries` (see [`cache`]): mail-auth's DKIM keys, DMARC records and A records,
-//! and our SPF records.
+//! cache_entries` (see [`cache`]): mail-auth's DKIM keys and A records, and our SPF and
+//! DMARC records.
 
+pub mod arc;
 pub mod cache;
+pub mod dmarc;
 pub mod dns;
 pub mod headers;
 pub mod spf;
@@ -17,10 +21,9 @@ pub mod spf;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use mail_auth::dmarc::Policy as DmarcRecordPolicy;
 use mail_auth::{
-    AuthenticatedMessage, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, Parameters,
-    RecordSet, SpfResult,
+    AuthenticatedMessage, DkimOutput, DkimResult, MessageAuthenticator, Parameters, RecordSet,
+    SpfResult,
 };
 use serde::Serialize;
 use tokio::time::Instant;
@@ -90,18 +93,6 @@ impl From<&DkimResult> for AuthResult {
     }
 }
 
-impl From<&DmarcResult> for AuthResult {
-    fn from(r: &DmarcResult) -> Self {
-        match r {
-            DmarcResult::Pass => AuthResult::Pass,
-            DmarcResult::Fail(_) => AuthResult::Fail,
-            DmarcResult::TempError(_) => AuthResult::TempError,
-            DmarcResult::PermError(_) => AuthResult::PermError,
-            DmarcResult::None => AuthResult::None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct SpfCheck {
     pub result: AuthResult,
@@ -124,15 +115,77 @@ pub struct ArcCheck {
     /// Domains that sealed the chain (outermost first), when it validated.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sealers: Vec<String>,
+    /// The sealer of the most recent set, when the chain validated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest_sealer: Option<String>,
+    /// The sealer of the most recent set when the chain validated **and** that set's
+    /// ARC-Authentication-Results recorded a pass for our From domain (see
+    /// [`dmarc`]): the only sealer the `arc_sealer` policy condition matches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vouching_sealer: Option<String>,
+}
+
+impl ArcCheck {
+    /// No ARC sets (or none looked at).
+    pub fn none(result: AuthResult) -> ArcCheck {
+        ArcCheck {
+            result,
+            sealers: Vec::new(),
+            latest_sealer: None,
+            vouching_sealer: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DmarcCheck {
     pub result: AuthResult,
-    /// The published policy that applies (`sp`/`np` already resolved by mail-auth), if any.
+    /// The **applied** policy: the published one after `pct`, `t=y` and a trusted ARC
+    /// override (what rules and `policy.dmarc` see, RFC 7489 §11.2).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<&'static str>,
+    /// The published policy that applies to the From domain (`p`, `sp` or `np`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published_policy: Option<&'static str>,
     pub header_from: String,
+    /// Where the policy record was found, when not at the From domain itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_domain: Option<String>,
+    /// `pct=` of the record, when under 100 and the message failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pct: Option<u8>,
+    /// With `pct`: whether the message was in the sample (the published policy applies)
+    /// or not (the next lower one does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pct_sampled: Option<bool>,
+    /// `t=y` (testing mode) on a failed message.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub testing: bool,
+    /// The trusted ARC sealer whose most recent set vouched for the message: DMARC stays
+    /// `fail`, the applied policy is `none` (RFC 8617 §7.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arc_override: Option<String>,
+    /// Why the result or the policy is what it is, when not obvious.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl DmarcCheck {
+    /// A result without a record (none, or an error before one was found).
+    pub fn without_record(result: AuthResult, header_from: String) -> DmarcCheck {
+        DmarcCheck {
+            result,
+            policy: None,
+            published_policy: None,
+            header_from,
+            policy_domain: None,
+            pct: None,
+            pct_sampled: None,
+            testing: false,
+            arc_override: None,
+            reason: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -151,12 +204,24 @@ pub struct AuthReport {
 }
 
 impl AuthReport {
-    /// Whether any check could not finish for a temporary reason (DNS).
+    /// Whether a check that could change the outcome did not finish for a temporary
+    /// reason (DNS): the policy's `temperror` condition.
+    ///
+    /// Once DMARC reached `pass` or `fail`, nothing else can change it: a temporary error
+    /// of an identifier that could align already makes DMARC itself `temperror` (see
+    /// [`dmarc`]). So a DKIM signature of an attacker's own domain whose key lookup
+    /// times out cannot turn a DMARC reject into a deferral. Without a DMARC verdict
+    /// (no record, no From domain), any temporary error counts, as before.
     pub fn any_temperror(&self) -> bool {
-        self.spf.mail_from.result == AuthResult::TempError
-            || self.dkim.iter().any(|d| d.result == AuthResult::TempError)
-            || self.arc.result == AuthResult::TempError
-            || self.dmarc.result == AuthResult::TempError
+        match self.dmarc.result {
+            AuthResult::TempError => true,
+            AuthResult::Pass | AuthResult::Fail => false,
+            _ => {
+                self.spf.mail_from.result == AuthResult::TempError
+                    || self.dkim.iter().any(|d| d.result == AuthResult::TempError)
+                    || self.arc.result == AuthResult::TempError
+            }
+        }
     }
 
     /// One DKIM word for the message: pass if any signature passed, else fail if any
@@ -193,6 +258,10 @@ pub struct Verifier {
     txt_cache: TxtCache,
     ipv4_cache: TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
     spf_cache: spf::SpfCache,
+    /// What is published at `_dmarc` names, parsed (see [`dmarc`]).
+    dmarc_cache: std::sync::Arc<dmarc::DmarcCache>,
+    /// `[auth] trusted_arc_sealers`.
+    trusted_arc_sealers: Vec<String>,
     /// Our host name, the `%{r}` SPF macro.
     hostname: String,
     time_budget: Duration,
@@ -210,6 +279,8 @@ impl Verifier {
             txt_cache: TxtCache::new(entries),
             ipv4_cache: TtlCache::new(entries),
             spf_cache: spf::SpfCache::new(entries),
+            dmarc_cache: std::sync::Arc::new(dmarc::DmarcCache::new(entries)),
+            trusted_arc_sealers: cfg.trusted_arc_sealers.clone(),
             hostname: hostname.to_string(),
             time_budget: cfg.time_budget,
             spf_time_budget: cfg.spf_time_budget,
@@ -235,15 +306,8 @@ impl Verifier {
             return AuthReport {
                 spf: SpfPair { mail_from, helo },
                 dkim: Vec::new(),
-                arc: ArcCheck {
-                    result: AuthResult::None,
-                    sealers: Vec::new(),
-                },
-                dmarc: DmarcCheck {
-                    result: AuthResult::PermError,
-                    policy: None,
-                    header_from: String::new(),
-                },
+                arc: ArcCheck::none(AuthResult::None),
+                dmarc: DmarcCheck::without_record(AuthResult::PermError, String::new()),
             };
         };
         // Bounded work per message: signatures past the cap are not looked at.
@@ -256,6 +320,18 @@ impl Verifier {
                 .map(|(_, d)| d.to_ascii_lowercase())
                 .unwrap_or_default(),
         };
+
+        // DMARC policy discovery needs nothing from DKIM or ARC: it runs beside them, so
+        // that signatures whose key lookups eat the time budget cannot leave DMARC
+        // without its record (and a spoof with a temperror instead of a fail).
+        let dmarc_dns = dmarc::Dns {
+            resolver: self.authenticator.0.clone(),
+            cache: std::sync::Arc::clone(&self.dmarc_cache),
+        };
+        let mut discovery = AbortOnDrop(tokio::spawn({
+            let (dns, from) = (dmarc_dns.clone(), header_from.clone());
+            async move { dmarc::discover(&dns, &from).await }
+        }));
 
         let dkim_outputs = within(
             deadline,
@@ -274,26 +350,6 @@ impl Verifier {
                 Parameters::new(&message)
                     .with_txt_cache(&self.txt_cache)
                     .with_ipv4_cache(&self.ipv4_cache),
-            ),
-        )
-        .await;
-
-        // DMARC aligns with the SPF result of the MAIL FROM identity (HELO's for <>).
-        let spf_domain = mail_from.domain.clone();
-        let spf_for_dmarc = mail_auth::SpfOutput::new(spf_domain.clone())
-            .with_result(to_spf_result(mail_from.result));
-        let dkim_slice: &[DkimOutput<'_>] = dkim_outputs.as_deref().unwrap_or(&[]);
-        let dmarc = within(
-            deadline,
-            self.authenticator.verify_dmarc(
-                Parameters::new(mail_auth::dmarc::verify::DmarcParameters::new(
-                    &message,
-                    dkim_slice,
-                    &spf_domain,
-                    &spf_for_dmarc,
-                ))
-                .with_txt_cache(&self.txt_cache)
-                .with_ipv4_cache(&self.ipv4_cache),
             ),
         )
         .await;
@@ -328,55 +384,29 @@ impl Verifier {
                 reason: Some(format!("malformed signature: {}", bad.header)),
             });
         }
-        let arc = match arc {
-            Some(out) => ArcCheck {
-                result: AuthResult::from(out.result()),
-                sealers: if matches!(out.result(), DkimResult::Pass) {
-                    out.sets()
-                        .iter()
-                        .rev()
-                        .map(|s| s.seal.header.d.to_ascii_lowercase())
-                        .collect()
-                } else {
-                    Vec::new()
-                },
-            },
-            None => ArcCheck {
-                result: AuthResult::TempError,
-                sealers: Vec::new(),
-            },
+        let (mut arc, arc_latest) = match &arc {
+            Some(out) => arc::check(out),
+            None => (ArcCheck::none(AuthResult::TempError), None),
         };
-        let dkim_timed_out = dkim_outputs.is_none();
-        let dmarc = match dmarc {
-            Some(out) => {
-                let mut result = AuthResult::from(&out.result());
-                // A verdict reached without DKIM (it ran out of time) or with a
-                // temporary SPF error is not a real fail.
-                if result == AuthResult::Fail
-                    && (dkim_timed_out
-                        || mail_from.result == AuthResult::TempError
-                        || dkim
-                            .iter()
-                            .any(|d: &DkimCheck| d.result == AuthResult::TempError))
-                {
-                    result = AuthResult::TempError;
-                }
-                let has_record = out.dmarc_record().is_some();
-                DmarcCheck {
-                    result,
-                    policy: has_record.then(|| policy_name(out.policy())),
-                    header_from: if out.domain().is_empty() {
-                        header_from
-                    } else {
-                        out.domain().to_string()
-                    },
-                }
+        // DMARC aligns with the SPF result of the MAIL FROM identity (HELO's for <>).
+        let input = dmarc::DmarcInput {
+            spf: &mail_from,
+            dkim: &dkim,
+            arc: arc_latest.as_ref(),
+            trusted_sealers: &self.trusted_arc_sealers,
+        };
+        // Past the deadline `within` still polls once: a discovery that has finished is
+        // used. `decide` keeps to the deadline itself (see there).
+        let found = within(deadline, &mut discovery.0)
+            .await
+            .and_then(Result::ok);
+        let dmarc = match found {
+            Some(found) => {
+                let out = dmarc::decide(&dmarc_dns, found, &input, Some(deadline)).await;
+                arc.vouching_sealer = out.vouching_sealer;
+                out.check
             }
-            None => DmarcCheck {
-                result: AuthResult::TempError,
-                policy: None,
-                header_from,
-            },
+            None => DmarcCheck::without_record(AuthResult::TempError, header_from),
         };
         AuthReport {
             spf: SpfPair { mail_from, helo },
@@ -436,6 +466,16 @@ impl Verifier {
         .await
         .unwrap_or(AuthResult::TempError);
         SpfCheck { result, domain }
+    }
+}
+
+/// A spawned task that is aborted when its handle goes (a message whose verification
+/// ended or was dropped leaves no lookups behind).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -501,26 +541,6 @@ fn algorithm_name(a: mail_auth::common::crypto::Algorithm) -> &'static str {
     }
 }
 
-fn policy_name(p: DmarcRecordPolicy) -> &'static str {
-    match p {
-        DmarcRecordPolicy::Reject => "reject",
-        DmarcRecordPolicy::Quarantine => "quarantine",
-        DmarcRecordPolicy::None | DmarcRecordPolicy::Unspecified => "none",
-    }
-}
-
-fn to_spf_result(r: AuthResult) -> SpfResult {
-    match r {
-        AuthResult::Pass => SpfResult::Pass,
-        AuthResult::Fail => SpfResult::Fail,
-        AuthResult::SoftFail => SpfResult::SoftFail,
-        AuthResult::Neutral => SpfResult::Neutral,
-        AuthResult::TempError => SpfResult::TempError,
-        AuthResult::PermError => SpfResult::PermError,
-        AuthResult::None | AuthResult::Policy => SpfResult::None,
-    }
-}
-
 /// A syntactically plausible domain name: dotted labels of letters, digits, hyphens.
 pub fn looks_like_domain(s: &str) -> bool {
     let s = s.trim_end_matches('.');
@@ -532,4 +552,46 @@ pub fn looks_like_domain(s: &str) -> bool {
                 && l.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(dmarc: AuthResult, dkim: AuthResult, spf: AuthResult) -> AuthReport {
+        AuthReport {
+            spf: SpfPair {
+                mail_from: SpfCheck {
+                    result: spf,
+                    domain: "attacker.example".into(),
+                },
+                helo: SpfCheck {
+                    result: AuthResult::None,
+                    domain: String::new(),
+                },
+            },
+            dkim: vec![DkimCheck {
+                result: dkim,
+                domain: "attacker.example".into(),
+                selector: "s".into(),
+                algorithm: "rsa-sha256".into(),
+                reason: None,
+            }],
+            arc: ArcCheck::none(AuthResult::None),
+            dmarc: DmarcCheck::without_record(dmarc, "bank.example".into()),
+        }
+    }
+
+    #[test]
+    fn temperror_only_when_it_could_change_the_outcome() {
+        use AuthResult::*;
+        // DMARC reached fail (or pass): an unrelated temperror changes nothing.
+        assert!(!report(Fail, TempError, Pass).any_temperror());
+        assert!(!report(Pass, TempError, TempError).any_temperror());
+        assert!(report(TempError, Pass, Pass).any_temperror());
+        // Without a DMARC verdict every check counts.
+        assert!(report(None, TempError, Pass).any_temperror());
+        assert!(report(None, Pass, TempError).any_temperror());
+        assert!(!report(None, Pass, Pass).any_temperror());
+    }
 }

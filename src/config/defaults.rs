@@ -85,6 +85,9 @@ pub const DEFAULT_DKIM_MAX_SIGNATURES: usize = 10;
 /// A message without exactly one author domain is refused: RFC 5322 §3.6 allows one From
 /// field, and DMARC (RFC 7489 §6.6.1, DMARCbis) can only protect one author domain.
 pub const DEFAULT_MALFORMED_FROM: super::SanityAction = super::SanityAction::Reject;
+/// ARC sealers whose vouching may override a DMARC fail (RFC 8617 §7.2): none. Trust is
+/// the operator's decision about specific forwarders; nothing is trusted by default.
+pub const DEFAULT_TRUSTED_ARC_SEALERS: &[&str] = &[];
 /// Quarantined messages are purged after this long (RELIABILITY `quarantine_retention`).
 pub const DEFAULT_QUARANTINE_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// How often the running proxy applies the quarantine retention.

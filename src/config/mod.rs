@@ -321,6 +321,11 @@ pub struct AuthConfig {
     #[serde(with = "duration")]
     pub spf_time_budget: Duration,
     pub dkim_max_signatures: usize,
+    /// ARC sealers (domains; subdomains match) trusted to vouch for a message whose DMARC
+    /// fails (RFC 8617 §7.2): when the chain validates, its most recent set is sealed by
+    /// one of them and that set recorded a DMARC pass (or an aligned DKIM/SPF pass) for
+    /// the same From domain, the applied DMARC policy becomes `none`.
+    pub trusted_arc_sealers: Vec<String>,
     pub verdict_header: String,
     pub subject_prefix: String,
     /// Policy file; empty means the built-in default policy.
@@ -357,6 +362,10 @@ impl Default for AuthConfig {
             time_budget: DEFAULT_CHECKS_TIME_BUDGET,
             spf_time_budget: DEFAULT_SPF_TIME_BUDGET,
             dkim_max_signatures: DEFAULT_DKIM_MAX_SIGNATURES,
+            trusted_arc_sealers: DEFAULT_TRUSTED_ARC_SEALERS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             verdict_header: "X-Mailwarden-Verdict".into(),
             subject_prefix: String::new(),
             policy_file: None,
@@ -664,6 +673,18 @@ impl Config {
         if self.auth.time_budget.is_zero() {
             return err("auth", "time_budget", "must be more than zero".into());
         }
+        if let Some(bad) = self
+            .auth
+            .trusted_arc_sealers
+            .iter()
+            .find(|d| !crate::auth::looks_like_domain(d))
+        {
+            return err(
+                "auth",
+                "trusted_arc_sealers",
+                format!("{bad:?} is not a domain name"),
+            );
+        }
         if self.auth.verdict_header.is_empty()
             || !self
                 .auth
@@ -834,6 +855,22 @@ mod tests {
         assert_eq!(e.key, "limits.message_memory", "{e}");
         assert_eq!(e.line, Some(6), "{e}");
         assert!(parse(&format!("{MINIMAL}[limits]\nmessage_memory = 20480000\n")).is_ok());
+    }
+
+    #[test]
+    fn trusted_arc_sealers_are_domains() {
+        let c = parse(&format!(
+            "{MINIMAL}[auth]\ntrusted_arc_sealers = [\"sealer.example\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.auth.trusted_arc_sealers, ["sealer.example"]);
+        assert!(parse(MINIMAL).unwrap().auth.trusted_arc_sealers.is_empty());
+        let e = parse(&format!(
+            "{MINIMAL}[auth]\ntrusted_arc_sealers = [\"sealer.example\", \"not a domain\"]\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "auth.trusted_arc_sealers", "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
     }
 
     #[test]

@@ -745,11 +745,13 @@ fn report_with(result: AuthResult) -> AuthReport {
         arc: ArcCheck {
             result,
             sealers: vec!["sealer.example".into()],
+            latest_sealer: Some("sealer.example".into()),
+            vouching_sealer: Some("sealer.example".into()),
         },
         dmarc: DmarcCheck {
-            result,
             policy: Some("reject"),
-            header_from: "example.org".into(),
+            published_policy: Some("reject"),
+            ..DmarcCheck::without_record(result, "example.org".into())
         },
     }
 }

@@ -20,8 +20,7 @@ use crate::smtp::reply::{Enhanced, Reply};
 
 /// Everything decided about one message.
 pub struct Verdict {
-    /// `None` when verification was skipped (submission listeners by default, or a
-    /// header-sanity refusal).
+    /// `None` when verification was skipped (submission listeners by default).
     pub report: Option<AuthReport>,
     /// What header sanity found wrong, if anything.
     pub sanity: Option<sanity::Problem>,
@@ -56,12 +55,7 @@ impl Verdict {
     /// The `check --json` object.
     pub fn to_json(&self) -> serde_json::Value {
         let (spf, dkim, arc, dmarc) = match &self.report {
-            Some(r) => (
-                json!(r.spf),
-                json!(r.dkim),
-                json!({"result": r.arc.result}),
-                json!(r.dmarc),
-            ),
+            Some(r) => (json!(r.spf), json!(r.dkim), json!(r.arc), json!(r.dmarc)),
             None => (
                 json!(null),
                 json!([]),
@@ -152,9 +146,10 @@ impl Enforcer {
     /// Verifies and decides. `fields` are the message's header fields.
     ///
     /// Stages, in order: header sanity (one author domain), verification, spoof flags,
-    /// the rules. A sanity problem whose action is reject or defer ends it there (no DNS
-    /// is spent on a message that will be refused anyway); tag and quarantine still
-    /// verify, so the added results are there, and the stricter of the two actions wins.
+    /// the rules; with a sanity problem the stricter of its action and the rules' wins.
+    /// A message that fails sanity is still verified (DMARC then evaluates its first
+    /// From address's domain): `check` and the log show every result, whatever the
+    /// verdict, and there is one path through this function, not two.
     pub async fn evaluate(&self, ctx: &MessageContext<'_>, fields: &[Field<'_>]) -> Verdict {
         let policy = self.policy();
         if ctx.role == Role::Submission && !self.verify_submission {
@@ -177,16 +172,6 @@ impl Enforcer {
         let problem = author.as_ref().err().cloned();
         if let Some(p) = &problem {
             count_problem(p);
-            let action = sanity_action(self.malformed_from);
-            if matches!(action, ActionKind::Reject | ActionKind::Defer) {
-                return Verdict {
-                    report: None,
-                    sanity: problem.clone(),
-                    flags: Vec::new(),
-                    evaluation: sanity_evaluation(p, action, None),
-                    authentication_results: None,
-                };
-            }
         }
         // Every mailbox of every From field: the spoof checks look at all of them (with
         // a sane header that is the one author's mailboxes).
@@ -239,7 +224,7 @@ impl Enforcer {
             client_ip: ctx.client.ip(),
         });
         if let Some(p) = &problem {
-            evaluation = sanity_evaluation(p, sanity_action(self.malformed_from), Some(evaluation));
+            evaluation = sanity_evaluation(p, sanity_action(self.malformed_from), evaluation);
         }
         let ar = headers::authentication_results(&self.authserv_id, &report, "; ");
         Verdict {
@@ -433,12 +418,12 @@ fn severity(a: ActionKind) -> u8 {
     }
 }
 
-/// The evaluation with the header-sanity stage first in its trace. With the rules'
-/// evaluation (`rules`, for tag and quarantine), the stricter action wins.
+/// The rules' evaluation with the header-sanity stage first in its trace; the stricter
+/// of the two actions wins.
 fn sanity_evaluation(
     problem: &sanity::Problem,
     action: ActionKind,
-    rules: Option<Evaluation>,
+    mut ev: Evaluation,
 ) -> Evaluation {
     let entry = super::rules::TraceEntry {
         rule: "header-sanity".into(),
@@ -446,13 +431,6 @@ fn sanity_evaluation(
         action: Some(action.as_str()),
         shadow: false,
     };
-    let mut ev = rules.unwrap_or(Evaluation {
-        action: ActionKind::Accept,
-        rule: "default".into(),
-        reason: None,
-        trace: Vec::new(),
-        shadow_hits: Vec::new(),
-    });
     ev.trace.insert(0, entry);
     if severity(action) >= severity(ev.action) {
         ev.action = action;

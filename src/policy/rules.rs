@@ -391,10 +391,13 @@ impl Rule {
                 .rcpt_domain
                 .as_ref()
                 .is_none_or(|w| f.rcpt_domains.iter().any(|d| domain_in(d, w)))
+            // Only the sealer whose most recent set of a valid chain vouched for this
+            // From domain (crate::auth::arc): a sealer further down the chain, or one that
+            // recorded a DMARC fail, is no one to trust.
             && self
                 .arc_sealer
                 .as_ref()
-                .is_none_or(|w| r.arc.sealers.iter().any(|d| domain_in(d, w)))
+                .is_none_or(|w| r.arc.vouching_sealer.as_deref().is_some_and(|d| domain_in(d, w)))
             && self.list_id.as_ref().is_none_or(|w| {
                 f.list_id
                     .is_some_and(|l| domain_in(l, w) && list_authenticated(l, r))
@@ -486,14 +489,11 @@ mod tests {
                 },
             },
             dkim: vec![],
-            arc: ArcCheck {
-                result: AuthResult::None,
-                sealers: vec![],
-            },
+            arc: ArcCheck::none(AuthResult::None),
             dmarc: DmarcCheck {
-                result: dmarc,
                 policy,
-                header_from: "a.example".into(),
+                published_policy: policy,
+                ..DmarcCheck::without_record(dmarc, "a.example".into())
             },
         }
     }
