@@ -436,6 +436,7 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
                 listener: "inbound".into(),
                 client: "192.0.2.9:2525".into(),
                 helo: "old.example".into(),
+                login: None,
                 mail_from: "old@old.example".into(),
                 rcpts: vec!["eve@example.org".into()],
                 header_from: "Old <old@old.example>".into(),

@@ -19,7 +19,7 @@ use crate::config::defaults::{PROXY_HEADER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
 use crate::policy::engine::Enforcer;
 use crate::policy::{AcceptAll, Inspector};
 use crate::quarantine::Quarantine;
-use crate::relay::NextHop;
+use crate::relay::NextHops;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::ListenerShared;
 use crate::smtp::{Session, SessionShared};
@@ -59,7 +59,8 @@ impl Server {
         inspector: Arc<dyn Inspector>,
         shutdown: CancellationToken,
     ) -> Result<Server, String> {
-        let next_hop = Arc::new(NextHop::from_config(&config)?);
+        preflight(&config)?;
+        let next_hops = Arc::new(NextHops::from_config(&config)?);
         let has_submission = config
             .listeners
             .iter()
@@ -94,20 +95,21 @@ impl Server {
                     lc.max_sessions_per_client,
                 )),
                 shared: Arc::new(ListenerShared {
+                    next_hop: next_hops.for_listener(lc),
                     config: lc.clone(),
                     tls,
                 }),
             });
         }
         let grace = config.shutdown.grace_period;
-        tracing::info!(next_hop = %next_hop.describe(), "next hop");
+        tracing::info!(next_hop = %next_hops.describe(), "next hop");
         let config = Arc::new(config);
         let admin = if config.admin.enabled {
             let state = crate::admin::AdminState {
                 config: config.clone(),
                 quarantine: quarantine.clone(),
                 inspector: inspector.clone(),
-                next_hop: next_hop.clone(),
+                next_hops: next_hops.clone(),
                 detector: outbound.clone(),
             };
             // Bound before anything is served: a bad token file or a busy port stops the start.
@@ -121,7 +123,6 @@ impl Server {
             shared: Arc::new(SessionShared {
                 memory: crate::smtp::memory::MessageMemory::new(config.limits.message_memory),
                 config,
-                next_hop,
                 inspector,
                 quarantine,
                 outbound,
@@ -203,6 +204,31 @@ impl Server {
         }
         tracker.len()
     }
+}
+
+/// Every check of the files the proxy needs before it serves, without binding or
+/// creating anything: listener certificates and keys, the policy file, the admin token
+/// file (and its mode) and certificate. `check-config` runs exactly this after loading
+/// the configuration, and `run` runs it first, so an `ok` from `check-config` means `run`
+/// gets past them.
+pub fn preflight(config: &Config) -> Result<(), String> {
+    for (i, l) in config.listeners.iter().enumerate() {
+        if let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) {
+            crate::tls::acceptor(cert, key)
+                .map_err(|e| format!("listener[{i}] ({}): tls: {e}", l.address))?;
+        }
+    }
+    if let Some(path) = config.policy_file() {
+        crate::policy::rules::Policy::load(path).map_err(|e| e.to_string())?;
+    }
+    let admin = &config.admin;
+    if admin.enabled {
+        crate::admin::http::auth::TokenHash::load(admin)?;
+        if let (Some(cert), Some(key)) = (&admin.tls_cert, &admin.tls_key) {
+            crate::tls::acceptor(cert, key).map_err(|e| format!("[admin] tls: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Purges quarantine entries past their retention, once at start and then hourly.
