@@ -731,8 +731,10 @@ mod tests {
         maint.await.unwrap();
     }
 
+    /// Issue 19: a freeze nobody applies is an error (exit 1), and it is taken back so
+    /// that a later start does not apply it behind the administrator's back.
     #[test]
-    fn commands_wait_in_the_spool_while_the_proxy_is_down() {
+    fn commands_are_withdrawn_when_the_proxy_is_down() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
         let code = run_with(
@@ -744,12 +746,9 @@ mod tests {
                 wait: "100ms".into(),
             },
         );
-        assert_eq!(code, ExitCode::SUCCESS);
-        let p = freeze::pending(&c.command_dir);
-        assert_eq!(p.len(), 1);
-        let cmd = p[0].1.as_ref().unwrap();
-        assert_eq!((cmd.op, cmd.expires_after), (Op::Freeze, Some(7200)));
-        // Nothing to show yet, and bad input is refused.
+        assert_eq!(code, ExitCode::from(1));
+        assert!(freeze::pending(&c.command_dir).is_empty());
+        // Nothing to show, and bad input is refused.
         let show = AccountsCommand::Show {
             account: "bob@example.org".into(),
             json: false,

@@ -997,6 +997,64 @@ mod tests {
     }
 
     #[test]
+    fn named_next_hops_per_listener() {
+        let src = format!(
+            "{MINIMAL}next_hop = \"sub\"\n[next_hop]\naddress = \"smtp://127.0.0.1:10025\"\n\
+             [next_hop.sub]\naddress = \"smtp://127.0.0.1:10587\"\nxclient = \"auto\"\n"
+        );
+        let c = parse(&src).unwrap();
+        assert_eq!(c.listeners[0].next_hop.as_deref(), Some("sub"));
+        assert_eq!(c.next_hop.default.address, "smtp://127.0.0.1:10025");
+        let sub = c.next_hop.get(Some("sub")).unwrap();
+        assert_eq!(sub.address, "smtp://127.0.0.1:10587");
+        assert_eq!(sub.xclient, XclientMode::Auto);
+        // A named section does not inherit: its other keys have their defaults.
+        assert_eq!(c.next_hop.default.xclient, XclientMode::Require);
+        let e = parse(&format!("{MINIMAL}next_hop = \"nope\"\n")).unwrap_err();
+        assert_eq!(e.key, "listener[0].next_hop", "{e}");
+        assert_eq!(e.line, Some(4), "{e}");
+        let e = parse(&format!("{MINIMAL}[next_hop.sub]\nadress = \"x\"\n")).unwrap_err();
+        assert!(e.to_string().contains("adress"), "{e}");
+        let e = parse(&format!("{MINIMAL}[next_hop.sub]\naddress = \"lmtp://x:1\"\n")).unwrap_err();
+        assert_eq!(e.key, "next_hop.sub.address", "{e}");
+    }
+
+    #[test]
+    fn submission_needs_tls_off_loopback_and_listeners_are_unique() {
+        let e = parse(
+            "[[listener]]\naddress = \"192.0.2.1:587\"\nrole = \"submission\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "listener[0].tls_cert", "{e}");
+        assert!(parse("[[listener]]\naddress = \"127.0.0.1:587\"\nrole = \"submission\"\n").is_ok());
+        assert!(parse("[[listener]]\naddress = \"[::1]:587\"\nrole = \"submission\"\n").is_ok());
+        let e = parse(&format!("{MINIMAL}[[listener]]\naddress = \"127.0.0.1:2525\"\n")).unwrap_err();
+        assert_eq!(e.key, "listener[1].address", "{e}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("etc");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("policy.toml"), "").unwrap();
+        let path = sub.join("mailwarden.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "{MINIMAL}[next_hop]\naddress = \"maildir:md\"\n[auth]\npolicy_file = \"policy.toml\"\n\
+                 [quarantine]\ndir = \"/abs/q\"\n"
+            ),
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.policy_file(), Some(sub.join("policy.toml").as_path()));
+        assert_eq!(c.next_hop_address(), NextHopAddress::Maildir(sub.join("md")));
+        assert_eq!(c.quarantine.dir, PathBuf::from("/abs/q"));
+        assert_eq!(c.outbound.command_dir, sub.join("var/outbound/commands"));
+    }
+
+    #[test]
     fn inbound_needs_local_domains() {
         let e = parse("[[listener]]\naddress = \"127.0.0.1:2525\"\n").unwrap_err();
         assert_eq!(e.key, "local_domains");
