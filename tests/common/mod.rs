@@ -264,8 +264,8 @@ pub struct ProxyOptions {
     /// Raw TOML appended at the end (whole sections such as `[spoof]`).
     pub extra_toml: Vec<String>,
     /// On a submission listener whose `extra_toml` has no `[outbound]` section: make
-    /// loopback clients `[outbound] trusted_networks` (accounted, action `alert`, any
-    /// From), so relay tests may submit without AUTH. Submission without AUTH from
+    /// loopback clients (and the documentation ranges) `[outbound] trusted_networks`
+    /// (accounted, action `alert`, any From), so relay tests may submit without AUTH. Submission without AUTH from
     /// anyone else is refused (530 5.7.0). Default true.
     pub trusted_loopback: bool,
 }
@@ -402,7 +402,13 @@ impl ProxyOptions {
         if self.role == "submission" && self.trusted_loopback && !own_outbound {
             writeln!(c).unwrap();
             writeln!(c, "[outbound]").unwrap();
-            writeln!(c, "trusted_networks = [\"127.0.0.0/8\"]").unwrap();
+            // Loopback, and the documentation ranges tests use as client addresses
+            // behind a PROXY header.
+            writeln!(
+                c,
+                "trusted_networks = [\"127.0.0.0/8\", \"::1/128\", \"192.0.2.0/24\", \"198.51.100.0/24\", \"203.0.113.0/24\", \"2001:db8::/32\"]"
+            )
+            .unwrap();
             writeln!(c, "action = \"alert\"").unwrap();
             writeln!(c, "[outbound.from]").unwrap();
             writeln!(c, "allow = \"any\"").unwrap();
