@@ -132,9 +132,7 @@ async fn submission_without_auth_is_refused_every_way_round() {
         // After STARTTLS, a failed AUTH, RSET and a new EHLO: still refused.
         c.starttls().await;
         c.ehlo("attacker.example").await;
-        let a = c
-            .cmd(&format!("AUTH PLAIN {}", plain(USER, "wrong")))
-            .await;
+        let a = c.cmd(&format!("AUTH PLAIN {}", plain(USER, "wrong"))).await;
         assert_eq!(a.code, 535, "{}", show(&a.raw));
         for step in ["RSET", "EHLO again.example", "NOOP"] {
             let r = c.cmd(step).await;
@@ -154,10 +152,16 @@ async fn submission_without_auth_is_refused_every_way_round() {
         c.ehlo("laptop.example.org").await;
         c.starttls().await;
         c.ehlo("laptop.example.org").await;
-        let a = c.cmd(&format!("AUTH PLAIN {}", plain(USER, PASSWORD))).await;
+        let a = c
+            .cmd(&format!("AUTH PLAIN {}", plain(USER, PASSWORD)))
+            .await;
         assert_eq!(a.code, 235, "{}", show(&a.raw));
         let fin = c
-            .send_mail(USER, &["y@other.example"], &simple_message(USER, "y@other.example", "ok", "hi"))
+            .send_mail(
+                USER,
+                &["y@other.example"],
+                &simple_message(USER, "y@other.example", "ok", "hi"),
+            )
             .await;
         assert_eq!(fin.code, 250, "{}", show(&fin.raw));
         let _ = c.cmd("QUIT").await;
@@ -196,7 +200,11 @@ async fn trusted_network_submissions_are_accounted() {
         c.ehlo("app.example.org").await;
         let from = "app@example.org";
         let fin = c
-            .send_mail(from, &["y@other.example"], &simple_message(from, "y@other.example", "t", "x"))
+            .send_mail(
+                from,
+                &["y@other.example"],
+                &simple_message(from, "y@other.example", "t", "x"),
+            )
             .await;
         assert_eq!(fin.code, 250, "{}", show(&fin.raw));
         let _ = c.cmd("QUIT").await;
@@ -268,7 +276,9 @@ async fn login(addr: SocketAddr) -> Client {
     c.ehlo("laptop.example.org").await;
     c.starttls().await;
     c.ehlo("laptop.example.org").await;
-    let a = c.cmd(&format!("AUTH PLAIN {}", plain(USER, PASSWORD))).await;
+    let a = c
+        .cmd(&format!("AUTH PLAIN {}", plain(USER, PASSWORD)))
+        .await;
     assert_eq!(a.code, 235, "{}", show(&a.raw));
     c
 }
@@ -283,7 +293,12 @@ async fn each_listener_relays_to_its_own_next_hop_and_release_follows_the_role()
         let mut c = connect_from("127.0.0.5", env.proxy.addr).await;
         c.ehlo("mx.other.example").await;
         let m = simple_message("x@other.example", "bob@example.org", "in", "inbound");
-        assert_eq!(c.send_mail("x@other.example", &["bob@example.org"], &m).await.code, 250);
+        assert_eq!(
+            c.send_mail("x@other.example", &["bob@example.org"], &m)
+                .await
+                .code,
+            250
+        );
         let _ = c.cmd("QUIT").await;
         assert_eq!(env.inbound_mta.accepted().len(), 1);
         assert_eq!(env.submission_mta.accepted().len(), 0);
@@ -297,7 +312,13 @@ async fn each_listener_relays_to_its_own_next_hop_and_release_follows_the_role()
         assert_eq!(env.submission_mta.accepted().len(), 1);
 
         // Freeze the account: its next message is held.
-        let f = cli(env.proxy.dir.path(), &["accounts", "-c", &config, "freeze", USER, "--reason", "test"]).await;
+        let f = cli(
+            env.proxy.dir.path(),
+            &[
+                "accounts", "-c", &config, "freeze", USER, "--reason", "test",
+            ],
+        )
+        .await;
         assert!(f.success(), "{}", f.stderr);
         let mut c = login(env.submission_addr).await;
         let m = simple_message(USER, "y@other.example", "held", "frozen-marker");
@@ -308,30 +329,59 @@ async fn each_listener_relays_to_its_own_next_hop_and_release_follows_the_role()
         // The next hop refuses for good: a permanent refusal, held, non-zero exit.
         env.submission_mta
             .update(|s| s.rcpt = Act::reply("554 5.7.1 <y@other.example>: Relay access denied"));
-        let r = cli(env.proxy.dir.path(), &["quarantine", "-c", &config, "release", &id]).await;
-        assert!(!r.success(), "release reported success: {}", r.stdout_text());
+        let r = cli(
+            env.proxy.dir.path(),
+            &["quarantine", "-c", &config, "release", &id],
+        )
+        .await;
+        assert!(
+            !r.success(),
+            "release reported success: {}",
+            r.stdout_text()
+        );
         assert!(r.stderr.contains("permanent refusal"), "{}", r.stderr);
         assert!(!r.stderr.contains("retry later"), "{}", r.stderr);
-        let listed = cli(env.proxy.dir.path(), &["quarantine", "-c", &config, "list", "--json"]).await;
+        let listed = cli(
+            env.proxy.dir.path(),
+            &["quarantine", "-c", &config, "list", "--json"],
+        )
+        .await;
         let rows: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("list json");
         assert_eq!(rows[0]["state"], "held", "{rows}");
 
         // A temporary refusal: retry later, still held.
         env.submission_mta
             .update(|s| s.rcpt = Act::reply("451 4.3.0 try again"));
-        let r = cli(env.proxy.dir.path(), &["quarantine", "-c", &config, "release", &id]).await;
+        let r = cli(
+            env.proxy.dir.path(),
+            &["quarantine", "-c", &config, "release", &id],
+        )
+        .await;
         assert!(!r.success());
         assert!(r.stderr.contains("retry later"), "{}", r.stderr);
 
         // Accepted: through the submission next hop, told the client and the login.
-        env.submission_mta.update(|s| s.rcpt = Act::reply("250 2.1.5 Ok"));
-        let r = cli(env.proxy.dir.path(), &["quarantine", "-c", &config, "release", &id]).await;
+        env.submission_mta
+            .update(|s| s.rcpt = Act::reply("250 2.1.5 Ok"));
+        let r = cli(
+            env.proxy.dir.path(),
+            &["quarantine", "-c", &config, "release", &id],
+        )
+        .await;
         assert!(r.success(), "{}", r.stderr);
-        assert_eq!(env.inbound_mta.accepted().len(), 1, "released to the inbound next hop");
+        assert_eq!(
+            env.inbound_mta.accepted().len(),
+            1,
+            "released to the inbound next hop"
+        );
         let released = env.submission_mta.accepted();
         assert_eq!(released.len(), 2);
         let conn = &env.submission_mta.conns()[released[1].conn];
-        assert_eq!(conn.xclient_attr("LOGIN").as_deref(), Some(USER), "{conn:?}");
+        assert_eq!(
+            conn.xclient_attr("LOGIN").as_deref(),
+            Some(USER),
+            "{conn:?}"
+        );
         assert_eq!(conn.xclient_attr("ADDR").as_deref(), Some("127.0.0.1"));
         assert!(released[1].data_str().contains("frozen-marker"));
     })
@@ -365,7 +415,10 @@ async fn xclient_auto_never_relays_through_a_next_hop_that_trusts_us() {
             "the recipient reached a next hop that would relay it: {commands:?}"
         );
         proxy
-            .wait_log("trusts our address: refusing to relay", Duration::from_secs(10))
+            .wait_log(
+                "trusts our address: refusing to relay",
+                Duration::from_secs(10),
+            )
             .await;
     })
     .await
@@ -391,7 +444,9 @@ async fn xclient_auto_relays_through_a_next_hop_that_does_not_trust_us_with_one_
         // Each connection was probed (MAIL FROM:<>, a foreign RCPT, RSET) before use.
         for conn in mta.conns().iter().filter(|c| !c.commands.is_empty()) {
             assert!(
-                conn.commands.iter().any(|l| l.contains("mailwarden-relay-probe.invalid")),
+                conn.commands
+                    .iter()
+                    .any(|l| l.contains("mailwarden-relay-probe.invalid")),
                 "{:?}",
                 conn.commands
             );
@@ -431,8 +486,15 @@ async fn paths_follow_the_config_file_and_cli_failures_are_errors() {
         let config = proxy.config_path.to_str().unwrap().to_string();
         for n in 0..3 {
             let mut c = proxy.connect_ehlo("mx.other.example").await;
-            let m = simple_message("x@other.example", "bob@example.org", "held", &format!("h{n}"));
-            let fin = c.send_mail("x@other.example", &["bob@example.org"], &m).await;
+            let m = simple_message(
+                "x@other.example",
+                "bob@example.org",
+                "held",
+                &format!("h{n}"),
+            );
+            let fin = c
+                .send_mail("x@other.example", &["bob@example.org"], &m)
+                .await;
             assert!(held_id(&fin).is_some(), "{}", show(&fin.raw));
             let _ = c.cmd("QUIT").await;
         }
@@ -441,11 +503,22 @@ async fn paths_follow_the_config_file_and_cli_failures_are_errors() {
         let elsewhere = tempfile::tempdir().expect("tempdir");
         let listed = cli(elsewhere.path(), &["quarantine", "-c", &config, "list"]).await;
         assert!(listed.success(), "{}", listed.stderr);
-        assert!(listed.stdout_text().contains("3 entries"), "{}", listed.stdout_text());
-        let checked = cli(elsewhere.path(), &["check-config", "-c", &config]).await;
-        assert!(checked.success(), "relative policy_file: {}", checked.stderr);
         assert!(
-            std::fs::read_dir(elsewhere.path()).unwrap().next().is_none(),
+            listed.stdout_text().contains("3 entries"),
+            "{}",
+            listed.stdout_text()
+        );
+        let checked = cli(elsewhere.path(), &["check-config", "-c", &config]).await;
+        assert!(
+            checked.success(),
+            "relative policy_file: {}",
+            checked.stderr
+        );
+        assert!(
+            std::fs::read_dir(elsewhere.path())
+                .unwrap()
+                .next()
+                .is_none(),
             "the CLI created files in its working directory"
         );
 
@@ -456,12 +529,23 @@ async fn paths_follow_the_config_file_and_cli_failures_are_errors() {
         let other = other.to_str().unwrap();
         let listed = cli(empty.path(), &["quarantine", "-c", other, "list"]).await;
         assert!(!listed.success(), "{}", listed.stdout_text());
-        assert!(listed.stderr.contains("no quarantine store"), "{}", listed.stderr);
-        assert!(!empty.path().join("nowhere").exists(), "list created a store");
+        assert!(
+            listed.stderr.contains("no quarantine store"),
+            "{}",
+            listed.stderr
+        );
+        assert!(
+            !empty.path().join("nowhere").exists(),
+            "list created a store"
+        );
 
         // No proxy reads this spool: freeze fails, and leaves no command behind that a
         // later start would apply.
-        let frozen = cli(empty.path(), &["accounts", "-c", other, "freeze", USER, "--wait", "1s"]).await;
+        let frozen = cli(
+            empty.path(),
+            &["accounts", "-c", other, "freeze", USER, "--wait", "1s"],
+        )
+        .await;
         assert!(!frozen.success(), "{}", frozen.stdout_text());
         assert!(frozen.stderr.contains("NOT done"), "{}", frozen.stderr);
         let spool = empty.path().join("var/outbound/commands");
@@ -507,12 +591,18 @@ async fn unfreeze_resets_the_windows() {
             assert_eq!(send(n).await.code, 250);
         }
         let third = send(2).await;
-        assert!(held_id(&third).is_some(), "the third is held: {}", show(&third.raw));
+        assert!(
+            held_id(&third).is_some(),
+            "the third is held: {}",
+            show(&third.raw)
+        );
         assert_eq!(mta.accepted().len(), 2);
 
         let u = cli(
             proxy.dir.path(),
-            &["accounts", "-c", &config, "unfreeze", from, "--reason", "checked"],
+            &[
+                "accounts", "-c", &config, "unfreeze", from, "--reason", "checked",
+            ],
         )
         .await;
         assert!(u.success(), "{}", u.stderr);

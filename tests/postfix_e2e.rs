@@ -328,7 +328,11 @@ impl Postfix {
     fn start_recipe(root: &Path, mailboxes: &[&str]) -> (Postfix, u16) {
         let postfix_bin = require_program("postfix");
         require_program("saslpasswd2");
-        assert_eq!(effective_uid(), 0, "the Postfix end-to-end test must run as root");
+        assert_eq!(
+            effective_uid(),
+            0,
+            "the Postfix end-to-end test must run as root"
+        );
         let mut last_error = String::new();
         for attempt in 0..3 {
             let dir = root.join(format!("recipe{attempt}"));
@@ -370,7 +374,11 @@ impl Postfix {
             .replace("127.0.0.1:10587", &format!("127.0.0.1:{submission_port}"));
         let master = fs::read_to_string(self.config_dir.join("master.cf")).unwrap();
         let rest: String = master.lines().skip(1).map(|l| format!("{l}\n")).collect();
-        fs::write(self.config_dir.join("master.cf"), format!("{services}{rest}")).unwrap();
+        fs::write(
+            self.config_dir.join("master.cf"),
+            format!("{services}{rest}"),
+        )
+        .unwrap();
 
         // main.cf: the recipe's lines, and this host only in mynetworks (the default
         // `mynetworks_style = host`); later lines win in main.cf.
@@ -391,8 +399,13 @@ impl Postfix {
         // The users block, line by line: `saslpasswd2` reads the password from stdin
         // (`-p`, the one addition: the README's line prompts for it), `chown`/`chmod`
         // as written.
-        for line in paths(recipe("users")).lines().filter(|l| !l.trim().is_empty()) {
-            let line = line.replace("example.org", DOMAIN).replace(" alice", &format!(" {SASL_LOCAL}"));
+        for line in paths(recipe("users"))
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+        {
+            let line = line
+                .replace("example.org", DOMAIN)
+                .replace(" alice", &format!(" {SASL_LOCAL}"));
             let mut words = line.split_whitespace();
             let program = words.next().unwrap();
             let mut args: Vec<&str> = words.collect();
@@ -541,7 +554,7 @@ impl Mailwarden {
     fn start(dir: &Path, next_hop_port: u16) -> Mailwarden {
         Self::start_with(dir, |port, dns_port| {
             format!(
-                    "hostname = \"mailwarden.test\"\n\
+                "hostname = \"mailwarden.test\"\n\
                      local_domains = [\"{DOMAIN}\"]\n\
                      \n\
                      [[listener]]\n\
@@ -1204,11 +1217,15 @@ fn xclient_require_refuses_postfix_without_xclient_authorization() {
 /// An async test client (STARTTLS, AUTH) connected from `source` to 127.0.0.1:`port`.
 async fn session_from(source: Ipv4Addr, port: u16) -> common::smtp_client::Client {
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.bind(SocketAddr::from((source, 0))).expect("bind source");
-    let tcp = tokio::time::timeout(IO_TIMEOUT, sock.connect(SocketAddr::from(([127, 0, 0, 1], port))))
-        .await
-        .expect("connect timed out")
-        .expect("connect");
+    sock.bind(SocketAddr::from((source, 0)))
+        .expect("bind source");
+    let tcp = tokio::time::timeout(
+        IO_TIMEOUT,
+        sock.connect(SocketAddr::from(([127, 0, 0, 1], port))),
+    )
+    .await
+    .expect("connect timed out")
+    .expect("connect");
     let mut c = common::smtp_client::Client::from_tcp(tcp);
     assert_eq!(c.read_reply().await.code, 220);
     c
@@ -1228,7 +1245,10 @@ fn auth_plain(user: &str, password: &str) -> String {
 }
 
 /// EHLO, STARTTLS, EHLO, AUTH PLAIN at mailwarden's submission listener; the AUTH reply.
-async fn login(port: u16, password: &str) -> (common::smtp_client::Client, common::smtp_client::Reply) {
+async fn login(
+    port: u16,
+    password: &str,
+) -> (common::smtp_client::Client, common::smtp_client::Reply) {
     let mut c = session_from(CLIENT_IP, port).await;
     c.ehlo("laptop.example.test").await;
     c.starttls().await;
@@ -1293,7 +1313,11 @@ async fn readme_recipe_both_roles_with_sasl() {
     let mut c = session_from(CLIENT_IP, mw.port).await;
     c.ehlo("mx.remote.example").await;
     let fin = c
-        .send_mail("someone@remote.example", &[&local], &short_message("someone@remote.example", &local, "inbound-1"))
+        .send_mail(
+            "someone@remote.example",
+            &[&local],
+            &short_message("someone@remote.example", &local, "inbound-1"),
+        )
         .await;
     assert_eq!(fin.code, 250, "inbound: {fin:?}\n{}", mw.log());
     // ... a remote one is refused by mailwarden itself.
@@ -1326,12 +1350,19 @@ async fn readme_recipe_both_roles_with_sasl() {
     let (mut c, r) = login(mw.submission_port, SASL_PASSWORD).await;
     assert_eq!(r.code, 235, "AUTH: {r:?}\n{}\n{}", pf.log(), mw.log());
     let fin = c
-        .send_mail(&user, &[remote], &short_message(&user, remote, "submission-1"))
+        .send_mail(
+            &user,
+            &[remote],
+            &short_message(&user, remote, "submission-1"),
+        )
         .await;
     assert_eq!(fin.code, 250, "submission: {fin:?}\n{}", pf.log());
     let _ = c.cmd("QUIT").await;
     let lines = wait_log_lines(&pf, remote, 1, &mw);
-    assert!(lines[0].contains("discarded by the test instance"), "{lines:?}");
+    assert!(
+        lines[0].contains("discarded by the test instance"),
+        "{lines:?}"
+    );
     assert!(
         pf.log().contains(&format!("sasl_username={user}")),
         "Postfix did not see the login:\n{}",
@@ -1339,7 +1370,13 @@ async fn readme_recipe_both_roles_with_sasl() {
     );
 
     // Freeze the account through the running proxy: the next message is held.
-    let f = mailwarden_cli(dir.path(), &["accounts", "-c", &config, "freeze", &user, "--reason", "e2e"]).await;
+    let f = mailwarden_cli(
+        dir.path(),
+        &[
+            "accounts", "-c", &config, "freeze", &user, "--reason", "e2e",
+        ],
+    )
+    .await;
     assert!(f.success(), "freeze: {}{}", f.stdout_text(), f.stderr);
     let (mut c, r) = login(mw.submission_port, SASL_PASSWORD).await;
     assert_eq!(r.code, 235);
@@ -1354,14 +1391,27 @@ async fn readme_recipe_both_roles_with_sasl() {
         .to_string();
     let _ = c.cmd("QUIT").await;
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(log_lines_for(&pf, remote).len(), 1, "held mail reached Postfix");
+    assert_eq!(
+        log_lines_for(&pf, remote).len(),
+        1,
+        "held mail reached Postfix"
+    );
 
     // Released: through the submission smtpd, as the user (XCLIENT LOGIN=), to the
     // remote recipient.
     let r = mailwarden_cli(dir.path(), &["quarantine", "-c", &config, "release", &id]).await;
-    assert!(r.success(), "release: {}{}\n{}", r.stdout_text(), r.stderr, pf.log());
+    assert!(
+        r.success(),
+        "release: {}{}\n{}",
+        r.stdout_text(),
+        r.stderr,
+        pf.log()
+    );
     let lines = wait_log_lines(&pf, remote, 2, &mw);
-    assert!(lines[1].contains("discarded by the test instance"), "{lines:?}");
+    assert!(
+        lines[1].contains("discarded by the test instance"),
+        "{lines:?}"
+    );
     assert!(
         pf.log().contains("sasl_method=XCLIENT"),
         "the release was not sent as the user:\n{}",

@@ -262,14 +262,17 @@ impl<'de> Deserialize<'de> for NextHops {
             let Some(section) = table.remove(&name) else {
                 continue;
             };
-            let hop: NextHopConfig = section
-                .try_into()
-                .map_err(|e: toml::de::Error| D::Error::custom(format!("[next_hop.{name}]: {}", e.message())))?;
+            let hop: NextHopConfig = section.try_into().map_err(|e: toml::de::Error| {
+                D::Error::custom(format!("[next_hop.{name}]: {}", e.message()))
+            })?;
             named.insert(name, hop);
         }
-        let default: NextHopConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| D::Error::custom(format!("[next_hop]: {}", e.message())))?;
+        let default: NextHopConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    D::Error::custom(format!("[next_hop]: {}", e.message()))
+                })?;
         Ok(NextHops { default, named })
     }
 }
@@ -596,7 +599,8 @@ impl Config {
             fix_opt(&mut l.tls_cert);
             fix_opt(&mut l.tls_key);
         }
-        let hops = std::iter::once(&mut self.next_hop.default).chain(self.next_hop.named.values_mut());
+        let hops =
+            std::iter::once(&mut self.next_hop.default).chain(self.next_hop.named.values_mut());
         for hop in hops {
             if let Ok(NextHopAddress::Maildir(mut dir)) = NextHopAddress::parse(&hop.address) {
                 fix(&mut dir);
@@ -666,11 +670,7 @@ impl Config {
             if let Some(name) = &l.next_hop
                 && !self.next_hop.named.contains_key(name)
             {
-                return err(
-                    &t,
-                    "next_hop",
-                    format!("no [next_hop.{name}] section"),
-                );
+                return err(&t, "next_hop", format!("no [next_hop.{name}] section"));
             }
             // RFC 6409: submission means AUTH, and AUTH is only offered over TLS. Without
             // a certificate nobody could ever authenticate, so only `trusted_networks`
@@ -1015,20 +1015,26 @@ mod tests {
         assert_eq!(e.line, Some(4), "{e}");
         let e = parse(&format!("{MINIMAL}[next_hop.sub]\nadress = \"x\"\n")).unwrap_err();
         assert!(e.to_string().contains("adress"), "{e}");
-        let e = parse(&format!("{MINIMAL}[next_hop.sub]\naddress = \"lmtp://x:1\"\n")).unwrap_err();
+        let e = parse(&format!(
+            "{MINIMAL}[next_hop.sub]\naddress = \"lmtp://x:1\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "next_hop.sub.address", "{e}");
     }
 
     #[test]
     fn submission_needs_tls_off_loopback_and_listeners_are_unique() {
-        let e = parse(
-            "[[listener]]\naddress = \"192.0.2.1:587\"\nrole = \"submission\"\n",
-        )
-        .unwrap_err();
+        let e = parse("[[listener]]\naddress = \"192.0.2.1:587\"\nrole = \"submission\"\n")
+            .unwrap_err();
         assert_eq!(e.key, "listener[0].tls_cert", "{e}");
-        assert!(parse("[[listener]]\naddress = \"127.0.0.1:587\"\nrole = \"submission\"\n").is_ok());
+        assert!(
+            parse("[[listener]]\naddress = \"127.0.0.1:587\"\nrole = \"submission\"\n").is_ok()
+        );
         assert!(parse("[[listener]]\naddress = \"[::1]:587\"\nrole = \"submission\"\n").is_ok());
-        let e = parse(&format!("{MINIMAL}[[listener]]\naddress = \"127.0.0.1:2525\"\n")).unwrap_err();
+        let e = parse(&format!(
+            "{MINIMAL}[[listener]]\naddress = \"127.0.0.1:2525\"\n"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "listener[1].address", "{e}");
     }
 
@@ -1049,7 +1055,10 @@ mod tests {
         .unwrap();
         let c = Config::load(&path).unwrap();
         assert_eq!(c.policy_file(), Some(sub.join("policy.toml").as_path()));
-        assert_eq!(c.next_hop_address(), NextHopAddress::Maildir(sub.join("md")));
+        assert_eq!(
+            c.next_hop_address(),
+            NextHopAddress::Maildir(sub.join("md"))
+        );
         assert_eq!(c.quarantine.dir, PathBuf::from("/abs/q"));
         assert_eq!(c.outbound.command_dir, sub.join("var/outbound/commands"));
     }

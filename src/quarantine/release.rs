@@ -22,7 +22,9 @@ use crate::smtp::reply::Reply;
 pub enum ReleaseError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("permanent refusal by the next hop: {0} (entry stays held; retrying will not help: check the next hop's policy, or release --to other recipients)")]
+    #[error(
+        "permanent refusal by the next hop: {0} (entry stays held; retrying will not help: check the next hop's policy, or release --to other recipients)"
+    )]
     Refused(Reply),
     #[error("next hop deferred it: {0} (entry is held again; retry later)")]
     Deferred(Reply),
@@ -110,9 +112,7 @@ async fn send(
     let mut relay = Relay::new(hops.for_role(&meta.listener));
     let client = identity(&meta.client, &meta.helo, meta.login.as_deref());
     let outcome = async {
-        let reply = relay
-            .start(&client, &from, message.len())
-            .await?;
+        let reply = relay.start(&client, &from, message.len()).await?;
         if !reply.is_positive() {
             return Ok(Err(reply));
         }
