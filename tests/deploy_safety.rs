@@ -638,6 +638,7 @@ async fn check_config_refuses_what_run_refuses() {
         std::fs::write(&open_token, "0123456789abcdef0123456789abcdef\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&open_token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(dir.path().join("broken-freezes.json"), "not json").unwrap();
         let base = "local_domains = [\"example.org\"]\n[next_hop]\naddress = \"maildir:md\"\n";
         let cases: Vec<(&str, String, &str)> = vec![
             (
@@ -661,6 +662,13 @@ async fn check_config_refuses_what_run_refuses() {
                     "{base}[[listener]]\naddress = \"{a}\"\n[admin]\nenabled = true\nlisten = \"{b}\"\ntoken_file = \"missing.token\"\n"
                 ),
                 "token_file",
+            ),
+            (
+                "unreadable outbound freeze file",
+                format!(
+                    "{base}[[listener]]\naddress = \"{a}\"\nrole = \"submission\"\n[outbound]\nfreeze_file = \"broken-freezes.json\"\n"
+                ),
+                "broken-freezes.json",
             ),
             (
                 "admin token file readable by others",

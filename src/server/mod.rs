@@ -207,8 +207,8 @@ impl Server {
 }
 
 /// Every check of the files the proxy needs before it serves, without binding or
-/// creating anything: listener certificates and keys, the policy file, the admin token
-/// file (and its mode) and certificate. `check-config` runs exactly this after loading
+/// creating anything: listener certificates and keys, the policy file, the outbound
+/// freeze file (and Redis URL), the admin token file (and its mode) and certificate. `check-config` runs exactly this after loading
 /// the configuration, and `run` runs it first, so an `ok` from `check-config` means `run`
 /// gets past them.
 pub fn preflight(config: &Config) -> Result<(), String> {
@@ -220,6 +220,19 @@ pub fn preflight(config: &Config) -> Result<(), String> {
     }
     if let Some(path) = config.policy_file() {
         crate::policy::rules::Policy::load(path).map_err(|e| e.to_string())?;
+    }
+    let outbound = &config.outbound;
+    let has_submission = config
+        .listeners
+        .iter()
+        .any(|l| l.role == crate::config::Role::Submission);
+    if outbound.enabled && has_submission {
+        // What the burst detector refuses to start with.
+        let settings = std::sync::Arc::new(crate::outbound::config::Settings::new(outbound)?);
+        crate::outbound::freeze::FreezeBook::load(&outbound.freeze_file)?;
+        if outbound.backend == crate::outbound::config::Backend::Redis {
+            crate::outbound::redis_store::RedisStore::new(settings)?;
+        }
     }
     let admin = &config.admin;
     if admin.enabled {
