@@ -19,6 +19,7 @@
 //! Every test here failed before issue 19 (the named next hops and the listener key were
 //! unknown fields; the rest behaved as the issue describes).
 
+mod admin_common;
 mod common;
 
 use std::net::SocketAddr;
@@ -93,6 +94,26 @@ async fn next_hop(mynetworks: &[&str], xclient: bool) -> FakeMta {
     let mta = FakeMta::start(script).await;
     mta.set_auth_users(&[(USER, PASSWORD)]);
     mta
+}
+
+/// Turns on the admin API (for `/metrics`) on a free loopback port with a token file in
+/// `dir`; returns its address.
+fn with_admin(o: &mut ProxyOptions, dir: &Path) -> SocketAddr {
+    let token = admin_common::write_token(dir);
+    let admin = free_addr();
+    o.extra_toml.push(format!(
+        "[admin]\nenabled = true\nlisten = \"{admin}\"\ntoken_file = {:?}\n",
+        token.to_str().unwrap()
+    ));
+    admin
+}
+
+/// One series of the proxy's `/metrics`.
+async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let auth = format!("Bearer {}", admin_common::TOKEN);
+    let r =
+        admin_common::request(admin, "GET", "/metrics", &[("Authorization", &auth)], None).await;
+    admin_common::metric(&r.text(), series)
 }
 
 /// A submission listener (STARTTLS) relaying to `mta`, no trusted networks.
@@ -401,7 +422,9 @@ async fn xclient_auto_never_relays_through_a_next_hop_that_trusts_us() {
         let mut o = submission(&mta);
         o.xclient = "auto".into();
         o.trusted_loopback = true;
-        let proxy = Proxy::start(o).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin = with_admin(&mut o, dir.path());
+        let proxy = Proxy::start_in(o, dir).await;
         let mut c = connect_from("127.0.0.1", proxy.addr).await;
         c.ehlo("app.example.org").await;
         c.expect("MAIL FROM:<app@example.org>", "250").await;
@@ -420,6 +443,14 @@ async fn xclient_auto_never_relays_through_a_next_hop_that_trusts_us() {
                 Duration::from_secs(10),
             )
             .await;
+        assert_eq!(
+            metric(admin, "mailwarden_relay_unsafe_next_hop_total").await,
+            1.0
+        );
+        assert_eq!(
+            metric(admin, "mailwarden_relay_without_xclient_total").await,
+            0.0
+        );
     })
     .await
 }
@@ -432,7 +463,9 @@ async fn xclient_auto_relays_through_a_next_hop_that_does_not_trust_us_with_one_
         let mta = next_hop(&[], false).await;
         let mut o = submission(&mta);
         o.xclient = "auto".into();
-        let proxy = Proxy::start(o).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin = with_admin(&mut o, dir.path());
+        let proxy = Proxy::start_in(o, dir).await;
         for n in 0..2 {
             let mut c = login(proxy.addr).await;
             let m = simple_message(USER, "y@other.example", "auto", &format!("auto-{n}"));
@@ -458,6 +491,10 @@ async fn xclient_auto_relays_through_a_next_hop_that_does_not_trust_us_with_one_
             "one ERROR for the first such session:\n{log}"
         );
         assert!(log.contains("ERROR"), "{log}");
+        assert_eq!(
+            metric(admin, "mailwarden_relay_without_xclient_total").await,
+            2.0
+        );
     })
     .await
 }
