@@ -103,6 +103,15 @@ impl Server {
         }
         let grace = config.shutdown.grace_period;
         tracing::info!(next_hop = %next_hops.describe(), "next hop");
+        // `off` is a choice, but never a silent one: the next hop judges our address.
+        let hops = std::iter::once((String::new(), &config.next_hop.default))
+            .chain(config.next_hop.named.iter().map(|(n, h)| (n.clone(), h)));
+        for (name, hop) in hops {
+            if hop.xclient == crate::config::XclientMode::Off && hop.address.starts_with("smtp:") {
+                tracing::warn!(next_hop = %hop.address, section = %if name.is_empty() { "next_hop".to_string() } else { format!("next_hop.{name}") },
+                    "xclient = \"off\": the next hop sees our address, not the client's; make sure it does not trust it (mynetworks)");
+            }
+        }
         let config = Arc::new(config);
         let admin = if config.admin.enabled {
             let state = crate::admin::AdminState {
