@@ -109,6 +109,7 @@ fn meta(i: usize, age: u64) -> Meta {
         listener: "inbound".into(),
         client: format!("192.0.2.{}:{}", i % 250, 1024 + i % 60000),
         helo: format!("mx{}.d{d}.example", i % 7),
+        login: None,
         mail_from: format!("user{}@d{d}.example", i % 5000),
         rcpts: vec![format!("r{}@example.org", i % 200)],
         header_from: format!("Sender {} <user{}@d{d}.example>", i, i % 5000),

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use mailwarden::config::{Config, LogFormat};
-use mailwarden::policy::rules::Policy;
 use mailwarden::server::{Server, shutdown};
 use tokio_util::sync::CancellationToken;
 
@@ -94,19 +93,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, log_format } => run(config, log_format),
         Command::CheckConfig { config } => {
-            // The policy file is part of the configuration: a broken one must fail here,
-            // not at the next start or reload.
+            // The same checks `run` makes before serving (certificates, policy file,
+            // admin token file and mode), so `ok` here means `run` starts.
             let checked = Config::load(&config)
                 .map_err(|e| e.to_string())
-                .and_then(|c| match c.policy_file() {
-                    Some(p) => Policy::load(p)
-                        .map(|policy| {
-                            for w in &policy.warnings {
-                                eprintln!("warning: {w}");
-                            }
-                        })
-                        .map_err(|e| e.to_string()),
-                    None => Ok(()),
+                .and_then(|c| mailwarden::server::preflight(&c))
+                .map(|warnings| {
+                    for w in &warnings {
+                        eprintln!("warning: {w}");
+                    }
                 });
             match checked {
                 Ok(()) => {

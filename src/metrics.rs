@@ -58,6 +58,11 @@ pub struct Metrics {
     pub policy_reloads: Family<Labels, Counter>,
     /// Bytes of message content reserved by all sessions (`[limits] message_memory`).
     pub message_memory: Gauge,
+    /// Next-hop connections used without XCLIENT (`xclient = "auto"`, not offered).
+    pub relay_without_xclient: Counter,
+    /// Next-hop connections refused because the next hop offers no XCLIENT and would
+    /// relay for our address (an open relay through us).
+    pub relay_unsafe_next_hop: Counter,
 }
 
 impl Metrics {
@@ -85,6 +90,8 @@ impl Metrics {
             redis_fallback: Gauge::default(),
             policy_reloads: Family::default(),
             message_memory: Gauge::default(),
+            relay_without_xclient: Counter::default(),
+            relay_unsafe_next_hop: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -149,6 +156,16 @@ impl Metrics {
             "message_memory_bytes",
             "Message content held in memory by all sessions (bytes reserved)",
             m.message_memory.clone(),
+        );
+        registry.register(
+            "relay_without_xclient",
+            "Next-hop connections used without XCLIENT (xclient = auto)",
+            m.relay_without_xclient.clone(),
+        );
+        registry.register(
+            "relay_unsafe_next_hop",
+            "Next-hop connections refused: no XCLIENT and the next hop trusts our address",
+            m.relay_unsafe_next_hop.clone(),
         );
         registry.register(
             "quarantined",

@@ -490,3 +490,49 @@ async fn scenario_compromised_account_two_instances_sharing_redis() {
         .action;
     assert_eq!(action, Some(OutboundAction::Freeze));
 }
+
+/// Issue 19: unfreezing clears the account's windows in Redis too (the unfreeze script),
+/// so the next message is not frozen again by the burst that caused the freeze; both
+/// instances see it at once.
+#[tokio::test]
+async fn unfreeze_resets_the_windows_in_redis() {
+    let server = RedisServer::start(free_port());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ca, cb) = (
+        config(da.path(), server.port, "reset"),
+        config(db.path(), server.port, "reset"),
+    );
+    let (a, b, clock) = pair(&ca, &cb).await;
+    let to = rcpts(30, "victims.example");
+    let mut frozen_at = None;
+    for i in 0..20 {
+        clock.advance(Duration::from_millis(10));
+        if a.assess(ALICE, ip("203.0.113.9"), ALICE, &to, 0)
+            .await
+            .frozen
+        {
+            frozen_at = Some(i);
+            break;
+        }
+    }
+    assert!(frozen_at.is_some(), "the burst never froze the account");
+    let before = b.account_detail(ALICE).await.unwrap();
+    assert!(before.windows.iter().any(|w| w.messages > 0), "{before:?}");
+
+    a.unfreeze(ALICE, "test", "checked").await.unwrap();
+    let after = b.account_detail(ALICE).await.unwrap();
+    assert!(
+        after
+            .windows
+            .iter()
+            .all(|w| w.messages == 0 && w.recipients == 0),
+        "windows kept after unfreeze: {after:?}"
+    );
+    assert_eq!(after.messages_total, before.messages_total, "totals stay");
+    clock.advance(Duration::from_millis(10));
+    let next = b.assess(ALICE, ip("203.0.113.9"), ALICE, &to, 0).await;
+    assert!(!next.frozen && next.action.is_none(), "{next:?}");
+    let history = after.history;
+    assert_eq!(history.last().map(|e| e.action.as_str()), Some("unfreeze"));
+    assert_eq!(history.last().map(|e| e.why.as_str()), Some("checked"));
+}

@@ -84,6 +84,8 @@ fn options(mta: &FakeMta, outbound: &str) -> ProxyOptions {
     let mut o = ProxyOptions::smtp(mta.addr);
     o.role = "submission".into();
     o.starttls = true;
+    // The outbound defaults are under test here: no harness `[outbound]` section.
+    o.trusted_loopback = false;
     // Every client here is 127.0.0.1: the per-client session limit must not interfere.
     o.max_sessions_per_client = Some(500);
     o.max_sessions = Some(1000);

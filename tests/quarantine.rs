@@ -436,6 +436,7 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
                 listener: "inbound".into(),
                 client: "192.0.2.9:2525".into(),
                 helo: "old.example".into(),
+                login: None,
                 mail_from: "old@old.example".into(),
                 rcpts: vec!["eve@example.org".into()],
                 header_from: "Old <old@old.example>".into(),
@@ -1634,24 +1635,32 @@ async fn store_directories_are_0700_and_files_0600() {
         check(&root);
         assert_mode(&root.join("entries").join(&id).join("meta.json"), 0o600);
 
-        // A store created by the CLI under umask 000.
+        // The CLI under umask 000: what it creates in the store (SQLite's -wal/-shm) is
+        // private. Issue 19: it no longer creates a missing store (that hid a wrong
+        // `dir` behind "0 entries"): `list` there fails and creates nothing.
         let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("q");
-        let config = dir.path().join("cli.toml");
-        std::fs::write(
-            &config,
-            format!("[quarantine]\ndir = {:?}\n", store.to_str().unwrap()),
-        )
-        .unwrap();
-        let out = Command::new("sh")
-            .args(["-c", "umask 000 && exec \"$0\" quarantine -c \"$1\" list"])
-            .arg(bin())
-            .arg(&config)
-            .current_dir(dir.path())
-            .output()
-            .expect("sh");
+        let cli_umask_000 = |store: &Path| {
+            let config = dir.path().join("cli.toml");
+            std::fs::write(
+                &config,
+                format!("[quarantine]\ndir = {:?}\n", store.to_str().unwrap()),
+            )
+            .unwrap();
+            Command::new("sh")
+                .args(["-c", "umask 000 && exec \"$0\" quarantine -c \"$1\" list"])
+                .arg(bin())
+                .arg(&config)
+                .current_dir(dir.path())
+                .output()
+                .expect("sh")
+        };
+        let out = cli_umask_000(&root);
         assert!(out.status.success(), "{}", show(&out.stderr));
-        check(&store);
+        check(&root);
+        let missing = dir.path().join("q");
+        let out = cli_umask_000(&missing);
+        assert!(!out.status.success(), "{}", show(&out.stdout));
+        assert!(!missing.exists(), "the CLI created a store");
     })
     .await;
 }

@@ -5,13 +5,17 @@
 //!
 //! With `backend = "memory"` the running proxy owns the state, so the CLI never writes
 //! it:
-//! - `list` and `show` read the counters snapshot (`state_file`, at most
-//!   `snapshot_interval` old; its age is shown) and the freeze file (`freeze_file`,
-//!   rewritten by the proxy on every change, so current);
+//! - `show` asks the running proxy for the account's live counters through the command
+//!   spool; when the proxy does not answer, it falls back to the files and says how old
+//!   the counters are;
+//! - `list` reads the counters snapshot (`state_file`, at most `snapshot_interval` old;
+//!   its age is shown) and the freeze file (`freeze_file`, rewritten by the proxy on
+//!   every change, so current);
 //! - `freeze` and `unfreeze` leave a command file in `command_dir` (written atomically);
 //!   the proxy applies it within a second, records who and why, and answers with a
-//!   result file the CLI waits for (`--wait`). A proxy that is not running applies the
-//!   command when it starts: the CLI says so, and the command is not lost.
+//!   result file the CLI waits for (`--wait`). When no answer comes (the proxy is not
+//!   running), the CLI takes the command back and exits non-zero: nothing was done, and
+//!   nothing happens later behind the administrator's back.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -176,6 +180,17 @@ fn memory_backend(s: &Settings, cmd: &AccountsCommand) -> ExitCode {
                 Ok(a) => a,
                 Err(e) => return fail(e),
             };
+            match live_detail(cfg, &account) {
+                Live::Detail(d) => {
+                    print_detail(&d, *json, None, &[]);
+                    return ExitCode::SUCCESS;
+                }
+                Live::Refused(e) => return fail(e),
+                Live::NoAnswer => {}
+            }
+            eprintln!(
+                "mailwarden accounts: the proxy did not answer (not running?): showing the files it left"
+            );
             let (snapshot, book) = match load_files(cfg) {
                 Ok(v) => v,
                 Err(e) => return fail(e),
@@ -229,6 +244,47 @@ fn memory_backend(s: &Settings, cmd: &AccountsCommand) -> ExitCode {
     }
 }
 
+/// How long `show` waits for the running proxy's live answer before using the files.
+const LIVE_WAIT: Duration = Duration::from_secs(3);
+
+enum Live {
+    Detail(Box<AccountDetail>),
+    /// The proxy answered with an error (e.g. no such account).
+    Refused(String),
+    NoAnswer,
+}
+
+/// The account's counters as the running proxy holds them now (memory backend).
+fn live_detail(cfg: &OutboundConfig, account: &str) -> Live {
+    let cmd = Command {
+        op: Op::Show,
+        account: account.to_string(),
+        by: operator(),
+        why: "show".into(),
+        expires_after: None,
+        at: now_ms() / 1000,
+    };
+    let Ok(name) = freeze::submit(&cfg.command_dir, &cmd) else {
+        return Live::NoAnswer;
+    };
+    let result = match freeze::wait_result(&cfg.command_dir, &name, LIVE_WAIT) {
+        Some(r) => r,
+        None if freeze::withdraw(&cfg.command_dir, &name) => return Live::NoAnswer,
+        // Taken by the proxy just now: its answer is on the way.
+        None => match freeze::wait_result(&cfg.command_dir, &name, LIVE_WAIT) {
+            Some(r) => r,
+            None => return Live::NoAnswer,
+        },
+    };
+    if !result.ok {
+        return Live::Refused(result.message);
+    }
+    match serde_json::from_str::<AccountDetail>(&result.message) {
+        Ok(d) => Live::Detail(Box::new(d)),
+        Err(e) => Live::Refused(format!("unreadable answer from the proxy: {e}")),
+    }
+}
+
 type Snapshot = Option<memory::SnapshotAccounts>;
 
 fn load_files(cfg: &OutboundConfig) -> Result<(Snapshot, FreezeBook), String> {
@@ -266,25 +322,27 @@ fn spool(
         Ok(n) => n,
         Err(e) => return fail(format!("{}: {e}", cfg.command_dir.display())),
     };
-    match freeze::wait_result(&cfg.command_dir, &name, wait) {
+    let mut answer = freeze::wait_result(&cfg.command_dir, &name, wait);
+    if answer.is_none() && !freeze::withdraw(&cfg.command_dir, &name) {
+        // The proxy took the command at the last moment: its answer follows shortly.
+        answer = freeze::wait_result(&cfg.command_dir, &name, wait);
+    }
+    let what = if op == Op::Freeze {
+        "freeze"
+    } else {
+        "unfreeze"
+    };
+    match answer {
         Some(r) if r.ok => {
             println!("{}", r.message);
             ExitCode::SUCCESS
         }
         Some(r) => fail(r.message),
-        None => {
-            println!(
-                "{} of {account} queued as {}: the proxy did not answer within {}s (not running?); it applies the command when it starts",
-                if op == Op::Freeze {
-                    "freeze"
-                } else {
-                    "unfreeze"
-                },
-                cfg.command_dir.join(format!("{name}.json")).display(),
-                wait.as_secs_f64()
-            );
-            ExitCode::SUCCESS
-        }
+        None => fail(format!(
+            "the proxy did not answer within {}s (is it running with this configuration? command spool {}): {what} of {account} NOT done",
+            wait.as_secs_f64(),
+            cfg.command_dir.display()
+        )),
     }
 }
 
@@ -510,7 +568,11 @@ fn print_detail(d: &AccountDetail, json: bool, snapshot_at: Option<u64>, pending
             d.messages_total
         ));
         if let Some(at) = snapshot_at {
-            out.push_str(&format!("counters as of {} UTC (snapshot)\n", iso_date(at)));
+            let age = (now_ms() / 1000).saturating_sub(at);
+            out.push_str(&format!(
+                "counters as of {} UTC (snapshot, {age} s old, not live)\n",
+                iso_date(at)
+            ));
         }
         let lim = |v: Option<u32>| v.map_or_else(|| "-".into(), |v| v.to_string());
         for w in &d.windows {
@@ -669,8 +731,10 @@ mod tests {
         maint.await.unwrap();
     }
 
+    /// Issue 19: a freeze nobody applies is an error (exit 1), and it is taken back so
+    /// that a later start does not apply it behind the administrator's back.
     #[test]
-    fn commands_wait_in_the_spool_while_the_proxy_is_down() {
+    fn commands_are_withdrawn_when_the_proxy_is_down() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path());
         let code = run_with(
@@ -682,12 +746,9 @@ mod tests {
                 wait: "100ms".into(),
             },
         );
-        assert_eq!(code, ExitCode::SUCCESS);
-        let p = freeze::pending(&c.command_dir);
-        assert_eq!(p.len(), 1);
-        let cmd = p[0].1.as_ref().unwrap();
-        assert_eq!((cmd.op, cmd.expires_after), (Op::Freeze, Some(7200)));
-        // Nothing to show yet, and bad input is refused.
+        assert_eq!(code, ExitCode::from(1));
+        assert!(freeze::pending(&c.command_dir).is_empty());
+        // Nothing to show, and bad input is refused.
         let show = AccountsCommand::Show {
             account: "bob@example.org".into(),
             json: false,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::policy::Inspector;
 use crate::quarantine::Quarantine;
-use crate::relay::NextHop;
+use crate::relay::NextHops;
 
 /// What the admin API acts on: the running proxy's own objects.
 #[derive(Clone)]
@@ -20,8 +20,8 @@ pub struct AdminState {
     pub quarantine: Option<Arc<Quarantine>>,
     /// The verdict engine: policy version and last reload result.
     pub inspector: Arc<dyn Inspector>,
-    /// Where released messages go.
-    pub next_hop: Arc<NextHop>,
+    /// Every next hop; a release goes through the one of the entry's listener role.
+    pub next_hops: Arc<NextHops>,
     /// The outbound burst detector (accounts, freezes); `None` when `[outbound]` is off.
     pub detector: Option<Arc<crate::outbound::Detector>>,
 }

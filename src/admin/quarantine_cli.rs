@@ -3,7 +3,6 @@
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Subcommand;
 
@@ -11,7 +10,7 @@ use crate::config::{Config, Purpose};
 use crate::quarantine::index::{Filter, Row};
 use crate::quarantine::release::{ReleaseError, release};
 use crate::quarantine::{self, Quarantine};
-use crate::relay::NextHop;
+use crate::relay::NextHops;
 
 #[derive(Subcommand, Debug)]
 pub enum QuarantineCommand {
@@ -75,8 +74,9 @@ pub fn run(config_path: &Path, cmd: &QuarantineCommand) -> ExitCode {
         Err(e) => return fail(e),
     };
     crate::telemetry::init("warn", config.log.format);
-    let store = match Quarantine::open(&config.quarantine.dir) {
+    let store = match Quarantine::open_existing(&config.quarantine.dir) {
         Ok(s) => s,
+        Err(e @ quarantine::StoreError::Missing(_)) => return fail(e),
         Err(e) => return fail(format!("{}: {e}", config.quarantine.dir.display())),
     };
     match cmd {
@@ -271,8 +271,8 @@ fn release_all(
     to: &[String],
     force: bool,
 ) -> ExitCode {
-    let hop = match NextHop::from_config(config) {
-        Ok(h) => Arc::new(h),
+    let hops = match NextHops::from_config(config) {
+        Ok(h) => h,
         Err(e) => return fail(e),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -289,7 +289,7 @@ fn release_all(
             Ok(id) => runtime
                 .block_on(release(
                     store,
-                    hop.clone(),
+                    &hops,
                     &id,
                     to,
                     force,

@@ -30,8 +30,9 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
     pub limits: Limits,
+    /// `[next_hop]` (the default) and its named `[next_hop.NAME]` sections.
     #[serde(default)]
-    pub next_hop: NextHopConfig,
+    pub next_hop: NextHops,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     #[serde(default)]
@@ -94,6 +95,11 @@ pub struct ListenerConfig {
     pub max_sessions: usize,
     #[serde(default = "default_max_sessions_per_client")]
     pub max_sessions_per_client: usize,
+    /// A named `[next_hop.NAME]` section this listener relays to; absent: `[next_hop]`.
+    /// Lets inbound mail and submissions reach different smtpd instances of the MTA
+    /// (Postfix can then require AUTH on the submission one only).
+    #[serde(default)]
+    pub next_hop: Option<String>,
 }
 
 fn default_role() -> Role {
@@ -110,6 +116,11 @@ impl ListenerConfig {
     /// Whether this listener can offer TLS (both files configured).
     pub fn has_tls(&self) -> bool {
         self.tls_cert.is_some() && self.tls_key.is_some()
+    }
+
+    /// Whether only this machine can reach the listener (a loopback address).
+    pub fn is_loopback_only(&self) -> bool {
+        self.address.ip().to_canonical().is_loopback()
     }
 }
 
@@ -223,6 +234,55 @@ impl Default for NextHopConfig {
             command_timeout: DEFAULT_RELAY_COMMAND_TIMEOUT,
             data_timeout: DEFAULT_RELAY_DATA_TIMEOUT,
             end_of_data_timeout: DEFAULT_END_OF_DATA_TIMEOUT,
+        }
+    }
+}
+
+/// `[next_hop]` and its named sections: `[next_hop.NAME]` tables inside it are further
+/// next hops that a `[[listener]] next_hop = "NAME"` selects. A named section does not
+/// inherit from `[next_hop]`: every key it leaves out has its default.
+#[derive(Debug, Clone, Default)]
+pub struct NextHops {
+    /// `[next_hop]` itself: listeners without `next_hop = "NAME"` use it.
+    pub default: NextHopConfig,
+    pub named: std::collections::BTreeMap<String, NextHopConfig>,
+}
+
+impl<'de> Deserialize<'de> for NextHops {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let names: Vec<String> = table
+            .iter()
+            .filter(|(_, v)| v.is_table())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut named = std::collections::BTreeMap::new();
+        for name in names {
+            let Some(section) = table.remove(&name) else {
+                continue;
+            };
+            let hop: NextHopConfig = section.try_into().map_err(|e: toml::de::Error| {
+                D::Error::custom(format!("[next_hop.{name}]: {}", e.message()))
+            })?;
+            named.insert(name, hop);
+        }
+        let default: NextHopConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    D::Error::custom(format!("[next_hop]: {}", e.message()))
+                })?;
+        Ok(NextHops { default, named })
+    }
+}
+
+impl NextHops {
+    /// The section called `name` (`None`: the default `[next_hop]`).
+    pub fn get(&self, name: Option<&str>) -> Option<&NextHopConfig> {
+        match name {
+            None => Some(&self.default),
+            Some(n) => self.named.get(n),
         }
     }
 }
@@ -490,14 +550,21 @@ impl Config {
     }
 
     /// Reads, parses and validates `path` for `purpose`.
+    ///
+    /// Every relative path in the file (and every default path) is taken relative to the
+    /// file's own directory, never to the working directory: the proxy and the CLI run
+    /// from anywhere and must find the same quarantine, spool and certificates.
     pub fn load_for(path: &Path, purpose: Purpose) -> Result<Config, ConfigError> {
-        let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let cannot = |e: std::io::Error| ConfigError {
             file: path.to_path_buf(),
             line: None,
             key: "-".into(),
             reason: format!("cannot read: {e}"),
-        })?;
-        Self::parse_for(&source, path, purpose)
+        };
+        let source = std::fs::read_to_string(path).map_err(cannot)?;
+        let absolute = std::path::absolute(path).map_err(cannot)?;
+        let base = absolute.parent().unwrap_or(Path::new("/"));
+        Self::parse_in(&source, path, Some(base), purpose)
     }
 
     /// Parses and validates `source` for running; `path` is only used in error messages.
@@ -506,7 +573,17 @@ impl Config {
     }
 
     pub fn parse_for(source: &str, path: &Path, purpose: Purpose) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(source).map_err(|e| {
+        Self::parse_in(source, path, None, purpose)
+    }
+
+    /// Parses, resolves relative paths against `base` (when given) and validates.
+    fn parse_in(
+        source: &str,
+        path: &Path,
+        base: Option<&Path>,
+        purpose: Purpose,
+    ) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(source).map_err(|e| {
             let line = e
                 .span()
                 .map(|span| source[..span.start.min(source.len())].matches('\n').count() + 1);
@@ -517,6 +594,9 @@ impl Config {
                 reason: e.message().trim().to_string(),
             }
         })?;
+        if let Some(base) = base {
+            config.resolve_paths(base);
+        }
         config
             .validate(purpose)
             .map_err(|(table, key, reason)| ConfigError {
@@ -530,6 +610,40 @@ impl Config {
                 reason,
             })?;
         Ok(config)
+    }
+
+    /// Makes every relative path absolute against `base` (the config file's directory).
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        let fix_opt = |p: &mut Option<PathBuf>| {
+            if let Some(p) = p {
+                fix(p)
+            }
+        };
+        for l in &mut self.listeners {
+            fix_opt(&mut l.tls_cert);
+            fix_opt(&mut l.tls_key);
+        }
+        let hops =
+            std::iter::once(&mut self.next_hop.default).chain(self.next_hop.named.values_mut());
+        for hop in hops {
+            if let Ok(NextHopAddress::Maildir(mut dir)) = NextHopAddress::parse(&hop.address) {
+                fix(&mut dir);
+                hop.address = format!("maildir:{}", dir.display());
+            }
+        }
+        fix_opt(&mut self.auth.policy_file);
+        fix(&mut self.quarantine.dir);
+        fix_opt(&mut self.admin.token_file);
+        fix_opt(&mut self.admin.tls_cert);
+        fix_opt(&mut self.admin.tls_key);
+        fix(&mut self.outbound.state_file);
+        fix(&mut self.outbound.freeze_file);
+        fix(&mut self.outbound.command_dir);
     }
 
     /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
@@ -574,6 +688,31 @@ impl Config {
             }
             if l.max_sessions == 0 || l.max_sessions_per_client == 0 {
                 return err(&t, "max_sessions", "must be at least 1".into());
+            }
+            if self.listeners[..i].iter().any(|o| o.address == l.address) {
+                return err(
+                    &t,
+                    "address",
+                    format!("{} is already used by another [[listener]]", l.address),
+                );
+            }
+            if let Some(name) = &l.next_hop
+                && !self.next_hop.named.contains_key(name)
+            {
+                return err(&t, "next_hop", format!("no [next_hop.{name}] section"));
+            }
+            // RFC 6409: submission means AUTH, and AUTH is only offered over TLS. Without
+            // a certificate nobody could ever authenticate, so only `trusted_networks`
+            // could submit: allowed only where nobody else can connect.
+            if l.role == Role::Submission && !l.has_tls() && !l.is_loopback_only() {
+                return err(
+                    &t,
+                    "tls_cert",
+                    format!(
+                        "submission listener {} needs tls_cert and tls_key: AUTH is offered over TLS only (or listen on loopback)",
+                        l.address
+                    ),
+                );
             }
             if l.role == Role::Inbound && self.local_domains.is_empty() {
                 return err(
@@ -651,8 +790,13 @@ impl Config {
         if lim.hard_error_limit == 0 {
             return err("limits", "hard_error_limit", "must be at least 1".into());
         }
-        if let Err(e) = NextHopAddress::parse(&self.next_hop.address) {
+        if let Err(e) = NextHopAddress::parse(&self.next_hop.default.address) {
             return err("next_hop", "address", e);
+        }
+        for (name, hop) in &self.next_hop.named {
+            if let Err(e) = NextHopAddress::parse(&hop.address) {
+                return err(&format!("next_hop.{name}"), "address", e);
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return err("log", "level", e.to_string());
@@ -731,9 +875,9 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
     }
 
-    /// The parsed next hop (validated at load, so this cannot fail afterwards).
+    /// The parsed default next hop (validated at load, so this cannot fail afterwards).
     pub fn next_hop_address(&self) -> NextHopAddress {
-        NextHopAddress::parse(&self.next_hop.address).expect("validated at load")
+        NextHopAddress::parse(&self.next_hop.default.address).expect("validated at load")
     }
 
     /// Whether `domain` is one of ours (case-insensitive, exact).
@@ -907,6 +1051,73 @@ mod tests {
             parse("[dns]\nnameservers = []\n").is_err(),
             "run needs a listener"
         );
+    }
+
+    #[test]
+    fn named_next_hops_per_listener() {
+        let src = format!(
+            "{MINIMAL}next_hop = \"sub\"\n[next_hop]\naddress = \"smtp://127.0.0.1:10025\"\n\
+             [next_hop.sub]\naddress = \"smtp://127.0.0.1:10587\"\nxclient = \"auto\"\n"
+        );
+        let c = parse(&src).unwrap();
+        assert_eq!(c.listeners[0].next_hop.as_deref(), Some("sub"));
+        assert_eq!(c.next_hop.default.address, "smtp://127.0.0.1:10025");
+        let sub = c.next_hop.get(Some("sub")).unwrap();
+        assert_eq!(sub.address, "smtp://127.0.0.1:10587");
+        assert_eq!(sub.xclient, XclientMode::Auto);
+        // A named section does not inherit: its other keys have their defaults.
+        assert_eq!(c.next_hop.default.xclient, XclientMode::Require);
+        let e = parse(&format!("{MINIMAL}next_hop = \"nope\"\n")).unwrap_err();
+        assert_eq!(e.key, "listener[0].next_hop", "{e}");
+        assert_eq!(e.line, Some(4), "{e}");
+        let e = parse(&format!("{MINIMAL}[next_hop.sub]\nadress = \"x\"\n")).unwrap_err();
+        assert!(e.to_string().contains("adress"), "{e}");
+        let e = parse(&format!(
+            "{MINIMAL}[next_hop.sub]\naddress = \"lmtp://x:1\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "next_hop.sub.address", "{e}");
+    }
+
+    #[test]
+    fn submission_needs_tls_off_loopback_and_listeners_are_unique() {
+        let e = parse("[[listener]]\naddress = \"192.0.2.1:587\"\nrole = \"submission\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "listener[0].tls_cert", "{e}");
+        assert!(
+            parse("[[listener]]\naddress = \"127.0.0.1:587\"\nrole = \"submission\"\n").is_ok()
+        );
+        assert!(parse("[[listener]]\naddress = \"[::1]:587\"\nrole = \"submission\"\n").is_ok());
+        let e = parse(&format!(
+            "{MINIMAL}[[listener]]\naddress = \"127.0.0.1:2525\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "listener[1].address", "{e}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("etc");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("policy.toml"), "").unwrap();
+        let path = sub.join("mailwarden.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "{MINIMAL}[next_hop]\naddress = \"maildir:md\"\n[auth]\npolicy_file = \"policy.toml\"\n\
+                 [quarantine]\ndir = \"/abs/q\"\n"
+            ),
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.policy_file(), Some(sub.join("policy.toml").as_path()));
+        assert_eq!(
+            c.next_hop_address(),
+            NextHopAddress::Maildir(sub.join("md"))
+        );
+        assert_eq!(c.quarantine.dir, PathBuf::from("/abs/q"));
+        assert_eq!(c.outbound.command_dir, sub.join("var/outbound/commands"));
     }
 
     #[test]

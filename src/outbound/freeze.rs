@@ -237,6 +237,9 @@ pub fn write_atomic(
 pub enum Op {
     Freeze,
     Unfreeze,
+    /// Asks for the account's live counters (`accounts show`): the answer's message is
+    /// the account detail as JSON.
+    Show,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -315,6 +318,12 @@ pub fn complete(dir: &Path, name: &str, result: &CommandResult) -> std::io::Resu
         serde_json::to_writer(&mut *w, result).map_err(std::io::Error::other)
     })?;
     fs::remove_file(dir.join(format!("{name}.json")))
+}
+
+/// Takes command `name` back out of the spool if the proxy has not picked it up yet.
+/// True when withdrawn: then it will never be applied.
+pub fn withdraw(dir: &Path, name: &str) -> bool {
+    fs::remove_file(dir.join(format!("{name}.json"))).is_ok()
 }
 
 /// Waits up to `timeout` for the outcome of command `name`, and removes it.

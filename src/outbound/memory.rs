@@ -233,6 +233,16 @@ impl MemoryStore {
             .cloned()
     }
 
+    /// Empties `account`'s window counters (at unfreeze: they still hold the burst that
+    /// froze it). Baseline, totals and login addresses stay.
+    pub fn reset_windows(&self, account: &str) {
+        if let Some(st) = lock(self.shard(account)).get_mut(account) {
+            st.rings.fill(0);
+            st.domains.clear();
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
     pub fn state(&self, account: &str) -> Option<AccountState> {
         lock(self.shard(account)).peek(account).cloned()
     }

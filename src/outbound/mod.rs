@@ -970,6 +970,10 @@ impl Detector {
         let Some(f) = was else {
             return Err(format!("account {account} is not frozen"));
         };
+        // The windows still hold the burst that caused the freeze: left as they are,
+        // the account's next message would freeze it again. (Redis cleared its copy in
+        // the unfreeze script.)
+        self.local.reset_windows(&account);
         tracing::warn!(account = %account, by = %by, why = %why, frozen_by = %f.by, "outbound account unfrozen");
         self.alerter.post(&AlertBody {
             event: "account-unfrozen",
@@ -1256,6 +1260,10 @@ impl Detector {
                 .unfreeze(&account, &cmd.by, &cmd.why)
                 .await
                 .map(|()| format!("account {account} unfrozen")),
+            Op::Show => match self.account_detail(&account).await {
+                Some(d) => serde_json::to_string(&d).map_err(|e| e.to_string()),
+                None => Err(format!("no account {account}")),
+            },
         };
         match r {
             Ok(message) => CommandResult { ok: true, message },

@@ -314,7 +314,9 @@ redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
 return 1
 "#;
 
-/// Unfreezes an account: the freeze that was in force, or nil.
+/// Unfreezes an account: the freeze that was in force, or nil. Its window counters
+/// (KEYS[4]) are cleared in the same step: they still hold the burst that caused the
+/// freeze, and would freeze the account again at its next message.
 const LUA_UNFREEZE: &str = r#"
 local f = redis.call('GET', KEYS[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -322,6 +324,21 @@ if not f then return false end
 redis.call('DEL', KEYS[1])
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+local raw = redis.call('GET', KEYS[4])
+if raw then
+  local st = cjson.decode(raw)
+  if type(st.rings) == 'table' then
+    for _, r in ipairs(st.rings) do
+      for j = 1, #r do r[j] = 0 end
+    end
+  end
+  local ttl = redis.call('PTTL', KEYS[4])
+  if ttl > 0 then
+    redis.call('SET', KEYS[4], cjson.encode(st), 'PX', ttl)
+  else
+    redis.call('SET', KEYS[4], cjson.encode(st))
+  end
+end
 return f
 "#;
 
@@ -760,7 +777,8 @@ impl RedisStore {
         Ok(n == 1)
     }
 
-    /// Unfreezes `account`: the freeze that was in force, if any.
+    /// Unfreezes `account` and clears its window counters: the freeze that was in
+    /// force, if any.
     pub async fn unfreeze(&self, account: &str, at: u64, by: &str, why: &str) -> R<Option<Freeze>> {
         let event = FreezeEvent {
             at,
@@ -773,6 +791,7 @@ impl RedisStore {
         inv.key(self.key("f", account))
             .key(self.key("h", account))
             .key(self.frozen_key())
+            .key(self.key("s", account))
             .arg(account)
             .arg(serde_json::to_string(&event).unwrap_or_default())
             .arg(HISTORY);

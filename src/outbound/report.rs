@@ -1,7 +1,7 @@
 //! What `accounts list` / `accounts show` (and the admin API) see of an account, built
 //! from its counters and freeze record whichever store they came from.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::baseline::Params;
 use super::config::Settings;
@@ -10,7 +10,7 @@ pub use super::freeze::{Freeze, FreezeEvent};
 use super::state::{AccountState, secs};
 
 /// Messages and recipients in one window, with the limits that apply.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WindowCount {
     pub window: String,
     pub messages: u64,
@@ -20,7 +20,7 @@ pub struct WindowCount {
 }
 
 /// One line of `accounts list`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AccountSummary {
     pub account: String,
     /// Seconds since the epoch; `None` for a frozen account with no counters.
@@ -35,14 +35,14 @@ pub struct AccountSummary {
     pub bulk: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DomainCount {
     pub window: String,
     pub domains: u32,
     pub max: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RejectedShare {
     pub window: String,
     pub tried: u64,
@@ -52,7 +52,7 @@ pub struct RejectedShare {
     pub min_recipients: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BaselineDetail {
     pub enabled: bool,
     /// Learned per hour.
@@ -66,7 +66,7 @@ pub struct BaselineDetail {
     pub max_recipients: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoginIp {
     pub ip: String,
     pub first_seen: u64,
@@ -76,7 +76,7 @@ pub struct LoginIp {
 }
 
 /// `accounts show ACCOUNT`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AccountDetail {
     pub account: String,
     /// Whether counters are kept for it (false: only a freeze record).

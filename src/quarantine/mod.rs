@@ -38,6 +38,10 @@ pub struct Meta {
     pub listener: String,
     pub client: String,
     pub helo: String,
+    /// The SASL login of a submission session (sent as XCLIENT LOGIN= on release, so
+    /// the next hop relays the released message as the authenticated user's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
     pub mail_from: String,
     pub rcpts: Vec<String>,
     pub header_from: String,
@@ -69,6 +73,8 @@ pub enum StoreError {
     Index(#[from] rusqlite::Error),
     #[error("no quarantine entry {0}")]
     NotFound(String),
+    #[error("no quarantine store at {} (check [quarantine] dir; the proxy creates the store when it starts)", .0.display())]
+    Missing(PathBuf),
     #[error("`{0}` is not a quarantine id (26 characters of 0-9 A-Z without I L O U)")]
     BadId(String),
     #[error("entry {id} is {state}, not {wanted}{hint}", hint = if state == "releasing" { " (an earlier release has an unknown outcome: check the next hop, then use --force)" } else { "" })]
@@ -105,6 +111,16 @@ impl Quarantine {
     /// and the writer repairs it when it starts ([`Quarantine::open_as_writer`]).
     pub fn open(root: &Path) -> Result<Quarantine, StoreError> {
         Self::open_with(root, false)
+    }
+
+    /// Opens an existing store and never creates one: for the CLI, where a wrong `dir`
+    /// (a relative path read from another working directory, a typo) must be an error,
+    /// not an empty quarantine.
+    pub fn open_existing(root: &Path) -> Result<Quarantine, StoreError> {
+        if !root.join("entries").is_dir() {
+            return Err(StoreError::Missing(root.to_path_buf()));
+        }
+        Self::open(root)
     }
 
     fn open_with(root: &Path, repair: bool) -> Result<Quarantine, StoreError> {
@@ -447,6 +463,7 @@ mod tests {
             listener: "inbound".into(),
             client: "192.0.2.1:1".into(),
             helo: "h".into(),
+            login: None,
             mail_from: "a@b".into(),
             rcpts: vec!["c@d".into()],
             header_from: "a@b".into(),

@@ -1,27 +1,33 @@
-//! Releasing a held message: re-injected through the configured next hop with its
-//! original envelope and its `Authentication-Results`, exactly once.
+//! Releasing a held message: re-injected through the next hop of the listener role that
+//! accepted it (inbound mail to the inbound smtpd, submissions to the submission one),
+//! with its original envelope, client (XCLIENT, including the SASL login as `LOGIN=`) and
+//! `Authentication-Results`, exactly once.
 //!
 //! The entry moves `held → releasing` in one guarded index update before anything is
-//! sent, so two releases can never both send it. A clear failure (next hop down, a 4xx or
-//! 5xx) moves it back to `held`, to be retried. If the connection dies after the whole
+//! sent, so two releases can never both send it. A clear failure moves it back to `held`:
+//! a 4xx or an unreachable next hop is worth retrying later; a 5xx is a permanent refusal
+//! (the next hop's policy says no: retrying the same release would get the same answer). If the connection dies after the whole
 //! message was sent, nobody knows whether the next hop has it: the entry stays
 //! `releasing` and only `release --force` (after checking the next hop) sends it again.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use smtp_proto::{MailFrom, RcptTo};
 
 use super::{Quarantine, QuarantineId, StoreError};
-use crate::relay::{ClientIdentity, Envelope, NextHop, Relay, RelayError};
+use crate::relay::{ClientIdentity, Envelope, NextHops, Relay, RelayError};
 use crate::smtp::reply::Reply;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("next hop refused it: {0} (entry is held again; retry later)")]
+    #[error(
+        "permanent refusal by the next hop: {0} (entry stays held; retrying will not help: check the next hop's policy, or release --to other recipients)"
+    )]
     Refused(Reply),
+    #[error("next hop deferred it: {0} (entry is held again; retry later)")]
+    Deferred(Reply),
     #[error("next hop unavailable: {0} (entry is held again; retry later)")]
     Failed(RelayError),
     #[error(
@@ -33,21 +39,21 @@ pub enum ReleaseError {
 }
 
 /// What the next hop is told about the original client (XCLIENT), from the entry.
-fn identity(client: &str, helo: &str) -> ClientIdentity {
+fn identity(client: &str, helo: &str, login: Option<&str>) -> ClientIdentity {
     ClientIdentity {
         addr: client
             .parse()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
         helo: Some(helo.to_string()).filter(|h| !h.is_empty()),
         esmtp: true,
-        login: None,
+        login: login.filter(|l| !l.is_empty()).map(str::to_string),
     }
 }
 
 /// Releases one entry to its original recipients, or to `to` when given.
 pub async fn release(
     store: &Quarantine,
-    hop: Arc<NextHop>,
+    hops: &NextHops,
     id: &QuarantineId,
     to: &[String],
     force: bool,
@@ -61,7 +67,7 @@ pub async fn release(
         other => other,
     };
     match started {
-        Ok(()) => send(store, hop, id, to, authserv_id, verdict_header).await,
+        Ok(()) => send(store, hops, id, to, authserv_id, verdict_header).await,
         Err(StoreError::WrongState { state, .. }) if state == "released" => {
             Err(ReleaseError::AlreadyReleased)
         }
@@ -71,7 +77,7 @@ pub async fn release(
 
 async fn send(
     store: &Quarantine,
-    hop: Arc<NextHop>,
+    hops: &NextHops,
     id: &QuarantineId,
     to: &[String],
     authserv_id: &str,
@@ -107,11 +113,10 @@ async fn send(
         ));
     }
 
-    let mut relay = Relay::new(hop);
+    let mut relay = Relay::new(hops.for_role(&meta.listener));
+    let client = identity(&meta.client, &meta.helo, meta.login.as_deref());
     let outcome = async {
-        let reply = relay
-            .start(&identity(&meta.client, &meta.helo), &from, message.len())
-            .await?;
+        let reply = relay.start(&client, &from, message.len()).await?;
         if !reply.is_positive() {
             return Ok(Err(reply));
         }
@@ -142,7 +147,12 @@ async fn send(
         }
         Ok(Err(reply)) => {
             store.transition(id, "releasing", "held")?;
-            Err(ReleaseError::Refused(reply))
+            tracing::warn!(id = %id, reply = %reply.summary(), "quarantine: release refused by the next hop");
+            if reply.is_transient() {
+                Err(ReleaseError::Deferred(reply))
+            } else {
+                Err(ReleaseError::Refused(reply))
+            }
         }
         Err(RelayError::Unsettled(e)) => Err(ReleaseError::Unsettled(*e)),
         Err(e) => {

@@ -56,6 +56,23 @@ impl Capabilities {
     }
 }
 
+/// The recipient of the relay probe: a reserved domain that is never anybody's local one.
+const RELAY_PROBE_RCPT: &str = "relay-probe@mailwarden-relay-probe.invalid";
+
+/// A session relayed without XCLIENT (`xclient = "auto"`, the next hop checked not to
+/// trust us): counted every time; the first one of the process is an ERROR, because the
+/// next hop then applies its rules to our address, not the client's (its logs, rate
+/// limits and blocklists all see us).
+fn note_relay_without_xclient(host: &str, port: u16) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    crate::metrics::global().relay_without_xclient.inc();
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        tracing::error!(next_hop = %format!("{host}:{port}"),
+            "relaying without XCLIENT (xclient = \"auto\", not offered): the next hop sees our address, not the client's; authorize XCLIENT for us (smtpd_authorized_xclient_hosts) or set xclient = \"require\"");
+    }
+}
+
 pub struct SmtpConnection {
     stream: SmtpStream<RelayStream>,
     pub caps: Capabilities,
@@ -124,9 +141,64 @@ impl SmtpConnection {
                     "next hop does not offer XCLIENT (xclient = \"require\"): it would see our address, not the client's",
                 ));
             }
-            (XclientMode::Auto, None) => {}
+            (XclientMode::Auto, None) => {
+                // Without XCLIENT the next hop judges *us*. That is only safe when it
+                // treats us as any other unauthenticated client: ask it.
+                if let Err(why) = conn.probe_relay_trust().await {
+                    tracing::error!(next_hop = %format!("{host}:{port}"), reason = %why,
+                        "next hop does not offer XCLIENT and trusts our address: refusing to relay through it (it would relay for anyone); authorize XCLIENT for us (smtpd_authorized_xclient_hosts) or stop trusting our address (mynetworks)");
+                    crate::metrics::global().relay_unsafe_next_hop.inc();
+                    conn.quit().await;
+                    return Err(RelayError::Policy(
+                        "next hop trusts our address and does not offer XCLIENT (open relay)",
+                    ));
+                }
+                note_relay_without_xclient(host, port);
+            }
         }
         Ok(conn)
+    }
+
+    /// Asks the next hop whether it would relay for us as we are (no XCLIENT, no AUTH):
+    /// `MAIL FROM:<>`, `RCPT TO:` an address in a domain that can never be local
+    /// (RFC 2606 `.invalid`), `RSET`. A refusal with a security status (x.7.x, Postfix's
+    /// "Relay access denied") means it treats us as an outside client: safe. Acceptance
+    /// means it trusts our address (`mynetworks`): every client would inherit that
+    /// trust. Any other answer cannot tell, so it counts as unsafe (fail closed).
+    async fn probe_relay_trust(&mut self) -> Result<(), String> {
+        let timeout = self.cfg.command_timeout;
+        let mail = self
+            .command(b"MAIL FROM:<>\r\n", timeout)
+            .await
+            .map_err(|e| format!("relay probe MAIL: {e}"))?;
+        if !mail.is_positive() {
+            return Err(format!("relay probe MAIL answered {}", mail.summary()));
+        }
+        let rcpt = self
+            .command(
+                format!("RCPT TO:<{RELAY_PROBE_RCPT}>\r\n").as_bytes(),
+                timeout,
+            )
+            .await
+            .map_err(|e| format!("relay probe RCPT: {e}"))?;
+        let rset = self
+            .command(b"RSET\r\n", timeout)
+            .await
+            .map_err(|e| format!("relay probe RSET: {e}"))?;
+        if rset.code != 250 {
+            return Err(format!("relay probe RSET answered {}", rset.summary()));
+        }
+        match rcpt.enhanced {
+            _ if rcpt.is_positive() => Err(format!(
+                "it accepted a recipient in another domain from us: {}",
+                rcpt.summary()
+            )),
+            Some(crate::smtp::reply::Enhanced(4 | 5, 7, _)) => Ok(()),
+            _ => Err(format!(
+                "cannot tell from its answer to a foreign recipient: {}",
+                rcpt.summary()
+            )),
+        }
     }
 
     async fn expect_greeting(&mut self) -> Result<(), RelayError> {

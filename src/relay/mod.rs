@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use smtp_proto::{MailFrom, RcptTo};
 
-use crate::config::{Config, NextHopAddress, NextHopConfig};
+use crate::config::{Config, ListenerConfig, NextHopAddress, NextHopConfig, Role};
 use crate::smtp::reply::{Enhanced, Reply};
 use client::SmtpConnection;
 pub use xclient::ClientIdentity;
@@ -101,23 +101,28 @@ enum Target {
 }
 
 impl NextHop {
+    /// The default `[next_hop]`.
     pub fn from_config(config: &Config) -> Result<NextHop, String> {
-        let target = match config.next_hop_address() {
+        Self::new(&config.next_hop.default, &config.hostname)
+    }
+
+    pub fn new(cfg: &NextHopConfig, hostname: &str) -> Result<NextHop, String> {
+        let target = match NextHopAddress::parse(&cfg.address)? {
             NextHopAddress::Smtp { host, port } => Target::Smtp { host, port },
             NextHopAddress::Maildir(dir) => {
                 maildir::prepare(&dir).map_err(|e| format!("maildir {}: {e}", dir.display()))?;
                 Target::Maildir(dir)
             }
         };
-        let tls = match config.next_hop.tls {
+        let tls = match cfg.tls {
             crate::config::RelayTls::Off => None,
-            _ => Some(crate::tls::connector(config.next_hop.tls_verify)?),
+            _ => Some(crate::tls::connector(cfg.tls_verify)?),
         };
         Ok(NextHop {
             target,
-            cfg: config.next_hop.clone(),
+            cfg: cfg.clone(),
             tls,
-            hostname: config.hostname.clone(),
+            hostname: hostname.to_string(),
         })
     }
 
@@ -126,6 +131,69 @@ impl NextHop {
             Target::Smtp { host, port } => format!("smtp://{host}:{port}"),
             Target::Maildir(dir) => format!("maildir:{}", dir.display()),
         }
+    }
+}
+
+/// Every configured next hop: `[next_hop]` and the named `[next_hop.NAME]` sections, each
+/// built once and shared by the listeners (and releases) that use it.
+pub struct NextHops {
+    default: Arc<NextHop>,
+    named: std::collections::BTreeMap<String, Arc<NextHop>>,
+    /// The next hop of the first listener of each role, for releases: an entry goes back
+    /// the way its role's mail goes.
+    by_role: Vec<(Role, Arc<NextHop>)>,
+}
+
+impl NextHops {
+    pub fn from_config(config: &Config) -> Result<NextHops, String> {
+        let default = Arc::new(NextHop::new(&config.next_hop.default, &config.hostname)?);
+        let mut named = std::collections::BTreeMap::new();
+        for (name, cfg) in &config.next_hop.named {
+            let hop = NextHop::new(cfg, &config.hostname)
+                .map_err(|e| format!("[next_hop.{name}]: {e}"))?;
+            named.insert(name.clone(), Arc::new(hop));
+        }
+        let mut hops = NextHops {
+            default,
+            named,
+            by_role: Vec::new(),
+        };
+        for l in &config.listeners {
+            if !hops.by_role.iter().any(|(r, _)| *r == l.role) {
+                let hop = hops.for_listener(l);
+                hops.by_role.push((l.role, hop));
+            }
+        }
+        Ok(hops)
+    }
+
+    /// The next hop a listener relays to (validated at load: the name exists).
+    pub fn for_listener(&self, listener: &ListenerConfig) -> Arc<NextHop> {
+        listener
+            .next_hop
+            .as_deref()
+            .and_then(|n| self.named.get(n))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+
+    /// The next hop of the listener role recorded with a quarantine entry (`inbound`,
+    /// `submission`); the default one for a role no listener has any more.
+    pub fn for_role(&self, role: &str) -> Arc<NextHop> {
+        self.by_role
+            .iter()
+            .find(|(r, _)| format!("{r:?}").eq_ignore_ascii_case(role))
+            .map_or(&self.default, |(_, h)| h)
+            .clone()
+    }
+
+    /// One line per next hop, for the start-up log.
+    pub fn describe(&self) -> String {
+        let mut out = self.default.describe();
+        for (name, hop) in &self.named {
+            out.push_str(&format!(", {name}={}", hop.describe()));
+        }
+        out
     }
 }
 

@@ -19,7 +19,7 @@ use crate::config::defaults::{PROXY_HEADER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
 use crate::policy::engine::Enforcer;
 use crate::policy::{AcceptAll, Inspector};
 use crate::quarantine::Quarantine;
-use crate::relay::NextHop;
+use crate::relay::NextHops;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::ListenerShared;
 use crate::smtp::{Session, SessionShared};
@@ -59,7 +59,8 @@ impl Server {
         inspector: Arc<dyn Inspector>,
         shutdown: CancellationToken,
     ) -> Result<Server, String> {
-        let next_hop = Arc::new(NextHop::from_config(&config)?);
+        preflight(&config)?;
+        let next_hops = Arc::new(NextHops::from_config(&config)?);
         let has_submission = config
             .listeners
             .iter()
@@ -94,20 +95,30 @@ impl Server {
                     lc.max_sessions_per_client,
                 )),
                 shared: Arc::new(ListenerShared {
+                    next_hop: next_hops.for_listener(lc),
                     config: lc.clone(),
                     tls,
                 }),
             });
         }
         let grace = config.shutdown.grace_period;
-        tracing::info!(next_hop = %next_hop.describe(), "next hop");
+        tracing::info!(next_hop = %next_hops.describe(), "next hop");
+        // `off` is a choice, but never a silent one: the next hop judges our address.
+        let hops = std::iter::once((String::new(), &config.next_hop.default))
+            .chain(config.next_hop.named.iter().map(|(n, h)| (n.clone(), h)));
+        for (name, hop) in hops {
+            if hop.xclient == crate::config::XclientMode::Off && hop.address.starts_with("smtp:") {
+                tracing::warn!(next_hop = %hop.address, section = %if name.is_empty() { "next_hop".to_string() } else { format!("next_hop.{name}") },
+                    "xclient = \"off\": the next hop sees our address, not the client's; make sure it does not trust it (mynetworks)");
+            }
+        }
         let config = Arc::new(config);
         let admin = if config.admin.enabled {
             let state = crate::admin::AdminState {
                 config: config.clone(),
                 quarantine: quarantine.clone(),
                 inspector: inspector.clone(),
-                next_hop: next_hop.clone(),
+                next_hops: next_hops.clone(),
                 detector: outbound.clone(),
             };
             // Bound before anything is served: a bad token file or a busy port stops the start.
@@ -121,7 +132,6 @@ impl Server {
             shared: Arc::new(SessionShared {
                 memory: crate::smtp::memory::MessageMemory::new(config.limits.message_memory),
                 config,
-                next_hop,
                 inspector,
                 quarantine,
                 outbound,
@@ -203,6 +213,48 @@ impl Server {
         }
         tracker.len()
     }
+}
+
+/// Every check of the files the proxy needs before it serves, without binding or
+/// creating anything: listener certificates and keys, the policy file, the outbound
+/// freeze file (and Redis URL), the admin token file (and its mode) and certificate.
+/// `check-config` runs exactly this after loading the configuration, and `run` runs it
+/// first, so an `ok` from `check-config` means `run` gets past them. Returns the policy
+/// file's warnings (valid but unsafe rules), which `check-config` prints.
+pub fn preflight(config: &Config) -> Result<Vec<String>, String> {
+    for (i, l) in config.listeners.iter().enumerate() {
+        if let (Some(cert), Some(key)) = (&l.tls_cert, &l.tls_key) {
+            crate::tls::acceptor(cert, key)
+                .map_err(|e| format!("listener[{i}] ({}): tls: {e}", l.address))?;
+        }
+    }
+    let mut warnings = Vec::new();
+    if let Some(path) = config.policy_file() {
+        warnings = crate::policy::rules::Policy::load(path)
+            .map_err(|e| e.to_string())?
+            .warnings;
+    }
+    let outbound = &config.outbound;
+    let has_submission = config
+        .listeners
+        .iter()
+        .any(|l| l.role == crate::config::Role::Submission);
+    if outbound.enabled && has_submission {
+        // What the burst detector refuses to start with.
+        let settings = std::sync::Arc::new(crate::outbound::config::Settings::new(outbound)?);
+        crate::outbound::freeze::FreezeBook::load(&outbound.freeze_file)?;
+        if outbound.backend == crate::outbound::config::Backend::Redis {
+            crate::outbound::redis_store::RedisStore::new(settings)?;
+        }
+    }
+    let admin = &config.admin;
+    if admin.enabled {
+        crate::admin::http::auth::TokenHash::load(admin)?;
+        if let (Some(cert), Some(key)) = (&admin.tls_cert, &admin.tls_key) {
+            crate::tls::acceptor(cert, key).map_err(|e| format!("[admin] tls: {e}"))?;
+        }
+    }
+    Ok(warnings)
 }
 
 /// Purges quarantine entries past their retention, once at start and then hourly.

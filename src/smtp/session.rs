@@ -21,7 +21,6 @@ use crate::tls::ClientStream;
 /// What every session of the process shares.
 pub struct SessionShared {
     pub config: Arc<Config>,
-    pub next_hop: Arc<NextHop>,
     pub inspector: Arc<dyn Inspector>,
     /// Where `quarantine` verdicts put messages; without one they are deferred.
     pub quarantine: Option<Arc<crate::quarantine::Quarantine>>,
@@ -36,6 +35,8 @@ pub struct SessionShared {
 /// What a session shares with the other sessions of its listener.
 pub struct ListenerShared {
     pub config: ListenerConfig,
+    /// Where this listener's mail goes (`[[listener]] next_hop`).
+    pub next_hop: Arc<NextHop>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -120,7 +121,7 @@ impl Session {
         Session {
             id: new_session_id(),
             stream: SmtpStream::new(stream),
-            relay: Relay::new(shared.next_hop.clone()),
+            relay: Relay::new(listener.next_hop.clone()),
             login: None,
             shared,
             listener,

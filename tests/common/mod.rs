@@ -263,6 +263,11 @@ pub struct ProxyOptions {
     pub auth_extra: Vec<String>,
     /// Raw TOML appended at the end (whole sections such as `[spoof]`).
     pub extra_toml: Vec<String>,
+    /// On a submission listener whose `extra_toml` has no `[outbound]` section: make
+    /// loopback clients (and the documentation ranges) `[outbound] trusted_networks`
+    /// (accounted, action `alert`, any From), so relay tests may submit without AUTH. Submission without AUTH from
+    /// anyone else is refused (530 5.7.0). Default true.
+    pub trusted_loopback: bool,
 }
 
 impl ProxyOptions {
@@ -287,6 +292,7 @@ impl ProxyOptions {
             auth: false,
             auth_extra: vec![],
             extra_toml: vec![],
+            trusted_loopback: true,
         }
     }
 
@@ -389,6 +395,25 @@ impl ProxyOptions {
         writeln!(c, "[log]").unwrap();
         writeln!(c, "level = \"info\"").unwrap();
         writeln!(c, "format = \"text\"").unwrap();
+        let own_outbound = self
+            .extra_toml
+            .iter()
+            .any(|t| t.lines().any(|l| l.trim() == "[outbound]"));
+        if self.role == "submission" && self.trusted_loopback && !own_outbound {
+            writeln!(c).unwrap();
+            writeln!(c, "[outbound]").unwrap();
+            // Loopback, and the documentation ranges tests use as client addresses
+            // behind a PROXY header.
+            writeln!(
+                c,
+                "trusted_networks = [\"127.0.0.0/8\", \"::1/128\", \"192.0.2.0/24\", \"198.51.100.0/24\", \"203.0.113.0/24\", \"2001:db8::/32\"]"
+            )
+            .unwrap();
+            writeln!(c, "action = \"alert\"").unwrap();
+            writeln!(c, "[outbound.from]").unwrap();
+            writeln!(c, "allow = \"any\"").unwrap();
+            writeln!(c, "action = \"alert\"").unwrap();
+        }
         for t in &self.extra_toml {
             writeln!(c, "{t}").unwrap();
         }

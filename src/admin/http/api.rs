@@ -375,7 +375,7 @@ pub async fn release(
     let config = &app.state.config;
     let result = crate::quarantine::release::release(
         &store,
-        app.state.next_hop.clone(),
+        &app.state.next_hops,
         &id,
         &body.to,
         body.force,
@@ -405,6 +405,11 @@ pub async fn release(
         Err(e @ ReleaseError::Refused(_)) => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
             "next_hop_refused",
+            e.to_string(),
+        )),
+        Err(e @ ReleaseError::Deferred(_)) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "next_hop_deferred",
             e.to_string(),
         )),
         Err(e @ ReleaseError::Failed(_)) => Err(ApiError::new(

@@ -318,6 +318,7 @@ impl Session {
             listener: format!("{:?}", self.listener.config.role).to_lowercase(),
             client: self.peer.to_string(),
             helo: helo.name.clone(),
+            login: self.login.clone(),
             mail_from: tx.from.address.clone(),
             rcpts: tx.rcpts.iter().map(|r| r.address.clone()).collect(),
             header_from: header("From"),

@@ -5,10 +5,29 @@ use std::time::Instant;
 
 use smtp_proto::MailFrom;
 
+use crate::config::Role;
 use crate::smtp::reply::{Enhanced, Reply};
 use crate::smtp::session::{Flow, Session, State, Transaction};
 
 impl Session {
+    /// Whether this session may start a transaction: on an inbound listener always (its
+    /// mail is checked); on a submission listener after a successful AUTH, or from
+    /// `[outbound] trusted_networks` when the outbound detector accounts for it (the
+    /// envelope sender is then the account). There is no third way in.
+    pub(crate) fn may_submit(&self) -> bool {
+        if self.listener.config.role != Role::Submission || self.login.is_some() {
+            return true;
+        }
+        let ip = self.peer.ip().to_canonical();
+        self.shared.outbound.is_some()
+            && self
+                .config()
+                .outbound
+                .trusted_networks
+                .iter()
+                .any(|n| n.contains(&ip))
+    }
+
     pub(crate) async fn on_mail(&mut self, state: State, from: MailFrom<String>) -> (State, Flow) {
         let helo = match state {
             State::Ready(helo) => helo,
@@ -21,6 +40,14 @@ impl Session {
                 return (state, self.error(reply).await);
             }
         };
+        if !self.may_submit() {
+            // RFC 6409 §4.3 / RFC 4954 §6: a submission server refuses mail from a
+            // client that has not authenticated. Otherwise port 587 would be a way
+            // around every inbound check, counted as nobody's.
+            tracing::info!(session = %self.id, client = %self.peer, from = %from.address, "submission without AUTH refused");
+            let reply = Reply::new(530, Enhanced(5, 7, 0), "Authentication required");
+            return (State::Ready(helo), self.error(reply).await);
+        }
         let limits = &self.config().limits;
         if self.transactions >= limits.max_transactions {
             self.say_goodbye(Reply::new(
