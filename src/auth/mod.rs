@@ -9,7 +9,9 @@
 //! cache_entries` (see [`cache`]): mail-auth's DKIM keys, DMARC records and A records,
 //! and our SPF records.
 
+pub mod budget;
 pub mod cache;
+pub mod dkim;
 pub mod dns;
 pub mod headers;
 pub mod spf;
@@ -27,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::config::AuthConfig;
 
+use budget::{DnsBudget, MessageIpv4, MessageTxt};
 use cache::{TtlCache, TxtCache};
 
 /// RFC 8601 result words.
@@ -108,6 +111,9 @@ pub struct SpfCheck {
     pub domain: String,
 }
 
+/// One DKIM-Signature's final result (see [`dkim`] for how each word is reached).
+/// `domain` and `selector` are kept whenever the signature's `d=` and `s=` parse, also
+/// on permerror. Only `result == Pass` may count for DMARC alignment.
 #[derive(Debug, Clone, Serialize)]
 pub struct DkimCheck {
     pub result: AuthResult,
@@ -141,6 +147,28 @@ pub struct SpfPair {
     pub helo: SpfCheck,
 }
 
+/// The work one message made us do, against its caps (`[auth] max_dns_lookups`,
+/// `[auth] arc_max_sets`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct WorkCounts {
+    /// DNS lookups made (cache hits are free).
+    pub dns_lookups: u32,
+    /// Lookups wanted past the limit; each made its check `permerror`.
+    pub dns_lookups_refused: u32,
+    /// ARC sets the message carries.
+    pub arc_sets: usize,
+}
+
+impl WorkCounts {
+    fn of(budget: &DnsBudget, arc_sets: usize) -> WorkCounts {
+        WorkCounts {
+            dns_lookups: budget.used(),
+            dns_lookups_refused: budget.refused(),
+            arc_sets,
+        }
+    }
+}
+
 /// Every authentication result for one message.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuthReport {
@@ -148,6 +176,7 @@ pub struct AuthReport {
     pub dkim: Vec<DkimCheck>,
     pub arc: ArcCheck,
     pub dmarc: DmarcCheck,
+    pub work: WorkCounts,
 }
 
 impl AuthReport {
@@ -190,11 +219,15 @@ pub struct Verifier {
     txt_cache: TxtCache,
     ipv4_cache: TtlCache<Box<str>, RecordSet<Ipv4Addr>>,
     spf_cache: spf::SpfCache,
+    /// Our DKIM key records ([`dkim::KeyCache`]).
+    key_cache: dkim::KeyCache,
     /// Our host name, the `%{r}` SPF macro.
     hostname: String,
     time_budget: Duration,
     spf_time_budget: Duration,
     max_signatures: usize,
+    arc_max_sets: usize,
+    max_dns_lookups: u32,
 }
 
 impl Verifier {
@@ -207,27 +240,32 @@ impl Verifier {
             txt_cache: TxtCache::new(entries),
             ipv4_cache: TtlCache::new(entries),
             spf_cache: spf::SpfCache::new(entries),
+            key_cache: dkim::KeyCache::new(entries),
             hostname: hostname.to_string(),
             time_budget: cfg.time_budget,
             spf_time_budget: cfg.spf_time_budget,
             max_signatures: cfg.dkim_max_signatures,
+            arc_max_sets: cfg.arc_max_sets,
+            max_dns_lookups: cfg.max_dns_lookups,
         }
     }
 
     /// SPF for the MAIL FROM identity alone (the early-reject option at MAIL FROM).
+    /// Not counted against a message's DNS lookups: there is no message yet.
     pub async fn spf_mail_from(&self, ip: IpAddr, helo: &str, mail_from: &str) -> SpfCheck {
         let deadline = Instant::now() + self.spf_time_budget.min(self.time_budget);
-        self.spf(ip, helo, mail_from, deadline).await
+        self.spf(ip, helo, mail_from, deadline, None).await
     }
 
     pub async fn verify(&self, input: &VerifyInput<'_>) -> AuthReport {
         let deadline = Instant::now() + self.time_budget;
         let spf_deadline = Instant::now() + self.spf_time_budget.min(self.time_budget);
+        let budget = DnsBudget::new(self.max_dns_lookups);
         let (mail_from, helo) = tokio::join!(
-            self.spf(input.ip, input.helo, input.mail_from, spf_deadline),
-            self.spf_helo(input.ip, input.helo, spf_deadline),
+            self.spf(input.ip, input.helo, input.mail_from, spf_deadline, Some(&budget)),
+            self.spf_helo(input.ip, input.helo, spf_deadline, Some(&budget)),
         );
-        let Some(mut message) = AuthenticatedMessage::parse(input.message) else {
+        let Some(message) = AuthenticatedMessage::parse(input.message) else {
             // Not parseable as a message at all: nothing to verify beyond the envelope.
             return AuthReport {
                 spf: SpfPair { mail_from, helo },
@@ -241,114 +279,71 @@ impl Verifier {
                     policy: None,
                     header_from: String::new(),
                 },
+                work: WorkCounts::of(&budget, 0),
             };
         };
-        // Bounded work per message: signatures past the cap are not looked at.
-        message.dkim_headers.truncate(self.max_signatures);
         let header_from = message
             .from()
             .rsplit_once('@')
             .map(|(_, d)| d.to_ascii_lowercase())
             .unwrap_or_default();
 
-        let dkim_outputs = within(
-            deadline,
-            self.authenticator.verify_dkim(
-                Parameters::new(&message)
-                    .with_txt_cache(&self.txt_cache)
-                    .with_ipv4_cache(&self.ipv4_cache),
-            ),
+        let dkim = dkim::verify(
+            &dkim::Context {
+                resolver: &self.authenticator.0,
+                keys: &self.key_cache,
+                budget: &budget,
+                deadline,
+                max_signatures: self.max_signatures,
+            },
+            &message,
         )
         .await;
-        let dkim_outputs: Option<Vec<DkimOutput<'_>>> =
-            dkim_outputs.map(|v| v.into_iter().map(|o| refuse_sha1(o, &message)).collect());
-        let arc = within(
-            deadline,
-            self.authenticator.verify_arc(
-                Parameters::new(&message)
-                    .with_txt_cache(&self.txt_cache)
-                    .with_ipv4_cache(&self.ipv4_cache),
-            ),
-        )
-        .await;
+        let (arc, arc_sets) = self.arc(&message, &budget, deadline).await;
 
-        // DMARC aligns with the SPF result of the MAIL FROM identity (HELO's for <>).
+        // DMARC aligns with the SPF result of the MAIL FROM identity (HELO's for <>),
+        // and with our DKIM results: mail-auth's DMARC gets them as outputs that pass
+        // exactly where ours pass (policy, permerror, a refused rsa-sha1 never do).
         let spf_domain = mail_from.domain.clone();
         let spf_for_dmarc = mail_auth::SpfOutput::new(spf_domain.clone())
             .with_result(to_spf_result(mail_from.result));
-        let dkim_slice: &[DkimOutput<'_>] = dkim_outputs.as_deref().unwrap_or(&[]);
+        let dkim_signatures = dmarc_signatures(&dkim);
+        let dkim_outputs = dmarc_outputs(&dkim, &dkim_signatures);
+        let refused_before = budget.refused();
         let dmarc = within(
             deadline,
             self.authenticator.verify_dmarc(
                 Parameters::new(mail_auth::dmarc::verify::DmarcParameters::new(
                     &message,
-                    dkim_slice,
+                    &dkim_outputs,
                     &spf_domain,
                     &spf_for_dmarc,
                 ))
-                .with_txt_cache(&self.txt_cache)
-                .with_ipv4_cache(&self.ipv4_cache),
+                .with_txt_cache(&MessageTxt {
+                    shared: &self.txt_cache,
+                    budget: &budget,
+                })
+                .with_ipv4_cache(&MessageIpv4 {
+                    shared: &self.ipv4_cache,
+                    budget: &budget,
+                }),
             ),
         )
         .await;
+        let dmarc_over_limit = budget.refused() > refused_before;
 
-        let dkim: Vec<DkimCheck> = match &dkim_outputs {
-            Some(outputs) => outputs.iter().map(dkim_check).collect(),
-            None => message
-                .dkim_headers
-                .iter()
-                .map(|h| DkimCheck {
-                    result: AuthResult::TempError,
-                    domain: h.header.d.clone(),
-                    selector: h.header.s.clone(),
-                    algorithm: algorithm_name(h.header.a).into(),
-                    reason: Some("time budget exhausted".into()),
-                })
-                .collect(),
-        };
-        // mail-auth reports DKIM-Signature fields it could not parse only when the error
-        // is a DKIM one; a signature missing b=, bh= or d= would vanish and the message
-        // look unsigned. Each is a permerror (RFC 6376 §6.1.1).
-        let mut dkim = dkim;
-        for bad in message.errors.iter().filter(|h| {
-            h.name.eq_ignore_ascii_case(b"DKIM-Signature")
-                && !matches!(h.header, mail_auth::Error::Dkim(_))
-        }) {
-            dkim.push(DkimCheck {
-                result: AuthResult::PermError,
-                domain: String::new(),
-                selector: String::new(),
-                algorithm: String::new(),
-                reason: Some(format!("malformed signature: {}", bad.header)),
-            });
-        }
-        let arc = match arc {
-            Some(out) => ArcCheck {
-                result: AuthResult::from(out.result()),
-                sealers: if matches!(out.result(), DkimResult::Pass) {
-                    out.sets()
-                        .iter()
-                        .rev()
-                        .map(|s| s.seal.header.d.to_ascii_lowercase())
-                        .collect()
-                } else {
-                    Vec::new()
-                },
-            },
-            None => ArcCheck {
-                result: AuthResult::TempError,
-                sealers: Vec::new(),
-            },
-        };
-        let dkim_timed_out = dkim_outputs.is_none();
         let dmarc = match dmarc {
+            Some(_) if dmarc_over_limit => DmarcCheck {
+                result: AuthResult::PermError,
+                policy: None,
+                header_from,
+            },
             Some(out) => {
                 let mut result = AuthResult::from(&out.result());
-                // A verdict reached without DKIM (it ran out of time) or with a
-                // temporary SPF error is not a real fail.
+                // A verdict reached with a temporary SPF or DKIM error is not a real
+                // fail.
                 if result == AuthResult::Fail
-                    && (dkim_timed_out
-                        || mail_from.result == AuthResult::TempError
+                    && (mail_from.result == AuthResult::TempError
                         || dkim
                             .iter()
                             .any(|d: &DkimCheck| d.result == AuthResult::TempError))
@@ -377,25 +372,94 @@ impl Verifier {
             dkim,
             arc,
             dmarc,
+            work: WorkCounts::of(&budget, arc_sets),
         }
     }
 
+    /// ARC (RFC 8617) within the deadline, with the ARC-set cap: a chain of more sets
+    /// than `[auth] arc_max_sets` is `permerror` without any lookup. Also returns how
+    /// many sets the message carries.
+    async fn arc(
+        &self,
+        message: &AuthenticatedMessage<'_>,
+        budget: &DnsBudget,
+        deadline: Instant,
+    ) -> (ArcCheck, usize) {
+        let sets = arc_set_count(message);
+        let failed = |result| ArcCheck {
+            result,
+            sealers: Vec::new(),
+        };
+        if sets > self.arc_max_sets {
+            return (failed(AuthResult::PermError), sets);
+        }
+        let refused_before = budget.refused();
+        let txt = MessageTxt {
+            shared: &self.txt_cache,
+            budget,
+        };
+        let ipv4 = MessageIpv4 {
+            shared: &self.ipv4_cache,
+            budget,
+        };
+        let out = within(
+            deadline,
+            self.authenticator.verify_arc(
+                Parameters::new(message)
+                    .with_txt_cache(&txt)
+                    .with_ipv4_cache(&ipv4),
+            ),
+        )
+        .await;
+        let check = match out {
+            Some(_) if budget.refused() > refused_before => failed(AuthResult::PermError),
+            Some(out) => ArcCheck {
+                result: AuthResult::from(out.result()),
+                sealers: if matches!(out.result(), DkimResult::Pass) {
+                    out.sets()
+                        .iter()
+                        .rev()
+                        .map(|s| s.seal.header.d.to_ascii_lowercase())
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+            },
+            None => failed(AuthResult::TempError),
+        };
+        (check, sets)
+    }
+
     /// SPF for MAIL FROM; for the null sender, postmaster@HELO (RFC 7208 §2.4).
-    async fn spf(&self, ip: IpAddr, helo: &str, mail_from: &str, deadline: Instant) -> SpfCheck {
+    async fn spf(
+        &self,
+        ip: IpAddr,
+        helo: &str,
+        mail_from: &str,
+        deadline: Instant,
+        budget: Option<&DnsBudget>,
+    ) -> SpfCheck {
         let domain = match mail_from.rsplit_once('@') {
             Some((_, d)) => d.to_ascii_lowercase(),
             None => helo.to_ascii_lowercase(),
         };
         if mail_from.is_empty() {
-            return self.spf_helo(ip, helo, deadline).await;
+            return self.spf_helo(ip, helo, deadline, budget).await;
         }
         // check_host() itself gives `none` for a domain that is not a valid domain name (RFC 7208 §4.3).
-        self.check_host(ip, domain, mail_from, helo, deadline).await
+        self.check_host(ip, domain, mail_from, helo, deadline, budget)
+            .await
     }
 
     /// SPF for the HELO identity. A HELO that is not a domain name (an address literal,
     /// a bare word) has no SPF record to look up: `none` (RFC 7208 §2.3).
-    async fn spf_helo(&self, ip: IpAddr, helo: &str, deadline: Instant) -> SpfCheck {
+    async fn spf_helo(
+        &self,
+        ip: IpAddr,
+        helo: &str,
+        deadline: Instant,
+        budget: Option<&DnsBudget>,
+    ) -> SpfCheck {
         let domain = helo.to_ascii_lowercase();
         if !looks_like_domain(&domain) {
             return SpfCheck {
@@ -404,7 +468,8 @@ impl Verifier {
             };
         }
         let sender = format!("postmaster@{helo}");
-        self.check_host(ip, domain, &sender, helo, deadline).await
+        self.check_host(ip, domain, &sender, helo, deadline, budget)
+            .await
     }
 
     /// One SPF evaluation within `deadline`; running out of time is `temperror`.
@@ -415,6 +480,7 @@ impl Verifier {
         sender: &str,
         helo: &str,
         deadline: Instant,
+        budget: Option<&DnsBudget>,
     ) -> SpfCheck {
         let req = spf::SpfRequest {
             ip,
@@ -422,6 +488,7 @@ impl Verifier {
             sender,
             helo,
             receiver: &self.hostname,
+            budget,
         };
         let result = within(
             deadline,
@@ -438,61 +505,53 @@ async fn within<F: std::future::Future>(deadline: Instant, fut: F) -> Option<F::
     tokio::time::timeout_at(deadline, fut).await.ok()
 }
 
-/// RFC 8301 §3.1: verifiers must not consider rsa-sha1 signatures valid. mail-auth
-/// still passes them, so a passing rsa-sha1 result becomes a fail here, before DMARC
-/// sees it.
-fn refuse_sha1<'x>(out: DkimOutput<'x>, message: &'x AuthenticatedMessage<'x>) -> DkimOutput<'x> {
-    use mail_auth::common::crypto::Algorithm;
-    let Some(sig) = out.signature() else {
-        return out;
-    };
-    if sig.a != Algorithm::RsaSha1 || !matches!(out.result(), DkimResult::Pass) {
-        return out;
-    }
-    let insecure = mail_auth::Error::Dkim(mail_auth::dkim::DkimError::UnsupportedAlgorithm);
-    // Find the same signature with the message's lifetime to keep it in the output.
-    match message
-        .dkim_headers
+/// Stand-in signatures for mail-auth's DMARC evaluation, one per DKIM result: it
+/// reads only `d=` (and the result, see [`dmarc_outputs`]).
+fn dmarc_signatures(dkim: &[DkimCheck]) -> Vec<mail_auth::dkim::Signature> {
+    dkim.iter()
+        .map(|c| mail_auth::dkim::Signature {
+            d: c.domain.clone(),
+            s: c.selector.clone(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// Our DKIM results as mail-auth outputs: pass only where ours is pass; temperror kept
+/// (mail-auth's DMARC looks at it); everything else a fail.
+fn dmarc_outputs<'x>(
+    dkim: &[DkimCheck],
+    signatures: &'x [mail_auth::dkim::Signature],
+) -> Vec<DkimOutput<'x>> {
+    dkim.iter()
+        .zip(signatures)
+        .map(|(c, sig)| {
+            let out = match c.result {
+                AuthResult::Pass => DkimOutput::pass(),
+                AuthResult::TempError => DkimOutput::temp_err(mail_auth::Error::Dns(
+                    mail_auth::DnsError::Resolver("DKIM key lookup".into()),
+                )),
+                _ => DkimOutput::fail(mail_auth::Error::NotAligned),
+            };
+            out.with_signature(sig)
+        })
+        .collect()
+}
+
+/// ARC sets a message carries: its most numerous kind of ARC header field, counted
+/// before parsing (a malformed field still counts).
+fn arc_set_count(message: &AuthenticatedMessage<'_>) -> usize {
+    ["ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"]
         .iter()
-        .find(|h| std::ptr::eq(&h.header, sig))
-    {
-        Some(h) => DkimOutput::fail(insecure).with_signature(&h.header),
-        None => DkimOutput::fail(insecure),
-    }
-}
-
-fn dkim_check(out: &DkimOutput<'_>) -> DkimCheck {
-    let (domain, selector, algorithm) = match out.signature() {
-        Some(sig) => (
-            sig.d.to_ascii_lowercase(),
-            sig.s.clone(),
-            algorithm_name(sig.a).to_string(),
-        ),
-        None => (String::new(), String::new(), String::new()),
-    };
-    let reason = match out.result() {
-        DkimResult::Pass | DkimResult::None => None,
-        DkimResult::Neutral(e)
-        | DkimResult::Fail(e)
-        | DkimResult::PermError(e)
-        | DkimResult::TempError(e) => Some(e.to_string()),
-    };
-    DkimCheck {
-        result: out.result().into(),
-        domain,
-        selector,
-        algorithm,
-        reason,
-    }
-}
-
-fn algorithm_name(a: mail_auth::common::crypto::Algorithm) -> &'static str {
-    use mail_auth::common::crypto::Algorithm;
-    match a {
-        Algorithm::RsaSha1 => "rsa-sha1",
-        Algorithm::RsaSha256 => "rsa-sha256",
-        Algorithm::Ed25519Sha256 => "ed25519-sha256",
-    }
+        .map(|kind| {
+            message
+                .headers
+                .iter()
+                .filter(|(name, _)| name.trim_ascii().eq_ignore_ascii_case(kind.as_bytes()))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 fn policy_name(p: DmarcRecordPolicy) -> &'static str {

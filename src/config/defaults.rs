@@ -82,6 +82,14 @@ pub const DEFAULT_CHECKS_TIME_BUDGET: Duration = Duration::from_secs(30);
 pub const DEFAULT_SPF_TIME_BUDGET: Duration = Duration::from_secs(20);
 /// DKIM signatures verified per message; more is a resource attack, not mail.
 pub const DEFAULT_DKIM_MAX_SIGNATURES: usize = 10;
+/// ARC sets looked at per message: RFC 8617 §4.2.1's limit of 50 instances.
+pub const DEFAULT_ARC_MAX_SETS: usize = 50;
+/// DNS lookups per message over SPF, DKIM keys, ARC keys and DMARC (rspamd's
+/// `dns_max_requests` default). Real mail needs a handful to a few dozen (an SPF record
+/// with its includes, one key per signature, one or two DMARC records); SPF's own
+/// RFC 7208 limits still allow over 100 (10 `mx` terms of 10 names each), which is what
+/// this bounds.
+pub const DEFAULT_MAX_DNS_LOOKUPS: u32 = 64;
 /// Quarantined messages are purged after this long (RELIABILITY `quarantine_retention`).
 pub const DEFAULT_QUARANTINE_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// How often the running proxy applies the quarantine retention.

@@ -321,6 +321,11 @@ pub struct AuthConfig {
     #[serde(with = "duration")]
     pub spf_time_budget: Duration,
     pub dkim_max_signatures: usize,
+    /// ARC sets looked at; a chain with more is `arc=permerror` without verifying.
+    pub arc_max_sets: usize,
+    /// DNS lookups per message, over SPF, DKIM keys, ARC keys and DMARC together;
+    /// past it, the check that wanted one more is `permerror` (`auth::budget`).
+    pub max_dns_lookups: u32,
     pub verdict_header: String,
     pub subject_prefix: String,
     /// Policy file; empty means the built-in default policy.
@@ -338,6 +343,8 @@ impl Default for AuthConfig {
             time_budget: DEFAULT_CHECKS_TIME_BUDGET,
             spf_time_budget: DEFAULT_SPF_TIME_BUDGET,
             dkim_max_signatures: DEFAULT_DKIM_MAX_SIGNATURES,
+            arc_max_sets: DEFAULT_ARC_MAX_SETS,
+            max_dns_lookups: DEFAULT_MAX_DNS_LOOKUPS,
             verdict_header: "X-Mailwarden-Verdict".into(),
             subject_prefix: String::new(),
             policy_file: None,
@@ -640,6 +647,12 @@ impl Config {
                 "timeout_ms",
                 "timeout_ms and attempts must be at least 1".into(),
             );
+        }
+        if self.auth.max_dns_lookups == 0 {
+            return err("auth", "max_dns_lookups", "must be at least 1".into());
+        }
+        if self.auth.arc_max_sets == 0 {
+            return err("auth", "arc_max_sets", "must be at least 1".into());
         }
         if self.auth.time_budget.is_zero() {
             return err("auth", "time_budget", "must be more than zero".into());

@@ -741,6 +741,7 @@ fn report_with(result: AuthResult) -> AuthReport {
             policy: Some("reject"),
             header_from: "example.org".into(),
         },
+        work: Default::default(),
     }
 }
 

@@ -66,6 +66,7 @@ impl Verdict {
             "dkim": dkim,
             "arc": arc,
             "dmarc": dmarc,
+            "work": self.report.as_ref().map(|r| json!(r.work)),
             "flags": self.flag_names(),
             "verdict": self.evaluation.action.as_str(),
             "reasons": self.reasons(),
@@ -374,6 +375,9 @@ impl Inspector for Enforcer {
                 rule = %ev.rule,
                 flags = %verdict.flag_names().join(","),
                 trace = %trace_line(ev),
+                dns_lookups = verdict.report.as_ref().map_or(0, |r| r.work.dns_lookups),
+                dns_lookups_refused = verdict.report.as_ref().map_or(0, |r| r.work.dns_lookups_refused),
+                arc_sets = verdict.report.as_ref().map_or(0, |r| r.work.arc_sets),
                 auth = %verdict.authentication_results.as_deref().unwrap_or("-"),
                 "verdict"
             );

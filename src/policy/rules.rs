@@ -413,6 +413,7 @@ mod tests {
                 policy,
                 header_from: "a.example".into(),
             },
+            work: WorkCounts::default(),
         }
     }
 
