@@ -329,6 +329,13 @@ fn precheck(tags: &TagList<'_>, value: &[u8], now: u64) -> Result<Checked, Verdi
             )));
         }
     }
+    // Numbers first, from the raw tags: mail-auth reads a malformed number as 0 ("no
+    // limit", "no expiry") or misreads the tags after it.
+    check_times(tags, now)?;
+    let length = match tags.get("l") {
+        Some(t) => Some(number(t.value, 76).ok_or_else(|| Verdict::perm("l= is not a number"))?),
+        None => None,
+    };
     let sig = Signature::parse(value)
         .map_err(|e| Verdict::Perm(format!("malformed signature: {e}")))?;
     if !sig.h.iter().any(|h| h.trim().eq_ignore_ascii_case("from")) {
@@ -337,11 +344,6 @@ fn precheck(tags: &TagList<'_>, value: &[u8], now: u64) -> Result<Checked, Verdi
     if tags.get("i").is_some() && !within_domain(&sig.i, &sig.d) {
         return Err(Verdict::perm("i= is not within d="));
     }
-    check_times(tags, now)?;
-    let length = match tags.get("l") {
-        Some(t) => Some(number(t.value, 76).ok_or_else(|| Verdict::perm("l= is not a number"))?),
-        None => None,
-    };
     if sig.a == Algorithm::RsaSha1 {
         return Err(Verdict::Fail("rsa-sha1 is not accepted (RFC 8301)".into()));
     }
