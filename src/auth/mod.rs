@@ -1,13 +1,14 @@
-//! Sender authentication: SPF (MAIL FROM and HELO), DKIM, ARC and DMARC for one message,
-//! through mail-auth, each inside a time budget.
+//! Sender authentication: SPF (MAIL FROM and HELO, [`spf`]), DKIM ([`dkim`]), ARC and
+//! DMARC (mail-auth) for one message, each inside a time budget, and all together within
+//! a DNS lookup budget ([`budget`]).
 //!
 //! [`Verifier::verify`] is the only way to build an [`AuthReport`]; the proxy and the
 //! offline `check` command both go through it. Whatever DNS does, it returns within the
 //! budget: a check that runs out of time is `temperror`, never a hang.
 //!
 //! Parsed DNS data is kept between messages, for its TTL and bounded by `[dns]
-//! cache_entries` (see [`cache`]): mail-auth's DKIM keys, DMARC records and A records,
-//! and our SPF records.
+//! cache_entries` (see [`cache`]): mail-auth's DMARC records, ARC keys and A records, and
+//! our SPF and DKIM key records.
 
 pub mod budget;
 pub mod cache;
