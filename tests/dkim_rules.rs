@@ -171,7 +171,11 @@ fn tags(alg: &str, d: &str, selector: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn set(mut fields: Vec<(&'static str, String)>, tag: &'static str, value: &str) -> Vec<(&'static str, String)> {
+fn set(
+    mut fields: Vec<(&'static str, String)>,
+    tag: &'static str,
+    value: &str,
+) -> Vec<(&'static str, String)> {
     match fields.iter_mut().find(|(t, _)| *t == tag) {
         Some(f) => f.1 = value.into(),
         None => fields.insert(fields.len() - 1, (tag, value.into())),
@@ -183,7 +187,12 @@ fn without(fields: Vec<(&'static str, String)>, tag: &str) -> Vec<(&'static str,
     fields.into_iter().filter(|(t, _)| *t != tag).collect()
 }
 
-fn case(id: &'static str, selector: &str, result: &'static str, reason: Option<&'static str>) -> Case {
+fn case(
+    id: &'static str,
+    selector: &str,
+    result: &'static str,
+    reason: Option<&'static str>,
+) -> Case {
     Case {
         id,
         alg: "rsa-sha256",
@@ -212,34 +221,153 @@ fn cases() -> Vec<Case> {
         case("control-rsa", "s", "pass", None),
         ed("control-ed25519", "ed", "pass", None),
         // §5.4 / §6.1.1: From must be signed.
-        with(case("from-not-signed", "s", "permerror", Some("From not signed")), "h", "to : subject : date"),
-        with(case("from-lookalike-not-signed", "s", "permerror", Some("From not signed")), "h", "x-from : resent-from : to"),
-        with(case("from-uppercase-signed", "s", "pass", None), "h", "FROM : To"),
+        with(
+            case("from-not-signed", "s", "permerror", Some("From not signed")),
+            "h",
+            "to : subject : date",
+        ),
+        with(
+            case(
+                "from-lookalike-not-signed",
+                "s",
+                "permerror",
+                Some("From not signed"),
+            ),
+            "h",
+            "x-from : resent-from : to",
+        ),
+        with(
+            case("from-uppercase-signed", "s", "pass", None),
+            "h",
+            "FROM : To",
+        ),
         // §3.6.1 key record tags.
-        case("key-h-sha1-vs-rsa-sha256", "sha1only", "permerror", Some("h= does not allow")),
+        case(
+            "key-h-sha1-vs-rsa-sha256",
+            "sha1only",
+            "permerror",
+            Some("h= does not allow"),
+        ),
         case("key-h-sha256", "sha256only", "pass", None),
-        case("key-k-ed25519-vs-rsa", "kmismatch", "permerror", Some("key type (k=) does not match a=")),
-        ed("ed25519-sig-vs-rsa-key", "s", "permerror", Some("key type (k=) does not match a=")),
-        case("key-s-not-email", "notemail", "permerror", Some("not for email (s=)")),
+        case(
+            "key-k-ed25519-vs-rsa",
+            "kmismatch",
+            "permerror",
+            Some("key type (k=) does not match a="),
+        ),
+        ed(
+            "ed25519-sig-vs-rsa-key",
+            "s",
+            "permerror",
+            Some("key type (k=) does not match a="),
+        ),
+        case(
+            "key-s-not-email",
+            "notemail",
+            "permerror",
+            Some("not for email (s=)"),
+        ),
         case("key-s-email", "emailonly", "pass", None),
-        with(case("key-t-s-subdomain-i", "strict", "permerror", Some("t=s")), "i", "alice@mail.example.com"),
-        with(case("key-t-s-same-i", "strict", "pass", None), "i", "alice@example.com"),
-        case("key-t-y-testing", "testing", "pass", Some("testing mode (t=y)")),
+        with(
+            case("key-t-s-subdomain-i", "strict", "permerror", Some("t=s")),
+            "i",
+            "alice@mail.example.com",
+        ),
+        with(
+            case("key-t-s-same-i", "strict", "pass", None),
+            "i",
+            "alice@example.com",
+        ),
+        case(
+            "key-t-y-testing",
+            "testing",
+            "pass",
+            Some("testing mode (t=y)"),
+        ),
         case("key-unknown-tags", "unknowntags", "pass", None),
-        case("key-v-not-first", "vlate", "permerror", Some("v= is not first")),
-        case("key-revoked", "revoked", "permerror", Some("key revoked (empty p=)")),
-        case("key-garbage", "garbage", "permerror", Some("unusable public key")),
-        case("key-nxdomain", "missing", "permerror", Some("no key record")),
+        case(
+            "key-v-not-first",
+            "vlate",
+            "permerror",
+            Some("v= is not first"),
+        ),
+        case(
+            "key-revoked",
+            "revoked",
+            "permerror",
+            Some("key revoked (empty p=)"),
+        ),
+        case(
+            "key-garbage",
+            "garbage",
+            "permerror",
+            Some("unusable public key"),
+        ),
+        case(
+            "key-nxdomain",
+            "missing",
+            "permerror",
+            Some("no key record"),
+        ),
         case("key-servfail", "broken", "temperror", Some("DNS error")),
         // §3.5 / §6.1.1 signature tags.
-        with(case("i-outside-d", "s", "permerror", Some("i= is not within d=")), "i", "alice@example.com.evil.example"),
-        with(case("i-subdomain", "s", "pass", None), "i", "alice@mail.example.com"),
-        with(with(case("x-expired", "s", "permerror", Some("expired")), "t", "$now-200"), "x", "$now-100"),
-        with(with(case("x-not-after-t", "s", "permerror", Some("x= is not after t=")), "t", "$now+60"), "x", "$now+30"),
-        with(with(case("x-future", "s", "pass", None), "t", "$now-10"), "x", "$now+3600"),
-        with(case("t-future", "s", "permerror", Some("t= is in the future")), "t", "$now+3600"),
-        with(case("t-within-clock-skew", "s", "pass", None), "t", "$now+60"),
-        with(with(case("unknown-signature-tags", "s", "pass", None), "foo", "bar"), "zz9", "ignored"),
+        with(
+            case("i-outside-d", "s", "permerror", Some("i= is not within d=")),
+            "i",
+            "alice@example.com.evil.example",
+        ),
+        with(
+            case("i-subdomain", "s", "pass", None),
+            "i",
+            "alice@mail.example.com",
+        ),
+        with(
+            with(
+                case("x-expired", "s", "permerror", Some("expired")),
+                "t",
+                "$now-200",
+            ),
+            "x",
+            "$now-100",
+        ),
+        with(
+            with(
+                case(
+                    "x-not-after-t",
+                    "s",
+                    "permerror",
+                    Some("x= is not after t="),
+                ),
+                "t",
+                "$now+60",
+            ),
+            "x",
+            "$now+30",
+        ),
+        with(
+            with(case("x-future", "s", "pass", None), "t", "$now-10"),
+            "x",
+            "$now+3600",
+        ),
+        with(
+            case("t-future", "s", "permerror", Some("t= is in the future")),
+            "t",
+            "$now+3600",
+        ),
+        with(
+            case("t-within-clock-skew", "s", "pass", None),
+            "t",
+            "$now+60",
+        ),
+        with(
+            with(
+                case("unknown-signature-tags", "s", "pass", None),
+                "foo",
+                "bar",
+            ),
+            "zz9",
+            "ignored",
+        ),
         with(case("v-2", "s", "permerror", Some("v= is not 1")), "v", "2"),
         Case {
             fields: without(tags("rsa-sha256", DOMAIN, "s"), "v"),
@@ -307,7 +435,10 @@ const RECORDS: [(&str, &str); 13] = [
     ("emailonly", "v=DKIM1; k=rsa; s=email; p={rsa}"),
     ("strict", "v=DKIM1; k=rsa; t=s; p={rsa}"),
     ("testing", "v=DKIM1; k=rsa; t=y; p={rsa}"),
-    ("unknowntags", "v=DKIM1; k=rsa; n=notes; zz=top; p={rsa}; x2=1"),
+    (
+        "unknowntags",
+        "v=DKIM1; k=rsa; n=notes; zz=top; p={rsa}; x2=1",
+    ),
     ("vlate", "k=rsa; v=DKIM1; p={rsa}"),
     ("revoked", "v=DKIM1; k=rsa; p="),
     ("garbage", "v=DKIM1; k=rsa; p=Tm90IGEga2V5IGF0IGFsbA=="),
@@ -362,7 +493,10 @@ fn fixture() -> &'static Fixture {
             .txt(&format!("_dmarc.{DOMAIN}"), "v=DMARC1; p=reject")
             .txt(LAX, "v=spf1 -all")
             .txt(&format!("_dmarc.{LAX}"), "v=DMARC1; p=none")
-            .txt(&format!("s._domainkey.{LAX}"), &fill("v=DKIM1; k=rsa; p={rsa}"))
+            .txt(
+                &format!("s._domainkey.{LAX}"),
+                &fill("v=DKIM1; k=rsa; p={rsa}"),
+            )
             .servfail(&format!("broken._domainkey.{DOMAIN}"));
         for (selector, record) in RECORDS {
             zone = zone.txt(&format!("{selector}._domainkey.{DOMAIN}"), &fill(record));
@@ -417,12 +551,24 @@ fn run_check(config: &Path, message: &Path, mail_from: &str) -> CheckOut {
         .arg("--config")
         .arg(config)
         .args(["--ip", "203.0.113.7", "--helo", "mail.example.com"])
-        .args(["--mail-from", mail_from, "--rcpt", "user@example.org", "--json"])
+        .args([
+            "--mail-from",
+            mail_from,
+            "--rcpt",
+            "user@example.org",
+            "--json",
+        ])
         .arg(message);
     let done = common::run_bounded_blocking(command, out_dir.path(), CASE_DEADLINE);
     let stdout = done.stdout_text();
-    let raw = format!("status {:?}\nstdout: {}\nstderr: {}", done.status, stdout.trim(), done.stderr.trim());
-    let json = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("no JSON ({e}): {raw}"));
+    let raw = format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        done.status,
+        stdout.trim(),
+        done.stderr.trim()
+    );
+    let json =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("no JSON ({e}): {raw}"));
     CheckOut { json, raw }
 }
 
@@ -438,7 +584,9 @@ fn run_all(config: &Path, jobs: &[(PathBuf, String)]) -> Vec<CheckOut> {
                         *n += 1;
                         *n - 1
                     };
-                    let Some((file, from)) = jobs.get(i) else { break };
+                    let Some((file, from)) = jobs.get(i) else {
+                        break;
+                    };
                     let r = run_check(config, file, from);
                     out.lock().unwrap().insert(i, r);
                 }
@@ -471,11 +619,16 @@ fn each_rule_through_check() {
             Some(want) if !reason.contains(want) => {
                 failures.push(format!("{}: reason {reason:?} lacks {want:?}", c.id))
             }
-            None if !reason.is_empty() => failures.push(format!("{}: unexpected reason {reason:?}", c.id)),
+            None if !reason.is_empty() => {
+                failures.push(format!("{}: unexpected reason {reason:?}", c.id))
+            }
             _ => {}
         }
         if dkim["domain"] != c.domain {
-            failures.push(format!("{}: domain {} (expected {})", c.id, dkim["domain"], c.domain));
+            failures.push(format!(
+                "{}: domain {} (expected {})",
+                c.id, dkim["domain"], c.domain
+            ));
         }
         let dmarc = out.json["dmarc"]["result"].as_str().unwrap_or("");
         if c.from_domain == DOMAIN {
@@ -485,7 +638,10 @@ fn each_rule_through_check() {
                 _ => "fail",
             };
             if dmarc != want {
-                failures.push(format!("{}: dmarc {dmarc} (expected {want})\n{}", c.id, out.raw));
+                failures.push(format!(
+                    "{}: dmarc {dmarc} (expected {want})\n{}",
+                    c.id, out.raw
+                ));
             }
         }
         if c.result == "policy" {
@@ -513,10 +669,26 @@ fn malformed_signatures_keep_their_domain() {
     let f = fixture();
     let body = message(DOMAIN);
     let cases = [
-        ("no-b", "v=1; a=rsa-sha256; d=example.com; s=s; h=from; bh=AAAA", "no b="),
-        ("bad-algorithm", "v=1; a=rsa-md5; d=example.com; s=s; h=from; bh=AAAA; b=AAAA", "malformed signature"),
-        ("syntax", "v=1; d=example.com; s=s; a=rsa-sha256;; h=from; bh=AAAA; b=AAAA", "empty tag"),
-        ("bad-number", "v=1; a=rsa-sha256; d=example.com; s=s; h=from; l=12e3; bh=AAAA; b=AAAA", "l= is not a number"),
+        (
+            "no-b",
+            "v=1; a=rsa-sha256; d=example.com; s=s; h=from; bh=AAAA",
+            "no b=",
+        ),
+        (
+            "bad-algorithm",
+            "v=1; a=rsa-md5; d=example.com; s=s; h=from; bh=AAAA; b=AAAA",
+            "malformed signature",
+        ),
+        (
+            "syntax",
+            "v=1; d=example.com; s=s; a=rsa-sha256;; h=from; bh=AAAA; b=AAAA",
+            "empty tag",
+        ),
+        (
+            "bad-number",
+            "v=1; a=rsa-sha256; d=example.com; s=s; h=from; l=12e3; bh=AAAA; b=AAAA",
+            "l= is not a number",
+        ),
     ];
     let jobs: Vec<(PathBuf, String)> = cases
         .iter()
@@ -529,7 +701,10 @@ fn malformed_signatures_keep_their_domain() {
     for ((id, _, want), out) in cases.iter().zip(run_all(&f.config, &jobs)) {
         let dkim = &out.json["dkim"][0];
         assert_eq!(dkim["result"], "permerror", "{id}: {}", out.raw);
-        assert!(dkim["reason"].as_str().unwrap_or("").contains(want), "{id}: {dkim}");
+        assert!(
+            dkim["reason"].as_str().unwrap_or("").contains(want),
+            "{id}: {dkim}"
+        );
         assert_eq!(dkim["domain"], DOMAIN, "{id}: {dkim}");
         assert_eq!(dkim["selector"], "s", "{id}: {dkim}");
         assert_eq!(out.json["dmarc"]["result"], "fail", "{id}: {}", out.raw);
@@ -552,7 +727,12 @@ fn work_per_message_is_counted_and_capped() {
         let end = text.find("\r\nFrom: ").expect("From") + 2;
         text[..end].to_string()
     };
-    let three = format!("{}{}{}", sig_of(&ed), sig_of(&sha256), String::from_utf8_lossy(&control));
+    let three = format!(
+        "{}{}{}",
+        sig_of(&ed),
+        sig_of(&sha256),
+        String::from_utf8_lossy(&control)
+    );
     let path = f.dir.join("three-signatures.eml");
     std::fs::write(&path, &three).expect("write");
     let arc = format!(
@@ -565,30 +745,53 @@ ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x.example; s=s; b=AAAA\r\n{three}"
     let from = format!("alice@{DOMAIN}");
 
     let out = run_check(&f.config, &path, &from);
-    let results: Vec<&str> = (0..3).map(|i| out.json["dkim"][i]["result"].as_str().unwrap_or("")).collect();
+    let results: Vec<&str> = (0..3)
+        .map(|i| out.json["dkim"][i]["result"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(results, ["pass"; 3], "{}", out.raw);
     assert_eq!(out.json["dmarc"]["result"], "pass", "{}", out.raw);
-    let used = out.json["work"]["dns_lookups"].as_u64().expect("work.dns_lookups");
+    let used = out.json["work"]["dns_lookups"]
+        .as_u64()
+        .expect("work.dns_lookups");
     assert!((6..=64).contains(&used), "{used} lookups: {}", out.raw);
     assert_eq!(out.json["work"]["dns_lookups_refused"], 0, "{}", out.raw);
 
     // A limit of 3: both SPF lookups and the first key; the other two keys and DMARC
     // are refused. The queries the server saw show that nothing was asked past it.
-    let capped = write_config(&f.dir, "capped", &f.dns, "max_dns_lookups = 3\narc_max_sets = 2");
-    let before = f.dns.queries_for(&format!("sha256only._domainkey.{DOMAIN}"));
+    let capped = write_config(
+        &f.dir,
+        "capped",
+        &f.dns,
+        "max_dns_lookups = 3\narc_max_sets = 2",
+    );
+    let before = f
+        .dns
+        .queries_for(&format!("sha256only._domainkey.{DOMAIN}"));
     let out = run_check(&capped, &path, &from);
     let dkim = &out.json["dkim"];
     assert_eq!(dkim[0]["result"], "pass", "{}", out.raw);
     for i in [1, 2] {
         assert_eq!(dkim[i]["result"], "permerror", "{}", out.raw);
-        assert_eq!(dkim[i]["reason"], "DNS lookup limit per message reached", "{}", out.raw);
+        assert_eq!(
+            dkim[i]["reason"], "DNS lookup limit per message reached",
+            "{}",
+            out.raw
+        );
         assert_eq!(dkim[i]["domain"], DOMAIN);
     }
     assert_eq!(out.json["dmarc"]["result"], "permerror", "{}", out.raw);
     assert_eq!(out.json["work"]["dns_lookups"], 3, "{}", out.raw);
-    assert!(out.json["work"]["dns_lookups_refused"].as_u64().unwrap_or(0) >= 3, "{}", out.raw);
+    assert!(
+        out.json["work"]["dns_lookups_refused"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3,
+        "{}",
+        out.raw
+    );
     assert_eq!(
-        f.dns.queries_for(&format!("sha256only._domainkey.{DOMAIN}")),
+        f.dns
+            .queries_for(&format!("sha256only._domainkey.{DOMAIN}")),
         before,
         "a refused key was looked up anyway"
     );
@@ -656,7 +859,10 @@ async fn proxy_delivers_a_good_signature() {
     assert_reply(&reply, "250", "a validly signed message");
     assert_eq!(relayed.len(), 1);
     let ar = our_ar(&relayed[0]);
-    assert!(ar.contains("dkim=pass") && ar.contains("dmarc=pass"), "{ar}");
+    assert!(
+        ar.contains("dkim=pass") && ar.contains("dmarc=pass"),
+        "{ar}"
+    );
 }
 
 /// A spoof of the p=reject domain carrying a real signature whose h= leaves From out:
@@ -672,7 +878,11 @@ async fn proxy_rejects_a_signature_that_does_not_sign_from() {
 #[tokio::test]
 async fn proxy_rejects_a_key_whose_h_excludes_the_hash() {
     let (reply, relayed) = through_proxy("key-h-sha1-vs-rsa-sha256", DOMAIN).await;
-    assert_reply(&reply, "550 5.7.1", "key h=sha1 with an rsa-sha256 signature");
+    assert_reply(
+        &reply,
+        "550 5.7.1",
+        "key h=sha1 with an rsa-sha256 signature",
+    );
     assert!(relayed.is_empty());
 }
 
@@ -684,7 +894,10 @@ async fn proxy_and_body_length_limits() {
     let (reply, relayed) = through_proxy("l-whole-body", DOMAIN).await;
     assert_reply(&reply, "250", "l= covering the whole body");
     let ar = our_ar(&relayed[0]);
-    assert!(ar.contains("dkim=pass header.d=example.com header.s=s"), "{ar}");
+    assert!(
+        ar.contains("dkim=pass header.d=example.com header.s=s"),
+        "{ar}"
+    );
     assert!(ar.contains("dmarc=pass"), "{ar}");
 
     let (reply, relayed) = through_proxy("l-appended", DOMAIN).await;

@@ -295,7 +295,9 @@ fn number(value: &[u8], max_digits: usize) -> Option<u64> {
     Some(
         value
             .iter()
-            .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .try_fold(0u64, |n, d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })
             .unwrap_or(u64::MAX),
     )
 }
@@ -336,8 +338,8 @@ fn precheck(tags: &TagList<'_>, value: &[u8], now: u64) -> Result<Checked, Verdi
         Some(t) => Some(number(t.value, 76).ok_or_else(|| Verdict::perm("l= is not a number"))?),
         None => None,
     };
-    let sig = Signature::parse(value)
-        .map_err(|e| Verdict::Perm(format!("malformed signature: {e}")))?;
+    let sig =
+        Signature::parse(value).map_err(|e| Verdict::Perm(format!("malformed signature: {e}")))?;
     if !sig.h.iter().any(|h| h.trim().eq_ignore_ascii_case("from")) {
         return Err(Verdict::perm("From not signed"));
     }
@@ -464,7 +466,10 @@ impl KeyRecord {
         {
             return Err("key record is not for email (s=)".into());
         }
-        let flag = |f: &[u8]| tags.get("t").is_some_and(|t| items(t.value).any(|i| i.eq_ignore_ascii_case(f)));
+        let flag = |f: &[u8]| {
+            tags.get("t")
+                .is_some_and(|t| items(t.value).any(|i| i.eq_ignore_ascii_case(f)))
+        };
         let key = DomainKey::parse(raw).map_err(|e| format!("unusable public key: {e}"))?;
         if !ed25519 {
             // mail-auth keeps RSA key bytes unchecked until a verify; 0 bits is what it
@@ -474,7 +479,9 @@ impl KeyRecord {
                 return Err("unusable public key: not an RSA public key".into());
             }
             if bits < MIN_RSA_BITS {
-                return Err(format!("RSA key of {bits} bits, under {MIN_RSA_BITS} (RFC 8301)"));
+                return Err(format!(
+                    "RSA key of {bits} bits, under {MIN_RSA_BITS} (RFC 8301)"
+                ));
             }
         }
         Ok(KeyRecord {
@@ -610,7 +617,9 @@ fn verify_with_key(
             .rsplit_once('@')
             .is_some_and(|(_, d)| d.eq_ignore_ascii_case(&sig.d))
     {
-        return Err(Verdict::perm("key is strict (t=s) and the i= domain is not d="));
+        return Err(Verdict::perm(
+            "key is strict (t=s) and the i= domain is not d=",
+        ));
     }
     let body = bodies.get(sig.cb, hash, checked.length);
     if let Some(l) = checked.length
@@ -633,7 +642,9 @@ fn verify_with_key(
     let appended = checked.length.map_or(0, |l| body.canonical_len - l);
     let mut notes = Vec::new();
     if appended > 0 {
-        notes.push(format!("body length limit: {appended} unsigned octets appended"));
+        notes.push(format!(
+            "body length limit: {appended} unsigned octets appended"
+        ));
     }
     if key.testing {
         notes.push("key in testing mode (t=y)".into());
@@ -827,7 +838,12 @@ mod tests {
             (b"d=a; x-y=b", "invalid tag name"),
         ] {
             let t = tag_list(bad);
-            assert_eq!(t.error.as_deref(), Some(why), "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                t.error.as_deref(),
+                Some(why),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
             // The well-formed tags are still there, to keep d= in the result.
             assert!(t.get("d").is_some() || bad.starts_with(b"1"));
         }
@@ -870,15 +886,23 @@ mod tests {
         assert!(precheck_of(&sig_tags("; foo=bar; q=dns/txt; z=From:a@b")).is_ok());
         let check = |extra: &str| precheck_of(&sig_tags(extra)).map(|_| ());
         assert_eq!(
-            precheck_of("v=1; a=ed25519-sha256; d=example.com; s=ed; h=to:subject; bh=AAAA; b=BBBB")
-                .map(|_| ()),
+            precheck_of(
+                "v=1; a=ed25519-sha256; d=example.com; s=ed; h=to:subject; bh=AAAA; b=BBBB"
+            )
+            .map(|_| ()),
             perm("From not signed")
         );
         // "From" in another case, with spaces, counts.
-        assert!(precheck_of("v=1; a=ed25519-sha256; d=example.com; s=ed; h=to : FROM; bh=AAAA; b=BBBB").is_ok());
+        assert!(
+            precheck_of("v=1; a=ed25519-sha256; d=example.com; s=ed; h=to : FROM; bh=AAAA; b=BBBB")
+                .is_ok()
+        );
         // Another field whose name contains "from" does not.
         assert_eq!(
-            precheck_of("v=1; a=ed25519-sha256; d=example.com; s=ed; h=x-from:resent-from; bh=AAAA; b=BBBB").map(|_| ()),
+            precheck_of(
+                "v=1; a=ed25519-sha256; d=example.com; s=ed; h=x-from:resent-from; bh=AAAA; b=BBBB"
+            )
+            .map(|_| ()),
             perm("From not signed")
         );
         assert_eq!(check("; i=a@example.net"), perm("i= is not within d="));
@@ -925,7 +949,10 @@ mod tests {
     fn identity_survives_a_malformed_signature() {
         let tags = tag_list(b"v=1; d=Example.COM; s=sel; a=rsa-sha256; b=; b=x");
         let c = identity(&tags);
-        assert_eq!((c.domain.as_str(), c.selector.as_str()), ("example.com", "sel"));
+        assert_eq!(
+            (c.domain.as_str(), c.selector.as_str()),
+            ("example.com", "sel")
+        );
         assert_eq!(c.algorithm, "rsa-sha256");
         assert_eq!(identity(&tag_list(b"d=x.example; a=rsa-md5")).algorithm, "");
     }
@@ -940,21 +967,42 @@ mod tests {
         assert!(!ok.ed25519 && ok.sha1 && ok.sha256 && !ok.testing && !ok.strict);
         // No v=, no k=: RSA; unknown tags ignored.
         assert!(key(&format!("p={RSA1024}; foo=bar; n=notes")).is_ok());
-        let flags = key(&format!("v=DKIM1; h=sha1; t=y:s:x; s=email:other; p={RSA1024}")).unwrap();
+        let flags = key(&format!(
+            "v=DKIM1; h=sha1; t=y:s:x; s=email:other; p={RSA1024}"
+        ))
+        .unwrap();
         assert!(flags.sha1 && !flags.sha256 && flags.testing && flags.strict);
         let h = key(&format!("h=sha256:future-hash; p={RSA1024}")).unwrap();
         assert!(!h.sha1 && h.sha256);
         assert!(key(&format!("s=*; p={RSA1024}")).is_ok());
         for (text, why) in [
-            (format!("k=rsa; v=DKIM1; p={RSA1024}"), "key record: v= is not first or not DKIM1"),
-            (format!("v=DKIM2; p={RSA1024}"), "key record: v= is not first or not DKIM1"),
+            (
+                format!("k=rsa; v=DKIM1; p={RSA1024}"),
+                "key record: v= is not first or not DKIM1",
+            ),
+            (
+                format!("v=DKIM2; p={RSA1024}"),
+                "key record: v= is not first or not DKIM1",
+            ),
             ("v=DKIM1; p=".into(), "key revoked (empty p=)"),
             ("v=DKIM1; p= ; k=rsa".into(), "key revoked (empty p=)"),
             ("v=DKIM1; k=rsa".into(), "key record has no p="),
-            (format!("v=DKIM1; k=dsa; p={RSA1024}"), "key record: unknown key type (k=)"),
-            (format!("v=DKIM1; s=tlsrpt; p={RSA1024}"), "key record is not for email (s=)"),
-            (format!("v=DKIM1; p={RSA1024}; p={RSA1024}"), "key record: duplicate tag p="),
-            (format!("v=DKIM1; p={RSA512}"), "RSA key of 512 bits, under 1024 (RFC 8301)"),
+            (
+                format!("v=DKIM1; k=dsa; p={RSA1024}"),
+                "key record: unknown key type (k=)",
+            ),
+            (
+                format!("v=DKIM1; s=tlsrpt; p={RSA1024}"),
+                "key record is not for email (s=)",
+            ),
+            (
+                format!("v=DKIM1; p={RSA1024}; p={RSA1024}"),
+                "key record: duplicate tag p=",
+            ),
+            (
+                format!("v=DKIM1; p={RSA512}"),
+                "RSA key of 512 bits, under 1024 (RFC 8301)",
+            ),
         ] {
             assert_eq!(key(&text).err().as_deref(), Some(why), "{text}");
         }
@@ -966,7 +1014,10 @@ mod tests {
         // The first usable record among several TXT records.
         let records = vec![b"v=spf1 -all".to_vec(), format!("p={RSA1024}").into_bytes()];
         assert!(select_key(&records).is_ok());
-        assert_eq!(select_key(&[]).err().as_deref(), Some("no key record (no TXT data)"));
+        assert_eq!(
+            select_key(&[]).err().as_deref(),
+            Some("no key record (no TXT data)")
+        );
     }
 
     #[test]
@@ -985,12 +1036,25 @@ mod tests {
         let body = b"a  b \r\n\r\n\r\n";
         let full = body_hash(body, Canonicalization::Relaxed, HashAlgorithm::Sha256, None);
         assert_eq!(full.canonical_len, 5);
-        assert_eq!(full.hash, HashAlgorithm::Sha256.hash(&b"a b\r\n"[..]).as_ref());
-        let three = body_hash(body, Canonicalization::Relaxed, HashAlgorithm::Sha256, Some(3));
+        assert_eq!(
+            full.hash,
+            HashAlgorithm::Sha256.hash(&b"a b\r\n"[..]).as_ref()
+        );
+        let three = body_hash(
+            body,
+            Canonicalization::Relaxed,
+            HashAlgorithm::Sha256,
+            Some(3),
+        );
         assert_eq!(three.hash, HashAlgorithm::Sha256.hash(&b"a b"[..]).as_ref());
         assert_eq!(three.canonical_len, 5);
         // l=0 signs nothing: the hash of the empty string.
-        let none = body_hash(body, Canonicalization::Simple, HashAlgorithm::Sha256, Some(0));
+        let none = body_hash(
+            body,
+            Canonicalization::Simple,
+            HashAlgorithm::Sha256,
+            Some(0),
+        );
         assert_eq!(none.hash, HashAlgorithm::Sha256.hash(&b""[..]).as_ref());
         // Simple: an empty body is one CRLF.
         let empty = body_hash(b"", Canonicalization::Simple, HashAlgorithm::Sha256, None);
@@ -1000,7 +1064,8 @@ mod tests {
     // -- Whole signatures, signed here with mail-auth's Ed25519 signer; keys come from a
     // -- pre-filled key cache, so no DNS is involved unless a test wants it.
 
-    const MESSAGE: &str = "From: alice@example.com\r\nTo: bob@example.org\r\nSubject: hi\r\n\r\nHello Bob.\r\n";
+    const MESSAGE: &str =
+        "From: alice@example.com\r\nTo: bob@example.org\r\nSubject: hi\r\n\r\nHello Bob.\r\n";
 
     struct Signer {
         pkcs8: Vec<u8>,
@@ -1068,7 +1133,10 @@ mod tests {
     }
 
     fn words(checks: &[DkimCheck]) -> Vec<(AuthResult, Option<&str>)> {
-        checks.iter().map(|c| (c.result, c.reason.as_deref())).collect()
+        checks
+            .iter()
+            .map(|c| (c.result, c.reason.as_deref()))
+            .collect()
     }
 
     #[tokio::test]
@@ -1080,14 +1148,21 @@ mod tests {
         let pass = run(&signed, Some(&record), 0).await;
         assert_eq!(words(&pass), [(AuthResult::Pass, None)]);
         assert_eq!(
-            (pass[0].domain.as_str(), pass[0].selector.as_str(), pass[0].algorithm.as_str()),
+            (
+                pass[0].domain.as_str(),
+                pass[0].selector.as_str(),
+                pass[0].algorithm.as_str()
+            ),
             ("example.com", "ed", "ed25519-sha256")
         );
 
         // §5.4 / §6.1.1: a valid signature that covers no From never passes.
         let no_from = s.sign(MESSAGE, &["To", "Subject"], false);
         let r = run(&no_from, Some(&record), 0).await;
-        assert_eq!(words(&r), [(AuthResult::PermError, Some("From not signed"))]);
+        assert_eq!(
+            words(&r),
+            [(AuthResult::PermError, Some("From not signed"))]
+        );
         assert_eq!(r[0].domain, "example.com", "d= is kept on permerror");
 
         // Key record rules.
@@ -1101,7 +1176,10 @@ mod tests {
         let rsa_typed = format!("v=DKIM1; k=rsa; p={RSA1024}");
         assert_eq!(
             words(&run(&signed, Some(&rsa_typed), 0).await),
-            [(AuthResult::PermError, Some("key type (k=) does not match a="))]
+            [(
+                AuthResult::PermError,
+                Some("key type (k=) does not match a=")
+            )]
         );
         assert_eq!(
             words(&run(&signed, Some("v=DKIM1; k=ed25519; p="), 0).await),
@@ -1127,7 +1205,10 @@ mod tests {
             [(AuthResult::Fail, Some("body hash does not match"))]
         );
         let subject = signed.replace("Subject: hi", "Subject: pay now");
-        assert_eq!(run(&subject, Some(&record), 0).await[0].result, AuthResult::Fail);
+        assert_eq!(
+            run(&subject, Some(&record), 0).await[0].result,
+            AuthResult::Fail
+        );
     }
 
     #[tokio::test]
@@ -1137,7 +1218,10 @@ mod tests {
         let signed = s.sign(MESSAGE, &["From", "To"], true);
         assert!(signed.contains("l=12"), "{signed}");
         // Nothing after the signed length: an ordinary pass.
-        assert_eq!(words(&run(&signed, Some(&record), 0).await), [(AuthResult::Pass, None)]);
+        assert_eq!(
+            words(&run(&signed, Some(&record), 0).await),
+            [(AuthResult::Pass, None)]
+        );
         // Content appended: verifies, but only as `policy`.
         let appended = format!("{signed}Click here: http://evil.example/\r\n");
         assert_eq!(
@@ -1149,7 +1233,10 @@ mod tests {
         );
         // A signed part that was changed still fails.
         let changed = appended.replace("Hello Bob.", "Hello Eve.");
-        assert_eq!(run(&changed, Some(&record), 0).await[0].result, AuthResult::Fail);
+        assert_eq!(
+            run(&changed, Some(&record), 0).await[0].result,
+            AuthResult::Fail
+        );
         // l= longer than the body.
         let cut = signed.replace("Hello Bob.\r\n", "Hello\r\n");
         assert_eq!(
@@ -1207,6 +1294,9 @@ mod tests {
             words(&r),
             [(AuthResult::PermError, Some("malformed signature: no b="))]
         );
-        assert_eq!((r[0].domain.as_str(), r[0].selector.as_str()), ("bank.example", "s1"));
+        assert_eq!(
+            (r[0].domain.as_str(), r[0].selector.as_str()),
+            ("bank.example", "s1")
+        );
     }
 }

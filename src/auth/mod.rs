@@ -263,7 +263,13 @@ impl Verifier {
         let spf_deadline = Instant::now() + self.spf_time_budget.min(self.time_budget);
         let budget = DnsBudget::new(self.max_dns_lookups);
         let (mail_from, helo) = tokio::join!(
-            self.spf(input.ip, input.helo, input.mail_from, spf_deadline, Some(&budget)),
+            self.spf(
+                input.ip,
+                input.helo,
+                input.mail_from,
+                spf_deadline,
+                Some(&budget)
+            ),
             self.spf_helo(input.ip, input.helo, spf_deadline, Some(&budget)),
         );
         let Some(message) = AuthenticatedMessage::parse(input.message) else {
@@ -542,17 +548,21 @@ fn dmarc_outputs<'x>(
 /// ARC sets a message carries: its most numerous kind of ARC header field, counted
 /// before parsing (a malformed field still counts).
 fn arc_set_count(message: &AuthenticatedMessage<'_>) -> usize {
-    ["ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"]
-        .iter()
-        .map(|kind| {
-            message
-                .headers
-                .iter()
-                .filter(|(name, _)| name.trim_ascii().eq_ignore_ascii_case(kind.as_bytes()))
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
+    [
+        "ARC-Seal",
+        "ARC-Message-Signature",
+        "ARC-Authentication-Results",
+    ]
+    .iter()
+    .map(|kind| {
+        message
+            .headers
+            .iter()
+            .filter(|(name, _)| name.trim_ascii().eq_ignore_ascii_case(kind.as_bytes()))
+            .count()
+    })
+    .max()
+    .unwrap_or(0)
 }
 
 fn policy_name(p: DmarcRecordPolicy) -> &'static str {
