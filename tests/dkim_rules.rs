@@ -309,6 +309,13 @@ fn cases() -> Vec<Case> {
             "permerror",
             Some("no key record"),
         ),
+        case("key-no-txt", "notxt", "permerror", Some("no key record")),
+        case(
+            "key-not-a-key-record",
+            "notakey",
+            "permerror",
+            Some("key record: tag without '='"),
+        ),
         case("key-servfail", "broken", "temperror", Some("DNS error")),
         // §3.5 / §6.1.1 signature tags.
         with(
@@ -497,7 +504,9 @@ fn fixture() -> &'static Fixture {
                 &format!("s._domainkey.{LAX}"),
                 &fill("v=DKIM1; k=rsa; p={rsa}"),
             )
-            .servfail(&format!("broken._domainkey.{DOMAIN}"));
+            .servfail(&format!("broken._domainkey.{DOMAIN}"))
+            .a(&format!("notxt._domainkey.{DOMAIN}"), "192.0.2.1")
+            .txt(&format!("notakey._domainkey.{DOMAIN}"), "hello world");
         for (selector, record) in RECORDS {
             zone = zone.txt(&format!("{selector}._domainkey.{DOMAIN}"), &fill(record));
         }
@@ -811,9 +820,18 @@ ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x.example; s=s; b=AAAA\r\n{three}"
 // Through the real proxy
 // ---------------------------------------------------------------------------
 
+/// What one message through the proxy gave.
+struct Delivery {
+    reply: common::smtp_client::Reply,
+    /// What the next hop received.
+    relayed: Vec<Vec<u8>>,
+    /// The proxy's log (the verdict line is written before the reply is sent).
+    log: String,
+}
+
 /// Sends case `id`'s message from `alice@<from_domain>` through a proxy for
-/// example.org; returns the end-of-data reply and what the next hop received.
-async fn through_proxy(id: &str, from_domain: &str) -> (common::smtp_client::Reply, Vec<Vec<u8>>) {
+/// example.org.
+async fn deliver(id: &str, from_domain: &str) -> Delivery {
     let f = fixture();
     let mta = FakeMta::start(Script::default()).await;
     let mut o = ProxyOptions::smtp(mta.addr);
@@ -832,7 +850,11 @@ async fn through_proxy(id: &str, from_domain: &str) -> (common::smtp_client::Rep
     let q = c.cmd("QUIT").await;
     assert_reply(&q, "221 2.0.0", "QUIT");
     let relayed = mta.messages().into_iter().map(|m| m.data).collect();
-    (reply, relayed)
+    Delivery {
+        reply,
+        relayed,
+        log: proxy.log(),
+    }
 }
 
 /// The A-R our proxy put on top of a relayed message.
@@ -852,16 +874,34 @@ fn our_ar(data: &[u8]) -> String {
     ar
 }
 
-/// The control: a good signature of the p=reject domain is delivered with dkim=pass.
+/// The control: a good signature of the p=reject domain is delivered with dkim=pass,
+/// and the verdict log line counts the message's DNS lookups and ARC sets.
 #[tokio::test]
 async fn proxy_delivers_a_good_signature() {
-    let (reply, relayed) = through_proxy("control-rsa", DOMAIN).await;
-    assert_reply(&reply, "250", "a validly signed message");
-    assert_eq!(relayed.len(), 1);
-    let ar = our_ar(&relayed[0]);
+    let d = deliver("control-rsa", DOMAIN).await;
+    assert_reply(&d.reply, "250", "a validly signed message");
+    assert_eq!(d.relayed.len(), 1);
+    let ar = our_ar(&d.relayed[0]);
     assert!(
         ar.contains("dkim=pass") && ar.contains("dmarc=pass"),
         "{ar}"
+    );
+    let verdict = d
+        .log
+        .lines()
+        .find(|l| l.contains("verdict") && l.contains("dns_lookups="))
+        .unwrap_or_else(|| panic!("no verdict line with the counts:\n{}", d.log));
+    let lookups: u32 = verdict
+        .split("dns_lookups=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {verdict}"));
+    // SPF for MAIL FROM and HELO, the key and DMARC, at least.
+    assert!((3..=64).contains(&lookups), "{verdict}");
+    assert!(
+        verdict.contains("dns_lookups_refused=0") && verdict.contains("arc_sets=0"),
+        "{verdict}"
     );
 }
 
@@ -869,21 +909,21 @@ async fn proxy_delivers_a_good_signature() {
 /// rejected, nothing relayed.
 #[tokio::test]
 async fn proxy_rejects_a_signature_that_does_not_sign_from() {
-    let (reply, relayed) = through_proxy("from-not-signed", DOMAIN).await;
-    assert_reply(&reply, "550 5.7.1", "signature without From in h=");
-    assert!(relayed.is_empty(), "relayed: {relayed:?}");
+    let d = deliver("from-not-signed", DOMAIN).await;
+    assert_reply(&d.reply, "550 5.7.1", "signature without From in h=");
+    assert!(d.relayed.is_empty(), "relayed: {:?}", d.relayed);
 }
 
 /// A key record that allows only sha1 does not verify an rsa-sha256 signature.
 #[tokio::test]
 async fn proxy_rejects_a_key_whose_h_excludes_the_hash() {
-    let (reply, relayed) = through_proxy("key-h-sha1-vs-rsa-sha256", DOMAIN).await;
+    let d = deliver("key-h-sha1-vs-rsa-sha256", DOMAIN).await;
     assert_reply(
-        &reply,
+        &d.reply,
         "550 5.7.1",
         "key h=sha1 with an rsa-sha256 signature",
     );
-    assert!(relayed.is_empty());
+    assert!(d.relayed.is_empty());
 }
 
 /// `l=`: the whole body signed is delivered; content appended after the signed length
@@ -891,22 +931,26 @@ async fn proxy_rejects_a_key_whose_h_excludes_the_hash() {
 /// `dkim=policy (body length limit: ...)` in the Authentication-Results.
 #[tokio::test]
 async fn proxy_and_body_length_limits() {
-    let (reply, relayed) = through_proxy("l-whole-body", DOMAIN).await;
-    assert_reply(&reply, "250", "l= covering the whole body");
-    let ar = our_ar(&relayed[0]);
+    let d = deliver("l-whole-body", DOMAIN).await;
+    assert_reply(&d.reply, "250", "l= covering the whole body");
+    let ar = our_ar(&d.relayed[0]);
     assert!(
         ar.contains("dkim=pass header.d=example.com header.s=s"),
         "{ar}"
     );
     assert!(ar.contains("dmarc=pass"), "{ar}");
 
-    let (reply, relayed) = through_proxy("l-appended", DOMAIN).await;
-    assert_reply(&reply, "550 5.7.1", "content appended after l= (p=reject)");
-    assert!(relayed.is_empty());
+    let d = deliver("l-appended", DOMAIN).await;
+    assert_reply(
+        &d.reply,
+        "550 5.7.1",
+        "content appended after l= (p=reject)",
+    );
+    assert!(d.relayed.is_empty());
 
-    let (reply, relayed) = through_proxy("l-appended-lax", LAX).await;
-    assert_reply(&reply, "250", "content appended after l= (p=none)");
-    let ar = our_ar(&relayed[0]);
+    let d = deliver("l-appended-lax", LAX).await;
+    assert_reply(&d.reply, "250", "content appended after l= (p=none)");
+    let ar = our_ar(&d.relayed[0]);
     assert!(
         ar.contains("dkim=policy (body length limit: 51 unsigned octets appended) header.d=lax.example header.s=s"),
         "{ar}"
