@@ -146,6 +146,13 @@ fn human(v: &Verdict) -> String {
                 r.dmarc.policy.unwrap_or("-")
             ),
         );
+        row(
+            "Work",
+            format!(
+                "{} DNS lookups ({} refused past the limit), {} ARC sets",
+                r.work.dns_lookups, r.work.dns_lookups_refused, r.work.arc_sets
+            ),
+        );
     } else {
         row("Checks", "skipped (submission)".into());
     }
