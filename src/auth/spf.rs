@@ -1099,6 +1099,57 @@ mod cache_tests {
         check_host(resolver, cache, &req).await
     }
 
+    /// The message's DNS lookup count: every query takes one; one past the limit ends
+    /// the evaluation in permerror without being asked; a cached record costs nothing.
+    #[tokio::test]
+    async fn lookups_count_against_the_message_budget() {
+        let dns = DnsServer::start(
+            Zone::new()
+                .txt("outer.example", "v=spf1 include:inner.example -all")
+                .txt("inner.example", "v=spf1 a:host.inner.example -all")
+                .a("host.inner.example", "192.0.2.1"),
+        );
+        let resolver = uncached_resolver(&dns);
+        async fn run(resolver: &TokioResolver, cache: &SpfCache, budget: &DnsBudget) -> AuthResult {
+            let req = SpfRequest {
+                ip: "192.0.2.1".parse().unwrap(),
+                domain: "outer.example",
+                sender: "alice@outer.example",
+                helo: "mx.example.org",
+                receiver: "mx.example.net",
+                budget: Some(budget),
+            };
+            check_host(resolver, cache, &req).await
+        }
+        let enough = DnsBudget::new(3);
+        assert_eq!(
+            run(&resolver, &SpfCache::new(0), &enough).await,
+            AuthResult::Pass
+        );
+        assert_eq!((enough.used(), enough.refused()), (3, 0));
+        let short = DnsBudget::new(2);
+        let before = dns.queries_for("host.inner.example");
+        assert_eq!(
+            run(&resolver, &SpfCache::new(0), &short).await,
+            AuthResult::PermError
+        );
+        assert_eq!((short.used(), short.refused()), (2, 1));
+        assert_eq!(
+            dns.queries_for("host.inner.example"),
+            before,
+            "asked past the limit"
+        );
+        // Both TXT records cached: only the A lookup is left to count.
+        let cache = SpfCache::new(10);
+        assert_eq!(
+            run(&resolver, &cache, &DnsBudget::new(3)).await,
+            AuthResult::Pass
+        );
+        let one = DnsBudget::new(1);
+        assert_eq!(run(&resolver, &cache, &one).await, AuthResult::Pass);
+        assert_eq!(one.used(), 1);
+    }
+
     #[tokio::test]
     async fn records_and_their_absence_are_cached_errors_are_not() {
         let zone = |pass_record: &str| {
