@@ -24,6 +24,7 @@
 //! | `policy` | it verifies, but `l=` leaves octets after the signed length unsigned: someone may have appended content. Never counts as pass (DMARC alignment, `dkim_aggregate`) |
 //! | `pass` | it verifies and covers the whole body (with or without `l=`); a key in testing mode (`t=y`) says so in the reason and changes nothing else |
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::ops::Range;
 use std::sync::Arc;
@@ -104,7 +105,13 @@ async fn verify_one(
 ) -> DkimCheck {
     let tags = tag_list(field.value);
     let mut check = identity(&tags);
-    let sig = match precheck(&tags, field.value, now) {
+    // mail-auth parsed the signatures it accepted (those without l=) already.
+    let parsed = message
+        .dkim_headers
+        .iter()
+        .find(|h| std::ptr::eq(h.value, field.value))
+        .map(|h| &h.header);
+    let sig = match precheck(&tags, field.value, parsed, now) {
         Ok(sig) => sig,
         Err(e) => return e.into_check(check),
     };
@@ -307,15 +314,20 @@ fn number(value: &[u8], max_digits: usize) -> Option<u64> {
 // ---------------------------------------------------------------------------------------
 
 /// A signature that passed every check that needs no key.
-struct Checked {
-    sig: Signature,
+struct Checked<'m> {
+    sig: Cow<'m, Signature>,
     /// `l=`, when present (0 signs no body at all).
     length: Option<u64>,
     /// The span of the `b=` value in the field value.
     b_span: Range<usize>,
 }
 
-fn precheck(tags: &TagList<'_>, value: &[u8], now: u64) -> Result<Checked, Verdict> {
+fn precheck<'m>(
+    tags: &TagList<'_>,
+    value: &[u8],
+    parsed: Option<&'m Signature>,
+    now: u64,
+) -> Result<Checked<'m>, Verdict> {
     if let Some(e) = &tags.error {
         return Err(Verdict::Perm(format!("malformed signature: {e}")));
     }
@@ -338,8 +350,13 @@ fn precheck(tags: &TagList<'_>, value: &[u8], now: u64) -> Result<Checked, Verdi
         Some(t) => Some(number(t.value, 76).ok_or_else(|| Verdict::perm("l= is not a number"))?),
         None => None,
     };
-    let sig =
-        Signature::parse(value).map_err(|e| Verdict::Perm(format!("malformed signature: {e}")))?;
+    let sig = match parsed {
+        Some(sig) => Cow::Borrowed(sig),
+        None => Cow::Owned(
+            Signature::parse(value)
+                .map_err(|e| Verdict::Perm(format!("malformed signature: {e}")))?,
+        ),
+    };
     if !sig.h.iter().any(|h| h.trim().eq_ignore_ascii_case("from")) {
         return Err(Verdict::perm("From not signed"));
     }
@@ -594,7 +611,7 @@ struct Outcome {
 fn verify_with_key(
     message: &AuthenticatedMessage<'_>,
     field: &Field<'_>,
-    checked: &Checked,
+    checked: &Checked<'_>,
     key: &KeyRecord,
     bodies: &mut BodyHashes<'_>,
 ) -> Result<Outcome, Verdict> {
@@ -812,8 +829,8 @@ mod tests {
         format!("v=1; a=ed25519-sha256; d=example.com; s=ed; h=from:to; bh=AAAA; b=BBBB{extra}")
     }
 
-    fn precheck_of(value: &str) -> Result<Checked, Verdict> {
-        precheck(&tag_list(value.as_bytes()), value.as_bytes(), NOW)
+    fn precheck_of(value: &str) -> Result<Checked<'static>, Verdict> {
+        precheck(&tag_list(value.as_bytes()), value.as_bytes(), None, NOW)
     }
 
     fn perm(reason: &str) -> Result<(), Verdict> {
@@ -1282,6 +1299,41 @@ mod tests {
             ..ctx
         };
         assert_eq!(verify(&one, &parsed).await.len(), 1);
+    }
+
+    /// A key is looked up once, then served from the key cache for its TTL (the lookup
+    /// count of later messages stays 0, nothing reaches the server).
+    #[tokio::test]
+    async fn keys_are_cached_between_messages() {
+        use crate::auth::spf::test_dns::{DnsServer, Zone};
+        let s = Signer::new();
+        let dns = DnsServer::start(Zone::new().txt("ed._domainkey.example.com", &s.record("")));
+        let cfg = crate::config::DnsConfig {
+            nameservers: vec![dns.addr()],
+            timeout_ms: 2000,
+            attempts: 1,
+            cache_entries: 0,
+        };
+        let resolver = crate::auth::dns::authenticator(&cfg).unwrap().0;
+        let keys = KeyCache::new(10);
+        let signed = s.sign(MESSAGE, &["From"], false);
+        let parsed = AuthenticatedMessage::parse(signed.as_bytes()).unwrap();
+        for round in 0..3 {
+            let budget = DnsBudget::new(10);
+            let ctx = Context {
+                resolver: &resolver,
+                keys: &keys,
+                budget: &budget,
+                deadline: Instant::now() + Duration::from_secs(5),
+                max_signatures: 5,
+            };
+            assert_eq!(
+                words(&verify(&ctx, &parsed).await),
+                [(AuthResult::Pass, None)]
+            );
+            assert_eq!(budget.used(), u32::from(round == 0), "round {round}");
+        }
+        assert_eq!(dns.queries_for("ed._domainkey.example.com"), 1);
     }
 
     #[tokio::test]

@@ -1066,7 +1066,7 @@ pub fn fuzz_parse_record(text: &str) -> Result<Vec<Option<String>>, String> {
 /// The tests' authoritative DNS server, for the cache tests.
 #[cfg(test)]
 #[path = "../../tests/common/dns.rs"]
-mod test_dns;
+pub(crate) mod test_dns;
 
 #[cfg(test)]
 mod cache_tests {
