@@ -164,6 +164,13 @@ fn human(v: &Verdict) -> String {
             dmarc.push_str(&format!(" ({why})"));
         }
         row("DMARC", dmarc);
+        row(
+            "Work",
+            format!(
+                "{} DNS lookups ({} refused past the limit), {} ARC sets",
+                r.work.dns_lookups, r.work.dns_lookups_refused, r.work.arc_sets
+            ),
+        );
     } else {
         row("Checks", "skipped (submission)".into());
     }

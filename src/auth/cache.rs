@@ -190,7 +190,8 @@ impl<K: Hash + Eq, V: Clone> ResolverCache<K, V> for TtlCache<K, V> {
     }
 }
 
-/// mail-auth's TXT cache: DKIM keys (`s._domainkey.d`), ATPS records (`h._atps.d`), DKIM
+/// mail-auth's TXT cache: ARC keys (`s._domainkey.d`; DKIM's own are in
+/// `dkim::KeyCache`), ATPS records (`h._atps.d`), DKIM
 /// report records (`_report._domainkey.d`) and DMARC records (`_dmarc.d`), parsed, keyed
 /// by the name alone. Without a cache, the same name looked up as two of these would be
 /// parsed as each; from a shared cache, the second lookup would get the first one's

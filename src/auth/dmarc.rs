@@ -293,6 +293,16 @@ fn within(id: &str, parent: &str) -> bool {
 pub struct Dns {
     pub resolver: TokioResolver,
     pub cache: Arc<DmarcCache>,
+    /// The message's DNS lookup budget (`[auth] max_dns_lookups`); a lookup past it
+    /// fails like a temporary error, which `verify` turns into `permerror`.
+    pub budget: Option<Arc<super::budget::DnsBudget>>,
+}
+
+impl Dns {
+    /// Takes one lookup from the message's budget (always allowed without one).
+    fn take(&self) -> bool {
+        self.budget.as_ref().is_none_or(|b| b.take())
+    }
 }
 
 impl Dns {
@@ -306,6 +316,9 @@ impl Dns {
             // Not a name DNS can hold: nothing can be published there.
             return Ok(AtName::None);
         };
+        if !self.take() {
+            return Err(TempFail);
+        }
         let (value, valid_until) = match self.resolver.lookup(qname, RecordType::TXT).await {
             Ok(lookup) => {
                 let texts: Vec<String> = lookup
@@ -347,6 +360,9 @@ impl Dns {
     async fn exists(&self, domain: &str) -> Option<bool> {
         let name = Name::from_ascii(format!("{domain}.")).ok()?;
         for rtype in [RecordType::A, RecordType::AAAA, RecordType::MX] {
+            if !self.take() {
+                return None;
+            }
             match self.resolver.lookup(name.clone(), rtype).await {
                 Ok(l) if l.answers().iter().any(|r| r.record_type() == rtype) => {
                     return Some(true);
@@ -828,6 +844,7 @@ mod tests {
         Dns {
             resolver: crate::auth::dns::authenticator(&cfg).unwrap().0,
             cache: Arc::new(DmarcCache::new(100)),
+            budget: None,
         }
     }
 

@@ -17,6 +17,17 @@ fn safe(value: &str) -> String {
         .collect()
 }
 
+/// Keeps only characters that are safe inside an RFC 8601 comment of ours: no
+/// parentheses, backslashes, quotes, semicolons or line breaks, so a comment can neither
+/// end early nor start a new result.
+fn comment_safe(value: &str) -> String {
+    value
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '.' | '-' | '_' | ':' | '='))
+        .take(120)
+        .collect()
+}
+
 /// The `Authentication-Results` value (authserv-id first), its results joined by `sep`
 /// (`"; "` on one line, `";\r\n\t"` folded in a header).
 pub fn authentication_results(authserv_id: &str, report: &AuthReport, sep: &str) -> String {
@@ -39,6 +50,13 @@ pub fn authentication_results(authserv_id: &str, report: &AuthReport, sep: &str)
     }
     for d in &report.dkim {
         let mut s = format!("dkim={}", d.result.as_str());
+        // `policy` (an l= signature with content after the signed length) says why in a
+        // comment (RFC 8601 §2.7.1): the reason is ours, built from a number.
+        if d.result == AuthResult::Policy
+            && let Some(reason) = &d.reason
+        {
+            s.push_str(&format!(" ({})", comment_safe(reason)));
+        }
         if !d.domain.is_empty() {
             s.push_str(&format!(
                 " header.d={} header.s={}",
@@ -241,6 +259,7 @@ mod tests {
                 published_policy: Some("reject"),
                 ..DmarcCheck::without_record(AuthResult::Pass, "example.com".into())
             },
+            work: WorkCounts::default(),
         }
     }
 
@@ -280,6 +299,28 @@ mod tests {
             "{ar}"
         );
         assert_eq!(ar.matches(';').count(), 3, "{ar}");
+    }
+
+    #[test]
+    fn policy_result_carries_its_reason_in_a_safe_comment() {
+        let mut r = report();
+        r.dkim[0].result = AuthResult::Policy;
+        r.dkim[0].reason = Some("body length limit: 37 unsigned octets appended".into());
+        let ar = authentication_results("mx.example.org", &r, "; ");
+        assert!(
+            ar.contains("dkim=policy (body length limit: 37 unsigned octets appended) header.d=example.com header.s=s1X-Evil1"),
+            "{ar}"
+        );
+        // Whatever a reason holds, it cannot close the comment or start a result.
+        r.dkim[0].reason = Some("x); dmarc=pass (\\\r\n".into());
+        let ar = authentication_results("mx.example.org", &r, "; ");
+        assert!(ar.contains("dkim=policy (x dmarc=pass ) header.d="), "{ar}");
+        assert_eq!(ar.matches("dmarc=pass").count(), 2, "{ar}");
+        assert_eq!(ar.matches(';').count(), 3, "{ar}");
+        // Other results carry no comment.
+        r.dkim[0].result = AuthResult::Fail;
+        let ar = authentication_results("mx.example.org", &r, "; ");
+        assert!(ar.contains("dkim=fail header.d="), "{ar}");
     }
 
     #[test]

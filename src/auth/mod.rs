@@ -1,18 +1,21 @@
-//! Sender authentication: SPF (MAIL FROM and HELO), DKIM, ARC and DMARC for one message,
-//! each inside a time budget. DKIM and ARC signatures are verified by mail-auth; SPF
-//! ([`spf`]) and DMARC ([`dmarc`]) are evaluated here, and so is what an ARC chain's
-//! most recent set recorded ([`arc`]).
+//! Sender authentication: SPF (MAIL FROM and HELO, [`spf`]), DKIM ([`dkim`]), ARC and
+//! DMARC ([`dmarc`]) for one message, each inside a time budget, and all together within
+//! a DNS lookup budget ([`budget`]). DKIM uses mail-auth's parsing and crypto, ARC
+//! chains are verified by mail-auth and what their most recent set recorded is read here
+//! ([`arc`]).
 //!
 //! [`Verifier::verify`] is the only way to build an [`AuthReport`]; the proxy and the
 //! offline `check` command both go through it. Whatever DNS does, it returns within the
 //! budget: a check that runs out of time is `temperror`, never a hang.
 //!
 //! Parsed DNS data is kept between messages, for its TTL and bounded by `[dns]
-//! cache_entries` (see [`cache`]): mail-auth's DKIM keys and A records, and our SPF and
-//! DMARC records.
+//! cache_entries` (see [`cache`]): mail-auth's ARC keys and A records, and our SPF,
+//! DKIM key and DMARC records.
 
 pub mod arc;
+pub mod budget;
 pub mod cache;
+pub mod dkim;
 pub mod dmarc;
 pub mod dns;
 pub mod headers;
@@ -22,14 +25,14 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use mail_auth::{
-    AuthenticatedMessage, DkimOutput, DkimResult, MessageAuthenticator, Parameters, RecordSet,
-    SpfResult,
+    AuthenticatedMessage, DkimResult, MessageAuthenticator, Parameters, RecordSet, SpfResult,
 };
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::AuthConfig;
 
+use budget::{DnsBudget, MessageIpv4, MessageTxt};
 use cache::{TtlCache, TxtCache};
 
 /// RFC 8601 result words.
@@ -99,6 +102,9 @@ pub struct SpfCheck {
     pub domain: String,
 }
 
+/// One DKIM-Signature's final result (see [`dkim`] for how each word is reached).
+/// `domain` and `selector` are kept whenever the signature's `d=` and `s=` parse, also
+/// on permerror. Only `result == Pass` may count for DMARC alignment.
 #[derive(Debug, Clone, Serialize)]
 pub struct DkimCheck {
     pub result: AuthResult,
@@ -194,6 +200,28 @@ pub struct SpfPair {
     pub helo: SpfCheck,
 }
 
+/// The work one message made us do, against its caps (`[auth] max_dns_lookups`,
+/// `[auth] arc_max_sets`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct WorkCounts {
+    /// DNS lookups made (cache hits are free).
+    pub dns_lookups: u32,
+    /// Lookups wanted past the limit; each made its check `permerror`.
+    pub dns_lookups_refused: u32,
+    /// ARC sets the message carries.
+    pub arc_sets: usize,
+}
+
+impl WorkCounts {
+    fn of(budget: &DnsBudget, arc_sets: usize) -> WorkCounts {
+        WorkCounts {
+            dns_lookups: budget.used(),
+            dns_lookups_refused: budget.refused(),
+            arc_sets,
+        }
+    }
+}
+
 /// Every authentication result for one message.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuthReport {
@@ -201,6 +229,7 @@ pub struct AuthReport {
     pub dkim: Vec<DkimCheck>,
     pub arc: ArcCheck,
     pub dmarc: DmarcCheck,
+    pub work: WorkCounts,
 }
 
 impl AuthReport {
@@ -262,11 +291,15 @@ pub struct Verifier {
     dmarc_cache: std::sync::Arc<dmarc::DmarcCache>,
     /// `[auth] trusted_arc_sealers`.
     trusted_arc_sealers: Vec<String>,
+    /// Our DKIM key records ([`dkim::KeyCache`]).
+    key_cache: dkim::KeyCache,
     /// Our host name, the `%{r}` SPF macro.
     hostname: String,
     time_budget: Duration,
     spf_time_budget: Duration,
     max_signatures: usize,
+    arc_max_sets: usize,
+    max_dns_lookups: u32,
 }
 
 impl Verifier {
@@ -281,37 +314,48 @@ impl Verifier {
             spf_cache: spf::SpfCache::new(entries),
             dmarc_cache: std::sync::Arc::new(dmarc::DmarcCache::new(entries)),
             trusted_arc_sealers: cfg.trusted_arc_sealers.clone(),
+            key_cache: dkim::KeyCache::new(entries),
             hostname: hostname.to_string(),
             time_budget: cfg.time_budget,
             spf_time_budget: cfg.spf_time_budget,
             max_signatures: cfg.dkim_max_signatures,
+            arc_max_sets: cfg.arc_max_sets,
+            max_dns_lookups: cfg.max_dns_lookups,
         }
     }
 
     /// SPF for the MAIL FROM identity alone (the early-reject option at MAIL FROM).
+    /// Not counted against a message's DNS lookups: there is no message yet.
     pub async fn spf_mail_from(&self, ip: IpAddr, helo: &str, mail_from: &str) -> SpfCheck {
         let deadline = Instant::now() + self.spf_time_budget.min(self.time_budget);
-        self.spf(ip, helo, mail_from, deadline).await
+        self.spf(ip, helo, mail_from, deadline, None).await
     }
 
     pub async fn verify(&self, input: &VerifyInput<'_>) -> AuthReport {
         let deadline = Instant::now() + self.time_budget;
         let spf_deadline = Instant::now() + self.spf_time_budget.min(self.time_budget);
+        // Shared with the DMARC discovery task, which runs on its own.
+        let budget = std::sync::Arc::new(DnsBudget::new(self.max_dns_lookups));
         let (mail_from, helo) = tokio::join!(
-            self.spf(input.ip, input.helo, input.mail_from, spf_deadline),
-            self.spf_helo(input.ip, input.helo, spf_deadline),
+            self.spf(
+                input.ip,
+                input.helo,
+                input.mail_from,
+                spf_deadline,
+                Some(&budget)
+            ),
+            self.spf_helo(input.ip, input.helo, spf_deadline, Some(&budget)),
         );
-        let Some(mut message) = AuthenticatedMessage::parse(input.message) else {
+        let Some(message) = AuthenticatedMessage::parse(input.message) else {
             // Not parseable as a message at all: nothing to verify beyond the envelope.
             return AuthReport {
                 spf: SpfPair { mail_from, helo },
                 dkim: Vec::new(),
                 arc: ArcCheck::none(AuthResult::None),
                 dmarc: DmarcCheck::without_record(AuthResult::PermError, String::new()),
+                work: WorkCounts::of(&budget, 0),
             };
         };
-        // Bounded work per message: signatures past the cap are not looked at.
-        message.dkim_headers.truncate(self.max_signatures);
         let header_from = match input.author_domain {
             Some(d) => d.to_string(),
             None => message
@@ -327,67 +371,26 @@ impl Verifier {
         let dmarc_dns = dmarc::Dns {
             resolver: self.authenticator.0.clone(),
             cache: std::sync::Arc::clone(&self.dmarc_cache),
+            budget: Some(std::sync::Arc::clone(&budget)),
         };
         let mut discovery = AbortOnDrop(tokio::spawn({
             let (dns, from) = (dmarc_dns.clone(), header_from.clone());
             async move { dmarc::discover(&dns, &from).await }
         }));
 
-        let dkim_outputs = within(
-            deadline,
-            self.authenticator.verify_dkim(
-                Parameters::new(&message)
-                    .with_txt_cache(&self.txt_cache)
-                    .with_ipv4_cache(&self.ipv4_cache),
-            ),
-        )
-        .await;
-        let dkim_outputs: Option<Vec<DkimOutput<'_>>> =
-            dkim_outputs.map(|v| v.into_iter().map(|o| refuse_sha1(o, &message)).collect());
-        let arc = within(
-            deadline,
-            self.authenticator.verify_arc(
-                Parameters::new(&message)
-                    .with_txt_cache(&self.txt_cache)
-                    .with_ipv4_cache(&self.ipv4_cache),
-            ),
+        let dkim = dkim::verify(
+            &dkim::Context {
+                resolver: &self.authenticator.0,
+                keys: &self.key_cache,
+                budget: &budget,
+                deadline,
+                max_signatures: self.max_signatures,
+            },
+            &message,
         )
         .await;
 
-        let dkim: Vec<DkimCheck> = match &dkim_outputs {
-            Some(outputs) => outputs.iter().map(dkim_check).collect(),
-            None => message
-                .dkim_headers
-                .iter()
-                .map(|h| DkimCheck {
-                    result: AuthResult::TempError,
-                    domain: h.header.d.clone(),
-                    selector: h.header.s.clone(),
-                    algorithm: algorithm_name(h.header.a).into(),
-                    reason: Some("time budget exhausted".into()),
-                })
-                .collect(),
-        };
-        // mail-auth reports DKIM-Signature fields it could not parse only when the error
-        // is a DKIM one; a signature missing b=, bh= or d= would vanish and the message
-        // look unsigned. Each is a permerror (RFC 6376 §6.1.1).
-        let mut dkim = dkim;
-        for bad in message.errors.iter().filter(|h| {
-            h.name.eq_ignore_ascii_case(b"DKIM-Signature")
-                && !matches!(h.header, mail_auth::Error::Dkim(_))
-        }) {
-            dkim.push(DkimCheck {
-                result: AuthResult::PermError,
-                domain: String::new(),
-                selector: String::new(),
-                algorithm: String::new(),
-                reason: Some(format!("malformed signature: {}", bad.header)),
-            });
-        }
-        let (mut arc, arc_latest) = match &arc {
-            Some(out) => arc::check(out),
-            None => (ArcCheck::none(AuthResult::TempError), None),
-        };
+        let (mut arc, arc_latest, arc_sets) = self.arc(&message, &budget, deadline).await;
         // DMARC aligns with the SPF result of the MAIL FROM identity (HELO's for <>).
         let input = dmarc::DmarcInput {
             spf: &mail_from,
@@ -400,7 +403,7 @@ impl Verifier {
         let found = within(deadline, &mut discovery.0)
             .await
             .and_then(Result::ok);
-        let dmarc = match found {
+        let mut dmarc = match found {
             Some(found) => {
                 let out = dmarc::decide(&dmarc_dns, found, &input, Some(deadline)).await;
                 arc.vouching_sealer = out.vouching_sealer;
@@ -408,30 +411,94 @@ impl Verifier {
             }
             None => DmarcCheck::without_record(AuthResult::TempError, header_from),
         };
+        // DMARC's lookups were refused past `[auth] max_dns_lookups` (they run beside DKIM
+        // and ARC, so the refusal shows as a failed lookup): permanent for this message.
+        if dmarc.result == AuthResult::TempError && budget.refused() > 0 {
+            dmarc.result = AuthResult::PermError;
+            dmarc.reason = Some("DNS lookup limit per message reached".into());
+        }
         AuthReport {
             spf: SpfPair { mail_from, helo },
             dkim,
             arc,
             dmarc,
+            work: WorkCounts::of(&budget, arc_sets),
+        }
+    }
+
+    /// ARC (RFC 8617) within the deadline, with the ARC-set cap: a chain of more sets
+    /// than `[auth] arc_max_sets` is `permerror` without any lookup. Also returns how
+    /// many sets the message carries.
+    async fn arc(
+        &self,
+        message: &AuthenticatedMessage<'_>,
+        budget: &DnsBudget,
+        deadline: Instant,
+    ) -> (ArcCheck, Option<arc::ArcLatest>, usize) {
+        let sets = arc_set_count(message);
+        if sets > self.arc_max_sets {
+            return (ArcCheck::none(AuthResult::PermError), None, sets);
+        }
+        let refused_before = budget.refused();
+        let txt = MessageTxt {
+            shared: &self.txt_cache,
+            budget,
+        };
+        let ipv4 = MessageIpv4 {
+            shared: &self.ipv4_cache,
+            budget,
+        };
+        let out = within(
+            deadline,
+            self.authenticator.verify_arc(
+                Parameters::new(message)
+                    .with_txt_cache(&txt)
+                    .with_ipv4_cache(&ipv4),
+            ),
+        )
+        .await;
+        match out {
+            Some(_) if budget.refused() > refused_before => {
+                (ArcCheck::none(AuthResult::PermError), None, sets)
+            }
+            Some(out) => {
+                let (check, latest) = arc::check(&out);
+                (check, latest, sets)
+            }
+            None => (ArcCheck::none(AuthResult::TempError), None, sets),
         }
     }
 
     /// SPF for MAIL FROM; for the null sender, postmaster@HELO (RFC 7208 §2.4).
-    async fn spf(&self, ip: IpAddr, helo: &str, mail_from: &str, deadline: Instant) -> SpfCheck {
+    async fn spf(
+        &self,
+        ip: IpAddr,
+        helo: &str,
+        mail_from: &str,
+        deadline: Instant,
+        budget: Option<&DnsBudget>,
+    ) -> SpfCheck {
         let domain = match mail_from.rsplit_once('@') {
             Some((_, d)) => d.to_ascii_lowercase(),
             None => helo.to_ascii_lowercase(),
         };
         if mail_from.is_empty() {
-            return self.spf_helo(ip, helo, deadline).await;
+            return self.spf_helo(ip, helo, deadline, budget).await;
         }
         // check_host() itself gives `none` for a domain that is not a valid domain name (RFC 7208 §4.3).
-        self.check_host(ip, domain, mail_from, helo, deadline).await
+        self.check_host(ip, domain, mail_from, helo, deadline, budget)
+            .await
     }
 
     /// SPF for the HELO identity. A HELO that is not a domain name (an address literal,
     /// a bare word) has no SPF record to look up: `none` (RFC 7208 §2.3).
-    async fn spf_helo(&self, ip: IpAddr, helo: &str, deadline: Instant) -> SpfCheck {
+    async fn spf_helo(
+        &self,
+        ip: IpAddr,
+        helo: &str,
+        deadline: Instant,
+        budget: Option<&DnsBudget>,
+    ) -> SpfCheck {
         let domain = helo.to_ascii_lowercase();
         if !looks_like_domain(&domain) {
             return SpfCheck {
@@ -440,7 +507,8 @@ impl Verifier {
             };
         }
         let sender = format!("postmaster@{helo}");
-        self.check_host(ip, domain, &sender, helo, deadline).await
+        self.check_host(ip, domain, &sender, helo, deadline, budget)
+            .await
     }
 
     /// One SPF evaluation within `deadline`; running out of time is `temperror`.
@@ -451,6 +519,7 @@ impl Verifier {
         sender: &str,
         helo: &str,
         deadline: Instant,
+        budget: Option<&DnsBudget>,
     ) -> SpfCheck {
         let req = spf::SpfRequest {
             ip,
@@ -458,6 +527,7 @@ impl Verifier {
             sender,
             helo,
             receiver: &self.hostname,
+            budget,
         };
         let result = within(
             deadline,
@@ -484,61 +554,24 @@ async fn within<F: std::future::Future>(deadline: Instant, fut: F) -> Option<F::
     tokio::time::timeout_at(deadline, fut).await.ok()
 }
 
-/// RFC 8301 §3.1: verifiers must not consider rsa-sha1 signatures valid. mail-auth
-/// still passes them, so a passing rsa-sha1 result becomes a fail here, before DMARC
-/// sees it.
-fn refuse_sha1<'x>(out: DkimOutput<'x>, message: &'x AuthenticatedMessage<'x>) -> DkimOutput<'x> {
-    use mail_auth::common::crypto::Algorithm;
-    let Some(sig) = out.signature() else {
-        return out;
-    };
-    if sig.a != Algorithm::RsaSha1 || !matches!(out.result(), DkimResult::Pass) {
-        return out;
-    }
-    let insecure = mail_auth::Error::Dkim(mail_auth::dkim::DkimError::UnsupportedAlgorithm);
-    // Find the same signature with the message's lifetime to keep it in the output.
-    match message
-        .dkim_headers
-        .iter()
-        .find(|h| std::ptr::eq(&h.header, sig))
-    {
-        Some(h) => DkimOutput::fail(insecure).with_signature(&h.header),
-        None => DkimOutput::fail(insecure),
-    }
-}
-
-fn dkim_check(out: &DkimOutput<'_>) -> DkimCheck {
-    let (domain, selector, algorithm) = match out.signature() {
-        Some(sig) => (
-            sig.d.to_ascii_lowercase(),
-            sig.s.clone(),
-            algorithm_name(sig.a).to_string(),
-        ),
-        None => (String::new(), String::new(), String::new()),
-    };
-    let reason = match out.result() {
-        DkimResult::Pass | DkimResult::None => None,
-        DkimResult::Neutral(e)
-        | DkimResult::Fail(e)
-        | DkimResult::PermError(e)
-        | DkimResult::TempError(e) => Some(e.to_string()),
-    };
-    DkimCheck {
-        result: out.result().into(),
-        domain,
-        selector,
-        algorithm,
-        reason,
-    }
-}
-
-fn algorithm_name(a: mail_auth::common::crypto::Algorithm) -> &'static str {
-    use mail_auth::common::crypto::Algorithm;
-    match a {
-        Algorithm::RsaSha1 => "rsa-sha1",
-        Algorithm::RsaSha256 => "rsa-sha256",
-        Algorithm::Ed25519Sha256 => "ed25519-sha256",
-    }
+/// ARC sets a message carries: its most numerous kind of ARC header field, counted
+/// before parsing (a malformed field still counts).
+fn arc_set_count(message: &AuthenticatedMessage<'_>) -> usize {
+    [
+        "ARC-Seal",
+        "ARC-Message-Signature",
+        "ARC-Authentication-Results",
+    ]
+    .iter()
+    .map(|kind| {
+        message
+            .headers
+            .iter()
+            .filter(|(name, _)| name.trim_ascii().eq_ignore_ascii_case(kind.as_bytes()))
+            .count()
+    })
+    .max()
+    .unwrap_or(0)
 }
 
 /// A syntactically plausible domain name: dotted labels of letters, digits, hyphens.
@@ -579,6 +612,7 @@ mod tests {
             }],
             arc: ArcCheck::none(AuthResult::None),
             dmarc: DmarcCheck::without_record(dmarc, "bank.example".into()),
+            work: WorkCounts::default(),
         }
     }
 

@@ -31,6 +31,7 @@ use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
 use super::AuthResult;
+use super::budget::DnsBudget;
 use super::cache::TtlCache;
 
 /// §4.6.4: terms that cause DNS queries, per check_host() evaluation (with includes and
@@ -87,6 +88,9 @@ pub struct SpfRequest<'a> {
     pub helo: &'a str,
     /// Our host name, the `%{r}` macro.
     pub receiver: &'a str,
+    /// The message's DNS lookup count ([`super::budget`]): every query takes one; past
+    /// the limit the evaluation ends in `permerror`. `None`: not counted.
+    pub budget: Option<&'a DnsBudget>,
 }
 
 /// Evaluates the SPF record of `req.domain` for `req.ip` (RFC 7208 §4).
@@ -109,6 +113,7 @@ pub async fn check_host(
         sender_domain,
         helo: req.helo,
         receiver: req.receiver,
+        budget: req.budget,
         dns_terms: 0,
         void_lookups: 0,
     };
@@ -663,6 +668,7 @@ struct Evaluator<'a> {
     sender_domain: &'a str,
     helo: &'a str,
     receiver: &'a str,
+    budget: Option<&'a DnsBudget>,
     dns_terms: u32,
     void_lookups: u32,
 }
@@ -946,6 +952,12 @@ impl Evaluator<'_> {
         let Some(qname) = target_name(name).as_deref().and_then(query_name) else {
             return Ok((Vec::new(), None));
         };
+        if let Some(budget) = self.budget
+            && !budget.take()
+        {
+            tracing::debug!(%name, "SPF permerror: DNS lookup limit per message reached");
+            return Err(Abort::Perm);
+        }
         match self.resolver.lookup(qname, rtype).await {
             Ok(lookup) => {
                 let rdata = lookup
@@ -1082,8 +1094,60 @@ mod cache_tests {
             sender: &sender,
             helo: "mx.example.org",
             receiver: "mx.example.net",
+            budget: None,
         };
         check_host(resolver, cache, &req).await
+    }
+
+    /// The message's DNS lookup count: every query takes one; one past the limit ends
+    /// the evaluation in permerror without being asked; a cached record costs nothing.
+    #[tokio::test]
+    async fn lookups_count_against_the_message_budget() {
+        let dns = DnsServer::start(
+            Zone::new()
+                .txt("outer.example", "v=spf1 include:inner.example -all")
+                .txt("inner.example", "v=spf1 a:host.inner.example -all")
+                .a("host.inner.example", "192.0.2.1"),
+        );
+        let resolver = uncached_resolver(&dns);
+        async fn run(resolver: &TokioResolver, cache: &SpfCache, budget: &DnsBudget) -> AuthResult {
+            let req = SpfRequest {
+                ip: "192.0.2.1".parse().unwrap(),
+                domain: "outer.example",
+                sender: "alice@outer.example",
+                helo: "mx.example.org",
+                receiver: "mx.example.net",
+                budget: Some(budget),
+            };
+            check_host(resolver, cache, &req).await
+        }
+        let enough = DnsBudget::new(3);
+        assert_eq!(
+            run(&resolver, &SpfCache::new(0), &enough).await,
+            AuthResult::Pass
+        );
+        assert_eq!((enough.used(), enough.refused()), (3, 0));
+        let short = DnsBudget::new(2);
+        let before = dns.queries_for("host.inner.example");
+        assert_eq!(
+            run(&resolver, &SpfCache::new(0), &short).await,
+            AuthResult::PermError
+        );
+        assert_eq!((short.used(), short.refused()), (2, 1));
+        assert_eq!(
+            dns.queries_for("host.inner.example"),
+            before,
+            "asked past the limit"
+        );
+        // Both TXT records cached: only the A lookup is left to count.
+        let cache = SpfCache::new(10);
+        assert_eq!(
+            run(&resolver, &cache, &DnsBudget::new(3)).await,
+            AuthResult::Pass
+        );
+        let one = DnsBudget::new(1);
+        assert_eq!(run(&resolver, &cache, &one).await, AuthResult::Pass);
+        assert_eq!(one.used(), 1);
     }
 
     #[tokio::test]

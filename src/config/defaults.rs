@@ -88,6 +88,14 @@ pub const DEFAULT_MALFORMED_FROM: super::SanityAction = super::SanityAction::Rej
 /// ARC sealers whose vouching may override a DMARC fail (RFC 8617 §7.2): none. Trust is
 /// the operator's decision about specific forwarders; nothing is trusted by default.
 pub const DEFAULT_TRUSTED_ARC_SEALERS: &[&str] = &[];
+/// ARC sets looked at per message: RFC 8617 §4.2.1's limit of 50 instances.
+pub const DEFAULT_ARC_MAX_SETS: usize = 50;
+/// DNS lookups per message over SPF, DKIM keys, ARC keys and DMARC (rspamd's
+/// `dns_max_requests` default). Real mail needs a handful to a few dozen (an SPF record
+/// with its includes, one key per signature, one or two DMARC records); SPF's own
+/// RFC 7208 limits still allow over 100 (10 `mx` terms of 10 names each), which is what
+/// this bounds.
+pub const DEFAULT_MAX_DNS_LOOKUPS: u32 = 64;
 /// Quarantined messages are purged after this long (RELIABILITY `quarantine_retention`).
 pub const DEFAULT_QUARANTINE_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// How often the running proxy applies the quarantine retention.

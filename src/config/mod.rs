@@ -386,6 +386,11 @@ pub struct AuthConfig {
     /// one of them and that set recorded a DMARC pass (or an aligned DKIM/SPF pass) for
     /// the same From domain, the applied DMARC policy becomes `none`.
     pub trusted_arc_sealers: Vec<String>,
+    /// ARC sets looked at; a chain with more is `arc=permerror` without verifying.
+    pub arc_max_sets: usize,
+    /// DNS lookups per message, over SPF, DKIM keys, ARC keys and DMARC together;
+    /// past it, the check that wanted one more is `permerror` (`auth::budget`).
+    pub max_dns_lookups: u32,
     pub verdict_header: String,
     pub subject_prefix: String,
     /// Policy file; empty means the built-in default policy.
@@ -426,6 +431,8 @@ impl Default for AuthConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            arc_max_sets: DEFAULT_ARC_MAX_SETS,
+            max_dns_lookups: DEFAULT_MAX_DNS_LOOKUPS,
             verdict_header: "X-Mailwarden-Verdict".into(),
             subject_prefix: String::new(),
             policy_file: None,
@@ -813,6 +820,12 @@ impl Config {
                 "timeout_ms",
                 "timeout_ms and attempts must be at least 1".into(),
             );
+        }
+        if self.auth.max_dns_lookups == 0 {
+            return err("auth", "max_dns_lookups", "must be at least 1".into());
+        }
+        if self.auth.arc_max_sets == 0 {
+            return err("auth", "arc_max_sets", "must be at least 1".into());
         }
         if self.auth.time_budget.is_zero() {
             return err("auth", "time_budget", "must be more than zero".into());

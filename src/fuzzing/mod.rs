@@ -753,6 +753,7 @@ fn report_with(result: AuthResult) -> AuthReport {
             published_policy: Some("reject"),
             ..DmarcCheck::without_record(result, "example.org".into())
         },
+        work: Default::default(),
     }
 }
 

@@ -69,6 +69,7 @@ impl Verdict {
             "arc": arc,
             "dmarc": dmarc,
             "header_sanity": self.sanity.as_ref().map_or("ok", |p| p.as_str()),
+            "work": self.report.as_ref().map(|r| json!(r.work)),
             "flags": self.flag_names(),
             "verdict": self.evaluation.action.as_str(),
             "reasons": self.reasons(),
@@ -523,6 +524,9 @@ impl Inspector for Enforcer {
                 rule = %ev.rule,
                 flags = %verdict.flag_names().join(","),
                 trace = %trace_line(ev),
+                dns_lookups = verdict.report.as_ref().map_or(0, |r| r.work.dns_lookups),
+                dns_lookups_refused = verdict.report.as_ref().map_or(0, |r| r.work.dns_lookups_refused),
+                arc_sets = verdict.report.as_ref().map_or(0, |r| r.work.arc_sets),
                 auth = %verdict.authentication_results.as_deref().unwrap_or("-"),
                 "verdict"
             );

@@ -495,6 +495,7 @@ mod tests {
                 published_policy: policy,
                 ..DmarcCheck::without_record(dmarc, "a.example".into())
             },
+            work: WorkCounts::default(),
         }
     }
 
