@@ -343,6 +343,20 @@ fn precheck<'m>(
             )));
         }
     }
+    // q= (§3.5): a colon-separated list of query methods; "dns/txt" is the only one
+    // defined, and a verifier "MUST" be able to use one of those listed. mail-auth
+    // ignores q=, so `q=dns/foo` verified as if it said dns/txt.
+    if let Some(q) = tags.get("q")
+        && !String::from_utf8_lossy(q.value).split(':').any(|m| {
+            m.split_whitespace()
+                .collect::<String>()
+                .eq_ignore_ascii_case("dns/txt")
+        })
+    {
+        return Err(Verdict::perm(
+            "no supported query method in q= (only dns/txt)",
+        ));
+    }
     // Numbers first, from the raw tags: mail-auth reads a malformed number as 0 ("no
     // limit", "no expiry") or misreads the tags after it.
     check_times(tags, now)?;
@@ -835,6 +849,20 @@ mod tests {
 
     fn perm(reason: &str) -> Result<(), Verdict> {
         Err(Verdict::perm(reason))
+    }
+
+    #[test]
+    fn query_method_must_be_dns_txt() {
+        let base = "v=1; a=rsa-sha256; d=example.com; s=s; h=from; bh=YQ==; b=YQ==";
+        for ok in ["", "; q=dns/txt", "; q=DNS/TXT", "; q=other/x:dns/txt"] {
+            assert!(precheck_of(&format!("{base}{ok}")).is_ok(), "{ok}");
+        }
+        for bad in ["; q=dns/foo", "; q=", "; q=http/well-known"] {
+            assert!(
+                matches!(precheck_of(&format!("{base}{bad}")), Err(Verdict::Perm(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
