@@ -63,6 +63,9 @@ pub struct Metrics {
     /// Next-hop connections refused because the next hop offers no XCLIENT and would
     /// relay for our address (an open relay through us).
     pub relay_unsafe_next_hop: Counter,
+    /// AUTH refused because the next hop is neither loopback nor reached over verified
+    /// TLS (or its certificate failed verification): credentials were not sent.
+    pub auth_relay_insecure: Counter,
 }
 
 impl Metrics {
@@ -92,6 +95,7 @@ impl Metrics {
             message_memory: Gauge::default(),
             relay_without_xclient: Counter::default(),
             relay_unsafe_next_hop: Counter::default(),
+            auth_relay_insecure: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -166,6 +170,11 @@ impl Metrics {
             "relay_unsafe_next_hop",
             "Next-hop connections refused: no XCLIENT and the next hop trusts our address",
             m.relay_unsafe_next_hop.clone(),
+        );
+        registry.register(
+            "auth_relay_insecure",
+            "AUTH refused: next hop neither loopback nor verified TLS (credentials not sent)",
+            m.auth_relay_insecure.clone(),
         );
         registry.register(
             "quarantined",
