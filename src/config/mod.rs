@@ -531,6 +531,14 @@ pub struct QuarantineConfig {
     /// Entries older than this are purged automatically while the proxy runs.
     #[serde(with = "duration")]
     pub retention: Duration,
+    /// Capacity: the sum of the entries' message sizes, and their number (every entry on
+    /// disk counts, whatever its state). Past either, held mail gets `451 4.3.1`.
+    pub max_bytes: u64,
+    pub max_entries: u64,
+    /// The share (0 < x <= 1) of each of `max_bytes` and `max_entries` that the entries of
+    /// one sender domain may take (the envelope sender's domain; for the null sender,
+    /// the header From domain).
+    pub domain_share: f64,
 }
 
 impl Default for QuarantineConfig {
@@ -538,6 +546,20 @@ impl Default for QuarantineConfig {
         QuarantineConfig {
             dir: PathBuf::from("var/quarantine"),
             retention: DEFAULT_QUARANTINE_RETENTION,
+            max_bytes: DEFAULT_QUARANTINE_MAX_BYTES,
+            max_entries: DEFAULT_QUARANTINE_MAX_ENTRIES,
+            domain_share: DEFAULT_QUARANTINE_DOMAIN_SHARE,
+        }
+    }
+}
+
+impl QuarantineConfig {
+    /// The capacity limits the store applies to every new entry.
+    pub fn capacity(&self) -> crate::quarantine::capacity::Capacity {
+        crate::quarantine::capacity::Capacity {
+            max_bytes: self.max_bytes,
+            max_entries: self.max_entries,
+            domain_share: self.domain_share,
         }
     }
 }
@@ -825,6 +847,7 @@ impl Config {
         if lim.hard_error_limit == 0 {
             return err("limits", "hard_error_limit", "must be at least 1".into());
         }
+        self.validate_quarantine()?;
         let hops = std::iter::once(("next_hop".to_string(), &self.next_hop.default)).chain(
             self.next_hop
                 .named
@@ -850,6 +873,28 @@ impl Config {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return err("log", "level", e.to_string());
+        }
+        Ok(())
+    }
+
+    /// `[quarantine]` capacity keys.
+    fn validate_quarantine(&self) -> Result<(), (String, String, String)> {
+        let err = |k: &str, r: String| Err(("quarantine".to_string(), k.to_string(), r));
+        let q = &self.quarantine;
+        if q.max_bytes == 0 {
+            return err("max_bytes", "must be at least 1".into());
+        }
+        if q.max_entries == 0 {
+            return err("max_entries", "must be at least 1".into());
+        }
+        if !(q.domain_share > 0.0 && q.domain_share <= 1.0) {
+            return err(
+                "domain_share",
+                format!(
+                    "{} is not a share: use a number above 0 and at most 1 (1: no per-domain limit)",
+                    q.domain_share
+                ),
+            );
         }
         Ok(())
     }
@@ -1246,5 +1291,27 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.to_string().contains("no PEM certificate"), "{e}");
+    }
+
+    #[test]
+    fn quarantine_capacity_defaults_and_checks() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.quarantine.max_bytes, 10 * 1024 * 1024 * 1024);
+        assert_eq!(c.quarantine.max_entries, 200_000);
+        assert_eq!(c.quarantine.domain_share, 0.25);
+        for (line, key) in [
+            ("max_bytes = 0", "quarantine.max_bytes"),
+            ("max_entries = 0", "quarantine.max_entries"),
+            ("domain_share = 0.0", "quarantine.domain_share"),
+            ("domain_share = 1.5", "quarantine.domain_share"),
+            ("domain_share = nan", "quarantine.domain_share"),
+        ] {
+            let e = parse(&format!("{MINIMAL}[quarantine]\n{line}\n")).unwrap_err();
+            assert_eq!(e.key, key, "{line}: {e}");
+            assert_eq!(e.line, Some(5), "{line}: {e}");
+        }
+        // `1` (an integer) is accepted as 1.0: no per-domain limit.
+        let c = parse(&format!("{MINIMAL}[quarantine]\ndomain_share = 1\n")).unwrap();
+        assert_eq!(c.quarantine.capacity().domain_limit().entries, 200_000);
     }
 }
