@@ -22,7 +22,13 @@
 //! inserted in one SQLite transaction with the library's `Index` (exactly the rows
 //! `store` would write). `list` reads only the index; `open` walks `entries/`.
 //!
-//! Knobs (environment): `QBENCH_ENTRIES` (default 100000), `QBENCH_WRITES` (writes per
+//! - (c) the cost capacity accounting (`[quarantine] max_bytes`, `max_entries`,
+//!   `domain_share`) adds to each store at 100,000 entries, index only (no files): the
+//!   admission check (two point reads of the trigger-kept totals, p50/p99) against the
+//!   aggregate queries it replaces, and an index row insert with the usage triggers
+//!   against the same insert with them dropped.
+//!
+//! Knobs (environment): `QBENCH_ONLY_CAPACITY` (run only (c)), `QBENCH_ENTRIES` (default 100000), `QBENCH_WRITES` (writes per
 //! write case, default 1600), `QBENCH_LIST_RUNS` (library runs per filter, default 200),
 //! `QBENCH_CLI_RUNS` (default 20), `QBENCH_ROUNDS` (interleaved rounds of the write
 //! cases, default 4), `QBENCH_KEEP` (keep the directory).
@@ -483,8 +489,139 @@ fn measure_list(q: &Quarantine, filter: &Filter, runs: usize) -> (usize, Vec<Dur
     (rows, lat)
 }
 
+/// Times `f` `runs` times; sorted durations.
+fn timed(runs: usize, mut f: impl FnMut(usize)) -> Vec<Duration> {
+    let mut lat: Vec<Duration> = (0..runs)
+        .map(|i| {
+            let t = Instant::now();
+            f(i);
+            t.elapsed()
+        })
+        .collect();
+    lat.sort();
+    lat
+}
+
+fn mean(lat: &[Duration]) -> Duration {
+    lat.iter().sum::<Duration>() / lat.len().max(1) as u32
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+/// (c): capacity accounting at `n` entries, index only.
+fn bench_capacity(base: &Path, n: usize) {
+    let path = base.join("capacity.sqlite");
+    let mut index = Index::open(&path).unwrap();
+    index
+        .batch(|ix| {
+            for i in 0..n {
+                let mut m = meta(i, ((n - i) as u64 * 30 * 86_400) / n as u64);
+                m.id = QuarantineId::generate().to_string();
+                ix.insert(&m)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let usage = index.usage().unwrap();
+    assert_eq!(usage.entries, n as u64, "trigger-kept count");
+    println!(
+        "
+### (c) capacity accounting at {n} entries (index only)
+"
+    );
+    println!("| operation | p50 µs | p99 µs | mean µs |");
+    println!("|---|---:|---:|---:|");
+    let runs = 10_000;
+    let check = timed(runs, |i| {
+        let d = format!("d{}.example", i % 1000);
+        std::hint::black_box(index.usage().unwrap());
+        std::hint::black_box(index.domain_usage(&d).unwrap());
+    });
+    println!(
+        "| admission check: usage() + domain_usage() (trigger-kept totals) | {} | {} | {} |",
+        us(pct(&check, 0.5)),
+        us(pct(&check, 0.99)),
+        us(mean(&check))
+    );
+    // What the check would cost without the totals: aggregates over the rows.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    let scan = timed(50, |i| {
+        let d = format!("d{}.example", i % 1000);
+        let total: (i64, i64) = raw
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        let dom: (i64, i64) = raw
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE sender_domain = ?1",
+                [&d],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        std::hint::black_box((total, dom));
+    });
+    println!(
+        "| the same by aggregate queries over the rows (no totals) | {} | {} | {} |",
+        us(pct(&scan, 0.5)),
+        us(pct(&scan, 0.99)),
+        us(mean(&scan))
+    );
+    // One row insert (autocommit, like `store`) with and without the usage triggers.
+    let inserts = 2_000;
+    let insert_rows = |ix: &Index, offset: usize| {
+        timed(inserts, |i| {
+            let mut m = meta(n + offset + i, 0);
+            m.id = QuarantineId::generate().to_string();
+            ix.insert(&m).unwrap();
+        })
+    };
+    // Each series starts from a checkpointed WAL, so neither pays for the bulk fill's.
+    let checkpoint = |c: &rusqlite::Connection| {
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap()
+    };
+    checkpoint(&raw);
+    let with = insert_rows(&index, 0);
+    raw.execute_batch("DROP TRIGGER entries_usage_insert; DROP TRIGGER entries_usage_delete;")
+        .unwrap();
+    drop(index);
+    let plain = Index::open(&path).unwrap();
+    checkpoint(&raw);
+    let without = insert_rows(&plain, inserts);
+    println!(
+        "| index row insert with the usage triggers | {} | {} | {} |",
+        us(pct(&with, 0.5)),
+        us(pct(&with, 0.99)),
+        us(mean(&with))
+    );
+    println!(
+        "| index row insert without them | {} | {} | {} |",
+        us(pct(&without, 0.5)),
+        us(pct(&without, 0.99)),
+        us(mean(&without))
+    );
+    let added = mean(&check) + mean(&with).saturating_sub(mean(&without));
+    println!(
+        "\nadded per store (mean check + mean trigger overhead, WAL checkpoints included): {} µs",
+        us(added)
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is taken from the command line.
+    if std::env::var_os("QBENCH_ONLY_CAPACITY").is_some() {
+        let base = tempfile::Builder::new()
+            .prefix("quarantine-bench-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("tempdir under target/tmp");
+        bench_capacity(base.path(), env_usize("QBENCH_ENTRIES", 100_000));
+        return;
+    }
     let entries_n = env_usize("QBENCH_ENTRIES", 100_000);
     let writes = env_usize("QBENCH_WRITES", 1600);
     let list_runs = env_usize("QBENCH_LIST_RUNS", 200);
@@ -771,6 +908,8 @@ fn main() {
         );
     }
     drop(q);
+    // (c)
+    bench_capacity(base.path(), entries_n);
     let _: PathBuf = base.keep_or_remove();
 }
 

@@ -50,6 +50,14 @@ pub struct Metrics {
     /// Messages put in quarantine; entries held now.
     pub quarantined: Counter,
     pub quarantine_held: Gauge,
+    /// Quarantine use versus capacity (`[quarantine] max_bytes`, `max_entries`): every
+    /// entry on disk, whatever its state.
+    pub quarantine_bytes: Gauge,
+    pub quarantine_entries: Gauge,
+    pub quarantine_max_bytes: Gauge,
+    pub quarantine_max_entries: Gauge,
+    /// Held messages deferred for lack of room, by reason (`full`, `domain_share`).
+    pub quarantine_refused: Family<Labels, Counter>,
     /// Outbound burst alerts, accounts frozen now, Redis fallback (1 = using local counters).
     pub burst_alerts: Counter,
     pub frozen_accounts: Gauge,
@@ -63,6 +71,9 @@ pub struct Metrics {
     /// Next-hop connections refused because the next hop offers no XCLIENT and would
     /// relay for our address (an open relay through us).
     pub relay_unsafe_next_hop: Counter,
+    /// AUTH refused because the next hop is neither loopback nor reached over verified
+    /// TLS (or its certificate failed verification): credentials were not sent.
+    pub auth_relay_insecure: Counter,
 }
 
 impl Metrics {
@@ -85,6 +96,11 @@ impl Metrics {
             next_hop_errors: Family::default(),
             quarantined: Counter::default(),
             quarantine_held: Gauge::default(),
+            quarantine_bytes: Gauge::default(),
+            quarantine_entries: Gauge::default(),
+            quarantine_max_bytes: Gauge::default(),
+            quarantine_max_entries: Gauge::default(),
+            quarantine_refused: Family::default(),
             burst_alerts: Counter::default(),
             frozen_accounts: Gauge::default(),
             redis_fallback: Gauge::default(),
@@ -92,6 +108,7 @@ impl Metrics {
             message_memory: Gauge::default(),
             relay_without_xclient: Counter::default(),
             relay_unsafe_next_hop: Counter::default(),
+            auth_relay_insecure: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -168,6 +185,11 @@ impl Metrics {
             m.relay_unsafe_next_hop.clone(),
         );
         registry.register(
+            "auth_relay_insecure",
+            "AUTH refused: next hop neither loopback nor verified TLS (credentials not sent)",
+            m.auth_relay_insecure.clone(),
+        );
+        registry.register(
             "quarantined",
             "Messages put in quarantine",
             m.quarantined.clone(),
@@ -176,6 +198,31 @@ impl Metrics {
             "quarantine_held",
             "Quarantine entries held",
             m.quarantine_held.clone(),
+        );
+        registry.register(
+            "quarantine_bytes",
+            "Message bytes in the quarantine (all entries on disk)",
+            m.quarantine_bytes.clone(),
+        );
+        registry.register(
+            "quarantine_entries",
+            "Entries in the quarantine (all states)",
+            m.quarantine_entries.clone(),
+        );
+        registry.register(
+            "quarantine_max_bytes",
+            "Quarantine capacity in bytes ([quarantine] max_bytes)",
+            m.quarantine_max_bytes.clone(),
+        );
+        registry.register(
+            "quarantine_max_entries",
+            "Quarantine capacity in entries ([quarantine] max_entries)",
+            m.quarantine_max_entries.clone(),
+        );
+        registry.register(
+            "quarantine_refused",
+            "Held messages deferred (451 4.3.1) for lack of quarantine room",
+            m.quarantine_refused.clone(),
         );
         registry.register(
             "burst_alerts",
@@ -208,6 +255,20 @@ impl Metrics {
 pub fn global() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
+}
+
+/// Sets the quarantine use and capacity gauges from the store's index (two point reads).
+pub fn quarantine_usage(store: &crate::quarantine::Quarantine) {
+    let m = global();
+    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    if let Ok(u) = store.usage() {
+        m.quarantine_bytes.set(gauge(u.bytes));
+        m.quarantine_entries.set(gauge(u.entries));
+    }
+    if let Some(cap) = store.capacity() {
+        m.quarantine_max_bytes.set(gauge(cap.max_bytes));
+        m.quarantine_max_entries.set(gauge(cap.max_entries));
+    }
 }
 
 /// Shorthand for a one-label set.

@@ -103,20 +103,33 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, St
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The TLS client towards one next hop, and whether it verifies the certificate: a
+/// session over an unverified connector is encrypted but not authenticated.
+#[derive(Clone)]
+pub struct RelayTlsClient {
+    pub connector: tokio_rustls::TlsConnector,
+    pub verifies: bool,
+}
+
 /// The connector towards the next hop. With `verify = false` the session is encrypted but
-/// the certificate is not checked: next hops are usually on a private network with
-/// self-signed certificates, and opportunistic STARTTLS (RFC 3207 §4.1) is not
-/// authentication anyway.
-pub fn connector(verify: bool) -> Result<tokio_rustls::TlsConnector, String> {
+/// the certificate is not checked (a self-signed certificate on a loopback or private
+/// link; opportunistic STARTTLS, RFC 3207 §4.1, is not authentication anyway). With
+/// `verify = true` the certificate must chain to `ca_file` when one is given (a private
+/// CA; the system roots are then not trusted, so a certificate from any public CA for
+/// the same name is refused), else to the system roots, and name the configured host.
+pub fn connector(verify: bool, ca_file: Option<&Path>) -> Result<RelayTlsClient, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let config = if verify {
         let mut roots = rustls::RootCertStore::empty();
-        let native = std::fs::read("/etc/ssl/certs/ca-certificates.crt")
-            .map_err(|e| format!("system CA bundle: {e}"))?;
-        for cert in CertificateDer::pem_slice_iter(&native).flatten() {
-            let _ = roots.add(cert);
+        let certs = match ca_file {
+            Some(path) => load_ca_file(path)?,
+            None => system_roots()?,
+        };
+        let (added, _ignored) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err("no usable CA certificate to verify the next hop with".into());
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
@@ -125,7 +138,37 @@ pub fn connector(verify: bool) -> Result<tokio_rustls::TlsConnector, String> {
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
             .with_no_client_auth()
     };
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    Ok(RelayTlsClient {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        verifies: verify,
+    })
+}
+
+/// The CA certificates in a PEM file (`tls_ca_file`); an error names the file and says
+/// why when it cannot be read or holds no certificate.
+pub fn load_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The operating system's trusted roots (rustls-native-certs: the distribution's bundle
+/// wherever it lives, `SSL_CERT_FILE`/`SSL_CERT_DIR` honoured).
+fn system_roots() -> Result<Vec<CertificateDer<'static>>, String> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        let why: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+        return Err(format!(
+            "no system CA certificates found ({}): set tls_ca_file or install the CA bundle",
+            why.join("; ")
+        ));
+    }
+    Ok(found.certs)
 }
 
 /// The name presented in SNI and checked (when verifying) against the certificate.

@@ -1830,7 +1830,8 @@ async fn full_quarantine_disk_answers_452_and_loses_nothing() {
         assert_eq!(
             sorted(ids_of(&listed)),
             sorted(expected),
-            "CLI list after freeing space"
+            "CLI list after freeing space\nproxy log:\n{}",
+            proxy.log()
         );
     })
     .await;

@@ -98,6 +98,17 @@ pub const DEFAULT_ARC_MAX_SETS: usize = 50;
 pub const DEFAULT_MAX_DNS_LOOKUPS: u32 = 64;
 /// Quarantined messages are purged after this long (RELIABILITY `quarantine_retention`).
 pub const DEFAULT_QUARANTINE_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+/// Total size of the quarantined messages (RELIABILITY `quarantine_max_bytes`): past it,
+/// held mail is deferred with `451 4.3.1` (the client keeps it).
+pub const DEFAULT_QUARANTINE_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+/// Number of quarantine entries. 200,000 entries of the ~50 KB a typical held message
+/// weighs fill the default 10 GiB; `list` stays fast at this size (benches/quarantine.rs).
+pub const DEFAULT_QUARANTINE_MAX_ENTRIES: u64 = 200_000;
+/// The share of `max_bytes` and of `max_entries` one sender domain may take, so one
+/// flood of held spoofs cannot fill the quarantine for everyone else.
+pub const DEFAULT_QUARANTINE_DOMAIN_SHARE: f64 = 0.25;
+/// At most one "quarantine full" WARN per this interval (the rest are counted in it).
+pub const QUARANTINE_FULL_ALERT_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the running proxy applies the quarantine retention.
 pub const QUARANTINE_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 /// Message content must keep arriving at this rate (bytes per second) on top of the data

@@ -207,8 +207,12 @@ pub struct NextHopConfig {
     /// `smtp://HOST:PORT` or `maildir:PATH`.
     pub address: String,
     pub tls: RelayTls,
-    /// Verify the next hop's certificate against the system roots (off: encrypt only).
-    pub tls_verify: bool,
+    /// Verify the next hop's certificate (against `tls_ca_file`, else the system roots).
+    /// Unset: verify unless the address is loopback (see [`NextHopConfig::verifies_tls`]).
+    pub tls_verify: Option<bool>,
+    /// PEM file of the CA certificates that sign the next hop's certificate (a private
+    /// CA). When set, only these are trusted (not the system roots).
+    pub tls_ca_file: Option<PathBuf>,
     pub xclient: XclientMode,
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
@@ -227,13 +231,43 @@ impl Default for NextHopConfig {
         NextHopConfig {
             address: "maildir:var/maildir".to_string(),
             tls: RelayTls::Opportunistic,
-            tls_verify: false,
+            tls_verify: None,
+            tls_ca_file: None,
             xclient: XclientMode::Require,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             greeting_timeout: DEFAULT_GREETING_TIMEOUT,
             command_timeout: DEFAULT_RELAY_COMMAND_TIMEOUT,
             data_timeout: DEFAULT_RELAY_DATA_TIMEOUT,
             end_of_data_timeout: DEFAULT_END_OF_DATA_TIMEOUT,
+        }
+    }
+}
+
+impl NextHopConfig {
+    /// Whether the next hop's certificate is verified. An explicit `tls_verify` wins;
+    /// unset, a private CA file implies verification, and otherwise only a loopback
+    /// address (an IP literal or `localhost`) goes unverified: on a real network an
+    /// active attacker could otherwise answer STARTTLS with any certificate and read
+    /// every message and password. `tls_verify = false` stays allowed for a non-loopback
+    /// next hop (a private link with a self-signed certificate), with a warning at start,
+    /// but AUTH credentials are then never relayed there (see `relay::may_send_credentials`).
+    pub fn verifies_tls(&self) -> bool {
+        self.tls_verify
+            .unwrap_or(self.tls_ca_file.is_some() || !self.is_loopback_address())
+    }
+
+    /// Whether the configured address names this machine: a loopback IP literal or
+    /// `localhost`. A `maildir:` next hop counts as local.
+    pub fn is_loopback_address(&self) -> bool {
+        match NextHopAddress::parse(&self.address) {
+            Ok(NextHopAddress::Smtp { host, .. }) => {
+                host.eq_ignore_ascii_case("localhost")
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.to_canonical().is_loopback())
+            }
+            Ok(NextHopAddress::Maildir(_)) => true,
+            Err(_) => false,
         }
     }
 }
@@ -504,6 +538,14 @@ pub struct QuarantineConfig {
     /// Entries older than this are purged automatically while the proxy runs.
     #[serde(with = "duration")]
     pub retention: Duration,
+    /// Capacity: the sum of the entries' message sizes, and their number (every entry on
+    /// disk counts, whatever its state). Past either, held mail gets `451 4.3.1`.
+    pub max_bytes: u64,
+    pub max_entries: u64,
+    /// The share (0 < x <= 1) of each of `max_bytes` and `max_entries` that the entries of
+    /// one sender domain may take (the envelope sender's domain; for the null sender,
+    /// the header From domain).
+    pub domain_share: f64,
 }
 
 impl Default for QuarantineConfig {
@@ -511,6 +553,20 @@ impl Default for QuarantineConfig {
         QuarantineConfig {
             dir: PathBuf::from("var/quarantine"),
             retention: DEFAULT_QUARANTINE_RETENTION,
+            max_bytes: DEFAULT_QUARANTINE_MAX_BYTES,
+            max_entries: DEFAULT_QUARANTINE_MAX_ENTRIES,
+            domain_share: DEFAULT_QUARANTINE_DOMAIN_SHARE,
+        }
+    }
+}
+
+impl QuarantineConfig {
+    /// The capacity limits the store applies to every new entry.
+    pub fn capacity(&self) -> crate::quarantine::capacity::Capacity {
+        crate::quarantine::capacity::Capacity {
+            max_bytes: self.max_bytes,
+            max_entries: self.max_entries,
+            domain_share: self.domain_share,
         }
     }
 }
@@ -642,6 +698,7 @@ impl Config {
                 fix(&mut dir);
                 hop.address = format!("maildir:{}", dir.display());
             }
+            fix_opt(&mut hop.tls_ca_file);
         }
         fix_opt(&mut self.auth.policy_file);
         fix(&mut self.quarantine.dir);
@@ -797,16 +854,54 @@ impl Config {
         if lim.hard_error_limit == 0 {
             return err("limits", "hard_error_limit", "must be at least 1".into());
         }
-        if let Err(e) = NextHopAddress::parse(&self.next_hop.default.address) {
-            return err("next_hop", "address", e);
-        }
-        for (name, hop) in &self.next_hop.named {
+        self.validate_quarantine()?;
+        let hops = std::iter::once(("next_hop".to_string(), &self.next_hop.default)).chain(
+            self.next_hop
+                .named
+                .iter()
+                .map(|(name, hop)| (format!("next_hop.{name}"), hop)),
+        );
+        for (table, hop) in hops {
             if let Err(e) = NextHopAddress::parse(&hop.address) {
-                return err(&format!("next_hop.{name}"), "address", e);
+                return err(&table, "address", e);
+            }
+            if let Some(ca) = &hop.tls_ca_file {
+                if hop.tls_verify == Some(false) {
+                    return err(
+                        &table,
+                        "tls_ca_file",
+                        "a CA file is only used to verify: remove tls_verify = false".into(),
+                    );
+                }
+                if let Err(e) = crate::tls::load_ca_file(ca) {
+                    return err(&table, "tls_ca_file", e);
+                }
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return err("log", "level", e.to_string());
+        }
+        Ok(())
+    }
+
+    /// `[quarantine]` capacity keys.
+    fn validate_quarantine(&self) -> Result<(), (String, String, String)> {
+        let err = |k: &str, r: String| Err(("quarantine".to_string(), k.to_string(), r));
+        let q = &self.quarantine;
+        if q.max_bytes == 0 {
+            return err("max_bytes", "must be at least 1".into());
+        }
+        if q.max_entries == 0 {
+            return err("max_entries", "must be at least 1".into());
+        }
+        if !(q.domain_share > 0.0 && q.domain_share <= 1.0) {
+            return err(
+                "domain_share",
+                format!(
+                    "{} is not a share: use a number above 0 and at most 1 (1: no per-domain limit)",
+                    q.domain_share
+                ),
+            );
         }
         Ok(())
     }
@@ -1137,5 +1232,99 @@ mod tests {
     fn inbound_needs_local_domains() {
         let e = parse("[[listener]]\naddress = \"127.0.0.1:2525\"\n").unwrap_err();
         assert_eq!(e.key, "local_domains");
+    }
+
+    #[test]
+    fn tls_verify_defaults_to_true_off_loopback() {
+        let hop = |extra: &str| {
+            let c = parse(&format!("{MINIMAL}[next_hop]\n{extra}")).unwrap();
+            c.next_hop.default.verifies_tls()
+        };
+        // Loopback (IP literal in both families, or `localhost`): unverified by default.
+        assert!(!hop("address = \"smtp://127.0.0.1:10025\"\n"));
+        assert!(!hop("address = \"smtp://[::1]:10025\"\n"));
+        assert!(!hop("address = \"smtp://[::ffff:127.0.0.1]:10025\"\n"));
+        assert!(!hop("address = \"smtp://LocalHost:10025\"\n"));
+        // Anything else (a name could resolve anywhere): verified by default.
+        assert!(hop("address = \"smtp://mx.example.net:25\"\n"));
+        assert!(hop("address = \"smtp://10.0.0.5:25\"\n"));
+        assert!(hop("address = \"smtp://localhost.example.net:25\"\n"));
+        // Explicit values win both ways.
+        assert!(!hop(
+            "address = \"smtp://10.0.0.5:25\"\ntls_verify = false\n"
+        ));
+        assert!(hop(
+            "address = \"smtp://127.0.0.1:25\"\ntls_verify = true\n"
+        ));
+        // A named section has its own default, from its own address.
+        let c = parse(&format!(
+            "{MINIMAL}[next_hop]\naddress = \"smtp://127.0.0.1:25\"\n[next_hop.out]\naddress = \"smtp://relay.example.net:587\"\n"
+        ))
+        .unwrap();
+        assert!(!c.next_hop.default.verifies_tls());
+        assert!(c.next_hop.named["out"].verifies_tls());
+    }
+
+    #[test]
+    fn tls_ca_file_is_checked_at_load_and_implies_verification() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let issuer = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&issuer)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let with = |extra: &str| {
+            parse(&format!(
+                "{MINIMAL}[next_hop]\naddress = \"smtp://127.0.0.1:25\"\n{extra}"
+            ))
+        };
+        let c = with(&format!("tls_ca_file = {:?}\n", ca.display().to_string())).unwrap();
+        assert!(c.next_hop.default.verifies_tls(), "a CA file means verify");
+        let e = with(&format!(
+            "tls_ca_file = {:?}\ntls_verify = false\n",
+            ca.display().to_string()
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "next_hop.tls_ca_file", "{e}");
+        let missing = dir.path().join("nope.pem");
+        let e = with(&format!(
+            "tls_ca_file = {:?}\n",
+            missing.display().to_string()
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "next_hop.tls_ca_file", "{e}");
+        assert!(e.to_string().contains("nope.pem"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = with(&format!(
+            "tls_ca_file = {:?}\n",
+            empty.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+    }
+
+    #[test]
+    fn quarantine_capacity_defaults_and_checks() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.quarantine.max_bytes, 10 * 1024 * 1024 * 1024);
+        assert_eq!(c.quarantine.max_entries, 200_000);
+        assert_eq!(c.quarantine.domain_share, 0.25);
+        for (line, key) in [
+            ("max_bytes = 0", "quarantine.max_bytes"),
+            ("max_entries = 0", "quarantine.max_entries"),
+            ("domain_share = 0.0", "quarantine.domain_share"),
+            ("domain_share = 1.5", "quarantine.domain_share"),
+            ("domain_share = nan", "quarantine.domain_share"),
+        ] {
+            let e = parse(&format!("{MINIMAL}[quarantine]\n{line}\n")).unwrap_err();
+            assert_eq!(e.key, key, "{line}: {e}");
+            assert_eq!(e.line, Some(5), "{line}: {e}");
+        }
+        // `1` (an integer) is accepted as 1.0: no per-domain limit.
+        let c = parse(&format!("{MINIMAL}[quarantine]\ndomain_share = 1\n")).unwrap();
+        assert_eq!(c.quarantine.capacity().domain_limit().entries, 200_000);
     }
 }

@@ -7,6 +7,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Meta;
+use super::capacity::{Usage, sender_domain};
 
 pub struct Index {
     conn: Connection,
@@ -41,11 +42,51 @@ CREATE TABLE IF NOT EXISTS entries (
     verdict TEXT NOT NULL,
     reasons TEXT NOT NULL,
     flags TEXT NOT NULL,
-    client TEXT NOT NULL
+    client TEXT NOT NULL,
+    sender_domain TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at DESC);
 CREATE INDEX IF NOT EXISTS entries_state ON entries (state, received_at DESC);
 ";
+
+/// Capacity accounting (schema version 1): totals kept by triggers in the same
+/// transaction as every row insert and delete, by any process (the proxy, the CLI's
+/// delete and purge), so reading the usage is two point lookups however large the store
+/// is. `INSERT OR REPLACE` deletes the replaced row first; with `recursive_triggers` on
+/// (set at every open) that fires the delete trigger, so a replaced row is not counted
+/// twice. A state change (an UPDATE) changes neither size nor domain.
+const USAGE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS usage_total (
+    k INTEGER PRIMARY KEY CHECK (k = 0),
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS usage_by_domain (
+    domain TEXT PRIMARY KEY,
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS entries_usage_insert AFTER INSERT ON entries BEGIN
+    UPDATE usage_total SET entries = entries + 1, bytes = bytes + NEW.size WHERE k = 0;
+    INSERT INTO usage_by_domain (domain, entries, bytes) VALUES (NEW.sender_domain, 1, NEW.size)
+        ON CONFLICT (domain) DO UPDATE SET entries = entries + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS entries_usage_delete AFTER DELETE ON entries BEGIN
+    UPDATE usage_total SET entries = entries - 1, bytes = bytes - OLD.size WHERE k = 0;
+    UPDATE usage_by_domain SET entries = entries - 1, bytes = bytes - OLD.size
+        WHERE domain = OLD.sender_domain;
+    DELETE FROM usage_by_domain WHERE domain = OLD.sender_domain AND entries <= 0;
+END;
+DELETE FROM usage_total;
+INSERT INTO usage_total (k, entries, bytes)
+    SELECT 0, COUNT(*), COALESCE(SUM(size), 0) FROM entries;
+DELETE FROM usage_by_domain;
+INSERT INTO usage_by_domain (domain, entries, bytes)
+    SELECT sender_domain, COUNT(*), SUM(size) FROM entries GROUP BY sender_domain;
+";
+
+/// `PRAGMA user_version` of a store with capacity accounting.
+const SCHEMA_VERSION: i64 = 1;
 
 fn like(s: &str) -> String {
     let escaped = s
@@ -66,7 +107,9 @@ impl Index {
         // which are fsync'd before this is written and re-indexed at the next open.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "recursive_triggers", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         // Keep the planner's statistics current, so filtered lists use the time index
         // instead of sorting every held row (cheap: it only analyzes what changed).
         conn.execute_batch("PRAGMA optimize=0x10002")?;
@@ -76,8 +119,8 @@ impl Index {
     pub fn insert(&self, m: &Meta) -> rusqlite::Result<()> {
         self.conn.execute(
             "INSERT OR REPLACE INTO entries
-             (id, received_at, state, mail_from, rcpts, header_from, subject, size, verdict, reasons, flags, client)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             (id, received_at, state, mail_from, rcpts, header_from, subject, size, verdict, reasons, flags, client, sender_domain)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 m.id,
                 m.received_at as i64,
@@ -90,7 +133,8 @@ impl Index {
                 m.verdict,
                 m.reasons.join("; "),
                 m.flags.join(","),
-                m.client
+                m.client,
+                sender_domain(&m.mail_from, &m.header_from)
             ],
         )?;
         Ok(())
@@ -197,6 +241,48 @@ impl Index {
         rows.collect()
     }
 
+    /// Copies the write-ahead log into the database and truncates it to zero. The WAL
+    /// only grows between automatic checkpoints (every 1000 pages); on a full disk that
+    /// growth can eat the room a delete just freed, so a write that failed for lack of
+    /// room gives it back this way before its one retry. Best effort.
+    pub fn reclaim_wal(&self) {
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+
+    /// Entries and message bytes in the whole store (kept by triggers; a point read).
+    pub fn usage(&self) -> rusqlite::Result<Usage> {
+        self.conn.query_row(
+            "SELECT entries, bytes FROM usage_total WHERE k = 0",
+            [],
+            |r| {
+                Ok(Usage {
+                    entries: r.get::<_, i64>(0)?.max(0) as u64,
+                    bytes: r.get::<_, i64>(1)?.max(0) as u64,
+                })
+            },
+        )
+    }
+
+    /// Entries and bytes accounted to one sender domain (a point read).
+    pub fn domain_usage(&self, domain: &str) -> rusqlite::Result<Usage> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT entries, bytes FROM usage_by_domain WHERE domain = ?1",
+                [domain],
+                |r| {
+                    Ok(Usage {
+                        entries: r.get::<_, i64>(0)?.max(0) as u64,
+                        bytes: r.get::<_, i64>(1)?.max(0) as u64,
+                    })
+                },
+            )
+            .optional()?
+            .unwrap_or_default())
+    }
+
     /// Number of entries per state.
     pub fn counts(&self) -> rusqlite::Result<Vec<(String, u64)>> {
         let mut stmt = self
@@ -221,6 +307,51 @@ impl Index {
                 let _ = self.conn.execute_batch("ROLLBACK");
                 Err(e)
             }
+        }
+    }
+}
+
+/// Brings an index of an older version up to [`SCHEMA_VERSION`]: adds and fills the
+/// `sender_domain` column, then creates the usage tables and triggers and counts what is
+/// there. One IMMEDIATE transaction, version re-read inside it, so two processes opening
+/// an old store at once migrate it once.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version = |c: &Connection| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0));
+    if version(conn)? >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        if version(conn)? >= SCHEMA_VERSION {
+            return Ok(());
+        }
+        let has_column = conn
+            .prepare("SELECT 1 FROM pragma_table_info('entries') WHERE name = 'sender_domain'")?
+            .exists([])?;
+        if !has_column {
+            conn.execute_batch(
+                "ALTER TABLE entries ADD COLUMN sender_domain TEXT NOT NULL DEFAULT ''",
+            )?;
+        }
+        let rows: Vec<(String, String, String)> = conn
+            .prepare("SELECT id, mail_from, header_from FROM entries WHERE sender_domain = ''")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut update = conn.prepare("UPDATE entries SET sender_domain = ?2 WHERE id = ?1")?;
+        for (id, mail_from, header_from) in rows {
+            let domain = sender_domain(&mail_from, &header_from);
+            if !domain.is_empty() {
+                update.execute(params![id, domain])?;
+            }
+        }
+        conn.execute_batch(USAGE_SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
         }
     }
 }

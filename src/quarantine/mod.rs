@@ -10,6 +10,7 @@
 //! `index.sqlite` makes the store queryable; it is written after the entry and rebuilt
 //! from the entries' `meta.json` when a row is missing (a crash between the two).
 
+pub mod capacity;
 pub mod id;
 pub mod index;
 pub mod preview;
@@ -25,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use capacity::{Capacity, Refusal, Usage};
 pub use id::QuarantineId;
 use index::{Filter, Index, Row};
 
@@ -62,6 +64,49 @@ pub struct Quarantine {
     /// between the two): the next store re-indexes, so the entry becomes visible to
     /// `list` without waiting for a restart.
     reindex_pending: AtomicBool,
+    /// Limits for new entries (the proxy's `[quarantine]`); `None`: unlimited (the CLI,
+    /// which never stores).
+    capacity: Option<Capacity>,
+    /// Entries admitted but not yet in the index (being written): counted against the
+    /// capacity too, so concurrent sessions cannot all squeeze into the last free slot.
+    /// Taken and released under the index lock.
+    pending: Mutex<Pending>,
+    /// Rate limit of the "quarantine full" WARN.
+    full_alert: Mutex<FullAlert>,
+}
+
+#[derive(Default)]
+struct Pending {
+    total: Usage,
+    by_domain: std::collections::HashMap<String, Usage>,
+}
+
+impl Pending {
+    fn add(&mut self, domain: &str, u: Usage) {
+        self.total = self.total.plus(u);
+        let d = self.by_domain.entry(domain.to_string()).or_default();
+        *d = d.plus(u);
+    }
+
+    fn remove(&mut self, domain: &str, u: Usage) {
+        let minus = |a: Usage| Usage {
+            entries: a.entries.saturating_sub(u.entries),
+            bytes: a.bytes.saturating_sub(u.bytes),
+        };
+        self.total = minus(self.total);
+        if let Some(d) = self.by_domain.get_mut(domain) {
+            *d = minus(*d);
+            if d.entries == 0 {
+                self.by_domain.remove(domain);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct FullAlert {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
 }
 
 /// Why a store operation failed.
@@ -69,6 +114,9 @@ pub struct Quarantine {
 pub enum StoreError {
     #[error("quarantine I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The entry does not fit in `[quarantine]` capacity; nothing was written.
+    #[error("{0}")]
+    Full(Refusal),
     #[error("quarantine index error: {0}")]
     Index(#[from] rusqlite::Error),
     #[error("no quarantine entry {0}")]
@@ -141,7 +189,83 @@ impl Quarantine {
             root: root.to_path_buf(),
             index: Mutex::new(index),
             reindex_pending: AtomicBool::new(false),
+            capacity: None,
+            pending: Mutex::new(Pending::default()),
+            full_alert: Mutex::new(FullAlert::default()),
         })
+    }
+
+    /// Applies capacity limits to every later [`Quarantine::store`].
+    pub fn with_capacity(mut self, capacity: Capacity) -> Quarantine {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// The configured capacity, if any.
+    pub fn capacity(&self) -> Option<Capacity> {
+        self.capacity
+    }
+
+    /// Entries and message bytes in the store now, from the index (so entries another
+    /// process deleted are already gone from it).
+    pub fn usage(&self) -> Result<Usage, StoreError> {
+        Ok(self.index().usage()?)
+    }
+
+    /// Reserves room for an entry of `size` bytes from `domain`, or says why it does
+    /// not fit. The usage is read from the index (two point reads of trigger-kept
+    /// totals) plus the entries this process is still writing.
+    fn reserve(&self, domain: &str, size: u64) -> Result<(), StoreError> {
+        let Some(cap) = self.capacity else {
+            return Ok(());
+        };
+        let index = self.index();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let total = index.usage()?.plus(pending.total);
+        let by_domain = index
+            .domain_usage(domain)?
+            .plus(pending.by_domain.get(domain).copied().unwrap_or_default());
+        cap.admit(total, domain, by_domain, size)
+            .map_err(StoreError::Full)?;
+        pending.add(
+            domain,
+            Usage {
+                entries: 1,
+                bytes: size,
+            },
+        );
+        Ok(())
+    }
+
+    /// Gives back a reservation (called under the index lock once the row is in, or
+    /// when the write failed).
+    fn release(&self, domain: &str, size: u64) {
+        if self.capacity.is_some() {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.remove(
+                domain,
+                Usage {
+                    entries: 1,
+                    bytes: size,
+                },
+            );
+        }
+    }
+
+    /// Logs a refusal for lack of room as a WARN, at most once per `interval`; the
+    /// refusals in between are counted in the next line. Returns whether it logged.
+    pub fn alert_full(&self, refusal: &Refusal, interval: std::time::Duration) -> bool {
+        let mut gate = self.full_alert.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if gate.last.is_some_and(|t| now.duration_since(t) < interval) {
+            gate.suppressed += 1;
+            return false;
+        }
+        tracing::warn!(reason = refusal.kind(), detail = %refusal, suppressed_since_last = gate.suppressed,
+            "quarantine full: held mail is deferred (451 4.3.1) until entries are released, deleted or purged");
+        gate.last = Some(now);
+        gate.suppressed = 0;
+        true
     }
 
     /// Opens the store as its one writer (the proxy, at start): also removes what a
@@ -200,7 +324,20 @@ impl Quarantine {
 
     /// Stores a message durably; only after this returns Ok may the client get 250.
     /// `parts` are concatenated (the message may be held as pieces).
+    /// With a capacity set, an entry that does not fit is refused with
+    /// [`StoreError::Full`] before anything is written.
     pub fn store(&self, meta: &mut Meta, parts: &[&[u8]]) -> Result<QuarantineId, StoreError> {
+        let domain = capacity::sender_domain(&meta.mail_from, &meta.header_from);
+        let size = meta.size as u64;
+        self.reserve(&domain, size)?;
+        let result = self.store_reserved(meta, parts);
+        if result.is_err() {
+            self.release(&domain, size);
+        }
+        result
+    }
+
+    fn store_reserved(&self, meta: &mut Meta, parts: &[&[u8]]) -> Result<QuarantineId, StoreError> {
         let id = QuarantineId::generate();
         meta.id = id.to_string();
         let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
@@ -223,10 +360,24 @@ impl Quarantine {
         // process, and at the next start.
         let mut index = self.index();
         let indexed = if self.catch_up(&mut index) {
-            index.insert(meta).map_err(StoreError::from)
+            match index.insert(meta) {
+                // No room for the row (the WAL may hold what deletes freed): reclaim
+                // the log and try once more.
+                Err(e) if is_disk_full(&e) => {
+                    index.reclaim_wal();
+                    index.insert(meta).map_err(StoreError::from)
+                }
+                other => other.map_err(StoreError::from),
+            }
         } else {
             Err(StoreError::Io(std::io::Error::other("re-index failed")))
         };
+        // In the index now (or re-indexed later, still on disk): the reservation ends,
+        // under the same lock, so the entry is never counted twice or not at all.
+        self.release(
+            &capacity::sender_domain(&meta.mail_from, &meta.header_from),
+            meta.size as u64,
+        );
         if let Err(e) = indexed {
             // Set under the index lock, like every read and write of the flag: another
             // store cannot clear it without having re-indexed.
@@ -369,7 +520,9 @@ impl Quarantine {
                 self.remove_entry_files(id)?;
                 // The entry is gone, which is what was asked. A row still left (no room
                 // yet) is skipped by `list` and dropped by the next re-index.
-                if let Err(e) = self.index().remove(id.as_str()) {
+                let index = self.index();
+                index.reclaim_wal();
+                if let Err(e) = index.remove(id.as_str()) {
                     tracing::warn!(id = %id, error = %e, "quarantine: entry deleted, its index row stays until the next re-index");
                 }
                 return Ok(());
@@ -567,5 +720,129 @@ mod tests {
         );
         Quarantine::open_as_writer(dir.path()).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    fn from(mail_from: &str, header_from: &str, size: usize) -> Meta {
+        Meta {
+            mail_from: mail_from.into(),
+            header_from: header_from.into(),
+            size,
+            ..meta()
+        }
+    }
+
+    fn u(entries: u64, bytes: u64) -> Usage {
+        Usage { entries, bytes }
+    }
+
+    #[test]
+    fn capacity_refuses_before_writing_and_another_process_frees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = Capacity {
+            max_bytes: 1_000,
+            max_entries: 4,
+            domain_share: 0.5,
+        };
+        let q = Quarantine::open_as_writer(dir.path())
+            .unwrap()
+            .with_capacity(cap);
+        let body = [b'x'; 100];
+        let a1 = q
+            .store(&mut from("s@flood.example", "", 100), &[&body])
+            .unwrap();
+        q.store(&mut from("t@FLOOD.example", "", 100), &[&body])
+            .unwrap();
+        // flood.example has its half of the entries: refused, and nothing written.
+        let e = q
+            .store(&mut from("u@flood.example", "", 100), &[&body])
+            .unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Full(Refusal::DomainShare { domain, .. }) if domain == "flood.example"),
+            "{e}"
+        );
+        assert_eq!(fs::read_dir(dir.path().join("entries")).unwrap().count(), 2);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // Bounces count against their From domain.
+        q.store(
+            &mut from("", "\"Bank\" <no-reply@bank.example>", 100),
+            &[&body],
+        )
+        .unwrap();
+        q.store(&mut from("x@other.example", "", 100), &[&body])
+            .unwrap();
+        assert_eq!(q.usage().unwrap(), u(4, 400));
+        let e = q
+            .store(&mut from("y@third.example", "", 10), &[&body[..10]])
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Full(Refusal::Full { .. })), "{e}");
+
+        // The CLI is another process with its own connection: its delete frees room
+        // for the running proxy at once (the totals live in the index, not in memory).
+        let cli = Quarantine::open_existing(dir.path()).unwrap();
+        cli.delete(&a1).unwrap();
+        assert_eq!(q.usage().unwrap(), u(3, 300));
+        q.store(&mut from("y@third.example", "", 10), &[&body[..10]])
+            .unwrap();
+        // And flood.example is below its share again.
+        cli.purge_older_than(0, |_, _| {}).unwrap();
+        assert_eq!(q.usage().unwrap(), u(0, 0));
+        q.store(&mut from("u@flood.example", "", 100), &[&body])
+            .unwrap();
+    }
+
+    #[test]
+    fn usage_survives_replace_reindex_and_state_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Quarantine::open_as_writer(dir.path()).unwrap();
+        let id = q
+            .store(&mut from("a@one.example", "", 7), &[b"1234567"])
+            .unwrap();
+        q.store(&mut from("b@two.example", "", 5), &[b"12345"])
+            .unwrap();
+        assert_eq!(q.usage().unwrap(), u(2, 12));
+        // The same row written again (INSERT OR REPLACE) is not counted twice.
+        let m = q.meta(&id).unwrap();
+        q.index().insert(&m).unwrap();
+        assert_eq!(q.usage().unwrap(), u(2, 12));
+        assert_eq!(q.index().domain_usage("one.example").unwrap(), u(1, 7));
+        // A state change keeps the entry counted (it is still on disk).
+        q.transition(&id, "held", "releasing").unwrap();
+        assert_eq!(q.usage().unwrap(), u(2, 12));
+        // An index rebuilt from the entries counts the same.
+        drop(q);
+        for f in ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"] {
+            let _ = fs::remove_file(dir.path().join(f));
+        }
+        let q = Quarantine::open_as_writer(dir.path()).unwrap();
+        assert_eq!(q.usage().unwrap(), u(2, 12));
+        assert_eq!(q.index().domain_usage("two.example").unwrap(), u(1, 5));
+    }
+
+    #[test]
+    fn an_index_from_before_capacity_is_migrated_once() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("entries")).unwrap();
+        {
+            // The schema as it was: no sender_domain, no usage tables, user_version 0.
+            let c = rusqlite::Connection::open(dir.path().join("index.sqlite")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE entries (id TEXT PRIMARY KEY, received_at INTEGER NOT NULL,
+                 state TEXT NOT NULL, mail_from TEXT NOT NULL, rcpts TEXT NOT NULL,
+                 header_from TEXT NOT NULL, subject TEXT NOT NULL, size INTEGER NOT NULL,
+                 verdict TEXT NOT NULL, reasons TEXT NOT NULL, flags TEXT NOT NULL,
+                 client TEXT NOT NULL);
+                 INSERT INTO entries VALUES ('A', 1, 'held', 'x@Old.example', '', '', '', 10, '', '', '', '');
+                 INSERT INTO entries VALUES ('B', 1, 'released', '', '', 'Z <z@bounce.example>', '', 20, '', '', '', '');",
+            )
+            .unwrap();
+        }
+        let q = Quarantine::open(dir.path()).unwrap();
+        assert_eq!(q.usage().unwrap(), u(2, 30));
+        assert_eq!(q.index().domain_usage("old.example").unwrap(), u(1, 10));
+        assert_eq!(q.index().domain_usage("bounce.example").unwrap(), u(1, 20));
+        drop(q);
+        // Opening again changes nothing (the version is recorded).
+        let q = Quarantine::open(dir.path()).unwrap();
+        assert_eq!(q.usage().unwrap(), u(2, 30));
     }
 }

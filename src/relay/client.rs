@@ -79,6 +79,10 @@ pub struct SmtpConnection {
     cfg: NextHopConfig,
     /// Whether the next hop was told the real client with XCLIENT.
     pub xclient_sent: bool,
+    /// The address actually connected to (after name resolution).
+    peer: std::net::SocketAddr,
+    /// Whether the TLS session (if any) verified the next hop's certificate.
+    tls_verified: bool,
 }
 
 impl SmtpConnection {
@@ -88,7 +92,7 @@ impl SmtpConnection {
         host: &str,
         port: u16,
         cfg: &NextHopConfig,
-        tls: Option<&tokio_rustls::TlsConnector>,
+        tls: Option<&crate::tls::RelayTlsClient>,
         our_name: &str,
         client: &ClientIdentity,
     ) -> Result<SmtpConnection, RelayError> {
@@ -97,11 +101,14 @@ impl SmtpConnection {
             .map_err(|_| RelayError::ConnectTimeout)?
             .map_err(RelayError::Connect)?;
         let _ = tcp.set_nodelay(true);
+        let peer = tcp.peer_addr().map_err(RelayError::Connect)?;
         let mut conn = SmtpConnection {
             stream: SmtpStream::new(MaybeTls::Plain(tcp)),
             caps: Capabilities::default(),
             cfg: cfg.clone(),
             xclient_sent: false,
+            peer,
+            tls_verified: false,
         };
         conn.expect_greeting().await?;
         conn.ehlo(our_name).await?;
@@ -226,9 +233,9 @@ impl SmtpConnection {
     async fn starttls(
         &mut self,
         host: &str,
-        connector: Option<&tokio_rustls::TlsConnector>,
+        client: Option<&crate::tls::RelayTlsClient>,
     ) -> Result<(), RelayError> {
-        let connector = connector.ok_or(RelayError::Policy("no TLS client configuration"))?;
+        let client = client.ok_or(RelayError::Policy("no TLS client configuration"))?;
         let reply = self
             .command(b"STARTTLS\r\n", self.cfg.command_timeout)
             .await?;
@@ -247,11 +254,15 @@ impl SmtpConnection {
             ));
         };
         let name = crate::tls::server_name(host).map_err(RelayError::Tls)?;
-        let tls = tokio::time::timeout(self.cfg.command_timeout, connector.connect(name, tcp))
-            .await
-            .map_err(|_| RelayError::Timeout("TLS handshake"))?
-            .map_err(|e| RelayError::Tls(e.to_string()))?;
+        let tls = tokio::time::timeout(
+            self.cfg.command_timeout,
+            client.connector.connect(name, tcp),
+        )
+        .await
+        .map_err(|_| RelayError::Timeout("TLS handshake"))?
+        .map_err(|e| RelayError::Tls(e.to_string()))?;
         self.stream = SmtpStream::new(MaybeTls::Tls(Box::new(tls)));
+        self.tls_verified = client.verifies;
         Ok(())
     }
 
@@ -306,11 +317,27 @@ impl SmtpConnection {
         self.stream.is_tls()
     }
 
+    /// How this connection is protected, for [`super::may_send_credentials`].
+    pub fn link(&self) -> super::Link {
+        match (self.stream.is_tls(), self.tls_verified) {
+            (true, true) => super::Link::VerifiedTls,
+            (true, false) => super::Link::UnverifiedTls,
+            (false, _) => super::Link::Plain,
+        }
+    }
+
+    /// The address this connection reached.
+    pub fn peer(&self) -> std::net::SocketAddr {
+        self.peer
+    }
+
     /// Authenticates at the next hop with the client's credentials (PLAIN when offered,
     /// else LOGIN). The next hop checks the password; we only pass it on. Returns the
     /// next hop's final reply (235 on success).
     pub async fn authenticate(&mut self, creds: &super::Credentials) -> Result<Reply, RelayError> {
         use base64::Engine;
+        // Checked here, where the password is written, so no caller can skip it.
+        super::may_send_credentials(self.peer, self.link()).map_err(RelayError::Insecure)?;
         let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
         let timeout = self.cfg.command_timeout;
         if self.caps.auth.iter().any(|m| m == "PLAIN") {

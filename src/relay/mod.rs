@@ -42,6 +42,9 @@ pub enum RelayError {
     Rejected(Reply),
     #[error("downstream not usable: {0}")]
     Policy(&'static str),
+    /// Credentials would cross a link an attacker could read or redirect.
+    #[error("refusing to send credentials to the next hop: {0}")]
+    Insecure(&'static str),
     #[error("maildir delivery failed: {0}")]
     Maildir(std::io::Error),
     /// The whole message was sent, then the final reply never came: the next hop may or
@@ -59,6 +62,7 @@ impl RelayError {
             RelayError::Closed | RelayError::Io(_) => "closed",
             RelayError::Protocol(_) | RelayError::Tls(_) => "protocol",
             RelayError::Rejected(_) | RelayError::Policy(_) => "refused",
+            RelayError::Insecure(_) => "insecure",
             RelayError::Maildir(_) => "maildir",
             RelayError::Unsettled(_) => "unsettled",
         }
@@ -73,6 +77,11 @@ impl RelayError {
                 "Next hop unavailable, try again later",
             ),
             RelayError::Unsettled(inner) => inner.reply(),
+            RelayError::Insecure(_) => Reply::new(
+                454,
+                Enhanced(4, 7, 0),
+                "Temporary authentication failure: no secure link to the next hop",
+            ),
             RelayError::Policy(_) | RelayError::Maildir(_) => Reply::new(
                 451,
                 Enhanced(4, 3, 0),
@@ -91,8 +100,39 @@ impl RelayError {
 pub struct NextHop {
     target: Target,
     cfg: NextHopConfig,
-    tls: Option<tokio_rustls::TlsConnector>,
+    tls: Option<crate::tls::RelayTlsClient>,
     hostname: String,
+}
+
+/// How the connection to the next hop is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    Plain,
+    /// Encrypted, certificate not checked: an active attacker on the path can sit in the
+    /// middle with a certificate of their own.
+    UnverifiedTls,
+    /// Encrypted to a certificate that chains to a trusted CA and names the next hop.
+    VerifiedTls,
+}
+
+/// Whether a client's password may be sent to the next hop at `peer` over `link`: only
+/// over verified TLS, or to a loopback address (the traffic never leaves the machine).
+/// The address is the one actually connected to, not the configured name, so a host
+/// name that resolves elsewhere than expected is judged by where it really led.
+/// Opportunistic STARTTLS without verification does not count: stripping it or
+/// answering it with a forged certificate is exactly what an attacker on the path does.
+pub fn may_send_credentials(peer: std::net::SocketAddr, link: Link) -> Result<(), &'static str> {
+    if peer.ip().to_canonical().is_loopback() || link == Link::VerifiedTls {
+        return Ok(());
+    }
+    Err(match link {
+        Link::Plain => {
+            "the next hop is not on loopback and the connection is not encrypted (tls = \"require\" with tls_verify = true)"
+        }
+        _ => {
+            "the next hop is not on loopback and its certificate is not verified (set tls_verify = true, and tls_ca_file for a private CA)"
+        }
+    })
 }
 
 enum Target {
@@ -114,10 +154,15 @@ impl NextHop {
                 Target::Maildir(dir)
             }
         };
+        let verify = cfg.verifies_tls();
         let tls = match cfg.tls {
             crate::config::RelayTls::Off => None,
-            _ => Some(crate::tls::connector(cfg.tls_verify)?),
+            _ => Some(crate::tls::connector(verify, cfg.tls_ca_file.as_deref())?),
         };
+        if matches!(target, Target::Smtp { .. }) && !cfg.is_loopback_address() && !verify {
+            tracing::warn!(next_hop = %cfg.address,
+                "next hop is not loopback and its certificate is not verified (tls_verify = false): mail to it can be read by an attacker on the path, and AUTH is never relayed to it");
+        }
         Ok(NextHop {
             target,
             cfg: cfg.clone(),
@@ -296,25 +341,25 @@ impl Relay {
         self.settle(result)
     }
 
-    /// Whether the next hop offers a mechanism we can relay a login with, over a link
-    /// a password may cross: TLS, or loopback. A password is never sent in clear over a
-    /// network (opportunistic STARTTLS can be stripped by an attacker on the path).
-    pub async fn can_authenticate(&mut self, client: &ClientIdentity) -> bool {
-        if self.connect(client).await.is_err() {
-            return false;
+    /// Whether a login can be relayed: the next hop answers, offers a mechanism we can
+    /// use, and the link may carry a password ([`may_send_credentials`]; checked again
+    /// where the password is written). A password is never sent in clear over a network,
+    /// nor over TLS that an attacker could terminate with a certificate of their own.
+    pub async fn can_authenticate(&mut self, client: &ClientIdentity) -> Result<(), RelayError> {
+        if matches!(self.hop.target, Target::Maildir(_)) {
+            return Err(RelayError::Policy(
+                "the Maildir next hop cannot check passwords",
+            ));
         }
-        let loopback = match &self.hop.target {
-            Target::Smtp { host, .. } => {
-                host == "localhost"
-                    || host
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            }
-            Target::Maildir(_) => false,
-        };
-        self.conn.as_ref().is_some_and(|c| {
-            (c.is_tls() || loopback) && c.caps.auth.iter().any(|m| m == "PLAIN" || m == "LOGIN")
-        })
+        self.connect(client).await?;
+        let conn = self.connection()?;
+        may_send_credentials(conn.peer(), conn.link()).map_err(RelayError::Insecure)?;
+        if !conn.caps.auth.iter().any(|m| m == "PLAIN" || m == "LOGIN") {
+            return Err(RelayError::Policy(
+                "next hop offers neither AUTH PLAIN nor AUTH LOGIN",
+            ));
+        }
+        Ok(())
     }
 
     async fn connect(&mut self, client: &ClientIdentity) -> Result<(), RelayError> {
@@ -441,5 +486,53 @@ impl Relay {
                 reply
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn at(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn credentials_need_loopback_or_verified_tls() {
+        for remote in ["192.0.2.25:587", "[2001:db8::25]:587", "10.0.0.5:25"] {
+            let peer = at(remote);
+            assert!(
+                may_send_credentials(peer, Link::VerifiedTls).is_ok(),
+                "{remote}"
+            );
+            // Unverified TLS: an attacker on the path answers with their own certificate.
+            let e = may_send_credentials(peer, Link::UnverifiedTls).unwrap_err();
+            assert!(e.contains("tls_verify"), "{e}");
+            let e = may_send_credentials(peer, Link::Plain).unwrap_err();
+            assert!(e.contains("not encrypted"), "{e}");
+        }
+        // Loopback, in any spelling, never leaves the machine.
+        for local in [
+            "127.0.0.1:10587",
+            "127.9.9.9:25",
+            "[::1]:25",
+            "[::ffff:127.0.0.1]:25",
+        ] {
+            for link in [Link::Plain, Link::UnverifiedTls, Link::VerifiedTls] {
+                assert!(
+                    may_send_credentials(at(local), link).is_ok(),
+                    "{local} {link:?}"
+                );
+            }
+        }
+        // An IPv4-mapped address outside 127/8 is not loopback.
+        assert!(may_send_credentials(at("[::ffff:192.0.2.1]:25"), Link::UnverifiedTls).is_err());
+    }
+
+    #[test]
+    fn insecure_link_refusal_is_454_4_7_0() {
+        let r = RelayError::Insecure("x").reply();
+        assert_eq!((r.code, r.enhanced), (454, Some(Enhanced(4, 7, 0))));
     }
 }

@@ -75,7 +75,9 @@ impl Server {
         let quarantine = if config.auth.enabled || outbound.is_some() {
             let dir = &config.quarantine.dir;
             let q = Quarantine::open_as_writer(dir)
-                .map_err(|e| format!("quarantine {}: {e}", dir.display()))?;
+                .map_err(|e| format!("quarantine {}: {e}", dir.display()))?
+                .with_capacity(config.quarantine.capacity());
+            crate::metrics::quarantine_usage(&q);
             Some(Arc::new(q))
         } else {
             None
@@ -316,6 +318,7 @@ fn update_held_gauge(store: &Quarantine) {
             .sum();
         crate::metrics::global().quarantine_held.set(held as i64);
     }
+    crate::metrics::quarantine_usage(store);
 }
 
 /// Binds with a listen backlog that can hold a burst of `max_sessions` connections (the

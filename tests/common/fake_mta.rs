@@ -71,6 +71,8 @@ pub struct Script {
     pub starttls: Act,
     /// Bytes the fake appends right after its STARTTLS 220 (downstream injection test).
     pub starttls_inject: Option<Vec<u8>>,
+    /// The certificate the fake presents after STARTTLS; `None`: certs/test-server.crt.
+    pub tls_server: Option<Arc<rustls::ServerConfig>>,
     pub mail: Act,
     /// Default reply to RCPT.
     pub rcpt: Act,
@@ -155,6 +157,7 @@ impl Default for Script {
             xclient: Act::reply("220 fake.mta.test ESMTP fake"),
             starttls: Act::reply("220 2.0.0 Ready to start TLS"),
             starttls_inject: None,
+            tls_server: None,
             mail: Act::reply("250 2.1.0 Ok"),
             rcpt: Act::reply("250 2.1.5 Ok"),
             rcpt_by_addr: vec![],
@@ -659,7 +662,9 @@ impl Conn {
                                 Stream::Plain(t) => t,
                                 _ => unreachable!(),
                             };
-                            let acceptor = tokio_rustls::TlsAcceptor::from(server_tls_config());
+                            let acceptor = tokio_rustls::TlsAcceptor::from(
+                                script.tls_server.clone().unwrap_or_else(server_tls_config),
+                            );
                             match tokio::time::timeout(
                                 Duration::from_secs(60),
                                 acceptor.accept(tcp),

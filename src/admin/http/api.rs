@@ -182,7 +182,11 @@ fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> ApiResult<
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     // The quarantine gauge is refreshed at each scrape (cheap: one GROUP BY).
     if let Some(q) = app.state.quarantine.clone() {
-        let counts = tokio::task::spawn_blocking(move || q.counts()).await;
+        let counts = tokio::task::spawn_blocking(move || {
+            crate::metrics::quarantine_usage(&q);
+            q.counts()
+        })
+        .await;
         if let Ok(Ok(counts)) = counts {
             let held: u64 = counts
                 .iter()

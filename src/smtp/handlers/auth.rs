@@ -144,9 +144,8 @@ impl Session {
 
     async fn login_at_next_hop(&mut self, helo: &Helo, creds: &Credentials) -> Reply {
         let identity = self.identity(helo);
-        if !self.relay.can_authenticate(&identity).await {
-            tracing::warn!(session = %self.id, "AUTH: next hop unavailable or offers no PLAIN/LOGIN");
-            return Reply::new(454, Enhanced(4, 7, 0), "Temporary authentication failure");
+        if let Err(e) = self.relay.can_authenticate(&identity).await {
+            return self.auth_unavailable(&e);
         }
         match self.relay.authenticate(&identity, creds).await {
             Ok(reply) if reply.code == 235 => {
@@ -156,8 +155,24 @@ impl Session {
                 Reply::new(454, Enhanced(4, 7, 0), "Temporary authentication failure")
             }
             Ok(_) => Reply::new(535, Enhanced(5, 7, 8), "Authentication credentials invalid"),
-            Err(e) => {
-                tracing::warn!(session = %self.id, error = %e, "AUTH: next hop failed");
+            Err(e) => self.auth_unavailable(&e),
+        }
+    }
+
+    /// The reply when the login cannot be relayed. A link that may not carry a password,
+    /// or a next-hop certificate that failed verification, is a configuration (or
+    /// attack) problem every login hits: ERROR, so it is seen. Anything else (the next
+    /// hop down, no mechanism) is WARN.
+    fn auth_unavailable(&self, e: &crate::relay::RelayError) -> Reply {
+        use crate::relay::RelayError;
+        match e {
+            RelayError::Insecure(_) | RelayError::Tls(_) => {
+                tracing::error!(session = %self.id, error = %e, "AUTH refused: credentials are only relayed to a loopback next hop or over verified TLS");
+                crate::metrics::global().auth_relay_insecure.inc();
+                RelayError::Insecure("").reply()
+            }
+            _ => {
+                tracing::warn!(session = %self.id, error = %e, "AUTH: next hop unavailable or offers no PLAIN/LOGIN");
                 Reply::new(454, Enhanced(4, 7, 0), "Temporary authentication failure")
             }
         }

@@ -3,7 +3,7 @@
 
 use crate::config::BareLf;
 use crate::policy::{Action, Decision, MessageContext};
-use crate::quarantine::Meta;
+use crate::quarantine::{Meta, StoreError};
 use crate::relay::Envelope;
 use crate::smtp::codec::{DataStats, ReadError};
 use crate::smtp::memory::Reservation;
@@ -331,13 +331,33 @@ impl Session {
             state: "held".into(),
         };
         let bytes = message.to_vec();
-        let stored = tokio::task::spawn_blocking(move || store.store(&mut meta, &[&bytes])).await;
+        let writer = store.clone();
+        let stored = tokio::task::spawn_blocking(move || writer.store(&mut meta, &[&bytes])).await;
         match stored {
             Ok(Ok(id)) => {
                 let m = crate::metrics::global();
                 m.quarantined.inc();
                 m.quarantine_held.inc();
+                crate::metrics::quarantine_usage(&store);
                 Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}"))
+            }
+            Ok(Err(StoreError::Full(refusal))) => {
+                // No room (capacity, or this sender domain's share): the client keeps
+                // the message and retries; nothing is lost (RFC 3463 4.3.1).
+                tracing::info!(session = %self.id, reason = refusal.kind(), detail = %refusal, "quarantine: no room, message deferred");
+                crate::metrics::global()
+                    .quarantine_refused
+                    .get_or_create(&crate::metrics::label("reason", refusal.kind()))
+                    .inc();
+                store.alert_full(
+                    &refusal,
+                    crate::config::defaults::QUARANTINE_FULL_ALERT_INTERVAL,
+                );
+                Reply::new(
+                    451,
+                    Enhanced(4, 3, 1),
+                    "Insufficient system storage, try again later",
+                )
             }
             Ok(Err(e)) => {
                 // Disk full or not writable: the client keeps the message and retries
