@@ -1338,3 +1338,133 @@ async fn login_survives_a_new_next_hop_connection() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// 7. Issue 13: a web application in a trusted network rotating envelope senders
+// ---------------------------------------------------------------------------
+
+/// The compromised web application's host, and a printer on the same network.
+const WEB_APP: &str = "127.0.0.7";
+const PRINTER: &str = "127.0.0.8";
+/// The host's messages per minute in this test (`[outbound.client]`).
+const CLIENT_LIMIT: usize = 3;
+const ROTATING_MESSAGES: usize = 12;
+
+/// A plain session from the loopback address `src` (the proxy sees it as the client).
+async fn session_from(src: &str, addr: SocketAddr) -> Client {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::new(src.parse().expect("address"), 0))
+        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    let s = tokio::time::timeout(Duration::from_secs(10), sock.connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect");
+    let mut c = Client::from_tcp(s);
+    assert_eq!(c.read_reply().await.code, 220);
+    c.ehlo(HELO).await;
+    c
+}
+
+/// `[outbound]` extras for the scenario: the whole loopback net trusted (no AUTH), the
+/// client limit small.
+fn rotating_outbound() -> String {
+    format!(
+        "trusted_networks = [\"127.0.0.0/8\"]\n\
+         [outbound.client]\nwindows = [{{window = \"1m\", messages = {CLIENT_LIMIT}}}]\n"
+    )
+}
+
+/// The README's credential-stuffing incident, from a web application without AUTH:
+/// every message has a new envelope sender (so each sender's own counters see one
+/// message), spread over `proxies` in turn. At most the client limit + 1 reach the next
+/// hop; the printer next to it, another client, is not held once.
+async fn rotating_senders(mta: &FakeMta, proxies: &[&Proxy]) {
+    let mut relayed_n = 0;
+    for i in 0..ROTATING_MESSAGES {
+        let p = proxies[i % proxies.len()];
+        let mut c = session_from(WEB_APP, p.addr).await;
+        let from = format!("user{i:02}@example.org");
+        let to = format!("victim{i}@elsewhere.example");
+        let r = c
+            .send_mail(&from, &[&to], &message(&from, &to, "invoice"))
+            .await;
+        assert_eq!(r.code, 250, "message {i}: {}", show(&r.raw));
+        if relayed(&r) {
+            relayed_n += 1;
+        }
+        quit(c).await;
+    }
+    assert!(
+        (CLIENT_LIMIT..=CLIENT_LIMIT + 1).contains(&relayed_n),
+        "{relayed_n} of {ROTATING_MESSAGES} rotating-sender messages relayed (limit {CLIENT_LIMIT})"
+    );
+    // The printer is another host: its mail (within its own limit) goes through,
+    // whatever the web app did.
+    for i in 0..CLIENT_LIMIT {
+        let p = proxies[i % proxies.len()];
+        let mut c = session_from(PRINTER, p.addr).await;
+        let from = "printer@example.org";
+        let to = format!("office{i}@example.org");
+        let r = c.send_mail(from, &[&to], &message(from, &to, "scan")).await;
+        assert!(
+            relayed(&r),
+            "printer message held or refused: {}\n{}",
+            show(&r.raw),
+            p.log()
+        );
+        quit(c).await;
+    }
+    assert_eq!(
+        mta.accepted().len(),
+        relayed_n + CLIENT_LIMIT,
+        "the next hop got more than the replies say"
+    );
+    let held: Vec<serde_json::Value> = proxies
+        .iter()
+        .flat_map(|p| quarantined(p.dir.path()))
+        .collect();
+    assert_eq!(held.len(), ROTATING_MESSAGES - relayed_n, "{held:?}");
+    assert!(
+        held.iter()
+            .all(|m| flags(m).iter().any(|f| f == "outbound-burst")),
+        "{held:?}"
+    );
+    let log: String = proxies.iter().map(|p| p.log()).collect();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("outbound burst") && l.contains("client:127.0.0.7")),
+        "no burst alert naming the host:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_client_rotating_senders_is_stopped_memory() {
+    within(async {
+        let mta = next_hop(&[]).await;
+        let outbound = format!("[outbound]\n{}", rotating_outbound());
+        let proxy = Proxy::start(options(&mta, &outbound)).await;
+        rotating_senders(&mta, &[&proxy]).await;
+        assert!(frozen_in_file(proxy.dir.path(), "client:127.0.0.7"));
+        assert!(!frozen_in_file(proxy.dir.path(), "client:127.0.0.8"));
+    })
+    .await;
+}
+
+/// Two instances sharing Redis, the web app alternating between them: only the shared
+/// client counter stops it at the limit (each instance's local one sees half).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_client_rotating_senders_is_stopped_redis() {
+    within(async {
+        let redis = RedisServer::start(free_port()).await;
+        let mta = next_hop(&[]).await;
+        let outbound = redis_outbound(&redis, "rotating", &rotating_outbound());
+        let a = Proxy::start(options(&mta, &outbound)).await;
+        let b = Proxy::start(options(&mta, &outbound)).await;
+        for p in [&a, &b] {
+            p.wait_log("outbound: shared state in redis", Duration::from_secs(10))
+                .await;
+        }
+        rotating_senders(&mta, &[&a, &b]).await;
+    })
+    .await;
+}

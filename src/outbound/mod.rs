@@ -30,6 +30,7 @@
 
 pub(crate) mod alert;
 pub(crate) mod baseline;
+pub mod client;
 pub mod config;
 pub(crate) mod freeze;
 mod lru;
@@ -137,6 +138,21 @@ impl Assessment {
             reasons: Vec::new(),
             frozen: false,
             flags: Vec::new(),
+        }
+    }
+
+    /// Both verdicts on one message (sender and client): the stricter action, every
+    /// reason and flag.
+    fn merge(&mut self, other: Assessment) {
+        if let Some(a) = other.action {
+            self.action = Some(OutboundAction::max(self.action, a));
+        }
+        self.frozen |= other.frozen;
+        self.reasons.extend(other.reasons);
+        for f in other.flags {
+            if !self.flags.contains(&f) {
+                self.flags.push(f);
+            }
         }
     }
 }
@@ -264,10 +280,17 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
             f64::from(limits.max_domains) * factor,
             || {
                 let label = config::label(s.cfg.recipient_domains_window);
-                (
-                    format!("domains_{label}"),
-                    format!("recipient domains in {label}"),
-                )
+                if limits.client {
+                    (
+                        format!("senders_{label}"),
+                        format!("distinct envelope senders in {label}"),
+                    )
+                } else {
+                    (
+                        format!("domains_{label}"),
+                        format!("recipient domains in {label}"),
+                    )
+                }
             },
         );
     }
@@ -715,25 +738,107 @@ impl Detector {
         rcpts: &[String],
         rejected_rcpts: usize,
     ) -> Assessment {
+        self.assess_as(account, None, ip, header_from, rcpts, rejected_rcpts)
+            .await
+    }
+
+    /// The client key (`client:ADDRESS`, `client:PREFIX/64`) a session without AUTH is
+    /// counted under besides its envelope sender; `None` for a login (the login is what
+    /// the attacker cannot rotate) or when `[outbound.client]` is off.
+    pub fn client_account(&self, login: Option<&str>, ip: IpAddr) -> Option<String> {
+        let c = &self.s.cfg;
+        if !c.enabled || !c.client.enabled || !self.s.is_trusted(ip) {
+            return None;
+        }
+        if login.is_some_and(|l| !normalize(l).is_empty()) {
+            return None;
+        }
+        Some(client::key(ip))
+    }
+
+    /// [`assess`](Self::assess), the message also counted for `client` (the key of
+    /// [`client_account`](Self::client_account)) under the client limits, the envelope
+    /// sender `account` being one of the client's distinct senders. The stricter of the
+    /// two verdicts wins: a host rotating senders trips its own limits, a sender spread
+    /// over many hosts trips the sender's.
+    pub async fn assess_as(
+        &self,
+        account: &str,
+        client: Option<&str>,
+        ip: IpAddr,
+        header_from: &str,
+        rcpts: &[String],
+        rejected_rcpts: usize,
+    ) -> Assessment {
         if !self.s.cfg.enabled {
             return Assessment::relay();
         }
         let account = normalize(account);
-        let now = self.now();
         let limits = self.s.limits_for(&account);
         let domains = if limits.bulk || limits.max_domains == 0 {
             Vec::new()
         } else {
             domain_hashes(rcpts)
         };
-        let n = u32::try_from(rcpts.len()).unwrap_or(u32::MAX);
+        let mut out = self
+            .judge(
+                &account,
+                ip,
+                Some(header_from),
+                &domains,
+                rcpts.len(),
+                rejected_rcpts,
+                limits,
+            )
+            .await;
+        if let Some(client) = client {
+            let client = normalize(client);
+            let limits = self.s.limits_for(&client);
+            let senders = [fnv32(&account)];
+            let senders: &[u32] = if limits.bulk || limits.max_domains == 0 {
+                &[]
+            } else {
+                &senders
+            };
+            let c = self
+                .judge(
+                    &client,
+                    ip,
+                    None,
+                    senders,
+                    rcpts.len(),
+                    rejected_rcpts,
+                    limits,
+                )
+                .await;
+            out.merge(c);
+        }
+        out
+    }
+
+    /// Counts one message for one key (an account or a client) and judges it against
+    /// `limits`; `header_from` is checked when given. `distinct` are the hashes the key's
+    /// distinct-count signal counts: recipient domains, or for a client its senders.
+    #[allow(clippy::too_many_arguments)]
+    async fn judge(
+        &self,
+        account: &str,
+        ip: IpAddr,
+        header_from: Option<&str>,
+        distinct: &[u32],
+        rcpts: usize,
+        rejected_rcpts: usize,
+        limits: &Limits,
+    ) -> Assessment {
+        let now = self.now();
+        let n = u32::try_from(rcpts).unwrap_or(u32::MAX);
         let rejected = u32::try_from(rejected_rcpts).unwrap_or(u32::MAX);
         let local = self
             .local
-            .record(&account, now, ip, n, rejected, &domains, limits);
+            .record(account, now, ip, n, rejected, distinct, limits);
         let (obs, shared) = match self.redis_up() {
             Some(r) => match r
-                .record(&account, now, ip, n, rejected, &domains, limits)
+                .record(account, now, ip, n, rejected, distinct, limits)
                 .await
             {
                 Ok(o) => (o, true),
@@ -766,29 +871,36 @@ impl Detector {
         if !breaches.is_empty() {
             out.action = Some(limits.action);
             out.flags.push(FLAG_BURST);
-            out.reasons.extend(breaches.iter().map(|b| b.text.clone()));
+            out.reasons.extend(breaches.iter().map(|b| {
+                if limits.client {
+                    format!("{account}: {}", b.text)
+                } else {
+                    b.text.clone()
+                }
+            }));
             if limits.action == OutboundAction::Freeze {
                 let why = out.reasons.join("; ");
-                let _ = self.freeze_auto(&account, &why).await;
+                let _ = self.freeze_auto(account, &why).await;
             }
-            if self.alert_due(&account, "burst", now, shared).await {
-                self.burst_alert(&account, ip, limits.action, &breaches, now);
+            if self.alert_due(account, "burst", now, shared).await {
+                self.burst_alert(account, ip, limits.action, &breaches, now);
             }
         }
-        if let Some(why) = from_mismatch(&self.s, limits, &account, header_from) {
+        let mismatch = header_from.and_then(|h| from_mismatch(&self.s, limits, account, h));
+        if let Some(why) = mismatch {
             let action = limits.from_action;
             out.action = Some(OutboundAction::max(out.action, action));
             out.flags.push(FLAG_FROM);
             if action == OutboundAction::Freeze {
-                let _ = self.freeze_auto(&account, &why).await;
+                let _ = self.freeze_auto(account, &why).await;
             }
-            if self.alert_due(&account, "from", now, shared).await {
+            if self.alert_due(account, "from", now, shared).await {
                 self.alerts.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(account = %account, client = %ip, action = action.as_str(), reason = %why, "outbound from mismatch");
                 self.alerter.post(&AlertBody {
                     event: "from-mismatch",
                     at: u64::from(secs(now)),
-                    account: Some(account.clone()),
+                    account: Some(account.to_string()),
                     client: Some(ip.to_string()),
                     action: Some(action.as_str()),
                     signals: vec![],

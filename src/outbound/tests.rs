@@ -685,6 +685,179 @@ async fn accounts_are_logins_or_trusted_senders() {
     assert!(d.auth_allowed(ip("192.0.2.1")).await.is_ok());
 }
 
+/// Issue 13: a trusted client is counted by host (IPv4 address, IPv6 /64) besides its
+/// envelope sender; a login is not.
+#[tokio::test]
+async fn trusted_clients_are_keyed_by_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.trusted_networks = vec![
+        "10.0.0.0/8".parse().unwrap(),
+        "2001:db8::/32".parse().unwrap(),
+    ];
+    let (d, _) = detector(&c).await;
+    assert_eq!(
+        d.client_account(None, ip("10.2.3.4")).as_deref(),
+        Some("client:10.2.3.4")
+    );
+    assert_eq!(
+        d.client_account(None, ip("::ffff:10.2.3.4")).as_deref(),
+        Some("client:10.2.3.4")
+    );
+    assert_eq!(
+        d.client_account(None, ip("2001:db8:5:6::99")).as_deref(),
+        Some("client:2001:db8:5:6::/64")
+    );
+    assert_eq!(d.client_account(Some("alice"), ip("10.2.3.4")), None);
+    assert_eq!(d.client_account(None, ip("192.0.2.1")), None);
+    // An IPv4 client on a dual-stack listener is a trusted sender too (not untracked).
+    assert_eq!(
+        d.account(None, ip("::ffff:10.2.3.4"), "app@example.org"),
+        Some("app@example.org".into())
+    );
+    c.client.enabled = false;
+    let (d, _) = detector(&c).await;
+    assert_eq!(d.client_account(None, ip("10.2.3.4")), None);
+}
+
+/// An IPv6 host rotating its address inside its /64 and its envelope sender on every
+/// message is still one client: stopped at the client limit.
+#[tokio::test]
+async fn a_client_rotating_addresses_in_its_64_and_senders_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.trusted_networks = vec!["2001:db8::/32".parse().unwrap()];
+    c.client.windows = vec![WindowLimit {
+        window: Duration::from_secs(60),
+        messages: Some(3),
+        recipients: None,
+    }];
+    c.client.action = Some(OutboundAction::Defer);
+    let (d, clock) = detector(&c).await;
+    let mut stopped = Vec::new();
+    for i in 0..8u16 {
+        clock.advance(Duration::from_millis(50));
+        let addr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, 7, i, 1, 2, 3));
+        let sender = format!("s{i}@example.org");
+        let key = d.client_account(None, addr).unwrap();
+        let a = d
+            .assess_as(
+                &sender,
+                Some(&key),
+                addr,
+                &sender,
+                &rcpts(1, "x.example"),
+                0,
+            )
+            .await;
+        if a.action.is_some() {
+            assert_eq!(a.action, Some(OutboundAction::Defer), "{a:?}");
+            assert!(a.reasons[0].contains("client:2001:db8:7:7::/64"), "{a:?}");
+            stopped.push(i);
+        }
+    }
+    assert_eq!(stopped, [3, 4, 5, 6, 7]);
+    // Another host of the same network is not affected.
+    let other = ip("2001:db8:7:8::1");
+    let key = d.client_account(None, other).unwrap();
+    let a = d
+        .assess_as(
+            "s0@example.org",
+            Some(&key),
+            other,
+            "s0@example.org",
+            &rcpts(1, "x"),
+            0,
+        )
+        .await;
+    assert_eq!(a.action, None, "{a:?}");
+}
+
+/// The distinct-senders signal: a host within its volume limits that suddenly sends as
+/// more senders than `max_senders` breaches; one sender many times does not.
+#[tokio::test]
+async fn many_senders_from_one_client_breach() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.trusted_networks = vec!["10.0.0.0/8".parse().unwrap()];
+    c.client.max_senders = 5;
+    c.client.action = Some(OutboundAction::Hold);
+    let (d, clock) = detector(&c).await;
+    let web = ip("10.0.0.7");
+    let key = d.client_account(None, web).unwrap();
+    for _ in 0..10 {
+        clock.advance(Duration::from_secs(1));
+        let a = d
+            .assess_as(
+                "app@example.org",
+                Some(&key),
+                web,
+                "app@example.org",
+                &rcpts(1, "x"),
+                0,
+            )
+            .await;
+        assert_eq!(a.action, None, "one sender, ten messages: {a:?}");
+    }
+    let mut first = None;
+    for i in 0..8 {
+        clock.advance(Duration::from_secs(1));
+        let s = format!("u{i}@example.org");
+        let a = d
+            .assess_as(&s, Some(&key), web, &s, &rcpts(1, "x"), 0)
+            .await;
+        if a.action.is_some() {
+            first.get_or_insert(i);
+            assert_eq!(a.action, Some(OutboundAction::Hold));
+            assert!(
+                a.reasons
+                    .iter()
+                    .any(|r| r.contains("distinct envelope senders in 1h: 6 > 5")),
+                "{a:?}"
+            );
+        }
+    }
+    // app@ and u0..u3 are five senders; u4 is the sixth.
+    assert_eq!(first, Some(4));
+}
+
+/// `[[outbound.account]] name = "client:..."` gives one host its own limits (here: a
+/// known bulk relay), normalised like the key (any address of the /64 names it).
+#[tokio::test]
+async fn one_host_can_have_its_own_client_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.trusted_networks = vec!["2001:db8::/32".parse().unwrap()];
+    c.client.max_senders = 2;
+    c.accounts = vec![AccountOverride {
+        name: Some("client:2001:DB8:1:1::25".into()),
+        bulk: true,
+        ..Default::default()
+    }];
+    let (d, _) = detector(&c).await;
+    let relay = ip("2001:db8:1:1::77");
+    let key = d.client_account(None, relay).unwrap();
+    for i in 0..6 {
+        let s = format!("u{i}@example.org");
+        let a = d
+            .assess_as(&s, Some(&key), relay, &s, &rcpts(1, "x"), 0)
+            .await;
+        assert_eq!(a.action, None, "{a:?}");
+    }
+    let other = ip("2001:db8:1:2::77");
+    let key = d.client_account(None, other).unwrap();
+    let mut actions = Vec::new();
+    for i in 0..3 {
+        let s = format!("u{i}@example.org");
+        actions.push(
+            d.assess_as(&s, Some(&key), other, &s, &rcpts(1, "x"), 0)
+                .await
+                .action,
+        );
+    }
+    assert_eq!(actions, [None, None, Some(OutboundAction::Freeze)]);
+}
+
 #[tokio::test]
 async fn tracked_accounts_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
