@@ -195,9 +195,15 @@ impl Clock for ManualClock {
     }
 }
 
-/// Accounts are compared case-insensitively.
+/// Accounts are compared case-insensitively; a client key is the host's key whichever of
+/// its addresses names it (`client:2001:db8:1:2::5` is `client:2001:db8:1:2::/64`, so
+/// the admin API, whose paths cannot carry a `/`, can name an IPv6 host).
 pub fn normalize(account: &str) -> String {
-    account.trim().to_lowercase()
+    let a = account.trim().to_lowercase();
+    match client::is_key(&a).then(|| client::parse_key(&a)).flatten() {
+        Some(key) => key,
+        None => a,
+    }
 }
 
 /// A freeze or unfreeze made while Redis was unreachable, replayed when it is back.

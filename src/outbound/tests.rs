@@ -709,6 +709,11 @@ async fn trusted_clients_are_keyed_by_host() {
         Some("client:2001:db8:5:6::/64")
     );
     assert_eq!(d.client_account(Some("alice"), ip("10.2.3.4")), None);
+    // Any address of the /64 names the host (for the admin API and the CLI).
+    assert_eq!(
+        normalize("Client:2001:DB8:5:6::1"),
+        "client:2001:db8:5:6::/64"
+    );
     assert_eq!(d.client_account(None, ip("192.0.2.1")), None);
     // An IPv4 client on a dual-stack listener is a trusted sender too (not untracked).
     assert_eq!(
