@@ -13,11 +13,22 @@ pub const PREFIX: &str = "client:";
 pub fn host_part(ip: IpAddr) -> String {
     match ip.to_canonical() {
         IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => {
-            let net = u128::from(v6) & !((1u128 << 64) - 1);
-            format!("{}/64", Ipv6Addr::from(net))
-        }
+        v6 @ IpAddr::V6(_) => format!("{}/64", host_ip(v6)),
     }
+}
+
+/// The host of `ip` as an address: itself (IPv4) or its /64's network address (IPv6).
+/// AUTH failures are counted and blocked per this.
+pub fn host_ip(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+    }
+}
+
+/// Whether `a` and `b` are the same host.
+pub fn same_host(a: IpAddr, b: IpAddr) -> bool {
+    host_ip(a) == host_ip(b)
 }
 
 /// The accounting key of a client at `ip`.

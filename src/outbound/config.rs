@@ -239,7 +239,9 @@ pub struct ClientConfig {
     pub action: Option<OutboundAction>,
 }
 
-/// `[outbound.auth_failures]`: AUTH failures per client address.
+/// `[outbound.auth_failures]`: AUTH failures per client (an IPv4 address, an IPv6 /64: a
+/// host rotating addresses inside its prefix is one client) and per user name across all
+/// clients (a password spray from many addresses against one account).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthFailureConfig {
@@ -255,9 +257,19 @@ pub struct AuthFailureConfig {
     /// How long a breaching address is refused AUTH (454 4.7.0). Default `"1h"`.
     #[serde(deserialize_with = "dur::de")]
     pub block: Duration,
+    /// Failed AUTH exchanges allowed per user name per window, from all clients together;
+    /// past it the user name is locked for `user_block`: AUTH as that name is refused
+    /// (454 4.7.0, the next hop is not asked) from every address it never logged in
+    /// from, while its known login addresses still get through. 0 turns it off.
+    /// Default `20`.
+    pub max_failures_per_user: u32,
+    /// Default `"15m"`.
+    #[serde(deserialize_with = "dur::de")]
+    pub user_block: Duration,
     /// Never blocked (e.g. a webmail front end logging in for many users). Default `[]`.
     pub exempt_networks: Vec<ipnet::IpNet>,
-    /// Most client addresses tracked (least recently failing forgotten first). Default `100000`.
+    /// Most clients tracked, and most user names (least recently failing forgotten
+    /// first). Default `100000`.
     pub tracked_clients: usize,
 }
 
@@ -387,6 +399,8 @@ impl Default for AuthFailureConfig {
             max_failures: 10,
             max_usernames: 5,
             block: Duration::from_secs(3600),
+            max_failures_per_user: 20,
+            user_block: Duration::from_secs(900),
             exempt_networks: Vec::new(),
             tracked_clients: 100_000,
         }
@@ -530,6 +544,12 @@ impl OutboundConfig {
                 "auth_failures.max_failures",
                 "max_failures and max_usernames must be at least 1",
             );
+        }
+        if f.max_failures_per_user > 10_000 {
+            return err("auth_failures.max_failures_per_user", "at most 10000");
+        }
+        if f.user_block.is_zero() {
+            return err("auth_failures.user_block", "must be more than zero");
         }
         if f.max_failures > 10_000 {
             return err("auth_failures.max_failures", "at most 10000");

@@ -15,8 +15,9 @@
 //! A breach does what the policy says: alert, defer, hold, freeze (the account's mail is
 //! held in quarantine from then on, until unfrozen or the freeze expires) or reject, and
 //! raises one WARN `outbound burst` line (+ webhook) per account per `alert_interval`.
-//! AUTH failures are counted per client address; too many, or too many user names,
-//! block the address for a while.
+//! AUTH failures are counted per client (address, IPv6 /64) and per user name across
+//! clients; too many block the client, or lock the name for addresses it never logged in
+//! from, for a while.
 //!
 //! State lives in memory ([`memory`], snapshot to disk) or in Redis ([`redis_store`],
 //! shared by instances; when unreachable the local counters take over and the log says
@@ -466,6 +467,20 @@ fn from_mismatch(
     None
 }
 
+/// "5 minutes", "1 minute": how long until `ms` from now, rounded up.
+fn minutes(ms: u64) -> String {
+    let m = ms.div_ceil(60_000).max(1);
+    format!("{m} minute{}", if m == 1 { "" } else { "s" })
+}
+
+/// Counts an AUTH refused before the next hop was asked.
+fn refused(reason: &'static str) {
+    crate::metrics::global()
+        .auth_refused
+        .get_or_create(&crate::metrics::label("reason", reason))
+        .inc();
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -624,39 +639,107 @@ impl Detector {
         })
     }
 
-    /// Before accepting AUTH from `ip`: `Err(reply text)` while the address is blocked
-    /// for repeated failures (the session answers 454 4.7.0).
+    /// Before accepting AUTH from `ip`: `Err(reply text)` while its host (the address,
+    /// an IPv6 /64) is blocked for repeated failures (the session answers 454 4.7.0).
     pub async fn auth_allowed(&self, ip: IpAddr) -> Result<(), String> {
         let cfg = &self.s.cfg;
         if !cfg.enabled || !cfg.auth_failures.enabled || self.s.is_auth_exempt(ip) {
             return Ok(());
         }
+        let host = client::host_ip(ip);
         let now = self.now();
         let until_ms = match self.redis_up() {
-            Some(r) => match r.blocked(ip, now).await {
+            Some(r) => match r.blocked(host, now).await {
                 Ok(u) => u,
                 Err(e) => {
                     self.redis_failed(&e);
-                    self.local.blocked(ip, now).map(|s| u64::from(s) * 1000)
+                    self.local.blocked(host, now).map(|s| u64::from(s) * 1000)
                 }
             },
-            None => self.local.blocked(ip, now).map(|s| u64::from(s) * 1000),
+            None => self.local.blocked(host, now).map(|s| u64::from(s) * 1000),
         };
         match until_ms {
             Some(until) => {
-                let minutes = until.saturating_sub(now).div_ceil(60_000).max(1);
+                refused("client");
                 Err(format!(
-                    "Too many failed authentications from your address, try again in {minutes} minute{}",
-                    if minutes == 1 { "" } else { "s" }
+                    "Too many failed authentications from your address, try again in {}",
+                    minutes(until.saturating_sub(now))
                 ))
             }
             None => Ok(()),
         }
     }
 
+    /// Once the user name is known, before the next hop is asked: `Err(reply text)` while
+    /// `username` is locked (a spray against it from many addresses) and `ip` is not one
+    /// of the account's known login hosts.
+    ///
+    /// Why not lock the name everywhere: the attacker chooses whom to spray, so a lock
+    /// that refuses the real user hands them a denial of service against any account.
+    /// The account's own login addresses (remembered per `new_ip.remember`) keep working;
+    /// a real user on a new network waits `user_block`, or logs in from a known one.
+    pub async fn auth_user_allowed(&self, ip: IpAddr, username: &str) -> Result<(), String> {
+        let cfg = &self.s.cfg;
+        let f = &cfg.auth_failures;
+        if !cfg.enabled || !f.enabled || f.max_failures_per_user == 0 || self.s.is_auth_exempt(ip) {
+            return Ok(());
+        }
+        let now = self.now();
+        let user = fnv32(username.trim());
+        let local = self
+            .local
+            .user_locked(user, now)
+            .map(|s| u64::from(s) * 1000);
+        let until_ms = match self.redis_up() {
+            Some(r) => match r.user_locked(user, now).await {
+                Ok(u) => u,
+                Err(e) => {
+                    self.redis_failed(&e);
+                    local
+                }
+            },
+            None => local,
+        };
+        let Some(until) = until_ms else {
+            return Ok(());
+        };
+        let account = normalize(username);
+        if self.known_login(&account, ip, now).await {
+            return Ok(());
+        }
+        refused("user");
+        Err(format!(
+            "Too many failed authentications for this user name from other addresses, try again in {}",
+            minutes(until.saturating_sub(now))
+        ))
+    }
+
+    /// Whether `account` logged in from the host of `ip` before (here, or for Redis on
+    /// any instance).
+    async fn known_login(&self, account: &str, ip: IpAddr, now: u64) -> bool {
+        if self.local.known_login(account, ip) {
+            return true;
+        }
+        let Some(r) = self.redis_up() else {
+            return false;
+        };
+        match r.detail(account, now).await {
+            Ok(Some(d)) => d.login_ips.iter().any(|k| {
+                k.ip.parse::<IpAddr>()
+                    .is_ok_and(|known| client::same_host(known, ip))
+            }),
+            Ok(None) => false,
+            Err(e) => {
+                self.redis_failed(&e);
+                false
+            }
+        }
+    }
+
     /// After an AUTH exchange (`success`: the next hop said 235). Failures count per
-    /// client address (user names only as hashes); a breach blocks the address and
-    /// raises one alert. A success records the login address for the account.
+    /// client host and per user name (both only as hashes of the name); a breach blocks
+    /// the host, or locks the name (see [`auth_user_allowed`](Self::auth_user_allowed)),
+    /// and raises one alert. A success records the login address for the account.
     pub async fn auth_result(&self, ip: IpAddr, username: &str, success: bool) {
         let cfg = &self.s.cfg;
         if !cfg.enabled {
@@ -680,19 +763,29 @@ impl Detector {
         if !f.enabled || self.s.is_auth_exempt(ip) {
             return;
         }
+        let host = client::host_ip(ip);
+        let user = fnv32(username.trim());
+        self.client_failure(host, user, now).await;
+        if f.max_failures_per_user > 0 {
+            self.user_failure(username, user, host, now).await;
+        }
+    }
+
+    /// One failure from `host` (blocks it past the client limits).
+    async fn client_failure(&self, host: IpAddr, user: u32, now: u64) {
+        let f = &self.s.cfg.auth_failures;
         let l = FailLimits {
             window: f.window.as_secs() as u32,
             max_failures: f.max_failures,
             max_usernames: f.max_usernames,
             block: f.block.as_secs() as u32,
         };
-        let user = fnv32(username.trim());
-        let local = self.local.auth_failure(ip, user, now, l);
+        let local = self.local.auth_failure(host, user, now, l);
         let blocked = match self.redis_up() {
-            Some(r) => match r.auth_failure(ip, user, now, l).await {
+            Some(r) => match r.auth_failure(host, user, now, l).await {
                 Ok(b) => {
                     if b.is_some() {
-                        self.local.block(ip, secs(now).saturating_add(l.block));
+                        self.local.block(host, secs(now).saturating_add(l.block));
                     }
                     b
                 }
@@ -703,35 +796,104 @@ impl Detector {
             },
             None => local,
         };
-        if let Some((failures, usernames)) = blocked {
-            self.alerts.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                client = %ip,
-                failures,
-                usernames,
-                window = %config::label(f.window),
-                max_failures = f.max_failures,
-                max_usernames = f.max_usernames,
-                block = %config::label(f.block),
-                "auth failures: client blocked"
-            );
-            self.alerter.post(&AlertBody {
-                event: "auth-failures",
-                at: u64::from(secs(now)),
-                account: None,
-                client: Some(ip.to_string()),
-                action: Some("block"),
-                signals: vec![
-                    format!("failures={failures}"),
-                    format!("usernames={usernames}"),
-                ],
-                thresholds: vec![
-                    format!("failures={}", f.max_failures),
-                    format!("usernames={}", f.max_usernames),
-                ],
-                reasons: vec![format!("blocked for {}", config::label(f.block))],
-            });
-        }
+        let Some((failures, usernames)) = blocked else {
+            return;
+        };
+        self.alerts.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global()
+            .auth_failure_blocks
+            .get_or_create(&crate::metrics::label("kind", "client"))
+            .inc();
+        tracing::warn!(
+            client = %client::host_part(host),
+            failures,
+            usernames,
+            window = %config::label(f.window),
+            max_failures = f.max_failures,
+            max_usernames = f.max_usernames,
+            block = %config::label(f.block),
+            "auth failures: client blocked"
+        );
+        self.alerter.post(&AlertBody {
+            event: "auth-failures",
+            at: u64::from(secs(now)),
+            account: None,
+            client: Some(client::host_part(host)),
+            action: Some("block"),
+            signals: vec![
+                format!("failures={failures}"),
+                format!("usernames={usernames}"),
+            ],
+            thresholds: vec![
+                format!("failures={}", f.max_failures),
+                format!("usernames={}", f.max_usernames),
+            ],
+            reasons: vec![format!("blocked for {}", config::label(f.block))],
+        });
+    }
+
+    /// One failure for `username` (hashed `user`) from `host`, whatever the host: locks
+    /// the name past `max_failures_per_user`.
+    async fn user_failure(&self, username: &str, user: u32, host: IpAddr, now: u64) {
+        let f = &self.s.cfg.auth_failures;
+        let l = FailLimits {
+            window: f.window.as_secs() as u32,
+            max_failures: f.max_failures_per_user,
+            // The "user names" of this count are the hosts: not limited, reported.
+            max_usernames: u32::MAX,
+            block: f.user_block.as_secs() as u32,
+        };
+        let host_hash = fnv32(&client::host_part(host));
+        let local = self.local.user_failure(user, host_hash, now, l);
+        let locked = match self.redis_up() {
+            Some(r) => match r.user_failure(user, host_hash, now, l).await {
+                Ok(b) => {
+                    if b.is_some() {
+                        self.local
+                            .lock_user(user, secs(now).saturating_add(l.block));
+                    }
+                    b
+                }
+                Err(e) => {
+                    self.redis_failed(&e);
+                    local
+                }
+            },
+            None => local,
+        };
+        let Some((failures, hosts)) = locked else {
+            return;
+        };
+        self.alerts.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global()
+            .auth_failure_blocks
+            .get_or_create(&crate::metrics::label("kind", "user"))
+            .inc();
+        // The name as typed is logged (the session's own line already shows it): the
+        // administrator needs to know which account is under attack.
+        let account = normalize(username);
+        tracing::warn!(
+            user = %account,
+            failures,
+            clients = hosts,
+            window = %config::label(f.window),
+            max_failures_per_user = f.max_failures_per_user,
+            block = %config::label(f.user_block),
+            "auth failures: user name locked"
+        );
+        self.alerter.post(&AlertBody {
+            event: "auth-user-locked",
+            at: u64::from(secs(now)),
+            account: Some(account),
+            client: None,
+            action: Some("lock"),
+            signals: vec![format!("failures={failures}"), format!("clients={hosts}")],
+            thresholds: vec![format!("failures={}", f.max_failures_per_user)],
+            reasons: vec![format!(
+                "AUTH as this name refused from addresses it never logged in from, for {}",
+                config::label(f.user_block)
+            )],
+        });
     }
 
     /// One message at the end of DATA, before relaying: counts it in every window and

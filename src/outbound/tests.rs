@@ -863,6 +863,98 @@ async fn one_host_can_have_its_own_client_limits() {
     assert_eq!(actions, [None, None, Some(OutboundAction::Freeze)]);
 }
 
+/// Issue 13: an IPv6 client rotating its address inside its /64 is one client for the
+/// AUTH failure limit; the next /64 is another.
+#[tokio::test]
+async fn auth_failures_count_per_ipv6_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.auth_failures.max_failures = 3;
+    let (d, clock) = detector(&c).await;
+    for i in 0..4u16 {
+        clock.advance(Duration::from_secs(1));
+        let a = IpAddr::V6(std::net::Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            1,
+            2,
+            0,
+            0,
+            0,
+            100 + i,
+        ));
+        assert!(d.auth_allowed(a).await.is_ok(), "attempt {i}");
+        d.auth_result(a, ALICE, false).await;
+    }
+    let fresh = ip("2001:db8:1:2:ffff::1");
+    assert!(
+        d.auth_allowed(fresh).await.is_err(),
+        "a new address of the /64 is blocked"
+    );
+    assert!(d.auth_allowed(ip("2001:db8:1:3::1")).await.is_ok());
+    assert_eq!(d.alerts_sent(), 1);
+}
+
+/// Issue 13: a password spray against one user name from many addresses, each below the
+/// client limit, locks the name — for addresses it never logged in from. The real user's
+/// known address still gets through (locking them out would be the attacker's win).
+#[tokio::test]
+async fn a_spray_against_one_user_name_locks_it_for_unknown_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.auth_failures.max_failures_per_user = 5;
+    let (d, clock) = detector(&c).await;
+    let home = ip("198.51.100.20");
+    d.auth_result(home, "CEO@example.org", true).await;
+    let mut locked_at = None;
+    for i in 0..8u8 {
+        clock.advance(Duration::from_secs(1));
+        let attacker = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, i));
+        assert!(d.auth_allowed(attacker).await.is_ok(), "client {i} blocked");
+        if d.auth_user_allowed(attacker, "ceo@example.org")
+            .await
+            .is_err()
+        {
+            locked_at.get_or_insert(i);
+            continue;
+        }
+        d.auth_result(attacker, "ceo@example.org", false).await;
+    }
+    assert_eq!(
+        locked_at,
+        Some(6),
+        "the 6th failure locks, the 7th try is refused"
+    );
+    assert_eq!(d.alerts_sent(), 1);
+    let metrics = crate::metrics::global().render();
+    for line in [
+        "mailwarden_auth_failure_blocks_total{kind=\"user\"}",
+        "mailwarden_auth_refused_total{reason=\"user\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    let err = d
+        .auth_user_allowed(ip("192.0.2.99"), " ceo@example.org")
+        .await
+        .unwrap_err();
+    assert!(err.contains("15 minutes"), "{err}");
+    assert!(
+        d.auth_user_allowed(home, "ceo@example.org").await.is_ok(),
+        "known address"
+    );
+    assert!(
+        d.auth_user_allowed(ip("192.0.2.99"), "bob@example.org")
+            .await
+            .is_ok()
+    );
+    clock.advance(Duration::from_secs(15 * 60));
+    assert!(
+        d.auth_user_allowed(ip("192.0.2.99"), "ceo@example.org")
+            .await
+            .is_ok()
+    );
+}
+
 #[tokio::test]
 async fn tracked_accounts_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
