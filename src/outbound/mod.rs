@@ -960,8 +960,10 @@ impl Detector {
             )
             .await;
         if let Some(client) = client {
-            let client = normalize(client);
-            let limits = self.s.limits_for(&client);
+            // Already in key form (`client_account`): not normalised again, this runs
+            // for every message of a trusted client.
+            let client = client.trim();
+            let limits = self.s.limits_for(client);
             let senders = [fnv32(&account)];
             let senders: &[u32] = if limits.bulk || limits.max_domains == 0 {
                 &[]
@@ -970,7 +972,7 @@ impl Detector {
             };
             let c = self
                 .judge(
-                    &client,
+                    client,
                     ip,
                     None,
                     senders,
