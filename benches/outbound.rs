@@ -5,6 +5,11 @@
 //! `cargo bench --bench outbound` (the Redis part starts /usr/bin/redis-server on a free
 //! loopback port and is skipped when it is not installed). `OUTBOUND_BENCH_ACCOUNTS`
 //! changes the number of accounts.
+//!
+//! The "trusted clients" row (issue 13): messages from `trusted_networks` without AUTH,
+//! each counted twice, as its envelope sender and as its host (`client:ADDR`), one host per
+//! five senders: the accounts plus a fifth more host keys are tracked. It runs in a child
+//! process of its own so that its memory figure is not blurred by the first run's heap.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -153,8 +158,81 @@ fn main() {
         "| backend | decision mean | p50 | p99 | {TASKS} sessions at once | memory per account |"
     );
     println!("|---|---|---|---|---|---|");
+    if std::env::var_os(TRUSTED_ONLY).is_some() {
+        rt.block_on(trusted_bench(n));
+        return;
+    }
     rt.block_on(memory_bench(n));
+    let exe = std::env::current_exe().unwrap();
+    let status = Command::new(exe)
+        .env(TRUSTED_ONLY, "1")
+        .status()
+        .expect("run the trusted-client bench");
+    assert!(status.success(), "trusted-client bench: {status}");
     rt.block_on(redis_bench(n));
+}
+
+/// Set in the child that runs only [`trusted_bench`].
+const TRUSTED_ONLY: &str = "OUTBOUND_BENCH_TRUSTED_ONLY";
+/// Senders per host in the trusted-client row. Each sender sends about a dozen messages
+/// here within the hour: five per host stay below the host's adaptive floor (100 per
+/// hour), so the measured decisions relay, as the per-account rows' do.
+const SENDERS_PER_HOST: usize = 5;
+
+/// The host of sender `i` (a fixed mapping: a host keeps its few senders).
+fn host_of(i: usize) -> IpAddr {
+    let h = i / SENDERS_PER_HOST;
+    IpAddr::from([10, (h >> 16) as u8, (h >> 8) as u8, h as u8])
+}
+
+/// Sequential trusted-client decisions (sender + host keys): mean, p50, p99 (µs).
+async fn trusted_latency(d: &Detector, names: &[String], n: usize) -> (f64, f64, f64) {
+    let to = rcpts();
+    let mut rng = Rng(0x5eed_1234_9876_5432);
+    let mut samples = Vec::with_capacity(n);
+    let all = Instant::now();
+    for _ in 0..n {
+        let i = (rng.next() % names.len() as u64) as usize;
+        let (who, ip) = (&names[i], host_of(i));
+        let t = Instant::now();
+        let client = d.client_account(None, ip);
+        let a = d.assess_as(who, client.as_deref(), ip, who, &to, 0).await;
+        samples.push(t.elapsed());
+        std::hint::black_box(a);
+    }
+    let mean = all.elapsed().as_secs_f64() * 1e6 / n as f64;
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6
+    };
+    (mean, pct(0.50), pct(0.99))
+}
+
+async fn trusted_bench(n: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let names = accounts(n);
+    let hosts = n.div_ceil(SENDERS_PER_HOST);
+    let mut c = config(dir.path(), n + hosts);
+    c.trusted_networks = vec!["10.0.0.0/8".parse().unwrap()];
+    let before = rss();
+    let d = Detector::new(&c).await.unwrap();
+    let to = rcpts();
+    for (i, who) in names.iter().enumerate() {
+        let ip = host_of(i);
+        let client = d.client_account(None, ip);
+        d.assess_as(who, client.as_deref(), ip, who, &to, 0).await;
+        d.assess_as(who, client.as_deref(), ip, who, &to[..1], 0)
+            .await;
+    }
+    let per_key = rss().saturating_sub(before) as f64 / (n + hosts) as f64;
+    assert_eq!(d.tracked_accounts(), n + hosts);
+    trusted_latency(&d, &names, 10_000).await;
+    let (mean, p50, p99) = trusted_latency(&d, &names, DECISIONS).await;
+    assert_eq!(d.alerts_sent(), 0, "the measured decisions must not breach");
+    println!(
+        "| memory, trusted clients (sender + host keys, {} keys) | {mean:.2} µs | {p50:.2} µs | {p99:.2} µs | – | {per_key:.0} B per key (RSS delta) |",
+        n + hosts
+    );
 }
 
 async fn memory_bench(n: usize) {

@@ -62,6 +62,12 @@ pub struct Metrics {
     pub burst_alerts: Counter,
     pub frozen_accounts: Gauge,
     pub redis_fallback: Gauge,
+    /// AUTH failure limits reached, by `kind`: `client` (an address or IPv6 /64 blocked)
+    /// or `user` (a user name locked: a password spray from many addresses).
+    pub auth_failure_blocks: Family<Labels, Counter>,
+    /// AUTH exchanges refused with 454 4.7.0 before the next hop was asked, by `reason`
+    /// (`client`, `user`).
+    pub auth_refused: Family<Labels, Counter>,
     /// Policy reloads, by result (`ok`, `error`).
     pub policy_reloads: Family<Labels, Counter>,
     /// Bytes of message content reserved by all sessions (`[limits] message_memory`).
@@ -104,6 +110,8 @@ impl Metrics {
             burst_alerts: Counter::default(),
             frozen_accounts: Gauge::default(),
             redis_fallback: Gauge::default(),
+            auth_failure_blocks: Family::default(),
+            auth_refused: Family::default(),
             policy_reloads: Family::default(),
             message_memory: Gauge::default(),
             relay_without_xclient: Counter::default(),
@@ -238,6 +246,16 @@ impl Metrics {
             "redis_fallback",
             "1 when Redis is unreachable and local counters are used",
             m.redis_fallback.clone(),
+        );
+        registry.register(
+            "auth_failure_blocks",
+            "AUTH failure limits reached (client blocked, user name locked)",
+            m.auth_failure_blocks.clone(),
+        );
+        registry.register(
+            "auth_refused",
+            "AUTH refused with 454 before the next hop was asked",
+            m.auth_refused.clone(),
         );
         registry.register("policy_reloads", "Policy reloads", m.policy_reloads.clone());
         Metrics { registry, ..m }

@@ -609,6 +609,11 @@ async fn unfreeze_resets_the_windows() {
             "windows = [{ window = \"1h\", messages = 2, recipients = 100 }]".into(),
             "[outbound.adaptive]".into(),
             "enabled = false".into(),
+            // The host is counted too (issue 13) and would be frozen by the same burst;
+            // unfreezing the sender does not unfreeze the host. This test is about the
+            // sender's windows: the host gets room.
+            "[outbound.client]".into(),
+            "windows = [{ window = \"1h\", messages = 100 }]".into(),
         ];
         let proxy = Proxy::start(o).await;
         let config = proxy.config_path.to_str().unwrap().to_string();

@@ -1338,3 +1338,302 @@ async fn login_survives_a_new_next_hop_connection() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// 7. Issue 13: a web application in a trusted network rotating envelope senders
+// ---------------------------------------------------------------------------
+
+/// The compromised web application's host, and a printer on the same network.
+const WEB_APP: &str = "127.0.0.7";
+const PRINTER: &str = "127.0.0.8";
+/// The host's messages per minute in this test (`[outbound.client]`).
+const CLIENT_LIMIT: usize = 3;
+const ROTATING_MESSAGES: usize = 12;
+
+/// A plain session from the loopback address `src` (the proxy sees it as the client).
+async fn session_from(src: &str, addr: SocketAddr) -> Client {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(SocketAddr::new(src.parse().expect("address"), 0))
+        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    let s = tokio::time::timeout(Duration::from_secs(10), sock.connect(addr))
+        .await
+        .expect("connect timed out")
+        .expect("connect");
+    let mut c = Client::from_tcp(s);
+    assert_eq!(c.read_reply().await.code, 220);
+    c.ehlo(HELO).await;
+    c
+}
+
+/// `[outbound]` extras for the scenario: the whole loopback net trusted (no AUTH), the
+/// client limit small.
+fn rotating_outbound() -> String {
+    format!(
+        "trusted_networks = [\"127.0.0.0/8\"]\n\
+         [outbound.client]\nwindows = [{{window = \"1m\", messages = {CLIENT_LIMIT}}}]\n"
+    )
+}
+
+/// The README's credential-stuffing incident, from a web application without AUTH:
+/// every message has a new envelope sender (so each sender's own counters see one
+/// message), spread over `proxies` in turn. At most the client limit + 1 reach the next
+/// hop; the printer next to it, another client, is not held once.
+async fn rotating_senders(mta: &FakeMta, proxies: &[&Proxy]) {
+    let mut relayed_n = 0;
+    for i in 0..ROTATING_MESSAGES {
+        let p = proxies[i % proxies.len()];
+        let mut c = session_from(WEB_APP, p.addr).await;
+        let from = format!("user{i:02}@example.org");
+        let to = format!("victim{i}@elsewhere.example");
+        let r = c
+            .send_mail(&from, &[&to], &message(&from, &to, "invoice"))
+            .await;
+        assert_eq!(r.code, 250, "message {i}: {}", show(&r.raw));
+        if relayed(&r) {
+            relayed_n += 1;
+        }
+        quit(c).await;
+    }
+    assert!(
+        (CLIENT_LIMIT..=CLIENT_LIMIT + 1).contains(&relayed_n),
+        "{relayed_n} of {ROTATING_MESSAGES} rotating-sender messages relayed (limit {CLIENT_LIMIT})"
+    );
+    // The printer is another host: its mail (within its own limit) goes through,
+    // whatever the web app did.
+    for i in 0..CLIENT_LIMIT {
+        let p = proxies[i % proxies.len()];
+        let mut c = session_from(PRINTER, p.addr).await;
+        let from = "printer@example.org";
+        let to = format!("office{i}@example.org");
+        let r = c.send_mail(from, &[&to], &message(from, &to, "scan")).await;
+        assert!(
+            relayed(&r),
+            "printer message held or refused: {}\n{}",
+            show(&r.raw),
+            p.log()
+        );
+        quit(c).await;
+    }
+    assert_eq!(
+        mta.accepted().len(),
+        relayed_n + CLIENT_LIMIT,
+        "the next hop got more than the replies say"
+    );
+    let held: Vec<serde_json::Value> = proxies
+        .iter()
+        .flat_map(|p| quarantined(p.dir.path()))
+        .collect();
+    assert_eq!(held.len(), ROTATING_MESSAGES - relayed_n, "{held:?}");
+    assert!(
+        held.iter()
+            .all(|m| flags(m).iter().any(|f| f == "outbound-burst")),
+        "{held:?}"
+    );
+    let log: String = proxies.iter().map(|p| p.log()).collect();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("outbound burst") && l.contains("client:127.0.0.7")),
+        "no burst alert naming the host:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_client_rotating_senders_is_stopped_memory() {
+    within(async {
+        let mta = next_hop(&[]).await;
+        let outbound = format!("[outbound]\n{}", rotating_outbound());
+        let proxy = Proxy::start(options(&mta, &outbound)).await;
+        rotating_senders(&mta, &[&proxy]).await;
+        assert!(frozen_in_file(proxy.dir.path(), "client:127.0.0.7"));
+        assert!(!frozen_in_file(proxy.dir.path(), "client:127.0.0.8"));
+    })
+    .await;
+}
+
+/// Two instances sharing Redis, the web app alternating between them: only the shared
+/// client counter stops it at the limit (each instance's local one sees half).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusted_client_rotating_senders_is_stopped_redis() {
+    within(async {
+        let redis = RedisServer::start(free_port()).await;
+        let mta = next_hop(&[]).await;
+        let outbound = redis_outbound(&redis, "rotating", &rotating_outbound());
+        let a = Proxy::start(options(&mta, &outbound)).await;
+        let b = Proxy::start(options(&mta, &outbound)).await;
+        for p in [&a, &b] {
+            p.wait_log("outbound: shared state in redis", Duration::from_secs(10))
+                .await;
+        }
+        rotating_senders(&mta, &[&a, &b]).await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// 8. Issue 13: AUTH failures per IPv6 /64 and per user name (password spray)
+// ---------------------------------------------------------------------------
+
+/// A TLS session as seen from `client` (a PROXY v1 header from the trusted loopback
+/// proxy: the proxy takes `client` as the peer), ready for AUTH.
+async fn tls_session_as(addr: SocketAddr, client: &str) -> Client {
+    let mut c = Client::connect(addr).await;
+    let family = if client.contains(':') { "TCP6" } else { "TCP4" };
+    let dst = if client.contains(':') {
+        "2001:db8::25"
+    } else {
+        "198.51.100.25"
+    };
+    c.send_raw(format!("PROXY {family} {client} {dst} 40000 587\r\n").as_bytes())
+        .await;
+    assert_eq!(c.read_reply().await.code, 220, "PROXY header from {client}");
+    c.ehlo(HELO).await;
+    c.starttls().await;
+    c.ehlo(HELO).await;
+    c
+}
+
+/// One AUTH PLAIN from `client`; the reply.
+async fn auth_as(addr: SocketAddr, client: &str, user: &str, pass: &str) -> Reply {
+    let mut c = tls_session_as(addr, client).await;
+    let r = c.cmd(&format!("AUTH PLAIN {}", plain(user, pass))).await;
+    quit(c).await;
+    r
+}
+
+/// Behind a PROXY-protocol front end on loopback (clients from anywhere).
+fn behind_proxy(mta: &FakeMta, outbound: &str) -> ProxyOptions {
+    let mut o = options(mta, outbound);
+    o.proxy_protocol = true;
+    o.trusted_proxies = vec!["127.0.0.1/32".into()];
+    o
+}
+
+/// An IPv6 client rotating its address inside its /64 on every guess is one client: the
+/// limit blocks the whole /64 (the right password too), not the next /64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_failures_block_the_whole_ipv6_64() {
+    within(async {
+        let alice = "alice@example.org".to_string();
+        let mta = next_hop(std::slice::from_ref(&alice)).await;
+        let proxy = Proxy::start(behind_proxy(
+            &mta,
+            "[outbound.auth_failures]\nmax_failures = 3\n",
+        ))
+        .await;
+        for i in 1..=4 {
+            let r = auth_as(proxy.addr, &format!("2001:db8:1:2::{i:x}"), &alice, "guess").await;
+            assert_reply(&r, "535 5.7.8", &format!("guess {i}"));
+        }
+        let log = proxy
+            .wait_log("auth failures: client blocked", Duration::from_secs(10))
+            .await;
+        assert!(
+            log.lines()
+                .any(|l| l.contains("client blocked") && l.contains("2001:db8:1:2::/64")),
+            "{log}"
+        );
+        let asked = mta.auth_attempts().len();
+        let r = auth_as(
+            proxy.addr,
+            "2001:db8:1:2:ffff::7",
+            &alice,
+            &password_of(&alice),
+        )
+        .await;
+        assert_reply(&r, "454 4.7.0", "a fresh address of the blocked /64");
+        assert_eq!(mta.auth_attempts().len(), asked, "the next hop was asked");
+        let r = auth_as(proxy.addr, "2001:db8:1:3::7", &alice, &password_of(&alice)).await;
+        assert_reply(&r, "235 2.7.0", "the next /64");
+    })
+    .await;
+}
+
+const SPRAY_LIMIT: usize = 5;
+
+/// A password spray against one user name, one guess per address (no address reaches
+/// the client limit), over `proxies` in turn: the name is locked after `SPRAY_LIMIT`
+/// failures for every address it never logged in from (the right password included);
+/// the real user at a known address logs in; another user is not affected.
+async fn spray(mta: &FakeMta, proxies: &[&Proxy]) {
+    let alice = "alice@example.org";
+    let bob = "bob@example.org";
+    let home = "192.0.2.20";
+    let r = auth_as(proxies[0].addr, home, alice, &password_of(alice)).await;
+    assert_reply(&r, "235 2.7.0", "alice from home");
+    for i in 0..SPRAY_LIMIT + 1 {
+        let p = proxies[i % proxies.len()];
+        let r = auth_as(
+            p.addr,
+            &format!("203.0.113.{}", i + 1),
+            alice,
+            "Summer2026!",
+        )
+        .await;
+        assert_reply(&r, "535 5.7.8", &format!("spray guess {}", i + 1));
+    }
+    let log = proxies[(SPRAY_LIMIT) % proxies.len()]
+        .wait_log("auth failures: user name locked", Duration::from_secs(10))
+        .await;
+    let alert = log
+        .lines()
+        .find(|l| l.contains("auth failures: user name locked"))
+        .unwrap();
+    assert!(alert.contains("WARN") && alert.contains(alice), "{alert}");
+    let asked = mta.auth_attempts().len();
+    for p in proxies {
+        let r = auth_as(p.addr, "203.0.113.77", alice, &password_of(alice)).await;
+        assert_reply(
+            &r,
+            "454 4.7.0",
+            "alice from an unknown address while locked",
+        );
+    }
+    assert_eq!(mta.auth_attempts().len(), asked, "the next hop was asked");
+    for p in proxies {
+        let r = auth_as(p.addr, home, alice, &password_of(alice)).await;
+        assert_reply(&r, "235 2.7.0", "alice from her known address");
+        let r = auth_as(p.addr, "203.0.113.77", bob, &password_of(bob)).await;
+        assert_reply(&r, "235 2.7.0", "bob is not locked");
+    }
+}
+
+fn spray_outbound() -> String {
+    format!("[outbound.auth_failures]\nmax_failures_per_user = {SPRAY_LIMIT}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_spray_locks_the_user_name_memory() {
+    within(async {
+        let users = [
+            "alice@example.org".to_string(),
+            "bob@example.org".to_string(),
+        ];
+        let mta = next_hop(&users).await;
+        let proxy = Proxy::start(behind_proxy(&mta, &spray_outbound())).await;
+        spray(&mta, &[&proxy]).await;
+    })
+    .await;
+}
+
+/// Two instances sharing Redis, the spray alternating between them: neither sees the
+/// limit on its own; the shared count locks the name on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_spray_locks_the_user_name_redis() {
+    within(async {
+        let redis = RedisServer::start(free_port()).await;
+        let users = [
+            "alice@example.org".to_string(),
+            "bob@example.org".to_string(),
+        ];
+        let mta = next_hop(&users).await;
+        let outbound = redis_outbound(&redis, "spray", &spray_outbound());
+        let a = Proxy::start(behind_proxy(&mta, &outbound)).await;
+        let b = Proxy::start(behind_proxy(&mta, &outbound)).await;
+        for p in [&a, &b] {
+            p.wait_log("outbound: shared state in redis", Duration::from_secs(10))
+                .await;
+        }
+        spray(&mta, &[&a, &b]).await;
+    })
+    .await;
+}

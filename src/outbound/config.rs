@@ -112,6 +112,7 @@ pub struct OutboundConfig {
     /// put a local relay in front of an https endpoint). Default: absent.
     pub webhook_url: Option<String>,
     pub from: FromConfig,
+    pub client: ClientConfig,
     pub auth_failures: AuthFailureConfig,
     /// `[[outbound.account]]` overrides, for known bulk senders or stricter groups.
     #[serde(rename = "account")]
@@ -215,7 +216,32 @@ pub struct FromConfig {
     pub action: OutboundAction,
 }
 
-/// `[outbound.auth_failures]`: AUTH failures per client address.
+/// `[outbound.client]`: a client in `trusted_networks` (no AUTH) is counted twice: as
+/// its envelope sender (which it chooses freely, so rotating it walks around every
+/// per-sender limit) and as itself, `client:ADDRESS` (IPv4) or `client:PREFIX/64` (IPv6:
+/// a host owns at least a /64 and picks any address in it). The stricter action wins.
+/// One host (`[[outbound.account]] name = "client:192.0.2.7"`) can get its own limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// Count trusted clients by address too. Default `true`.
+    pub enabled: bool,
+    /// Limits replacing those of the `[outbound]` windows of the same length; a window
+    /// not listed keeps the `[outbound]` limits (a host may send as much as one account
+    /// unless configured otherwise). Default `[]`.
+    pub windows: Vec<WindowLimit>,
+    /// Distinct envelope senders one client may use per `recipient_domains_window`: a web
+    /// server that suddenly sends as dozens of senders is compromised or abused. 0 turns
+    /// the signal off. Default `20`.
+    pub max_senders: u32,
+    /// What a breach of the client's limits does; absent: `[outbound] action`. A freeze
+    /// holds every message of the host (the key `client:...`) until it is unfrozen.
+    pub action: Option<OutboundAction>,
+}
+
+/// `[outbound.auth_failures]`: AUTH failures per client (an IPv4 address, an IPv6 /64: a
+/// host rotating addresses inside its prefix is one client) and per user name across all
+/// clients (a password spray from many addresses against one account).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthFailureConfig {
@@ -231,9 +257,19 @@ pub struct AuthFailureConfig {
     /// How long a breaching address is refused AUTH (454 4.7.0). Default `"1h"`.
     #[serde(deserialize_with = "dur::de")]
     pub block: Duration,
+    /// Failed AUTH exchanges allowed per user name per window, from all clients together;
+    /// past it the user name is locked for `user_block`: AUTH as that name is refused
+    /// (454 4.7.0, the next hop is not asked) from every address it never logged in
+    /// from, while its known login addresses still get through. 0 turns it off.
+    /// Default `20`.
+    pub max_failures_per_user: u32,
+    /// Default `"15m"`.
+    #[serde(deserialize_with = "dur::de")]
+    pub user_block: Duration,
     /// Never blocked (e.g. a webmail front end logging in for many users). Default `[]`.
     pub exempt_networks: Vec<ipnet::IpNet>,
-    /// Most client addresses tracked (least recently failing forgotten first). Default `100000`.
+    /// Most clients tracked, and most user names (least recently failing forgotten
+    /// first). Default `100000`.
     pub tracked_clients: usize,
 }
 
@@ -291,6 +327,7 @@ impl Default for OutboundConfig {
             alert_interval: Duration::from_secs(600),
             webhook_url: None,
             from: FromConfig::default(),
+            client: ClientConfig::default(),
             auth_failures: AuthFailureConfig::default(),
             accounts: Vec::new(),
             backend: Backend::Memory,
@@ -343,6 +380,17 @@ impl Default for FromConfig {
     }
 }
 
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            enabled: true,
+            windows: Vec::new(),
+            max_senders: 20,
+            action: None,
+        }
+    }
+}
+
 impl Default for AuthFailureConfig {
     fn default() -> Self {
         AuthFailureConfig {
@@ -351,6 +399,8 @@ impl Default for AuthFailureConfig {
             max_failures: 10,
             max_usernames: 5,
             block: Duration::from_secs(3600),
+            max_failures_per_user: 20,
+            user_block: Duration::from_secs(900),
             exempt_networks: Vec::new(),
             tracked_clients: 100_000,
         }
@@ -468,6 +518,20 @@ impl OutboundConfig {
                 );
             }
         }
+        for (j, w) in self.client.windows.iter().enumerate() {
+            if !self.windows.iter().any(|g| g.window == w.window) {
+                return err(
+                    format!("client.windows[{j}].window"),
+                    format!("{} is not one of [outbound] windows", label(w.window)),
+                );
+            }
+        }
+        if self.client.max_senders > MAX_RECIPIENT_DOMAINS {
+            return err(
+                "client.max_senders",
+                format!("at most {MAX_RECIPIENT_DOMAINS}"),
+            );
+        }
         let f = &self.auth_failures;
         if f.window.is_zero() || f.block.is_zero() {
             return err(
@@ -480,6 +544,12 @@ impl OutboundConfig {
                 "auth_failures.max_failures",
                 "max_failures and max_usernames must be at least 1",
             );
+        }
+        if f.max_failures_per_user > 10_000 {
+            return err("auth_failures.max_failures_per_user", "at most 10000");
+        }
+        if f.user_block.is_zero() {
+            return err("auth_failures.user_block", "must be more than zero");
         }
         if f.max_failures > 10_000 {
             return err("auth_failures.max_failures", "at most 10000");
@@ -494,10 +564,28 @@ impl OutboundConfig {
             if names.is_empty() {
                 return err(format!("{t}.name"), "name (or names) is required");
             }
+            let clients = names
+                .iter()
+                .filter(|n| super::client::is_key(n.trim()))
+                .count();
+            if clients != 0 && clients != names.len() {
+                return err(
+                    format!("{t}.names"),
+                    "client:... names and accounts cannot share one group (their defaults differ)",
+                );
+            }
             for n in names {
-                let n = n.trim().to_lowercase();
+                let mut n = n.trim().to_lowercase();
                 if n.is_empty() || n == "@" {
                     return err(format!("{t}.name"), "must be an account or @domain");
+                }
+                if super::client::is_key(&n) {
+                    n = super::client::parse_key(&n).ok_or_else(|| {
+                        (
+                            format!("{t}.name"),
+                            format!("`{n}` is not client:IPV4 or client:IPV6/64"),
+                        )
+                    })?;
                 }
                 if let Some(j) = seen.insert(n.clone(), i) {
                     return err(
@@ -578,6 +666,26 @@ impl OutboundConfig {
     }
 }
 
+/// The limits of a client key: the account defaults with `[outbound.client]` over them.
+fn client_limits(cfg: &OutboundConfig, defaults: &Limits) -> Limits {
+    let mut l = defaults.clone();
+    l.client = true;
+    for w in &cfg.client.windows {
+        if let Some(i) = cfg.windows.iter().position(|g| g.window == w.window) {
+            l.windows[i] = (
+                w.messages.or(l.windows[i].0),
+                w.recipients.or(l.windows[i].1),
+            );
+        }
+    }
+    l.max_domains = cfg.client.max_senders;
+    l.action = cfg.client.action.unwrap_or(cfg.action);
+    // The From policy is about who the message claims to be from: judged for the
+    // envelope sender's account, not for the host.
+    l.from_allow = FromAllow::Any;
+    l
+}
+
 fn check_window(key: &str, d: Duration) -> Result<(), (String, String)> {
     if d < MIN_WINDOW || d > MAX_WINDOW {
         return Err((key.into(), "must be from 10s to 30d".into()));
@@ -626,6 +734,9 @@ pub(crate) struct Limits {
     pub from_allow: FromAllow,
     pub from_aliases: Vec<String>,
     pub from_action: OutboundAction,
+    /// The limits of a client key (`client:...`): `max_domains` counts distinct envelope
+    /// senders, not recipient domains, and there is no From check.
+    pub client: bool,
 }
 
 /// The validated configuration compiled for the hot path.
@@ -640,6 +751,8 @@ pub(crate) struct Settings {
     /// Identifies the counter layout; counters saved under another layout are dropped.
     pub layout: String,
     defaults: Limits,
+    /// Limits of every client key without its own `[[outbound.account]]`.
+    client_defaults: Limits,
     overrides: Vec<Limits>,
     by_name: HashMap<String, usize>,
     by_domain: HashMap<String, usize>,
@@ -690,7 +803,9 @@ impl Settings {
             from_allow: cfg.from.allow,
             from_aliases: global_aliases.clone(),
             from_action: cfg.from.action,
+            client: false,
         };
+        let client_defaults = client_limits(cfg, &defaults);
         let mut overrides = Vec::new();
         let mut by_name = HashMap::new();
         let mut by_domain = HashMap::new();
@@ -700,8 +815,14 @@ impl Settings {
                 .iter()
                 .chain(o.names.iter())
                 .map(|n| n.trim().to_lowercase())
+                .map(|n| super::client::parse_key(&n).unwrap_or(n))
                 .collect();
-            let mut l = defaults.clone();
+            // validate() keeps client keys and accounts in separate groups.
+            let mut l = if names.first().is_some_and(|n| super::client::is_key(n)) {
+                client_defaults.clone()
+            } else {
+                defaults.clone()
+            };
             l.name = names.first().cloned();
             l.bulk = o.bulk;
             for w in &o.windows {
@@ -736,6 +857,7 @@ impl Settings {
             alpha,
             layout,
             defaults,
+            client_defaults,
             overrides,
             by_name,
             by_domain,
@@ -747,13 +869,17 @@ impl Settings {
         self.rings.len() - 1
     }
 
-    /// The limits that apply to `account` (already normalised).
+    /// The limits that apply to `account` (already normalised; a client key as
+    /// [`super::client::key`] makes it).
     pub fn limits_for(&self, account: &str) -> &Limits {
-        if self.overrides.is_empty() {
-            return &self.defaults;
-        }
         if let Some(&i) = self.by_name.get(account) {
             return &self.overrides[i];
+        }
+        if super::client::is_key(account) {
+            return &self.client_defaults;
+        }
+        if self.by_domain.is_empty() {
+            return &self.defaults;
         }
         if let Some((_, domain)) = account.rsplit_once('@')
             && let Some(&i) = self.by_domain.get(domain)
@@ -765,6 +891,9 @@ impl Settings {
 
     /// Whether `ip` may submit without AUTH.
     pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        // As the session's `may_submit` sees it: an IPv4 client on a dual-stack listener
+        // arrives as ::ffff:a.b.c.d and must be counted, not let through untracked.
+        let ip = ip.to_canonical();
         self.cfg.trusted_networks.iter().any(|n| n.contains(&ip))
     }
 
@@ -885,6 +1014,20 @@ from_aliases = ["@example.com"]
         let e =
             parse("[outbound]\nbackend = \"redis\"\nredis_url = \"rediss://h/\"\n").unwrap_err();
         assert!(e.starts_with("redis_url"), "{e}");
+        let e = parse("[[outbound.account]]\nname = \"client:10.0.0.0/8\"\n").unwrap_err();
+        assert!(e.starts_with("account[0].name"), "{e}");
+        let e =
+            parse("[[outbound.account]]\nnames = [\"client:10.0.0.1\", \"a@b\"]\n").unwrap_err();
+        assert!(e.starts_with("account[0].names"), "{e}");
+        let e = parse(
+            "[[outbound.account]]\nname = \"client:2001:db8::1\"\n\
+             [[outbound.account]]\nname = \"client:2001:db8::/64\"\n",
+        )
+        .unwrap_err();
+        assert!(e.starts_with("account[1].name"), "the same /64 twice: {e}");
+        let e =
+            parse("[outbound.client]\nwindows = [{window = \"5m\", messages = 1}]\n").unwrap_err();
+        assert!(e.starts_with("client.windows[0].window"), "{e}");
         let e = parse("[outbound.from]\naliases = [\"nobody\"]\n").unwrap_err();
         assert!(e.starts_with("from.aliases[0]"), "{e}");
     }

@@ -65,6 +65,9 @@ pub struct MemoryStore {
     shards: Box<[Shard]>,
     hasher: std::hash::RandomState,
     clients: Mutex<Lru<IpAddr, ClientState>>,
+    /// AUTH failures per user name (its hash), from all clients: the "user names" of a
+    /// [`ClientState`] are the hosts here. Not in the snapshot (a restart forgets them).
+    users: Mutex<Lru<u32, ClientState>>,
     freezes: RwLock<FreezeBook>,
     /// Accounts with a freeze record in force (a fast path: usually 0).
     frozen: AtomicUsize,
@@ -82,6 +85,7 @@ impl MemoryStore {
         MemoryStore {
             p: Params::from_settings(&s),
             clients: Mutex::new(Lru::new(s.cfg.auth_failures.tracked_clients)),
+            users: Mutex::new(Lru::new(s.cfg.auth_failures.tracked_clients)),
             s,
             shards,
             hasher: std::hash::RandomState::new(),
@@ -182,6 +186,40 @@ impl MemoryStore {
         let c = clients.get_or_insert_with(&ip, || (ip, ClientState::default()));
         self.dirty.store(true, Ordering::Relaxed);
         c.fail(secs(now_ms), user, l)
+    }
+
+    /// One failure for the user name hashed `user` from the host hashed `host`:
+    /// `Some((failures, distinct hosts))` when it locks the user name.
+    pub fn user_failure(
+        &self,
+        user: u32,
+        host: u32,
+        now_ms: u64,
+        l: FailLimits,
+    ) -> Option<(u32, u32)> {
+        let mut users = lock(&self.users);
+        let u = users.get_or_insert_with(&user, || (user, ClientState::default()));
+        u.fail(secs(now_ms), host, l)
+    }
+
+    /// Until when the user name hashed `user` is locked, if it is.
+    pub fn user_locked(&self, user: u32, now_ms: u64) -> Option<u32> {
+        lock(&self.users).peek(&user)?.blocked(secs(now_ms))
+    }
+
+    pub fn lock_user(&self, user: u32, until: u32) {
+        lock(&self.users)
+            .get_or_insert_with(&user, || (user, ClientState::default()))
+            .blocked_until = until;
+    }
+
+    /// Whether `account` has logged in from the host of `ip` before (its remembered
+    /// login addresses).
+    pub fn known_login(&self, account: &str, ip: IpAddr) -> bool {
+        let shard = lock(self.shard(account));
+        shard
+            .peek(account)
+            .is_some_and(|st| st.ips.iter().any(|k| super::client::same_host(k.ip, ip)))
     }
 
     /// Until when `ip` is blocked, if it is.

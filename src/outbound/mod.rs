@@ -15,8 +15,9 @@
 //! A breach does what the policy says: alert, defer, hold, freeze (the account's mail is
 //! held in quarantine from then on, until unfrozen or the freeze expires) or reject, and
 //! raises one WARN `outbound burst` line (+ webhook) per account per `alert_interval`.
-//! AUTH failures are counted per client address; too many, or too many user names,
-//! block the address for a while.
+//! AUTH failures are counted per client (address, IPv6 /64) and per user name across
+//! clients; too many block the client, or lock the name for addresses it never logged in
+//! from, for a while.
 //!
 //! State lives in memory ([`memory`], snapshot to disk) or in Redis ([`redis_store`],
 //! shared by instances; when unreachable the local counters take over and the log says
@@ -30,6 +31,7 @@
 
 pub(crate) mod alert;
 pub(crate) mod baseline;
+pub mod client;
 pub mod config;
 pub(crate) mod freeze;
 mod lru;
@@ -139,6 +141,21 @@ impl Assessment {
             flags: Vec::new(),
         }
     }
+
+    /// Both verdicts on one message (sender and client): the stricter action, every
+    /// reason and flag.
+    fn merge(&mut self, other: Assessment) {
+        if let Some(a) = other.action {
+            self.action = Some(OutboundAction::max(self.action, a));
+        }
+        self.frozen |= other.frozen;
+        self.reasons.extend(other.reasons);
+        for f in other.flags {
+            if !self.flags.contains(&f) {
+                self.flags.push(f);
+            }
+        }
+    }
 }
 
 /// Time as the detector sees it (tests drive their own).
@@ -179,9 +196,15 @@ impl Clock for ManualClock {
     }
 }
 
-/// Accounts are compared case-insensitively.
+/// Accounts are compared case-insensitively; a client key is the host's key whichever of
+/// its addresses names it (`client:2001:db8:1:2::5` is `client:2001:db8:1:2::/64`, so
+/// the admin API, whose paths cannot carry a `/`, can name an IPv6 host).
 pub fn normalize(account: &str) -> String {
-    account.trim().to_lowercase()
+    let a = account.trim().to_lowercase();
+    match client::is_key(&a).then(|| client::parse_key(&a)).flatten() {
+        Some(key) => key,
+        None => a,
+    }
 }
 
 /// A freeze or unfreeze made while Redis was unreachable, replayed when it is back.
@@ -264,10 +287,17 @@ fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
             f64::from(limits.max_domains) * factor,
             || {
                 let label = config::label(s.cfg.recipient_domains_window);
-                (
-                    format!("domains_{label}"),
-                    format!("recipient domains in {label}"),
-                )
+                if limits.client {
+                    (
+                        format!("senders_{label}"),
+                        format!("distinct envelope senders in {label}"),
+                    )
+                } else {
+                    (
+                        format!("domains_{label}"),
+                        format!("recipient domains in {label}"),
+                    )
+                }
             },
         );
     }
@@ -437,6 +467,20 @@ fn from_mismatch(
     None
 }
 
+/// "5 minutes", "1 minute": how long until `ms` from now, rounded up.
+fn minutes(ms: u64) -> String {
+    let m = ms.div_ceil(60_000).max(1);
+    format!("{m} minute{}", if m == 1 { "" } else { "s" })
+}
+
+/// Counts an AUTH refused before the next hop was asked.
+fn refused(reason: &'static str) {
+    crate::metrics::global()
+        .auth_refused
+        .get_or_create(&crate::metrics::label("reason", reason))
+        .inc();
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -595,39 +639,107 @@ impl Detector {
         })
     }
 
-    /// Before accepting AUTH from `ip`: `Err(reply text)` while the address is blocked
-    /// for repeated failures (the session answers 454 4.7.0).
+    /// Before accepting AUTH from `ip`: `Err(reply text)` while its host (the address,
+    /// an IPv6 /64) is blocked for repeated failures (the session answers 454 4.7.0).
     pub async fn auth_allowed(&self, ip: IpAddr) -> Result<(), String> {
         let cfg = &self.s.cfg;
         if !cfg.enabled || !cfg.auth_failures.enabled || self.s.is_auth_exempt(ip) {
             return Ok(());
         }
+        let host = client::host_ip(ip);
         let now = self.now();
         let until_ms = match self.redis_up() {
-            Some(r) => match r.blocked(ip, now).await {
+            Some(r) => match r.blocked(host, now).await {
                 Ok(u) => u,
                 Err(e) => {
                     self.redis_failed(&e);
-                    self.local.blocked(ip, now).map(|s| u64::from(s) * 1000)
+                    self.local.blocked(host, now).map(|s| u64::from(s) * 1000)
                 }
             },
-            None => self.local.blocked(ip, now).map(|s| u64::from(s) * 1000),
+            None => self.local.blocked(host, now).map(|s| u64::from(s) * 1000),
         };
         match until_ms {
             Some(until) => {
-                let minutes = until.saturating_sub(now).div_ceil(60_000).max(1);
+                refused("client");
                 Err(format!(
-                    "Too many failed authentications from your address, try again in {minutes} minute{}",
-                    if minutes == 1 { "" } else { "s" }
+                    "Too many failed authentications from your address, try again in {}",
+                    minutes(until.saturating_sub(now))
                 ))
             }
             None => Ok(()),
         }
     }
 
+    /// Once the user name is known, before the next hop is asked: `Err(reply text)` while
+    /// `username` is locked (a spray against it from many addresses) and `ip` is not one
+    /// of the account's known login hosts.
+    ///
+    /// Why not lock the name everywhere: the attacker chooses whom to spray, so a lock
+    /// that refuses the real user hands them a denial of service against any account.
+    /// The account's own login addresses (remembered per `new_ip.remember`) keep working;
+    /// a real user on a new network waits `user_block`, or logs in from a known one.
+    pub async fn auth_user_allowed(&self, ip: IpAddr, username: &str) -> Result<(), String> {
+        let cfg = &self.s.cfg;
+        let f = &cfg.auth_failures;
+        if !cfg.enabled || !f.enabled || f.max_failures_per_user == 0 || self.s.is_auth_exempt(ip) {
+            return Ok(());
+        }
+        let now = self.now();
+        let user = fnv32(username.trim());
+        let local = self
+            .local
+            .user_locked(user, now)
+            .map(|s| u64::from(s) * 1000);
+        let until_ms = match self.redis_up() {
+            Some(r) => match r.user_locked(user, now).await {
+                Ok(u) => u,
+                Err(e) => {
+                    self.redis_failed(&e);
+                    local
+                }
+            },
+            None => local,
+        };
+        let Some(until) = until_ms else {
+            return Ok(());
+        };
+        let account = normalize(username);
+        if self.known_login(&account, ip, now).await {
+            return Ok(());
+        }
+        refused("user");
+        Err(format!(
+            "Too many failed authentications for this user name from other addresses, try again in {}",
+            minutes(until.saturating_sub(now))
+        ))
+    }
+
+    /// Whether `account` logged in from the host of `ip` before (here, or for Redis on
+    /// any instance).
+    async fn known_login(&self, account: &str, ip: IpAddr, now: u64) -> bool {
+        if self.local.known_login(account, ip) {
+            return true;
+        }
+        let Some(r) = self.redis_up() else {
+            return false;
+        };
+        match r.detail(account, now).await {
+            Ok(Some(d)) => d.login_ips.iter().any(|k| {
+                k.ip.parse::<IpAddr>()
+                    .is_ok_and(|known| client::same_host(known, ip))
+            }),
+            Ok(None) => false,
+            Err(e) => {
+                self.redis_failed(&e);
+                false
+            }
+        }
+    }
+
     /// After an AUTH exchange (`success`: the next hop said 235). Failures count per
-    /// client address (user names only as hashes); a breach blocks the address and
-    /// raises one alert. A success records the login address for the account.
+    /// client host and per user name (both only as hashes of the name); a breach blocks
+    /// the host, or locks the name (see [`auth_user_allowed`](Self::auth_user_allowed)),
+    /// and raises one alert. A success records the login address for the account.
     pub async fn auth_result(&self, ip: IpAddr, username: &str, success: bool) {
         let cfg = &self.s.cfg;
         if !cfg.enabled {
@@ -651,19 +763,29 @@ impl Detector {
         if !f.enabled || self.s.is_auth_exempt(ip) {
             return;
         }
+        let host = client::host_ip(ip);
+        let user = fnv32(username.trim());
+        self.client_failure(host, user, now).await;
+        if f.max_failures_per_user > 0 {
+            self.user_failure(username, user, host, now).await;
+        }
+    }
+
+    /// One failure from `host` (blocks it past the client limits).
+    async fn client_failure(&self, host: IpAddr, user: u32, now: u64) {
+        let f = &self.s.cfg.auth_failures;
         let l = FailLimits {
             window: f.window.as_secs() as u32,
             max_failures: f.max_failures,
             max_usernames: f.max_usernames,
             block: f.block.as_secs() as u32,
         };
-        let user = fnv32(username.trim());
-        let local = self.local.auth_failure(ip, user, now, l);
+        let local = self.local.auth_failure(host, user, now, l);
         let blocked = match self.redis_up() {
-            Some(r) => match r.auth_failure(ip, user, now, l).await {
+            Some(r) => match r.auth_failure(host, user, now, l).await {
                 Ok(b) => {
                     if b.is_some() {
-                        self.local.block(ip, secs(now).saturating_add(l.block));
+                        self.local.block(host, secs(now).saturating_add(l.block));
                     }
                     b
                 }
@@ -674,35 +796,104 @@ impl Detector {
             },
             None => local,
         };
-        if let Some((failures, usernames)) = blocked {
-            self.alerts.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                client = %ip,
-                failures,
-                usernames,
-                window = %config::label(f.window),
-                max_failures = f.max_failures,
-                max_usernames = f.max_usernames,
-                block = %config::label(f.block),
-                "auth failures: client blocked"
-            );
-            self.alerter.post(&AlertBody {
-                event: "auth-failures",
-                at: u64::from(secs(now)),
-                account: None,
-                client: Some(ip.to_string()),
-                action: Some("block"),
-                signals: vec![
-                    format!("failures={failures}"),
-                    format!("usernames={usernames}"),
-                ],
-                thresholds: vec![
-                    format!("failures={}", f.max_failures),
-                    format!("usernames={}", f.max_usernames),
-                ],
-                reasons: vec![format!("blocked for {}", config::label(f.block))],
-            });
-        }
+        let Some((failures, usernames)) = blocked else {
+            return;
+        };
+        self.alerts.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global()
+            .auth_failure_blocks
+            .get_or_create(&crate::metrics::label("kind", "client"))
+            .inc();
+        tracing::warn!(
+            client = %client::host_part(host),
+            failures,
+            usernames,
+            window = %config::label(f.window),
+            max_failures = f.max_failures,
+            max_usernames = f.max_usernames,
+            block = %config::label(f.block),
+            "auth failures: client blocked"
+        );
+        self.alerter.post(&AlertBody {
+            event: "auth-failures",
+            at: u64::from(secs(now)),
+            account: None,
+            client: Some(client::host_part(host)),
+            action: Some("block"),
+            signals: vec![
+                format!("failures={failures}"),
+                format!("usernames={usernames}"),
+            ],
+            thresholds: vec![
+                format!("failures={}", f.max_failures),
+                format!("usernames={}", f.max_usernames),
+            ],
+            reasons: vec![format!("blocked for {}", config::label(f.block))],
+        });
+    }
+
+    /// One failure for `username` (hashed `user`) from `host`, whatever the host: locks
+    /// the name past `max_failures_per_user`.
+    async fn user_failure(&self, username: &str, user: u32, host: IpAddr, now: u64) {
+        let f = &self.s.cfg.auth_failures;
+        let l = FailLimits {
+            window: f.window.as_secs() as u32,
+            max_failures: f.max_failures_per_user,
+            // The "user names" of this count are the hosts: not limited, reported.
+            max_usernames: u32::MAX,
+            block: f.user_block.as_secs() as u32,
+        };
+        let host_hash = fnv32(&client::host_part(host));
+        let local = self.local.user_failure(user, host_hash, now, l);
+        let locked = match self.redis_up() {
+            Some(r) => match r.user_failure(user, host_hash, now, l).await {
+                Ok(b) => {
+                    if b.is_some() {
+                        self.local
+                            .lock_user(user, secs(now).saturating_add(l.block));
+                    }
+                    b
+                }
+                Err(e) => {
+                    self.redis_failed(&e);
+                    local
+                }
+            },
+            None => local,
+        };
+        let Some((failures, hosts)) = locked else {
+            return;
+        };
+        self.alerts.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global()
+            .auth_failure_blocks
+            .get_or_create(&crate::metrics::label("kind", "user"))
+            .inc();
+        // The name as typed is logged (the session's own line already shows it): the
+        // administrator needs to know which account is under attack.
+        let account = normalize(username);
+        tracing::warn!(
+            user = %account,
+            failures,
+            clients = hosts,
+            window = %config::label(f.window),
+            max_failures_per_user = f.max_failures_per_user,
+            block = %config::label(f.user_block),
+            "auth failures: user name locked"
+        );
+        self.alerter.post(&AlertBody {
+            event: "auth-user-locked",
+            at: u64::from(secs(now)),
+            account: Some(account),
+            client: None,
+            action: Some("lock"),
+            signals: vec![format!("failures={failures}"), format!("clients={hosts}")],
+            thresholds: vec![format!("failures={}", f.max_failures_per_user)],
+            reasons: vec![format!(
+                "AUTH as this name refused from addresses it never logged in from, for {}",
+                config::label(f.user_block)
+            )],
+        });
     }
 
     /// One message at the end of DATA, before relaying: counts it in every window and
@@ -715,25 +906,109 @@ impl Detector {
         rcpts: &[String],
         rejected_rcpts: usize,
     ) -> Assessment {
+        self.assess_as(account, None, ip, header_from, rcpts, rejected_rcpts)
+            .await
+    }
+
+    /// The client key (`client:ADDRESS`, `client:PREFIX/64`) a session without AUTH is
+    /// counted under besides its envelope sender; `None` for a login (the login is what
+    /// the attacker cannot rotate) or when `[outbound.client]` is off.
+    pub fn client_account(&self, login: Option<&str>, ip: IpAddr) -> Option<String> {
+        let c = &self.s.cfg;
+        if !c.enabled || !c.client.enabled || !self.s.is_trusted(ip) {
+            return None;
+        }
+        if login.is_some_and(|l| !normalize(l).is_empty()) {
+            return None;
+        }
+        Some(client::key(ip))
+    }
+
+    /// [`assess`](Self::assess), the message also counted for `client` (the key of
+    /// [`client_account`](Self::client_account)) under the client limits, the envelope
+    /// sender `account` being one of the client's distinct senders. The stricter of the
+    /// two verdicts wins: a host rotating senders trips its own limits, a sender spread
+    /// over many hosts trips the sender's.
+    pub async fn assess_as(
+        &self,
+        account: &str,
+        client: Option<&str>,
+        ip: IpAddr,
+        header_from: &str,
+        rcpts: &[String],
+        rejected_rcpts: usize,
+    ) -> Assessment {
         if !self.s.cfg.enabled {
             return Assessment::relay();
         }
         let account = normalize(account);
-        let now = self.now();
         let limits = self.s.limits_for(&account);
         let domains = if limits.bulk || limits.max_domains == 0 {
             Vec::new()
         } else {
             domain_hashes(rcpts)
         };
-        let n = u32::try_from(rcpts.len()).unwrap_or(u32::MAX);
+        let mut out = self
+            .judge(
+                &account,
+                ip,
+                Some(header_from),
+                &domains,
+                rcpts.len(),
+                rejected_rcpts,
+                limits,
+            )
+            .await;
+        if let Some(client) = client {
+            // Already in key form (`client_account`): not normalised again, this runs
+            // for every message of a trusted client.
+            let client = client.trim();
+            let limits = self.s.limits_for(client);
+            let senders = [fnv32(&account)];
+            let senders: &[u32] = if limits.bulk || limits.max_domains == 0 {
+                &[]
+            } else {
+                &senders
+            };
+            let c = self
+                .judge(
+                    client,
+                    ip,
+                    None,
+                    senders,
+                    rcpts.len(),
+                    rejected_rcpts,
+                    limits,
+                )
+                .await;
+            out.merge(c);
+        }
+        out
+    }
+
+    /// Counts one message for one key (an account or a client) and judges it against
+    /// `limits`; `header_from` is checked when given. `distinct` are the hashes the key's
+    /// distinct-count signal counts: recipient domains, or for a client its senders.
+    #[allow(clippy::too_many_arguments)]
+    async fn judge(
+        &self,
+        account: &str,
+        ip: IpAddr,
+        header_from: Option<&str>,
+        distinct: &[u32],
+        rcpts: usize,
+        rejected_rcpts: usize,
+        limits: &Limits,
+    ) -> Assessment {
+        let now = self.now();
+        let n = u32::try_from(rcpts).unwrap_or(u32::MAX);
         let rejected = u32::try_from(rejected_rcpts).unwrap_or(u32::MAX);
         let local = self
             .local
-            .record(&account, now, ip, n, rejected, &domains, limits);
+            .record(account, now, ip, n, rejected, distinct, limits);
         let (obs, shared) = match self.redis_up() {
             Some(r) => match r
-                .record(&account, now, ip, n, rejected, &domains, limits)
+                .record(account, now, ip, n, rejected, distinct, limits)
                 .await
             {
                 Ok(o) => (o, true),
@@ -766,29 +1041,36 @@ impl Detector {
         if !breaches.is_empty() {
             out.action = Some(limits.action);
             out.flags.push(FLAG_BURST);
-            out.reasons.extend(breaches.iter().map(|b| b.text.clone()));
+            out.reasons.extend(breaches.iter().map(|b| {
+                if limits.client {
+                    format!("{account}: {}", b.text)
+                } else {
+                    b.text.clone()
+                }
+            }));
             if limits.action == OutboundAction::Freeze {
                 let why = out.reasons.join("; ");
-                let _ = self.freeze_auto(&account, &why).await;
+                let _ = self.freeze_auto(account, &why).await;
             }
-            if self.alert_due(&account, "burst", now, shared).await {
-                self.burst_alert(&account, ip, limits.action, &breaches, now);
+            if self.alert_due(account, "burst", now, shared).await {
+                self.burst_alert(account, ip, limits.action, &breaches, now);
             }
         }
-        if let Some(why) = from_mismatch(&self.s, limits, &account, header_from) {
+        let mismatch = header_from.and_then(|h| from_mismatch(&self.s, limits, account, h));
+        if let Some(why) = mismatch {
             let action = limits.from_action;
             out.action = Some(OutboundAction::max(out.action, action));
             out.flags.push(FLAG_FROM);
             if action == OutboundAction::Freeze {
-                let _ = self.freeze_auto(&account, &why).await;
+                let _ = self.freeze_auto(account, &why).await;
             }
-            if self.alert_due(&account, "from", now, shared).await {
+            if self.alert_due(account, "from", now, shared).await {
                 self.alerts.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(account = %account, client = %ip, action = action.as_str(), reason = %why, "outbound from mismatch");
                 self.alerter.post(&AlertBody {
                     event: "from-mismatch",
                     at: u64::from(secs(now)),
-                    account: Some(account.clone()),
+                    account: Some(account.to_string()),
                     client: Some(ip.to_string()),
                     action: Some(action.as_str()),
                     signals: vec![],

@@ -743,6 +743,49 @@ impl RedisStore {
         Ok((blocked == 1).then_some((f, u)))
     }
 
+    /// One AUTH failure for the user name hashed `user` from the host hashed `host`
+    /// (the client script, its "user names" being the hosts): `Some((failures, hosts))`
+    /// when it locks the user name.
+    pub async fn user_failure(
+        &self,
+        user: u32,
+        host: u32,
+        now_ms: u64,
+        l: FailLimits,
+    ) -> R<Option<(u32, u32)>> {
+        let user = format!("{user:08x}");
+        let member = format!(
+            "{now_ms}-{}-{}",
+            std::process::id(),
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut inv = self.scripts.auth_fail.prepare_invoke();
+        inv.key(self.key("uf", &user))
+            .key(self.key("uh", &user))
+            .key(self.key("ub", &user))
+            .arg(now_ms)
+            .arg(u64::from(l.window) * 1000)
+            .arg(member)
+            .arg(format!("{host:08x}"))
+            .arg(l.max_failures)
+            .arg(l.max_usernames)
+            .arg(u64::from(l.block) * 1000);
+        let (locked, f, h): (i64, u32, u32) = self
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok((locked == 1).then_some((f, h)))
+    }
+
+    /// Until when (ms) the user name hashed `user` is locked, if it is.
+    pub async fn user_locked(&self, user: u32, now_ms: u64) -> R<Option<u64>> {
+        let key = self.key("ub", &format!("{user:08x}"));
+        let v: Option<String> = self
+            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await?;
+        Ok(v.and_then(|v| v.parse::<u64>().ok())
+            .filter(|&until| until > now_ms))
+    }
+
     /// Until when (ms) `ip` is blocked, if it is.
     pub async fn blocked(&self, ip: IpAddr, now_ms: u64) -> R<Option<u64>> {
         let key = self.key("ab", &ip.to_string());

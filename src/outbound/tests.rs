@@ -685,6 +685,276 @@ async fn accounts_are_logins_or_trusted_senders() {
     assert!(d.auth_allowed(ip("192.0.2.1")).await.is_ok());
 }
 
+/// Issue 13: a trusted client is counted by host (IPv4 address, IPv6 /64) besides its
+/// envelope sender; a login is not.
+#[tokio::test]
+async fn trusted_clients_are_keyed_by_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.trusted_networks = vec![
+        "10.0.0.0/8".parse().unwrap(),
+        "2001:db8::/32".parse().unwrap(),
+    ];
+    let (d, _) = detector(&c).await;
+    assert_eq!(
+        d.client_account(None, ip("10.2.3.4")).as_deref(),
+        Some("client:10.2.3.4")
+    );
+    assert_eq!(
+        d.client_account(None, ip("::ffff:10.2.3.4")).as_deref(),
+        Some("client:10.2.3.4")
+    );
+    assert_eq!(
+        d.client_account(None, ip("2001:db8:5:6::99")).as_deref(),
+        Some("client:2001:db8:5:6::/64")
+    );
+    assert_eq!(d.client_account(Some("alice"), ip("10.2.3.4")), None);
+    // Any address of the /64 names the host (for the admin API and the CLI).
+    assert_eq!(
+        normalize("Client:2001:DB8:5:6::1"),
+        "client:2001:db8:5:6::/64"
+    );
+    assert_eq!(d.client_account(None, ip("192.0.2.1")), None);
+    // An IPv4 client on a dual-stack listener is a trusted sender too (not untracked).
+    assert_eq!(
+        d.account(None, ip("::ffff:10.2.3.4"), "app@example.org"),
+        Some("app@example.org".into())
+    );
+    c.client.enabled = false;
+    let (d, _) = detector(&c).await;
+    assert_eq!(d.client_account(None, ip("10.2.3.4")), None);
+}
+
+/// An IPv6 host rotating its address inside its /64 and its envelope sender on every
+/// message is still one client: stopped at the client limit.
+#[tokio::test]
+async fn a_client_rotating_addresses_in_its_64_and_senders_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.trusted_networks = vec!["2001:db8::/32".parse().unwrap()];
+    c.client.windows = vec![WindowLimit {
+        window: Duration::from_secs(60),
+        messages: Some(3),
+        recipients: None,
+    }];
+    c.client.action = Some(OutboundAction::Defer);
+    let (d, clock) = detector(&c).await;
+    let mut stopped = Vec::new();
+    for i in 0..8u16 {
+        clock.advance(Duration::from_millis(50));
+        let addr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, 7, i, 1, 2, 3));
+        let sender = format!("s{i}@example.org");
+        let key = d.client_account(None, addr).unwrap();
+        let a = d
+            .assess_as(
+                &sender,
+                Some(&key),
+                addr,
+                &sender,
+                &rcpts(1, "x.example"),
+                0,
+            )
+            .await;
+        if a.action.is_some() {
+            assert_eq!(a.action, Some(OutboundAction::Defer), "{a:?}");
+            assert!(a.reasons[0].contains("client:2001:db8:7:7::/64"), "{a:?}");
+            stopped.push(i);
+        }
+    }
+    assert_eq!(stopped, [3, 4, 5, 6, 7]);
+    // Another host of the same network is not affected.
+    let other = ip("2001:db8:7:8::1");
+    let key = d.client_account(None, other).unwrap();
+    let a = d
+        .assess_as(
+            "s0@example.org",
+            Some(&key),
+            other,
+            "s0@example.org",
+            &rcpts(1, "x"),
+            0,
+        )
+        .await;
+    assert_eq!(a.action, None, "{a:?}");
+}
+
+/// The distinct-senders signal: a host within its volume limits that suddenly sends as
+/// more senders than `max_senders` breaches; one sender many times does not.
+#[tokio::test]
+async fn many_senders_from_one_client_breach() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.trusted_networks = vec!["10.0.0.0/8".parse().unwrap()];
+    c.client.max_senders = 5;
+    c.client.action = Some(OutboundAction::Hold);
+    let (d, clock) = detector(&c).await;
+    let web = ip("10.0.0.7");
+    let key = d.client_account(None, web).unwrap();
+    for _ in 0..10 {
+        clock.advance(Duration::from_secs(1));
+        let a = d
+            .assess_as(
+                "app@example.org",
+                Some(&key),
+                web,
+                "app@example.org",
+                &rcpts(1, "x"),
+                0,
+            )
+            .await;
+        assert_eq!(a.action, None, "one sender, ten messages: {a:?}");
+    }
+    let mut first = None;
+    for i in 0..8 {
+        clock.advance(Duration::from_secs(1));
+        let s = format!("u{i}@example.org");
+        let a = d
+            .assess_as(&s, Some(&key), web, &s, &rcpts(1, "x"), 0)
+            .await;
+        if a.action.is_some() {
+            first.get_or_insert(i);
+            assert_eq!(a.action, Some(OutboundAction::Hold));
+            assert!(
+                a.reasons
+                    .iter()
+                    .any(|r| r.contains("distinct envelope senders in 1h: 6 > 5")),
+                "{a:?}"
+            );
+        }
+    }
+    // app@ and u0..u3 are five senders; u4 is the sixth.
+    assert_eq!(first, Some(4));
+}
+
+/// `[[outbound.account]] name = "client:..."` gives one host its own limits (here: a
+/// known bulk relay), normalised like the key (any address of the /64 names it).
+#[tokio::test]
+async fn one_host_can_have_its_own_client_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.trusted_networks = vec!["2001:db8::/32".parse().unwrap()];
+    c.client.max_senders = 2;
+    c.accounts = vec![AccountOverride {
+        name: Some("client:2001:DB8:1:1::25".into()),
+        bulk: true,
+        ..Default::default()
+    }];
+    let (d, _) = detector(&c).await;
+    let relay = ip("2001:db8:1:1::77");
+    let key = d.client_account(None, relay).unwrap();
+    for i in 0..6 {
+        let s = format!("u{i}@example.org");
+        let a = d
+            .assess_as(&s, Some(&key), relay, &s, &rcpts(1, "x"), 0)
+            .await;
+        assert_eq!(a.action, None, "{a:?}");
+    }
+    let other = ip("2001:db8:1:2::77");
+    let key = d.client_account(None, other).unwrap();
+    let mut actions = Vec::new();
+    for i in 0..3 {
+        let s = format!("u{i}@example.org");
+        actions.push(
+            d.assess_as(&s, Some(&key), other, &s, &rcpts(1, "x"), 0)
+                .await
+                .action,
+        );
+    }
+    assert_eq!(actions, [None, None, Some(OutboundAction::Freeze)]);
+}
+
+/// Issue 13: an IPv6 client rotating its address inside its /64 is one client for the
+/// AUTH failure limit; the next /64 is another.
+#[tokio::test]
+async fn auth_failures_count_per_ipv6_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.auth_failures.max_failures = 3;
+    let (d, clock) = detector(&c).await;
+    for i in 0..4u16 {
+        clock.advance(Duration::from_secs(1));
+        let a = IpAddr::V6(std::net::Ipv6Addr::new(
+            0x2001,
+            0xdb8,
+            1,
+            2,
+            0,
+            0,
+            0,
+            100 + i,
+        ));
+        assert!(d.auth_allowed(a).await.is_ok(), "attempt {i}");
+        d.auth_result(a, ALICE, false).await;
+    }
+    let fresh = ip("2001:db8:1:2:ffff::1");
+    assert!(
+        d.auth_allowed(fresh).await.is_err(),
+        "a new address of the /64 is blocked"
+    );
+    assert!(d.auth_allowed(ip("2001:db8:1:3::1")).await.is_ok());
+    assert_eq!(d.alerts_sent(), 1);
+}
+
+/// Issue 13: a password spray against one user name from many addresses, each below the
+/// client limit, locks the name — for addresses it never logged in from. The real user's
+/// known address still gets through (locking them out would be the attacker's win).
+#[tokio::test]
+async fn a_spray_against_one_user_name_locks_it_for_unknown_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.auth_failures.max_failures_per_user = 5;
+    let (d, clock) = detector(&c).await;
+    let home = ip("198.51.100.20");
+    d.auth_result(home, "CEO@example.org", true).await;
+    let mut locked_at = None;
+    for i in 0..8u8 {
+        clock.advance(Duration::from_secs(1));
+        let attacker = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, i));
+        assert!(d.auth_allowed(attacker).await.is_ok(), "client {i} blocked");
+        if d.auth_user_allowed(attacker, "ceo@example.org")
+            .await
+            .is_err()
+        {
+            locked_at.get_or_insert(i);
+            continue;
+        }
+        d.auth_result(attacker, "ceo@example.org", false).await;
+    }
+    assert_eq!(
+        locked_at,
+        Some(6),
+        "the 6th failure locks, the 7th try is refused"
+    );
+    assert_eq!(d.alerts_sent(), 1);
+    let metrics = crate::metrics::global().render();
+    for line in [
+        "mailwarden_auth_failure_blocks_total{kind=\"user\"}",
+        "mailwarden_auth_refused_total{reason=\"user\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    let err = d
+        .auth_user_allowed(ip("192.0.2.99"), " ceo@example.org")
+        .await
+        .unwrap_err();
+    assert!(err.contains("15 minutes"), "{err}");
+    assert!(
+        d.auth_user_allowed(home, "ceo@example.org").await.is_ok(),
+        "known address"
+    );
+    assert!(
+        d.auth_user_allowed(ip("192.0.2.99"), "bob@example.org")
+            .await
+            .is_ok()
+    );
+    clock.advance(Duration::from_secs(15 * 60));
+    assert!(
+        d.auth_user_allowed(ip("192.0.2.99"), "ceo@example.org")
+            .await
+            .is_ok()
+    );
+}
+
 #[tokio::test]
 async fn tracked_accounts_are_bounded() {
     let dir = tempfile::tempdir().unwrap();

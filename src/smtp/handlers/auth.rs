@@ -118,6 +118,15 @@ impl Session {
             Collect::Refused(reply) => return self.refuse(state, reply).await,
             Collect::Closed => return (state, Flow::Close),
         };
+        if let Some(detector) = self.shared.outbound.clone()
+            && let Err(why) = detector
+                .auth_user_allowed(self.peer.ip(), &creds.username)
+                .await
+        {
+            tracing::warn!(session = %self.id, client = %self.peer, user = ?creds.username, reason = %why, "AUTH refused: user name locked");
+            let reply = Reply::new(454, Enhanced(4, 7, 0), "Temporary authentication failure");
+            return self.refuse(state, reply).await;
+        }
         let reply = self.login_at_next_hop(&helo, &creds).await;
         // Only the next hop's definite answers count for credential-stuffing detection.
         if let Some(detector) = self.shared.outbound.clone()

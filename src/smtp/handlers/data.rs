@@ -209,6 +209,9 @@ impl Session {
         }
         let detector = self.shared.outbound.clone()?;
         let account = detector.account(self.login.as_deref(), self.peer.ip(), &tx.from.address)?;
+        // Without AUTH the envelope sender is whatever the client says: the client itself
+        // is counted too, so that rotating MAIL FROM does not reset the limits.
+        let client = detector.client_account(self.login.as_deref(), self.peer.ip());
         // The From policy covers every mailbox of every From field, and Sender: a second,
         // foreign From must not pass because only the first one was read.
         let fields = crate::auth::headers::fields(message);
@@ -224,8 +227,9 @@ impl Session {
             .join(", ");
         let rcpts: Vec<String> = tx.rcpts.iter().map(|r| r.address.clone()).collect();
         let a = detector
-            .assess(
+            .assess_as(
                 &account,
+                client.as_deref(),
                 self.peer.ip(),
                 &header_from,
                 &rcpts,
