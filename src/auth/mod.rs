@@ -365,32 +365,37 @@ impl Verifier {
                 .unwrap_or_default(),
         };
 
-        // DMARC policy discovery needs nothing from DKIM or ARC: it runs beside them, so
+        // DMARC policy discovery needs nothing from DKIM or ARC: it is polled beside them
+        // (one task, no spawn: a task per message cost more than the whole of DMARC), so
         // that signatures whose key lookups eat the time budget cannot leave DMARC
-        // without its record (and a spoof with a temperror instead of a fail).
+        // without its record (and a spoof with a temperror instead of a fail). Past the
+        // deadline `within` gives up on it; `decide` keeps to the deadline itself.
         let dmarc_dns = dmarc::Dns {
             resolver: self.authenticator.0.clone(),
             cache: std::sync::Arc::clone(&self.dmarc_cache),
             budget: Some(std::sync::Arc::clone(&budget)),
         };
-        let mut discovery = AbortOnDrop(tokio::spawn({
-            let (dns, from) = (dmarc_dns.clone(), header_from.clone());
-            async move { dmarc::discover(&dns, &from).await }
-        }));
-
-        let dkim = dkim::verify(
-            &dkim::Context {
-                resolver: &self.authenticator.0,
-                keys: &self.key_cache,
-                budget: &budget,
-                deadline,
-                max_signatures: self.max_signatures,
-            },
-            &message,
-        )
-        .await;
-
-        let (mut arc, arc_latest, arc_sets) = self.arc(&message, &budget, deadline).await;
+        let signatures = async {
+            let dkim = dkim::verify(
+                &dkim::Context {
+                    resolver: &self.authenticator.0,
+                    keys: &self.key_cache,
+                    budget: &budget,
+                    deadline,
+                    max_signatures: self.max_signatures,
+                },
+                &message,
+            )
+            .await;
+            let arc = self.arc(&message, &budget, deadline).await;
+            (dkim, arc)
+        };
+        // Polled in this order: DKIM's first key lookup comes before DMARC's first
+        // record lookup, so a message over its DNS budget loses DMARC, not its signature.
+        let ((dkim, (mut arc, arc_latest, arc_sets)), found) = tokio::join!(
+            signatures,
+            within(deadline, dmarc::discover(&dmarc_dns, &header_from)),
+        );
         // DMARC aligns with the SPF result of the MAIL FROM identity (HELO's for <>).
         let input = dmarc::DmarcInput {
             spf: &mail_from,
@@ -398,11 +403,6 @@ impl Verifier {
             arc: arc_latest.as_ref(),
             trusted_sealers: &self.trusted_arc_sealers,
         };
-        // Past the deadline `within` still polls once: a discovery that has finished is
-        // used. `decide` keeps to the deadline itself (see there).
-        let found = within(deadline, &mut discovery.0)
-            .await
-            .and_then(Result::ok);
         let mut dmarc = match found {
             Some(found) => {
                 let out = dmarc::decide(&dmarc_dns, found, &input, Some(deadline)).await;
@@ -536,16 +536,6 @@ impl Verifier {
         .await
         .unwrap_or(AuthResult::TempError);
         SpfCheck { result, domain }
-    }
-}
-
-/// A spawned task that is aborted when its handle goes (a message whose verification
-/// ended or was dropped leaves no lookups behind).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
