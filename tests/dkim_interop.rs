@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -215,24 +215,12 @@ for job in jobs['sign']:
 json.dump({'dns': dns, 'signed': results}, open(os.path.join(out, 'manifest.json'), 'w'), indent=1)
 "#;
 
-/// A python3 that has dkimpy and PyNaCl: the Debian one first (python3-dkim installs
-/// there), then whatever `python3` is on PATH.
 fn python() -> String {
-    for p in ["/usr/bin/python3", "python3"] {
-        let ok = Command::new(p)
-            .args(["-c", "import dkim, nacl.signing"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return p.to_string();
-        }
-    }
-    panic!(
+    common::python_with(
+        "dkim, nacl.signing",
         "dkim_interop needs python3 with dkimpy and PyNaCl: `apt-get install python3-dkim` \
-         (Debian; pulls python3-nacl) or `pip install dkimpy pynacl`; and the openssl command"
-    );
+         (Debian; pulls python3-nacl) or `pip install dkimpy pynacl`; and the openssl command",
+    )
 }
 
 /// One signature to make: key name, algorithm, canonicalisation.

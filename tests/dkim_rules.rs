@@ -16,7 +16,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -120,20 +120,11 @@ json.dump({'rsa': rsa_pub, 'ed25519': ed_pub, 'files': files},
           open(os.path.join(out, 'manifest.json'), 'w'), indent=1)
 "#;
 
-/// A python3 with dkimpy and PyNaCl (the Debian one first).
 fn python() -> String {
-    for p in ["/usr/bin/python3", "python3"] {
-        let ok = Command::new(p)
-            .args(["-c", "import dkim, nacl.signing"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return p.to_string();
-        }
-    }
-    panic!("dkim_rules needs python3 with dkimpy and PyNaCl (`apt-get install python3-dkim`)");
+    common::python_with(
+        "dkim, nacl.signing",
+        "dkim_rules needs python3 with dkimpy and PyNaCl (`apt-get install python3-dkim`)",
+    )
 }
 
 // ---------------------------------------------------------------------------

@@ -868,3 +868,21 @@ pub async fn run_bounded(command: Command, dir: &Path, deadline: Duration) -> Fi
         .await
         .expect("command thread")
 }
+
+/// A python3 that can `import <imports>`: the Debian one first (python3-dkim and friends
+/// install there), then whatever `python3` is on PATH. Panics with `hint` when neither can.
+#[allow(dead_code)] // not every test file runs Python
+pub fn python_with(imports: &str, hint: &str) -> String {
+    for p in ["/usr/bin/python3", "python3"] {
+        let ok = Command::new(p)
+            .args(["-c", &format!("import {imports}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return p.to_string();
+        }
+    }
+    panic!("{hint}");
+}

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -111,23 +111,12 @@ for job in spec['jobs']:
 json.dump({'dns': dns}, open(os.path.join(out, 'manifest.json'), 'w'))
 "#;
 
-/// A python3 with dkimpy and authres (Debian first: python3-dkim installs there).
 fn python() -> String {
-    for p in ["/usr/bin/python3", "python3"] {
-        let ok = Command::new(p)
-            .args(["-c", "import dkim, authres"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return p.to_string();
-        }
-    }
-    panic!(
+    super::common::python_with(
+        "dkim, authres",
         "these tests need python3 with dkimpy and authres (`apt-get install python3-dkim \
-         python3-authres`) and the openssl command"
-    );
+         python3-authres`) and the openssl command",
+    )
 }
 
 /// What [`sign`] made: the key records to publish (name, TXT) and each job's message.
