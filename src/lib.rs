@@ -25,5 +25,6 @@ pub mod quarantine;
 pub mod relay;
 pub mod server;
 pub mod smtp;
+pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub burst_alerts: Counter,
     pub frozen_accounts: Gauge,
     pub redis_fallback: Gauge,
+    /// 1 when the last use of PostgreSQL (`[quarantine] backend = "postgres"`) succeeded.
+    pub postgres_up: Gauge,
     /// AUTH failure limits reached, by `kind`: `client` (an address or IPv6 /64 blocked)
     /// or `user` (a user name locked: a password spray from many addresses).
     pub auth_failure_blocks: Family<Labels, Counter>,
@@ -110,6 +112,7 @@ impl Metrics {
             burst_alerts: Counter::default(),
             frozen_accounts: Gauge::default(),
             redis_fallback: Gauge::default(),
+            postgres_up: Gauge::default(),
             auth_failure_blocks: Family::default(),
             auth_refused: Family::default(),
             policy_reloads: Family::default(),
@@ -248,6 +251,11 @@ impl Metrics {
             m.redis_fallback.clone(),
         );
         registry.register(
+            "postgres_up",
+            "1 when PostgreSQL answered the last use (shared quarantine); 0: held mail is deferred",
+            m.postgres_up.clone(),
+        );
+        registry.register(
             "auth_failure_blocks",
             "AUTH failure limits reached (client blocked, user name locked)",
             m.auth_failure_blocks.clone(),
@@ -275,11 +283,11 @@ pub fn global() -> &'static Metrics {
     METRICS.get_or_init(Metrics::new)
 }
 
-/// Sets the quarantine use and capacity gauges from the store's index (two point reads).
-pub fn quarantine_usage(store: &crate::quarantine::Quarantine) {
+/// Sets the quarantine use and capacity gauges from the store's counters (point reads).
+pub async fn quarantine_usage(store: &dyn crate::quarantine::QuarantineStore) {
     let m = global();
     let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    if let Ok(u) = store.usage() {
+    if let Ok(u) = store.usage().await {
         m.quarantine_bytes.set(gauge(u.bytes));
         m.quarantine_entries.set(gauge(u.entries));
     }

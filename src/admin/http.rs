@@ -310,7 +310,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<App>> {
         ("GET", "/") => get(|| async { page(INDEX_HTML, "text/html; charset=utf-8") }),
         ("GET", "/app.js") => get(|| async { page(APP_JS, "text/javascript; charset=utf-8") }),
         ("GET", "/style.css") => get(|| async { page(STYLE_CSS, "text/css; charset=utf-8") }),
-        ("GET", "/healthz") => get(|| async { "ok\n" }),
+        ("GET", "/healthz") => get(api::healthz),
         ("GET", "/metrics") => get(api::metrics),
         ("GET", "/api/quarantine") => get(api::list),
         ("GET", "/api/quarantine/{id}") => get(api::entry),

@@ -4,12 +4,13 @@
 pub mod accounts_cli;
 pub mod http;
 pub mod quarantine_cli;
+pub mod quarantine_migrate;
 
 use std::sync::Arc;
 
 use crate::config::Config;
 use crate::policy::Inspector;
-use crate::quarantine::Quarantine;
+use crate::quarantine::QuarantineStore;
 use crate::relay::NextHops;
 
 /// What the admin API acts on: the running proxy's own objects.
@@ -17,7 +18,7 @@ use crate::relay::NextHops;
 pub struct AdminState {
     pub config: Arc<Config>,
     /// `None` when checks (and so the quarantine) are off.
-    pub quarantine: Option<Arc<Quarantine>>,
+    pub quarantine: Option<Arc<dyn QuarantineStore>>,
     /// The verdict engine: policy version and last reload result.
     pub inspector: Arc<dyn Inspector>,
     /// Every next hop; a release goes through the one of the entry's listener role.

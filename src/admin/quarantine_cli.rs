@@ -9,7 +9,7 @@ use clap::Subcommand;
 use crate::config::{Config, Purpose};
 use crate::quarantine::index::{Filter, Row};
 use crate::quarantine::release::{ReleaseError, release};
-use crate::quarantine::{self, Quarantine};
+use crate::quarantine::{self, QuarantineStore};
 use crate::relay::NextHops;
 
 #[derive(Subcommand, Debug)]
@@ -66,19 +66,44 @@ pub enum QuarantineCommand {
         #[arg(long)]
         older_than: String,
     },
+    /// Move every entry from the store of one configuration to the store of another
+    /// (embedded to PostgreSQL or back). Resumable: run it again after an interruption;
+    /// nothing is lost or copied twice.
+    Migrate {
+        /// The configuration whose [quarantine] is emptied.
+        #[arg(long)]
+        from: std::path::PathBuf,
+        /// The configuration whose [quarantine] receives the entries.
+        #[arg(long)]
+        to: std::path::PathBuf,
+    },
 }
 
 pub fn run(config_path: &Path, cmd: &QuarantineCommand) -> ExitCode {
+    if let QuarantineCommand::Migrate { from, to } = cmd {
+        return crate::admin::quarantine_migrate::run(from, to);
+    }
     let config = match Config::load_for(config_path, Purpose::Offline) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
     crate::telemetry::init("warn", config.log.format);
-    let store = match Quarantine::open_existing(&config.quarantine.dir) {
-        Ok(s) => s,
-        Err(e @ quarantine::StoreError::Missing(_)) => return fail(e),
-        Err(e) => return fail(format!("{}: {e}", config.quarantine.dir.display())),
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
     };
+    runtime.block_on(run_async(&config, cmd))
+}
+
+async fn run_async(config: &Config, cmd: &QuarantineCommand) -> ExitCode {
+    let store = match quarantine::store::open(config, quarantine::store::Opener::Cli).await {
+        Ok((s, _)) => s,
+        Err(e) => return fail(e),
+    };
+    let store = store.as_ref();
     match cmd {
         QuarantineCommand::List {
             since,
@@ -104,8 +129,9 @@ pub fn run(config_path: &Path, cmd: &QuarantineCommand) -> ExitCode {
                 rcpt: rcpt.clone(),
                 all_states: *all,
                 limit: *limit,
+                before: None,
             };
-            match store.list(&filter) {
+            match store.list(&filter).await {
                 Ok(rows) if *json => {
                     println!("{}", serde_json::to_string(&rows).unwrap_or_default())
                 }
@@ -113,17 +139,18 @@ pub fn run(config_path: &Path, cmd: &QuarantineCommand) -> ExitCode {
                 Err(e) => return fail(e),
             }
         }
-        QuarantineCommand::Show { id, raw, json } => return show(&store, id, *raw, *json),
+        QuarantineCommand::Show { id, raw, json } => return show(store, id, *raw, *json).await,
         QuarantineCommand::Release { ids, to, force } => {
-            return release_all(&config, &store, ids, to, *force);
+            return release_all(config, store, ids, to, *force).await;
         }
         QuarantineCommand::Delete { ids } => {
             let mut failed = false;
             for input in ids {
-                match store
-                    .lookup(input)
-                    .and_then(|id| store.delete(&id).map(|()| id))
-                {
+                let deleted = match store.lookup(input).await {
+                    Ok(id) => store.delete(&id).await.map(|()| id),
+                    Err(e) => Err(e),
+                };
+                match deleted {
                     Ok(id) => println!("{id}: deleted"),
                     Err(e) => {
                         eprintln!("{e}");
@@ -142,11 +169,12 @@ pub fn run(config_path: &Path, cmd: &QuarantineCommand) -> ExitCode {
                 Ok(d) => d,
                 Err(e) => return fail(format!("--older-than: {e}")),
             };
-            match purge(&store, age.as_secs()) {
+            match store.purge_older_than(age.as_secs()).await {
                 Ok(n) => println!("purged {n} entries older than {older_than}"),
                 Err(e) => return fail(e),
             }
         }
+        QuarantineCommand::Migrate { .. } => unreachable!("handled before the store is opened"),
     }
     ExitCode::SUCCESS
 }
@@ -154,20 +182,6 @@ pub fn run(config_path: &Path, cmd: &QuarantineCommand) -> ExitCode {
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("mailwarden quarantine: {e}");
     ExitCode::from(1)
-}
-
-/// Deletes entries older than `age_secs`, with progress on a terminal.
-fn purge(store: &Quarantine, age_secs: u64) -> Result<usize, quarantine::StoreError> {
-    let mut progress: Option<Progress> = None;
-    let n = store.purge_older_than(age_secs, |_, total| {
-        progress
-            .get_or_insert_with(|| Progress::new("purging", total))
-            .step()
-    })?;
-    if let Some(p) = progress {
-        p.done();
-    }
-    Ok(n)
 }
 
 fn table(rows: &[Row]) -> String {
@@ -220,12 +234,12 @@ fn clip(s: &str, width: usize) -> String {
     }
 }
 
-fn show(store: &Quarantine, input: &str, raw: bool, json: bool) -> ExitCode {
-    let id = match store.lookup(input) {
+async fn show(store: &dyn QuarantineStore, input: &str, raw: bool, json: bool) -> ExitCode {
+    let id = match store.lookup(input).await {
         Ok(id) => id,
         Err(e) => return fail(e),
     };
-    let (meta, message) = match (store.meta(&id), store.message(&id)) {
+    let (meta, message) = match (store.meta(&id).await, store.message(&id).await) {
         (Ok(m), Ok(b)) => (m, b),
         (Err(e), _) | (_, Err(e)) => return fail(e),
     };
@@ -244,6 +258,9 @@ fn show(store: &Quarantine, input: &str, raw: bool, json: bool) -> ExitCode {
     let mut row = |k: &str, v: &str| out.push_str(&format!("{k:<16} {}\n", clip(v, 200)));
     row("ID", &meta.id);
     row("State", &meta.state);
+    if !meta.instance.is_empty() {
+        row("Instance", &meta.instance);
+    }
     row("Received", &crate::smtp::trace::iso_date(meta.received_at));
     row("Client", &format!("{} (HELO {})", meta.client, meta.helo));
     row("Envelope from", &meta.mail_from);
@@ -264,9 +281,9 @@ fn show(store: &Quarantine, input: &str, raw: bool, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn release_all(
+async fn release_all(
     config: &Config,
-    store: &Quarantine,
+    store: &dyn QuarantineStore,
     ids: &[String],
     to: &[String],
     force: bool,
@@ -275,28 +292,21 @@ fn release_all(
         Ok(h) => h,
         Err(e) => return fail(e),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(e),
-    };
     let mut failed = false;
     let mut progress = Progress::new("releasing", ids.len());
     for input in ids {
-        let result = match store.lookup(input) {
-            Ok(id) => runtime
-                .block_on(release(
-                    store,
-                    &hops,
-                    &id,
-                    to,
-                    force,
-                    config.authserv_id(),
-                    &config.auth.verdict_header,
-                ))
-                .map(|reply| format!("{id}: released ({reply})")),
+        let result = match store.lookup(input).await {
+            Ok(id) => release(
+                store,
+                &hops,
+                &id,
+                to,
+                force,
+                config.authserv_id(),
+                &config.auth.verdict_header,
+            )
+            .await
+            .map(|reply| format!("{id}: released ({reply})")),
             Err(e) => Err(ReleaseError::Store(e)),
         };
         progress.clear();

@@ -6,6 +6,7 @@
 
 pub mod defaults;
 mod duration;
+pub mod postgres;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,9 @@ pub struct Config {
     pub spoof: SpoofSettings,
     #[serde(default)]
     pub quarantine: QuarantineConfig,
+    /// `[postgres]`: the server a cluster shares (quarantine `backend = "postgres"`).
+    #[serde(default)]
+    pub postgres: postgres::PostgresConfig,
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
@@ -546,6 +550,10 @@ pub struct QuarantineConfig {
     /// one sender domain may take (the envelope sender's domain; for the null sender,
     /// the header From domain).
     pub domain_share: f64,
+    /// `embedded` (`dir`, the default) or `postgres` (`[postgres]`, shared by a cluster).
+    pub backend: postgres::QuarantineBackend,
+    /// This instance's name, recorded with each entry it accepts (default: `hostname`).
+    pub instance: String,
 }
 
 impl Default for QuarantineConfig {
@@ -556,11 +564,22 @@ impl Default for QuarantineConfig {
             max_bytes: DEFAULT_QUARANTINE_MAX_BYTES,
             max_entries: DEFAULT_QUARANTINE_MAX_ENTRIES,
             domain_share: DEFAULT_QUARANTINE_DOMAIN_SHARE,
+            backend: postgres::QuarantineBackend::Embedded,
+            instance: String::new(),
         }
     }
 }
 
 impl QuarantineConfig {
+    /// The name recorded with each entry this instance accepts: `instance`, else `hostname`.
+    pub fn instance_name(&self, hostname: &str) -> String {
+        if self.instance.is_empty() {
+            hostname.to_string()
+        } else {
+            self.instance.clone()
+        }
+    }
+
     /// The capacity limits the store applies to every new entry.
     pub fn capacity(&self) -> crate::quarantine::capacity::Capacity {
         crate::quarantine::capacity::Capacity {
@@ -702,6 +721,8 @@ impl Config {
         }
         fix_opt(&mut self.auth.policy_file);
         fix(&mut self.quarantine.dir);
+        fix_opt(&mut self.postgres.password_file);
+        fix_opt(&mut self.postgres.ca_file);
         fix_opt(&mut self.admin.token_file);
         fix_opt(&mut self.admin.tls_cert);
         fix_opt(&mut self.admin.tls_key);
@@ -902,6 +923,10 @@ impl Config {
                     q.domain_share
                 ),
             );
+        }
+        let needed = q.backend == postgres::QuarantineBackend::Postgres;
+        if let Err((k, r)) = self.postgres.validate(needed) {
+            return Err(("postgres".to_string(), k, r));
         }
         Ok(())
     }

@@ -27,6 +27,10 @@ pub struct Filter {
     /// Include released and deleted entries too.
     pub all_states: bool,
     pub limit: usize,
+    /// Keyset pagination: only entries after this one in list order (newest first), given
+    /// as its `(received_at, id)`, the last row of the previous page. A page costs the
+    /// same at any depth (no OFFSET that reads and drops every earlier row).
+    pub before: Option<(u64, String)>,
 }
 
 const SCHEMA: &str = "
@@ -218,9 +222,16 @@ impl Index {
             args.push(Box::new(like(rcpt)));
             sql.push_str(&format!(" AND rcpts LIKE ?{} ESCAPE '\\'", args.len()));
         }
+        if let Some((at, id)) = &f.before {
+            args.push(Box::new(*at as i64));
+            args.push(Box::new(id.clone()));
+            let n = args.len();
+            // Row values compare like the ORDER BY below (received_at DESC, id DESC).
+            sql.push_str(&format!(" AND (received_at, id) < (?{}, ?{n})", n - 1));
+        }
         args.push(Box::new(f.limit.max(1) as i64));
         sql.push_str(&format!(
-            " ORDER BY received_at DESC, id LIMIT ?{}",
+            " ORDER BY received_at DESC, id DESC LIMIT ?{}",
             args.len()
         ));
         let mut stmt = self.conn.prepare(&sql)?;
@@ -236,6 +247,7 @@ impl Index {
                 reasons: r.get(7)?,
                 flags: r.get(8)?,
                 size: r.get::<_, i64>(9)? as u64,
+                instance: String::new(),
             })
         })?;
         rows.collect()
@@ -369,4 +381,8 @@ pub struct Row {
     pub reasons: String,
     pub flags: String,
     pub size: u64,
+    /// The instance that accepted it (PostgreSQL backend; the embedded store is one
+    /// instance's own, and leaves it out).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub instance: String,
 }

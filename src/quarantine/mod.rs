@@ -14,7 +14,10 @@ pub mod capacity;
 pub mod id;
 pub mod index;
 pub mod preview;
+pub mod pg;
 pub mod release;
+pub mod state;
+pub mod store;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -28,6 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use capacity::{Capacity, Refusal, Usage};
 pub use id::QuarantineId;
+pub use state::State;
+pub use store::QuarantineStore;
 use index::{Filter, Index, Row};
 
 /// What is kept about a held message besides its bytes.
@@ -53,8 +58,13 @@ pub struct Meta {
     pub flags: Vec<String>,
     pub verdict: String,
     pub reasons: Vec<String>,
-    /// held | released | deleted
+    /// held | releasing | released ([`State`]; a string here because this is the JSON
+    /// of `meta.json` and of the admin API)
     pub state: String,
+    /// The mailwarden instance that accepted the message (`[quarantine] instance`): in a
+    /// cluster sharing one PostgreSQL quarantine, where to look for its logs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance: String,
 }
 
 pub struct Quarantine {
@@ -104,7 +114,7 @@ impl Pending {
 }
 
 #[derive(Default)]
-struct FullAlert {
+pub(crate) struct FullAlert {
     last: Option<std::time::Instant>,
     suppressed: u64,
 }
@@ -119,6 +129,13 @@ pub enum StoreError {
     Full(Refusal),
     #[error("quarantine index error: {0}")]
     Index(#[from] rusqlite::Error),
+    /// The PostgreSQL backend could not be reached or answered an error (the text says
+    /// which); held mail gets 451 4.3.0 and is retried by the client.
+    #[error("quarantine database: {0}")]
+    Database(String),
+    /// An entry with this id is already in the store (`quarantine migrate`, resumed).
+    #[error("quarantine entry {0} already exists")]
+    Exists(String),
     #[error("no quarantine entry {0}")]
     NotFound(String),
     #[error("no quarantine store at {} (check [quarantine] dir; the proxy creates the store when it starts)", .0.display())]
@@ -255,17 +272,7 @@ impl Quarantine {
     /// Logs a refusal for lack of room as a WARN, at most once per `interval`; the
     /// refusals in between are counted in the next line. Returns whether it logged.
     pub fn alert_full(&self, refusal: &Refusal, interval: std::time::Duration) -> bool {
-        let mut gate = self.full_alert.lock().unwrap_or_else(|e| e.into_inner());
-        let now = std::time::Instant::now();
-        if gate.last.is_some_and(|t| now.duration_since(t) < interval) {
-            gate.suppressed += 1;
-            return false;
-        }
-        tracing::warn!(reason = refusal.kind(), detail = %refusal, suppressed_since_last = gate.suppressed,
-            "quarantine full: held mail is deferred (451 4.3.1) until entries are released, deleted or purged");
-        gate.last = Some(now);
-        gate.suppressed = 0;
-        true
+        alert_full(&self.full_alert, refusal, interval)
     }
 
     /// Opens the store as its one writer (the proxy, at start): also removes what a
@@ -330,15 +337,32 @@ impl Quarantine {
         let domain = capacity::sender_domain(&meta.mail_from, &meta.header_from);
         let size = meta.size as u64;
         self.reserve(&domain, size)?;
-        let result = self.store_reserved(meta, parts);
+        let result = self.store_reserved(QuarantineId::generate(), meta, parts);
         if result.is_err() {
             self.release(&domain, size);
         }
         result
     }
 
-    fn store_reserved(&self, meta: &mut Meta, parts: &[&[u8]]) -> Result<QuarantineId, StoreError> {
-        let id = QuarantineId::generate();
+    /// Stores an entry under its own id, state and time (`quarantine migrate` from
+    /// another store): refused with [`StoreError::Exists`] when the id is already here, so
+    /// a resumed migration never makes a second copy. No capacity check: moving entries
+    /// between stores must not lose any.
+    pub fn import(&self, meta: &Meta, message: &[u8]) -> Result<QuarantineId, StoreError> {
+        let id = QuarantineId::parse(&meta.id).ok_or_else(|| StoreError::BadId(printable(&meta.id)))?;
+        if fs::symlink_metadata(self.entry_dir(&id)).is_ok() {
+            return Err(StoreError::Exists(id.to_string()));
+        }
+        let mut meta = meta.clone();
+        self.store_reserved(id, &mut meta, &[message])
+    }
+
+    fn store_reserved(
+        &self,
+        id: QuarantineId,
+        meta: &mut Meta,
+        parts: &[&[u8]],
+    ) -> Result<QuarantineId, StoreError> {
         meta.id = id.to_string();
         let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
         let tmp = self.root.join("tmp").join(id.as_str());
@@ -583,13 +607,33 @@ impl Quarantine {
     }
 }
 
+/// Logs a refusal for lack of room as a WARN, at most once per `interval` per store; the
+/// refusals in between are counted in the next line. Returns whether it logged.
+pub(crate) fn alert_full(
+    gate: &Mutex<FullAlert>,
+    refusal: &Refusal,
+    interval: std::time::Duration,
+) -> bool {
+    let mut gate = gate.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    if gate.last.is_some_and(|t| now.duration_since(t) < interval) {
+        gate.suppressed += 1;
+        return false;
+    }
+    tracing::warn!(reason = refusal.kind(), detail = %refusal, suppressed_since_last = gate.suppressed,
+        "quarantine full: held mail is deferred (451 4.3.1) until entries are released, deleted or purged");
+    gate.last = Some(now);
+    gate.suppressed = 0;
+    true
+}
+
 /// SQLite's "database or disk is full" (SQLITE_FULL).
 fn is_disk_full(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
 
 /// User input shown back in an error: printable ASCII only, bounded.
-fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .take(64)
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
@@ -627,6 +671,7 @@ mod tests {
             verdict: "quarantine".into(),
             reasons: vec![],
             state: "held".into(),
+            instance: String::new(),
         }
     }
 

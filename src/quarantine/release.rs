@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 
 use smtp_proto::{MailFrom, RcptTo};
 
-use super::{Quarantine, QuarantineId, StoreError};
+use super::{QuarantineId, QuarantineStore, State, StoreError};
 use crate::relay::{ClientIdentity, Envelope, NextHops, Relay, RelayError};
 use crate::smtp::reply::Reply;
 
@@ -52,7 +52,7 @@ fn identity(client: &str, helo: &str, login: Option<&str>) -> ClientIdentity {
 
 /// Releases one entry to its original recipients, or to `to` when given.
 pub async fn release(
-    store: &Quarantine,
+    store: &dyn QuarantineStore,
     hops: &NextHops,
     id: &QuarantineId,
     to: &[String],
@@ -60,15 +60,19 @@ pub async fn release(
     authserv_id: &str,
     verdict_header: &str,
 ) -> Result<Reply, ReleaseError> {
-    let started = match store.transition(id, "held", "releasing") {
-        Err(StoreError::WrongState { state, .. }) if force && state == "releasing" => {
-            store.transition(id, "releasing", "releasing")
+    let started = match store.transition(id, State::Held, State::Releasing).await {
+        Err(StoreError::WrongState { state, .. })
+            if force && state == State::Releasing.as_str() =>
+        {
+            store
+                .transition(id, State::Releasing, State::Releasing)
+                .await
         }
         other => other,
     };
     match started {
         Ok(()) => send(store, hops, id, to, authserv_id, verdict_header).await,
-        Err(StoreError::WrongState { state, .. }) if state == "released" => {
+        Err(StoreError::WrongState { state, .. }) if state == State::Released.as_str() => {
             Err(ReleaseError::AlreadyReleased)
         }
         Err(e) => Err(e.into()),
@@ -76,15 +80,15 @@ pub async fn release(
 }
 
 async fn send(
-    store: &Quarantine,
+    store: &dyn QuarantineStore,
     hops: &NextHops,
     id: &QuarantineId,
     to: &[String],
     authserv_id: &str,
     verdict_header: &str,
 ) -> Result<Reply, ReleaseError> {
-    let meta = store.meta(id)?;
-    let message = store.message(id)?;
+    let meta = store.meta(id).await?;
+    let message = store.message(id).await?;
     let from = MailFrom {
         address: meta.mail_from.clone(),
         size: message.len(),
@@ -141,12 +145,16 @@ async fn send(
     relay.close().await;
     match outcome {
         Ok(Ok(reply)) => {
-            store.transition(id, "releasing", "released")?;
+            store
+                .transition(id, State::Releasing, State::Released)
+                .await?;
             tracing::info!(id = %id, reply = %reply, "quarantine: released");
             Ok(reply)
         }
         Ok(Err(reply)) => {
-            store.transition(id, "releasing", "held")?;
+            store
+                .transition(id, State::Releasing, State::Held)
+                .await?;
             tracing::warn!(id = %id, reply = %reply.summary(), "quarantine: release refused by the next hop");
             if reply.is_transient() {
                 Err(ReleaseError::Deferred(reply))
@@ -156,7 +164,9 @@ async fn send(
         }
         Err(RelayError::Unsettled(e)) => Err(ReleaseError::Unsettled(*e)),
         Err(e) => {
-            store.transition(id, "releasing", "held")?;
+            store
+                .transition(id, State::Releasing, State::Held)
+                .await?;
             Err(ReleaseError::Failed(e))
         }
     }

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::config::defaults::{PROXY_HEADER_TIMEOUT, TLS_HANDSHAKE_TIMEOUT};
 use crate::policy::engine::Enforcer;
 use crate::policy::{AcceptAll, Inspector};
-use crate::quarantine::Quarantine;
+use crate::quarantine::QuarantineStore;
 use crate::relay::NextHops;
 use crate::smtp::reply::Reply;
 use crate::smtp::session::ListenerShared;
@@ -73,12 +73,17 @@ impl Server {
             None
         };
         let quarantine = if config.auth.enabled || outbound.is_some() {
-            let dir = &config.quarantine.dir;
-            let q = Quarantine::open_as_writer(dir)
-                .map_err(|e| format!("quarantine {}: {e}", dir.display()))?
-                .with_capacity(config.quarantine.capacity());
-            crate::metrics::quarantine_usage(&q);
-            Some(Arc::new(q))
+            let (q, pool) =
+                crate::quarantine::store::open(&config, crate::quarantine::store::Opener::Proxy)
+                    .await?;
+            if let Some(pool) = pool {
+                // Probes a server that is down (or was at start) until it answers, so
+                // /healthz and postgres_up turn green without waiting for held mail.
+                tokio::spawn(pool.watch(Duration::from_secs(2), shutdown.clone()));
+            }
+            tracing::info!(backend = q.backend(), "quarantine");
+            crate::metrics::quarantine_usage(q.as_ref()).await;
+            Some(q)
         } else {
             None
         };
@@ -260,29 +265,29 @@ pub fn preflight(config: &Config) -> Result<Vec<String>, String> {
 }
 
 /// Purges quarantine entries past their retention, once at start and then hourly.
-async fn apply_retention(store: Arc<Quarantine>, retention: Duration, shutdown: CancellationToken) {
+async fn apply_retention(
+    store: Arc<dyn QuarantineStore>,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(crate::config::defaults::QUARANTINE_PURGE_INTERVAL);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let worker = store.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            worker.purge_older_than(retention.as_secs(), |_, _| {})
-        })
-        .await;
-        match result {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(
+        // With a shared (PostgreSQL) store every instance purges: the deletes are
+        // idempotent, so whichever comes first does the work.
+        match store.purge_older_than(retention.as_secs()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
                 entries = n,
                 retention_days = retention.as_secs() / 86_400,
                 "quarantine: purged old entries"
             ),
-            Ok(Err(e)) => tracing::error!(error = %e, "quarantine: purge failed"),
-            Err(e) => tracing::error!(error = %e, "quarantine: purge task failed"),
+            Err(e) => tracing::error!(error = %e, "quarantine: purge failed"),
         }
-        update_held_gauge(&store);
+        update_held_gauge(store.as_ref()).await;
     }
 }
 
@@ -308,17 +313,19 @@ async fn export_outbound_metrics(
     }
 }
 
-/// Sets the quarantine gauge from the index.
-fn update_held_gauge(store: &Quarantine) {
-    if let Ok(counts) = store.counts() {
+/// Sets the quarantine gauges from the store's counts.
+pub async fn update_held_gauge(store: &dyn QuarantineStore) {
+    if let Ok(counts) = store.counts().await {
         let held: u64 = counts
             .iter()
-            .filter(|(s, _)| s == "held" || s == "releasing")
+            .filter(|(s, _)| s.is_pending())
             .map(|(_, n)| n)
             .sum();
-        crate::metrics::global().quarantine_held.set(held as i64);
+        crate::metrics::global()
+            .quarantine_held
+            .set(i64::try_from(held).unwrap_or(i64::MAX));
     }
-    crate::metrics::quarantine_usage(store);
+    crate::metrics::quarantine_usage(store).await;
 }
 
 /// Binds with a listen backlog that can hold a burst of `max_sessions` connections (the

@@ -23,7 +23,7 @@ pub struct SessionShared {
     pub config: Arc<Config>,
     pub inspector: Arc<dyn Inspector>,
     /// Where `quarantine` verdicts put messages; without one they are deferred.
-    pub quarantine: Option<Arc<crate::quarantine::Quarantine>>,
+    pub quarantine: Option<Arc<dyn crate::quarantine::QuarantineStore>>,
     /// Outbound burst detection for submission listeners (`[outbound] enabled`).
     pub outbound: Option<Arc<crate::outbound::Detector>>,
     /// Cancelled on SIGTERM: idle sessions say 421 and close; open transactions finish.

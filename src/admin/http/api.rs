@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::{App, Peer, printable};
 use crate::quarantine::index::Filter;
 use crate::quarantine::release::ReleaseError;
-use crate::quarantine::{Quarantine, QuarantineId, StoreError};
+use crate::quarantine::{QuarantineId, QuarantineStore, StoreError};
 
 /// Characters of text preview in an entry view.
 const PREVIEW_CHARS: usize = 4000;
@@ -84,6 +84,11 @@ impl From<StoreError> for ApiError {
             StoreError::WrongState { .. } => {
                 Self::new(StatusCode::CONFLICT, "wrong_state", e.to_string())
             }
+            StoreError::Database(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            ),
             other => Self::internal("quarantine access", other),
         }
     }
@@ -91,7 +96,7 @@ impl From<StoreError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-fn store(app: &App) -> ApiResult<Arc<Quarantine>> {
+fn store(app: &App) -> ApiResult<Arc<dyn QuarantineStore>> {
     app.state.quarantine.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -127,42 +132,6 @@ fn audit_bad_id(peer: Option<&Peer>, input: &str) {
         "admin API: malformed quarantine id refused");
 }
 
-/// An entry that exists as a plain directory with plain files. The store's own lookup
-/// follows symlinks; here a symlink planted in `entries/` (or inside an entry) is not an
-/// entry, so nothing outside the store is ever read or deleted through the API.
-fn lookup(store: &Quarantine, id: &QuarantineId) -> Result<QuarantineId, StoreError> {
-    let id = store.lookup(id.as_str())?;
-    let dir = store.entry_dir(&id);
-    let plain = |p: &std::path::Path, want_dir: bool| {
-        std::fs::symlink_metadata(p).is_ok_and(|m| {
-            if want_dir {
-                m.file_type().is_dir()
-            } else {
-                m.file_type().is_file()
-            }
-        })
-    };
-    if !plain(&dir, true)
-        || !plain(&dir.join("message.eml"), false)
-        || !plain(&dir.join("meta.json"), false)
-    {
-        tracing::warn!(target: "mailwarden::audit", id = %id,
-            "admin API: quarantine entry is not a plain directory of plain files (symlink?); refused");
-        return Err(StoreError::NotFound(id.to_string()));
-    }
-    Ok(id)
-}
-
-/// Runs store work on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> ApiResult<T> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::internal("quarantine task", e)),
-    }
-}
-
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
     q.map(|Query(v)| v)
         .map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))
@@ -176,27 +145,26 @@ fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> ApiResult<
 }
 
 // ---------------------------------------------------------------------------
-// /metrics
-// ---------------------------------------------------------------------------
+
+/// `ok` (200), or 503 with the reason when the quarantine cannot take held mail now
+/// (its PostgreSQL server is unreachable: held mail is being deferred with 451 4.3.0).
+/// Public, so a load balancer can probe it without the token; the reason names no
+/// address or credential.
+pub async fn healthz(State(app): State<Arc<App>>) -> Response {
+    match app.state.quarantine.as_ref().and_then(|q| q.unavailable()) {
+        None => "ok\n".into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("quarantine store unavailable: {why}\n"),
+        )
+            .into_response(),
+    }
+}
 
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     // The quarantine gauge is refreshed at each scrape (cheap: one GROUP BY).
     if let Some(q) = app.state.quarantine.clone() {
-        let counts = tokio::task::spawn_blocking(move || {
-            crate::metrics::quarantine_usage(&q);
-            q.counts()
-        })
-        .await;
-        if let Ok(Ok(counts)) = counts {
-            let held: u64 = counts
-                .iter()
-                .filter(|(s, _)| s == "held" || s == "releasing")
-                .map(|(_, n)| n)
-                .sum();
-            crate::metrics::global()
-                .quarantine_held
-                .set(i64::try_from(held).unwrap_or(i64::MAX));
-        }
+        crate::server::update_held_gauge(q.as_ref()).await;
     }
     (
         [(
@@ -258,9 +226,15 @@ pub async fn list(
         rcpt: filter_text("rcpt", q.rcpt)?,
         all_states: q.all.unwrap_or(false),
         limit,
+        before: None,
     };
-    let (rows, counts) = blocking(move || Ok((store.list(&filter)?, store.counts()?))).await?;
-    let counts: BTreeMap<String, u64> = counts.into_iter().collect();
+    let rows = store.list(&filter).await?;
+    let counts: BTreeMap<String, u64> = store
+        .counts()
+        .await?
+        .into_iter()
+        .map(|(s, n)| (s.as_str().to_string(), n))
+        .collect();
     Ok(Json(json!({"entries": rows, "counts": counts})))
 }
 
@@ -277,18 +251,14 @@ pub async fn entry(
 ) -> ApiResult<Json<Value>> {
     let id = parse_id(req.extensions().get::<Peer>(), path)?;
     let store = store(&app)?;
-    let (meta, headers, preview) = blocking(move || {
-        let id = lookup(&store, &id)?;
-        let meta = store.meta(&id)?;
-        let message = store.message(&id)?;
-        let headers: Vec<HeaderLine> = crate::quarantine::preview::header_summary(&message)
-            .into_iter()
-            .map(|(name, value)| HeaderLine { name, value })
-            .collect();
-        let preview = crate::quarantine::preview::text_preview(&message, PREVIEW_CHARS);
-        Ok((meta, headers, preview))
-    })
-    .await?;
+    let id = store.lookup(id.as_str()).await?;
+    let meta = store.meta(&id).await?;
+    let message = store.message(&id).await?;
+    let headers: Vec<HeaderLine> = crate::quarantine::preview::header_summary(&message)
+        .into_iter()
+        .map(|(name, value)| HeaderLine { name, value })
+        .collect();
+    let preview = crate::quarantine::preview::text_preview(&message, PREVIEW_CHARS);
     Ok(Json(
         json!({"meta": meta, "headers": headers, "preview": preview}),
     ))
@@ -301,12 +271,8 @@ pub async fn raw(
 ) -> ApiResult<Response> {
     let id = parse_id(req.extensions().get::<Peer>(), path)?;
     let store = store(&app)?;
-    let (id, bytes) = blocking(move || {
-        let id = lookup(&store, &id)?;
-        let bytes = store.message(&id)?;
-        Ok((id, bytes))
-    })
-    .await?;
+    let id = store.lookup(id.as_str()).await?;
+    let bytes = store.message(&id).await?;
     tracing::info!(target: "mailwarden::audit", id = %id, client = %peer_str(&req),
         "admin API: raw message downloaded");
     let disposition = HeaderValue::from_str(&format!("attachment; filename=\"{id}.eml\""))
@@ -374,11 +340,10 @@ pub async fn release(
         )));
     }
     let store = store(&app)?;
-    let checker = store.clone();
-    let id = blocking(move || lookup(&checker, &id)).await?;
+    let id = store.lookup(id.as_str()).await?;
     let config = &app.state.config;
     let result = crate::quarantine::release::release(
-        &store,
+        store.as_ref(),
         &app.state.next_hops,
         &id,
         &body.to,
@@ -437,12 +402,8 @@ pub async fn delete(
     let peer = peer_str(&req);
     let id = parse_id(req.extensions().get::<Peer>(), path)?;
     let store = store(&app)?;
-    let id = blocking(move || {
-        let id = lookup(&store, &id)?;
-        store.delete(&id)?;
-        Ok(id)
-    })
-    .await?;
+    let id = store.lookup(id.as_str()).await?;
+    store.delete(&id).await?;
     tracing::info!(target: "mailwarden::audit", id = %id, client = %peer, "admin API: deleted");
     Ok(Json(json!({"id": id.to_string(), "state": "deleted"})))
 }
@@ -620,8 +581,13 @@ pub async fn stats(
     let quarantine = match app.state.quarantine.clone() {
         None => Value::Null,
         Some(q) => {
-            let counts = blocking(move || q.counts()).await?;
-            json!(counts.into_iter().collect::<BTreeMap<String, u64>>())
+            let counts = q.counts().await?;
+            json!(
+                counts
+                    .into_iter()
+                    .map(|(s, n)| (s.as_str().to_string(), n))
+                    .collect::<BTreeMap<String, u64>>()
+            )
         }
     };
     Ok(Json(json!({

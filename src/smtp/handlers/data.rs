@@ -313,7 +313,7 @@ impl Session {
                 .map(|f| f.value.clone())
                 .unwrap_or_default()
         };
-        let mut meta = Meta {
+        let meta = Meta {
             id: String::new(),
             received_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -332,20 +332,18 @@ impl Session {
             flags: decision.flags.clone(),
             verdict: "quarantine".into(),
             reasons: decision.reasons.clone(),
-            state: "held".into(),
+            state: crate::quarantine::State::Held.as_str().into(),
+            instance: String::new(),
         };
-        let bytes = message.to_vec();
-        let writer = store.clone();
-        let stored = tokio::task::spawn_blocking(move || writer.store(&mut meta, &[&bytes])).await;
-        match stored {
-            Ok(Ok(id)) => {
+        match store.store(meta, message.to_vec()).await {
+            Ok(id) => {
                 let m = crate::metrics::global();
                 m.quarantined.inc();
                 m.quarantine_held.inc();
-                crate::metrics::quarantine_usage(&store);
+                crate::metrics::quarantine_usage(store.as_ref()).await;
                 Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}"))
             }
-            Ok(Err(StoreError::Full(refusal))) => {
+            Err(StoreError::Full(refusal)) => {
                 // No room (capacity, or this sender domain's share): the client keeps
                 // the message and retries; nothing is lost (RFC 3463 4.3.1).
                 tracing::info!(session = %self.id, reason = refusal.kind(), detail = %refusal, "quarantine: no room, message deferred");
@@ -363,7 +361,18 @@ impl Session {
                     "Insufficient system storage, try again later",
                 )
             }
-            Ok(Err(e)) => {
+            Err(e @ (StoreError::Database(_) | StoreError::Exists(_))) => {
+                // The shared store (PostgreSQL) is unreachable, slow past its budget, or
+                // refused the write: nothing was acknowledged, the client keeps the
+                // message and retries (RFC 3463 4.3.0, other mail system problem).
+                tracing::error!(session = %self.id, error = %e, "quarantine write failed");
+                Reply::new(
+                    451,
+                    Enhanced(4, 3, 0),
+                    "Temporary local problem, try again later",
+                )
+            }
+            Err(e) => {
                 // Disk full or not writable: the client keeps the message and retries
                 // (RFC 3463 4.3.1, insufficient system storage).
                 tracing::error!(session = %self.id, error = %e, "quarantine write failed");
@@ -371,14 +380,6 @@ impl Session {
                     452,
                     Enhanced(4, 3, 1),
                     "Insufficient system storage, try again later",
-                )
-            }
-            Err(e) => {
-                tracing::error!(session = %self.id, error = %e, "quarantine task failed");
-                Reply::new(
-                    451,
-                    Enhanced(4, 3, 0),
-                    "Temporary local problem, try again later",
                 )
             }
         }
