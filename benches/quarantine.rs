@@ -134,6 +134,7 @@ fn meta(i: usize, age: u64) -> Meta {
         reasons: vec![REASONS[k].to_string()],
         // One in ten already released.
         state: if i % 10 == 9 { "released" } else { "held" }.into(),
+        instance: String::new(),
     }
 }
 
@@ -441,6 +442,7 @@ fn cases() -> Vec<Case> {
             rcpt: rcpt.map(str::to_string),
             all_states: false,
             limit: 50,
+            before: None,
         };
     vec![
         Case {

@@ -447,6 +447,7 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
                 verdict: "quarantine".into(),
                 reasons: vec!["aged".into()],
                 state: "held".into(),
+                instance: String::new(),
             };
             q.store(&mut meta, &[&msg_d]).expect("store").to_string()
         };

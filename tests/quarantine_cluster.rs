@@ -1,0 +1,426 @@
+//! Several mailwarden instances sharing one quarantine in a real PostgreSQL (issue 14).
+//!
+//! Each test starts its own PostgreSQL server (Debian `postgresql`: `initdb` and
+//! `pg_ctl` from /usr/lib/postgresql/*/bin, installed by `.ci/run`) on a free loopback
+//! port with its data directory under a tempdir, as the unprivileged `nobody` when the
+//! tests run as root (PostgreSQL refuses to run as root). The mailwarden instances are
+//! the real binary; the admin commands are the real CLI, each run with the
+//! configuration of one instance.
+
+mod common;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::dns::{DnsServer, Zone};
+use common::fake_mta::{FakeMta, Script};
+use common::{Proxy, ProxyOptions, bin};
+
+const HELO: &str = "mx.client.example";
+const CLI_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Bulk mail is held; everything else is relayed (to show that mail which is not held
+/// keeps flowing while PostgreSQL is down).
+const POLICY: &str = r#"
+[[rule]]
+name = "hold-bulk"
+from_domain = ["bulk.example"]
+action = "quarantine"
+reason = "bulk sender"
+"#;
+
+// ---------------------------------------------------------------------------
+// A private PostgreSQL server
+// ---------------------------------------------------------------------------
+
+struct Postgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn pg_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("/usr/lib/postgresql is missing: apt-get install -y postgresql")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("pg_ctl").exists())
+        .collect();
+    found.sort();
+    found.pop().expect("no PostgreSQL server binaries found")
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir data");
+        if is_root() {
+            // The tempdir is 0700 root: let nobody in, and own its data directory.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            let nobody = nix_uid("nobody");
+            std::os::unix::fs::chown(&data, Some(nobody.0), Some(nobody.1)).expect("chown");
+        }
+        let pg = Postgres {
+            bin: pg_bin(),
+            data,
+            port: free_port(),
+            _dir: dir,
+        };
+        pg.run("initdb", &["-D", pg.data_str(), "-U", "mw", "--auth=trust", "-E", "UTF8"]);
+        pg.pg_ctl_start();
+        pg
+    }
+
+    fn data_str(&self) -> &str {
+        self.data.to_str().expect("utf-8 path")
+    }
+
+    /// Runs a server binary, as nobody when we are root.
+    fn run(&self, tool: &str, args: &[&str]) {
+        let program = self.bin.join(tool);
+        let mut c = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "nobody", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        let out = c
+            .args(args)
+            .current_dir(&self.data)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run PostgreSQL tool");
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pg_ctl_start(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=on -c synchronous_commit=off",
+            self.port,
+            self.data_str()
+        );
+        let log = format!("{}/server.log", self.data_str());
+        self.run(
+            "pg_ctl",
+            &["-D", self.data_str(), "-o", &opts, "-l", &log, "-w", "-t", "60", "start"],
+        );
+    }
+
+    /// Fast shutdown: open transactions are rolled back, clients disconnected.
+    fn stop(&self) {
+        self.run("pg_ctl", &["-D", self.data_str(), "-m", "fast", "-w", "stop"]);
+    }
+
+    fn url(&self) -> String {
+        format!("postgresql://mw@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new(if is_root() { "runuser" } else { "true" })
+            .args(if is_root() {
+                vec!["-u", "nobody", "--"]
+            } else {
+                vec![]
+            })
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", self.data_str(), "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// uid and gid of a system user, from /etc/passwd.
+fn nix_uid(name: &str) -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("/etc/passwd");
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&name))
+        .map(|f| (f[2].parse().expect("uid"), f[3].parse().expect("gid")))
+        .unwrap_or_else(|| panic!("no user {name}"))
+}
+
+// ---------------------------------------------------------------------------
+// Instances and the CLI
+// ---------------------------------------------------------------------------
+
+async fn instance(name: &str, pg: &Postgres, mta: &FakeMta, dns: &DnsServer) -> Proxy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, POLICY).expect("write policy");
+    let mut o = ProxyOptions::smtp(mta.addr);
+    o.auth = true;
+    o.role = "inbound".into();
+    o.local_domains = vec!["example.org".into()];
+    o.dns_nameserver = Some(dns.nameserver());
+    o.auth_extra = vec![format!("policy_file = {:?}", policy.to_str().expect("utf-8"))];
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "a-test-token-of-enough-length-0123456789\n").expect("token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let admin = format!("127.0.0.1:{}", free_port());
+    o.extra_toml = vec![format!(
+        "[quarantine]\nbackend = \"postgres\"\ninstance = \"{name}\"\n\n\
+         [postgres]\nurl = \"{}\"\npool_size = 4\ntimeout_ms = 3000\n\n\
+         [admin]\nenabled = true\nlisten = \"{admin}\"\ntoken_file = {:?}\n",
+        pg.url(),
+        token.to_str().expect("utf-8")
+    )];
+    Proxy::start_in(o, dir).await
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+async fn cli(proxy: &Proxy, args: &[&str]) -> Run {
+    let mut command = Command::new(bin());
+    command
+        .arg("quarantine")
+        .arg("-c")
+        .arg(&proxy.config_path)
+        .args(args.iter().map(OsString::from));
+    let done = common::run_bounded(command, proxy.dir.path(), CLI_DEADLINE).await;
+    let status = done.status.expect("CLI finished in time");
+    Run {
+        ok: status.success(),
+        stdout: String::from_utf8_lossy(&done.stdout).into_owned(),
+        stderr: done.stderr,
+    }
+}
+
+async fn list(proxy: &Proxy, all: bool) -> Vec<serde_json::Value> {
+    let mut args = vec!["list", "--json"];
+    if all {
+        args.push("--all");
+    }
+    let run = cli(proxy, &args).await;
+    assert!(run.ok, "list: {}", run.stderr);
+    serde_json::from_str::<serde_json::Value>(&run.stdout)
+        .expect("list --json")
+        .as_array()
+        .expect("array")
+        .clone()
+}
+
+fn message(from: &str, marker: &str) -> Vec<u8> {
+    format!(
+        "From: {from}\r\nTo: user@example.org\r\nSubject: {marker}\r\n\
+         Message-ID: <{marker}@test.example>\r\n\r\nbody {marker}\r\n"
+    )
+    .into_bytes()
+}
+
+/// Sends one message through `proxy`; returns the final reply (code, text).
+async fn send(proxy: &Proxy, from: &str, marker: &str) -> (u16, String) {
+    let mut c = proxy.connect_ehlo(HELO).await;
+    let r = c
+        .send_mail(from, &["user@example.org"], &message(from, marker))
+        .await;
+    let _ = c.cmd("QUIT").await;
+    (r.code, r.text())
+}
+
+fn queued_id(text: &str) -> String {
+    text.strip_prefix("2.0.0 Ok: queued as ")
+        .unwrap_or_else(|| panic!("not a quarantine id reply: {text}"))
+        .to_string()
+}
+
+fn zone() -> Zone {
+    Zone::new()
+        .txt("sender.example", "v=spf1 ip4:127.0.0.1 -all")
+        .txt("bulk.example", "v=spf1 ip4:127.0.0.1 -all")
+}
+
+/// `GET /healthz` on the instance's admin listener: status code and whole response.
+async fn healthz(proxy: &Proxy) -> (u16, String) {
+    let text = &proxy.config_text;
+    let at = text.find("[admin]").expect("[admin] in the config");
+    let addr = text[at..]
+        .lines()
+        .find(|l| l.trim_start().starts_with("listen"))
+        .and_then(|l| l.split('"').nth(1))
+        .expect("admin listen address")
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
+    (code, out)
+}
+
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_share_one_quarantine_and_release_exactly_once() {
+    let pg = Postgres::start();
+    let dns = DnsServer::start(zone());
+    let mta = FakeMta::start(Script::default()).await;
+    // Three instances starting at the same moment: the migrations run once (advisory
+    // lock), none of them fails on a half-created schema.
+    let (a, b, c) = tokio::join!(
+        instance("a", &pg, &mta, &dns),
+        instance("b", &pg, &mta, &dns),
+        instance("c", &pg, &mta, &dns)
+    );
+
+    // Held by A, seen by B with the instance that accepted it.
+    let (code, text) = send(&a, "news@bulk.example", "one").await;
+    assert_eq!(code, 250, "{text}\n{}", a.log());
+    let id = queued_id(&text);
+    let rows = list(&b, false).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["id"], id.as_str());
+    assert_eq!(rows[0]["instance"], "a");
+    assert_eq!(rows[0]["state"], "held");
+    let shown = cli(&c, &["show", "--json", &id]).await;
+    assert!(shown.ok && shown.stdout.contains("\"instance\":\"a\""), "{}", shown.stdout);
+    let raw = cli(&b, &["show", "--raw", &id]).await;
+    assert_eq!(raw.stdout.as_bytes(), message("news@bulk.example", "one"));
+
+    // A, B and C release it at the same moment: the next hop gets it once.
+    let before = mta.accepted().len();
+    let (ra, rb, rc) = tokio::join!(
+        cli(&a, &["release", &id]),
+        cli(&b, &["release", &id]),
+        cli(&c, &["release", &id])
+    );
+    let outcomes = [&ra, &rb, &rc];
+    let released = outcomes
+        .iter()
+        .filter(|r| r.ok && r.stdout.contains(": released ("))
+        .count();
+    assert_eq!(
+        released,
+        1,
+        "exactly one release sends: {:?}",
+        outcomes
+            .iter()
+            .map(|r| (&r.stdout, &r.stderr))
+            .collect::<Vec<_>>()
+    );
+    for r in outcomes {
+        // The others were told why: already released, or a release in progress.
+        assert!(
+            r.stdout.contains("released") || r.stderr.contains("releasing"),
+            "{} / {}",
+            r.stdout,
+            r.stderr
+        );
+    }
+    assert_eq!(mta.accepted().len() - before, 1, "{}", mta.transcripts_debug());
+    let rows = list(&c, true).await;
+    assert_eq!(rows[0]["state"], "released");
+    assert!(list(&a, false).await.is_empty(), "released entries leave the default view");
+
+    // A purge from C removes held entries of every instance, everywhere.
+    let (_, t1) = send(&a, "x@bulk.example", "two").await;
+    let (_, t2) = send(&b, "y@bulk.example", "three").await;
+    let (id2, id3) = (queued_id(&t1), queued_id(&t2));
+    assert_eq!(list(&c, false).await.len(), 2);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // received_at has 1 s steps
+    let purged = cli(&c, &["purge", "--older-than", "0s"]).await;
+    assert!(purged.ok && purged.stdout.contains("purged 3 entries"), "{}{}", purged.stdout, purged.stderr);
+    for p in [&a, &b, &c] {
+        assert!(list(p, true).await.is_empty());
+        for id in [&id2, &id3] {
+            let gone = cli(p, &["show", id]).await;
+            assert!(!gone.ok && gone.stderr.contains("no quarantine entry"), "{}", gone.stderr);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_down_defers_held_mail_only_and_the_proxy_recovers_by_itself() {
+    let pg = Postgres::start();
+    let dns = DnsServer::start(zone());
+    let mta = FakeMta::start(Script::default()).await;
+    let a = instance("a", &pg, &mta, &dns).await;
+
+    let (code, text) = send(&a, "news@bulk.example", "before").await;
+    assert_eq!(code, 250, "{text}");
+    let acknowledged = vec![queued_id(&text)];
+    assert_eq!(healthz(&a).await.0, 200);
+
+    pg.stop();
+    // Held mail: 451 4.3.0 within the budget (3 s), the client keeps it.
+    let (code, text) = send(&a, "news@bulk.example", "during").await;
+    assert_eq!(code, 451, "{text}\n{}", a.log());
+    assert!(text.starts_with("4.3.0"), "{text}");
+    // Mail that is not held keeps flowing.
+    let relayed_before = mta.accepted().len();
+    let (code, text) = send(&a, "alice@sender.example", "flowing").await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(mta.accepted().len(), relayed_before + 1);
+    let (code, body) = healthz(&a).await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("quarantine store unavailable"), "{body}");
+
+    pg.pg_ctl_start();
+    // Recovers without a restart: the next held message is stored.
+    let mut stored = None;
+    for _ in 0..20 {
+        let (code, text) = send(&a, "news@bulk.example", "after").await;
+        if code == 250 {
+            stored = Some(queued_id(&text));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = stored.unwrap_or_else(|| panic!("never recovered:\n{}", a.log()));
+    assert_eq!(healthz(&a).await.0, 200, "healthy again");
+    // Exactly the acknowledged messages are in the store: nothing acknowledged lost,
+    // the deferred one not stored.
+    let mut ids: Vec<String> = list(&a, true)
+        .await
+        .iter()
+        .map(|r| r["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    ids.sort();
+    let mut want = acknowledged;
+    want.push(after);
+    want.sort();
+    assert_eq!(ids, want);
+    let subjects: Vec<String> = list(&a, true)
+        .await
+        .iter()
+        .map(|r| r["subject"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(!subjects.contains(&"during".to_string()), "{subjects:?}");
+}
