@@ -10,7 +10,7 @@
 mod common;
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -249,7 +249,7 @@ async fn send(proxy: &Proxy, from: &str, marker: &str) -> (u16, String) {
         .send_mail(from, &["user@example.org"], &message(from, marker))
         .await;
     let _ = c.cmd("QUIT").await;
-    (r.code, r.text())
+    (r.code, r.text().to_string())
 }
 
 fn queued_id(text: &str) -> String {
@@ -316,11 +316,8 @@ async fn three_instances_share_one_quarantine_and_release_exactly_once() {
 
     // A, B and C release it at the same moment: the next hop gets it once.
     let before = mta.accepted().len();
-    let (ra, rb, rc) = tokio::join!(
-        cli(&a, &["release", &id]),
-        cli(&b, &["release", &id]),
-        cli(&c, &["release", &id])
-    );
+    let args = ["release", id.as_str()];
+    let (ra, rb, rc) = tokio::join!(cli(&a, &args), cli(&b, &args), cli(&c, &args));
     let outcomes = [&ra, &rb, &rc];
     let released = outcomes
         .iter()
