@@ -588,3 +588,146 @@ async fn kill_9_of_an_instance_mid_write_loses_nothing_acknowledged_and_leaves_n
     // The surviving instance keeps holding mail in the shared store.
     assert_eq!(one_held(a.addr, "survivor").await.map(|r| r.0), Some(250));
 }
+
+// ---------------------------------------------------------------------------
+// quarantine migrate
+// ---------------------------------------------------------------------------
+
+fn embedded_meta(i: usize, state: &str) -> mailwarden::quarantine::Meta {
+    mailwarden::quarantine::Meta {
+        id: String::new(),
+        received_at: 1_700_000_000 + (i as u64 % 7), // ties on received_at on purpose
+        session: format!("S{i}"),
+        listener: "inbound".into(),
+        client: "192.0.2.1:25".into(),
+        helo: HELO.into(),
+        login: None,
+        mail_from: format!("n{i}@bulk.example"),
+        rcpts: vec!["user@example.org".into()],
+        header_from: format!("n{i}@bulk.example"),
+        subject: format!("m{i}"),
+        size: 0,
+        authentication_results: "mx; spf=pass".into(),
+        flags: vec![],
+        verdict: "quarantine".into(),
+        reasons: vec!["bulk sender".into()],
+        state: state.into(),
+        instance: "old".into(),
+    }
+}
+
+async fn migrate(dir: &std::path::Path, from: &std::path::Path, to: &std::path::Path) -> Run {
+    let mut command = Command::new(bin());
+    command
+        .args(["quarantine", "migrate", "--from"])
+        .arg(from)
+        .arg("--to")
+        .arg(to);
+    let done = common::run_bounded(command, dir, CLI_DEADLINE).await;
+    Run {
+        ok: done.status.expect("finished").success(),
+        stdout: String::from_utf8_lossy(&done.stdout).into_owned(),
+        stderr: done.stderr,
+    }
+}
+
+/// Everything a store holds: id → (state, instance, bytes).
+async fn contents(
+    store: &dyn mailwarden::quarantine::QuarantineStore,
+) -> std::collections::BTreeMap<String, (String, String, Vec<u8>)> {
+    let rows = store
+        .list(&mailwarden::quarantine::index::Filter {
+            all_states: true,
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let mut out = std::collections::BTreeMap::new();
+    for r in rows {
+        let id = mailwarden::quarantine::QuarantineId::parse(&r.id).expect("id");
+        let meta = store.meta(&id).await.expect("meta");
+        let bytes = store.message(&id).await.expect("message");
+        out.insert(r.id, (meta.state, meta.instance, bytes));
+    }
+    out
+}
+
+type Contents = std::collections::BTreeMap<String, (String, String, Vec<u8>)>;
+
+/// Same ids with the same state, instance and bytes; a difference is shown briefly.
+#[track_caller]
+fn same(got: &Contents, want: &Contents) {
+    let differ: Vec<String> = want
+        .iter()
+        .filter(|(id, v)| got.get(*id) != Some(v))
+        .map(|(id, (state, instance, bytes))| {
+            let g = got.get(id).map(|(s, i, b)| (s.as_str(), i.as_str(), b.len()));
+            format!("{id}: want ({state}, {instance}, {} bytes), got {g:?}", bytes.len())
+        })
+        .take(5)
+        .collect();
+    assert!(differ.is_empty() && got.len() == want.len(), "{} vs {} entries; {differ:?}", got.len(), want.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_moves_embedded_to_postgres_and_back_resumably() {
+    use mailwarden::config::{Config, Purpose};
+    use mailwarden::quarantine::store::{Opener, open};
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write config");
+        p
+    };
+    let embedded = cfg("embedded.toml", "[quarantine]\ndir = \"q1\"\n".into());
+    let back = cfg("back.toml", "[quarantine]\ndir = \"q2\"\n".into());
+    let shared = cfg(
+        "shared.toml",
+        format!("[quarantine]\nbackend = \"postgres\"\n\n[postgres]\nurl = \"{}\"\n", pg.url()),
+    );
+    // 600 entries (more than one page of 500), in every state, with ties on time.
+    let source = mailwarden::quarantine::Quarantine::open(&dir.path().join("q1")).expect("open");
+    for i in 0..600 {
+        let state = ["held", "releasing", "released"][i % 3];
+        let body = format!("Subject: m{i}\r\n\r\n{}\r\n", "x".repeat(i % 50));
+        let mut m = embedded_meta(i, state);
+        m.size = body.len();
+        source.store(&mut m, &[body.as_bytes()]).expect("store");
+    }
+    drop(source);
+    let load = |p: &std::path::Path| Config::load_for(p, Purpose::Offline).expect("config");
+    let (src, _) = open(&load(&embedded), Opener::Cli).await.expect("open q1");
+    let before = contents(src.as_ref()).await;
+    assert_eq!(before.len(), 600);
+
+    // As if an earlier run was interrupted after copying some entries but before
+    // deleting them from the source.
+    let (dest, _) = open(&load(&shared), Opener::Cli).await.expect("open postgres");
+    for id in before.keys().take(300) {
+        let id = mailwarden::quarantine::QuarantineId::parse(id).unwrap();
+        let meta = src.meta(&id).await.unwrap();
+        dest.import(meta, src.message(&id).await.unwrap()).await.unwrap();
+    }
+
+    let run = migrate(dir.path(), &embedded, &shared).await;
+    assert!(run.ok, "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("moved 600 entries") && run.stdout.contains("300 were already there"), "{}", run.stdout);
+    assert!(contents(src.as_ref()).await.is_empty(), "the source is emptied");
+    same(&contents(dest.as_ref()).await, &before);
+    // Running it again changes nothing.
+    let again = migrate(dir.path(), &embedded, &shared).await;
+    assert!(again.ok && again.stdout.contains("moved 0 entries"), "{}", again.stdout);
+
+    // And back into a new embedded store.
+    let run = migrate(dir.path(), &shared, &back).await;
+    assert!(run.ok, "{}{}", run.stdout, run.stderr);
+    assert!(contents(dest.as_ref()).await.is_empty());
+    let (q2, _) = open(&load(&back), Opener::Cli).await.expect("open q2");
+    same(&contents(q2.as_ref()).await, &before);
+
+    // A store onto itself is refused (it would delete what it copies).
+    let same = migrate(dir.path(), &back, &back).await;
+    assert!(!same.ok && same.stderr.contains("same quarantine store"), "{}", same.stderr);
+}

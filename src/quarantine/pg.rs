@@ -219,12 +219,18 @@ async fn insert_entry(
         }
     }
     let m = a.meta;
+    // An imported entry keeps the instance that accepted it; a new one is ours.
+    let instance = if m.instance.is_empty() {
+        a.instance
+    } else {
+        m.instance.as_str()
+    };
     let n = tx
         .execute(
             "INSERT INTO quarantine_entries
              (id, received_at, state, state_at, state_by, instance, mail_from, header_from, rcpts,
               subject, reasons, flags, size, sender_domain, usage_slot, meta)
-             VALUES ($1, $2, $3, $2, $4, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::text::jsonb)
+             VALUES ($1, $2, $3, $2, $4, $15, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::text::jsonb)
              ON CONFLICT (id) DO NOTHING",
             &[
                 &m.id,
@@ -241,6 +247,7 @@ async fn insert_entry(
                 &a.domain,
                 &a.slot,
                 &a.json,
+                &instance,
             ],
         )
         .await?;
