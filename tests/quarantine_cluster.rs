@@ -33,6 +33,38 @@ reason = "bulk sender"
 
 #[path = "pg_server/mod.rs"]
 mod pg_server;
+
+/// A private `redis-server` on a free loopback port (Debian `redis-server`), no
+/// persistence; killed on drop.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = free_port();
+        let child = Command::new("/usr/bin/redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install -y redis-server)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, port }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 use pg_server::{Postgres, free_port};
 
 // ---------------------------------------------------------------------------
@@ -40,6 +72,17 @@ use pg_server::{Postgres, free_port};
 // ---------------------------------------------------------------------------
 
 async fn instance(name: &str, pg: &Postgres, mta: &FakeMta, dns: &DnsServer) -> Proxy {
+    instance_with(name, pg, mta, dns, None).await
+}
+
+/// An instance; with `redis`, its `[outbound]` accounts live in that Redis (port).
+async fn instance_with(
+    name: &str,
+    pg: &Postgres,
+    mta: &FakeMta,
+    dns: &DnsServer,
+    redis: Option<u16>,
+) -> Proxy {
     let dir = tempfile::tempdir().expect("tempdir");
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, POLICY).expect("write policy");
@@ -63,6 +106,12 @@ async fn instance(name: &str, pg: &Postgres, mta: &FakeMta, dns: &DnsServer) -> 
         pg.url(),
         token.to_str().expect("utf-8")
     )];
+    if let Some(port) = redis {
+        o.extra_toml.push(format!(
+            "[outbound]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}/\"\n\
+             redis_prefix = \"cluster-test:\"\n"
+        ));
+    }
     Proxy::start_in(o, dir).await
 }
 
@@ -73,9 +122,14 @@ struct Run {
 }
 
 async fn cli(proxy: &Proxy, args: &[&str]) -> Run {
+    cli_of("quarantine", proxy, args).await
+}
+
+/// `mailwarden GROUP -c <the instance's config> ARGS`.
+async fn cli_of(group: &str, proxy: &Proxy, args: &[&str]) -> Run {
     let mut command = Command::new(bin());
     command
-        .arg("quarantine")
+        .arg(group)
         .arg("-c")
         .arg(&proxy.config_path)
         .args(args.iter().map(OsString::from));
@@ -158,15 +212,27 @@ async fn healthz(proxy: &Proxy) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_share_one_quarantine_and_release_exactly_once() {
     let pg = Postgres::start();
+    let redis = Redis::start();
     let dns = DnsServer::start(zone());
     let mta = FakeMta::start(Script::default()).await;
     // Three instances starting at the same moment: the migrations run once (advisory
     // lock), none of them fails on a half-created schema.
+    let r = Some(redis.port);
     let (a, b, c) = tokio::join!(
-        instance("a", &pg, &mta, &dns),
-        instance("b", &pg, &mta, &dns),
-        instance("c", &pg, &mta, &dns)
+        instance_with("a", &pg, &mta, &dns, r),
+        instance_with("b", &pg, &mta, &dns, r),
+        instance_with("c", &pg, &mta, &dns, r)
     );
+
+    // Accounts are cluster-wide too (Redis): frozen from A, seen and ended from B and C.
+    let frozen = cli_of("accounts", &a, &["freeze", "dave@example.org", "--reason", "phished"]).await;
+    assert!(frozen.ok, "{}{}", frozen.stdout, frozen.stderr);
+    let seen = cli_of("accounts", &c, &["list", "--frozen", "--json"]).await;
+    assert!(seen.ok && seen.stdout.contains("dave@example.org"), "{}{}", seen.stdout, seen.stderr);
+    let ended = cli_of("accounts", &b, &["unfreeze", "dave@example.org"]).await;
+    assert!(ended.ok, "{}{}", ended.stdout, ended.stderr);
+    let seen = cli_of("accounts", &c, &["list", "--frozen", "--json"]).await;
+    assert!(seen.ok && !seen.stdout.contains("dave@example.org"), "{}", seen.stdout);
 
     // Held by A, seen by B with the instance that accepted it.
     let (code, text) = send(&a, "news@bulk.example", "one").await;
