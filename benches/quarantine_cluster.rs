@@ -175,7 +175,9 @@ async fn fill(pool: &PgPool, entries: usize) {
 async fn bench_list(pg: &pg_server::Postgres) {
     let entries = env_usize("PGBENCH_ENTRIES", 1_000_000);
     let runs = env_usize("PGBENCH_LIST_RUNS", 50);
-    let pool = PgPool::open(&pg_config(&pg.url(), 2)).await.expect("postgres");
+    let pool = PgPool::open(&pg_config(&pg.url(), 2))
+        .await
+        .expect("postgres");
     // A fresh table: the writes of (a) are removed first.
     {
         let mut conn = pool.get().await.expect("conn");
@@ -198,10 +200,38 @@ async fn bench_list(pg: &pg_server::Postgres) {
         .pop()
         .map(|r| (r.received_at, r.id));
     let cases: Vec<(&str, Filter)> = vec![
-        ("held (default view)", Filter { limit: 50, ..Default::default() }),
-        ("--all", Filter { limit: 50, all_states: true, ..Default::default() }),
-        ("page at the middle (keyset)", Filter { limit: 50, all_states: true, before: deep, ..Default::default() }),
-        ("--from d996.example", Filter { limit: 50, from: Some("d996.example".into()), ..Default::default() }),
+        (
+            "held (default view)",
+            Filter {
+                limit: 50,
+                ..Default::default()
+            },
+        ),
+        (
+            "--all",
+            Filter {
+                limit: 50,
+                all_states: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "page at the middle (keyset)",
+            Filter {
+                limit: 50,
+                all_states: true,
+                before: deep,
+                ..Default::default()
+            },
+        ),
+        (
+            "--from d996.example",
+            Filter {
+                limit: 50,
+                from: Some("d996.example".into()),
+                ..Default::default()
+            },
+        ),
     ];
     for (name, filter) in cases {
         let mut lat = Vec::new();
@@ -224,7 +254,10 @@ async fn bench_list(pg: &pg_server::Postgres) {
     let config = dir.path().join("mailwarden.toml");
     std::fs::write(
         &config,
-        format!("[quarantine]\nbackend = \"postgres\"\n\n[postgres]\nurl = \"{}\"\n", pg.url()),
+        format!(
+            "[quarantine]\nbackend = \"postgres\"\n\n[postgres]\nurl = \"{}\"\n",
+            pg.url()
+        ),
     )
     .expect("config");
     let mut lat = Vec::new();
@@ -237,7 +270,11 @@ async fn bench_list(pg: &pg_server::Postgres) {
             .output()
             .expect("cli");
         lat.push(t.elapsed());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     lat.sort();
     println!(

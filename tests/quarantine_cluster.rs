@@ -45,14 +45,26 @@ impl Redis {
     fn start() -> Redis {
         let port = free_port();
         let child = Command::new("/usr/bin/redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install -y redis-server)");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "redis-server did not start");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Redis { child, port }
@@ -91,7 +103,10 @@ async fn instance_with(
     o.role = "inbound".into();
     o.local_domains = vec!["example.org".into()];
     o.dns_nameserver = Some(dns.nameserver());
-    o.auth_extra = vec![format!("policy_file = {:?}", policy.to_str().expect("utf-8"))];
+    o.auth_extra = vec![format!(
+        "policy_file = {:?}",
+        policy.to_str().expect("utf-8")
+    )];
     let token = dir.path().join("admin.token");
     std::fs::write(&token, format!("{ADMIN_TOKEN}\n")).expect("token");
     {
@@ -204,14 +219,20 @@ async fn http(proxy: &Proxy, method: &str, path: &str, auth: bool) -> (u16, Stri
         .and_then(|l| l.split('"').nth(1))
         .expect("admin listen address")
         .to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("admin connect");
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("admin connect");
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let auth = if auth {
         format!("Authorization: Bearer {ADMIN_TOKEN}\r\n")
     } else {
         String::new()
     };
-    let body = if method == "POST" { "Content-Length: 0\r\n" } else { "" };
+    let body = if method == "POST" {
+        "Content-Length: 0\r\n"
+    } else {
+        ""
+    };
     s.write_all(
         format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}{body}Connection: close\r\n\r\n")
             .as_bytes(),
@@ -220,7 +241,11 @@ async fn http(proxy: &Proxy, method: &str, path: &str, auth: bool) -> (u16, Stri
     .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
     (code, out)
 }
 
@@ -242,14 +267,28 @@ async fn three_instances_share_one_quarantine_and_release_exactly_once() {
     );
 
     // Accounts are cluster-wide too (Redis): frozen from A, seen and ended from B and C.
-    let frozen = cli_of("accounts", &a, &["freeze", "dave@example.org", "--reason", "phished"]).await;
+    let frozen = cli_of(
+        "accounts",
+        &a,
+        &["freeze", "dave@example.org", "--reason", "phished"],
+    )
+    .await;
     assert!(frozen.ok, "{}{}", frozen.stdout, frozen.stderr);
     let seen = cli_of("accounts", &c, &["list", "--frozen", "--json"]).await;
-    assert!(seen.ok && seen.stdout.contains("dave@example.org"), "{}{}", seen.stdout, seen.stderr);
+    assert!(
+        seen.ok && seen.stdout.contains("dave@example.org"),
+        "{}{}",
+        seen.stdout,
+        seen.stderr
+    );
     let ended = cli_of("accounts", &b, &["unfreeze", "dave@example.org"]).await;
     assert!(ended.ok, "{}{}", ended.stdout, ended.stderr);
     let seen = cli_of("accounts", &c, &["list", "--frozen", "--json"]).await;
-    assert!(seen.ok && !seen.stdout.contains("dave@example.org"), "{}", seen.stdout);
+    assert!(
+        seen.ok && !seen.stdout.contains("dave@example.org"),
+        "{}",
+        seen.stdout
+    );
 
     // Held by A, seen by B with the instance that accepted it.
     let (code, text) = send(&a, "news@bulk.example", "one").await;
@@ -261,13 +300,20 @@ async fn three_instances_share_one_quarantine_and_release_exactly_once() {
     assert_eq!(rows[0]["instance"], "a");
     assert_eq!(rows[0]["state"], "held");
     let shown = cli(&c, &["show", "--json", &id]).await;
-    assert!(shown.ok && shown.stdout.contains("\"instance\":\"a\""), "{}", shown.stdout);
+    assert!(
+        shown.ok && shown.stdout.contains("\"instance\":\"a\""),
+        "{}",
+        shown.stdout
+    );
     let raw = cli(&b, &["show", "--raw", &id]).await;
     assert_eq!(raw.stdout.as_bytes(), message("news@bulk.example", "one"));
     // The admin API of any instance sees it too.
     let (code, body) = http(&c, "GET", "/api/quarantine", true).await;
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains(&id) && body.contains("\"instance\":\"a\""), "{body}");
+    assert!(
+        body.contains(&id) && body.contains("\"instance\":\"a\""),
+        "{body}"
+    );
     let (code, body) = http(&b, "GET", &format!("/api/quarantine/{id}"), true).await;
     assert!(code == 200 && body.contains("\"instance\":\"a\""), "{body}");
 
@@ -298,13 +344,24 @@ async fn three_instances_share_one_quarantine_and_release_exactly_once() {
             r.stderr
         );
     }
-    assert_eq!(mta.accepted().len() - before, 1, "{}", mta.transcripts_debug());
+    assert_eq!(
+        mta.accepted().len() - before,
+        1,
+        "{}",
+        mta.transcripts_debug()
+    );
     let rows = list(&c, true).await;
     assert_eq!(rows[0]["state"], "released");
     let (code, body) = http(&b, "POST", &format!("/api/quarantine/{id}/release"), true).await;
-    assert_eq!(code, 409, "the API of another instance knows it is released: {body}");
+    assert_eq!(
+        code, 409,
+        "the API of another instance knows it is released: {body}"
+    );
     assert_eq!(mta.accepted().len() - before, 1);
-    assert!(list(&a, false).await.is_empty(), "released entries leave the default view");
+    assert!(
+        list(&a, false).await.is_empty(),
+        "released entries leave the default view"
+    );
 
     // A purge from C removes held entries of every instance, everywhere.
     let (_, t1) = send(&a, "x@bulk.example", "two").await;
@@ -313,12 +370,21 @@ async fn three_instances_share_one_quarantine_and_release_exactly_once() {
     assert_eq!(list(&c, false).await.len(), 2);
     tokio::time::sleep(Duration::from_millis(1100)).await; // received_at has 1 s steps
     let purged = cli(&c, &["purge", "--older-than", "0s"]).await;
-    assert!(purged.ok && purged.stdout.contains("purged 3 entries"), "{}{}", purged.stdout, purged.stderr);
+    assert!(
+        purged.ok && purged.stdout.contains("purged 3 entries"),
+        "{}{}",
+        purged.stdout,
+        purged.stderr
+    );
     for p in [&a, &b, &c] {
         assert!(list(p, true).await.is_empty());
         for id in [&id2, &id3] {
             let gone = cli(p, &["show", id]).await;
-            assert!(!gone.ok && gone.stderr.contains("no quarantine entry"), "{}", gone.stderr);
+            assert!(
+                !gone.ok && gone.stderr.contains("no quarantine entry"),
+                "{}",
+                gone.stderr
+            );
         }
     }
 }
@@ -426,10 +492,13 @@ async fn load(
 
 /// One held message over a fresh session; `None` when the session broke.
 async fn one_held(addr: std::net::SocketAddr, marker: &str) -> Option<(u16, String)> {
-    let stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
-        .ok()?;
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .ok()?
+    .ok()?;
     let mut c = common::smtp_client::Client::from_tcp(stream);
     let step = |r: Option<common::smtp_client::Reply>, want: u16| r.filter(|r| r.code == want);
     step(c.try_read_reply().await, 220)?;
@@ -439,7 +508,9 @@ async fn one_held(addr: std::net::SocketAddr, marker: &str) -> Option<(u16, Stri
         ("RCPT TO:<user@example.org>".to_string(), 250),
         ("DATA".to_string(), 354),
     ] {
-        c.try_send_raw(format!("{line}\r\n").as_bytes()).await.ok()?;
+        c.try_send_raw(format!("{line}\r\n").as_bytes())
+            .await
+            .ok()?;
         step(c.try_read_reply().await, want)?;
     }
     let mut body = message("news@bulk.example", marker);
@@ -494,9 +565,12 @@ async fn postgres_stopped_during_a_load_keeps_exactly_what_was_acknowledged() {
     }
     let after = after.unwrap_or_else(|| panic!("never recovered:\n{}", a.log()));
 
-    let o = out.lock().unwrap();
+    let o = std::mem::take(&mut *out.lock().unwrap());
     assert!(o.acknowledged.len() >= 16, "the load ran before the stop");
-    assert!(!o.not_acknowledged.is_empty(), "the stop came before the end of the load");
+    assert!(
+        !o.not_acknowledged.is_empty(),
+        "the stop came before the end of the load"
+    );
     let mut want: std::collections::BTreeMap<String, String> =
         o.acknowledged.iter().cloned().collect();
     want.insert("after".into(), after);
@@ -534,8 +608,11 @@ async fn kill_9_of_an_instance_mid_write_loses_nothing_acknowledged_and_leaves_n
     assert!(killed.success());
     running.await.expect("load");
 
-    let o = out.lock().unwrap();
-    assert!(!o.not_acknowledged.is_empty(), "the kill came before the end of the load");
+    let o = std::mem::take(&mut *out.lock().unwrap());
+    assert!(
+        !o.not_acknowledged.is_empty(),
+        "the kill came before the end of the load"
+    );
     let entries = stored(&a).await;
     for (marker, id) in &o.acknowledged {
         assert_eq!(entries.get(marker), Some(id), "acknowledged {marker} lost");
@@ -546,13 +623,20 @@ async fn kill_9_of_an_instance_mid_write_loses_nothing_acknowledged_and_leaves_n
     for (marker, id) in &entries {
         let raw = cli(&a, &["show", "--raw", id]).await;
         assert!(raw.ok, "{}", raw.stderr);
-        assert_eq!(raw.stdout.as_bytes(), message("news@bulk.example", marker), "{marker}");
+        assert_eq!(
+            raw.stdout.as_bytes(),
+            message("news@bulk.example", marker),
+            "{marker}"
+        );
     }
     let unacked_stored = entries
         .keys()
         .filter(|m| o.not_acknowledged.contains(m))
         .count();
-    assert!(unacked_stored <= 8, "at most one in-flight commit per sender: {unacked_stored}");
+    assert!(
+        unacked_stored <= 8,
+        "at most one in-flight commit per sender: {unacked_stored}"
+    );
     eprintln!(
         "kill -9 mid-write: sent {}, acknowledged {}, not acknowledged {}, stored {} ({unacked_stored} of them unacknowledged)",
         o.acknowledged.len() + o.not_acknowledged.len(),
@@ -637,12 +721,22 @@ fn same(got: &Contents, want: &Contents) {
         .iter()
         .filter(|(id, v)| got.get(*id) != Some(v))
         .map(|(id, (state, instance, bytes))| {
-            let g = got.get(id).map(|(s, i, b)| (s.as_str(), i.as_str(), b.len()));
-            format!("{id}: want ({state}, {instance}, {} bytes), got {g:?}", bytes.len())
+            let g = got
+                .get(id)
+                .map(|(s, i, b)| (s.as_str(), i.as_str(), b.len()));
+            format!(
+                "{id}: want ({state}, {instance}, {} bytes), got {g:?}",
+                bytes.len()
+            )
         })
         .take(5)
         .collect();
-    assert!(differ.is_empty() && got.len() == want.len(), "{} vs {} entries; {differ:?}", got.len(), want.len());
+    assert!(
+        differ.is_empty() && got.len() == want.len(),
+        "{} vs {} entries; {differ:?}",
+        got.len(),
+        want.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -660,7 +754,10 @@ async fn migrate_moves_embedded_to_postgres_and_back_resumably() {
     let back = cfg("back.toml", "[quarantine]\ndir = \"q2\"\n".into());
     let shared = cfg(
         "shared.toml",
-        format!("[quarantine]\nbackend = \"postgres\"\n\n[postgres]\nurl = \"{}\"\n", pg.url()),
+        format!(
+            "[quarantine]\nbackend = \"postgres\"\n\n[postgres]\nurl = \"{}\"\n",
+            pg.url()
+        ),
     );
     // 600 entries (more than one page of 500), in every state, with ties on time.
     let source = mailwarden::quarantine::Quarantine::open(&dir.path().join("q1")).expect("open");
@@ -679,21 +776,36 @@ async fn migrate_moves_embedded_to_postgres_and_back_resumably() {
 
     // As if an earlier run was interrupted after copying some entries but before
     // deleting them from the source.
-    let (dest, _) = open(&load(&shared), Opener::Cli).await.expect("open postgres");
+    let (dest, _) = open(&load(&shared), Opener::Cli)
+        .await
+        .expect("open postgres");
     for id in before.keys().take(300) {
         let id = mailwarden::quarantine::QuarantineId::parse(id).unwrap();
         let meta = src.meta(&id).await.unwrap();
-        dest.import(meta, src.message(&id).await.unwrap()).await.unwrap();
+        dest.import(meta, src.message(&id).await.unwrap())
+            .await
+            .unwrap();
     }
 
     let run = migrate(dir.path(), &embedded, &shared).await;
     assert!(run.ok, "{}{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains("moved 600 entries") && run.stdout.contains("300 were already there"), "{}", run.stdout);
-    assert!(contents(src.as_ref()).await.is_empty(), "the source is emptied");
+    assert!(
+        run.stdout.contains("moved 600 entries") && run.stdout.contains("300 were already there"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        contents(src.as_ref()).await.is_empty(),
+        "the source is emptied"
+    );
     same(&contents(dest.as_ref()).await, &before);
     // Running it again changes nothing.
     let again = migrate(dir.path(), &embedded, &shared).await;
-    assert!(again.ok && again.stdout.contains("moved 0 entries"), "{}", again.stdout);
+    assert!(
+        again.ok && again.stdout.contains("moved 0 entries"),
+        "{}",
+        again.stdout
+    );
 
     // And back into a new embedded store.
     let run = migrate(dir.path(), &shared, &back).await;
@@ -704,5 +816,9 @@ async fn migrate_moves_embedded_to_postgres_and_back_resumably() {
 
     // A store onto itself is refused (it would delete what it copies).
     let same = migrate(dir.path(), &back, &back).await;
-    assert!(!same.ok && same.stderr.contains("same quarantine store"), "{}", same.stderr);
+    assert!(
+        !same.ok && same.stderr.contains("same quarantine store"),
+        "{}",
+        same.stderr
+    );
 }

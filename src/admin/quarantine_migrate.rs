@@ -51,7 +51,10 @@ pub fn run(from: &Path, to: &Path) -> ExitCode {
             Ok(m) => {
                 println!(
                     "moved {} entries from {} to {} ({} were already there)",
-                    m.copied + m.already, source.backend(), dest.backend(), m.already
+                    m.copied + m.already,
+                    source.backend(),
+                    dest.backend(),
+                    m.already
                 );
                 ExitCode::SUCCESS
             }

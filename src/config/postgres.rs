@@ -73,10 +73,13 @@ impl PostgresConfig {
                 "required when [quarantine] backend = \"postgres\" (e.g. postgresql://mailwarden@db:5432/mailwarden)",
             );
         }
-        if !self.url.is_empty() {
-            if let Err(e) = self.url.parse::<tokio_postgres::Config>() {
-                return Err(("url".into(), format!("not a PostgreSQL connection string: {e}")));
-            }
+        if let Some(Err(e)) =
+            (!self.url.is_empty()).then(|| self.url.parse::<tokio_postgres::Config>())
+        {
+            return Err((
+                "url".into(),
+                format!("not a PostgreSQL connection string: {e}"),
+            ));
         }
         if self.pool_size == 0 || self.pool_size > 1000 {
             return err("pool_size", "1 to 1000");
@@ -85,7 +88,10 @@ impl PostgresConfig {
             return err("timeout_ms", "at least 100");
         }
         if self.tls == PgTls::Off && self.ca_file.is_some() {
-            return err("ca_file", "set, but tls = \"off\": set tls = \"on\" to use it");
+            return err(
+                "ca_file",
+                "set, but tls = \"off\": set tls = \"on\" to use it",
+            );
         }
         Ok(())
     }

@@ -13,8 +13,8 @@
 pub mod capacity;
 pub mod id;
 pub mod index;
-pub mod preview;
 pub mod pg;
+pub mod preview;
 pub mod release;
 pub mod state;
 pub mod store;
@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use capacity::{Capacity, Refusal, Usage};
 pub use id::QuarantineId;
+use index::{Filter, Index, Row};
 pub use state::State;
 pub use store::QuarantineStore;
-use index::{Filter, Index, Row};
 
 /// What is kept about a held message besides its bytes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -349,7 +349,8 @@ impl Quarantine {
     /// a resumed migration never makes a second copy. No capacity check: moving entries
     /// between stores must not lose any.
     pub fn import(&self, meta: &Meta, message: &[u8]) -> Result<QuarantineId, StoreError> {
-        let id = QuarantineId::parse(&meta.id).ok_or_else(|| StoreError::BadId(printable(&meta.id)))?;
+        let id =
+            QuarantineId::parse(&meta.id).ok_or_else(|| StoreError::BadId(printable(&meta.id)))?;
         if fs::symlink_metadata(self.entry_dir(&id)).is_ok() {
             return Err(StoreError::Exists(id.to_string()));
         }

@@ -128,8 +128,8 @@ impl PgQuarantine {
                 &committing,
             ))
             .await;
-        let in_doubt = committing.load(std::sync::atomic::Ordering::Relaxed)
-            && !matches!(out, Ok(Ok(_)));
+        let in_doubt =
+            committing.load(std::sync::atomic::Ordering::Relaxed) && !matches!(out, Ok(Ok(_)));
         match self.pool.settle(conn, out) {
             Ok(Ok(inserted)) => Ok(inserted),
             Ok(Err(refusal)) => Err(StoreError::Full(refusal)),
@@ -156,11 +156,7 @@ impl PgQuarantine {
         self.pool.settle(conn, out).map_err(db)
     }
 
-    async fn execute(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64, StoreError> {
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
         let mut conn = self.pool.get().await.map_err(db)?;
         let out = self.pool.budget(conn.client().execute(sql, params)).await;
         self.pool.settle(conn, out).map_err(db)
@@ -197,7 +193,8 @@ async fn insert_entry(
 ) -> Result<Result<bool, Refusal>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     // The durability contract holds whatever the server or role default is.
-    tx.batch_execute("SET LOCAL synchronous_commit = on").await?;
+    tx.batch_execute("SET LOCAL synchronous_commit = on")
+        .await?;
     if let Some(cap) = a.capacity {
         let total = usage_of(
             &tx.query_one(
@@ -462,10 +459,7 @@ impl QuarantineStore for PgQuarantine {
         if n == 1 {
             return Ok(());
         }
-        let state = self
-            .state_of(id)
-            .await?
-            .unwrap_or_else(|| "missing".into());
+        let state = self.state_of(id).await?.unwrap_or_else(|| "missing".into());
         Err(StoreError::WrongState {
             id: id.to_string(),
             state,
@@ -533,7 +527,10 @@ mod tests {
         });
         assert!(sql.contains("state IN ('held', 'releasing')"), "{sql}");
         assert!(sql.contains("(received_at, id) < ($2, $3)"), "{sql}");
-        assert!(sql.ends_with("ORDER BY received_at DESC, id DESC LIMIT $4"), "{sql}");
+        assert!(
+            sql.ends_with("ORDER BY received_at DESC, id DESC LIMIT $4"),
+            "{sql}"
+        );
         assert!(!sql.contains("OFFSET"));
         assert_eq!(args.len(), 4);
         assert_eq!(like("50%_off"), "%50\\%\\_off%");

@@ -152,9 +152,7 @@ async fn send(
             Ok(reply)
         }
         Ok(Err(reply)) => {
-            store
-                .transition(id, State::Releasing, State::Held)
-                .await?;
+            store.transition(id, State::Releasing, State::Held).await?;
             tracing::warn!(id = %id, reply = %reply.summary(), "quarantine: release refused by the next hop");
             if reply.is_transient() {
                 Err(ReleaseError::Deferred(reply))
@@ -164,9 +162,7 @@ async fn send(
         }
         Err(RelayError::Unsettled(e)) => Err(ReleaseError::Unsettled(*e)),
         Err(e) => {
-            store
-                .transition(id, State::Releasing, State::Held)
-                .await?;
+            store.transition(id, State::Releasing, State::Held).await?;
             Err(ReleaseError::Failed(e))
         }
     }

@@ -209,7 +209,13 @@ pub enum Opener {
 pub async fn open(
     config: &crate::config::Config,
     opener: Opener,
-) -> Result<(Arc<dyn QuarantineStore>, Option<Arc<crate::store::postgres::PgPool>>), String> {
+) -> Result<
+    (
+        Arc<dyn QuarantineStore>,
+        Option<Arc<crate::store::postgres::PgPool>>,
+    ),
+    String,
+> {
     use crate::config::postgres::QuarantineBackend;
     let q = &config.quarantine;
     match q.backend {
@@ -229,7 +235,9 @@ pub async fn open(
         }
         QuarantineBackend::Postgres => {
             let pool = match opener {
-                Opener::Proxy => crate::store::postgres::PgPool::open_lenient(&config.postgres).await,
+                Opener::Proxy => {
+                    crate::store::postgres::PgPool::open_lenient(&config.postgres).await
+                }
                 Opener::Cli | Opener::Create => {
                     crate::store::postgres::PgPool::open(&config.postgres).await
                 }
@@ -257,7 +265,13 @@ pub fn redacted_url(url: &str) -> String {
         }
         _ => url
             .split_whitespace()
-            .map(|kv| if kv.starts_with("password=") { "password=***" } else { kv })
+            .map(|kv| {
+                if kv.starts_with("password=") {
+                    "password=***"
+                } else {
+                    kv
+                }
+            })
             .collect::<Vec<_>>()
             .join(" "),
     }
@@ -273,7 +287,10 @@ mod tests {
             redacted_url("postgresql://mw:s3cret@db:5432/mw"),
             "postgresql://mw:***@db:5432/mw"
         );
-        assert_eq!(redacted_url("postgresql://mw@db/mw"), "postgresql://mw@db/mw");
+        assert_eq!(
+            redacted_url("postgresql://mw@db/mw"),
+            "postgresql://mw@db/mw"
+        );
         assert_eq!(
             redacted_url("host=db user=mw password=s3cret"),
             "host=db user=mw password=***"

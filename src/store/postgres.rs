@@ -125,8 +125,9 @@ impl PgPool {
             .parse()
             .map_err(|e| PgError::new(format!("[postgres] url: {e}")))?;
         if let Some(path) = &cfg.password_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| PgError::new(format!("[postgres] password_file {}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                PgError::new(format!("[postgres] password_file {}: {e}", path.display()))
+            })?;
             config.password(text.lines().next().unwrap_or("").as_bytes());
         }
         if config.get_application_name().is_none() {
@@ -328,13 +329,22 @@ impl PgPool {
         if self.up.load(Ordering::Relaxed) {
             None
         } else {
-            Some(self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            Some(
+                self.last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            )
         }
     }
 
     /// Probes the server every `every` while it is marked down (and once a minute while
     /// up), so `/healthz` turns green again without waiting for the next held message.
-    pub async fn watch(self: Arc<Self>, every: Duration, shutdown: tokio_util::sync::CancellationToken) {
+    pub async fn watch(
+        self: Arc<Self>,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         let mut since_probe = Duration::ZERO;
         loop {
             tokio::select! {

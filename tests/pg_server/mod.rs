@@ -10,7 +10,6 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-
 pub struct Postgres {
     bin: PathBuf,
     data: PathBuf,
@@ -60,7 +59,18 @@ impl Postgres {
             port: free_port(),
             _dir: dir,
         };
-        pg.run("initdb", &["-D", pg.data_str(), "-U", "mw", "--auth=trust", "-E", "UTF8"]);
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                pg.data_str(),
+                "-U",
+                "mw",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+        );
         pg.pg_ctl_start();
         pg
     }
@@ -102,13 +112,27 @@ impl Postgres {
         let log = format!("{}/server.log", self.data_str());
         self.run(
             "pg_ctl",
-            &["-D", self.data_str(), "-o", &opts, "-l", &log, "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                self.data_str(),
+                "-o",
+                &opts,
+                "-l",
+                &log,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         );
     }
 
     /// Fast shutdown: open transactions are rolled back, clients disconnected.
     pub fn stop(&self) {
-        self.run("pg_ctl", &["-D", self.data_str(), "-m", "fast", "-w", "stop"]);
+        self.run(
+            "pg_ctl",
+            &["-D", self.data_str(), "-m", "fast", "-w", "stop"],
+        );
     }
 
     pub fn url(&self) -> String {
@@ -142,4 +166,3 @@ fn nix_uid(name: &str) -> (u32, u32) {
         .map(|f| (f[2].parse().expect("uid"), f[3].parse().expect("gid")))
         .unwrap_or_else(|| panic!("no user {name}"))
 }
-
