@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use mailwarden::config::{Config, LogFormat};
 use mailwarden::server::{Server, shutdown};
 use tokio_util::sync::CancellationToken;
@@ -11,10 +11,17 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(
     name = "mailwarden",
-    version,
-    about = "SMTP proxy that verifies sender authentication"
+    version = mailwarden::service::VERSION,
+    about = "SMTP proxy that verifies sender authentication",
+    after_long_help = "Files:\n  /etc/mailwarden/mailwarden.toml   the configuration (the default of -c)\n  /etc/mailwarden/policy.toml       the example policy ([auth] policy_file)\n  /var/lib/mailwarden/              quarantine, outbound state (mode 0700)\n\nWithout -c, /etc/mailwarden/mailwarden.toml is used when it exists, else\nconfig/mailwarden.toml in the working directory (a checkout)."
 )]
 struct Cli {
+    /// The configuration file. Accepted before or after the subcommand, by every
+    /// subcommand. Default: /etc/mailwarden/mailwarden.toml, else config/mailwarden.toml.
+    // One pattern for every subcommand: no subcommand declares its own `config`; the
+    // dispatch below passes `config()` (the resolved path) to the ones that need it.
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,21 +36,14 @@ enum LogFormatArg {
 enum Command {
     /// Run the proxy.
     Run {
-        #[arg(long, short)]
-        config: PathBuf,
         /// Overrides `[log] format`.
         #[arg(long)]
         log_format: Option<LogFormatArg>,
     },
     /// Validate a configuration file and exit (0: valid).
-    CheckConfig {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    CheckConfig,
     /// Evaluate one message offline, through the same checks and policy as the proxy.
     Check {
-        #[arg(long, short)]
-        config: PathBuf,
         /// The connecting client's IP address.
         #[arg(long)]
         ip: String,
@@ -67,15 +67,11 @@ enum Command {
     },
     /// Inspect, release and delete quarantined messages.
     Quarantine {
-        #[arg(long, short, default_value = "config/mailwarden.toml")]
-        config: PathBuf,
         #[command(subcommand)]
         command: mailwarden::admin::quarantine_cli::QuarantineCommand,
     },
     /// Outbound accounts: burst counters, freezes.
     Accounts {
-        #[arg(long, short, default_value = "config/mailwarden.toml")]
-        config: PathBuf,
         #[command(subcommand)]
         command: mailwarden::admin::accounts_cli::AccountsCommand,
     },
@@ -86,13 +82,22 @@ enum Command {
         #[arg(long, default_value = "localhost")]
         name: String,
     },
+    /// Write man pages and shell completions (bash, zsh, fish) under DIR (packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Resolved only by the subcommands that read a configuration (make-cert does not).
+    let given = cli.config;
+    let config = move || mailwarden::service::config_path::resolve(given);
     match cli.command {
-        Command::Run { config, log_format } => run(config, log_format),
-        Command::CheckConfig { config } => {
+        Command::Run { log_format } => with_config(config(), |c| run(c, log_format)),
+        Command::CheckConfig => with_config(config(), |config| {
             // The same checks `run` makes before serving (certificates, policy file,
             // admin token file and mode), so `ok` here means `run` starts.
             let checked = Config::load(&config)
@@ -113,32 +118,33 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
-        }
-        Command::Check {
-            config,
-            ip,
-            helo,
-            mail_from,
-            rcpt,
-            role,
-            json,
-            message,
-        } => mailwarden::check::run(&mailwarden::check::Args {
-            config,
-            ip,
-            helo,
-            mail_from,
-            rcpt,
-            role,
-            json,
-            message,
         }),
-        Command::Quarantine { config, command } => {
-            mailwarden::admin::quarantine_cli::run(&config, &command)
-        }
-        Command::Accounts { config, command } => {
-            mailwarden::admin::accounts_cli::run(&config, &command)
-        }
+        Command::Check {
+            ip,
+            helo,
+            mail_from,
+            rcpt,
+            role,
+            json,
+            message,
+        } => with_config(config(), |config| {
+            mailwarden::check::run(&mailwarden::check::Args {
+                config,
+                ip,
+                helo,
+                mail_from,
+                rcpt,
+                role,
+                json,
+                message,
+            })
+        }),
+        Command::Quarantine { command } => with_config(config(), |c| {
+            mailwarden::admin::quarantine_cli::run(&c, &command)
+        }),
+        Command::Accounts { command } => with_config(config(), |c| {
+            mailwarden::admin::accounts_cli::run(&c, &command)
+        }),
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());
@@ -149,6 +155,31 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::GenerateAssets { out } => {
+            match mailwarden::service::cli_assets::write_all(Cli::command(), &out) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("generate-assets: {}: {e}", out.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` on the resolved configuration path, or says why there is none.
+fn with_config(path: Result<PathBuf, String>, f: impl FnOnce(PathBuf) -> ExitCode) -> ExitCode {
+    match path {
+        Ok(p) => f(p),
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -182,13 +213,22 @@ fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
             tracing::error!(error = %e, "cannot install signal handlers");
             return ExitCode::from(1);
         }
-        let server = match Server::bind(config, token).await {
+        let server = match Server::bind(config, token.clone()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, config = %path.display(), "cannot start");
                 return ExitCode::from(1);
             }
         };
+        // Listeners are bound: tell systemd (Type=notify) we are up, and that we are
+        // going down as soon as shutdown starts (it then waits TimeoutStopSec=, not the
+        // start timeout, and shows "deactivating").
+        mailwarden::service::sd_notify::ready();
+        let stopping = token.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            mailwarden::service::sd_notify::stopping();
+        });
         let inspector = server.inspector();
         if let Err(e) = shutdown::on_reload(move || inspector.reload()) {
             tracing::error!(error = %e, "cannot install the SIGHUP handler");
