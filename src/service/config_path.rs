@@ -76,8 +76,11 @@ mod tests {
         let system = d.path().join("etc/mailwarden.toml");
         let checkout = d.path().join("config/mailwarden.toml");
         fs::create_dir_all(checkout.parent().unwrap()).unwrap();
-        fs::set_permissions(checkout.parent().unwrap(), fs::Permissions::from_mode(0o755))
-            .unwrap();
+        fs::set_permissions(
+            checkout.parent().unwrap(),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         (d, system, checkout)
     }
 

@@ -78,7 +78,9 @@ fn send_abstract(socket: &UnixDatagram, name: &[u8], data: &[u8]) -> io::Result<
 
 #[cfg(not(target_os = "linux"))]
 fn send_abstract(_: &UnixDatagram, _: &[u8], _: &[u8]) -> io::Result<usize> {
-    Err(io::Error::other("abstract unix sockets exist only on Linux"))
+    Err(io::Error::other(
+        "abstract unix sockets exist only on Linux",
+    ))
 }
 
 /// Sends `state` to the service manager if there is one. Returns whether a notification
