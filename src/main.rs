@@ -230,7 +230,15 @@ fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
             mailwarden::service::sd_notify::stopping();
         });
         let inspector = server.inspector();
-        if let Err(e) = shutdown::on_reload(move || inspector.reload()) {
+        // RELOADING=1 ... READY=1 around each reload: `systemctl reload` shows it, and
+        // READY follows whether the reload was applied or refused (the old one runs).
+        let reload = move || {
+            mailwarden::service::sd_notify::reloading();
+            let result = inspector.reload();
+            mailwarden::service::sd_notify::ready();
+            result
+        };
+        if let Err(e) = shutdown::on_reload(reload) {
             tracing::error!(error = %e, "cannot install the SIGHUP handler");
             return ExitCode::from(1);
         }

@@ -193,7 +193,7 @@ async fn recv(socket: &std::sync::Arc<UnixDatagram>) -> std::io::Result<String> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_notifies_ready_once_listening_and_stopping_on_sigterm() {
+async fn run_notifies_ready_reloading_and_stopping() {
     bounded(async {
         let dir = tempfile::tempdir().unwrap();
         let listen = free_addr();
@@ -227,6 +227,17 @@ async fn run_notifies_ready_once_listening_and_stopping_on_sigterm() {
         let mut c = Client::connect(listen).await;
         assert_eq!(c.read_reply().await.code, 220);
         assert_eq!(c.cmd("QUIT").await.code, 221);
+
+        // SIGHUP (the unit's ExecReload): RELOADING=1, then READY=1 when it is done.
+        let st = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let reloading = recv(&notify).await.expect("RELOADING=1");
+        assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
+        let again = recv(&notify).await.expect("READY=1 after the reload");
+        assert!(again.lines().any(|l| l == "READY=1"), "{again}");
 
         let st = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])

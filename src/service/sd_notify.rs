@@ -8,8 +8,9 @@
 //!
 //! The unit (`packaging/mailwarden.service`) is `Type=notify`: systemd counts the service as
 //! started at `READY=1`, sent once every listener is bound, so units ordered after it
-//! (`After=mailwarden.service`) start when port 25 really answers. The reload code calls
-//! [`reloading`] before and [`ready`] after a reload.
+//! (`After=mailwarden.service`) start when port 25 really answers. `run` (src/main.rs)
+//! calls [`reloading`] before and [`ready`] after each SIGHUP reload, and [`stopping`]
+//! when shutdown starts.
 
 use std::io;
 use std::os::unix::net::UnixDatagram;
