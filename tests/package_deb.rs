@@ -81,18 +81,32 @@ fn must(program: &str, args: &[&str]) -> String {
     out
 }
 
-/// A directory for command output files, kept for the whole test process.
+/// This test process's directory for the `.deb` and command output files, kept while it
+/// runs; the directories of earlier processes (no longer running) are removed first.
 fn scratch() -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("package_deb");
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let parent = Path::new(env!("CARGO_TARGET_TMPDIR")).join("package_deb");
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.parse::<u32>().is_ok() && !Path::new("/proc").join(&name).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let d = parent.join(std::process::id().to_string());
+        std::fs::create_dir_all(&d).expect("scratch dir");
+        d
+    })
+    .clone()
 }
 
 /// The `.deb` built once per test process from the binary under test.
 fn deb() -> &'static Path {
     static DEB: OnceLock<PathBuf> = OnceLock::new();
     DEB.get_or_init(|| {
-        let out = scratch().join(format!("deb-{}", std::process::id()));
+        let out = scratch().join("deb");
         let script = repo_path("packaging/build-deb.sh");
         let built = run_split(
             "bash",
