@@ -252,6 +252,7 @@ async fn deb_installs_runs_as_its_user_and_removes_cleanly() {
     skip_unless_possible!();
     // The package is installed on this machine: one such test at a time, whatever the
     // checkout (another worktree's run waits here).
+    std::fs::create_dir_all("/run/lock").unwrap();
     let lock = std::fs::File::create("/run/lock/mailwarden-package-test.lock").unwrap();
     lock.lock().expect("lock");
     assert_eq!(
