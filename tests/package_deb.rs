@@ -456,8 +456,11 @@ async fn run_installed_binary() {
         .unwrap()
         .unwrap();
     assert!(st.success(), "exit {st}:\n{}", log());
-    // It wrote its state as the mailwarden user, inside the 0700 directory.
+    // It wrote its state as the mailwarden user, inside the 0700 directory: at least the
+    // quarantine store of the packaged configuration, created at start.
     let uid = uid_of("mailwarden");
+    let store = format!("{STATE}/quarantine");
+    assert_eq!(mode_owner(&store).1, uid, "{store}");
     for entry in std::fs::read_dir(STATE).unwrap() {
         use std::os::unix::fs::MetadataExt;
         let e = entry.unwrap();
