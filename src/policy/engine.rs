@@ -344,6 +344,7 @@ impl Enforcer {
             reasons: verdict.reasons(),
             flags: verdict.flag_names(),
             authentication_results: verdict.authentication_results.clone(),
+            auth: verdict.report.clone().map(std::sync::Arc::new),
         }
     }
 }
