@@ -79,6 +79,13 @@ enum Command {
         #[command(subcommand)]
         command: mailwarden::admin::accounts_cli::AccountsCommand,
     },
+    /// DMARC aggregate reports: list, show, send now.
+    Dmarc {
+        #[arg(long, short, default_value = "config/mailwarden.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: mailwarden::admin::dmarc_reports_cli::DmarcCommand,
+    },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
         #[arg(long, default_value = "certs")]
@@ -138,6 +145,9 @@ fn main() -> ExitCode {
         }
         Command::Accounts { config, command } => {
             mailwarden::admin::accounts_cli::run(&config, &command)
+        }
+        Command::Dmarc { config, command } => {
+            mailwarden::admin::dmarc_reports_cli::run(&config, &command)
         }
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
