@@ -125,7 +125,8 @@ fn send_now(config: &Config, store: &mut SqliteStore, force: Option<&str>) -> Ex
             Err(e) => return fail(e),
         }
     }
-    let built = match period::close(store, cfg, now) {
+    // The period ends after the current second: what was recorded so far is in it.
+    let built = match period::close(store, cfg, now + 1) {
         Ok(n) => n,
         Err(e) => return fail(e),
     };
@@ -137,8 +138,9 @@ fn send_now(config: &Config, store: &mut SqliteStore, force: Option<&str>) -> Ex
         Ok(rt) => rt,
         Err(e) => return fail(e),
     };
-    // `u64::MAX`: what waits for its retry time goes now too.
-    match runtime.block_on(period::send_due(store, cfg, &outbox, u64::MAX)) {
+    // What waits for its retry time goes now too.
+    let due_by = i64::MAX as u64;
+    match runtime.block_on(period::send_due(store, cfg, &outbox, now, due_by)) {
         Ok(round) => {
             println!(
                 "built {built}, sent {}, deferred {}, failed {}, undeliverable {}",

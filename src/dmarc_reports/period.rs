@@ -116,16 +116,23 @@ fn count(outcome: &str) {
         .inc();
 }
 
-/// Sends every pending report that is due. Each is claimed (`pending → sending`) first,
-/// so a concurrent sender skips it.
-pub async fn send_due(store: &mut dyn ReportStore, cfg: &DmarcReportsConfig, outbox: &Outbox, now: u64) -> Result<Round, String> {
+/// Sends every pending report whose next attempt is due at `due_by` (`now`, or later to
+/// send retries early). Each is claimed (`pending → sending`) first, so a concurrent
+/// sender skips it.
+pub async fn send_due(
+    store: &mut dyn ReportStore,
+    cfg: &DmarcReportsConfig,
+    outbox: &Outbox,
+    now: u64,
+    due_by: u64,
+) -> Result<Round, String> {
     let sender = Sender {
         org_name: &cfg.org_name,
         email: &cfg.email,
         hostname: &outbox.hostname,
     };
     let mut round = Round::default();
-    for r in store.due(now)? {
+    for r in store.due(due_by)? {
         if !store.transition(&r.id, ReportState::Pending, ReportState::Sending, now)? {
             continue;
         }
@@ -182,7 +189,7 @@ pub async fn run(config: Arc<Config>, outbox: Outbox, shutdown: CancellationToke
         let cycle = async {
             store.abandon_stale(now.saturating_sub(STALE_SENDING))?;
             close(&mut store, cfg, period_end(now, interval))?;
-            send_due(&mut store, cfg, &outbox, now).await
+            send_due(&mut store, cfg, &outbox, now, now).await
         };
         if let Err(e) = cycle.await {
             tracing::error!(error = %e, "DMARC reports: cycle failed; retrying at the next tick");
