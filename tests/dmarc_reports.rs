@@ -42,10 +42,16 @@ fn zone() -> Zone {
         .txt("other.example._report._dmarc.unverified.test", "v=DMARC1")
         // DMARC fail, p=quarantine: held.
         .txt("quar.example", "v=spf1 -all")
-        .txt("_dmarc.quar.example", "v=DMARC1; p=quarantine; rua=mailto:r@quar.example")
+        .txt(
+            "_dmarc.quar.example",
+            "v=DMARC1; p=quarantine; rua=mailto:r@quar.example",
+        )
         // Opted out in [dmarc_reports].
         .txt("optout.example", "v=spf1 ip4:127.0.0.1 -all")
-        .txt("_dmarc.optout.example", "v=DMARC1; p=none; rua=mailto:r@optout.example")
+        .txt(
+            "_dmarc.optout.example",
+            "v=DMARC1; p=none; rua=mailto:r@optout.example",
+        )
 }
 
 fn options(mta: &FakeMta, dns: &DnsServer) -> ProxyOptions {
@@ -213,7 +219,10 @@ async fn a_day_of_traffic_gives_valid_reports_sent_once_to_verified_rua_only() {
         if rows == 7 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "evaluations recorded: {rows}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "evaluations recorded: {rows}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -235,8 +244,15 @@ async fn a_day_of_traffic_gives_valid_reports_sent_once_to_verified_rua_only() {
             .and_then(|s| s.split(' ').next())
             .expect("RFC 7489 subject")
             .to_string();
-        assert!(subject.contains(" Submitter: mailwarden.test Report-ID: <"), "{subject}");
-        assert!(m.mail.contains("<dmarc-reports@mailwarden.test>"), "{}", m.mail);
+        assert!(
+            subject.contains(" Submitter: mailwarden.test Report-ID: <"),
+            "{subject}"
+        );
+        assert!(
+            m.mail.contains("<dmarc-reports@mailwarden.test>"),
+            "{}",
+            m.mail
+        );
         let mut rcpts: Vec<String> = m.rcpts.iter().map(|r| r.to_ascii_lowercase()).collect();
         rcpts.sort();
         let want: Vec<&str> = match domain.as_str() {
@@ -250,7 +266,8 @@ async fn a_day_of_traffic_gives_valid_reports_sent_once_to_verified_rua_only() {
 
         let (filename, xml) = attachment_xml(&m.data);
         assert!(
-            filename.starts_with(&format!("mailwarden.test!{domain}!")) && filename.ends_with(".xml.gz"),
+            filename.starts_with(&format!("mailwarden.test!{domain}!"))
+                && filename.ends_with(".xml.gz"),
             "{filename}"
         );
         let work = tempfile::tempdir().unwrap();
@@ -308,17 +325,29 @@ print(json.dumps(out))
             *from_report
                 .entry((dmarc.into(), r["disposition"].as_str().unwrap().into()))
                 .or_default() += r["count"].as_u64().unwrap();
-            let spf_expected = if domain == "sender.example" { "pass" } else { "fail" };
+            let spf_expected = if domain == "sender.example" {
+                "pass"
+            } else {
+                "fail"
+            };
             assert_eq!(r["spf_results"][0], spf_expected);
         }
         let mut from_log: BTreeMap<(String, String), u64> = BTreeMap::new();
         for (dmarc, disposition) in &expected[&domain] {
-            *from_log.entry((dmarc.clone(), disposition.clone())).or_default() += 1;
+            *from_log
+                .entry((dmarc.clone(), disposition.clone()))
+                .or_default() += 1;
         }
-        assert_eq!(from_report, from_log, "{domain}: report vs proxy log\n{xml}");
+        assert_eq!(
+            from_report, from_log,
+            "{domain}: report vs proxy log\n{xml}"
+        );
     }
     seen_domains.sort();
-    assert_eq!(seen_domains, ["quar.example", "sender.example", "spoof.example"]);
+    assert_eq!(
+        seen_domains,
+        ["quar.example", "sender.example", "spoof.example"]
+    );
 
     // `reports list` shows them sent, to the verified destinations only.
     let list = Command::new(bin())
@@ -329,5 +358,8 @@ print(json.dumps(out))
         .unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
     assert_eq!(list.matches(" sent ").count(), 3, "{list}");
-    assert!(!list.contains("victim@unverified.test,") && !list.contains("optout.example"), "{list}");
+    assert!(
+        !list.contains("victim@unverified.test,") && !list.contains("optout.example"),
+        "{list}"
+    );
 }

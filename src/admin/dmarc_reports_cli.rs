@@ -54,7 +54,10 @@ pub fn run(config_path: &Path, cmd: &DmarcCommand) -> ExitCode {
     let DmarcCommand::Reports { command } = cmd;
     let cfg = &config.dmarc_reports;
     if !cfg.db.exists() && !matches!(command, ReportsCommand::SendNow { .. }) {
-        return fail(format!("{} does not exist (no report recorded yet)", cfg.db.display()));
+        return fail(format!(
+            "{} does not exist (no report recorded yet)",
+            cfg.db.display()
+        ));
     }
     let mut store = match SqliteStore::open(&cfg.db) {
         Ok(s) => s,
@@ -83,10 +86,25 @@ fn list(store: &SqliteStore, json: bool) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    println!("{:<28} {:<28} {:>10} {:>10} {:>8} {:<13} to / error", "ID", "DOMAIN", "BEGIN", "END", "MESSAGES", "STATE");
+    println!(
+        "{:<28} {:<28} {:>10} {:>10} {:>8} {:<13} to / error",
+        "ID", "DOMAIN", "BEGIN", "END", "MESSAGES", "STATE"
+    );
     for r in &reports {
-        let note = if r.sent_to.is_empty() { &r.last_error } else { &r.sent_to };
-        println!("{:<28} {:<28} {:>10} {:>10} {:>8} {:<13} {note}", r.id, r.domain, r.begin, r.end, r.messages, r.state.as_str());
+        let note = if r.sent_to.is_empty() {
+            &r.last_error
+        } else {
+            &r.sent_to
+        };
+        println!(
+            "{:<28} {:<28} {:>10} {:>10} {:>8} {:<13} {note}",
+            r.id,
+            r.domain,
+            r.begin,
+            r.end,
+            r.messages,
+            r.state.as_str()
+        );
     }
     ExitCode::SUCCESS
 }
@@ -100,7 +118,11 @@ fn show(store: &SqliteStore, id: &str) -> ExitCode {
     println!("id:        {}", report.id);
     println!("domain:    {}", report.domain);
     println!("period:    {} .. {}", report.begin, report.end);
-    println!("state:     {} (attempts {})", report.state.as_str(), report.attempts);
+    println!(
+        "state:     {} (attempts {})",
+        report.state.as_str(),
+        report.attempts
+    );
     println!("rua:       {}", report.rua);
     println!("sent to:   {}", report.sent_to);
     println!("error:     {}", report.last_error);
@@ -134,7 +156,10 @@ fn send_now(config: &Config, store: &mut SqliteStore, force: Option<&str>) -> Ex
         Ok(o) => o,
         Err(e) => return fail(e),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(e),
     };

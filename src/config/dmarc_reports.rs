@@ -98,15 +98,23 @@ impl DmarcReportsConfig {
             return Ok(());
         }
         if self.org_name.trim().is_empty() {
-            return err("org_name", "required when enabled (report_metadata/org_name)");
+            return err(
+                "org_name",
+                "required when enabled (report_metadata/org_name)",
+            );
         }
         let valid_email = self.email.split_once('@').is_some_and(|(l, d)| {
-            !l.is_empty() && d.contains('.') && !self.email.contains(|c: char| {
-                c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | '"' | ',')
-            })
+            !l.is_empty()
+                && d.contains('.')
+                && !self.email.contains(|c: char| {
+                    c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | '"' | ',')
+                })
         });
         if !valid_email {
-            return err("email", "required when enabled: a plain address such as dmarc-reports@example.org");
+            return err(
+                "email",
+                "required when enabled: a plain address such as dmarc-reports@example.org",
+            );
         }
         if self.extra_contact_info.contains(|c: char| c.is_control()) {
             return err("extra_contact_info", "must be one line");
@@ -127,7 +135,13 @@ mod tests {
         };
         assert_eq!(c.validate().unwrap_err().0, "org_name");
         c.org_name = "Example".into();
-        for bad in ["", "nobody", "a@b", "x <a@b.example>", "a@b.example\r\nBcc: v@x.test"] {
+        for bad in [
+            "",
+            "nobody",
+            "a@b",
+            "x <a@b.example>",
+            "a@b.example\r\nBcc: v@x.test",
+        ] {
             c.email = bad.into();
             assert_eq!(c.validate().unwrap_err().0, "email", "{bad:?}");
         }

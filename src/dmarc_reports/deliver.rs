@@ -100,12 +100,17 @@ pub fn destinations(rua: &str) -> Vec<Destination> {
             continue;
         };
         let bad = |c: char| {
-            c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | '"' | '?' | ',' | ';' | '\\')
+            c.is_whitespace()
+                || c.is_control()
+                || matches!(c, '<' | '>' | '"' | '?' | ',' | ';' | '\\')
         };
         if local.is_empty() || domain.is_empty() || address.contains(bad) || address.len() > 254 {
             continue;
         }
-        let address = format!("{local}@{}", domain.trim_end_matches('.').to_ascii_lowercase());
+        let address = format!(
+            "{local}@{}",
+            domain.trim_end_matches('.').to_ascii_lowercase()
+        );
         if !out.iter().any(|d| d.address.eq_ignore_ascii_case(&address)) {
             out.push(Destination { address, limit });
         }
@@ -148,12 +153,17 @@ pub async fn verify(resolver: &TokioResolver, report_domain: &str, dest_domain: 
                     let text: Vec<u8> = txt.txt_data.iter().flatten().copied().collect();
                     let text = String::from_utf8_lossy(&text);
                     let text = text.trim_start();
-                    text.get(..8).is_some_and(|v| v.eq_ignore_ascii_case("v=DMARC1"))
+                    text.get(..8)
+                        .is_some_and(|v| v.eq_ignore_ascii_case("v=DMARC1"))
                         && text[8..].trim_start().is_empty_or_semicolon()
                 }
                 _ => false,
             });
-            if confirmed { Verified::Yes } else { Verified::No }
+            if confirmed {
+                Verified::Yes
+            } else {
+                Verified::No
+            }
         }
         Err(NetError::Dns(DnsError::NoRecordsFound(_))) => Verified::No,
         Err(e) => {
@@ -188,7 +198,9 @@ pub fn rfc5322_date(secs: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days.rem_euclid(7)) as usize];
-    let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     format!(
         "{weekday}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
         months[(month - 1) as usize],
@@ -208,14 +220,23 @@ pub struct Sender<'a> {
 impl Sender<'_> {
     /// The receiver domain of the file name and the `Submitter:` of the subject.
     fn submitter(&self) -> &str {
-        self.email.rsplit_once('@').map_or(self.hostname, |(_, d)| d)
+        self.email
+            .rsplit_once('@')
+            .map_or(self.hostname, |(_, d)| d)
     }
 }
 
 /// The attachment's file name (RFC 7489 §7.2.1.1):
 /// `receiver "!" policy-domain "!" begin "!" end "!" unique-id ".xml.gz"`.
 pub fn filename(sender: &Sender<'_>, r: &StoredReport) -> String {
-    format!("{}!{}!{}!{}!{}.xml.gz", sender.submitter(), r.domain, r.begin, r.end, r.id)
+    format!(
+        "{}!{}!{}!{}!{}.xml.gz",
+        sender.submitter(),
+        r.domain,
+        r.begin,
+        r.end,
+        r.id
+    )
 }
 
 /// The report message (CRLF lines): multipart/mixed, a short text part and the gzip
@@ -239,7 +260,9 @@ pub fn message(sender: &Sender<'_>, r: &StoredReport, to: &[&str], now: u64) -> 
     ));
     m.push_str(&format!("Message-ID: <{}@{}>\r\n", r.id, sender.hostname));
     m.push_str("MIME-Version: 1.0\r\n");
-    m.push_str(&format!("Content-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n"));
+    m.push_str(&format!(
+        "Content-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n"
+    ));
     m.push_str("This is a MIME-formatted message.\r\n\r\n");
     m.push_str(&format!("--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"));
     m.push_str(&format!(
@@ -288,7 +311,12 @@ pub async fn send(
     for d in &all {
         match verify(resolver, &r.domain, d.domain()).await {
             Verified::Yes => ok.push(d.clone()),
-            Verified::No => notes.push(format!("{}: not verified (no {}._report._dmarc.{} record)", d.address, r.domain, d.domain())),
+            Verified::No => notes.push(format!(
+                "{}: not verified (no {}._report._dmarc.{} record)",
+                d.address,
+                r.domain,
+                d.domain()
+            )),
             Verified::Unknown => {
                 unknown = true;
                 notes.push(format!("{}: verification lookup failed", d.address));
@@ -299,12 +327,25 @@ pub async fn send(
     // every candidate listed (never smaller than what is sent).
     let candidates: Vec<&str> = ok.iter().map(|d| d.address.as_str()).collect();
     let size = message(sender, r, &candidates, now).len() as u64;
-    let (fits, too_big): (Vec<Destination>, Vec<Destination>) =
-        ok.into_iter().partition(|d| d.limit.is_none_or(|l| size <= l));
-    notes.extend(too_big.iter().map(|d| format!("{}: report of {size} bytes over its limit", d.address)));
+    let (fits, too_big): (Vec<Destination>, Vec<Destination>) = ok
+        .into_iter()
+        .partition(|d| d.limit.is_none_or(|l| size <= l));
+    notes.extend(
+        too_big
+            .iter()
+            .map(|d| format!("{}: report of {size} bytes over its limit", d.address)),
+    );
     if fits.is_empty() {
-        let why = if all.is_empty() { "no mailto: destination in rua=".to_string() } else { notes.join("; ") };
-        return if unknown { Attempt::Deferred(why) } else { Attempt::Undeliverable(why) };
+        let why = if all.is_empty() {
+            "no mailto: destination in rua=".to_string()
+        } else {
+            notes.join("; ")
+        };
+        return if unknown {
+            Attempt::Deferred(why)
+        } else {
+            Attempt::Undeliverable(why)
+        };
     }
     let to: Vec<&str> = fits.iter().map(|d| d.address.as_str()).collect();
     let body = message(sender, r, &to, now);
@@ -379,9 +420,18 @@ mod tests {
         assert_eq!(
             d,
             [
-                Destination { address: "agg@example.com".into(), limit: Some(10 << 20) },
-                Destination { address: "a@b@x.test".into(), limit: None },
-                Destination { address: "ext@reports.test".into(), limit: Some(50 << 10) },
+                Destination {
+                    address: "agg@example.com".into(),
+                    limit: Some(10 << 20)
+                },
+                Destination {
+                    address: "a@b@x.test".into(),
+                    limit: None
+                },
+                Destination {
+                    address: "ext@reports.test".into(),
+                    limit: Some(50 << 10)
+                },
             ]
         );
         for bad in [
@@ -393,8 +443,16 @@ mod tests {
             "mailto:@b.test",
             "mailto:a%0d%0a@b.test",
         ] {
-            assert!(destinations(bad).iter().all(|d| d.address.contains('@') && !d.address.contains(['\r', '\n', ' ', '<', '>', '?'])), "{bad:?}");
-            assert!(destinations(bad).is_empty(), "{bad:?} gave {:?}", destinations(bad));
+            assert!(
+                destinations(bad).iter().all(|d| d.address.contains('@')
+                    && !d.address.contains(['\r', '\n', ' ', '<', '>', '?'])),
+                "{bad:?}"
+            );
+            assert!(
+                destinations(bad).is_empty(),
+                "{bad:?} gave {:?}",
+                destinations(bad)
+            );
         }
     }
 
@@ -411,6 +469,9 @@ mod tests {
     fn dates_are_rfc5322() {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_796_342_399), "Thu, 03 Dec 2026 23:59:59 +0000");
+        assert_eq!(
+            rfc5322_date(1_796_342_399),
+            "Thu, 03 Dec 2026 23:59:59 +0000"
+        );
     }
 }

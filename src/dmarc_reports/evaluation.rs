@@ -121,7 +121,9 @@ pub fn evaluate(report: &AuthReport, taken: Taken, ctx: &Context<'_>) -> Option<
         domain,
         adkim: mode(record.adkim).into(),
         aspf: mode(record.aspf).into(),
-        sp: record.sp.map_or_else(|| p.clone(), |s| s.as_str().to_string()),
+        sp: record
+            .sp
+            .map_or_else(|| p.clone(), |s| s.as_str().to_string()),
         p,
         pct: record.pct,
         fo: record.fo.clone(),
@@ -205,7 +207,11 @@ fn overrides(
         push(&mut out, "other", "policy_test_mode (t=y)".into());
     }
     if disposition != applied {
-        push(&mut out, "local_policy", local_reason.chars().take(200).collect());
+        push(
+            &mut out,
+            "local_policy",
+            local_reason.chars().take(200).collect(),
+        );
     }
     out
 }
@@ -265,16 +271,26 @@ mod tests {
 
     #[test]
     fn records_published_policy_raw_results_and_why_the_disposition_differs() {
-        let e = evaluate(&report(AuthResult::Fail, "quarantine"), Taken::Delivered, &ctx())
-            .unwrap();
+        let e = evaluate(
+            &report(AuthResult::Fail, "quarantine"),
+            Taken::Delivered,
+            &ctx(),
+        )
+        .unwrap();
         assert_eq!(e.published.p, "reject");
         assert_eq!(e.published.sp, "quarantine");
         assert_eq!(e.published.adkim, "s");
         assert_eq!(e.published.pct, 50);
         assert_eq!(e.published.fo, "0");
         assert_eq!(e.published.rua, "mailto:r@example.com!10m");
-        assert_eq!((e.spf_domain.as_str(), e.spf_scope.as_str(), e.spf_result.as_str()),
-            ("bounce.example.com", "mfrom", "fail"));
+        assert_eq!(
+            (
+                e.spf_domain.as_str(),
+                e.spf_scope.as_str(),
+                e.spf_result.as_str()
+            ),
+            ("bounce.example.com", "mfrom", "fail")
+        );
         assert_eq!(e.dkim[0].domain, "other.example");
         assert_eq!(e.envelope_to, "local.test");
         assert_eq!(e.disposition, "none");
@@ -285,7 +301,11 @@ mod tests {
 
     #[test]
     fn nothing_to_report_without_a_judged_record() {
-        for r in [AuthResult::None, AuthResult::TempError, AuthResult::PermError] {
+        for r in [
+            AuthResult::None,
+            AuthResult::TempError,
+            AuthResult::PermError,
+        ] {
             assert!(evaluate(&report(r, "reject"), Taken::Rejected, &ctx()).is_none());
         }
         let mut no_record = report(AuthResult::Pass, "reject");
@@ -298,8 +318,14 @@ mod tests {
         let mut r = report(AuthResult::Pass, "none");
         r.spf.mail_from.domain.clear();
         let e = evaluate(&r, Taken::Quarantined, &ctx()).unwrap();
-        assert_eq!((e.spf_domain.as_str(), e.spf_scope.as_str(), e.spf_result.as_str()),
-            ("mx.example.net", "helo", "pass"));
+        assert_eq!(
+            (
+                e.spf_domain.as_str(),
+                e.spf_scope.as_str(),
+                e.spf_result.as_str()
+            ),
+            ("mx.example.net", "helo", "pass")
+        );
         // quarantine taken while the applied policy was none: local policy says why.
         assert_eq!(e.overrides.last().unwrap().kind, "local_policy");
     }

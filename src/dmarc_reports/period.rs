@@ -31,14 +31,21 @@ fn report_id(end: u64) -> String {
 
 /// Closes the period ending at `end` (if not closed yet): one report per reporting
 /// domain, stored `pending`. Returns how many reports were built.
-pub fn close(store: &mut dyn ReportStore, cfg: &DmarcReportsConfig, end: u64) -> Result<usize, String> {
+pub fn close(
+    store: &mut dyn ReportStore,
+    cfg: &DmarcReportsConfig,
+    end: u64,
+) -> Result<usize, String> {
     let seen = store.period_mark()?;
     if seen.is_some_and(|m| end <= m) {
         return Ok(0);
     }
     let mut by_domain: BTreeMap<String, Vec<super::Evaluation>> = BTreeMap::new();
     for e in store.evaluations_before(end)? {
-        by_domain.entry(e.published.domain.clone()).or_default().push(e);
+        by_domain
+            .entry(e.published.domain.clone())
+            .or_default()
+            .push(e);
     }
     let reporter = Reporter {
         org_name: &cfg.org_name,
@@ -59,7 +66,11 @@ pub fn close(store: &mut dyn ReportStore, cfg: &DmarcReportsConfig, end: u64) ->
         let Some(built) = xml::build(&reporter, &id, begin, end, &evs, cfg.max_records) else {
             continue;
         };
-        let rua = evs.iter().max_by_key(|e| e.at).map(|e| e.published.rua.clone()).unwrap_or_default();
+        let rua = evs
+            .iter()
+            .max_by_key(|e| e.at)
+            .map(|e| e.published.rua.clone())
+            .unwrap_or_default();
         reports.push(NewReport {
             id,
             domain,
@@ -141,8 +152,12 @@ pub async fn send_due(
         let last = r.attempts + 1 >= cfg.max_attempts;
         let (state, next, to, error) = match &attempt {
             Attempt::Sent(to) => (ReportState::Sent, 0, to.join(", "), String::new()),
-            Attempt::Deferred(e) if !last => (ReportState::Pending, retry_at, String::new(), e.clone()),
-            Attempt::Deferred(e) | Attempt::Refused(e) => (ReportState::Failed, 0, String::new(), e.clone()),
+            Attempt::Deferred(e) if !last => {
+                (ReportState::Pending, retry_at, String::new(), e.clone())
+            }
+            Attempt::Deferred(e) | Attempt::Refused(e) => {
+                (ReportState::Failed, 0, String::new(), e.clone())
+            }
             Attempt::Undeliverable(e) => (ReportState::Undeliverable, 0, String::new(), e.clone()),
         };
         store.settle(&r.id, state, next, &to, &error, super::now())?;
@@ -176,7 +191,8 @@ pub async fn run(config: Arc<Config>, outbox: Outbox, shutdown: CancellationToke
     let cfg = &config.dmarc_reports;
     let interval = cfg.interval.as_secs().max(1);
     // Retries are looked at more often than periods end, but not busily.
-    let tick = std::time::Duration::from_secs(interval.min(cfg.retry_interval.as_secs().max(1)).min(300));
+    let tick =
+        std::time::Duration::from_secs(interval.min(cfg.retry_interval.as_secs().max(1)).min(300));
     let mut store = match SqliteStore::open(&cfg.db) {
         Ok(s) => s,
         Err(e) => {
@@ -231,7 +247,12 @@ mod tests {
         let path = dir.path().join("r.sqlite");
         let mut a = SqliteStore::open(&path).unwrap();
         let mut b = SqliteStore::open(&path).unwrap();
-        let mut evs = vec![sample("a.example"), sample("a.example"), sample("b.example"), sample("quiet.example")];
+        let mut evs = vec![
+            sample("a.example"),
+            sample("a.example"),
+            sample("b.example"),
+            sample("quiet.example"),
+        ];
         evs[1].at = 20;
         a.record(&evs).unwrap();
         assert_eq!(close(&mut a, &cfg(), 100).unwrap(), 2);
@@ -241,15 +262,27 @@ mod tests {
         let list = b.list().unwrap();
         assert_eq!(list.len(), 2);
         let ra = list.iter().find(|r| r.domain == "a.example").unwrap();
-        assert_eq!((ra.begin, ra.end, ra.messages, ra.state), (10, 100, 2, ReportState::Pending));
-        assert!(xml::gunzip(&ra.xml_gz).unwrap().contains("<domain>a.example</domain>"));
+        assert_eq!(
+            (ra.begin, ra.end, ra.messages, ra.state),
+            (10, 100, 2, ReportState::Pending)
+        );
+        assert!(
+            xml::gunzip(&ra.xml_gz)
+                .unwrap()
+                .contains("<domain>a.example</domain>")
+        );
         // Evaluations of the closed period are gone; a later one goes to the next period.
         assert!(a.evaluations_before(100).unwrap().is_empty());
         let mut late = sample("a.example");
         late.at = 150;
         a.record(&[late]).unwrap();
         assert_eq!(close(&mut a, &cfg(), 200).unwrap(), 1);
-        let next = a.list().unwrap().into_iter().find(|r| r.end == 200).unwrap();
+        let next = a
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.end == 200)
+            .unwrap();
         assert_eq!((next.begin, next.messages), (100, 1));
     }
 
@@ -260,8 +293,14 @@ mod tests {
         s.record(&[sample("a.example")]).unwrap();
         close(&mut s, &cfg(), 100).unwrap();
         let id = s.due(1000).unwrap()[0].id.clone();
-        assert!(s.transition(&id, ReportState::Pending, ReportState::Sending, 1000).unwrap());
-        assert!(!s.transition(&id, ReportState::Pending, ReportState::Sending, 1000).unwrap());
+        assert!(
+            s.transition(&id, ReportState::Pending, ReportState::Sending, 1000)
+                .unwrap()
+        );
+        assert!(
+            !s.transition(&id, ReportState::Pending, ReportState::Sending, 1000)
+                .unwrap()
+        );
         assert!(s.due(1000).unwrap().is_empty());
         assert_eq!(s.abandon_stale(super::super::now() + 1).unwrap(), 1);
         assert_eq!(s.get(&id).unwrap().unwrap().state, ReportState::Unsettled);

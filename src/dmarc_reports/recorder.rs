@@ -34,7 +34,11 @@ impl Recorder {
     /// Queues one evaluation (never blocks). Opted-out domains are not recorded at all.
     pub fn record(&self, evaluation: Evaluation) {
         let domain = evaluation.published.domain.trim_end_matches('.');
-        if self.opt_out.iter().any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(domain)) {
+        if self
+            .opt_out
+            .iter()
+            .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(domain))
+        {
             return;
         }
         match self.tx.try_send(evaluation) {
@@ -144,10 +148,16 @@ pub(crate) mod tests {
         for _ in 0..10 {
             recorder.record(sample("a.example"));
         }
-        assert_eq!(crate::metrics::global().dmarc_records_dropped.get() - before, 9);
+        assert_eq!(
+            crate::metrics::global().dmarc_records_dropped.get() - before,
+            9
+        );
         // Opted-out domains are never queued (so never counted as dropped either).
         recorder.record(sample("QUIET.example."));
-        assert_eq!(crate::metrics::global().dmarc_records_dropped.get() - before, 9);
+        assert_eq!(
+            crate::metrics::global().dmarc_records_dropped.get() - before,
+            9
+        );
         drop(closed);
         drop(recorder);
     }

@@ -111,9 +111,23 @@ pub trait ReportStore: Send {
     /// Pending reports whose next attempt is due.
     fn due(&self, now: u64) -> Result<Vec<StoredReport>>;
     /// `from → to` when the report is in `from`; `false` when it was not.
-    fn transition(&mut self, id: &str, from: ReportState, to: ReportState, now: u64) -> Result<bool>;
+    fn transition(
+        &mut self,
+        id: &str,
+        from: ReportState,
+        to: ReportState,
+        now: u64,
+    ) -> Result<bool>;
     /// The outcome of one attempt (the report must be `sending`).
-    fn settle(&mut self, id: &str, state: ReportState, next_attempt: u64, sent_to: &str, error: &str, now: u64) -> Result<()>;
+    fn settle(
+        &mut self,
+        id: &str,
+        state: ReportState,
+        next_attempt: u64,
+        sent_to: &str,
+        error: &str,
+        now: u64,
+    ) -> Result<()>;
     /// Reports left `sending` since before `older_than` become `unsettled`; returns how many.
     fn abandon_stale(&mut self, older_than: u64) -> Result<usize>;
 }
@@ -163,21 +177,24 @@ impl SqliteStore {
     /// Opens (creating the file, 0600 in a 0700 directory like the quarantine, when
     /// missing): it holds who sent us mail.
     pub fn open(path: &std::path::Path) -> Result<SqliteStore> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-                restrict(dir, 0o700);
-            }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            restrict(dir, 0o700);
         }
         let fresh = !path.exists();
         let conn = Connection::open(path).map_err(db)?;
         if fresh {
             restrict(path, 0o600);
         }
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         Ok(SqliteStore { conn })
     }
@@ -328,7 +345,13 @@ impl ReportStore for SqliteStore {
         )
     }
 
-    fn transition(&mut self, id: &str, from: ReportState, to: ReportState, now: u64) -> Result<bool> {
+    fn transition(
+        &mut self,
+        id: &str,
+        from: ReportState,
+        to: ReportState,
+        now: u64,
+    ) -> Result<bool> {
         let n = self
             .conn
             .execute(
@@ -339,13 +362,28 @@ impl ReportStore for SqliteStore {
         Ok(n == 1)
     }
 
-    fn settle(&mut self, id: &str, state: ReportState, next_attempt: u64, sent_to: &str, error: &str, now: u64) -> Result<()> {
+    fn settle(
+        &mut self,
+        id: &str,
+        state: ReportState,
+        next_attempt: u64,
+        sent_to: &str,
+        error: &str,
+        now: u64,
+    ) -> Result<()> {
         self.conn
             .execute(
                 "UPDATE reports SET state = ?1, attempts = attempts + 1, next_attempt = ?2,
                         sent_to = ?3, last_error = ?4, updated_at = ?5
                  WHERE id = ?6 AND state = 'sending'",
-                params![state.as_str(), next_attempt as i64, sent_to, error, now as i64, id],
+                params![
+                    state.as_str(),
+                    next_attempt as i64,
+                    sent_to,
+                    error,
+                    now as i64,
+                    id
+                ],
             )
             .map_err(db)?;
         Ok(())

@@ -102,13 +102,17 @@ pub fn build(
             spf_aligned: e.spf_aligned,
             overrides,
             dkim,
-            spf: (e.spf_domain.clone(), e.spf_scope.clone(), e.spf_result.clone()),
+            spf: (
+                e.spf_domain.clone(),
+                e.spf_scope.clone(),
+                e.spf_result.clone(),
+            ),
         };
         *rows.entry(key).or_default() += 1;
     }
     let mut rows: Vec<(RowKey, u64)> = rows.into_iter().collect();
     // Stable: largest counts first, then the key order.
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
     let cut: u64 = rows.iter().skip(max_rows).map(|(_, n)| n).sum();
     rows.truncate(max_rows);
 
@@ -119,16 +123,26 @@ pub fn build(
     el(&mut x, "    ", "org_name", reporter.org_name);
     el(&mut x, "    ", "email", reporter.email);
     if !reporter.extra_contact_info.is_empty() {
-        el(&mut x, "    ", "extra_contact_info", reporter.extra_contact_info);
+        el(
+            &mut x,
+            "    ",
+            "extra_contact_info",
+            reporter.extra_contact_info,
+        );
     }
     el(&mut x, "    ", "report_id", report_id);
     x.push_str(&format!(
         "    <date_range>\n      <begin>{begin}</begin>\n      <end>{end}</end>\n    </date_range>\n"
     ));
     if cut > 0 {
-        el(&mut x, "    ", "error", &format!(
-            "{cut} messages in further rows left out (more than {max_rows} distinct rows)"
-        ));
+        el(
+            &mut x,
+            "    ",
+            "error",
+            &format!(
+                "{cut} messages in further rows left out (more than {max_rows} distinct rows)"
+            ),
+        );
     }
     x.push_str("  </report_metadata>\n  <policy_published>\n");
     el(&mut x, "    ", "domain", &p.domain);
@@ -175,7 +189,11 @@ pub fn build(
         }
         x.push_str("      <spf>\n");
         // The schema wants a domain; a null sender with an empty HELO has none.
-        let spf_domain = if k.spf.0.is_empty() { "unknown" } else { &k.spf.0 };
+        let spf_domain = if k.spf.0.is_empty() {
+            "unknown"
+        } else {
+            &k.spf.0
+        };
         el(&mut x, "        ", "domain", spf_domain);
         el(&mut x, "        ", "scope", &k.spf.1);
         el(&mut x, "        ", "result", &k.spf.2);
@@ -229,9 +247,21 @@ mod tests {
         let built = build(&reporter(), "id-1", 0, 86400, &[a, b.clone(), b, c], 100).unwrap();
         assert_eq!((built.rows, built.messages), (3, 4));
         assert!(built.xml.contains("<count>2</count>"));
-        assert!(built.xml.contains("<org_name>Org &amp; &lt;Co&gt;</org_name>"));
-        assert!(built.xml.contains("<header_from>a.example&lt;evil&gt;</header_from>"));
-        assert!(built.xml.contains("<source_ip>2001:db8:0:0:0:0:0:1</source_ip>"));
+        assert!(
+            built
+                .xml
+                .contains("<org_name>Org &amp; &lt;Co&gt;</org_name>")
+        );
+        assert!(
+            built
+                .xml
+                .contains("<header_from>a.example&lt;evil&gt;</header_from>")
+        );
+        assert!(
+            built
+                .xml
+                .contains("<source_ip>2001:db8:0:0:0:0:0:1</source_ip>")
+        );
         assert!(!built.xml.contains("<evil>"));
     }
 
@@ -246,7 +276,11 @@ mod tests {
             .collect();
         let built = build(&reporter(), "id", 0, 1, &evs, 2).unwrap();
         assert_eq!((built.rows, built.messages), (2, 2));
-        assert!(built.xml.contains("<error>3 messages in further rows left out"));
+        assert!(
+            built
+                .xml
+                .contains("<error>3 messages in further rows left out")
+        );
     }
 
     #[test]

@@ -351,9 +351,7 @@ fn listen(addr: SocketAddr, max_sessions: usize) -> std::io::Result<TcpListener>
 
 /// The recorder of DMARC evaluations, when reports are on and checks run. The store is
 /// opened here, so a bad `[dmarc_reports] db` stops the start.
-fn dmarc_recorder(
-    config: &Config,
-) -> Result<Option<Arc<crate::dmarc_reports::Recorder>>, String> {
+fn dmarc_recorder(config: &Config) -> Result<Option<Arc<crate::dmarc_reports::Recorder>>, String> {
     let cfg = &config.dmarc_reports;
     if !cfg.enabled || !config.auth.enabled {
         return Ok(None);

@@ -27,7 +27,10 @@ impl Session {
             source_ip: self.peer.ip(),
             mail_from: &tx.from.address,
             first_rcpt: tx.rcpts.first().map_or("", |r| r.address.as_str()),
-            local_reason: decision.reasons.last().map_or("local policy", String::as_str),
+            local_reason: decision
+                .reasons
+                .last()
+                .map_or("local policy", String::as_str),
         };
         if let Some(e) = evaluation::evaluate(report, taken, &ctx) {
             recorder.record(e);
@@ -64,7 +67,10 @@ mod tests {
         assert_eq!(taken(&Action::Accept, &ok), Some(Taken::Delivered));
         assert_eq!(taken(&Action::Tag, &ok), Some(Taken::Quarantined));
         assert_eq!(taken(&Action::Quarantine, &ok), Some(Taken::Quarantined));
-        assert_eq!(taken(&Action::Reject(no.clone()), &no), Some(Taken::Rejected));
+        assert_eq!(
+            taken(&Action::Reject(no.clone()), &no),
+            Some(Taken::Rejected)
+        );
         assert_eq!(taken(&Action::Defer(later.clone()), &later), None);
         // Accepted by us, refused by the next hop: the message was refused.
         assert_eq!(taken(&Action::Accept, &no), Some(Taken::Rejected));
