@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::dns::{DnsServer, Zone};
-use common::fake_mta::{FakeMta, Script};
+use common::fake_mta::{Act, FakeMta, Script};
 use common::smtp_client::assert_reply;
 use common::{Proxy, ProxyOptions, bin, repo_path};
 
@@ -146,21 +146,67 @@ fn logged(log: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn send_now(dir: &Path, config: &Path) -> String {
+/// `mailwarden dmarc -c CONFIG reports ARGS…`: (exit code, stdout, stderr).
+fn reports_cli(dir: &Path, config: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin())
         .args(["dmarc", "-c"])
         .arg(config)
-        .args(["reports", "send-now"])
+        .arg("reports")
+        .args(args)
         .current_dir(dir)
         .output()
         .expect("run mailwarden");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "send-now failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn send_now(dir: &Path, config: &Path) -> String {
+    let (code, stdout, stderr) = reports_cli(dir, config, &["send-now"]);
+    assert_eq!(code, 0, "send-now failed: {stdout}{stderr}");
     stdout
+}
+
+/// One session sending one message from `domain`; asserts the end-of-data reply code.
+async fn send_one(proxy: &Proxy, domain: &str, n: usize, code: &str) {
+    let mut c = proxy.connect_ehlo("mx.client.example").await;
+    let r = c.cmd(&format!("MAIL FROM:<b@{domain}>")).await;
+    assert_reply(&r, "250", "MAIL");
+    let r = c.cmd(&format!("RCPT TO:<{RCPT}>")).await;
+    assert_reply(&r, "250", "RCPT");
+    let r = c.data(&message(domain, n)).await;
+    assert_reply(&r, code, &format!("end of data from {domain}"));
+    c.cmd("QUIT").await;
+}
+
+/// Waits until the proxy's store holds `n` evaluations (the recorder writes in the
+/// background).
+async fn wait_evaluations(proxy: &Proxy, n: i64) {
+    let db = proxy.dir.path().join("var/dmarc-reports.sqlite");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let rows: i64 = rusqlite::Connection::open(&db)
+            .and_then(|c| c.query_row("SELECT COUNT(*) FROM evaluations", [], |r| r.get(0)))
+            .unwrap_or(0);
+        if rows == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "evaluations recorded: {rows}, want {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Report mails the fake next hop accepted (their subject names the report domain).
+fn report_mails(mta: &FakeMta) -> Vec<common::fake_mta::Message> {
+    mta.accepted()
+        .into_iter()
+        .filter(|m| String::from_utf8_lossy(&m.data).contains("Subject: Report Domain: "))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,17 +226,9 @@ async fn a_day_of_traffic_gives_valid_reports_sent_once_to_verified_rua_only() {
     for (domain, count, code) in traffic {
         for _ in 0..count {
             n += 1;
-            let mut c = proxy.connect_ehlo("mx.client.example").await;
-            let r = c.cmd(&format!("MAIL FROM:<b@{domain}>")).await;
-            assert_reply(&r, "250", "MAIL");
-            let r = c.cmd(&format!("RCPT TO:<{RCPT}>")).await;
-            assert_reply(&r, "250", "RCPT");
-            let r = c.data(&message(domain, n)).await;
-            assert_reply(&r, code, &format!("end of data from {domain}"));
-            c.cmd("QUIT").await;
+            send_one(&proxy, domain, n, code).await;
         }
     }
-    let delivered_before = mta.accepted().len();
     // What the proxy decided, from its own log.
     let log = proxy.wait_log("header.from=optout.example", DEADLINE).await;
     let mut expected: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
@@ -208,23 +246,8 @@ async fn a_day_of_traffic_gives_valid_reports_sent_once_to_verified_rua_only() {
     }
     assert_eq!(expected.values().map(Vec::len).sum::<usize>(), 8, "{log}");
 
-    // The recorder writes in the background: wait until the 7 reportable evaluations
-    // (the opted-out one is never recorded) are in the store.
-    let db = proxy.dir.path().join("var/dmarc-reports.sqlite");
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let rows: i64 = rusqlite::Connection::open(&db)
-            .and_then(|c| c.query_row("SELECT COUNT(*) FROM evaluations", [], |r| r.get(0)))
-            .unwrap_or(0);
-        if rows == 7 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "evaluations recorded: {rows}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The opted-out message is never recorded: 7 evaluations.
+    wait_evaluations(&proxy, 7).await;
 
     let config = proxy.config_path.clone();
     let out = send_now(proxy.dir.path(), &config);
@@ -233,7 +256,7 @@ async fn a_day_of_traffic_gives_valid_reports_sent_once_to_verified_rua_only() {
     let again = send_now(proxy.dir.path(), &config);
     assert!(again.contains("built 0, sent 0"), "{again}");
 
-    let reports: Vec<_> = mta.accepted().into_iter().skip(delivered_before).collect();
+    let reports = report_mails(&mta);
     assert_eq!(reports.len(), 3, "one mail per reporting domain");
     let mut seen_domains = Vec::new();
     for m in &reports {
@@ -362,4 +385,98 @@ print(json.dumps(out))
         !list.contains("victim@unverified.test,") && !list.contains("optout.example"),
         "{list}"
     );
+}
+
+/// A report the next hop defers is sent again later, once; a destination whose `!size`
+/// is smaller than the report gets nothing; `reports show` gives the stored XML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_report_is_retried_and_delivered_once_and_size_limits_hold() {
+    let dns = DnsServer::start(zone().txt("tiny.example", "v=spf1 ip4:127.0.0.1 -all").txt(
+        "_dmarc.tiny.example",
+        "v=DMARC1; p=none; rua=mailto:r@tiny.example!1k",
+    ));
+    let mta = FakeMta::start(Script::default()).await;
+    let proxy = Proxy::start_in(options(&mta, &dns), tempfile::tempdir().unwrap()).await;
+    send_one(&proxy, "sender.example", 1, "250").await;
+    send_one(&proxy, "tiny.example", 2, "250").await;
+    wait_evaluations(&proxy, 2).await;
+    mta.update(|s| {
+        s.eod_by_content.push((
+            "Report Domain: sender.example".into(),
+            Act::reply("451 4.3.0 try later"),
+        ))
+    });
+    let (dir, config) = (proxy.dir.path(), proxy.config_path.clone());
+    let (code, out, err) = reports_cli(dir, &config, &["send-now"]);
+    assert_eq!(code, 2, "a deferral is exit code 2: {out}{err}");
+    assert!(
+        out.contains("built 2, sent 0, deferred 1, failed 0, undeliverable 1"),
+        "{out}"
+    );
+    assert!(report_mails(&mta).is_empty());
+    let (_, list, _) = reports_cli(dir, &config, &["list", "--json"]);
+    let rows: Vec<serde_json::Value> = list
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by = |d: &str| rows.iter().find(|r| r["domain"] == d).unwrap().clone();
+    assert_eq!(by("sender.example")["state"], "pending");
+    assert!(
+        by("sender.example")["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("451")
+    );
+    assert_eq!(by("tiny.example")["state"], "undeliverable");
+    assert!(
+        by("tiny.example")["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("over its limit")
+    );
+
+    // The next hop takes it now: sent, once, however often send-now runs.
+    mta.update(|s| s.eod_by_content.clear());
+    let out = send_now(dir, &config);
+    assert!(out.contains("built 0, sent 1"), "{out}");
+    let out = send_now(dir, &config);
+    assert!(out.contains("built 0, sent 0, deferred 0"), "{out}");
+    let mails = report_mails(&mta);
+    assert_eq!(mails.len(), 1);
+    assert!(String::from_utf8_lossy(&mails[0].data).contains("Report Domain: sender.example"));
+
+    let id = by("sender.example")["id"].as_str().unwrap().to_string();
+    let (code, show, _) = reports_cli(dir, &config, &["show", &id]);
+    assert_eq!(code, 0);
+    assert!(show.contains("state:     sent (attempts 2)"), "{show}");
+    assert!(show.contains("<report_id>") && show.contains(&id), "{show}");
+    let (code, _, err) = reports_cli(dir, &config, &["show", "no-such-report"]);
+    assert_eq!(code, 1, "{err}");
+}
+
+/// Without send-now: the proxy's own timer closes the period and sends the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_sends_reports_when_a_period_ends() {
+    let dns = DnsServer::start(zone());
+    let mta = FakeMta::start(Script::default()).await;
+    let mut opts = options(&mta, &dns);
+    opts.extra_toml[0].push_str("interval = \"2s\"\n");
+    let proxy = Proxy::start_in(opts, tempfile::tempdir().unwrap()).await;
+    send_one(&proxy, "spoof.example", 1, "550").await;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while report_mails(&mta).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report from the timer\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, xml) = attachment_xml(&report_mails(&mta)[0].data);
+    assert!(xml.contains("<disposition>reject</disposition>"), "{xml}");
+    assert!(xml.contains("<count>1</count>"), "{xml}");
+    // Nothing is left to send: the timer's report is not sent a second time.
+    let out = send_now(proxy.dir.path(), &proxy.config_path);
+    assert!(out.contains("sent 0"), "{out}");
+    assert_eq!(report_mails(&mta).len(), 1);
 }

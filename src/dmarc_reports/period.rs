@@ -58,6 +58,13 @@ pub fn close(
         if cfg.opted_out(&domain) {
             continue;
         }
+        // The domain goes into a Subject, a file name and SQL keys: a DNS name with
+        // bytes outside letters, digits, `-`, `_` and `.` (possible in DNS, never in a
+        // host name) gets no report rather than a header it could break.
+        if !plain_domain(&domain) {
+            tracing::warn!(domain = %domain.escape_debug(), "DMARC report skipped: not a plain domain name");
+            continue;
+        }
         let first = evs.iter().map(|e| e.at).min().unwrap_or(end);
         // A late row (queued before the last close, written after) widens the range
         // rather than being lost.
@@ -90,6 +97,13 @@ pub fn close(
     } else {
         Ok(0)
     }
+}
+
+fn plain_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && d.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// What the sender needs besides the store.
@@ -233,6 +247,20 @@ mod tests {
             opt_out: vec!["quiet.example".into()],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn only_plain_domains_get_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SqliteStore::open(&dir.path().join("r.sqlite")).unwrap();
+        s.record(&[
+            sample("ok.example"),
+            sample("x.example\r\nBcc: v@x.test"),
+            sample("a b.example"),
+        ])
+        .unwrap();
+        assert_eq!(close(&mut s, &cfg(), 100).unwrap(), 1);
+        assert_eq!(s.list().unwrap()[0].domain, "ok.example");
     }
 
     #[test]
