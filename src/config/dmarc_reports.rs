@@ -79,8 +79,9 @@ impl DmarcReportsConfig {
             .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(domain))
     }
 
-    /// Checks serde cannot express: (key, reason).
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks serde cannot express: (key, reason). `auth_enabled`: `[auth] enabled`,
+    /// without which there is no DMARC evaluation to report.
+    pub fn validate(&self, auth_enabled: bool) -> Result<(), (String, String)> {
         let err = |k: &str, r: &str| Err((k.to_string(), r.to_string()));
         if self.interval < Duration::from_secs(1) {
             return err("interval", "must be at least 1s");
@@ -96,6 +97,12 @@ impl DmarcReportsConfig {
         }
         if !self.enabled {
             return Ok(());
+        }
+        if !auth_enabled {
+            return err(
+                "enabled",
+                "needs [auth] enabled = true: without verification there is nothing to report",
+            );
         }
         if self.org_name.trim().is_empty() {
             return err(
@@ -133,7 +140,8 @@ mod tests {
             enabled: true,
             ..Default::default()
         };
-        assert_eq!(c.validate().unwrap_err().0, "org_name");
+        assert_eq!(c.validate(false).unwrap_err().0, "enabled");
+        assert_eq!(c.validate(true).unwrap_err().0, "org_name");
         c.org_name = "Example".into();
         for bad in [
             "",
@@ -143,12 +151,12 @@ mod tests {
             "a@b.example\r\nBcc: v@x.test",
         ] {
             c.email = bad.into();
-            assert_eq!(c.validate().unwrap_err().0, "email", "{bad:?}");
+            assert_eq!(c.validate(true).unwrap_err().0, "email", "{bad:?}");
         }
         c.email = "dmarc@example.org".into();
-        assert!(c.validate().is_ok());
+        assert!(c.validate(true).is_ok());
         // Off: nothing is required.
-        assert!(DmarcReportsConfig::default().validate().is_ok());
+        assert!(DmarcReportsConfig::default().validate(false).is_ok());
     }
 
     #[test]

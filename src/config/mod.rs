@@ -720,7 +720,7 @@ impl Config {
         let err = |t: &str, k: &str, r: String| Err((t.to_string(), k.to_string(), r));
         self.validate_checks()?;
         self.dmarc_reports
-            .validate()
+            .validate(self.auth.enabled)
             .map_err(|(k, r)| ("dmarc_reports".to_string(), k, r))?;
         if purpose == Purpose::Offline {
             return Ok(());

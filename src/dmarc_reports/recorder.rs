@@ -12,8 +12,21 @@ use super::store::ReportStore;
 const BATCH: usize = 512;
 
 pub struct Recorder {
-    tx: SyncSender<Evaluation>,
+    /// `None` only while dropping.
+    tx: Option<SyncSender<Evaluation>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     opt_out: Vec<String>,
+}
+
+/// The last holder (the server, once sessions are done) waits for what is queued to be
+/// written, so a clean shutdown loses no evaluation.
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl Recorder {
@@ -25,10 +38,14 @@ impl Recorder {
         opt_out: Vec<String>,
     ) -> std::io::Result<Recorder> {
         let (tx, rx) = sync_channel(capacity);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("dmarc-records".into())
             .spawn(move || write_loop(&mut *store, rx))?;
-        Ok(Recorder { tx, opt_out })
+        Ok(Recorder {
+            tx: Some(tx),
+            writer: Some(writer),
+            opt_out,
+        })
     }
 
     /// Queues one evaluation (never blocks). Opted-out domains are not recorded at all.
@@ -41,7 +58,10 @@ impl Recorder {
         {
             return;
         }
-        match self.tx.try_send(evaluation) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        match tx.try_send(evaluation) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 crate::metrics::global().dmarc_records_dropped.inc();
@@ -160,5 +180,22 @@ pub(crate) mod tests {
         );
         drop(closed);
         drop(recorder);
+    }
+
+    #[test]
+    fn dropping_the_recorder_writes_what_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.sqlite");
+        let store = crate::dmarc_reports::SqliteStore::open(&path).unwrap();
+        let recorder = Recorder::start(Box::new(store), 1000, vec![]).unwrap();
+        for _ in 0..600 {
+            recorder.record(sample("a.example"));
+        }
+        drop(recorder);
+        let check = crate::dmarc_reports::SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            check.evaluations_before(u32::MAX as u64).unwrap().len(),
+            600
+        );
     }
 }
