@@ -22,6 +22,8 @@ use common::{Proxy, ProxyOptions, bin, repo_path};
 
 const RCPT: &str = "user@example.org";
 const DEADLINE: Duration = Duration::from_secs(60);
+/// A period of ten years (boundaries at multiples of it since the epoch: 2019, 2029).
+const YEARS: &str = "3650d";
 
 fn zone() -> Zone {
     Zone::new()
@@ -54,7 +56,10 @@ fn zone() -> Zone {
         )
 }
 
-fn options(mta: &FakeMta, dns: &DnsServer) -> ProxyOptions {
+/// Proxy options with reports on; `interval`: the period. Tests that close periods with
+/// `send-now` use a period whose boundary cannot fall within the test (years), so the
+/// proxy's own timer never races them.
+fn options(mta: &FakeMta, dns: &DnsServer, interval: &str) -> ProxyOptions {
     let mut o = ProxyOptions::smtp(mta.addr);
     o.auth = true;
     o.role = "inbound".into();
@@ -62,8 +67,7 @@ fn options(mta: &FakeMta, dns: &DnsServer) -> ProxyOptions {
     o.dns_nameserver = Some(dns.nameserver());
     o.xclient = "require".into();
     o.extra_toml.push(
-        "[dmarc_reports]\nenabled = true\norg_name = \"Mailwarden Test\"\nemail = \"dmarc-reports@mailwarden.test\"\nopt_out = [\"optout.example\"]\n"
-            .into(),
+        format!("[dmarc_reports]\nenabled = true\ninterval = \"{interval}\"\norg_name = \"Mailwarden Test\"\nemail = \"dmarc-reports@mailwarden.test\"\nopt_out = [\"optout.example\"]\n"),
     );
     o
 }
@@ -215,7 +219,7 @@ async fn a_day_of_traffic_gives_valid_reports_sent_once_to_verified_rua_only() {
     let dns = DnsServer::start(zone());
     let mta = FakeMta::start(Script::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Proxy::start_in(options(&mta, &dns), dir).await;
+    let proxy = Proxy::start_in(options(&mta, &dns, YEARS), dir).await;
     let traffic = [
         ("sender.example", 3, "250"),
         ("spoof.example", 2, "550"),
@@ -396,7 +400,7 @@ async fn a_deferred_report_is_retried_and_delivered_once_and_size_limits_hold() 
         "v=DMARC1; p=none; rua=mailto:r@tiny.example!1k",
     ));
     let mta = FakeMta::start(Script::default()).await;
-    let proxy = Proxy::start_in(options(&mta, &dns), tempfile::tempdir().unwrap()).await;
+    let proxy = Proxy::start_in(options(&mta, &dns, YEARS), tempfile::tempdir().unwrap()).await;
     send_one(&proxy, "sender.example", 1, "250").await;
     send_one(&proxy, "tiny.example", 2, "250").await;
     wait_evaluations(&proxy, 2).await;
@@ -459,9 +463,7 @@ async fn a_deferred_report_is_retried_and_delivered_once_and_size_limits_hold() 
 async fn the_proxy_sends_reports_when_a_period_ends() {
     let dns = DnsServer::start(zone());
     let mta = FakeMta::start(Script::default()).await;
-    let mut opts = options(&mta, &dns);
-    opts.extra_toml[0].push_str("interval = \"2s\"\n");
-    let proxy = Proxy::start_in(opts, tempfile::tempdir().unwrap()).await;
+    let proxy = Proxy::start_in(options(&mta, &dns, "2s"), tempfile::tempdir().unwrap()).await;
     send_one(&proxy, "spoof.example", 1, "550").await;
     let deadline = std::time::Instant::now() + DEADLINE;
     while report_mails(&mta).is_empty() {
