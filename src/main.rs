@@ -75,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         command: mailwarden::admin::accounts_cli::AccountsCommand,
     },
+    /// DMARC aggregate reports: list, show, send now.
+    Dmarc {
+        #[command(subcommand)]
+        command: mailwarden::admin::dmarc_reports_cli::DmarcCommand,
+    },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
         #[arg(long, default_value = "certs")]
@@ -144,6 +149,9 @@ fn main() -> ExitCode {
         }),
         Command::Accounts { command } => with_config(config(), |c| {
             mailwarden::admin::accounts_cli::run(&c, &command)
+        }),
+        Command::Dmarc { command } => with_config(config(), |c| {
+            mailwarden::admin::dmarc_reports_cli::run(&c, &command)
         }),
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {

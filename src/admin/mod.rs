@@ -2,6 +2,7 @@
 //! the admin HTTP API shares with the running proxy.
 
 pub mod accounts_cli;
+pub mod dmarc_reports_cli;
 pub mod http;
 pub mod quarantine_cli;
 
