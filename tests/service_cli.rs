@@ -312,16 +312,25 @@ fn commands_in(help: &str) -> Vec<String> {
         .collect()
 }
 
-/// Every command, as its words: ["run"], ["quarantine", "list"], … (leaves and groups).
+/// Every command, as its words: ["run"], ["quarantine", "list"], ["dmarc", "reports",
+/// "list"], … (leaves and groups, at any depth).
 fn every_command(dir: &Path) -> Vec<Vec<String>> {
     let mut all = Vec::new();
-    for top in commands_in(&mw(dir, &["--help"]).stdout_text()) {
-        let subs = commands_in(&mw(dir, &[&top, "--help"]).stdout_text());
-        all.push(vec![top.clone()]);
-        for s in subs {
-            all.push(vec![top.clone(), s]);
+    let mut pending: Vec<Vec<String>> = commands_in(&mw(dir, &["--help"]).stdout_text())
+        .into_iter()
+        .map(|c| vec![c])
+        .collect();
+    while let Some(words) = pending.pop() {
+        let mut args: Vec<&str> = words.iter().map(String::as_str).collect();
+        args.push("--help");
+        for sub in commands_in(&mw(dir, &args).stdout_text()) {
+            let mut deeper = words.clone();
+            deeper.push(sub);
+            pending.push(deeper);
         }
+        all.push(words);
     }
+    all.sort();
     all
 }
 
