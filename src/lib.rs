@@ -24,6 +24,7 @@ pub mod policy;
 pub mod quarantine;
 pub mod relay;
 pub mod server;
+pub mod signing;
 pub mod smtp;
 pub mod telemetry;
 pub mod tls;

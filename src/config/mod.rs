@@ -5,6 +5,7 @@
 //! and every error names the file, the line and the key.
 
 pub mod defaults;
+pub mod dkim_sign;
 mod duration;
 
 use std::net::SocketAddr;
@@ -49,6 +50,9 @@ pub struct Config {
     pub outbound: crate::outbound::OutboundConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[[dkim.sign]]`: outbound DKIM signing keys (src/config/dkim_sign.rs).
+    #[serde(default)]
+    pub dkim: dkim_sign::DkimConfig,
 }
 
 /// What a configuration is loaded for: the proxy needs listeners; the offline commands
@@ -708,6 +712,9 @@ impl Config {
         fix(&mut self.outbound.state_file);
         fix(&mut self.outbound.freeze_file);
         fix(&mut self.outbound.command_dir);
+        for s in &mut self.dkim.sign {
+            fix(&mut s.key_file);
+        }
     }
 
     /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
@@ -718,6 +725,8 @@ impl Config {
         if purpose == Purpose::Offline {
             return Ok(());
         }
+        // Keys are read at start (and by check-config), not at the first message.
+        self.dkim.validate()?;
         if self.listeners.is_empty() {
             return err(
                 "",
