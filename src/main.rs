@@ -79,6 +79,11 @@ enum Command {
         #[command(subcommand)]
         command: mailwarden::admin::accounts_cli::AccountsCommand,
     },
+    /// Outbound DKIM signing keys: make one, check its DNS record.
+    Dkim {
+        #[command(subcommand)]
+        command: mailwarden::signing::cli::DkimCommand,
+    },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
         #[arg(long, default_value = "certs")]
@@ -139,6 +144,7 @@ fn main() -> ExitCode {
         Command::Accounts { config, command } => {
             mailwarden::admin::accounts_cli::run(&config, &command)
         }
+        Command::Dkim { command } => mailwarden::signing::cli::run(&command),
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());

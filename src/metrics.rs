@@ -80,6 +80,8 @@ pub struct Metrics {
     /// AUTH refused because the next hop is neither loopback nor reached over verified
     /// TLS (or its certificate failed verification): credentials were not sent.
     pub auth_relay_insecure: Counter,
+    /// Outbound DKIM signing, by result (`signed`, `no_key`, `no_from_domain`, `failed`).
+    pub dkim_signing: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -117,6 +119,7 @@ impl Metrics {
             relay_without_xclient: Counter::default(),
             relay_unsafe_next_hop: Counter::default(),
             auth_relay_insecure: Counter::default(),
+            dkim_signing: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -191,6 +194,11 @@ impl Metrics {
             "relay_unsafe_next_hop",
             "Next-hop connections refused: no XCLIENT and the next hop trusts our address",
             m.relay_unsafe_next_hop.clone(),
+        );
+        registry.register(
+            "dkim_signing",
+            "Outbound messages by DKIM signing result (unsigned: no key for the From domain, ...)",
+            m.dkim_signing.clone(),
         );
         registry.register(
             "auth_relay_insecure",

@@ -59,6 +59,7 @@ pub async fn release(
     force: bool,
     authserv_id: &str,
     verdict_header: &str,
+    signer: Option<&crate::signing::Signer>,
 ) -> Result<Reply, ReleaseError> {
     let started = match store.transition(id, "held", "releasing") {
         Err(StoreError::WrongState { state, .. }) if force && state == "releasing" => {
@@ -67,7 +68,7 @@ pub async fn release(
         other => other,
     };
     match started {
-        Ok(()) => send(store, hops, id, to, authserv_id, verdict_header).await,
+        Ok(()) => send(store, hops, id, to, authserv_id, verdict_header, signer).await,
         Err(StoreError::WrongState { state, .. }) if state == "released" => {
             Err(ReleaseError::AlreadyReleased)
         }
@@ -82,6 +83,7 @@ async fn send(
     to: &[String],
     authserv_id: &str,
     verdict_header: &str,
+    signer: Option<&crate::signing::Signer>,
 ) -> Result<Reply, ReleaseError> {
     let meta = store.meta(id)?;
     let message = store.message(id)?;
@@ -111,6 +113,15 @@ async fn send(
             "Authentication-Results: {}",
             meta.authentication_results
         ));
+    }
+    // An outbound entry leaves signed, as it would have without the hold (signed now:
+    // t= is the release time, and a key rolled over meanwhile is the one used).
+    if meta.listener == "submission"
+        && let Some(signer) = signer
+    {
+        let signing = crate::signing::record(signer.sign(&headers, &parts));
+        tracing::info!(id = %id, dkim_sign = %signing.summary(), "quarantine: release signing");
+        headers.splice(0..0, signing.headers().iter().cloned());
     }
 
     let mut relay = Relay::new(hops.for_role(&meta.listener));

@@ -61,6 +61,7 @@ impl Server {
     ) -> Result<Server, String> {
         preflight(&config)?;
         let next_hops = Arc::new(NextHops::from_config(&config)?);
+        let signer = crate::signing::Signer::from_config(&config.dkim)?;
         let has_submission = config
             .listeners
             .iter()
@@ -122,6 +123,7 @@ impl Server {
                 inspector: inspector.clone(),
                 next_hops: next_hops.clone(),
                 detector: outbound.clone(),
+                signer: signer.clone(),
             };
             // Bound before anything is served: a bad token file or a busy port stops the start.
             Some(crate::admin::http::bind(state, shutdown.clone()).await?)
@@ -138,6 +140,7 @@ impl Server {
                 quarantine,
                 outbound,
                 shutdown,
+                signer,
             }),
             grace,
         })

@@ -102,6 +102,20 @@ impl Signing {
     }
 }
 
+/// Counts the result (metric `mailwarden_dkim_signing`) and logs what was not signed.
+pub fn record(signing: Signing) -> Signing {
+    crate::metrics::global()
+        .dkim_signing
+        .get_or_create(&crate::metrics::label("result", signing.result()))
+        .inc();
+    match &signing {
+        Signing::Failed { .. } => tracing::warn!(dkim_sign = %signing.summary(), "dkim: signing failed, relayed unsigned"),
+        Signing::Signed { .. } => {}
+        _ => tracing::debug!(dkim_sign = %signing.summary(), "dkim: relayed unsigned"),
+    }
+    signing
+}
+
 fn canon(c: Canon) -> Canonicalization {
     match c {
         Canon::Simple => Canonicalization::Simple,

@@ -30,6 +30,8 @@ pub struct SessionShared {
     pub shutdown: CancellationToken,
     /// Message content held by all sessions (`[limits] message_memory`).
     pub memory: Arc<crate::smtp::memory::MessageMemory>,
+    /// Outbound DKIM signing on submission listeners (`[[dkim.sign]]`).
+    pub signer: Option<Arc<crate::signing::Signer>>,
 }
 
 /// What a session shares with the other sessions of its listener.

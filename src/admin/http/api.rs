@@ -385,6 +385,7 @@ pub async fn release(
         body.force,
         config.authserv_id(),
         &config.auth.verdict_header,
+        app.state.signer.as_deref(),
     )
     .await;
     let outcome = match &result {
