@@ -517,3 +517,154 @@ async fn signed_mail_verifies_everywhere_and_tampering_fails() {
     })
     .await;
 }
+
+/// Runs the binary with `args`; (exit success, stdout + stderr).
+fn cli(args: &[&str]) -> (bool, String) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut c = Command::new(bin());
+    c.args(args);
+    let done = common::run_bounded_blocking(c, out_dir.path(), CLI_DEADLINE);
+    (
+        done.status.is_some_and(|s| s.success()),
+        format!("{}{}", done.stdout_text(), done.stderr),
+    )
+}
+
+/// An outbound message held by the From check (a user of one domain writing as another
+/// signed domain) reaches the next hop only when released, and then signed by its From
+/// domain (both keys of the dual domain); `dkim check-dns` confirms the published keys
+/// and refuses a record that holds another key, or none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_mail_is_signed_and_check_dns_compares_keys() {
+    within(async {
+        let w = World::start().await;
+        let subject = "held-then-released";
+        let body = message("boss@dual.test", subject);
+        let r = w.send("rsa-relaxed.test", &body).await;
+        assert_reply(&r, "250", "a held message is accepted (quarantined)");
+        assert!(!r.text().contains(RELAYED), "relayed instead of held: {}", show(&r.raw));
+        assert!(w.mta.accepted().is_empty(), "nothing may reach the next hop before release");
+        let id = r
+            .text()
+            .rsplit("queued as ")
+            .next()
+            .unwrap()
+            .trim()
+            .to_string();
+        let config = w.proxy.config_path.to_str().unwrap().to_string();
+        let (ok, out) = cli(&["quarantine", "--config", &config, "release", &id]);
+        assert!(ok, "release: {out}");
+        let got = w.captured(subject);
+        let sigs = signatures(&got);
+        assert_eq!(sigs.len(), 2, "dual.test signs twice: {sigs:?}");
+        assert!(sigs.iter().all(|s| tag(s, "d").as_deref() == Some("dual.test")), "{sigs:?}");
+        let path = w.dir.path().join("released.eml");
+        std::fs::write(&path, &got).unwrap();
+        let bad = w.dir.path().join("released-tampered.eml");
+        std::fs::write(&bad, replace_once(&got, "Hello Bob", "Hello Eve")).unwrap();
+        let py = dkimpy(&w, &[path.clone(), bad.clone()]);
+        assert_eq!(py[&path], [true, true], "released copy");
+        assert_eq!(py[&bad], [false, false], "tampered released copy");
+        assert_eq!(own_results(&own(&w, &path)), ["pass", "pass"]);
+
+        // check-dns: every configured key matches what keygen told us to publish.
+        for k in &w.keys {
+            let (ok, out) = cli(&[
+                "dkim", "check-dns", "--domain", k.domain, "--selector", k.selector, "-c", &config,
+            ]);
+            assert!(ok && out.starts_with("ok: "), "{}/{}: {out}", k.domain, k.selector);
+        }
+        // Another key published under a configured selector; then nothing at all.
+        let stranger = &w.keys.iter().find(|k| k.domain == "ed-simple.test").unwrap().txt;
+        w.dns.update_zone(|z| {
+            let mut fresh = Zone::new();
+            for k in &w.keys {
+                let name = format!("{}._domainkey.{}", k.selector, k.domain);
+                if k.domain == "ed-relaxed.test" {
+                    fresh = fresh.txt(&name, stranger);
+                } else if k.domain != "rsa-simple.test" {
+                    fresh = fresh.txt(&name, &k.txt);
+                }
+            }
+            *z = fresh;
+        });
+        let (ok, out) = cli(&["dkim", "check-dns", "--domain", "ed-relaxed.test", "--selector", "e1", "-c", &config]);
+        assert!(!ok && out.contains("NOT the key"), "{out}");
+        let (ok, out) = cli(&["dkim", "check-dns", "--domain", "rsa-simple.test", "--selector", "r1", "-c", &config]);
+        assert!(!ok && out.contains("no TXT record"), "{out}");
+        let (ok, out) = cli(&["dkim", "check-dns", "--domain", "other.test", "--selector", "r1", "-c", &config]);
+        assert!(!ok && out.contains("no [[dkim.sign]]"), "{out}");
+    })
+    .await;
+}
+
+/// A key that cannot be used stops the start (and check-config) with the file, the line
+/// and the key: missing, world-readable, RSA under 2048 bits, not a key, not a DKIM
+/// algorithm (EC). A good key passes.
+#[test]
+fn bad_keys_are_config_errors_with_file_line_and_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = keygen(d, "example.org", "good", "ed25519").file;
+    let openssl = |args: &[&str], out: &Path| {
+        // The subcommand, the output, then its options (genrsa wants the size last).
+        let st = Command::new("openssl")
+            .arg(args[0])
+            .arg("-out")
+            .arg(out)
+            .args(&args[1..])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (apt-get install openssl)");
+        assert!(st.success(), "openssl {args:?}");
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600)).unwrap();
+    };
+    let weak = d.join("weak.key");
+    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"], &weak);
+    let ec = d.join("ec.key");
+    openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"], &ec);
+    // OpenDKIM's own format (PKCS#1, `openssl genrsa`, what opendkim-genkey writes) loads.
+    let pkcs1 = d.join("pkcs1.key");
+    openssl(&["genrsa", "-traditional", "2048"], &pkcs1);
+    let open = d.join("open.key");
+    std::fs::copy(&good, &open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let junk = d.join("junk.key");
+    std::fs::write(&junk, "not a key\n").unwrap();
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let cases: [(&Path, Option<&str>); 7] = [
+        (&good, None),
+        (&pkcs1, None),
+        (&d.join("missing.key"), Some("No such file")),
+        (&open, Some("readable or writable by every user")),
+        (&weak, Some("too weak")),
+        (&ec, Some("not a usable RSA or Ed25519 key")),
+        (&junk, Some("no PEM private key")),
+    ];
+    for (key, expect) in cases {
+        let config = d.join("mailwarden.toml");
+        // A good entry first, so the bad one is dkim.sign[1], its key_file on line 13.
+        std::fs::write(
+            &config,
+            format!(
+                "local_domains = [\"example.org\"]\n[[listener]]\naddress = \"127.0.0.1:2525\"\n\n\
+                 [[dkim.sign]]\ndomain = \"example.org\"\nselector = \"good\"\nkey_file = \"{}\"\n\n\
+                 [[dkim.sign]]\ndomain = \"example.org\"\nselector = \"other\"\nkey_file = \"{}\"\n",
+                good.display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        let (ok, out) = cli(&["check-config", "--config", config.to_str().unwrap()]);
+        match expect {
+            None => assert!(ok, "{}: {out}", key.display()),
+            Some(reason) => {
+                assert!(!ok, "{}: accepted: {out}", key.display());
+                let want = format!("{}:13: dkim.sign[1].key_file: ", config.display());
+                assert!(out.contains(&want) && out.contains(reason), "{}: want {want:?} and {reason:?}: {out}", key.display());
+            }
+        }
+    }
+}
