@@ -54,7 +54,10 @@ fn entry(selector: &str) -> SignConfig {
         selector: selector.into(),
         key_file: "unused".into(),
         headers: DEFAULT_SIGN_HEADERS.iter().map(|s| s.to_string()).collect(),
-        oversign: DEFAULT_OVERSIGN_HEADERS.iter().map(|s| s.to_string()).collect(),
+        oversign: DEFAULT_OVERSIGN_HEADERS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         canonicalization: "relaxed/relaxed".into(),
         expiry: Duration::ZERO,
     }
@@ -87,11 +90,9 @@ fn main() {
         return;
     }
     let rsa_pem = key::generate(Algorithm::Rsa(2048)).expect("keygen");
-    let der = rustls::pki_types::PrivateKeyDer::try_from(
-        base64_body(&rsa_pem).as_slice(),
-    )
-    .map(|d| d.clone_key())
-    .expect("der");
+    let der = rustls::pki_types::PrivateKeyDer::try_from(base64_body(&rsa_pem).as_slice())
+        .map(|d| d.clone_key())
+        .expect("der");
     let pair = RsaKeyPair::from_pkcs8(der.secret_der()).expect("rsa pair");
     let rng = SystemRandom::new();
     let floor_input = vec![b'a'; 600];
@@ -103,11 +104,20 @@ fn main() {
     };
 
     let m = message();
-    let added = vec!["Authentication-Results: mailwarden.example; auth=pass smtp.auth=alice@example.com".to_string()];
+    let added = vec![
+        "Authentication-Results: mailwarden.example; auth=pass smtp.auth=alice@example.com"
+            .to_string(),
+    ];
     let rsa_key = key::parse_pem(rsa_pem.as_bytes()).expect("key");
     let signers = [
-        ("(b) RSA-2048, whole signing stage", Signer::single(&entry("r"), rsa_key).unwrap()),
-        ("(c) Ed25519, whole signing stage", Signer::single(&entry("e"), loaded(Algorithm::Ed25519)).unwrap()),
+        (
+            "(b) RSA-2048, whole signing stage",
+            Signer::single(&entry("r"), rsa_key).unwrap(),
+        ),
+        (
+            "(c) Ed25519, whole signing stage",
+            Signer::single(&entry("e"), loaded(Algorithm::Ed25519)).unwrap(),
+        ),
         ("(d) dual: RSA-2048 + Ed25519", dual()),
     ];
     for (_, s) in &signers {
@@ -117,7 +127,10 @@ fn main() {
     println!("| case | median per message | paired ratio to (a) [quartiles] |");
     println!("|---|---:|---:|");
     let (_, f, _) = quartiles((0..PAIRS / 4).map(|_| batch(&mut floor)).collect());
-    println!("| (a) RSA-2048 sign, aws-lc-rs (floor) | {:.1} µs | 1 |", f * 1e6);
+    println!(
+        "| (a) RSA-2048 sign, aws-lc-rs (floor) | {:.1} µs | 1 |",
+        f * 1e6
+    );
     for (name, s) in &signers {
         let mut case = || {
             black_box(s.sign(black_box(&added), &[black_box(&m)]));
@@ -132,7 +145,10 @@ fn main() {
         }
         let (q1, med, q3) = quartiles(ratios);
         let (_, t, _) = quartiles(times);
-        println!("| {name} | {:.1} µs | **{med:.2}** [{q1:.2}–{q3:.2}] |", t * 1e6);
+        println!(
+            "| {name} | {:.1} µs | **{med:.2}** [{q1:.2}–{q3:.2}] |",
+            t * 1e6
+        );
     }
 }
 
@@ -142,8 +158,8 @@ fn dual() -> Signer {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mut config = mailwarden::config::dkim_sign::DkimConfig::default();
     for (sel, alg) in [("r", Algorithm::Rsa(2048)), ("e", Algorithm::Ed25519)] {
-        use std::os::unix::fs::OpenOptionsExt;
         use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let path = dir.join(format!("{sel}.key"));
         let _ = std::fs::remove_file(&path);
         std::fs::OpenOptions::new()
@@ -166,5 +182,7 @@ fn dual() -> Signer {
 fn base64_body(pem: &str) -> Vec<u8> {
     use base64::Engine;
     let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD.decode(b64).expect("base64")
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64")
 }

@@ -108,12 +108,26 @@ struct Key {
 fn keygen(dir: &Path, domain: &'static str, selector: &'static str, algo: &'static str) -> Key {
     let file = dir.join(format!("{domain}.{selector}.key"));
     let out = Command::new(bin())
-        .args(["dkim", "keygen", "--domain", domain, "--selector", selector, "--algo", algo, "--out"])
+        .args([
+            "dkim",
+            "keygen",
+            "--domain",
+            domain,
+            "--selector",
+            selector,
+            "--algo",
+            algo,
+            "--out",
+        ])
         .arg(&file)
         .output()
         .expect("run dkim keygen");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "keygen: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "keygen: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = |p: &str| {
         stdout
             .lines()
@@ -142,7 +156,12 @@ fn port53_dns(zone: &Zone) -> DnsServer {
     let pid = std::process::id();
     for attempt in 0..20u32 {
         let n = pid.wrapping_mul(2_654_435_761).wrapping_add(attempt * 7919);
-        let ip = Ipv4Addr::new(127, 100 + (n % 100) as u8, (n >> 8) as u8, 1 + (n >> 16) as u8 % 250);
+        let ip = Ipv4Addr::new(
+            127,
+            100 + (n % 100) as u8,
+            (n >> 8) as u8,
+            1 + (n >> 16) as u8 % 250,
+        );
         let at = SocketAddr::new(IpAddr::V4(ip), 53);
         match DnsServer::start_on(zone.clone(), Some(at)) {
             Ok(s) => return s,
@@ -188,7 +207,10 @@ impl World {
             .iter()
             .map(|(d, _, _)| (user(d), password_of(&user(d))))
             .collect();
-        let refs: Vec<(&str, &str)> = users.iter().map(|(u, p)| (u.as_str(), p.as_str())).collect();
+        let refs: Vec<(&str, &str)> = users
+            .iter()
+            .map(|(u, p)| (u.as_str(), p.as_str()))
+            .collect();
         mta.set_auth_users(&refs);
 
         let mut o = ProxyOptions::smtp(mta.addr);
@@ -229,7 +251,10 @@ impl World {
         c.ehlo(HELO).await;
         let u = user(login_domain);
         let r = c
-            .cmd(&format!("AUTH PLAIN {}", b64(&format!("\0{u}\0{}", password_of(&u)))))
+            .cmd(&format!(
+                "AUTH PLAIN {}",
+                b64(&format!("\0{u}\0{}", password_of(&u)))
+            ))
             .await;
         assert_reply(&r, "235", "AUTH");
         assert_reply(&c.cmd(&format!("MAIL FROM:<{u}>")).await, "250", "MAIL");
@@ -280,11 +305,19 @@ print(json.dumps(out))
 
 /// dkimpy's verdict for every signature of every file.
 fn dkimpy(w: &World, files: &[PathBuf]) -> BTreeMap<PathBuf, Vec<bool>> {
-    let python = common::python_with("dkim, nacl", "dkimpy and PyNaCl: apt-get install python3-dkim python3-nacl");
+    let python = common::python_with(
+        "dkim, nacl",
+        "dkimpy and PyNaCl: apt-get install python3-dkim python3-nacl",
+    );
     let records: BTreeMap<String, String> = w
         .keys
         .iter()
-        .map(|k| (format!("{}._domainkey.{}", k.selector, k.domain), k.txt.clone()))
+        .map(|k| {
+            (
+                format!("{}._domainkey.{}", k.selector, k.domain),
+                k.txt.clone(),
+            )
+        })
         .collect();
     let rec_file = w.dir.path().join("records.json");
     std::fs::write(&rec_file, serde_json::to_string(&records).unwrap()).unwrap();
@@ -296,7 +329,11 @@ fn dkimpy(w: &World, files: &[PathBuf]) -> BTreeMap<PathBuf, Vec<bool>> {
         .args(files)
         .output()
         .expect("run dkimpy");
-    assert!(out.status.success(), "dkimpy: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dkimpy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: BTreeMap<String, Vec<bool>> = serde_json::from_slice(&out.stdout).expect("dkimpy JSON");
     v.into_iter().map(|(k, v)| (PathBuf::from(k), v)).collect()
 }
@@ -309,8 +346,14 @@ fn opendkim(w: &World, file: &Path) -> Result<(), String> {
         "{tool} missing: apt-get install opendkim-tools"
     );
     let resolv = w.dir.path().join("resolv.conf");
-    std::fs::write(&resolv, format!("nameserver {}\noptions attempts:1 timeout:5\n", w.dns.addr().ip()))
-        .unwrap();
+    std::fs::write(
+        &resolv,
+        format!(
+            "nameserver {}\noptions attempts:1 timeout:5\n",
+            w.dns.addr().ip()
+        ),
+    )
+    .unwrap();
     let script = format!(
         "mount --bind '{}' /etc/resolv.conf && exec {tool} < '{}'",
         resolv.display(),
@@ -332,14 +375,24 @@ fn own(w: &World, file: &Path) -> Vec<Value> {
     let config = w.dir.path().join("check.toml");
     std::fs::write(
         &config,
-        format!("[dns]\nnameservers = [\"{}\"]\ntimeout_ms = 2000\nattempts = 1\n", w.dns.nameserver()),
+        format!(
+            "[dns]\nnameservers = [\"{}\"]\ntimeout_ms = 2000\nattempts = 1\n",
+            w.dns.nameserver()
+        ),
     )
     .unwrap();
     let mut c = Command::new(bin());
     c.arg("check")
         .arg("--config")
         .arg(&config)
-        .args(["--ip", "192.0.2.10", "--helo", HELO, "--mail-from", "x@example.org"])
+        .args([
+            "--ip",
+            "192.0.2.10",
+            "--helo",
+            HELO,
+            "--mail-from",
+            "x@example.org",
+        ])
         .args(["--rcpt", "bob@example.net", "--json"])
         .arg(file);
     let out_dir = tempfile::tempdir().unwrap();
@@ -362,14 +415,20 @@ fn own_results(entries: &[Value]) -> Vec<String> {
 // ---------------------------------------------------------------------------
 
 fn split(m: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let at = m.windows(4).position(|w| w == b"\r\n\r\n").expect("header end") + 2;
+    let at = m
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end")
+        + 2;
     (m[..at].to_vec(), m[at..].to_vec())
 }
 
 /// The DKIM-Signature fields (unfolded text), in order.
 fn signatures(m: &[u8]) -> Vec<String> {
     let (head, _) = split(m);
-    let text = String::from_utf8_lossy(&head).replace("\r\n\t", "").replace("\r\n ", " ");
+    let text = String::from_utf8_lossy(&head)
+        .replace("\r\n\t", "")
+        .replace("\r\n ", " ");
     text.lines()
         .filter(|l| l.to_ascii_lowercase().starts_with("dkim-signature:"))
         .map(str::to_string)
@@ -423,9 +482,15 @@ fn tampered(m: &[u8], domain: &str) -> Vec<(&'static str, Vec<u8>)> {
     second_from.extend_from_slice(&body);
     vec![
         ("body", replace_once(m, "Hello Bob", "Hello Eve")),
-        ("signed header", replace_once(m, "To: Bob <bob", "To: Bob <eve")),
+        (
+            "signed header",
+            replace_once(m, "To: Bob <bob", "To: Bob <eve"),
+        ),
         ("an added second From (oversigned)", second_from),
-        ("appended body text", [m, b"PS: send money\r\n".as_slice()].concat()),
+        (
+            "appended body text",
+            [m, b"PS: send money\r\n".as_slice()].concat(),
+        ),
     ]
 }
 
@@ -445,14 +510,21 @@ async fn signed_mail_verifies_everywhere_and_tampering_fails() {
         for (domain, ks, canon) in DOMAINS {
             let subject = format!("m-{}", domain.replace('.', "-"));
             let r = w.send(domain, &message(&user(domain), &subject)).await;
-            assert!(r.code == 250 && r.text().contains(RELAYED), "{domain}: {}", show(&r.raw));
+            assert!(
+                r.code == 250 && r.text().contains(RELAYED),
+                "{domain}: {}",
+                show(&r.raw)
+            );
             let got = w.captured(&subject);
             let sigs = signatures(&got);
             if ks.is_empty() {
                 assert!(sigs.is_empty(), "{domain} has no key, yet: {sigs:?}");
                 let log = w
                     .proxy
-                    .wait_log(&format!("unsigned: no key for {domain}"), Duration::from_secs(10))
+                    .wait_log(
+                        &format!("unsigned: no key for {domain}"),
+                        Duration::from_secs(10),
+                    )
                     .await;
                 assert!(log.contains("transaction"), "{log}");
                 continue;
@@ -462,24 +534,42 @@ async fn signed_mail_verifies_everywhere_and_tampering_fails() {
                 assert_eq!(tag(sig, "d").as_deref(), Some(domain), "{sig}");
                 assert_eq!(tag(sig, "s").as_deref(), Some(*selector), "{sig}");
                 assert_eq!(tag(sig, "c").as_deref(), Some(canon), "{sig}");
-                let a = if *algo == "rsa" { "rsa-sha256" } else { "ed25519-sha256" };
+                let a = if *algo == "rsa" {
+                    "rsa-sha256"
+                } else {
+                    "ed25519-sha256"
+                };
                 assert_eq!(tag(sig, "a").as_deref(), Some(a), "{sig}");
-                let (t, x): (u64, u64) = (tag(sig, "t").unwrap().parse().unwrap(), tag(sig, "x").unwrap().parse().unwrap());
+                let (t, x): (u64, u64) = (
+                    tag(sig, "t").unwrap().parse().unwrap(),
+                    tag(sig, "x").unwrap().parse().unwrap(),
+                );
                 assert_eq!(x - t, 7 * 86_400, "expiry = 7d: {sig}");
                 let h = tag(sig, "h").unwrap().to_ascii_lowercase();
-                assert_eq!(h.split(':').filter(|n| n.trim() == "from").count(), 2, "From signed and oversigned: {h}");
+                assert_eq!(
+                    h.split(':').filter(|n| n.trim() == "from").count(),
+                    2,
+                    "From signed and oversigned: {h}"
+                );
             }
             let path = w.dir.path().join(format!("{subject}.eml"));
             std::fs::write(&path, &got).unwrap();
             files.push((domain.to_string(), path.clone()));
             for (what, bad) in tampered(&got, domain) {
-                let p = w.dir.path().join(format!("{subject}-tampered-{}.eml", files.len()));
+                let p = w
+                    .dir
+                    .path()
+                    .join(format!("{subject}-tampered-{}.eml", files.len()));
                 std::fs::write(&p, bad).unwrap();
                 files.push((format!("{domain} tampered: {what}"), p));
             }
             // Re-folded and re-spaced header, trailing spaces dropped in the body: what
             // relaxed canonicalization exists to survive.
-            let refolded = replace_once(&got, "To: Bob <bob@example.net>,\r\n Carol", "To:  Bob <bob@example.net>,\r\n\t  Carol");
+            let refolded = replace_once(
+                &got,
+                "To: Bob <bob@example.net>,\r\n Carol",
+                "To:  Bob <bob@example.net>,\r\n\t  Carol",
+            );
             let refolded = replace_once(&refolded, "Hello Bob,  \r\n", "Hello Bob,\r\n");
             let p = w.dir.path().join(format!("{subject}-refolded.eml"));
             std::fs::write(&p, refolded).unwrap();
@@ -492,28 +582,43 @@ async fn signed_mail_verifies_everywhere_and_tampering_fails() {
         for (case, path) in &files {
             let m = std::fs::read(path).unwrap();
             let n = signatures(&m).len();
-            let expect_pass = !case.contains("tampered") && !(case.contains("refolded") && case.contains("simple/simple"));
+            let expect_pass = !case.contains("tampered")
+                && !(case.contains("refolded") && case.contains("simple/simple"));
             // dkimpy: every signature.
             let verdicts = &py[path];
             if verdicts.len() != n || verdicts.iter().any(|&v| v != expect_pass) {
-                failures.push(format!("dkimpy {case}: {verdicts:?} (expected all {expect_pass})"));
+                failures.push(format!(
+                    "dkimpy {case}: {verdicts:?} (expected all {expect_pass})"
+                ));
             }
             // OpenDKIM: each signature on its own copy.
             for i in 0..n {
-                let single = w.dir.path().join(format!("{}.only{i}", path.file_name().unwrap().to_string_lossy()));
+                let single = w.dir.path().join(format!(
+                    "{}.only{i}",
+                    path.file_name().unwrap().to_string_lossy()
+                ));
                 std::fs::write(&single, only_signature(&m, i)).unwrap();
                 let verdict = opendkim(&w, &single);
                 if verdict.is_ok() != expect_pass {
-                    failures.push(format!("opendkim {case} signature {i}: {verdict:?} (expected pass: {expect_pass})"));
+                    failures.push(format!(
+                        "opendkim {case} signature {i}: {verdict:?} (expected pass: {expect_pass})"
+                    ));
                 }
             }
             // Ours.
             let results = own_results(&own(&w, path));
             if results.len() != n || results.iter().any(|r| (r == "pass") != expect_pass) {
-                failures.push(format!("mailwarden check {case}: {results:?} (expected all pass: {expect_pass})"));
+                failures.push(format!(
+                    "mailwarden check {case}: {results:?} (expected all pass: {expect_pass})"
+                ));
             }
         }
-        assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+        assert!(
+            failures.is_empty(),
+            "{} failures:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
     })
     .await;
 }
@@ -542,8 +647,15 @@ async fn released_mail_is_signed_and_check_dns_compares_keys() {
         let body = message("boss@dual.test", subject);
         let r = w.send("rsa-relaxed.test", &body).await;
         assert_reply(&r, "250", "a held message is accepted (quarantined)");
-        assert!(!r.text().contains(RELAYED), "relayed instead of held: {}", show(&r.raw));
-        assert!(w.mta.accepted().is_empty(), "nothing may reach the next hop before release");
+        assert!(
+            !r.text().contains(RELAYED),
+            "relayed instead of held: {}",
+            show(&r.raw)
+        );
+        assert!(
+            w.mta.accepted().is_empty(),
+            "nothing may reach the next hop before release"
+        );
         let id = r
             .text()
             .rsplit("queued as ")
@@ -557,7 +669,11 @@ async fn released_mail_is_signed_and_check_dns_compares_keys() {
         let got = w.captured(subject);
         let sigs = signatures(&got);
         assert_eq!(sigs.len(), 2, "dual.test signs twice: {sigs:?}");
-        assert!(sigs.iter().all(|s| tag(s, "d").as_deref() == Some("dual.test")), "{sigs:?}");
+        assert!(
+            sigs.iter()
+                .all(|s| tag(s, "d").as_deref() == Some("dual.test")),
+            "{sigs:?}"
+        );
         let path = w.dir.path().join("released.eml");
         std::fs::write(&path, &got).unwrap();
         let bad = w.dir.path().join("released-tampered.eml");
@@ -570,12 +686,29 @@ async fn released_mail_is_signed_and_check_dns_compares_keys() {
         // check-dns: every configured key matches what keygen told us to publish.
         for k in &w.keys {
             let (ok, out) = cli(&[
-                "dkim", "check-dns", "--domain", k.domain, "--selector", k.selector, "-c", &config,
+                "dkim",
+                "check-dns",
+                "--domain",
+                k.domain,
+                "--selector",
+                k.selector,
+                "-c",
+                &config,
             ]);
-            assert!(ok && out.starts_with("ok: "), "{}/{}: {out}", k.domain, k.selector);
+            assert!(
+                ok && out.starts_with("ok: "),
+                "{}/{}: {out}",
+                k.domain,
+                k.selector
+            );
         }
         // Another key published under a configured selector; then nothing at all.
-        let stranger = &w.keys.iter().find(|k| k.domain == "ed-simple.test").unwrap().txt;
+        let stranger = &w
+            .keys
+            .iter()
+            .find(|k| k.domain == "ed-simple.test")
+            .unwrap()
+            .txt;
         w.dns.update_zone(|z| {
             let mut fresh = Zone::new();
             for k in &w.keys {
@@ -588,11 +721,38 @@ async fn released_mail_is_signed_and_check_dns_compares_keys() {
             }
             *z = fresh;
         });
-        let (ok, out) = cli(&["dkim", "check-dns", "--domain", "ed-relaxed.test", "--selector", "e1", "-c", &config]);
+        let (ok, out) = cli(&[
+            "dkim",
+            "check-dns",
+            "--domain",
+            "ed-relaxed.test",
+            "--selector",
+            "e1",
+            "-c",
+            &config,
+        ]);
         assert!(!ok && out.contains("NOT the key"), "{out}");
-        let (ok, out) = cli(&["dkim", "check-dns", "--domain", "rsa-simple.test", "--selector", "r1", "-c", &config]);
+        let (ok, out) = cli(&[
+            "dkim",
+            "check-dns",
+            "--domain",
+            "rsa-simple.test",
+            "--selector",
+            "r1",
+            "-c",
+            &config,
+        ]);
         assert!(!ok && out.contains("no TXT record"), "{out}");
-        let (ok, out) = cli(&["dkim", "check-dns", "--domain", "other.test", "--selector", "r1", "-c", &config]);
+        let (ok, out) = cli(&[
+            "dkim",
+            "check-dns",
+            "--domain",
+            "other.test",
+            "--selector",
+            "r1",
+            "-c",
+            &config,
+        ]);
         assert!(!ok && out.contains("no [[dkim.sign]]"), "{out}");
     })
     .await;
@@ -621,9 +781,27 @@ fn bad_keys_are_config_errors_with_file_line_and_key() {
         std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o600)).unwrap();
     };
     let weak = d.join("weak.key");
-    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"], &weak);
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:1024",
+        ],
+        &weak,
+    );
     let ec = d.join("ec.key");
-    openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"], &ec);
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ],
+        &ec,
+    );
     // OpenDKIM's own format (PKCS#1, `openssl genrsa`, what opendkim-genkey writes) loads.
     let pkcs1 = d.join("pkcs1.key");
     openssl(&["genrsa", "-traditional", "2048"], &pkcs1);
@@ -663,7 +841,11 @@ fn bad_keys_are_config_errors_with_file_line_and_key() {
             Some(reason) => {
                 assert!(!ok, "{}: accepted: {out}", key.display());
                 let want = format!("{}:13: dkim.sign[1].key_file: ", config.display());
-                assert!(out.contains(&want) && out.contains(reason), "{}: want {want:?} and {reason:?}: {out}", key.display());
+                assert!(
+                    out.contains(&want) && out.contains(reason),
+                    "{}: want {want:?} and {reason:?}: {out}",
+                    key.display()
+                );
             }
         }
     }

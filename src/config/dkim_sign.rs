@@ -187,7 +187,10 @@ impl DkimConfig {
             }) {
                 return err(
                     "selector",
-                    format!("{domain} selector {} is already dkim.sign[{dup}]", s.selector),
+                    format!(
+                        "{domain} selector {} is already dkim.sign[{dup}]",
+                        s.selector
+                    ),
                 );
             }
             for (key, list) in [("headers", &s.headers), ("oversign", &s.oversign)] {
@@ -195,8 +198,7 @@ impl DkimConfig {
                     return err(key, format!("{bad:?} is not a header field name"));
                 }
             }
-            if s
-                .headers
+            if s.headers
                 .iter()
                 .chain(&s.oversign)
                 .any(|h| h.eq_ignore_ascii_case("DKIM-Signature"))

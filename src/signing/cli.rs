@@ -236,7 +236,9 @@ fn judge(
         ));
     }
     if let Some(h) = tag("h")
-        && !h.split(':').any(|a| a.trim().eq_ignore_ascii_case("sha256"))
+        && !h
+            .split(':')
+            .any(|a| a.trim().eq_ignore_ascii_case("sha256"))
     {
         return Err(format!(
             "{name}: h={h} does not allow sha256, the only hash we sign with"
@@ -309,13 +311,17 @@ mod tests {
         assert!(judge(n, &two, &ed, path).unwrap_err().contains("2 TXT"));
         assert!(judge(n, &[], &ed, path).unwrap_err().contains("no TXT"));
         let rsa_claim = ed.txt_record().replace("k=ed25519", "k=rsa");
-        assert!(judge(n, &[rsa_claim.into_bytes()], &ed, path)
-            .unwrap_err()
-            .contains("k=rsa"));
+        assert!(
+            judge(n, &[rsa_claim.into_bytes()], &ed, path)
+                .unwrap_err()
+                .contains("k=rsa")
+        );
         let sha1_only = ed.txt_record().replace("k=ed25519;", "k=ed25519; h=sha1;");
-        assert!(judge(n, &[sha1_only.into_bytes()], &ed, path)
-            .unwrap_err()
-            .contains("sha256"));
+        assert!(
+            judge(n, &[sha1_only.into_bytes()], &ed, path)
+                .unwrap_err()
+                .contains("sha256")
+        );
     }
 
     #[test]
@@ -344,8 +350,21 @@ mod tests {
         assert_eq!(key::load(&out).unwrap().algorithm, Algorithm::Ed25519);
         let before = std::fs::read(&out).unwrap();
         assert!(keygen("example.org", "ed1", Algo::Ed25519, 2048, Some(&out)).is_err());
-        assert_eq!(std::fs::read(&out).unwrap(), before, "the key was overwritten");
-        assert!(keygen("example.org", "r", Algo::Rsa, 1024, Some(&dir.path().join("r"))).is_err());
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            before,
+            "the key was overwritten"
+        );
+        assert!(
+            keygen(
+                "example.org",
+                "r",
+                Algo::Rsa,
+                1024,
+                Some(&dir.path().join("r"))
+            )
+            .is_err()
+        );
         assert!(keygen("example.org", "bad selector", Algo::Ed25519, 0, None).is_err());
     }
 }

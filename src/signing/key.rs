@@ -85,8 +85,7 @@ impl SigningKey {
 
     /// Whether `published` (the decoded `p=` of a record) is this key's public half.
     pub fn matches_public(&self, published: &[u8]) -> bool {
-        published == self.public.as_slice()
-            || self.public_alternates.iter().any(|a| a == published)
+        published == self.public.as_slice() || self.public_alternates.iter().any(|a| a == published)
     }
 }
 
@@ -251,7 +250,10 @@ mod tests {
         // An EC (SEC1) key is a key, but not one DKIM signs with.
         let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let err = parse_pem(ec.serialize_pem().as_bytes()).unwrap_err();
-        assert!(err.contains("not a usable") || err.contains("not an RSA"), "{err}");
+        assert!(
+            err.contains("not a usable") || err.contains("not an RSA"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -97,7 +97,9 @@ impl Signing {
             } => format!("signed d={domain} s={}", selectors.join(",")),
             Signing::NoKey { domain } => format!("unsigned: no key for {domain}"),
             Signing::NoFromDomain => "unsigned: no single From domain".into(),
-            Signing::Failed { domain, error } => format!("unsigned: signing for {domain} failed: {error}"),
+            Signing::Failed { domain, error } => {
+                format!("unsigned: signing for {domain} failed: {error}")
+            }
         }
     }
 }
@@ -109,7 +111,9 @@ pub fn record(signing: Signing) -> Signing {
         .get_or_create(&crate::metrics::label("result", signing.result()))
         .inc();
     match &signing {
-        Signing::Failed { .. } => tracing::warn!(dkim_sign = %signing.summary(), "dkim: signing failed, relayed unsigned"),
+        Signing::Failed { .. } => {
+            tracing::warn!(dkim_sign = %signing.summary(), "dkim: signing failed, relayed unsigned")
+        }
         Signing::Signed { .. } => {}
         _ => tracing::debug!(dkim_sign = %signing.summary(), "dkim: relayed unsigned"),
     }
@@ -131,7 +135,8 @@ impl Signer {
         }
         let mut domains: HashMap<String, Vec<DomainKey>> = HashMap::new();
         for (i, s) in config.sign.iter().enumerate() {
-            let loaded = key::load(&s.key_file).map_err(|e| format!("dkim.sign[{i}]: key_file: {e}"))?;
+            let loaded =
+                key::load(&s.key_file).map_err(|e| format!("dkim.sign[{i}]: key_file: {e}"))?;
             domains
                 .entry(s.domain.trim_end_matches('.').to_ascii_lowercase())
                 .or_default()
@@ -145,7 +150,11 @@ impl Signer {
         // From is always signed and oversigned (RFC 6376 §5.4: From must be signed).
         let with_from = |list: &[String]| {
             let mut out = vec!["From".to_string()];
-            out.extend(list.iter().filter(|n| !n.eq_ignore_ascii_case("From")).cloned());
+            out.extend(
+                list.iter()
+                    .filter(|n| !n.eq_ignore_ascii_case("From"))
+                    .cloned(),
+            );
             out
         };
         Ok(DomainKey {
@@ -240,14 +249,20 @@ fn sign_one(
     let signature = signer
         .sign_chained([head, body])
         .map_err(|e| e.to_string())?;
-    Ok(signature.to_header().trim_end_matches(['\r', '\n']).to_string())
+    Ok(signature
+        .to_header()
+        .trim_end_matches(['\r', '\n'])
+        .to_string())
 }
 
 /// The single From domain (lower case, no trailing dot): every mailbox of every From
 /// field must have the same domain, or there is nothing DMARC could align with.
 fn from_domain(fields: &[crate::auth::headers::Field<'_>]) -> Option<String> {
     let mut found: Option<String> = None;
-    for f in fields.iter().filter(|f| f.name.eq_ignore_ascii_case("From")) {
+    for f in fields
+        .iter()
+        .filter(|f| f.name.eq_ignore_ascii_case("From"))
+    {
         let boxes = crate::policy::spoof::parse_from_mailboxes(&f.value);
         if boxes.is_empty() {
             return None;

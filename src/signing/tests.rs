@@ -11,7 +11,10 @@ fn entry(selector: &str) -> SignConfig {
         selector: selector.into(),
         key_file: "unused".into(),
         headers: DEFAULT_SIGN_HEADERS.iter().map(|s| s.to_string()).collect(),
-        oversign: DEFAULT_OVERSIGN_HEADERS.iter().map(|s| s.to_string()).collect(),
+        oversign: DEFAULT_OVERSIGN_HEADERS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         canonicalization: "relaxed/relaxed".into(),
         expiry: Duration::ZERO,
     }
@@ -53,7 +56,10 @@ fn signs_with_the_from_domain_and_oversigns() {
     assert_eq!(domain, "example.org");
     assert_eq!(selectors, &["ed"]);
     let h = headers[0].replace("\r\n\t", "");
-    assert!(h.starts_with("DKIM-Signature: v=1; a=ed25519-sha256;"), "{h}");
+    assert!(
+        h.starts_with("DKIM-Signature: v=1; a=ed25519-sha256;"),
+        "{h}"
+    );
     assert_eq!(tag(&h, "d"), Some("example.org"));
     assert_eq!(tag(&h, "c"), Some("relaxed/relaxed"));
     assert!(tag(&h, "x").is_none(), "no expiry configured: {h}");
@@ -74,7 +80,10 @@ fn signs_with_the_from_domain_and_oversigns() {
 
 #[test]
 fn dual_signing_gives_one_signature_per_key() {
-    let s = signer(&[(key::Algorithm::Rsa(2048), "rsa"), (key::Algorithm::Ed25519, "ed")]);
+    let s = signer(&[
+        (key::Algorithm::Rsa(2048), "rsa"),
+        (key::Algorithm::Ed25519, "ed"),
+    ]);
     let out = s.sign(&[], &[MSG]);
     assert_eq!(out.headers().len(), 2, "{out:?}");
     assert!(out.headers()[0].contains("a=rsa-sha256"));
@@ -101,7 +110,12 @@ fn unsigned_without_a_key_or_a_single_from_domain() {
         b"From: a@example.org\r\nFrom: b@example.net\r\n\r\nb\r\n",
         b"From: undisclosed\r\n\r\nb\r\n",
     ] {
-        assert_eq!(s.sign(&[], &[bad]), Signing::NoFromDomain, "{}", String::from_utf8_lossy(bad));
+        assert_eq!(
+            s.sign(&[], &[bad]),
+            Signing::NoFromDomain,
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
     }
     // Case and a trailing dot do not matter.
     let upper = b"From: A <A@EXAMPLE.ORG.>\r\n\r\nb\r\n";
@@ -111,7 +125,10 @@ fn unsigned_without_a_key_or_a_single_from_domain() {
 #[test]
 fn header_section_is_gathered_and_the_body_borrowed() {
     // An edit (forged A-R left out) splits the header section in two parts.
-    let start = MSG.windows(22).position(|w| w == b"Authentication-Results").unwrap();
+    let start = MSG
+        .windows(22)
+        .position(|w| w == b"Authentication-Results")
+        .unwrap();
     let end = start + MSG[start..].windows(2).position(|w| w == b"\r\n").unwrap() + 2;
     let edits = [Edit::remove(start..end)];
     let parts = edited(MSG, &edits);

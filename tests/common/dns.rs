@@ -789,7 +789,9 @@ impl Drop for DnsServer {
 
 /// Bind UDP on 127.0.0.1:0 and TCP on the same port (retrying if another process
 /// happens to hold that TCP port).
-async fn bind_at(at: SocketAddr) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+async fn bind_at(
+    at: SocketAddr,
+) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
     let udp = tokio::net::UdpSocket::bind(at).await?;
     let tcp = tokio::net::TcpListener::bind(at).await?;
     Ok((udp, tcp))
