@@ -39,7 +39,8 @@ const RELAYED: &str = "relayed-by-next-hop";
 const HELO: &str = "laptop.example.org";
 
 /// (domain, keys as (algo, selector), canonicalization).
-const DOMAINS: [(&str, &[(&str, &str)], &str); 6] = [
+type Keys = &'static [(&'static str, &'static str)];
+const DOMAINS: [(&str, Keys, &str); 6] = [
     ("rsa-simple.test", &[("rsa", "r1")], "simple/simple"),
     ("rsa-relaxed.test", &[("rsa", "r1")], "relaxed/relaxed"),
     ("ed-simple.test", &[("ed25519", "e1")], "simple/simple"),
@@ -582,8 +583,10 @@ async fn signed_mail_verifies_everywhere_and_tampering_fails() {
         for (case, path) in &files {
             let m = std::fs::read(path).unwrap();
             let n = signatures(&m).len();
-            let expect_pass = !case.contains("tampered")
-                && !(case.contains("refolded") && case.contains("simple/simple"));
+            // Tampering breaks every signature; re-folding breaks simple/simple only.
+            let breaks = case.contains("tampered")
+                || (case.contains("refolded") && case.contains("simple/simple"));
+            let expect_pass = !breaks;
             // dkimpy: every signature.
             let verdicts = &py[path];
             if verdicts.len() != n || verdicts.iter().any(|&v| v != expect_pass) {

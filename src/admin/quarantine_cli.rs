@@ -299,9 +299,11 @@ fn release_all(
                     &id,
                     to,
                     force,
-                    config.authserv_id(),
-                    &config.auth.verdict_header,
-                    signer.as_deref(),
+                    crate::quarantine::release::Outgoing {
+                        authserv_id: config.authserv_id(),
+                        verdict_header: &config.auth.verdict_header,
+                        signer: signer.as_deref(),
+                    },
                 ))
                 .map(|reply| format!("{id}: released ({reply})")),
             Err(e) => Err(ReleaseError::Store(e)),
