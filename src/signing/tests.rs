@@ -164,3 +164,19 @@ fn expiry_sets_x() {
     assert_eq!(x - t, 86_400);
     assert_eq!(tag(&h, "c"), Some("simple/simple"));
 }
+
+#[test]
+fn unsigned_mail_is_counted_by_reason() {
+    let count = |result: &str| {
+        let text = crate::metrics::global().render();
+        let needle = format!("mailwarden_dkim_signing_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+    };
+    let before = count("no_key");
+    let s = signer(&[(key::Algorithm::Ed25519, "ed")]);
+    let out = record(s.sign(&[], &[b"From: x@example.net\r\n\r\nb\r\n"]));
+    assert_eq!(out.summary(), "unsigned: no key for example.net");
+    assert!(count("no_key") > before, "the metric did not count it");
+}
