@@ -184,7 +184,7 @@ pub fn generate(algorithm: Algorithm) -> Result<String, String> {
                 4096 => KeySize::Rsa4096,
                 other => {
                     return Err(format!(
-                        "--bits {other}: use 2048, 3072 or 4096 (keys over 2048 bits do not fit one 255-octet TXT string; every DNS host takes 2048)"
+                        "--bits {other}: use 2048, 3072 or 4096 (2048 is the usual choice: larger keys make TXT records some DNS hosting panels refuse)"
                     ));
                 }
             };
