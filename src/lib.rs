@@ -26,6 +26,7 @@ pub mod quarantine;
 pub mod relay;
 pub mod server;
 pub mod service;
+pub mod signing;
 pub mod smtp;
 pub mod telemetry;
 pub mod tls;

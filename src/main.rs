@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: mailwarden::admin::dmarc_reports_cli::DmarcCommand,
     },
+    /// Outbound DKIM signing keys: make one, check its DNS record.
+    Dkim {
+        #[command(subcommand)]
+        command: mailwarden::signing::cli::DkimCommand,
+    },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
         #[arg(long, default_value = "certs")]
@@ -153,6 +158,7 @@ fn main() -> ExitCode {
         Command::Dmarc { command } => with_config(config(), |c| {
             mailwarden::admin::dmarc_reports_cli::run(&c, &command)
         }),
+        Command::Dkim { command } => mailwarden::signing::cli::run(config(), &command),
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());

@@ -85,6 +85,8 @@ pub struct Metrics {
     pub dmarc_reports: Family<Labels, Counter>,
     /// DMARC evaluations not recorded because the recording queue was full.
     pub dmarc_records_dropped: Counter,
+    /// Outbound DKIM signing, by result (`signed`, `no_key`, `no_from_domain`, `failed`).
+    pub dkim_signing: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -124,6 +126,7 @@ impl Metrics {
             auth_relay_insecure: Counter::default(),
             dmarc_reports: Family::default(),
             dmarc_records_dropped: Counter::default(),
+            dkim_signing: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -208,6 +211,11 @@ impl Metrics {
             "relay_unsafe_next_hop",
             "Next-hop connections refused: no XCLIENT and the next hop trusts our address",
             m.relay_unsafe_next_hop.clone(),
+        );
+        registry.register(
+            "dkim_signing",
+            "Outbound messages by DKIM signing result (unsigned: no key for the From domain, ...)",
+            m.dkim_signing.clone(),
         );
         registry.register(
             "auth_relay_insecure",

@@ -25,4 +25,6 @@ pub struct AdminState {
     pub next_hops: Arc<NextHops>,
     /// The outbound burst detector (accounts, freezes); `None` when `[outbound]` is off.
     pub detector: Option<Arc<crate::outbound::Detector>>,
+    /// Outbound DKIM signing, for releases of submission entries (`[[dkim.sign]]`).
+    pub signer: Option<Arc<crate::signing::Signer>>,
 }

@@ -275,6 +275,12 @@ fn release_all(
         Ok(h) => h,
         Err(e) => return fail(e),
     };
+    // A submission entry is released signed, as the proxy would have sent it: a key
+    // this user cannot read stops the release rather than sending it unsigned.
+    let signer = match crate::signing::Signer::from_config(&config.dkim) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -293,8 +299,11 @@ fn release_all(
                     &id,
                     to,
                     force,
-                    config.authserv_id(),
-                    &config.auth.verdict_header,
+                    crate::quarantine::release::Outgoing {
+                        authserv_id: config.authserv_id(),
+                        verdict_header: &config.auth.verdict_header,
+                        signer: signer.as_deref(),
+                    },
                 ))
                 .map(|reply| format!("{id}: released ({reply})")),
             Err(e) => Err(ReleaseError::Store(e)),

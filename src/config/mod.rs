@@ -6,6 +6,7 @@
 
 pub mod defaults;
 pub mod dmarc_reports;
+pub mod dkim_sign;
 mod duration;
 
 use std::net::SocketAddr;
@@ -52,6 +53,9 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub dmarc_reports: dmarc_reports::DmarcReportsConfig,
+    /// `[[dkim.sign]]`: outbound DKIM signing keys (src/config/dkim_sign.rs).
+    #[serde(default)]
+    pub dkim: dkim_sign::DkimConfig,
 }
 
 /// What a configuration is loaded for: the proxy needs listeners; the offline commands
@@ -712,6 +716,9 @@ impl Config {
         fix(&mut self.outbound.freeze_file);
         fix(&mut self.outbound.command_dir);
         fix(&mut self.dmarc_reports.db);
+        for s in &mut self.dkim.sign {
+            fix(&mut s.key_file);
+        }
     }
 
     /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
@@ -725,6 +732,8 @@ impl Config {
         if purpose == Purpose::Offline {
             return Ok(());
         }
+        // Keys are read at start (and by check-config), not at the first message.
+        self.dkim.validate()?;
         if self.listeners.is_empty() {
             return err(
                 "",

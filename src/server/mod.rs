@@ -61,6 +61,7 @@ impl Server {
     ) -> Result<Server, String> {
         preflight(&config)?;
         let next_hops = Arc::new(NextHops::from_config(&config)?);
+        let signer = crate::signing::Signer::from_config(&config.dkim)?;
         let has_submission = config
             .listeners
             .iter()
@@ -123,6 +124,7 @@ impl Server {
                 inspector: inspector.clone(),
                 next_hops: next_hops.clone(),
                 detector: outbound.clone(),
+                signer: signer.clone(),
             };
             // Bound before anything is served: a bad token file or a busy port stops the start.
             Some(crate::admin::http::bind(state, shutdown.clone()).await?)
@@ -140,6 +142,7 @@ impl Server {
                 outbound,
                 shutdown,
                 dmarc_reports,
+                signer,
             }),
             grace,
         })

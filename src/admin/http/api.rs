@@ -383,8 +383,11 @@ pub async fn release(
         &id,
         &body.to,
         body.force,
-        config.authserv_id(),
-        &config.auth.verdict_header,
+        crate::quarantine::release::Outgoing {
+            authserv_id: config.authserv_id(),
+            verdict_header: &config.auth.verdict_header,
+            signer: app.state.signer.as_deref(),
+        },
     )
     .await;
     let outcome = match &result {
