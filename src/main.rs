@@ -35,8 +35,20 @@ enum Command {
         #[arg(long)]
         log_format: Option<LogFormatArg>,
     },
-    /// Validate a configuration file and exit (0: valid).
+    /// Validate a configuration file and exit (0: valid); the old name of `config check`.
     CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// The configuration: check it, show what is in effect.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Ask the running proxy (`[process] pid_file`) to reload its configuration, and
+    /// report the outcome (0 reloaded, 1 failed: running configuration kept, 2 reloaded
+    /// but some changes need a restart, 3 no answer).
+    Reload {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -88,32 +100,38 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and exit (0: valid).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the configuration in effect: every key, defaults included, as TOML.
+    Show {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only the keys the file sets to something else than the default.
+        #[arg(long)]
+        non_default: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, log_format } => run(config, log_format),
-        Command::CheckConfig { config } => {
-            // The same checks `run` makes before serving (certificates, policy file,
-            // admin token file and mode), so `ok` here means `run` starts.
-            let checked = Config::load(&config)
-                .map_err(|e| e.to_string())
-                .and_then(|c| mailwarden::server::preflight(&c))
-                .map(|warnings| {
-                    for w in &warnings {
-                        eprintln!("warning: {w}");
-                    }
-                });
-            match checked {
-                Ok(()) => {
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::CheckConfig { config }
+        | Command::Config {
+            command: ConfigCommand::Check { config },
+        } => mailwarden::admin::config_cli::check(&config),
+        Command::Config {
+            command: ConfigCommand::Show {
+                config,
+                non_default,
+            },
+        } => mailwarden::admin::config_cli::show(&config, non_default),
+        Command::Reload { config } => mailwarden::admin::reload_cli::run(&config),
         Command::Check {
             config,
             ip,
@@ -182,15 +200,14 @@ fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
             tracing::error!(error = %e, "cannot install signal handlers");
             return ExitCode::from(1);
         }
-        let server = match Server::bind(config, token).await {
+        let server = match Server::bind_reloadable(config, &path, token).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, config = %path.display(), "cannot start");
                 return ExitCode::from(1);
             }
         };
-        let inspector = server.inspector();
-        if let Err(e) = shutdown::on_reload(move || inspector.reload()) {
+        if let Err(e) = shutdown::on_reload(server.live()) {
             tracing::error!(error = %e, "cannot install the SIGHUP handler");
             return ExitCode::from(1);
         }

@@ -2,8 +2,10 @@
 //! the admin HTTP API shares with the running proxy.
 
 pub mod accounts_cli;
+pub mod config_cli;
 pub mod http;
 pub mod quarantine_cli;
+pub mod reload_cli;
 
 use std::sync::Arc;
 

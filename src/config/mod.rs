@@ -6,6 +6,8 @@
 
 pub mod defaults;
 mod duration;
+pub mod process;
+pub mod show;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,10 +16,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use defaults::*;
-pub use duration::parse_duration;
+pub use duration::{format_duration, parse_duration};
 
 /// The whole running configuration, validated.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Our name: greeting, EHLO towards the next hop, `Received:` by-clause.
@@ -49,6 +51,9 @@ pub struct Config {
     pub outbound: crate::outbound::OutboundConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[process]`: the pid file `mailwarden reload` signals.
+    #[serde(default)]
+    pub process: process::ProcessConfig,
 }
 
 /// What a configuration is loaded for: the proxy needs listeners; the offline commands
@@ -64,7 +69,7 @@ fn default_hostname() -> String {
 }
 
 /// What a listener is for: it decides which recipients a session may name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Mail from the internet: recipients must be in `local_domains` (no open relay).
@@ -73,7 +78,7 @@ pub enum Role {
     Submission,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
@@ -127,7 +132,7 @@ impl ListenerConfig {
 /// How bare LF line endings inside message content are handled. Either way only
 /// `<CRLF>.<CRLF>` ends the data and the next hop receives canonical CRLF lines, so
 /// SMTP smuggling (a second message hidden behind `<LF>.<LF>`) is impossible.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BareLf {
     /// Treat a bare LF as CRLF (Postfix 3.9 `smtpd_forbid_bare_newline = normalize`).
@@ -137,7 +142,7 @@ pub enum BareLf {
 }
 
 /// Session limits; every field is a client-controlled quantity that must be bounded.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_command_line: usize,
@@ -179,7 +184,7 @@ impl Default for Limits {
 }
 
 /// STARTTLS towards the next hop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayTls {
     Off,
@@ -190,7 +195,7 @@ pub enum RelayTls {
 }
 
 /// XCLIENT towards the next hop (Postfix `smtpd_authorized_xclient_hosts`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XclientMode {
     /// Never relay through a next hop that does not offer XCLIENT: without it the MTA sees
@@ -201,7 +206,7 @@ pub enum XclientMode {
     Off,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NextHopConfig {
     /// `smtp://HOST:PORT` or `maildir:PATH`.
@@ -282,6 +287,24 @@ pub struct NextHops {
     pub named: std::collections::BTreeMap<String, NextHopConfig>,
 }
 
+/// Written back as it is read: `[next_hop]`'s own keys, then each named section.
+impl serde::Serialize for NextHops {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Flat<'a> {
+            #[serde(flatten)]
+            default: &'a NextHopConfig,
+            #[serde(flatten)]
+            named: &'a std::collections::BTreeMap<String, NextHopConfig>,
+        }
+        Flat {
+            default: &self.default,
+            named: &self.named,
+        }
+        .serialize(s)
+    }
+}
+
 impl<'de> Deserialize<'de> for NextHops {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
@@ -359,7 +382,7 @@ impl NextHopAddress {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     #[serde(with = "duration")]
@@ -374,7 +397,7 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Resolvers as `IP:PORT`; empty means the system resolver (`/etc/resolv.conf`).
@@ -399,7 +422,7 @@ impl Default for DnsConfig {
 }
 
 /// Sender authentication settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Verify sender authentication and apply the policy. Off: every message is relayed
@@ -477,7 +500,7 @@ impl Default for AuthConfig {
 }
 
 /// Spoofing heuristics beyond DMARC.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoofSettings {
     /// Domains whose name must not be used from outside; empty means `local_domains`.
@@ -499,7 +522,7 @@ impl Default for SpoofSettings {
 }
 
 /// The admin HTTP API and web page.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Off unless configured.
@@ -531,7 +554,7 @@ impl Default for AdminConfig {
 }
 
 /// Where quarantined messages are kept, and for how long.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuarantineConfig {
     pub dir: PathBuf,
@@ -571,7 +594,7 @@ impl QuarantineConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -579,7 +602,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// A `tracing` filter: `info`, `debug`, `mailwarden=debug,info`...
@@ -708,6 +731,7 @@ impl Config {
         fix(&mut self.outbound.state_file);
         fix(&mut self.outbound.freeze_file);
         fix(&mut self.outbound.command_dir);
+        fix_opt(&mut self.process.pid_file);
     }
 
     /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
