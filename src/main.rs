@@ -126,10 +126,11 @@ fn main() -> ExitCode {
             command: ConfigCommand::Check { config },
         } => mailwarden::admin::config_cli::check(&config),
         Command::Config {
-            command: ConfigCommand::Show {
-                config,
-                non_default,
-            },
+            command:
+                ConfigCommand::Show {
+                    config,
+                    non_default,
+                },
         } => mailwarden::admin::config_cli::show(&config, non_default),
         Command::Reload { config } => mailwarden::admin::reload_cli::run(&config),
         Command::Check {

@@ -181,10 +181,13 @@ fn literal(v: &Value) -> String {
 /// A bare key when TOML allows one, else a quoted key.
 fn key(k: &str) -> String {
     let bare = !k.is_empty()
-        && k
-            .chars()
+        && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if bare { k.to_string() } else { format!("{k:?}") }
+    if bare {
+        k.to_string()
+    } else {
+        format!("{k:?}")
+    }
 }
 
 fn dotted(path: &[String]) -> String {

@@ -219,10 +219,7 @@ impl Server {
             grace_s = grace.as_secs(),
             "shutting down: no longer accepting"
         );
-        if tokio::time::timeout(grace, tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
                 sessions = tracker.len(),
                 "grace period over: closing remaining sessions"

@@ -64,7 +64,11 @@ pub struct Live {
 }
 
 impl Live {
-    pub(super) fn new(first: Generation, bound: Vec<ListenerConfig>, path: Option<PathBuf>) -> Live {
+    pub(super) fn new(
+        first: Generation,
+        bound: Vec<ListenerConfig>,
+        path: Option<PathBuf>,
+    ) -> Live {
         let status = first
             .shared
             .config
@@ -227,9 +231,7 @@ impl Live {
             }
         }
 
-        let has_submission = listeners
-            .iter()
-            .any(|l| l.config.role == Role::Submission);
+        let has_submission = listeners.iter().any(|l| l.config.role == Role::Submission);
         let wants_quarantine = new.auth.enabled || (new.outbound.enabled && has_submission);
         if wants_quarantine && old.shared.quarantine.is_none() {
             restart_needed.push(
@@ -248,7 +250,9 @@ impl Live {
                 if let Some(d) = running {
                     d.snapshot().await;
                 }
-                Some(Arc::new(crate::outbound::Detector::new(&new.outbound).await?))
+                Some(Arc::new(
+                    crate::outbound::Detector::new(&new.outbound).await?,
+                ))
             }
         };
 
@@ -331,7 +335,11 @@ fn restart_only_changes(before: &Config, after: &Config) -> Vec<String> {
         format!("{:?}", before.admin),
         format!("{:?}", after.admin),
     );
-    check("log", format!("{:?}", before.log), format!("{:?}", after.log));
+    check(
+        "log",
+        format!("{:?}", before.log),
+        format!("{:?}", after.log),
+    );
     check(
         "process",
         format!("{:?}", before.process),
