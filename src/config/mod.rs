@@ -408,6 +408,13 @@ pub struct DnsConfig {
     pub attempts: usize,
     /// Cached answers (bounded; TTLs respected).
     pub cache_entries: u64,
+    /// Local zone files (RFC 1035 master format subset, see `auth::zones`), answered
+    /// before the resolver for the names under their `$ORIGIN`s; relative to the config
+    /// file. Default: none.
+    pub zone_files: Vec<PathBuf>,
+    /// Answer from `zone_files` only: every other name is "no such name", and nothing is
+    /// asked of any DNS server. Default `false`.
+    pub only_zone_files: bool,
 }
 
 impl Default for DnsConfig {
@@ -417,6 +424,8 @@ impl Default for DnsConfig {
             timeout_ms: DEFAULT_DNS_TIMEOUT_MS,
             attempts: DEFAULT_DNS_ATTEMPTS,
             cache_entries: DEFAULT_DNS_CACHE_ENTRIES,
+            zone_files: Vec::new(),
+            only_zone_files: false,
         }
     }
 }
@@ -732,6 +741,7 @@ impl Config {
         fix(&mut self.outbound.freeze_file);
         fix(&mut self.outbound.command_dir);
         fix_opt(&mut self.process.pid_file);
+        self.dns.zone_files.iter_mut().for_each(fix);
     }
 
     /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
@@ -938,6 +948,13 @@ impl Config {
                 "dns",
                 "timeout_ms",
                 "timeout_ms and attempts must be at least 1".into(),
+            );
+        }
+        if self.dns.only_zone_files && self.dns.zone_files.is_empty() {
+            return err(
+                "dns",
+                "only_zone_files",
+                "needs zone_files (without any, every lookup would find nothing)".into(),
             );
         }
         if self.auth.max_dns_lookups == 0 {

@@ -247,6 +247,10 @@ pub fn preflight(config: &Config) -> Result<Vec<String>, String> {
                 .map_err(|e| format!("listener[{i}] ({}): tls: {e}", l.address))?;
         }
     }
+    if !config.dns.zone_files.is_empty() {
+        crate::auth::zones::ZoneSet::load(&config.dns.zone_files)
+            .map_err(|e| format!("[dns] zone_files: {e}"))?;
+    }
     let mut warnings = Vec::new();
     if let Some(path) = config.policy_file() {
         warnings = crate::policy::rules::Policy::load(path)

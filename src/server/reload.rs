@@ -260,7 +260,10 @@ impl Live {
         // policy file (its DNS caches stay warm, and the admin API, which holds it,
         // reports the new version). Otherwise a new engine: new resolver, local domains,
         // spoof settings.
-        let engine_same = engine_settings(before) == engine_settings(&new);
+        // Zone files are re-read on every reload: their content may have changed while
+        // the configuration did not.
+        let engine_same =
+            engine_settings(before) == engine_settings(&new) && new.dns.zone_files.is_empty();
         let replacement: Option<Arc<dyn Inspector>> = match (new.auth.enabled, engine_same) {
             (false, _) if !before.auth.enabled => None,
             (false, _) => Some(Arc::new(AcceptAll)),
