@@ -331,7 +331,11 @@ impl Verifier {
 
     /// Answers from local zone files first (`[dns] zone_files`); with `only`, from them
     /// alone.
-    pub fn with_zones(mut self, zones: Option<std::sync::Arc<zones::ZoneSet>>, only: bool) -> Verifier {
+    pub fn with_zones(
+        mut self,
+        zones: Option<std::sync::Arc<zones::ZoneSet>>,
+        only: bool,
+    ) -> Verifier {
         self.resolver = zones::Resolver::new(self.authenticator.0.clone(), zones, only);
         self
     }

@@ -94,11 +94,7 @@ pub struct SpfRequest<'a> {
 }
 
 /// Evaluates the SPF record of `req.domain` for `req.ip` (RFC 7208 §4).
-pub async fn check_host(
-    resolver: &Resolver,
-    cache: &SpfCache,
-    req: &SpfRequest<'_>,
-) -> AuthResult {
+pub async fn check_host(resolver: &Resolver, cache: &SpfCache, req: &SpfRequest<'_>) -> AuthResult {
     let (local, sender_domain) = match req.sender.rsplit_once('@') {
         // §4.3: a sender without a local-part is postmaster@domain.
         Some(("", d)) => ("postmaster", d),

@@ -135,8 +135,8 @@ impl ZoneSet {
         if found.is_empty() {
             // NODATA when the name owns other records or names below it (an empty
             // non-terminal such as `_domainkey.example.com`), else NXDOMAIN.
-            let exists = self.records.contains_key(&name)
-                || self.records.keys().any(|n| name.zone_of(n));
+            let exists =
+                self.records.contains_key(&name) || self.records.keys().any(|n| name.zone_of(n));
             return Some(Err(no_records(query, exists)));
         }
         let ttl = found.iter().map(|r| r.ttl).min().unwrap_or(0);
@@ -184,11 +184,7 @@ impl Resolver {
 
     /// hickory's `Resolver::lookup`, answered from the zone files when they are
     /// authoritative for the name.
-    pub async fn lookup(
-        &self,
-        name: impl IntoName,
-        rtype: RecordType,
-    ) -> Result<Lookup, NetError> {
+    pub async fn lookup(&self, name: impl IntoName, rtype: RecordType) -> Result<Lookup, NetError> {
         let name = name.into_name()?;
         if let Some(zones) = &self.zones
             && let Some(answer) = zones.answer(&name, rtype)
@@ -239,7 +235,9 @@ fn entries(text: &str) -> Result<Vec<Entry>, (usize, String)> {
                     pos += 1;
                 }
                 b')' => {
-                    depth = depth.checked_sub(1).ok_or((n, "unbalanced `)`".to_string()))?;
+                    depth = depth
+                        .checked_sub(1)
+                        .ok_or((n, "unbalanced `)`".to_string()))?;
                     pos += 1;
                 }
                 b'"' => {
@@ -316,11 +314,18 @@ struct Parser {
 
 impl Parser {
     /// One entry: a directive (None) or a record (None for ignored SOA/NS).
-    fn entry(&mut self, tokens: &[Token], origins: &mut Vec<Name>) -> Result<Option<Record>, String> {
+    fn entry(
+        &mut self,
+        tokens: &[Token],
+        origins: &mut Vec<Name>,
+    ) -> Result<Option<Record>, String> {
         let word = |t: &Token| String::from_utf8_lossy(&t.text).into_owned();
         let first = word(&tokens[0]);
         if !tokens[0].quoted && first.starts_with('$') {
-            let arg = tokens.get(1).map(word).ok_or(format!("{first} needs a value"))?;
+            let arg = tokens
+                .get(1)
+                .map(word)
+                .ok_or(format!("{first} needs a value"))?;
             match first.to_ascii_uppercase().as_str() {
                 "$ORIGIN" => {
                     let origin = self.name(&arg)?;
@@ -366,9 +371,11 @@ impl Parser {
             "A" => RData::A(A(one(data, &rtype)?
                 .parse::<Ipv4Addr>()
                 .map_err(|e| format!("A: {e}"))?)),
-            "AAAA" => RData::AAAA(AAAA(one(data, &rtype)?
-                .parse::<Ipv6Addr>()
-                .map_err(|e| format!("AAAA: {e}"))?)),
+            "AAAA" => RData::AAAA(AAAA(
+                one(data, &rtype)?
+                    .parse::<Ipv6Addr>()
+                    .map_err(|e| format!("AAAA: {e}"))?,
+            )),
             "MX" => {
                 let [pref, host] = data else {
                     return Err("MX needs a preference and a host".into());
@@ -388,7 +395,9 @@ impl Parser {
                         long.text.len()
                     ));
                 }
-                RData::TXT(TXT::from_bytes(data.iter().map(|t| t.text.as_slice()).collect()))
+                RData::TXT(TXT::from_bytes(
+                    data.iter().map(|t| t.text.as_slice()).collect(),
+                ))
             }
             "SOA" | "NS" => return Ok(None),
             other => {
@@ -428,7 +437,10 @@ fn ttl(text: &str) -> Option<u32> {
     if text.is_empty() || !text.as_bytes()[0].is_ascii_digit() {
         return None;
     }
-    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let (num, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
     let n: u32 = num.parse().ok()?;
     let mult = match unit.to_ascii_lowercase().as_str() {
         "" | "s" => 1,
@@ -514,9 +526,15 @@ other.net.  IN  A    198.51.100.1
             }
             other => panic!("{other:?}"),
         }
-        let a = ask(&s, "mail.example.com.", RecordType::A).unwrap().unwrap();
+        let a = ask(&s, "mail.example.com.", RecordType::A)
+            .unwrap()
+            .unwrap();
         assert_eq!(a.answers()[0].ttl, 60);
-        assert!(ask(&s, "mail.example.com.", RecordType::AAAA).unwrap().is_ok());
+        assert!(
+            ask(&s, "mail.example.com.", RecordType::AAAA)
+                .unwrap()
+                .is_ok()
+        );
     }
 
     #[test]
@@ -543,9 +561,18 @@ other.net.  IN  A    198.51.100.1
             None => None,
         };
         // Owns other types; an empty non-terminal; a name that does not exist.
-        assert_eq!(code("mail.example.com.", RecordType::TXT), Some(ResponseCode::NoError));
-        assert_eq!(code("_domainkey.example.com.", RecordType::TXT), Some(ResponseCode::NoError));
-        assert_eq!(code("nope.example.com.", RecordType::A), Some(ResponseCode::NXDomain));
+        assert_eq!(
+            code("mail.example.com.", RecordType::TXT),
+            Some(ResponseCode::NoError)
+        );
+        assert_eq!(
+            code("_domainkey.example.com.", RecordType::TXT),
+            Some(ResponseCode::NoError)
+        );
+        assert_eq!(
+            code("nope.example.com.", RecordType::A),
+            Some(ResponseCode::NXDomain)
+        );
         // Outside every origin (even a name the file holds): the resolver's.
         assert_eq!(code("example.org.", RecordType::TXT), None);
         assert_eq!(code("other.net.", RecordType::A), None);
@@ -555,8 +582,16 @@ other.net.  IN  A    198.51.100.1
     #[test]
     fn errors_name_the_line() {
         let cases = [
-            ("$ORIGIN a.test.\nx IN CNAME y\n", 2, "CNAME is not supported"),
-            ("$ORIGIN a.test.\n$INCLUDE other\n", 2, "$INCLUDE is not supported"),
+            (
+                "$ORIGIN a.test.\nx IN CNAME y\n",
+                2,
+                "CNAME is not supported",
+            ),
+            (
+                "$ORIGIN a.test.\n$INCLUDE other\n",
+                2,
+                "$INCLUDE is not supported",
+            ),
             ("x IN A 192.0.2.1\n", 1, "before any $ORIGIN"),
             ("$ORIGIN a.test.\n\nx IN A 300.0.0.1\n", 3, "A:"),
             ("$ORIGIN a.test.\nx IN TXT \"open\n", 2, "not closed"),
@@ -569,7 +604,10 @@ other.net.  IN  A    198.51.100.1
                 .add(Path::new("z.zone"), text)
                 .expect_err(text);
             assert_eq!(e.line, line, "{text:?}: {e}");
-            assert!(e.to_string().starts_with(&format!("z.zone:{line}: ")), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("z.zone:{line}: ")),
+                "{e}"
+            );
             assert!(e.reason.contains(what), "{text:?}: {e}");
         }
         let long = format!("$ORIGIN a.test.\nx IN TXT \"{}\"\n", "k".repeat(256));
@@ -590,7 +628,12 @@ other.net.  IN  A    198.51.100.1
         let upstream = crate::auth::dns::authenticator(&cfg).unwrap().0;
         let zones = Some(Arc::new(set()));
         let local_first = Resolver::new(upstream.clone(), zones.clone(), false);
-        assert!(local_first.lookup("mail.example.com.", RecordType::A).await.is_ok());
+        assert!(
+            local_first
+                .lookup("mail.example.com.", RecordType::A)
+                .await
+                .is_ok()
+        );
         // Outside the zones: the upstream is asked (and here fails: not NoRecords).
         let e = local_first
             .lookup("example.org.", RecordType::TXT)
@@ -598,7 +641,10 @@ other.net.  IN  A    198.51.100.1
             .unwrap_err();
         assert!(!e.is_no_records_found(), "{e:?}");
         let only = Resolver::new(upstream, zones, true);
-        let e = only.lookup("example.org.", RecordType::TXT).await.unwrap_err();
+        let e = only
+            .lookup("example.org.", RecordType::TXT)
+            .await
+            .unwrap_err();
         assert!(e.is_no_records_found(), "{e:?}");
     }
 }

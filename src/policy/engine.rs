@@ -104,8 +104,12 @@ fn local_zones(
     }
     let zones = crate::auth::zones::ZoneSet::load(&dns.zone_files)
         .map_err(|e| format!("[dns] zone_files: {e}"))?;
-    tracing::info!(files = dns.zone_files.len(), names = zones.names(),
-        only = dns.only_zone_files, "DNS: local zone files answer first");
+    tracing::info!(
+        files = dns.zone_files.len(),
+        names = zones.names(),
+        only = dns.only_zone_files,
+        "DNS: local zone files answer first"
+    );
     Ok(Some(Arc::new(zones)))
 }
 
