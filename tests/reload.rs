@@ -105,8 +105,7 @@ async fn presented_certificate(addr: std::net::SocketAddr) -> Vec<u8> {
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .expect("TLS handshake");
-    let der = tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec();
-    der
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
 }
 
 fn cert_der(path: &Path) -> Vec<u8> {

@@ -640,6 +640,21 @@ other.net.  IN  A    198.51.100.1
             .await
             .unwrap_err();
         assert!(!e.is_no_records_found(), "{e:?}");
+        // With only_zone_files the system configuration is not even read.
+        let none = crate::config::DnsConfig {
+            only_zone_files: true,
+            zone_files: vec!["demo.zone".into()],
+            ..Default::default()
+        };
+        assert!(none.nameservers.is_empty());
+        let offline = crate::auth::dns::authenticator(&none).unwrap().0;
+        let offline = Resolver::new(offline, zones.clone(), true);
+        assert!(
+            offline
+                .lookup("mail.example.com.", RecordType::A)
+                .await
+                .is_ok()
+        );
         let only = Resolver::new(upstream, zones, true);
         let e = only
             .lookup("example.org.", RecordType::TXT)

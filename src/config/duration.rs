@@ -43,12 +43,12 @@ pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 /// `d` as `<integer><unit>`, in the largest of d, h, m, s, ms that is exact.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 || ms == 0 {
+    if !ms.is_multiple_of(1000) || ms == 0 {
         return format!("{ms}ms");
     }
     let secs = ms / 1000;
     for (unit, len) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if secs % len == 0 {
+        if secs.is_multiple_of(len) {
             return format!("{}{unit}", secs / len);
         }
     }

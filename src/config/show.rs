@@ -156,14 +156,14 @@ fn render_table(out: &mut String, path: &[String], map: &Map<String, Value>) {
     }
     for (k, v) in map {
         if let Value::Object(m) = v {
-            let p = [path, &[k.clone()]].concat();
+            let p = [path, std::slice::from_ref(k)].concat();
             let _ = writeln!(out, "\n[{}]", dotted(&p));
             render_table(out, &p, m);
         }
     }
     for (k, v) in map {
         if let (true, Value::Array(items)) = (is_table_array(v), v) {
-            let p = [path, &[k.clone()]].concat();
+            let p = [path, std::slice::from_ref(k)].concat();
             for item in items {
                 let _ = writeln!(out, "\n[[{}]]", dotted(&p));
                 render_table(out, &p, as_map(item));
