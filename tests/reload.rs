@@ -417,3 +417,57 @@ async fn a_new_listener_address_is_reported_as_needing_a_restart() {
     })
     .await;
 }
+
+/// `[outbound]` limits reloaded: the new limit applies at once, and the counts made under
+/// the old detector carry over (a limit tightened in the middle of an incident must not
+/// hand the attacker a fresh window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_limits_reload_and_the_counts_carry_over() {
+    bounded(async {
+        let mta = FakeMta::start(Script::default()).await;
+        let outbound = |limit: u32| {
+            format!(
+                "[outbound]\ntrusted_networks = [\"127.0.0.0/8\"]\naction = \"defer\"\n\
+                 windows = [{{window = \"1h\", messages = {limit}}}]\n\
+                 [outbound.adaptive]\nenabled = false\n\
+                 [outbound.from]\nallow = \"any\"\n"
+            )
+        };
+        let mut opts = ProxyOptions::smtp(mta.addr);
+        opts.trusted_loopback = false;
+        opts.extra_toml = vec![
+            outbound(5),
+            "[process]\npid_file = \"mailwarden.pid\"".into(),
+        ];
+        let proxy = Proxy::start(opts).await;
+        let send = |n: usize| {
+            let proxy = &proxy;
+            async move {
+                let mut c = proxy.connect_ehlo("app.test").await;
+                c.send_mail(
+                    "app@example.org",
+                    &["someone@example.net"],
+                    &message_of(500, &format!("m{n}")),
+                )
+                .await
+            }
+        };
+        for n in 1..=3 {
+            assert_reply(&send(n).await, "250", "under the first limit");
+        }
+        let text = proxy.config_text.replace("messages = 5}", "messages = 4}");
+        assert_ne!(text, proxy.config_text);
+        std::fs::write(&proxy.config_path, text).unwrap();
+        let (code, out, err) = reload_cli(&proxy.config_path);
+        assert_eq!(code, 0, "{out}{err}\n{}", proxy.log());
+        assert_reply(&send(4).await, "250", "the 4th of at most 4");
+        let fifth = send(5).await;
+        assert_reply(
+            &fifth,
+            "451",
+            "the 5th: over the reloaded limit, counts kept",
+        );
+        assert_eq!(mta.accepted().len(), 4);
+    })
+    .await;
+}
