@@ -208,10 +208,6 @@ fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        if let Err(e) = shutdown::on_reload(server.live()) {
-            tracing::error!(error = %e, "cannot install the SIGHUP handler");
-            return ExitCode::from(1);
-        }
         let left = server.run().await;
         tracing::info!(unfinished_sessions = left, "stopped");
         ExitCode::SUCCESS

@@ -55,7 +55,7 @@ impl Server {
     }
 
     /// [`Server::bind`], remembering `path` so that [`reload::Live::reload`] can read it
-    /// again (SIGHUP).
+    /// again, with the SIGHUP handler installed and then `[process] pid_file` written.
     pub async fn bind_reloadable(
         config: Config,
         path: &std::path::Path,
@@ -64,7 +64,11 @@ impl Server {
         let mut server = Self::bind(config, shutdown).await?;
         let live = Arc::get_mut(&mut server.live).ok_or("the server is already shared")?;
         live.set_path(path.to_path_buf());
-        live.write_pid_file()?;
+        // SIGHUP is handled before the pid file exists: a `mailwarden reload` right
+        // after the start must not meet SIGHUP's default action (terminate).
+        shutdown::on_reload(server.live())
+            .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
+        server.live.write_pid_file()?;
         Ok(server)
     }
 
