@@ -80,6 +80,11 @@ pub struct Metrics {
     /// AUTH refused because the next hop is neither loopback nor reached over verified
     /// TLS (or its certificate failed verification): credentials were not sent.
     pub auth_relay_insecure: Counter,
+    /// DMARC aggregate reports by outcome: `sent`, `failed` (given up), `deferred`
+    /// (will be retried), `undeliverable` (no verified rua, or all over their size).
+    pub dmarc_reports: Family<Labels, Counter>,
+    /// DMARC evaluations not recorded because the recording queue was full.
+    pub dmarc_records_dropped: Counter,
 }
 
 impl Metrics {
@@ -117,6 +122,8 @@ impl Metrics {
             relay_without_xclient: Counter::default(),
             relay_unsafe_next_hop: Counter::default(),
             auth_relay_insecure: Counter::default(),
+            dmarc_reports: Family::default(),
+            dmarc_records_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -186,6 +193,16 @@ impl Metrics {
             "relay_without_xclient",
             "Next-hop connections used without XCLIENT (xclient = auto)",
             m.relay_without_xclient.clone(),
+        );
+        registry.register(
+            "dmarc_reports",
+            "DMARC aggregate reports by outcome (sent, deferred, failed, undeliverable)",
+            m.dmarc_reports.clone(),
+        );
+        registry.register(
+            "dmarc_records_dropped",
+            "DMARC evaluations not recorded for reports (recording queue full)",
+            m.dmarc_records_dropped.clone(),
         );
         registry.register(
             "relay_unsafe_next_hop",

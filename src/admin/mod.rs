@@ -3,6 +3,7 @@
 
 pub mod accounts_cli;
 pub mod config_cli;
+pub mod dmarc_reports_cli;
 pub mod http;
 pub mod quarantine_cli;
 pub mod reload_cli;

@@ -175,6 +175,17 @@ pub struct DmarcCheck {
     /// Why the result or the policy is what it is, when not obvious.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For aggregate reports (`policy_evaluated`): whether SPF, and a DKIM signature,
+    /// gave an aligned pass. Not in the JSON output: `result` already says it.
+    #[serde(skip)]
+    pub spf_aligned: bool,
+    #[serde(skip)]
+    pub dkim_aligned: bool,
+    /// The record the policy came from, and where it was found (`policy_published`).
+    #[serde(skip)]
+    pub record: Option<std::sync::Arc<dmarc::Record>>,
+    #[serde(skip)]
+    pub record_domain: Option<String>,
 }
 
 impl DmarcCheck {
@@ -191,6 +202,10 @@ impl DmarcCheck {
             testing: false,
             arc_override: None,
             reason: None,
+            spf_aligned: false,
+            dkim_aligned: false,
+            record: None,
+            record_domain: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! and every error names the file, the line and the key.
 
 pub mod defaults;
+pub mod dmarc_reports;
 mod duration;
 pub mod process;
 pub mod show;
@@ -51,6 +52,8 @@ pub struct Config {
     pub outbound: crate::outbound::OutboundConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub dmarc_reports: dmarc_reports::DmarcReportsConfig,
     /// `[process]`: the pid file `mailwarden reload` signals.
     #[serde(default)]
     pub process: process::ProcessConfig,
@@ -740,6 +743,7 @@ impl Config {
         fix(&mut self.outbound.state_file);
         fix(&mut self.outbound.freeze_file);
         fix(&mut self.outbound.command_dir);
+        fix(&mut self.dmarc_reports.db);
         fix_opt(&mut self.process.pid_file);
         self.dns.zone_files.iter_mut().for_each(fix);
     }
@@ -749,6 +753,9 @@ impl Config {
     fn validate(&self, purpose: Purpose) -> Result<(), (String, String, String)> {
         let err = |t: &str, k: &str, r: String| Err((t.to_string(), k.to_string(), r));
         self.validate_checks()?;
+        self.dmarc_reports
+            .validate(self.auth.enabled)
+            .map_err(|(k, r)| ("dmarc_reports".to_string(), k, r))?;
         if purpose == Purpose::Offline {
             return Ok(());
         }

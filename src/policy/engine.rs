@@ -363,6 +363,8 @@ impl Enforcer {
             reasons: verdict.reasons(),
             flags: verdict.flag_names(),
             authentication_results: verdict.authentication_results.clone(),
+            // Filled by `inspect`, which owns the verdict and moves the report in.
+            auth: None,
         }
     }
 }
@@ -549,7 +551,10 @@ impl Inspector for Enforcer {
                 auth = %verdict.authentication_results.as_deref().unwrap_or("-"),
                 "verdict"
             );
-            self.decision(&verdict, ctx.message, &fields)
+            let mut decision = self.decision(&verdict, ctx.message, &fields);
+            // Moved, not cloned: DMARC aggregate reports read it after the relay.
+            decision.auth = verdict.report.map(std::sync::Arc::new);
+            decision
         })
     }
 

@@ -131,6 +131,7 @@ impl Server {
                     "xclient = \"off\": the next hop sees our address, not the client's; make sure it does not trust it (mynetworks)");
             }
         }
+        let dmarc_reports = dmarc_recorder(&config)?;
         let config = Arc::new(config);
         let admin = if config.admin.enabled {
             let state = crate::admin::AdminState {
@@ -154,6 +155,7 @@ impl Server {
                 quarantine,
                 outbound,
                 shutdown,
+                dmarc_reports,
             }),
             listeners: settings,
             limits,
@@ -205,6 +207,18 @@ impl Server {
         // The detector's housekeeping writes a last snapshot when shutdown starts: wait
         // for it below so the counters survive the restart.
         self.live.start_outbound_tasks(&shutdown);
+        if first.shared.dmarc_reports.is_some() {
+            match crate::dmarc_reports::period::Outbox::from_config(&first.shared.config) {
+                Ok(outbox) => {
+                    tokio::spawn(crate::dmarc_reports::period::run(
+                        first.shared.config.clone(),
+                        outbox,
+                        shutdown.clone(),
+                    ));
+                }
+                Err(e) => tracing::error!(error = %e, "DMARC reports: cannot send reports"),
+            }
+        }
         if let Some(store) = first.shared.quarantine.clone() {
             let retention = first.shared.config.quarantine.retention;
             tokio::spawn(apply_retention(store, retention, shutdown.clone()));
@@ -358,6 +372,21 @@ fn listen(addr: SocketAddr, max_sessions: usize) -> std::io::Result<TcpListener>
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(u32::try_from(max_sessions.max(1024)).unwrap_or(u32::MAX))
+}
+
+/// The recorder of DMARC evaluations, when reports are on and checks run. The store is
+/// opened here, so a bad `[dmarc_reports] db` stops the start.
+fn dmarc_recorder(config: &Config) -> Result<Option<Arc<crate::dmarc_reports::Recorder>>, String> {
+    let cfg = &config.dmarc_reports;
+    if !cfg.enabled || !config.auth.enabled {
+        return Ok(None);
+    }
+    let store = crate::dmarc_reports::SqliteStore::open(&cfg.db)
+        .map_err(|e| format!("[dmarc_reports] db {}: {e}", cfg.db.display()))?;
+    let recorder =
+        crate::dmarc_reports::Recorder::start(Box::new(store), cfg.queue, cfg.opt_out.clone())
+            .map_err(|e| format!("[dmarc_reports]: cannot start the recorder: {e}"))?;
+    Ok(Some(Arc::new(recorder)))
 }
 
 async fn accept_loop(

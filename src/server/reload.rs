@@ -15,7 +15,7 @@
 //!
 //! What a reload cannot change is reported as needing a restart and left as it was:
 //! the listening sockets (an address added or removed), the quarantine store, the admin
-//! API, logging and the pid file.
+//! API, DMARC report recording and sending, logging and the pid file.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -148,9 +148,11 @@ impl Live {
     /// goes to the log and to the reload status file.
     pub async fn reload(&self) -> Result<Outcome, String> {
         let _one = self.reloading.lock().await;
-        // sd_notify RELOADING (h-package: RELOADING=1 and MONOTONIC_USEC here)
+        // systemd (Type=notify): RELOADING=1 ... READY=1 around each reload, READY
+        // whether the new configuration was applied or refused (the old one runs).
+        crate::service::sd_notify::reloading();
         let result = self.rebuild().await;
-        // sd_notify READY (h-package: READY=1 here, whatever the result)
+        crate::service::sd_notify::ready();
         match &result {
             Ok(o) => {
                 tracing::info!(policy = %o.policy, "configuration reloaded");
@@ -296,6 +298,8 @@ impl Live {
                 outbound,
                 shutdown: shutdown.clone(),
                 memory,
+                // The recorder and its sending timer run for the process.
+                dmarc_reports: old.shared.dmarc_reports.clone(),
             }),
             listeners,
             limits,
@@ -342,6 +346,11 @@ fn restart_only_changes(before: &Config, after: &Config) -> Vec<String> {
         "log",
         format!("{:?}", before.log),
         format!("{:?}", after.log),
+    );
+    check(
+        "dmarc_reports",
+        format!("{:?}", before.dmarc_reports),
+        format!("{:?}", after.dmarc_reports),
     );
     check(
         "process",

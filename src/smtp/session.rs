@@ -30,6 +30,8 @@ pub struct SessionShared {
     pub shutdown: CancellationToken,
     /// Message content held by all sessions (`[limits] message_memory`).
     pub memory: Arc<crate::smtp::memory::MessageMemory>,
+    /// Records inbound DMARC evaluations for aggregate reports (`[dmarc_reports]`).
+    pub dmarc_reports: Option<Arc<crate::dmarc_reports::Recorder>>,
 }
 
 /// What a session shares with the other sessions of its listener.

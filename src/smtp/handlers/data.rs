@@ -188,6 +188,7 @@ impl Session {
                 }
             }
         };
+        self.record_dmarc(tx, &decision, &reply);
         Outcome {
             reply,
             verdict,
@@ -249,6 +250,7 @@ impl Session {
                 reasons: a.reasons.clone(),
                 flags: a.flags.iter().map(|f| f.to_string()).collect(),
                 authentication_results: None,
+                auth: None,
             };
             self.relay.reset().await;
             tracing::warn!(session = %self.id, account = %account, frozen = a.frozen, reasons = %a.reasons.join("; "), "outbound: message held");
