@@ -9,6 +9,7 @@
 //!   reload`'s output and exit code.
 //! * A listener added in the file is reported as needing a restart.
 
+mod admin_common;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -468,6 +469,62 @@ async fn outbound_limits_reload_and_the_counts_carry_over() {
             "the 5th: over the reloaded limit, counts kept",
         );
         assert_eq!(mta.accepted().len(), 4);
+    })
+    .await;
+}
+
+/// The admin API follows reloads: after one that replaced the outbound detector, the
+/// accounts it lists and freezes are those of the detector the sessions use (a freeze
+/// on the replaced one would never apply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_acts_on_the_reloaded_detector() {
+    bounded(async {
+        let env = admin_common::start(admin_common::AdminOptions {
+            submission: true,
+            ..Default::default()
+        })
+        .await;
+        let text = env.proxy.config_text.replace(
+            "trusted_networks = [\"127.0.0.0/8\"]",
+            "trusted_networks = [\"127.0.0.0/8\"]\nmax_recipient_domains = 50",
+        );
+        assert_ne!(text, env.proxy.config_text);
+        std::fs::write(&env.proxy.config_path, text).unwrap();
+        sighup(&env.proxy);
+        env.proxy
+            .wait_log("configuration reloaded", Duration::from_secs(20))
+            .await;
+        let sent = env
+            .send(
+                "carol@sender.example",
+                &["bob@example.org"],
+                &admin_common::message("carol@sender.example", "bob@example.org", "hi", "r-1"),
+            )
+            .await;
+        assert!(sent.starts_with(b"250"), "{}", common::show(&sent));
+        let list = env.get("/api/accounts").await.json();
+        let carol = list["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["account"] == "carol@sender.example")
+            .unwrap_or_else(|| panic!("the reloaded detector's account is not listed: {list}"));
+        assert_eq!(carol["windows"][0]["messages"], 1, "{carol}");
+        let f = env
+            .post(
+                "/api/accounts/carol%40sender.example/freeze",
+                Some(br#"{"reason": "test"}"#),
+            )
+            .await;
+        assert_eq!(f.status, 200, "{f:?}");
+        // The freeze is on the detector the sessions use: the reloaded one.
+        let list = env.get("/api/accounts").await.json();
+        let frozen = list["accounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["account"] == "carol@sender.example" && a["frozen"] == true);
+        assert!(frozen, "{list}");
     })
     .await;
 }

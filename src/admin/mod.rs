@@ -27,4 +27,42 @@ pub struct AdminState {
     pub next_hops: Arc<NextHops>,
     /// The outbound burst detector (accounts, freezes); `None` when `[outbound]` is off.
     pub detector: Option<Arc<crate::outbound::Detector>>,
+    /// The proxy's running configuration once it is serving: a reload replaces the
+    /// engine, the next hops and the detector, and the API must act on the ones in use
+    /// (a freeze made on a replaced detector would never apply). Empty: the fields above.
+    pub live: Arc<std::sync::OnceLock<Arc<crate::server::reload::Live>>>,
+}
+
+impl AdminState {
+    /// The configuration running now.
+    pub fn config(&self) -> Arc<Config> {
+        match self.live.get() {
+            Some(l) => l.current().shared.config.clone(),
+            None => self.config.clone(),
+        }
+    }
+
+    /// The verdict engine running now.
+    pub fn inspector(&self) -> Arc<dyn Inspector> {
+        match self.live.get() {
+            Some(l) => l.current().shared.inspector.clone(),
+            None => self.inspector.clone(),
+        }
+    }
+
+    /// The next hops in use now (releases go through them).
+    pub fn next_hops(&self) -> Arc<NextHops> {
+        match self.live.get() {
+            Some(l) => l.current().next_hops.clone(),
+            None => self.next_hops.clone(),
+        }
+    }
+
+    /// The outbound detector in use now.
+    pub fn detector(&self) -> Option<Arc<crate::outbound::Detector>> {
+        match self.live.get() {
+            Some(l) => l.current().shared.outbound.clone(),
+            None => self.detector.clone(),
+        }
+    }
 }

@@ -61,9 +61,8 @@ impl Server {
         path: &std::path::Path,
         shutdown: CancellationToken,
     ) -> Result<Server, String> {
-        let mut server = Self::bind(config, shutdown).await?;
-        let live = Arc::get_mut(&mut server.live).ok_or("the server is already shared")?;
-        live.set_path(path.to_path_buf());
+        let server = Self::bind(config, shutdown).await?;
+        server.live.set_path(path.to_path_buf());
         // SIGHUP is handled before the pid file exists: a `mailwarden reload` right
         // after the start must not meet SIGHUP's default action (terminate).
         shutdown::on_reload(server.live())
@@ -133,6 +132,9 @@ impl Server {
         }
         let dmarc_reports = dmarc_recorder(&config)?;
         let config = Arc::new(config);
+        // Filled once the first generation exists (below): the admin API then follows
+        // reloads.
+        let admin_live = Arc::new(std::sync::OnceLock::new());
         let admin = if config.admin.enabled {
             let state = crate::admin::AdminState {
                 config: config.clone(),
@@ -140,6 +142,7 @@ impl Server {
                 inspector: inspector.clone(),
                 next_hops: next_hops.clone(),
                 detector: outbound.clone(),
+                live: admin_live.clone(),
             };
             // Bound before anything is served: a bad token file or a busy port stops the start.
             Some(crate::admin::http::bind(state, shutdown.clone()).await?)
@@ -159,11 +162,16 @@ impl Server {
             }),
             listeners: settings,
             limits,
+            next_hops,
         };
         Ok(Server {
             listeners,
             admin,
-            live: Arc::new(reload::Live::new(first, bound, None)),
+            live: {
+                let live = Arc::new(reload::Live::new(first, bound));
+                let _ = admin_live.set(live.clone());
+                live
+            },
         })
     }
 

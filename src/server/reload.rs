@@ -37,6 +37,8 @@ pub struct Generation {
     /// One per bound listener, in the order the sockets were bound.
     pub listeners: Vec<Arc<ListenerShared>>,
     pub limits: Vec<Arc<ConnectionLimits>>,
+    /// Every next hop (releases from the admin API go through these).
+    pub next_hops: Arc<NextHops>,
 }
 
 /// What a successful reload did.
@@ -52,7 +54,7 @@ pub struct Outcome {
 pub struct Live {
     current: RwLock<Arc<Generation>>,
     /// The configuration file, when the proxy was started from one.
-    path: Option<PathBuf>,
+    path: std::sync::OnceLock<PathBuf>,
     /// The listener configurations the sockets were bound with (addresses never change).
     bound: Vec<ListenerConfig>,
     /// One reload at a time (SIGHUPs arriving during one are merged by the signal stream).
@@ -64,11 +66,7 @@ pub struct Live {
 }
 
 impl Live {
-    pub(super) fn new(
-        first: Generation,
-        bound: Vec<ListenerConfig>,
-        path: Option<PathBuf>,
-    ) -> Live {
+    pub(super) fn new(first: Generation, bound: Vec<ListenerConfig>) -> Live {
         let status = first
             .shared
             .config
@@ -77,7 +75,7 @@ impl Live {
             .map(StatusFile::new);
         Live {
             current: RwLock::new(Arc::new(first)),
-            path,
+            path: std::sync::OnceLock::new(),
             bound,
             reloading: tokio::sync::Mutex::new(()),
             outbound_task: Mutex::new(None),
@@ -85,8 +83,8 @@ impl Live {
         }
     }
 
-    pub(super) fn set_path(&mut self, path: PathBuf) {
-        self.path = Some(path);
+    pub(super) fn set_path(&self, path: PathBuf) {
+        let _ = self.path.set(path);
     }
 
     /// Writes `[process] pid_file` (once the listeners are bound: a pid file means a
@@ -173,14 +171,14 @@ impl Live {
     async fn rebuild(&self) -> Result<Outcome, String> {
         let path = self
             .path
-            .as_deref()
+            .get()
             .ok_or("the proxy was not started from a configuration file")?;
         let new = Config::load(path).map_err(|e| e.to_string())?;
         super::preflight(&new)?;
         let old = self.current();
         let before = &old.shared.config;
         let mut restart_needed = restart_only_changes(before, &new);
-        let next_hops = NextHops::from_config(&new)?;
+        let next_hops = Arc::new(NextHops::from_config(&new)?);
 
         // Listeners: the bound sockets stay; each takes the settings of the new
         // `[[listener]]` with its address.
@@ -303,6 +301,7 @@ impl Live {
             }),
             listeners,
             limits,
+            next_hops,
         };
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
         if replaced_detector {
