@@ -312,21 +312,25 @@ fn commands_in(help: &str) -> Vec<String> {
         .collect()
 }
 
-/// Every command, as its words: ["run"], ["quarantine", "list"], … (leaves and groups).
+/// Every command, as its words: ["run"], ["quarantine", "list"], ["dmarc", "reports",
+/// "list"], … (leaves and groups, at any depth).
 fn every_command(dir: &Path) -> Vec<Vec<String>> {
-    // At any depth (`dmarc reports list` is three words).
-    fn below(dir: &Path, words: &[String], all: &mut Vec<Vec<String>>) {
+    let mut all = Vec::new();
+    let mut pending: Vec<Vec<String>> = commands_in(&mw(dir, &["--help"]).stdout_text())
+        .into_iter()
+        .map(|c| vec![c])
+        .collect();
+    while let Some(words) = pending.pop() {
         let mut args: Vec<&str> = words.iter().map(String::as_str).collect();
         args.push("--help");
         for sub in commands_in(&mw(dir, &args).stdout_text()) {
-            let mut path = words.to_vec();
-            path.push(sub);
-            all.push(path.clone());
-            below(dir, &path, all);
+            let mut deeper = words.clone();
+            deeper.push(sub);
+            pending.push(deeper);
         }
+        all.push(words);
     }
-    let mut all = Vec::new();
-    below(dir, &[], &mut all);
+    all.sort();
     all
 }
 
