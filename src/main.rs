@@ -40,8 +40,17 @@ enum Command {
         #[arg(long)]
         log_format: Option<LogFormatArg>,
     },
-    /// Validate a configuration file and exit (0: valid).
+    /// Validate a configuration file and exit (0: valid); the old name of `config check`.
     CheckConfig,
+    /// The configuration: check it, show what is in effect.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Ask the running proxy (`[process] pid_file`) to reload its configuration, and
+    /// report the outcome (0 reloaded, 1 failed: running configuration kept, 2 reloaded
+    /// but some changes need a restart, 3 no answer).
+    Reload,
     /// Evaluate one message offline, through the same checks and policy as the proxy.
     Check {
         /// The connecting client's IP address.
@@ -100,6 +109,18 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and exit (0: valid).
+    Check,
+    /// Print the configuration in effect: every key, defaults included, as TOML.
+    Show {
+        /// Only the keys the file sets to something else than the default.
+        #[arg(long)]
+        non_default: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Resolved only by the subcommands that read a configuration (make-cert does not).
@@ -107,28 +128,16 @@ fn main() -> ExitCode {
     let config = move || mailwarden::service::config_path::resolve(given);
     match cli.command {
         Command::Run { log_format } => with_config(config(), |c| run(c, log_format)),
-        Command::CheckConfig => with_config(config(), |config| {
-            // The same checks `run` makes before serving (certificates, policy file,
-            // admin token file and mode), so `ok` here means `run` starts.
-            let checked = Config::load(&config)
-                .map_err(|e| e.to_string())
-                .and_then(|c| mailwarden::server::preflight(&c))
-                .map(|warnings| {
-                    for w in &warnings {
-                        eprintln!("warning: {w}");
-                    }
-                });
-            match checked {
-                Ok(()) => {
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(1)
-                }
-            }
+        Command::CheckConfig
+        | Command::Config {
+            command: ConfigCommand::Check,
+        } => with_config(config(), |c| mailwarden::admin::config_cli::check(&c)),
+        Command::Config {
+            command: ConfigCommand::Show { non_default },
+        } => with_config(config(), |c| {
+            mailwarden::admin::config_cli::show(&c, non_default)
         }),
+        Command::Reload => with_config(config(), |c| mailwarden::admin::reload_cli::run(&c)),
         Command::Check {
             ip,
             helo,
@@ -227,7 +236,9 @@ fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
             tracing::error!(error = %e, "cannot install signal handlers");
             return ExitCode::from(1);
         }
-        let server = match Server::bind(config, token.clone()).await {
+        // Also installs the SIGHUP handler (a full reload, see `server::reload`) and
+        // writes `[process] pid_file`.
+        let server = match Server::bind_reloadable(config, &path, token.clone()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, config = %path.display(), "cannot start");
@@ -243,19 +254,6 @@ fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
             stopping.cancelled().await;
             mailwarden::service::sd_notify::stopping();
         });
-        let inspector = server.inspector();
-        // RELOADING=1 ... READY=1 around each reload: `systemctl reload` shows it, and
-        // READY follows whether the reload was applied or refused (the old one runs).
-        let reload = move || {
-            mailwarden::service::sd_notify::reloading();
-            let result = inspector.reload();
-            mailwarden::service::sd_notify::ready();
-            result
-        };
-        if let Err(e) = shutdown::on_reload(reload) {
-            tracing::error!(error = %e, "cannot install the SIGHUP handler");
-            return ExitCode::from(1);
-        }
         let left = server.run().await;
         tracing::info!(unfinished_sessions = left, "stopped");
         ExitCode::SUCCESS

@@ -52,7 +52,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_resolver::TokioResolver;
+use super::zones::Resolver;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
@@ -305,7 +305,7 @@ fn within(id: &str, parent: &str) -> bool {
 /// handles) so that discovery can run as its own task beside DKIM and ARC.
 #[derive(Clone)]
 pub struct Dns {
-    pub resolver: TokioResolver,
+    pub resolver: Resolver,
     pub cache: Arc<DmarcCache>,
     /// The message's DNS lookup budget (`[auth] max_dns_lookups`); a lookup past it
     /// fails like a temporary error, which `verify` turns into `permerror`.
@@ -878,9 +878,10 @@ mod tests {
             timeout_ms: 300,
             attempts: 1,
             cache_entries: 0,
+            ..Default::default()
         };
         Dns {
-            resolver: crate::auth::dns::authenticator(&cfg).unwrap().0,
+            resolver: crate::auth::dns::authenticator(&cfg).unwrap().0.into(),
             cache: Arc::new(DmarcCache::new(100)),
             budget: None,
         }

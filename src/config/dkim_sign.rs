@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// `[dkim]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DkimConfig {
     /// `[[dkim.sign]]`: the keys outbound mail is signed with.
@@ -17,7 +17,7 @@ pub struct DkimConfig {
 }
 
 /// One signing key for one domain.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignConfig {
     /// `d=`: the From domain this key signs for (exact match; a subdomain needs its own

@@ -24,7 +24,7 @@ pub const DEFAULT_REPORT_MAX_ATTEMPTS: u32 = 12;
 /// gets the first rows and an `<error>` saying the rest was cut.
 pub const DEFAULT_REPORT_MAX_RECORDS: usize = 10_000;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DmarcReportsConfig {
     pub enabled: bool,
