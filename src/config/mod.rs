@@ -5,8 +5,8 @@
 //! and every error names the file, the line and the key.
 
 pub mod defaults;
-pub mod dmarc_reports;
 pub mod dkim_sign;
+pub mod dmarc_reports;
 mod duration;
 pub mod process;
 pub mod show;
