@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod check;
 pub mod config;
+pub mod dmarc_reports;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
@@ -24,6 +25,8 @@ pub mod policy;
 pub mod quarantine;
 pub mod relay;
 pub mod server;
+pub mod service;
+pub mod signing;
 pub mod smtp;
 pub mod store;
 pub mod telemetry;

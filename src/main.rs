@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use mailwarden::config::{Config, LogFormat};
 use mailwarden::server::{Server, shutdown};
 use tokio_util::sync::CancellationToken;
@@ -11,10 +11,17 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(
     name = "mailwarden",
-    version,
-    about = "SMTP proxy that verifies sender authentication"
+    version = mailwarden::service::VERSION,
+    about = "SMTP proxy that verifies sender authentication",
+    after_long_help = "Files:\n  /etc/mailwarden/mailwarden.toml   the configuration (the default of -c)\n  /etc/mailwarden/policy.toml       the example policy ([auth] policy_file)\n  /var/lib/mailwarden/              quarantine, outbound state (mode 0700)\n\nWithout -c, /etc/mailwarden/mailwarden.toml is used when it exists, else\nconfig/mailwarden.toml in the working directory (a checkout)."
 )]
 struct Cli {
+    /// The configuration file. Accepted before or after the subcommand, by every
+    /// subcommand. Default: /etc/mailwarden/mailwarden.toml, else config/mailwarden.toml.
+    // One pattern for every subcommand: no subcommand declares its own `config`; the
+    // dispatch below passes `config()` (the resolved path) to the ones that need it.
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,21 +36,23 @@ enum LogFormatArg {
 enum Command {
     /// Run the proxy.
     Run {
-        #[arg(long, short)]
-        config: PathBuf,
         /// Overrides `[log] format`.
         #[arg(long)]
         log_format: Option<LogFormatArg>,
     },
-    /// Validate a configuration file and exit (0: valid).
-    CheckConfig {
-        #[arg(long, short)]
-        config: PathBuf,
+    /// Validate a configuration file and exit (0: valid); the old name of `config check`.
+    CheckConfig,
+    /// The configuration: check it, show what is in effect.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
     },
+    /// Ask the running proxy (`[process] pid_file`) to reload its configuration, and
+    /// report the outcome (0 reloaded, 1 failed: running configuration kept, 2 reloaded
+    /// but some changes need a restart, 3 no answer).
+    Reload,
     /// Evaluate one message offline, through the same checks and policy as the proxy.
     Check {
-        #[arg(long, short)]
-        config: PathBuf,
         /// The connecting client's IP address.
         #[arg(long)]
         ip: String,
@@ -67,17 +76,23 @@ enum Command {
     },
     /// Inspect, release and delete quarantined messages.
     Quarantine {
-        #[arg(long, short, default_value = "config/mailwarden.toml")]
-        config: PathBuf,
         #[command(subcommand)]
         command: mailwarden::admin::quarantine_cli::QuarantineCommand,
     },
     /// Outbound accounts: burst counters, freezes.
     Accounts {
-        #[arg(long, short, default_value = "config/mailwarden.toml")]
-        config: PathBuf,
         #[command(subcommand)]
         command: mailwarden::admin::accounts_cli::AccountsCommand,
+    },
+    /// DMARC aggregate reports: list, show, send now.
+    Dmarc {
+        #[command(subcommand)]
+        command: mailwarden::admin::dmarc_reports_cli::DmarcCommand,
+    },
+    /// Outbound DKIM signing keys: make one, check its DNS record.
+    Dkim {
+        #[command(subcommand)]
+        command: mailwarden::signing::cli::DkimCommand,
     },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
@@ -86,59 +101,73 @@ enum Command {
         #[arg(long, default_value = "localhost")]
         name: String,
     },
+    /// Write man pages and shell completions (bash, zsh, fish) under DIR (packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and exit (0: valid).
+    Check,
+    /// Print the configuration in effect: every key, defaults included, as TOML.
+    Show {
+        /// Only the keys the file sets to something else than the default.
+        #[arg(long)]
+        non_default: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Resolved only by the subcommands that read a configuration (make-cert does not).
+    let given = cli.config;
+    let config = move || mailwarden::service::config_path::resolve(given);
     match cli.command {
-        Command::Run { config, log_format } => run(config, log_format),
-        Command::CheckConfig { config } => {
-            // The same checks `run` makes before serving (certificates, policy file,
-            // admin token file and mode), so `ok` here means `run` starts.
-            let checked = Config::load(&config)
-                .map_err(|e| e.to_string())
-                .and_then(|c| mailwarden::server::preflight(&c))
-                .map(|warnings| {
-                    for w in &warnings {
-                        eprintln!("warning: {w}");
-                    }
-                });
-            match checked {
-                Ok(()) => {
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Command::Check {
-            config,
-            ip,
-            helo,
-            mail_from,
-            rcpt,
-            role,
-            json,
-            message,
-        } => mailwarden::check::run(&mailwarden::check::Args {
-            config,
-            ip,
-            helo,
-            mail_from,
-            rcpt,
-            role,
-            json,
-            message,
+        Command::Run { log_format } => with_config(config(), |c| run(c, log_format)),
+        Command::CheckConfig
+        | Command::Config {
+            command: ConfigCommand::Check,
+        } => with_config(config(), |c| mailwarden::admin::config_cli::check(&c)),
+        Command::Config {
+            command: ConfigCommand::Show { non_default },
+        } => with_config(config(), |c| {
+            mailwarden::admin::config_cli::show(&c, non_default)
         }),
-        Command::Quarantine { config, command } => {
-            mailwarden::admin::quarantine_cli::run(&config, &command)
-        }
-        Command::Accounts { config, command } => {
-            mailwarden::admin::accounts_cli::run(&config, &command)
-        }
+        Command::Reload => with_config(config(), |c| mailwarden::admin::reload_cli::run(&c)),
+        Command::Check {
+            ip,
+            helo,
+            mail_from,
+            rcpt,
+            role,
+            json,
+            message,
+        } => with_config(config(), |config| {
+            mailwarden::check::run(&mailwarden::check::Args {
+                config,
+                ip,
+                helo,
+                mail_from,
+                rcpt,
+                role,
+                json,
+                message,
+            })
+        }),
+        Command::Quarantine { command } => with_config(config(), |c| {
+            mailwarden::admin::quarantine_cli::run(&c, &command)
+        }),
+        Command::Accounts { command } => with_config(config(), |c| {
+            mailwarden::admin::accounts_cli::run(&c, &command)
+        }),
+        Command::Dmarc { command } => with_config(config(), |c| {
+            mailwarden::admin::dmarc_reports_cli::run(&c, &command)
+        }),
+        Command::Dkim { command } => mailwarden::signing::cli::run(config(), &command),
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());
@@ -149,6 +178,31 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::GenerateAssets { out } => {
+            match mailwarden::service::cli_assets::write_all(Cli::command(), &out) {
+                Ok(files) => {
+                    for f in files {
+                        println!("{}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("generate-assets: {}: {e}", out.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` on the resolved configuration path, or says why there is none.
+fn with_config(path: Result<PathBuf, String>, f: impl FnOnce(PathBuf) -> ExitCode) -> ExitCode {
+    match path {
+        Ok(p) => f(p),
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -182,18 +236,24 @@ fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
             tracing::error!(error = %e, "cannot install signal handlers");
             return ExitCode::from(1);
         }
-        let server = match Server::bind(config, token).await {
+        // Also installs the SIGHUP handler (a full reload, see `server::reload`) and
+        // writes `[process] pid_file`.
+        let server = match Server::bind_reloadable(config, &path, token.clone()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, config = %path.display(), "cannot start");
                 return ExitCode::from(1);
             }
         };
-        let inspector = server.inspector();
-        if let Err(e) = shutdown::on_reload(move || inspector.reload()) {
-            tracing::error!(error = %e, "cannot install the SIGHUP handler");
-            return ExitCode::from(1);
-        }
+        // Listeners are bound: tell systemd (Type=notify) we are up, and that we are
+        // going down as soon as shutdown starts (it then waits TimeoutStopSec=, not the
+        // start timeout, and shows "deactivating").
+        mailwarden::service::sd_notify::ready();
+        let stopping = token.clone();
+        tokio::spawn(async move {
+            stopping.cancelled().await;
+            mailwarden::service::sd_notify::stopping();
+        });
         let left = server.run().await;
         tracing::info!(unfinished_sessions = left, "stopped");
         ExitCode::SUCCESS

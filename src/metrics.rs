@@ -82,6 +82,13 @@ pub struct Metrics {
     /// AUTH refused because the next hop is neither loopback nor reached over verified
     /// TLS (or its certificate failed verification): credentials were not sent.
     pub auth_relay_insecure: Counter,
+    /// DMARC aggregate reports by outcome: `sent`, `failed` (given up), `deferred`
+    /// (will be retried), `undeliverable` (no verified rua, or all over their size).
+    pub dmarc_reports: Family<Labels, Counter>,
+    /// DMARC evaluations not recorded because the recording queue was full.
+    pub dmarc_records_dropped: Counter,
+    /// Outbound DKIM signing, by result (`signed`, `no_key`, `no_from_domain`, `failed`).
+    pub dkim_signing: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -120,6 +127,9 @@ impl Metrics {
             relay_without_xclient: Counter::default(),
             relay_unsafe_next_hop: Counter::default(),
             auth_relay_insecure: Counter::default(),
+            dmarc_reports: Family::default(),
+            dmarc_records_dropped: Counter::default(),
+            dkim_signing: Family::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -191,9 +201,24 @@ impl Metrics {
             m.relay_without_xclient.clone(),
         );
         registry.register(
+            "dmarc_reports",
+            "DMARC aggregate reports by outcome (sent, deferred, failed, undeliverable)",
+            m.dmarc_reports.clone(),
+        );
+        registry.register(
+            "dmarc_records_dropped",
+            "DMARC evaluations not recorded for reports (recording queue full)",
+            m.dmarc_records_dropped.clone(),
+        );
+        registry.register(
             "relay_unsafe_next_hop",
             "Next-hop connections refused: no XCLIENT and the next hop trusts our address",
             m.relay_unsafe_next_hop.clone(),
+        );
+        registry.register(
+            "dkim_signing",
+            "Outbound messages by DKIM signing result (unsigned: no key for the From domain, ...)",
+            m.dkim_signing.clone(),
         );
         registry.register(
             "auth_relay_insecure",

@@ -977,7 +977,7 @@ async fn sighup_reloads_policy_and_keeps_running_policy_on_error() {
         std::fs::write(&policy, ACCEPT_SENDER).unwrap();
         sighup(&env.proxy);
         env.proxy
-            .wait_log("policy reloaded", Duration::from_secs(20))
+            .wait_log("configuration reloaded", Duration::from_secs(20))
             .await;
         let r = deliver(&env.proxy, "bob@sender.example", &msg).await;
         assert_reply(&r, "250 2.0.0", "after a good reload");

@@ -2,9 +2,12 @@
 //! the admin HTTP API shares with the running proxy.
 
 pub mod accounts_cli;
+pub mod config_cli;
+pub mod dmarc_reports_cli;
 pub mod http;
 pub mod quarantine_cli;
 pub mod quarantine_migrate;
+pub mod reload_cli;
 
 use std::sync::Arc;
 
@@ -25,4 +28,52 @@ pub struct AdminState {
     pub next_hops: Arc<NextHops>,
     /// The outbound burst detector (accounts, freezes); `None` when `[outbound]` is off.
     pub detector: Option<Arc<crate::outbound::Detector>>,
+    /// Outbound DKIM signing, for releases of submission entries (`[[dkim.sign]]`).
+    pub signer: Option<Arc<crate::signing::Signer>>,
+    /// The proxy's running configuration once it is serving: a reload replaces the
+    /// engine, the next hops and the detector, and the API must act on the ones in use
+    /// (a freeze made on a replaced detector would never apply). Empty: the fields above.
+    pub live: Arc<std::sync::OnceLock<Arc<crate::server::reload::Live>>>,
+}
+
+impl AdminState {
+    /// The configuration running now.
+    pub fn config(&self) -> Arc<Config> {
+        match self.live.get() {
+            Some(l) => l.current().shared.config.clone(),
+            None => self.config.clone(),
+        }
+    }
+
+    /// The verdict engine running now.
+    pub fn inspector(&self) -> Arc<dyn Inspector> {
+        match self.live.get() {
+            Some(l) => l.current().shared.inspector.clone(),
+            None => self.inspector.clone(),
+        }
+    }
+
+    /// The next hops in use now (releases go through them).
+    pub fn next_hops(&self) -> Arc<NextHops> {
+        match self.live.get() {
+            Some(l) => l.current().next_hops.clone(),
+            None => self.next_hops.clone(),
+        }
+    }
+
+    /// The DKIM signer in use now (keys re-read by a reload).
+    pub fn signer(&self) -> Option<Arc<crate::signing::Signer>> {
+        match self.live.get() {
+            Some(l) => l.current().shared.signer.clone(),
+            None => self.signer.clone(),
+        }
+    }
+
+    /// The outbound detector in use now.
+    pub fn detector(&self) -> Option<Arc<crate::outbound::Detector>> {
+        match self.live.get() {
+            Some(l) => l.current().shared.outbound.clone(),
+            None => self.detector.clone(),
+        }
+    }
 }

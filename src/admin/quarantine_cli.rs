@@ -292,6 +292,12 @@ async fn release_all(
         Ok(h) => h,
         Err(e) => return fail(e),
     };
+    // A submission entry is released signed, as the proxy would have sent it: a key
+    // this user cannot read stops the release rather than sending it unsigned.
+    let signer = match crate::signing::Signer::from_config(&config.dkim) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     let mut failed = false;
     let mut progress = Progress::new("releasing", ids.len());
     for input in ids {
@@ -302,8 +308,11 @@ async fn release_all(
                 &id,
                 to,
                 force,
-                config.authserv_id(),
-                &config.auth.verdict_header,
+                crate::quarantine::release::Outgoing {
+                    authserv_id: config.authserv_id(),
+                    verdict_header: &config.auth.verdict_header,
+                    signer: signer.as_deref(),
+                },
             )
             .await
             .map(|reply| format!("{id}: released ({reply})")),

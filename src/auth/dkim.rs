@@ -30,7 +30,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hickory_resolver::TokioResolver;
+use super::zones::Resolver;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use mail_auth::AuthenticatedMessage;
@@ -60,7 +60,7 @@ pub type KeyCache = TtlCache<Box<str>, Result<Arc<KeyRecord>, String>>;
 
 /// What verification needs besides the message.
 pub struct Context<'a> {
-    pub resolver: &'a TokioResolver,
+    pub resolver: &'a Resolver,
     pub keys: &'a KeyCache,
     pub budget: &'a DnsBudget,
     /// When the whole verification must be done: a key lookup not finished by then is
@@ -1143,15 +1143,16 @@ mod tests {
         }
     }
 
-    fn resolver() -> TokioResolver {
+    fn resolver() -> Resolver {
         // A closed port on loopback: any lookup fails at once.
         let cfg = crate::config::DnsConfig {
             nameservers: vec!["127.0.0.1:9".parse().unwrap()],
             timeout_ms: 200,
             attempts: 1,
             cache_entries: 0,
+            ..Default::default()
         };
-        crate::auth::dns::authenticator(&cfg).unwrap().0
+        crate::auth::dns::authenticator(&cfg).unwrap().0.into()
     }
 
     /// Verifies `message` with `record` (if any) published as the `ed` key.
@@ -1341,8 +1342,9 @@ mod tests {
             timeout_ms: 2000,
             attempts: 1,
             cache_entries: 0,
+            ..Default::default()
         };
-        let resolver = crate::auth::dns::authenticator(&cfg).unwrap().0;
+        let resolver: Resolver = crate::auth::dns::authenticator(&cfg).unwrap().0.into();
         let keys = KeyCache::new(10);
         let signed = s.sign(MESSAGE, &["From"], false);
         let parsed = AuthenticatedMessage::parse(signed.as_bytes()).unwrap();

@@ -52,7 +52,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_resolver::TokioResolver;
+use super::zones::Resolver;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
@@ -132,6 +132,11 @@ pub struct Record {
     pub psd: Psd,
     /// The `p=` (or `sp=`) was missing or invalid and `rua=` made it `p=none`.
     pub p_defaulted: bool,
+    /// `rua=` as published (aggregate report destinations, `!size` suffixes kept);
+    /// empty when absent or invalid. Used by [`crate::dmarc_reports`].
+    pub rua: String,
+    /// `fo=` as published, `0` when absent (reported back in `policy_published`).
+    pub fo: String,
 }
 
 /// What is published at one `_dmarc` name.
@@ -227,6 +232,15 @@ pub fn parse_record(text: &str) -> Option<Record> {
             _ => Psd::Unknown,
         },
         p_defaulted,
+        rua: if has_rua {
+            tags.get("rua").map_or(String::new(), |v| v.to_string())
+        } else {
+            String::new()
+        },
+        fo: tags
+            .get("fo")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| "0".to_string(), |v| v.to_string()),
     })
 }
 
@@ -291,7 +305,7 @@ fn within(id: &str, parent: &str) -> bool {
 /// handles) so that discovery can run as its own task beside DKIM and ARC.
 #[derive(Clone)]
 pub struct Dns {
-    pub resolver: TokioResolver,
+    pub resolver: Resolver,
     pub cache: Arc<DmarcCache>,
     /// The message's DNS lookup budget (`[auth] max_dns_lookups`); a lookup past it
     /// fails like a temporary error, which `verify` turns into `permerror`.
@@ -631,7 +645,12 @@ async fn decide_with(
         check.policy_domain = Some(found.name.clone());
     }
     check.published_policy = Some(published.as_str());
-    check.result = alignment_result(&mut ev, input, &record).await;
+    let aligned = alignment_result(&mut ev, input, &record).await;
+    check.result = aligned.result;
+    check.spf_aligned = aligned.spf;
+    check.dkim_aligned = aligned.dkim;
+    check.record = Some(Arc::clone(&record));
+    check.record_domain = Some(found.name.clone());
     let vouching_sealer = match input.arc {
         Some(latest) => vouches(&mut ev, latest, &record)
             .await
@@ -695,6 +714,14 @@ async fn published_policy(dns: &Dns, from: &str, found: &Discovered, p: Policy) 
     }
 }
 
+/// The DMARC result, and which mechanisms produced an aligned pass (aggregate reports
+/// give both, `policy_evaluated` `spf` and `dkim`, so neither stops at the first pass).
+struct Aligned {
+    result: AuthResult,
+    spf: bool,
+    dkim: bool,
+}
+
 /// RFC 7489 §4.2 / §6.6.2: pass when an aligned identifier passed; temperror when none
 /// did and an aligned identifier (or the alignment check itself) had a temporary error;
 /// fail otherwise. Identifiers that cannot align never make it a temperror.
@@ -702,12 +729,13 @@ async fn alignment_result(
     ev: &mut Evaluator<'_>,
     input: &DmarcInput<'_>,
     record: &Record,
-) -> AuthResult {
+) -> Aligned {
     let mut temp = false;
+    let (mut spf_pass, mut dkim_pass) = (false, false);
     let spf = input.spf;
     if matches!(spf.result, AuthResult::Pass | AuthResult::TempError) {
         match ev.aligned(&spf.domain, record.aspf).await {
-            Ok(true) if spf.result == AuthResult::Pass => return AuthResult::Pass,
+            Ok(true) if spf.result == AuthResult::Pass => spf_pass = true,
             Ok(true) | Err(TempFail) => temp = true,
             Ok(false) => {}
         }
@@ -717,15 +745,25 @@ async fn alignment_result(
             continue;
         }
         match ev.aligned(&d.domain, record.adkim).await {
-            Ok(true) if d.result == AuthResult::Pass => return AuthResult::Pass,
+            Ok(true) if d.result == AuthResult::Pass => {
+                dkim_pass = true;
+                break;
+            }
             Ok(true) | Err(TempFail) => temp = true,
             Ok(false) => {}
         }
     }
-    if temp {
+    let result = if spf_pass || dkim_pass {
+        AuthResult::Pass
+    } else if temp {
         AuthResult::TempError
     } else {
         AuthResult::Fail
+    };
+    Aligned {
+        result,
+        spf: spf_pass,
+        dkim: dkim_pass,
     }
 }
 
@@ -840,9 +878,10 @@ mod tests {
             timeout_ms: 300,
             attempts: 1,
             cache_entries: 0,
+            ..Default::default()
         };
         Dns {
-            resolver: crate::auth::dns::authenticator(&cfg).unwrap().0,
+            resolver: crate::auth::dns::authenticator(&cfg).unwrap().0.into(),
             cache: Arc::new(DmarcCache::new(100)),
             budget: None,
         }

@@ -21,7 +21,9 @@ pub fn authenticator(cfg: &DnsConfig) -> Result<MessageAuthenticator, String> {
     opts.try_tcp_on_error = true;
     // Names in mail are absolute: never try search domains.
     opts.ndots = 0;
-    let config = if cfg.nameservers.is_empty() {
+    // With `only_zone_files` nothing is ever asked of a server: no system configuration
+    // is needed either (a machine without /etc/resolv.conf still runs the demo).
+    let config = if cfg.nameservers.is_empty() && !cfg.only_zone_files {
         let (config, system_opts) = hickory_resolver::system_conf::read_system_conf()
             .map_err(|e| format!("cannot read the system resolver configuration: {e}"))?;
         opts.edns0 = system_opts.edns0;

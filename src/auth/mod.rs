@@ -20,6 +20,7 @@ pub mod dmarc;
 pub mod dns;
 pub mod headers;
 pub mod spf;
+pub mod zones;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -174,6 +175,17 @@ pub struct DmarcCheck {
     /// Why the result or the policy is what it is, when not obvious.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For aggregate reports (`policy_evaluated`): whether SPF, and a DKIM signature,
+    /// gave an aligned pass. Not in the JSON output: `result` already says it.
+    #[serde(skip)]
+    pub spf_aligned: bool,
+    #[serde(skip)]
+    pub dkim_aligned: bool,
+    /// The record the policy came from, and where it was found (`policy_published`).
+    #[serde(skip)]
+    pub record: Option<std::sync::Arc<dmarc::Record>>,
+    #[serde(skip)]
+    pub record_domain: Option<String>,
 }
 
 impl DmarcCheck {
@@ -190,6 +202,10 @@ impl DmarcCheck {
             testing: false,
             arc_override: None,
             reason: None,
+            spf_aligned: false,
+            dkim_aligned: false,
+            record: None,
+            record_domain: None,
         }
     }
 }
@@ -281,6 +297,9 @@ pub struct VerifyInput<'a> {
 /// Runs the checks. Cheap to share: one per process.
 pub struct Verifier {
     authenticator: MessageAuthenticator,
+    /// What SPF, DKIM and DMARC look up through: the zone files, then the
+    /// authenticator's resolver (see [`zones`]).
+    resolver: zones::Resolver,
     /// mail-auth's parsed TXT records (DKIM keys, DMARC records) and the A records of its
     /// RFC 8020 check: the only caches `verify_dkim`, `verify_arc` and `verify_dmarc`
     /// consult (mail-auth 0.13: they look up no MX, AAAA or PTR records).
@@ -308,6 +327,7 @@ impl Verifier {
     pub fn new(authenticator: MessageAuthenticator, hostname: &str, cfg: &AuthConfig) -> Verifier {
         let entries = usize::try_from(authenticator.0.options().cache_size).unwrap_or(usize::MAX);
         Verifier {
+            resolver: authenticator.0.clone().into(),
             authenticator,
             txt_cache: TxtCache::new(entries),
             ipv4_cache: TtlCache::new(entries),
@@ -322,6 +342,17 @@ impl Verifier {
             arc_max_sets: cfg.arc_max_sets,
             max_dns_lookups: cfg.max_dns_lookups,
         }
+    }
+
+    /// Answers from local zone files first (`[dns] zone_files`); with `only`, from them
+    /// alone.
+    pub fn with_zones(
+        mut self,
+        zones: Option<std::sync::Arc<zones::ZoneSet>>,
+        only: bool,
+    ) -> Verifier {
+        self.resolver = zones::Resolver::new(self.authenticator.0.clone(), zones, only);
+        self
     }
 
     /// SPF for the MAIL FROM identity alone (the early-reject option at MAIL FROM).
@@ -371,14 +402,14 @@ impl Verifier {
         // without its record (and a spoof with a temperror instead of a fail). Past the
         // deadline `within` gives up on it; `decide` keeps to the deadline itself.
         let dmarc_dns = dmarc::Dns {
-            resolver: self.authenticator.0.clone(),
+            resolver: self.resolver.clone(),
             cache: std::sync::Arc::clone(&self.dmarc_cache),
             budget: Some(std::sync::Arc::clone(&budget)),
         };
         let signatures = async {
             let dkim = dkim::verify(
                 &dkim::Context {
-                    resolver: &self.authenticator.0,
+                    resolver: &self.resolver,
                     keys: &self.key_cache,
                     budget: &budget,
                     deadline,
@@ -531,7 +562,7 @@ impl Verifier {
         };
         let result = within(
             deadline,
-            spf::check_host(&self.authenticator.0, &self.spf_cache, &req),
+            spf::check_host(&self.resolver, &self.spf_cache, &req),
         )
         .await
         .unwrap_or(AuthResult::TempError);

@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_resolver::TokioResolver;
+use super::zones::Resolver;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
@@ -94,11 +94,7 @@ pub struct SpfRequest<'a> {
 }
 
 /// Evaluates the SPF record of `req.domain` for `req.ip` (RFC 7208 §4).
-pub async fn check_host(
-    resolver: &TokioResolver,
-    cache: &SpfCache,
-    req: &SpfRequest<'_>,
-) -> AuthResult {
+pub async fn check_host(resolver: &Resolver, cache: &SpfCache, req: &SpfRequest<'_>) -> AuthResult {
     let (local, sender_domain) = match req.sender.rsplit_once('@') {
         // §4.3: a sender without a local-part is postmaster@domain.
         Some(("", d)) => ("postmaster", d),
@@ -660,7 +656,7 @@ fn reverse_name(ip: IpAddr) -> String {
 type Eval<'f, T> = Pin<Box<dyn Future<Output = Result<T, Abort>> + Send + 'f>>;
 
 struct Evaluator<'a> {
-    resolver: &'a TokioResolver,
+    resolver: &'a Resolver,
     cache: &'a SpfCache,
     /// Canonical: IPv4-mapped IPv6 addresses are IPv4 (§5).
     ip: IpAddr,
@@ -1076,17 +1072,18 @@ mod cache_tests {
 
     /// A resolver without hickory's cache: every record lookup that the SPF cache does
     /// not answer reaches the server.
-    fn uncached_resolver(dns: &DnsServer) -> TokioResolver {
+    fn uncached_resolver(dns: &DnsServer) -> Resolver {
         let cfg = DnsConfig {
             nameservers: vec![dns.addr()],
             timeout_ms: 300,
             attempts: 1,
             cache_entries: 0,
+            ..Default::default()
         };
-        crate::auth::dns::authenticator(&cfg).unwrap().0
+        crate::auth::dns::authenticator(&cfg).unwrap().0.into()
     }
 
-    async fn check(resolver: &TokioResolver, cache: &SpfCache, domain: &str) -> AuthResult {
+    async fn check(resolver: &Resolver, cache: &SpfCache, domain: &str) -> AuthResult {
         let sender = format!("alice@{domain}");
         let req = SpfRequest {
             ip: "192.0.2.1".parse().unwrap(),
@@ -1110,7 +1107,7 @@ mod cache_tests {
                 .a("host.inner.example", "192.0.2.1"),
         );
         let resolver = uncached_resolver(&dns);
-        async fn run(resolver: &TokioResolver, cache: &SpfCache, budget: &DnsBudget) -> AuthResult {
+        async fn run(resolver: &Resolver, cache: &SpfCache, budget: &DnsBudget) -> AuthResult {
             let req = SpfRequest {
                 ip: "192.0.2.1".parse().unwrap(),
                 domain: "outer.example",

@@ -34,9 +34,25 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
-#[allow(dead_code)] // serde `with` wants both halves; configs are only read today.
+/// `mailwarden config show`: the largest unit that states `d` exactly, so that what is
+/// shown reads like what an administrator writes and parses back to the same value.
 pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format!("{}ms", d.as_millis()))
+    s.serialize_str(&format_duration(*d))
+}
+
+/// `d` as `<integer><unit>`, in the largest of d, h, m, s, ms that is exact.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) || ms == 0 {
+        return format!("{ms}ms");
+    }
+    let secs = ms / 1000;
+    for (unit, len) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs.is_multiple_of(len) {
+            return format!("{}{unit}", secs / len);
+        }
+    }
+    format!("{secs}s")
 }
 
 #[cfg(test)]
@@ -52,5 +68,21 @@ mod tests {
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("10 years").is_err());
+    }
+
+    #[test]
+    fn formatted_durations_parse_back_to_themselves() {
+        for (d, text) in [
+            (Duration::ZERO, "0ms"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(300), "5m"),
+            (Duration::from_secs(7200), "2h"),
+            (Duration::from_secs(86_400 * 30), "30d"),
+        ] {
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text).unwrap(), d);
+        }
     }
 }

@@ -5,8 +5,12 @@
 //! and every error names the file, the line and the key.
 
 pub mod defaults;
+pub mod dkim_sign;
+pub mod dmarc_reports;
 mod duration;
 pub mod postgres;
+pub mod process;
+pub mod show;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,10 +19,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use defaults::*;
-pub use duration::parse_duration;
+pub use duration::{format_duration, parse_duration};
 
 /// The whole running configuration, validated.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Our name: greeting, EHLO towards the next hop, `Received:` by-clause.
@@ -53,6 +57,14 @@ pub struct Config {
     pub outbound: crate::outbound::OutboundConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub dmarc_reports: dmarc_reports::DmarcReportsConfig,
+    /// `[[dkim.sign]]`: outbound DKIM signing keys (src/config/dkim_sign.rs).
+    #[serde(default)]
+    pub dkim: dkim_sign::DkimConfig,
+    /// `[process]`: the pid file `mailwarden reload` signals.
+    #[serde(default)]
+    pub process: process::ProcessConfig,
 }
 
 /// What a configuration is loaded for: the proxy needs listeners; the offline commands
@@ -68,7 +80,7 @@ fn default_hostname() -> String {
 }
 
 /// What a listener is for: it decides which recipients a session may name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Mail from the internet: recipients must be in `local_domains` (no open relay).
@@ -77,7 +89,7 @@ pub enum Role {
     Submission,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
@@ -131,7 +143,7 @@ impl ListenerConfig {
 /// How bare LF line endings inside message content are handled. Either way only
 /// `<CRLF>.<CRLF>` ends the data and the next hop receives canonical CRLF lines, so
 /// SMTP smuggling (a second message hidden behind `<LF>.<LF>`) is impossible.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BareLf {
     /// Treat a bare LF as CRLF (Postfix 3.9 `smtpd_forbid_bare_newline = normalize`).
@@ -141,7 +153,7 @@ pub enum BareLf {
 }
 
 /// Session limits; every field is a client-controlled quantity that must be bounded.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub max_command_line: usize,
@@ -183,7 +195,7 @@ impl Default for Limits {
 }
 
 /// STARTTLS towards the next hop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RelayTls {
     Off,
@@ -194,7 +206,7 @@ pub enum RelayTls {
 }
 
 /// XCLIENT towards the next hop (Postfix `smtpd_authorized_xclient_hosts`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XclientMode {
     /// Never relay through a next hop that does not offer XCLIENT: without it the MTA sees
@@ -205,7 +217,7 @@ pub enum XclientMode {
     Off,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NextHopConfig {
     /// `smtp://HOST:PORT` or `maildir:PATH`.
@@ -286,6 +298,24 @@ pub struct NextHops {
     pub named: std::collections::BTreeMap<String, NextHopConfig>,
 }
 
+/// Written back as it is read: `[next_hop]`'s own keys, then each named section.
+impl serde::Serialize for NextHops {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Flat<'a> {
+            #[serde(flatten)]
+            default: &'a NextHopConfig,
+            #[serde(flatten)]
+            named: &'a std::collections::BTreeMap<String, NextHopConfig>,
+        }
+        Flat {
+            default: &self.default,
+            named: &self.named,
+        }
+        .serialize(s)
+    }
+}
+
 impl<'de> Deserialize<'de> for NextHops {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
@@ -363,7 +393,7 @@ impl NextHopAddress {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     #[serde(with = "duration")]
@@ -378,7 +408,7 @@ impl Default for ShutdownConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Resolvers as `IP:PORT`; empty means the system resolver (`/etc/resolv.conf`).
@@ -389,6 +419,13 @@ pub struct DnsConfig {
     pub attempts: usize,
     /// Cached answers (bounded; TTLs respected).
     pub cache_entries: u64,
+    /// Local zone files (RFC 1035 master format subset, see `auth::zones`), answered
+    /// before the resolver for the names under their `$ORIGIN`s; relative to the config
+    /// file. Default: none.
+    pub zone_files: Vec<PathBuf>,
+    /// Answer from `zone_files` only: every other name is "no such name", and nothing is
+    /// asked of any DNS server. Default `false`.
+    pub only_zone_files: bool,
 }
 
 impl Default for DnsConfig {
@@ -398,12 +435,14 @@ impl Default for DnsConfig {
             timeout_ms: DEFAULT_DNS_TIMEOUT_MS,
             attempts: DEFAULT_DNS_ATTEMPTS,
             cache_entries: DEFAULT_DNS_CACHE_ENTRIES,
+            zone_files: Vec::new(),
+            only_zone_files: false,
         }
     }
 }
 
 /// Sender authentication settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Verify sender authentication and apply the policy. Off: every message is relayed
@@ -481,7 +520,7 @@ impl Default for AuthConfig {
 }
 
 /// Spoofing heuristics beyond DMARC.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoofSettings {
     /// Domains whose name must not be used from outside; empty means `local_domains`.
@@ -503,7 +542,7 @@ impl Default for SpoofSettings {
 }
 
 /// The admin HTTP API and web page.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Off unless configured.
@@ -535,7 +574,7 @@ impl Default for AdminConfig {
 }
 
 /// Where quarantined messages are kept, and for how long.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuarantineConfig {
     pub dir: PathBuf,
@@ -590,7 +629,7 @@ impl QuarantineConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -598,7 +637,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// A `tracing` filter: `info`, `debug`, `mailwarden=debug,info`...
@@ -729,6 +768,12 @@ impl Config {
         fix(&mut self.outbound.state_file);
         fix(&mut self.outbound.freeze_file);
         fix(&mut self.outbound.command_dir);
+        fix(&mut self.dmarc_reports.db);
+        for s in &mut self.dkim.sign {
+            fix(&mut s.key_file);
+        }
+        fix_opt(&mut self.process.pid_file);
+        self.dns.zone_files.iter_mut().for_each(fix);
     }
 
     /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
@@ -736,9 +781,14 @@ impl Config {
     fn validate(&self, purpose: Purpose) -> Result<(), (String, String, String)> {
         let err = |t: &str, k: &str, r: String| Err((t.to_string(), k.to_string(), r));
         self.validate_checks()?;
+        self.dmarc_reports
+            .validate(self.auth.enabled)
+            .map_err(|(k, r)| ("dmarc_reports".to_string(), k, r))?;
         if purpose == Purpose::Offline {
             return Ok(());
         }
+        // Keys are read at start (and by check-config), not at the first message.
+        self.dkim.validate()?;
         if self.listeners.is_empty() {
             return err(
                 "",
@@ -939,6 +989,13 @@ impl Config {
                 "dns",
                 "timeout_ms",
                 "timeout_ms and attempts must be at least 1".into(),
+            );
+        }
+        if self.dns.only_zone_files && self.dns.zone_files.is_empty() {
+            return err(
+                "dns",
+                "only_zone_files",
+                "needs zone_files (without any, every lookup would find nothing)".into(),
             );
         }
         if self.auth.max_dns_lookups == 0 {

@@ -34,6 +34,17 @@ mod dur {
         crate::config::parse_duration(&s).map_err(serde::de::Error::custom)
     }
 
+    pub fn ser<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::config::format_duration(*d))
+    }
+
+    pub fn ser_opt<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => ser(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
     pub fn de_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s = String::deserialize(d)?;
         if s.trim().is_empty() || s.trim() == "never" {
@@ -46,7 +57,7 @@ mod dur {
 }
 
 /// Where counters, baselines and freezes live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// In this process; survives restarts through `state_file` and `freeze_file`.
@@ -56,7 +67,7 @@ pub enum Backend {
 }
 
 /// Which header From addresses an account may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FromAllow {
     /// Only the account's own address (and the aliases).
@@ -68,7 +79,7 @@ pub enum FromAllow {
 }
 
 /// `[outbound]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboundConfig {
     /// Track submission accounts at all. Default `true`.
@@ -84,7 +95,7 @@ pub struct OutboundConfig {
     /// signal off. Default `100`.
     pub max_recipient_domains: u32,
     /// Default `"1h"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub recipient_domains_window: Duration,
     /// Share of recipients the next hop refused above which the account is flagged
     /// (0 < share ≤ 1). Default `0.5`.
@@ -93,7 +104,7 @@ pub struct OutboundConfig {
     /// Default `20`.
     pub rejected_min_recipients: u32,
     /// Default `"1h"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub rejected_window: Duration,
     pub adaptive: AdaptiveConfig,
     pub new_ip: NewIpConfig,
@@ -102,11 +113,11 @@ pub struct OutboundConfig {
     pub action: OutboundAction,
     /// Automatic freezes end by themselves after this long; absent (or `"never"`): they
     /// last until an administrator unfreezes the account. Default: absent.
-    #[serde(deserialize_with = "dur::de_opt")]
+    #[serde(deserialize_with = "dur::de_opt", serialize_with = "dur::ser_opt")]
     pub freeze_expiry: Option<Duration>,
     /// At most one `outbound burst` alert (log line and webhook) per account per interval.
     /// Default `"10m"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub alert_interval: Duration,
     /// `http://HOST[:PORT]/PATH` receiving every alert as a JSON POST (plain HTTP only:
     /// put a local relay in front of an https endpoint). Default: absent.
@@ -124,10 +135,10 @@ pub struct OutboundConfig {
     /// Prefix of every Redis key. Default `"mailwarden:outbound:"`.
     pub redis_prefix: String,
     /// Connect and reply timeout for Redis. Default `"500ms"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub redis_timeout: Duration,
     /// While Redis is unreachable, try to reconnect this often. Default `"5s"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub redis_retry: Duration,
     /// Snapshot of the in-memory counters. Default `"var/outbound/state.json"`.
     pub state_file: PathBuf,
@@ -138,7 +149,7 @@ pub struct OutboundConfig {
     /// proxy (memory backend). Default `"var/outbound/commands"`.
     pub command_dir: PathBuf,
     /// How often the counters snapshot is written. Default `"30s"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub snapshot_interval: Duration,
     /// Most accounts whose counters are kept; the least recently active are forgotten
     /// first (frozen accounts stay frozen). Default `100000`.
@@ -146,11 +157,11 @@ pub struct OutboundConfig {
 }
 
 /// One sliding window and its static limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WindowLimit {
     /// Length, e.g. `"1m"`, `"1h"`, `"24h"` (10 s to 30 d).
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub window: Duration,
     /// Messages allowed in the window; absent: not limited.
     #[serde(default)]
@@ -162,7 +173,7 @@ pub struct WindowLimit {
 
 /// `[outbound.adaptive]`: flag when the hourly rate exceeds `max(floor, k × baseline)`,
 /// the baseline being an exponentially weighted average of the account's past hours.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdaptiveConfig {
     /// Default `true`.
@@ -174,7 +185,7 @@ pub struct AdaptiveConfig {
     /// Recipients per hour always allowed. Default `1000`.
     pub floor_recipients: f64,
     /// An hour's weight in the baseline halves after this long. Default `"7d"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub half_life: Duration,
     /// Baseline of an account never seen before, messages per hour. Default `5`.
     pub new_account_messages: f64,
@@ -185,13 +196,13 @@ pub struct AdaptiveConfig {
 /// `[outbound.new_ip]`: a successful login from an address never seen for the account
 /// (which has logged in from elsewhere before) tightens its limits for a while: the
 /// credential-stuffing pattern.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NewIpConfig {
     /// Default `true`.
     pub enabled: bool,
     /// How long after such a login the limits stay tightened. Default `"1h"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub window: Duration,
     /// Every volume limit is multiplied by this meanwhile (0 < factor ≤ 1). Default `0.5`.
     pub factor: f64,
@@ -200,7 +211,7 @@ pub struct NewIpConfig {
 }
 
 /// `[outbound.from]`: which header From addresses an account may use.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FromConfig {
     /// `"address"`, `"domain"` or `"any"`. Default `"domain"`.
@@ -221,7 +232,7 @@ pub struct FromConfig {
 /// per-sender limit) and as itself, `client:ADDRESS` (IPv4) or `client:PREFIX/64` (IPv6:
 /// a host owns at least a /64 and picks any address in it). The stricter action wins.
 /// One host (`[[outbound.account]] name = "client:192.0.2.7"`) can get its own limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientConfig {
     /// Count trusted clients by address too. Default `true`.
@@ -242,20 +253,20 @@ pub struct ClientConfig {
 /// `[outbound.auth_failures]`: AUTH failures per client (an IPv4 address, an IPv6 /64: a
 /// host rotating addresses inside its prefix is one client) and per user name across all
 /// clients (a password spray from many addresses against one account).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthFailureConfig {
     /// Default `true`.
     pub enabled: bool,
     /// Default `"10m"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub window: Duration,
     /// Failed AUTH exchanges allowed per address per window. Default `10`.
     pub max_failures: u32,
     /// Distinct user names that may fail per address per window. Default `5`.
     pub max_usernames: u32,
     /// How long a breaching address is refused AUTH (454 4.7.0). Default `"1h"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub block: Duration,
     /// Failed AUTH exchanges allowed per user name per window, from all clients together;
     /// past it the user name is locked for `user_block`: AUTH as that name is refused
@@ -264,7 +275,7 @@ pub struct AuthFailureConfig {
     /// Default `20`.
     pub max_failures_per_user: u32,
     /// Default `"15m"`.
-    #[serde(deserialize_with = "dur::de")]
+    #[serde(deserialize_with = "dur::de", serialize_with = "dur::ser")]
     pub user_block: Duration,
     /// Never blocked (e.g. a webmail front end logging in for many users). Default `[]`.
     pub exempt_networks: Vec<ipnet::IpNet>,
@@ -275,7 +286,7 @@ pub struct AuthFailureConfig {
 
 /// `[[outbound.account]]`: limits for one account or a group. Absent keys keep the
 /// `[outbound]` values.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountOverride {
     /// An account (login or envelope sender, case-insensitive) or `@domain` for every
@@ -911,7 +922,7 @@ impl Settings {
 mod tests {
     use super::*;
 
-    #[derive(Deserialize)]
+    #[derive(Deserialize, serde::Serialize)]
     struct Wrapper {
         #[serde(default)]
         outbound: OutboundConfig,

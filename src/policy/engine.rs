@@ -95,6 +95,24 @@ pub struct Enforcer {
     last_reload: RwLock<Option<Result<String, String>>>,
 }
 
+/// `[dns] zone_files`, read (None without any).
+fn local_zones(
+    dns: &crate::config::DnsConfig,
+) -> Result<Option<Arc<crate::auth::zones::ZoneSet>>, String> {
+    if dns.zone_files.is_empty() {
+        return Ok(None);
+    }
+    let zones = crate::auth::zones::ZoneSet::load(&dns.zone_files)
+        .map_err(|e| format!("[dns] zone_files: {e}"))?;
+    tracing::info!(
+        files = dns.zone_files.len(),
+        names = zones.names(),
+        only = dns.only_zone_files,
+        "DNS: local zone files answer first"
+    );
+    Ok(Some(Arc::new(zones)))
+}
+
 impl Enforcer {
     pub fn from_config(config: &Config) -> Result<Enforcer, String> {
         let authenticator = crate::auth::dns::authenticator(&config.dns)?;
@@ -108,7 +126,8 @@ impl Enforcer {
             &config.spoof.protected_domains
         };
         Ok(Enforcer {
-            verifier: Verifier::new(authenticator, &config.hostname, &config.auth),
+            verifier: Verifier::new(authenticator, &config.hostname, &config.auth)
+                .with_zones(local_zones(&config.dns)?, config.dns.only_zone_files),
             spoof: SpoofConfig::new(
                 protected,
                 &config.spoof.protected_names,
@@ -344,6 +363,8 @@ impl Enforcer {
             reasons: verdict.reasons(),
             flags: verdict.flag_names(),
             authentication_results: verdict.authentication_results.clone(),
+            // Filled by `inspect`, which owns the verdict and moves the report in.
+            auth: None,
         }
     }
 }
@@ -530,7 +551,10 @@ impl Inspector for Enforcer {
                 auth = %verdict.authentication_results.as_deref().unwrap_or("-"),
                 "verdict"
             );
-            self.decision(&verdict, ctx.message, &fields)
+            let mut decision = self.decision(&verdict, ctx.message, &fields);
+            // Moved, not cloned: DMARC aggregate reports read it after the relay.
+            decision.auth = verdict.report.map(std::sync::Arc::new);
+            decision
         })
     }
 

@@ -74,6 +74,8 @@ pub struct Decision {
     pub flags: Vec<String>,
     /// The `Authentication-Results` value (one line), when verification ran.
     pub authentication_results: Option<String>,
+    /// What verification found, when it ran (DMARC aggregate reports record it).
+    pub auth: Option<std::sync::Arc<crate::auth::AuthReport>>,
 }
 
 impl Decision {
@@ -85,6 +87,7 @@ impl Decision {
             reasons: Vec::new(),
             flags: Vec::new(),
             authentication_results: None,
+            auth: None,
         }
     }
 }

@@ -50,6 +50,17 @@ fn identity(client: &str, helo: &str, login: Option<&str>) -> ClientIdentity {
     }
 }
 
+/// What a release does to the message on its way out.
+#[derive(Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// Our `Authentication-Results` id: forged ones are left out.
+    pub authserv_id: &'a str,
+    /// Our verdict header: a forged one is left out.
+    pub verdict_header: &'a str,
+    /// Outbound DKIM signing, for entries of a submission listener.
+    pub signer: Option<&'a crate::signing::Signer>,
+}
+
 /// Releases one entry to its original recipients, or to `to` when given.
 pub async fn release(
     store: &dyn QuarantineStore,
@@ -57,8 +68,7 @@ pub async fn release(
     id: &QuarantineId,
     to: &[String],
     force: bool,
-    authserv_id: &str,
-    verdict_header: &str,
+    out: Outgoing<'_>,
 ) -> Result<Reply, ReleaseError> {
     let started = match store.transition(id, State::Held, State::Releasing).await {
         Err(StoreError::WrongState { state, .. })
@@ -71,7 +81,7 @@ pub async fn release(
         other => other,
     };
     match started {
-        Ok(()) => send(store, hops, id, to, authserv_id, verdict_header).await,
+        Ok(()) => send(store, hops, id, to, out).await,
         Err(StoreError::WrongState { state, .. }) if state == State::Released.as_str() => {
             Err(ReleaseError::AlreadyReleased)
         }
@@ -84,8 +94,7 @@ async fn send(
     hops: &NextHops,
     id: &QuarantineId,
     to: &[String],
-    authserv_id: &str,
-    verdict_header: &str,
+    out: Outgoing<'_>,
 ) -> Result<Reply, ReleaseError> {
     let meta = store.meta(id).await?;
     let message = store.message(id).await?;
@@ -104,7 +113,7 @@ async fn send(
         .collect();
     let fields = crate::auth::headers::fields(&message);
     let edits: Vec<crate::relay::writer::Edit> =
-        crate::auth::headers::forged_ranges(&fields, authserv_id, verdict_header)
+        crate::auth::headers::forged_ranges(&fields, out.authserv_id, out.verdict_header)
             .into_iter()
             .map(crate::relay::writer::Edit::remove)
             .collect();
@@ -115,6 +124,15 @@ async fn send(
             "Authentication-Results: {}",
             meta.authentication_results
         ));
+    }
+    // An outbound entry leaves signed, as it would have without the hold (signed now:
+    // t= is the release time, and a key rolled over meanwhile is the one used).
+    if meta.listener == "submission"
+        && let Some(signer) = out.signer
+    {
+        let signing = crate::signing::record(signer.sign(&headers, &parts));
+        tracing::info!(id = %id, dkim_sign = %signing.summary(), "quarantine: release signing");
+        headers.splice(0..0, signing.headers().iter().cloned());
     }
 
     let mut relay = Relay::new(hops.for_role(&meta.listener));

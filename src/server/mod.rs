@@ -3,6 +3,7 @@
 
 mod limits;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod shutdown;
 
 use std::net::SocketAddr;
@@ -26,18 +27,17 @@ use crate::smtp::{Session, SessionShared};
 use crate::tls::MaybeTls;
 use limits::ConnectionLimits;
 
-/// A listener that is bound and ready to accept.
+/// A listener that is bound and ready to accept: its settings are the `index`-th of the
+/// current [`reload::Generation`].
 struct Bound {
     socket: TcpListener,
-    shared: Arc<ListenerShared>,
-    limits: Arc<ConnectionLimits>,
+    index: usize,
 }
 
 /// Everything checked and bound, not yet accepting: errors here stop the start.
 pub struct Server {
     listeners: Vec<Bound>,
-    shared: Arc<SessionShared>,
-    grace: Duration,
+    live: Arc<reload::Live>,
     /// The admin HTTP API, bound and ready (`[admin] enabled`).
     admin: Option<crate::admin::http::AdminServer>,
 }
@@ -54,6 +54,23 @@ impl Server {
         Self::bind_with(config, inspector, shutdown).await
     }
 
+    /// [`Server::bind`], remembering `path` so that [`reload::Live::reload`] can read it
+    /// again, with the SIGHUP handler installed and then `[process] pid_file` written.
+    pub async fn bind_reloadable(
+        config: Config,
+        path: &std::path::Path,
+        shutdown: CancellationToken,
+    ) -> Result<Server, String> {
+        let server = Self::bind(config, shutdown).await?;
+        server.live.set_path(path.to_path_buf());
+        // SIGHUP is handled before the pid file exists: a `mailwarden reload` right
+        // after the start must not meet SIGHUP's default action (terminate).
+        shutdown::on_reload(server.live())
+            .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
+        server.live.write_pid_file()?;
+        Ok(server)
+    }
+
     pub async fn bind_with(
         config: Config,
         inspector: Arc<dyn Inspector>,
@@ -61,6 +78,7 @@ impl Server {
     ) -> Result<Server, String> {
         preflight(&config)?;
         let next_hops = Arc::new(NextHops::from_config(&config)?);
+        let signer = crate::signing::Signer::from_config(&config.dkim)?;
         let has_submission = config
             .listeners
             .iter()
@@ -88,27 +106,26 @@ impl Server {
             None
         };
         let mut listeners = Vec::new();
-        for lc in &config.listeners {
+        let mut settings = Vec::new();
+        let mut limits = Vec::new();
+        for (index, lc) in config.listeners.iter().enumerate() {
             let tls = match (&lc.tls_cert, &lc.tls_key) {
                 (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
                 _ => None,
             };
             let socket = listen(lc.address, lc.max_sessions)
                 .map_err(|e| format!("cannot listen on {}: {e}", lc.address))?;
-            listeners.push(Bound {
-                socket,
-                limits: Arc::new(ConnectionLimits::new(
-                    lc.max_sessions,
-                    lc.max_sessions_per_client,
-                )),
-                shared: Arc::new(ListenerShared {
-                    next_hop: next_hops.for_listener(lc),
-                    config: lc.clone(),
-                    tls,
-                }),
-            });
+            listeners.push(Bound { socket, index });
+            limits.push(Arc::new(ConnectionLimits::new(
+                lc.max_sessions,
+                lc.max_sessions_per_client,
+            )));
+            settings.push(Arc::new(ListenerShared {
+                next_hop: next_hops.for_listener(lc),
+                config: lc.clone(),
+                tls,
+            }));
         }
-        let grace = config.shutdown.grace_period;
         tracing::info!(next_hop = %next_hops.describe(), "next hop");
         // `off` is a choice, but never a silent one: the next hop judges our address.
         let hops = std::iter::once((String::new(), &config.next_hop.default))
@@ -119,7 +136,11 @@ impl Server {
                     "xclient = \"off\": the next hop sees our address, not the client's; make sure it does not trust it (mynetworks)");
             }
         }
+        let dmarc_reports = dmarc_recorder(&config)?;
         let config = Arc::new(config);
+        // Filled once the first generation exists (below): the admin API then follows
+        // reloads.
+        let admin_live = Arc::new(std::sync::OnceLock::new());
         let admin = if config.admin.enabled {
             let state = crate::admin::AdminState {
                 config: config.clone(),
@@ -127,15 +148,16 @@ impl Server {
                 inspector: inspector.clone(),
                 next_hops: next_hops.clone(),
                 detector: outbound.clone(),
+                signer: signer.clone(),
+                live: admin_live.clone(),
             };
             // Bound before anything is served: a bad token file or a busy port stops the start.
             Some(crate::admin::http::bind(state, shutdown.clone()).await?)
         } else {
             None
         };
-        Ok(Server {
-            listeners,
-            admin,
+        let bound = config.listeners.clone();
+        let first = reload::Generation {
             shared: Arc::new(SessionShared {
                 memory: crate::smtp::memory::MessageMemory::new(config.limits.message_memory),
                 config,
@@ -143,14 +165,27 @@ impl Server {
                 quarantine,
                 outbound,
                 shutdown,
+                dmarc_reports,
+                signer,
             }),
-            grace,
+            listeners: settings,
+            limits,
+            next_hops,
+        };
+        Ok(Server {
+            listeners,
+            admin,
+            live: {
+                let live = Arc::new(reload::Live::new(first, bound));
+                let _ = admin_live.set(live.clone());
+                live
+            },
         })
     }
 
-    /// The verdict engine (for reloads).
-    pub fn inspector(&self) -> Arc<dyn Inspector> {
-        self.shared.inspector.clone()
+    /// The running configuration and its reload (SIGHUP, `mailwarden reload`).
+    pub fn live(&self) -> Arc<reload::Live> {
+        self.live.clone()
     }
 
     /// Addresses actually bound (useful when a config says port 0).
@@ -165,7 +200,8 @@ impl Server {
     /// to the grace period for sessions to finish. Returns how many were still running.
     pub async fn run(self) -> usize {
         let tracker = TaskTracker::new();
-        let shutdown = self.shared.shutdown.clone();
+        let first = self.live.current();
+        let shutdown = first.shared.shutdown.clone();
         let mut accept_loops = Vec::new();
         for bound in self.listeners {
             let addr = bound
@@ -173,40 +209,51 @@ impl Server {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            tracing::info!(address = %addr, role = ?bound.shared.config.role,
-                tls = bound.shared.tls.is_some(), implicit_tls = bound.shared.config.implicit_tls,
-                proxy_protocol = bound.shared.config.proxy_protocol, "listening");
+            let settings = &first.listeners[bound.index];
+            tracing::info!(address = %addr, role = ?settings.config.role,
+                tls = settings.tls.is_some(), implicit_tls = settings.config.implicit_tls,
+                proxy_protocol = settings.config.proxy_protocol, "listening");
             accept_loops.push(tokio::spawn(accept_loop(
                 bound,
-                self.shared.clone(),
+                self.live.clone(),
+                shutdown.clone(),
                 tracker.clone(),
             )));
         }
         // The detector's housekeeping writes a last snapshot when shutdown starts: wait
         // for it below so the counters survive the restart.
-        let outbound = self.shared.outbound.clone().map(|detector| {
-            tokio::spawn(export_outbound_metrics(detector.clone(), shutdown.clone()));
-            tokio::spawn(detector.maintain(shutdown.clone()))
-        });
-        if let Some(store) = self.shared.quarantine.clone() {
-            let retention = self.shared.config.quarantine.retention;
+        self.live.start_outbound_tasks(&shutdown);
+        if first.shared.dmarc_reports.is_some() {
+            match crate::dmarc_reports::period::Outbox::from_config(&first.shared.config) {
+                Ok(outbox) => {
+                    tokio::spawn(crate::dmarc_reports::period::run(
+                        first.shared.config.clone(),
+                        outbox,
+                        shutdown.clone(),
+                    ));
+                }
+                Err(e) => tracing::error!(error = %e, "DMARC reports: cannot send reports"),
+            }
+        }
+        if let Some(store) = first.shared.quarantine.clone() {
+            let retention = first.shared.config.quarantine.retention;
             tokio::spawn(apply_retention(store, retention, shutdown.clone()));
         }
+        drop(first);
         let admin = self.admin.map(|a| tokio::spawn(a.run()));
         shutdown.cancelled().await;
         for l in accept_loops {
             let _ = l.await; // the loops end on the same token and drop their sockets
         }
         tracker.close();
+        // The grace period of the configuration running now (it may have been reloaded).
+        let grace = self.live.current().shared.config.shutdown.grace_period;
         tracing::info!(
             sessions = tracker.len(),
-            grace_s = self.grace.as_secs(),
+            grace_s = grace.as_secs(),
             "shutting down: no longer accepting"
         );
-        if tokio::time::timeout(self.grace, tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
                 sessions = tracker.len(),
                 "grace period over: closing remaining sessions"
@@ -215,9 +262,8 @@ impl Server {
         if let Some(a) = admin {
             let _ = a.await; // stops on the same token
         }
-        if let Some(m) = outbound {
-            let _ = tokio::time::timeout(Duration::from_secs(10), m).await;
-        }
+        self.live.stop_outbound_tasks().await;
+        self.live.remove_pid_file();
         tracker.len()
     }
 }
@@ -234,6 +280,10 @@ pub fn preflight(config: &Config) -> Result<Vec<String>, String> {
             crate::tls::acceptor(cert, key)
                 .map_err(|e| format!("listener[{i}] ({}): tls: {e}", l.address))?;
         }
+    }
+    if !config.dns.zone_files.is_empty() {
+        crate::auth::zones::ZoneSet::load(&config.dns.zone_files)
+            .map_err(|e| format!("[dns] zone_files: {e}"))?;
     }
     let mut warnings = Vec::new();
     if let Some(path) = config.policy_file() {
@@ -342,8 +392,27 @@ fn listen(addr: SocketAddr, max_sessions: usize) -> std::io::Result<TcpListener>
     socket.listen(u32::try_from(max_sessions.max(1024)).unwrap_or(u32::MAX))
 }
 
-async fn accept_loop(bound: Bound, shared: Arc<SessionShared>, tracker: TaskTracker) {
-    let shutdown = shared.shutdown.clone();
+/// The recorder of DMARC evaluations, when reports are on and checks run. The store is
+/// opened here, so a bad `[dmarc_reports] db` stops the start.
+fn dmarc_recorder(config: &Config) -> Result<Option<Arc<crate::dmarc_reports::Recorder>>, String> {
+    let cfg = &config.dmarc_reports;
+    if !cfg.enabled || !config.auth.enabled {
+        return Ok(None);
+    }
+    let store = crate::dmarc_reports::SqliteStore::open(&cfg.db)
+        .map_err(|e| format!("[dmarc_reports] db {}: {e}", cfg.db.display()))?;
+    let recorder =
+        crate::dmarc_reports::Recorder::start(Box::new(store), cfg.queue, cfg.opt_out.clone())
+            .map_err(|e| format!("[dmarc_reports]: cannot start the recorder: {e}"))?;
+    Ok(Some(Arc::new(recorder)))
+}
+
+async fn accept_loop(
+    bound: Bound,
+    live: Arc<reload::Live>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             a = bound.socket.accept() => a,
@@ -359,8 +428,13 @@ async fn accept_loop(bound: Bound, shared: Arc<SessionShared>, tracker: TaskTrac
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (listener, limits, shared) =
-            (bound.shared.clone(), bound.limits.clone(), shared.clone());
+        // The session keeps the generation current now to its end (see `reload`).
+        let generation = live.current();
+        let (listener, limits, shared) = (
+            generation.listeners[bound.index].clone(),
+            generation.limits[bound.index].clone(),
+            generation.shared.clone(),
+        );
         tracker.spawn(async move { serve_connection(tcp, peer, listener, limits, shared).await });
     }
 }

@@ -1,5 +1,5 @@
 //! Signals: SIGTERM and SIGINT start a graceful shutdown (the grace period bounds the
-//! drain); SIGHUP reloads the policy file.
+//! drain); SIGHUP reloads the configuration file.
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -19,19 +19,13 @@ pub fn on_signals(token: CancellationToken) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Calls `reload` on every SIGHUP; a failed reload keeps what is running and says why.
-pub fn on_reload(
-    reload: impl Fn() -> Result<String, String> + Send + 'static,
-) -> std::io::Result<()> {
+/// Reloads the configuration on every SIGHUP (see [`super::reload`]); a failed reload
+/// keeps what is running and says why in the log.
+pub fn on_reload(live: std::sync::Arc<super::reload::Live>) -> std::io::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            match reload() {
-                Ok(version) => tracing::info!(policy = %version, "policy reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "policy reload failed: keeping the running policy")
-                }
-            }
+            let _ = live.reload().await;
         }
     });
     Ok(())

@@ -30,6 +30,10 @@ pub struct SessionShared {
     pub shutdown: CancellationToken,
     /// Message content held by all sessions (`[limits] message_memory`).
     pub memory: Arc<crate::smtp::memory::MessageMemory>,
+    /// Records inbound DMARC evaluations for aggregate reports (`[dmarc_reports]`).
+    pub dmarc_reports: Option<Arc<crate::dmarc_reports::Recorder>>,
+    /// Outbound DKIM signing on submission listeners (`[[dkim.sign]]`).
+    pub signer: Option<Arc<crate::signing::Signer>>,
 }
 
 /// What a session shares with the other sessions of its listener.

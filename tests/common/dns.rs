@@ -636,6 +636,13 @@ pub struct DnsServer {
 impl DnsServer {
     /// Start serving `zone` on 127.0.0.1 (UDP and TCP on the same, free port).
     pub fn start(zone: Zone) -> DnsServer {
+        Self::start_on(zone, None).expect("bind the test DNS server")
+    }
+
+    /// Start serving `zone` at `at` (UDP and TCP), or on 127.0.0.1 at a free port. For
+    /// programs that only ask port 53 of the addresses in /etc/resolv.conf (libresolv:
+    /// OpenDKIM's tools), pass a 127.x.y.z address and port 53.
+    pub fn start_on(zone: Zone, at: Option<SocketAddr>) -> std::io::Result<DnsServer> {
         let state = Arc::new(State {
             zone: RwLock::new(zone),
             delay: RwLock::new(Duration::ZERO),
@@ -646,7 +653,7 @@ impl DnsServer {
             count: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
         });
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let handler_state = state.clone();
         let thread = std::thread::Builder::new()
@@ -658,14 +665,23 @@ impl DnsServer {
                     .build()
                     .expect("dns server runtime");
                 rt.block_on(async move {
-                    let (udp, tcp) = bind_same_port().await;
+                    let (udp, tcp) = match at {
+                        None => bind_same_port().await,
+                        Some(at) => match bind_at(at).await {
+                            Ok(pair) => pair,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        },
+                    };
                     let addr = udp.local_addr().expect("udp local_addr");
                     let mut server = Server::new(Handler {
                         state: handler_state,
                     });
                     server.register_socket(udp);
                     server.register_listener(tcp, Duration::from_secs(30), 64);
-                    ready_tx.send(addr).expect("report dns server address");
+                    ready_tx.send(Ok(addr)).expect("report dns server address");
                     let _ = stop_rx.await;
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully())
@@ -676,13 +692,13 @@ impl DnsServer {
             .expect("spawn dns server thread");
         let addr = ready_rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("dns server did not start");
-        DnsServer {
+            .expect("dns server did not start")?;
+        Ok(DnsServer {
             addr,
             state,
             stop: Some(stop_tx),
             thread: Some(thread),
-        }
+        })
     }
 
     /// The address (same port for UDP and TCP).
@@ -773,6 +789,14 @@ impl Drop for DnsServer {
 
 /// Bind UDP on 127.0.0.1:0 and TCP on the same port (retrying if another process
 /// happens to hold that TCP port).
+async fn bind_at(
+    at: SocketAddr,
+) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+    let udp = tokio::net::UdpSocket::bind(at).await?;
+    let tcp = tokio::net::TcpListener::bind(at).await?;
+    Ok((udp, tcp))
+}
+
 async fn bind_same_port() -> (tokio::net::UdpSocket, tokio::net::TcpListener) {
     let mut last_err = None;
     for _ in 0..50 {

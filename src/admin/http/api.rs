@@ -341,15 +341,18 @@ pub async fn release(
     }
     let store = store(&app)?;
     let id = store.lookup(id.as_str()).await?;
-    let config = &app.state.config;
+    let config = app.state.config();
     let result = crate::quarantine::release::release(
         store.as_ref(),
-        &app.state.next_hops,
+        &app.state.next_hops(),
         &id,
         &body.to,
         body.force,
-        config.authserv_id(),
-        &config.auth.verdict_header,
+        crate::quarantine::release::Outgoing {
+            authserv_id: config.authserv_id(),
+            verdict_header: &config.auth.verdict_header,
+            signer: app.state.signer().as_deref(),
+        },
     )
     .await;
     let outcome = match &result {
@@ -420,7 +423,7 @@ struct FreezeBody {
 }
 
 fn detector(app: &App) -> ApiResult<Arc<crate::outbound::Detector>> {
-    app.state.detector.clone().ok_or_else(|| {
+    app.state.detector().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "accounts_unavailable",
@@ -430,7 +433,7 @@ fn detector(app: &App) -> ApiResult<Arc<crate::outbound::Detector>> {
 }
 
 pub async fn accounts(State(app): State<Arc<App>>) -> ApiResult<Json<Value>> {
-    let Some(d) = app.state.detector.clone() else {
+    let Some(d) = app.state.detector() else {
         return Ok(Json(json!({
             "available": false,
             "backend": null,
@@ -551,7 +554,7 @@ pub async fn unfreeze(
 // ---------------------------------------------------------------------------
 
 pub async fn policy(State(app): State<Arc<App>>) -> Json<Value> {
-    let status = app.state.inspector.policy_status();
+    let status = app.state.inspector().policy_status();
     let last_reload = match status.last_reload {
         None => Value::Null,
         Some(Ok(v)) => json!({"ok": true, "message": v}),

@@ -16,6 +16,8 @@ struct Outcome {
     reply: Reply,
     verdict: &'static str,
     reasons: Vec<String>,
+    /// Outbound DKIM signing, for the log line ("" when not a signing listener).
+    dkim: String,
 }
 
 impl Session {
@@ -133,6 +135,7 @@ impl Session {
                 reply,
                 verdict: "refused",
                 reasons: Vec::new(),
+                dkim: String::new(),
             };
         }
 
@@ -151,6 +154,7 @@ impl Session {
         };
         let decision = self.shared.inspector.inspect(&ctx).await;
         let verdict = decision.action.name();
+        let mut dkim = String::new();
         let reply = match &decision.action {
             Action::Reject(reply) | Action::Defer(reply) => {
                 self.relay.reset().await;
@@ -170,6 +174,15 @@ impl Session {
                     rcpts: &tx.rcpts,
                 };
                 let parts = crate::relay::writer::edited(message, &decision.edits);
+                if self.listener.config.role == crate::config::Role::Submission
+                    && let Some(signer) = &self.shared.signer
+                {
+                    // After the From check, the burst stage and the verdict: what is
+                    // signed is exactly what is relayed.
+                    let signing = crate::signing::record(signer.sign(&headers, &parts));
+                    dkim = signing.summary();
+                    headers.splice(0..0, signing.headers().iter().cloned());
+                }
                 let started = std::time::Instant::now();
                 let delivered = self.relay.deliver(&envelope, &headers, &parts).await;
                 crate::metrics::global()
@@ -188,10 +201,12 @@ impl Session {
                 }
             }
         };
+        self.record_dmarc(tx, &decision, &reply);
         Outcome {
             reply,
             verdict,
             reasons: decision.reasons.clone(),
+            dkim,
         }
     }
 
@@ -249,6 +264,7 @@ impl Session {
                 reasons: a.reasons.clone(),
                 flags: a.flags.iter().map(|f| f.to_string()).collect(),
                 authentication_results: None,
+                auth: None,
             };
             self.relay.reset().await;
             tracing::warn!(session = %self.id, account = %account, frozen = a.frozen, reasons = %a.reasons.join("; "), "outbound: message held");
@@ -287,6 +303,7 @@ impl Session {
             reply,
             verdict,
             reasons: a.reasons,
+            dkim: String::new(),
         })
     }
 
@@ -419,6 +436,7 @@ impl Session {
             next_hop_reply = %outcome.reply.summary(),
             verdict = outcome.verdict,
             reasons = %outcome.reasons.join(","),
+            dkim_sign = %outcome.dkim,
             duration_ms = tx.started.elapsed().as_millis() as u64,
             "transaction"
         );

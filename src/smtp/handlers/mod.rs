@@ -3,6 +3,7 @@
 
 mod auth;
 mod data;
+mod dmarc_record;
 mod ehlo;
 mod mail;
 mod rcpt;
