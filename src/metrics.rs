@@ -80,6 +80,8 @@ pub struct Metrics {
     /// AUTH refused because the next hop is neither loopback nor reached over verified
     /// TLS (or its certificate failed verification): credentials were not sent.
     pub auth_relay_insecure: Counter,
+    /// Nameserver health and serve-stale (`src/auth/servers.rs`).
+    pub dns: crate::auth::servers::DnsMetrics,
 }
 
 impl Metrics {
@@ -117,6 +119,7 @@ impl Metrics {
             relay_without_xclient: Counter::default(),
             relay_unsafe_next_hop: Counter::default(),
             auth_relay_insecure: Counter::default(),
+            dns: crate::auth::servers::DnsMetrics::new(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -258,6 +261,7 @@ impl Metrics {
             m.auth_refused.clone(),
         );
         registry.register("policy_reloads", "Policy reloads", m.policy_reloads.clone());
+        m.dns.register(&mut registry);
         Metrics { registry, ..m }
     }
 

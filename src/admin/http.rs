@@ -310,7 +310,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<App>> {
         ("GET", "/") => get(|| async { page(INDEX_HTML, "text/html; charset=utf-8") }),
         ("GET", "/app.js") => get(|| async { page(APP_JS, "text/javascript; charset=utf-8") }),
         ("GET", "/style.css") => get(|| async { page(STYLE_CSS, "text/css; charset=utf-8") }),
-        ("GET", "/healthz") => get(|| async { "ok\n" }),
+        ("GET", "/healthz") => get(health),
         ("GET", "/metrics") => get(api::metrics),
         ("GET", "/api/quarantine") => get(api::list),
         ("GET", "/api/quarantine/{id}") => get(api::entry),
@@ -324,6 +324,15 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<App>> {
         ("GET", "/api/policy") => get(api::policy),
         ("GET", "/api/stats") => get(api::stats),
         other => panic!("admin route {other:?} has no handler"),
+    }
+}
+
+/// `/healthz`: `ok`, or `degraded: <why>` (still 200: the proxy serves, and a load
+/// balancer that pulled every instance during a DNS outage would make it a mail outage).
+async fn health() -> String {
+    match crate::auth::dns::degraded() {
+        None => "ok\n".into(),
+        Some(why) => format!("degraded: {why}\n"),
     }
 }
 

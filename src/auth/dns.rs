@@ -1,17 +1,32 @@
-//! The DNS resolver every check uses: hickory, with the nameservers, per-query timeout,
-//! attempts and cache size from `[dns]`. The cache is hickory's own: bounded and
-//! TTL-respecting.
+//! DNS for every check: [`DnsClient::lookup`] is the one function through which our SPF,
+//! DKIM, DMARC and ARC-key lookups go. It asks the configured nameservers in order,
+//! skipping the ones known to be down ([`super::servers`]: health, bounded backoff,
+//! background probes, per-server metrics), and falls back on the last known answer
+//! ([`super::stale`], RFC 8767 serve-stale) only when no server answered.
+//!
+//! [`authenticator`] builds the hickory resolver that mail-auth's `MessageAuthenticator`
+//! wraps; mail-auth uses it only for what we did not already fetch for it (ARC keys are
+//! fetched here first, see [`super::arc::prefetch_keys`]).
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError, NoRecords};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use mail_auth::MessageAuthenticator;
 
+use super::servers::{Outcome, Servers};
+use super::spf::NEGATIVE_TTL_MAX;
+use super::stale::{StaleStore, StoredAnswer};
 use crate::config::DnsConfig;
 
-/// Builds the authenticator (mail-auth's wrapper around a hickory resolver).
-pub fn authenticator(cfg: &DnsConfig) -> Result<MessageAuthenticator, String> {
+
+/// Resolver options from `[dns]`.
+fn options(cfg: &DnsConfig) -> ResolverOpts {
     let mut opts = ResolverOpts::default();
     opts.timeout = Duration::from_millis(cfg.timeout_ms);
     opts.attempts = cfg.attempts;
@@ -21,29 +36,241 @@ pub fn authenticator(cfg: &DnsConfig) -> Result<MessageAuthenticator, String> {
     opts.try_tcp_on_error = true;
     // Names in mail are absolute: never try search domains.
     opts.ndots = 0;
-    let config = if cfg.nameservers.is_empty() {
+    opts
+}
+
+/// The nameservers of `[dns] nameservers`, or of the system configuration when empty.
+fn nameservers(cfg: &DnsConfig, opts: &mut ResolverOpts) -> Result<Vec<NameServerConfig>, String> {
+    if cfg.nameservers.is_empty() {
         let (config, system_opts) = hickory_resolver::system_conf::read_system_conf()
             .map_err(|e| format!("cannot read the system resolver configuration: {e}"))?;
         opts.edns0 = system_opts.edns0;
-        config
-    } else {
-        let servers = cfg
-            .nameservers
-            .iter()
-            .map(|addr| {
-                let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
-                for conn in &mut ns.connections {
-                    conn.port = addr.port();
+        let (_, _, servers) = config.into_parts();
+        return Ok(servers);
+    }
+    Ok(cfg
+        .nameservers
+        .iter()
+        .map(|addr| {
+            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+            for conn in &mut ns.connections {
+                conn.port = addr.port();
+            }
+            ns
+        })
+        .collect())
+}
+
+fn build(servers: Vec<NameServerConfig>, opts: ResolverOpts) -> Result<TokioResolver, String> {
+    let config = ResolverConfig::from_parts(None, vec![], servers);
+    hickory_resolver::Resolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(opts)
+        .build()
+        .map_err(|e| format!("cannot build the DNS resolver: {e}"))
+}
+
+/// Builds the authenticator (mail-auth's wrapper around a hickory resolver over all the
+/// nameservers).
+pub fn authenticator(cfg: &DnsConfig) -> Result<MessageAuthenticator, String> {
+    let mut opts = options(cfg);
+    let servers = nameservers(cfg, &mut opts)?;
+    Ok(MessageAuthenticator(build(servers, opts)?))
+}
+
+/// A successful lookup: the records of the asked type (empty: NXDOMAIN or NODATA).
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub records: Arc<[RData]>,
+    /// Until when it may be cached as fresh; `None`: not at all (a stale answer, or a
+    /// negative answer without an SOA).
+    pub valid_until: Option<Instant>,
+    /// Set when this is a stale answer: how long ago it was fetched.
+    pub stale_age: Option<Duration>,
+}
+
+/// No answer: no server answered and nothing usable was known (temperror for the check).
+#[derive(Clone, Debug)]
+pub struct LookupFailed(pub &'static str);
+
+impl std::fmt::Display for LookupFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// The DNS every check uses. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct DnsClient {
+    servers: Arc<Servers>,
+    stale: Arc<StaleStore>,
+}
+
+impl DnsClient {
+    /// One resolver per nameserver (so that each is health-tracked on its own), and the
+    /// stale store, loaded from `[dns] stale_cache_file` when set.
+    pub fn new(cfg: &DnsConfig) -> Result<DnsClient, String> {
+        let mut opts = options(cfg);
+        let configs = nameservers(cfg, &mut opts)?;
+        let mut servers = Vec::with_capacity(configs.len());
+        for ns in configs {
+            let label = match ns.connections.first() {
+                Some(c) => std::net::SocketAddr::new(ns.ip, c.port).to_string(),
+                None => ns.ip.to_string(),
+            };
+            servers.push((label, build(vec![ns], opts.clone())?));
+        }
+        let stale = Arc::new(StaleStore::new(
+            cfg.stale_max_entries,
+            cfg.stale_max_bytes,
+            cfg.stale_max,
+        ));
+        if let Some(path) = &cfg.stale_cache_file {
+            match stale.load(path) {
+                Ok(n) => tracing::info!(file = %path.display(), entries = n, "stale DNS cache loaded"),
+                Err(e) => tracing::warn!(file = %path.display(), error = %e, "stale DNS cache not loaded"),
+            }
+        }
+        Ok(DnsClient {
+            servers: Servers::new(servers, cfg.server_backoff_max),
+            stale,
+        })
+    }
+
+    /// The stale store (for persisting it and for the metrics).
+    pub fn stale_store(&self) -> &Arc<StaleStore> {
+        &self.stale
+    }
+
+    /// Writes the stale store to `path` every `every`, for as long as the runtime runs.
+    pub fn persist_every(&self, path: std::path::PathBuf, every: Duration) {
+        let stale = Arc::downgrade(&self.stale);
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(stale) = stale.upgrade() else { return };
+                let path = path.clone();
+                let written = tokio::task::spawn_blocking(move || stale.save(&path)).await;
+                if let Ok(Err(e)) = written {
+                    tracing::warn!(error = %e, "stale DNS cache not written");
                 }
-                ns
-            })
-            .collect();
-        ResolverConfig::from_parts(None, vec![], servers)
-    };
-    let resolver =
-        hickory_resolver::Resolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .with_options(opts)
-            .build()
-            .map_err(|e| format!("cannot build the DNS resolver: {e}"))?;
-    Ok(MessageAuthenticator(resolver))
+            }
+        });
+    }
+
+    /// The lookup every check makes. Fresh answers (records, NXDOMAIN, NODATA) are
+    /// remembered for serve-stale; when no server answers (timeout, SERVFAIL, REFUSED,
+    /// unreachable, or every server known down), the last known answer is served with
+    /// its age, for at most `[dns] stale_max` past its TTL.
+    pub async fn lookup(&self, name: Name, rtype: RecordType) -> Result<Answer, LookupFailed> {
+        let key = name.to_ascii();
+        let mut outage = false;
+        for server in self.servers.available() {
+            let started = Instant::now();
+            let result = server.resolver.lookup(name.clone(), rtype).await;
+            let (outcome, answer) = classify(result, rtype);
+            server.record(outcome, started.elapsed(), &self.servers, (&name, rtype));
+            match answer {
+                Some(Ok(answer)) => {
+                    self.servers.remember_good(&name, rtype);
+                    self.stale.put(
+                        &key,
+                        rtype,
+                        StoredAnswer {
+                            records: Arc::clone(&answer.records),
+                            fetched: Instant::now(),
+                            expires: answer.valid_until.unwrap_or_else(Instant::now),
+                        },
+                    );
+                    let (entries, bytes) = self.stale.usage();
+                    let m = &crate::metrics::global().dns;
+                    m.stale_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+                    m.stale_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                    return Ok(answer);
+                }
+                // An answer that is an error (FORMERR, NOTIMP, undecodable): the server
+                // answered, so nothing stale stands in for it.
+                Some(Err(e)) => return Err(e),
+                None => outage = true,
+            }
+        }
+        if !outage {
+            // No server was tried: all are known down. The probes keep retrying.
+            tracing::debug!(name = %key, "every nameserver is down");
+        }
+        self.servers.ensure_probing(&name, rtype);
+        match self.stale.get(&key, rtype) {
+            Some(known) => {
+                let now = Instant::now();
+                let past_ttl = known.expires <= now;
+                Ok(Answer {
+                    records: known.records,
+                    valid_until: (!past_ttl).then_some(known.expires),
+                    stale_age: past_ttl.then(|| now.saturating_duration_since(known.fetched)),
+                })
+            }
+            None => Err(LookupFailed("no nameserver answered")),
+        }
+    }
+}
+
+/// What one server's reply means: for its health, and for the lookup (`None`: try the
+/// next server, then the stale store).
+pub(crate) fn classify(
+    result: Result<hickory_resolver::lookup::Lookup, NetError>,
+    rtype: RecordType,
+) -> (Outcome, Option<Result<Answer, LookupFailed>>) {
+    match result {
+        Ok(lookup) => {
+            let records: Vec<RData> = lookup
+                .answers()
+                .iter()
+                .filter(|r| r.record_type() == rtype)
+                .map(|r| r.data.clone())
+                .collect();
+            let answer = Answer {
+                records: records.into(),
+                valid_until: Some(lookup.valid_until()),
+                stale_age: None,
+            };
+            (Outcome::Answered, Some(Ok(answer)))
+        }
+        Err(NetError::Dns(DnsError::NoRecordsFound(NoRecords { negative_ttl, .. }))) => {
+            let valid_until = negative_ttl
+                .map(|ttl| Instant::now() + Duration::from_secs(ttl.into()).min(NEGATIVE_TTL_MAX));
+            let answer = Answer {
+                records: Vec::new().into(),
+                valid_until,
+                stale_age: None,
+            };
+            (Outcome::Answered, Some(Ok(answer)))
+        }
+        Err(NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail))) => {
+            (Outcome::ServFail, None)
+        }
+        Err(NetError::Dns(DnsError::ResponseCode(ResponseCode::Refused))) => {
+            (Outcome::Refused, None)
+        }
+        // Any other response code is an answer (FORMERR, NOTIMP…): the server is up and
+        // said no, so nothing stale stands in for it.
+        Err(NetError::Dns(DnsError::ResponseCode(code))) => {
+            tracing::debug!(%code, "DNS answer unusable");
+            (Outcome::Answered, Some(Err(LookupFailed("unusable DNS answer"))))
+        }
+        Err(NetError::Timeout) => (Outcome::Timeout, None),
+        // No answer came back at all (I/O, no connection, malformed reply): unreachable.
+        Err(e) => {
+            tracing::debug!(error = %e, "DNS server unreachable");
+            (Outcome::Unreachable, None)
+        }
+    }
+}
+
+/// `[dns] healthz` line: `None` when every nameserver answers.
+pub fn degraded() -> Option<String> {
+    super::servers::degraded()
 }

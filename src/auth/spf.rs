@@ -26,13 +26,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_resolver::TokioResolver;
-use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
 use super::AuthResult;
 use super::budget::DnsBudget;
 use super::cache::TtlCache;
+use super::dns::DnsClient;
+use super::stale::StaleMark;
 
 /// §4.6.4: terms that cause DNS queries, per check_host() evaluation (with includes and
 /// redirects).
@@ -94,10 +94,16 @@ pub struct SpfRequest<'a> {
 }
 
 /// Evaluates the SPF record of `req.domain` for `req.ip` (RFC 7208 §4).
-pub async fn check_host(
-    resolver: &TokioResolver,
+pub async fn check_host(dns: &DnsClient, cache: &SpfCache, req: &SpfRequest<'_>) -> AuthResult {
+    check_host_marked(dns, cache, req, &StaleMark::default()).await
+}
+
+/// [`check_host`], noting in `stale` the oldest stale answer it used (serve-stale).
+pub async fn check_host_marked(
+    dns: &DnsClient,
     cache: &SpfCache,
     req: &SpfRequest<'_>,
+    stale: &StaleMark,
 ) -> AuthResult {
     let (local, sender_domain) = match req.sender.rsplit_once('@') {
         // §4.3: a sender without a local-part is postmaster@domain.
@@ -106,7 +112,8 @@ pub async fn check_host(
         None => ("postmaster", req.domain),
     };
     let mut eval = Evaluator {
-        resolver,
+        dns,
+        stale,
         cache,
         ip: req.ip.to_canonical(),
         local,
@@ -660,7 +667,8 @@ fn reverse_name(ip: IpAddr) -> String {
 type Eval<'f, T> = Pin<Box<dyn Future<Output = Result<T, Abort>> + Send + 'f>>;
 
 struct Evaluator<'a> {
-    resolver: &'a TokioResolver,
+    dns: &'a DnsClient,
+    stale: &'a StaleMark,
     cache: &'a SpfCache,
     /// Canonical: IPv4-mapped IPv6 addresses are IPv4 (§5).
     ip: IpAddr,
@@ -958,21 +966,10 @@ impl Evaluator<'_> {
             tracing::debug!(%name, "SPF permerror: DNS lookup limit per message reached");
             return Err(Abort::Perm);
         }
-        match self.resolver.lookup(qname, rtype).await {
-            Ok(lookup) => {
-                let rdata = lookup
-                    .answers()
-                    .iter()
-                    .filter(|r| r.record_type() == rtype)
-                    .map(|r| r.data.clone())
-                    .collect();
-                Ok((rdata, Some(lookup.valid_until())))
-            }
-            Err(NetError::Dns(DnsError::NoRecordsFound(NoRecords { negative_ttl, .. }))) => {
-                let valid_until = negative_ttl.map(|ttl| {
-                    Instant::now() + Duration::from_secs(ttl.into()).min(NEGATIVE_TTL_MAX)
-                });
-                Ok((Vec::new(), valid_until))
+        match self.dns.lookup(qname, rtype).await {
+            Ok(answer) => {
+                self.stale.note(answer.stale_age);
+                Ok((answer.records.to_vec(), answer.valid_until))
             }
             Err(e) => {
                 tracing::debug!(%name, %rtype, error = %e, "SPF DNS lookup failed");
@@ -1076,17 +1073,18 @@ mod cache_tests {
 
     /// A resolver without hickory's cache: every record lookup that the SPF cache does
     /// not answer reaches the server.
-    fn uncached_resolver(dns: &DnsServer) -> TokioResolver {
+    fn uncached_resolver(dns: &DnsServer) -> DnsClient {
         let cfg = DnsConfig {
             nameservers: vec![dns.addr()],
             timeout_ms: 300,
             attempts: 1,
             cache_entries: 0,
+            ..DnsConfig::default()
         };
-        crate::auth::dns::authenticator(&cfg).unwrap().0
+        DnsClient::new(&cfg).unwrap()
     }
 
-    async fn check(resolver: &TokioResolver, cache: &SpfCache, domain: &str) -> AuthResult {
+    async fn check(resolver: &DnsClient, cache: &SpfCache, domain: &str) -> AuthResult {
         let sender = format!("alice@{domain}");
         let req = SpfRequest {
             ip: "192.0.2.1".parse().unwrap(),
@@ -1110,7 +1108,7 @@ mod cache_tests {
                 .a("host.inner.example", "192.0.2.1"),
         );
         let resolver = uncached_resolver(&dns);
-        async fn run(resolver: &TokioResolver, cache: &SpfCache, budget: &DnsBudget) -> AuthResult {
+        async fn run(resolver: &DnsClient, cache: &SpfCache, budget: &DnsBudget) -> AuthResult {
             let req = SpfRequest {
                 ip: "192.0.2.1".parse().unwrap(),
                 domain: "outer.example",

@@ -385,6 +385,19 @@ pub struct DnsConfig {
     pub attempts: usize,
     /// Cached answers (bounded; TTLs respected).
     pub cache_entries: u64,
+    /// Serve-stale (RFC 8767, `src/auth/stale.rs`): how long past its TTL the last known
+    /// answer may stand in when no nameserver answers; 0 turns serve-stale off.
+    #[serde(with = "duration")]
+    pub stale_max: Duration,
+    /// Bounds of the serve-stale store: entries, and estimated bytes.
+    pub stale_max_entries: usize,
+    pub stale_max_bytes: usize,
+    /// Where the serve-stale store is written (every minute) and read at start, so a
+    /// restart during an outage keeps the known records. None: memory only.
+    pub stale_cache_file: Option<PathBuf>,
+    /// Longest wait between two probes of a nameserver that is down (`src/auth/servers.rs`).
+    #[serde(with = "duration")]
+    pub server_backoff_max: Duration,
 }
 
 impl Default for DnsConfig {
@@ -394,6 +407,11 @@ impl Default for DnsConfig {
             timeout_ms: DEFAULT_DNS_TIMEOUT_MS,
             attempts: DEFAULT_DNS_ATTEMPTS,
             cache_entries: DEFAULT_DNS_CACHE_ENTRIES,
+            stale_max: DEFAULT_DNS_STALE_MAX,
+            stale_max_entries: DEFAULT_DNS_STALE_MAX_ENTRIES,
+            stale_max_bytes: DEFAULT_DNS_STALE_MAX_BYTES,
+            stale_cache_file: None,
+            server_backoff_max: DEFAULT_DNS_SERVER_BACKOFF_MAX,
         }
     }
 }
@@ -915,6 +933,9 @@ impl Config {
                 "timeout_ms",
                 "timeout_ms and attempts must be at least 1".into(),
             );
+        }
+        if self.dns.server_backoff_max.is_zero() {
+            return err("dns", "server_backoff_max", "must be more than 0".into());
         }
         if self.auth.max_dns_lookups == 0 {
             return err("auth", "max_dns_lookups", "must be at least 1".into());
