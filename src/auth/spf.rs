@@ -1074,14 +1074,18 @@ mod cache_tests {
     /// A resolver without hickory's cache: every record lookup that the SPF cache does
     /// not answer reaches the server.
     fn uncached_resolver(dns: &DnsServer) -> DnsClient {
-        let cfg = DnsConfig {
+        DnsClient::new(&client_config(dns)).unwrap()
+    }
+
+    fn client_config(dns: &DnsServer) -> DnsConfig {
+        DnsConfig {
             nameservers: vec![dns.addr()],
             timeout_ms: 300,
             attempts: 1,
             cache_entries: 0,
+            server_backoff_max: Duration::from_millis(200),
             ..DnsConfig::default()
-        };
-        DnsClient::new(&cfg).unwrap()
+        }
     }
 
     async fn check(resolver: &DnsClient, cache: &SpfCache, domain: &str) -> AuthResult {
@@ -1220,17 +1224,85 @@ mod cache_tests {
         );
         assert_eq!(cache.len(), 5);
 
-        // A timeout: never cached either.
+        // A timeout: never cached either (serve-stale off here; with it, the last
+        // answer stands in, marked stale: `stale_answers_only_when_no_server_answers`).
+        let no_stale = DnsClient::new(&DnsConfig {
+            stale_max: Duration::ZERO,
+            ..client_config(&dns)
+        })
+        .unwrap();
+        assert_eq!(
+            check(&no_stale, &fresh, "other.example").await,
+            AuthResult::None
+        );
         dns.set_blackhole(true);
         assert_eq!(
-            check(&resolver, &fresh, "other.example").await,
+            check(&no_stale, &SpfCache::new(0), "other.example").await,
             AuthResult::TempError
         );
         dns.set_blackhole(false);
+        let after = DnsClient::new(&client_config(&dns)).unwrap();
         assert_eq!(
-            check(&resolver, &fresh, "other.example").await,
+            check(&after, &fresh, "other.example").await,
             AuthResult::None
         );
+    }
+
+    /// Serve-stale through SPF: an answer the server gave stands in, marked with its
+    /// age, only while no server answers; an answer (NXDOMAIN included) wins at once.
+    #[tokio::test]
+    async fn stale_answers_only_when_no_server_answers() {
+        let dns = DnsServer::start(
+            Zone::new()
+                .txt("known.example", "v=spf1 ip4:192.0.2.0/24 -all")
+                .txt("gone.example", "v=spf1 ip4:192.0.2.0/24 -all"),
+        );
+        dns.set_ttl(1);
+        let client = DnsClient::new(&client_config(&dns)).unwrap();
+        let run = |domain: &'static str| {
+            let client = client.clone();
+            async move {
+                let sender = format!("alice@{domain}");
+                let req = SpfRequest {
+                    ip: "192.0.2.1".parse().unwrap(),
+                    domain,
+                    sender: &sender,
+                    helo: "mx.example.org",
+                    receiver: "mx.example.net",
+                    budget: None,
+                };
+                let mark = StaleMark::default();
+                // No parsed cache: every check reaches the DNS layer.
+                let r = check_host_marked(&client, &SpfCache::new(0), &req, &mark).await;
+                (r, mark.age_secs())
+            }
+        };
+        assert_eq!(run("known.example").await, (AuthResult::Pass, None));
+        assert_eq!(run("gone.example").await, (AuthResult::Pass, None));
+        // The record is removed: NXDOMAIN/NODATA is an answer, it wins at once.
+        dns.update_zone(|z| *z = Zone::new().txt("known.example", "v=spf1 ip4:192.0.2.0/24 -all"));
+        assert_eq!(run("gone.example").await, (AuthResult::None, None));
+        // The TTL (1 s in the test zone) runs out, then the server stops answering.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        dns.set_blackhole(true);
+        let (result, age) = run("known.example").await;
+        assert_eq!(result, AuthResult::Pass, "the known record stands in");
+        assert!(age.is_some(), "marked stale");
+        // The removal is remembered too (a negative answer is served stale as such).
+        assert_eq!(run("gone.example").await.0, AuthResult::None);
+        // Never seen: nothing to stand in.
+        assert_eq!(run("never.example").await, (AuthResult::TempError, None));
+        // The server answers again: the next check is fresh.
+        dns.set_blackhole(false);
+        let mut fresh = false;
+        for _ in 0..50 {
+            if run("known.example").await == (AuthResult::Pass, None) {
+                fresh = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(fresh, "a recovered server is used again within 5 s");
     }
 
     #[test]

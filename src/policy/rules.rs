@@ -663,6 +663,7 @@ action = "tag"
                 selector: "s".into(),
                 algorithm: "rsa-sha256".into(),
                 reason: None,
+                stale_secs: None,
             }];
             let mut f = facts(&r, &[], &[]);
             f.list_id = Some("news.lists.example.net");
