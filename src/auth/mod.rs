@@ -13,6 +13,7 @@
 //! DKIM key and DMARC records.
 
 pub mod arc;
+pub mod arc_keys;
 pub mod budget;
 pub mod cache;
 pub mod dkim;
@@ -454,12 +455,13 @@ impl Verifier {
                 &message,
             )
             .await;
-            let arc = self.arc(&message, &budget, deadline).await;
-            (dkim, arc)
+            let arc_stale = StaleMark::default();
+            let arc = self.arc(&message, &budget, deadline, &arc_stale).await;
+            (dkim, (arc, arc_stale.age_secs()))
         };
         // Polled in this order: DKIM's first key lookup comes before DMARC's first
         // record lookup, so a message over its DNS budget loses DMARC, not its signature.
-        let ((dkim, (mut arc, arc_latest, arc_sets)), found) = tokio::join!(
+        let ((dkim, ((mut arc, arc_latest, arc_sets), arc_stale)), found) = tokio::join!(
             signatures,
             within(deadline, dmarc::discover(&dmarc_dns, &header_from)),
         );
@@ -485,6 +487,10 @@ impl Verifier {
             dmarc.reason = Some("DNS lookup limit per message reached".into());
         }
         stale.dmarc = dmarc_dns.stale.age_secs();
+        // Only a chain that got as far as a result rests on its keys.
+        if arc.result != AuthResult::None {
+            stale.arc = arc_stale;
+        }
         AuthReport {
             spf: SpfPair { mail_from, helo },
             dkim,
@@ -503,15 +509,26 @@ impl Verifier {
         message: &AuthenticatedMessage<'_>,
         budget: &DnsBudget,
         deadline: Instant,
+        stale: &StaleMark,
     ) -> (ArcCheck, Option<arc::ArcLatest>, usize) {
         let sets = arc_set_count(message);
         if sets > self.arc_max_sets {
             return (ArcCheck::none(AuthResult::PermError), None, sets);
         }
         let refused_before = budget.refused();
+        let prefetched = arc_keys::prefetch(
+            &self.dns,
+            message,
+            &self.txt_cache,
+            budget,
+            deadline,
+            stale,
+        )
+        .await;
         let txt = MessageTxt {
             shared: &self.txt_cache,
             budget,
+            prefetched: Some(&prefetched),
         };
         let ipv4 = MessageIpv4 {
             shared: &self.ipv4_cache,
