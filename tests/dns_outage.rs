@@ -260,3 +260,58 @@ async fn a_dead_nameserver_is_skipped_after_the_first_messages() {
     })
     .await;
 }
+
+/// `[dns] stale_cache_file`: a proxy restarted while DNS is down still knows the keys
+/// and records it had learnt, and marks what it serves from them stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_an_outage_keeps_the_known_records() {
+    bounded(async {
+        let keys: Vec<Key> = (0..3).map(|_| Key::new()).collect();
+        let mut zone = Zone::new();
+        for (i, k) in keys.iter().enumerate() {
+            zone = add_domain(zone, &known(i), k);
+        }
+        let other = Key::new();
+        zone = add_domain(zone, &never_seen(0), &other);
+        let mut dns = DnsServer::start(zone);
+        dns.set_ttl(1);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dns-stale.jsonl");
+        let dns_toml = format!(
+            "nameservers = [\"{}\"]\ntimeout_ms = 500\nattempts = 1\nstale_cache_file = \"{}\"\nstale_cache_interval = \"1s\"\n",
+            dns.addr(),
+            file.display()
+        );
+        let mta = FakeMta::start(Script::default()).await;
+        let first = proxy_with_dns(&mta, dns_toml.clone()).await;
+        for (i, k) in keys.iter().enumerate() {
+            let r = send(&first, &known(i), &k.message(&known(i), &format!("warm{i}"))).await;
+            assert_eq!(r.code, 250, "{r:?}");
+        }
+        // Wait (bounded) for a write that holds the three keys.
+        let mut written = false;
+        for _ in 0..50 {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            if (0..3).all(|i| text.contains(&format!("s1._domainkey.{}", known(i)))) {
+                written = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(written, "the stale cache file was never written");
+        drop(first);
+        dns.stop();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+
+        let second = proxy_with_dns(&mta, dns_toml).await;
+        for (i, k) in keys.iter().enumerate() {
+            let r = send(&second, &known(i), &k.message(&known(i), &format!("again{i}"))).await;
+            assert_eq!(r.code, 250, "known sender {i} after the restart: {r:?}");
+            let ar = last_ar(&mta);
+            assert!(ar.contains("dkim=pass (stale key, "), "{ar}");
+        }
+        let r = send(&second, &never_seen(0), &other.message(&never_seen(0), "x")).await;
+        assert_eq!(r.code, 451, "{r:?}");
+    })
+    .await;
+}

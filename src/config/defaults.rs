@@ -83,6 +83,9 @@ pub const DEFAULT_DNS_STALE_MAX: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_DNS_STALE_MAX_ENTRIES: usize = 100_000;
 /// DNS serve-stale: estimated bytes kept at most.
 pub const DEFAULT_DNS_STALE_MAX_BYTES: usize = 128 << 20;
+/// DNS serve-stale: how often `stale_cache_file` is written (each write is one pass over
+/// the store: a few milliseconds per 10 000 entries).
+pub const DEFAULT_DNS_STALE_CACHE_INTERVAL: Duration = Duration::from_secs(60);
 /// DNS failover: longest wait between probes of a down nameserver. Probes run in the
 /// background (no message waits for them), so a short wait costs one query per server
 /// per period and lets a recovered server be used within seconds.

@@ -392,9 +392,12 @@ pub struct DnsConfig {
     /// Bounds of the serve-stale store: entries, and estimated bytes.
     pub stale_max_entries: usize,
     pub stale_max_bytes: usize,
-    /// Where the serve-stale store is written (every minute) and read at start, so a
+    /// Where the serve-stale store is written (every `stale_cache_interval`) and read at start, so a
     /// restart during an outage keeps the known records. None: memory only.
     pub stale_cache_file: Option<PathBuf>,
+    /// How often `stale_cache_file` is written (a restart loses what was learnt since).
+    #[serde(with = "duration")]
+    pub stale_cache_interval: Duration,
     /// Longest wait between two probes of a nameserver that is down (`src/auth/servers.rs`).
     #[serde(with = "duration")]
     pub server_backoff_max: Duration,
@@ -411,6 +414,7 @@ impl Default for DnsConfig {
             stale_max_entries: DEFAULT_DNS_STALE_MAX_ENTRIES,
             stale_max_bytes: DEFAULT_DNS_STALE_MAX_BYTES,
             stale_cache_file: None,
+            stale_cache_interval: DEFAULT_DNS_STALE_CACHE_INTERVAL,
             server_backoff_max: DEFAULT_DNS_SERVER_BACKOFF_MAX,
         }
     }
@@ -933,6 +937,9 @@ impl Config {
                 "timeout_ms",
                 "timeout_ms and attempts must be at least 1".into(),
             );
+        }
+        if self.dns.stale_cache_interval.is_zero() {
+            return err("dns", "stale_cache_interval", "must be more than 0".into());
         }
         if self.dns.server_backoff_max.is_zero() {
             return err("dns", "server_backoff_max", "must be more than 0".into());

@@ -82,9 +82,6 @@ impl Verdict {
     }
 }
 
-/// How often `[dns] stale_cache_file` is written (a restart loses at most this much).
-const STALE_CACHE_WRITE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-
 pub struct Enforcer {
     verifier: Verifier,
     spoof: SpoofConfig,
@@ -104,7 +101,7 @@ impl Enforcer {
         let authenticator = crate::auth::dns::authenticator(&config.dns)?;
         let dns = crate::auth::dns::DnsClient::new(&config.dns)?;
         if let Some(path) = &config.dns.stale_cache_file {
-            dns.persist_every(path.clone(), STALE_CACHE_WRITE_EVERY);
+            dns.persist_every(path.clone(), config.dns.stale_cache_interval);
         }
         let policy = match config.policy_file() {
             Some(path) => warn_unsafe(Policy::load(path).map_err(|e| e.to_string())?),
