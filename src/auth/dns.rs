@@ -274,3 +274,116 @@ pub(crate) fn classify(
 pub fn degraded() -> Option<String> {
     super::servers::degraded()
 }
+
+impl DnsClient {
+    /// `None` when every nameserver of this client answers; else which are down.
+    pub fn health(&self) -> Option<String> {
+        self.servers.degraded()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::spf::test_dns::{DnsServer, Zone};
+
+    fn config(servers: &[&DnsServer]) -> DnsConfig {
+        DnsConfig {
+            nameservers: servers.iter().map(|s| s.addr()).collect(),
+            timeout_ms: 300,
+            attempts: 1,
+            cache_entries: 0,
+            server_backoff_max: Duration::from_millis(200),
+            ..DnsConfig::default()
+        }
+    }
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    async fn txt(client: &DnsClient, n: &str) -> Result<(usize, bool), LookupFailed> {
+        client
+            .lookup(name(n), RecordType::TXT)
+            .await
+            .map(|a| (a.records.len(), a.stale_age.is_some()))
+    }
+
+    /// Polls (bounded: 5 s) until `f` holds.
+    async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+        for _ in 0..50 {
+            if f().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("not within 5 s: {what}");
+    }
+
+    /// REFUSED and SERVFAIL are outages (stale stands in); NXDOMAIN is an answer.
+    #[tokio::test]
+    async fn stale_for_refused_and_servfail_never_over_an_answer() {
+        let dns = DnsServer::start(Zone::new().txt("k.example", "v=DKIM1; p=AAAA"));
+        dns.set_ttl(1);
+        let client = DnsClient::new(&config(&[&dns])).unwrap();
+        assert_eq!(txt(&client, "k.example.").await.unwrap(), (1, false));
+        // Within its TTL an entry is not stale, even when it stands in.
+        dns.set_servfail_all(true);
+        assert_eq!(txt(&client, "k.example.").await.unwrap(), (1, false));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(txt(&client, "k.example.").await.unwrap(), (1, true), "SERVFAIL");
+        dns.set_servfail_all(false);
+        dns.set_refuse_all(true);
+        assert_eq!(txt(&client, "k.example.").await.unwrap(), (1, true), "REFUSED");
+        assert!(client.health().is_some(), "a refusing server is down");
+        assert!(txt(&client, "never.example.").await.is_err(), "nothing known");
+        dns.set_refuse_all(false);
+        // The probe brings the server back; then the record's removal wins at once.
+        eventually("server back", async || client.health().is_none()).await;
+        dns.set_zone(Zone::new());
+        assert_eq!(txt(&client, "k.example.").await.unwrap(), (0, false));
+        dns.set_servfail_all(true);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            txt(&client, "k.example.").await.unwrap(),
+            (0, true),
+            "the removal is what is remembered"
+        );
+    }
+
+    /// Serve-stale off: an outage is an error, as before.
+    #[tokio::test]
+    async fn stale_max_zero_serves_nothing_stale() {
+        let dns = DnsServer::start(Zone::new().txt("k.example", "x"));
+        dns.set_ttl(1);
+        let client = DnsClient::new(&DnsConfig {
+            stale_max: Duration::ZERO,
+            ..config(&[&dns])
+        })
+        .unwrap();
+        assert!(txt(&client, "k.example.").await.is_ok());
+        dns.set_servfail_all(true);
+        assert!(txt(&client, "k.example.").await.is_err());
+    }
+
+    /// Failover: a dead first server is asked once, then skipped (its lookups go to the
+    /// second at once) and reported down until a probe gets an answer.
+    #[tokio::test]
+    async fn dead_server_skipped_and_reported_until_it_answers() {
+        let dead = DnsServer::start(Zone::new().txt("a.example", "x"));
+        dead.set_blackhole(true);
+        let live = DnsServer::start(Zone::new().txt("a.example", "x"));
+        let client = DnsClient::new(&config(&[&dead, &live])).unwrap();
+        assert_eq!(txt(&client, "a.example.").await.unwrap(), (1, false));
+        let health = client.health().expect("degraded");
+        assert!(health.contains(&dead.addr().to_string()), "{health}");
+        assert!(health.contains("1 of 2"), "{health}");
+        let asked = dead.queries_for("b.example");
+        for _ in 0..5 {
+            let _ = txt(&client, "b.example.").await;
+        }
+        assert_eq!(dead.queries_for("b.example"), asked, "skipped while down");
+        dead.set_blackhole(false);
+        eventually("dead server back", async || client.health().is_none()).await;
+    }
+}

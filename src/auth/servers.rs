@@ -212,7 +212,7 @@ impl Servers {
     }
 
     /// `None` when every server is up; else which are down.
-    fn degraded(&self) -> Option<String> {
+    pub fn degraded(&self) -> Option<String> {
         let down: Vec<&str> = self
             .list
             .iter()
