@@ -315,3 +315,43 @@ async fn a_restart_during_an_outage_keeps_the_known_records() {
     })
     .await;
 }
+
+/// The same outage with serve-stale off (`stale_max = "0s"`): failing closed, as before
+/// issue 20: every message is deferred, known senders' too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_serve_stale_an_outage_defers_everything() {
+    bounded(async {
+        let keys: Vec<Key> = (0..KNOWN).map(|_| Key::new()).collect();
+        let attacker = Key::new();
+        let mut zone = Zone::new();
+        for (i, k) in keys.iter().enumerate() {
+            zone = add_domain(zone, &known(i), k);
+        }
+        let mut dns = DnsServer::start(zone);
+        dns.set_ttl(1);
+        let mta = FakeMta::start(Script::default()).await;
+        let proxy = proxy_with_dns(
+            &mta,
+            format!(
+                "nameservers = [\"{}\"]\ntimeout_ms = 500\nattempts = 1\nstale_max = \"0s\"\n",
+                dns.addr()
+            ),
+        )
+        .await;
+        for (i, k) in keys.iter().enumerate() {
+            let r = send(&proxy, &known(i), &k.message(&known(i), &format!("warm{i}"))).await;
+            assert_eq!(r.code, 250, "warm-up {i}: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        dns.stop();
+        let relayed = mta.messages().len();
+        for (i, k) in keys.iter().enumerate() {
+            let r = send(&proxy, &known(i), &k.message(&known(i), &format!("out{i}"))).await;
+            assert_eq!(r.code, 451, "known sender {i}, serve-stale off: {r:?}");
+            let r = send(&proxy, &known(i), &attacker.message(&known(i), &format!("sp{i}"))).await;
+            assert_eq!(r.code, 451, "spoof {i}, serve-stale off: {r:?}");
+        }
+        assert_eq!(mta.messages().len(), relayed, "nothing relayed");
+    })
+    .await;
+}
