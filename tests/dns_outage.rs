@@ -312,6 +312,31 @@ async fn a_restart_during_an_outage_keeps_the_known_records() {
         }
         let r = send(&second, &never_seen(0), &other.message(&never_seen(0), "x")).await;
         assert_eq!(r.code, 451, "{r:?}");
+
+        // `check --json` (its own process, reading the same file) says which results
+        // are stale, and how old.
+        let msg = second.dir.path().join("known1.eml");
+        std::fs::write(&msg, keys[1].message(&known(1), "check")).unwrap();
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.arg("check")
+            .arg("--config")
+            .arg(&second.config_path)
+            .args(["--ip", "127.0.0.1", "--helo", HELO, "--mail-from"])
+            .arg(format!("news@{}", known(1)))
+            .args(["--rcpt", RCPT, "--json"])
+            .arg(&msg);
+        let done = common::run_bounded(cmd, second.dir.path(), Duration::from_secs(60)).await;
+        assert!(done.success(), "check failed: {}", done.stderr);
+        let v: serde_json::Value = serde_json::from_str(done.stdout_text().trim()).unwrap();
+        assert_eq!(v["verdict"], "accept", "{v}");
+        assert!(v["dkim"][0]["stale_secs"].as_u64().is_some(), "{v}");
+        assert!(v["stale"]["dmarc"].as_u64().is_some(), "{v}");
+        assert!(
+            v["authentication_results"]
+                .as_str()
+                .is_some_and(|ar| ar.contains("dkim=pass (stale key, ")),
+            "{v}"
+        );
     })
     .await;
 }
