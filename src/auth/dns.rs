@@ -168,53 +168,73 @@ impl DnsClient {
     /// its age, for at most `[dns] stale_max` past its TTL.
     pub async fn lookup(&self, name: Name, rtype: RecordType) -> Result<Answer, LookupFailed> {
         let key = name.to_ascii();
-        let mut outage = false;
-        for server in self.servers.available() {
+        let mut servers = self.servers.available();
+        if servers.is_empty() {
+            // Every server is known down. What we know stands in at once (no message
+            // waits for a dead server); a name we know nothing of is still asked of every
+            // server, as before failover: "down" may be wrong (one slow zone behind a
+            // healthy resolver), and a never-seen sender must not be deferred faster than
+            // DNS can answer it.
+            self.servers.ensure_probing(&name, rtype);
+            if let Some(known) = self.known(&key, rtype) {
+                return Ok(known);
+            }
+            servers = self.servers.all();
+        }
+        for server in servers {
             let started = Instant::now();
             let result = server.resolver.lookup(name.clone(), rtype).await;
             let (outcome, answer) = classify(result, rtype);
             server.record(outcome, started.elapsed(), &self.servers, (&name, rtype));
             match answer {
                 Some(Ok(answer)) => {
-                    self.servers.remember_good(&name, rtype);
-                    self.stale.put(
-                        &key,
-                        rtype,
-                        StoredAnswer {
-                            records: Arc::clone(&answer.records),
-                            fetched: Instant::now(),
-                            expires: answer.valid_until.unwrap_or_else(Instant::now),
-                        },
-                    );
-                    let (entries, bytes) = self.stale.usage();
-                    let m = &crate::metrics::global().dns;
-                    m.stale_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
-                    m.stale_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                    if outcome == Outcome::Answered && server.is_down() {
+                        server.mark_up();
+                    }
+                    self.remember(&name, &key, rtype, &answer);
                     return Ok(answer);
                 }
                 // An answer that is an error (FORMERR, NOTIMP, undecodable): the server
                 // answered, so nothing stale stands in for it.
                 Some(Err(e)) => return Err(e),
-                None => outage = true,
+                None => {}
             }
-        }
-        if !outage {
-            // No server was tried: all are known down. The probes keep retrying.
-            tracing::debug!(name = %key, "every nameserver is down");
         }
         self.servers.ensure_probing(&name, rtype);
-        match self.stale.get(&key, rtype) {
-            Some(known) => {
-                let now = Instant::now();
-                let past_ttl = known.expires <= now;
-                Ok(Answer {
-                    records: known.records,
-                    valid_until: (!past_ttl).then_some(known.expires),
-                    stale_age: past_ttl.then(|| now.saturating_duration_since(known.fetched)),
-                })
-            }
-            None => Err(LookupFailed("no nameserver answered")),
-        }
+        self.known(&key, rtype)
+            .ok_or(LookupFailed("no nameserver answered"))
+    }
+
+    /// Keeps a fresh answer for serve-stale.
+    fn remember(&self, name: &Name, key: &str, rtype: RecordType, answer: &Answer) {
+        self.servers.remember_good(name, rtype);
+        self.stale.put(
+            key,
+            rtype,
+            StoredAnswer {
+                records: Arc::clone(&answer.records),
+                fetched: Instant::now(),
+                expires: answer.valid_until.unwrap_or_else(Instant::now),
+            },
+        );
+        let (entries, bytes) = self.stale.usage();
+        let m = &crate::metrics::global().dns;
+        m.stale_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        m.stale_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The last known answer, when no server answered: stale (with its age) once past
+    /// its TTL, within `stale_max`.
+    fn known(&self, key: &str, rtype: RecordType) -> Option<Answer> {
+        let known = self.stale.get(key, rtype)?;
+        let now = Instant::now();
+        let past_ttl = known.expires <= now;
+        Some(Answer {
+            records: known.records,
+            valid_until: (!past_ttl).then_some(known.expires),
+            stale_age: past_ttl.then(|| now.saturating_duration_since(known.fetched)),
+        })
     }
 }
 

@@ -135,7 +135,7 @@ impl Server {
         up_gauge(&self.label).set(0);
     }
 
-    fn mark_up(&self) {
+    pub fn mark_up(&self) {
         let was_down = {
             let mut h = self.health();
             let was = h.down_since.take();
@@ -186,6 +186,11 @@ impl Servers {
     /// The servers up now, in order: what a lookup asks.
     pub fn available(&self) -> Vec<Arc<Server>> {
         self.list.iter().filter(|s| !s.is_down()).cloned().collect()
+    }
+
+    /// Every server, in order (the last resort when all are down).
+    pub fn all(&self) -> Vec<Arc<Server>> {
+        self.list.clone()
     }
 
     pub fn remember_good(&self, name: &Name, rtype: RecordType) {
