@@ -39,7 +39,9 @@ fn record(i: usize) -> (String, String) {
         ),
         4..7 => (
             format!("sender{i}.example."),
-            format!("v=spf1 ip4:192.0.2.0/24 ip4:198.51.100.0/24 include:_spf.mail{i}.example include:relay.example ~all"),
+            format!(
+                "v=spf1 ip4:192.0.2.0/24 ip4:198.51.100.0/24 include:_spf.mail{i}.example include:relay.example ~all"
+            ),
         ),
         _ => (
             format!("_dmarc.sender{i}.example."),
@@ -86,7 +88,10 @@ fn main() {
     let per = |b: f64| b / RECORDS as f64;
     let mib = |b: f64| b / 1_048_576.0;
     println!("serve-stale store, {RECORDS} records (40 % DKIM RSA-2048, 30 % SPF, 30 % DMARC)");
-    println!("  record data (names + TXT text): {:>6.0} bytes/record", per(data as f64));
+    println!(
+        "  record data (names + TXT text): {:>6.0} bytes/record",
+        per(data as f64)
+    );
     println!(
         "  measured (RSS growth):          {:>6.0} bytes/record ({:.1} MiB)",
         per(measured),
@@ -97,7 +102,10 @@ fn main() {
         per(estimated as f64),
         mib(estimated as f64)
     );
-    println!("  estimate / measured:            {:>6.2}", estimated as f64 / measured);
+    println!(
+        "  estimate / measured:            {:>6.2}",
+        estimated as f64 / measured
+    );
     drop(store);
 
     // The byte bound, measured the same way (after the first store was freed, the

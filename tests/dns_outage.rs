@@ -151,10 +151,20 @@ async fn known_senders_keep_flowing_through_an_outage_spoofs_do_not() {
 
         // Warm-up: every known domain writes once, and is spoofed once (rejected).
         for (i, k) in keys.iter().enumerate() {
-            let r = send(&proxy, &known(i), &k.message(&known(i), &format!("warm{i}"))).await;
+            let r = send(
+                &proxy,
+                &known(i),
+                &k.message(&known(i), &format!("warm{i}")),
+            )
+            .await;
             assert_eq!(r.code, 250, "warm-up {i}: {r:?}");
             assert!(!last_ar(&mta).contains("stale"), "fresh before the outage");
-            let r = send(&proxy, &known(i), &attacker.message(&known(i), &format!("spoof{i}"))).await;
+            let r = send(
+                &proxy,
+                &known(i),
+                &attacker.message(&known(i), &format!("spoof{i}")),
+            )
+            .await;
             assert_eq!(r.code, 550, "spoof before the outage {i}: {r:?}");
         }
         // Every fresh answer expires (TTL 1 s), then the server goes away.
@@ -172,14 +182,31 @@ async fn known_senders_keep_flowing_through_an_outage_spoofs_do_not() {
             assert!(ar.contains("dkim=pass (stale key, "), "{ar}");
             assert!(ar.contains("dmarc=pass (stale record, "), "{ar}");
         }
-        assert_eq!(mta.messages().len(), relayed_before + KNOWN, "100 % delivered");
+        assert_eq!(
+            mta.messages().len(),
+            relayed_before + KNOWN,
+            "100 % delivered"
+        );
         for i in 0..KNOWN {
-            let r = send(&proxy, &known(i), &attacker.message(&known(i), &format!("ospoof{i}"))).await;
-            assert_eq!(r.code, 451, "a spoof of a p=reject domain during the outage: {r:?}");
+            let r = send(
+                &proxy,
+                &known(i),
+                &attacker.message(&known(i), &format!("ospoof{i}")),
+            )
+            .await;
+            assert_eq!(
+                r.code, 451,
+                "a spoof of a p=reject domain during the outage: {r:?}"
+            );
             assert!(r.text().contains("stale DNS"), "{r:?}");
         }
         for (i, k) in new_keys.iter().enumerate() {
-            let r = send(&proxy, &never_seen(i), &k.message(&never_seen(i), &format!("new{i}"))).await;
+            let r = send(
+                &proxy,
+                &never_seen(i),
+                &k.message(&never_seen(i), &format!("new{i}")),
+            )
+            .await;
             assert_eq!(r.code, 451, "never-seen domain {i}: {r:?}");
         }
         // Signed with the rotated key: the stale (old) key fails it; deferred, not rejected.
@@ -196,7 +223,12 @@ async fn known_senders_keep_flowing_through_an_outage_spoofs_do_not() {
         dns.restart();
         let mut fresh = None;
         for attempt in 0..20 {
-            let r = send(&proxy, &known(0), &rotated.message(&known(0), &format!("back{attempt}"))).await;
+            let r = send(
+                &proxy,
+                &known(0),
+                &rotated.message(&known(0), &format!("back{attempt}")),
+            )
+            .await;
             if r.code == 250 && !last_ar(&mta).contains("stale") {
                 fresh = Some(attempt);
                 break;
@@ -207,7 +239,12 @@ async fn known_senders_keep_flowing_through_an_outage_spoofs_do_not() {
         // The deferred spoof, retried, is now rejected; the never-seen domains pass.
         let r = send(&proxy, &known(3), &attacker.message(&known(3), "retry")).await;
         assert_eq!(r.code, 550, "{r:?}");
-        let r = send(&proxy, &never_seen(0), &new_keys[0].message(&never_seen(0), "retry")).await;
+        let r = send(
+            &proxy,
+            &never_seen(0),
+            &new_keys[0].message(&never_seen(0), "retry"),
+        )
+        .await;
         assert_eq!(r.code, 250, "{r:?}");
         assert!(!last_ar(&mta).contains("stale"));
     })
@@ -242,7 +279,10 @@ async fn a_dead_nameserver_is_skipped_after_the_first_messages() {
         for (i, k) in keys.iter().enumerate() {
             let r = send(&proxy, &known(i), &k.message(&known(i), &format!("m{i}"))).await;
             assert_eq!(r.code, 250, "message {i}: {r:?}");
-            assert!(!last_ar(&mta).contains("stale"), "answered by the live server");
+            assert!(
+                !last_ar(&mta).contains("stale"),
+                "answered by the live server"
+            );
         }
         // Without failover the dead server is asked first for every lookup: 90 names
         // or more. With it: the first message's lookups, then background probes only
@@ -256,7 +296,10 @@ async fn a_dead_nameserver_is_skipped_after_the_first_messages() {
             "the dead server was asked about {} names for {MESSAGES} messages: {names:?}",
             names.len()
         );
-        assert!(live.query_count() >= 3 * MESSAGES as u64, "the live server answered");
+        assert!(
+            live.query_count() >= 3 * MESSAGES as u64,
+            "the live server answered"
+        );
     })
     .await;
 }
@@ -364,7 +407,12 @@ async fn without_serve_stale_an_outage_defers_everything() {
         )
         .await;
         for (i, k) in keys.iter().enumerate() {
-            let r = send(&proxy, &known(i), &k.message(&known(i), &format!("warm{i}"))).await;
+            let r = send(
+                &proxy,
+                &known(i),
+                &k.message(&known(i), &format!("warm{i}")),
+            )
+            .await;
             assert_eq!(r.code, 250, "warm-up {i}: {r:?}");
         }
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -373,7 +421,12 @@ async fn without_serve_stale_an_outage_defers_everything() {
         for (i, k) in keys.iter().enumerate() {
             let r = send(&proxy, &known(i), &k.message(&known(i), &format!("out{i}"))).await;
             assert_eq!(r.code, 451, "known sender {i}, serve-stale off: {r:?}");
-            let r = send(&proxy, &known(i), &attacker.message(&known(i), &format!("sp{i}"))).await;
+            let r = send(
+                &proxy,
+                &known(i),
+                &attacker.message(&known(i), &format!("sp{i}")),
+            )
+            .await;
             assert_eq!(r.code, 451, "spoof {i}, serve-stale off: {r:?}");
         }
         assert_eq!(mta.messages().len(), relayed, "nothing relayed");

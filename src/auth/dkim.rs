@@ -558,7 +558,11 @@ struct KeyMemo(Vec<(String, Fetched, Option<u64>)>);
 impl KeyMemo {
     /// The key, and the age in seconds of the answer when it was a stale one.
     async fn fetch(&mut self, ctx: &Context<'_>, qname: &str) -> (Fetched, Option<u64>) {
-        if let Some((_, f, age)) = self.0.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(qname)) {
+        if let Some((_, f, age)) = self
+            .0
+            .iter()
+            .find(|(n, _, _)| n.eq_ignore_ascii_case(qname))
+        {
             return (f.clone(), *age);
         }
         let (fetched, age) = fetch_key(ctx, qname).await;
@@ -606,7 +610,8 @@ async fn fetch_key(ctx: &Context<'_>, qname: &str) -> (Fetched, Option<u64>) {
             let outcome = select_key(&records);
             // A stale answer has no `valid_until`: it never enters the fresh cache.
             if let Some(until) = answer.valid_until {
-                ctx.keys.insert(key.into_boxed_str(), outcome.clone(), until);
+                ctx.keys
+                    .insert(key.into_boxed_str(), outcome.clone(), until);
             }
             let fetched = match outcome {
                 Ok(k) => Fetched::Key(k),

@@ -24,7 +24,6 @@ use super::spf::NEGATIVE_TTL_MAX;
 use super::stale::{StaleStore, StoredAnswer};
 use crate::config::DnsConfig;
 
-
 /// Resolver options from `[dns]`.
 fn options(cfg: &DnsConfig) -> ResolverOpts {
     let mut opts = ResolverOpts::default();
@@ -126,8 +125,12 @@ impl DnsClient {
         ));
         if let Some(path) = &cfg.stale_cache_file {
             match stale.load(path) {
-                Ok(n) => tracing::info!(file = %path.display(), entries = n, "stale DNS cache loaded"),
-                Err(e) => tracing::warn!(file = %path.display(), error = %e, "stale DNS cache not loaded"),
+                Ok(n) => {
+                    tracing::info!(file = %path.display(), entries = n, "stale DNS cache loaded")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "stale DNS cache not loaded")
+                }
             }
         }
         Ok(DnsClient {
@@ -279,7 +282,10 @@ pub(crate) fn classify(
         // said no, so nothing stale stands in for it.
         Err(NetError::Dns(DnsError::ResponseCode(code))) => {
             tracing::debug!(%code, "DNS answer unusable");
-            (Outcome::Answered, Some(Err(LookupFailed("unusable DNS answer"))))
+            (
+                Outcome::Answered,
+                Some(Err(LookupFailed("unusable DNS answer"))),
+            )
         }
         Err(NetError::Timeout) => (Outcome::Timeout, None),
         // No answer came back at all (I/O, no connection, malformed reply): unreachable.
@@ -351,12 +357,23 @@ mod tests {
         dns.set_servfail_all(true);
         assert_eq!(txt(&client, "k.example.").await.unwrap(), (1, false));
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert_eq!(txt(&client, "k.example.").await.unwrap(), (1, true), "SERVFAIL");
+        assert_eq!(
+            txt(&client, "k.example.").await.unwrap(),
+            (1, true),
+            "SERVFAIL"
+        );
         dns.set_servfail_all(false);
         dns.set_refuse_all(true);
-        assert_eq!(txt(&client, "k.example.").await.unwrap(), (1, true), "REFUSED");
+        assert_eq!(
+            txt(&client, "k.example.").await.unwrap(),
+            (1, true),
+            "REFUSED"
+        );
         assert!(client.health().is_some(), "a refusing server is down");
-        assert!(txt(&client, "never.example.").await.is_err(), "nothing known");
+        assert!(
+            txt(&client, "never.example.").await.is_err(),
+            "nothing known"
+        );
         dns.set_refuse_all(false);
         // The probe brings the server back; then the record's removal wins at once.
         eventually("server back", async || client.health().is_none()).await;

@@ -269,9 +269,18 @@ mod tests {
         r.stale.spf = Some(42);
         r.stale.dmarc = Some(600);
         let ar = authentication_results("mx.example.net", &r, "; ");
-        assert!(ar.contains("dkim=pass (stale key, 3h old) header.d=example.com"), "{ar}");
-        assert!(ar.contains("spf=pass (stale record, 42s old) smtp.mailfrom="), "{ar}");
-        assert!(ar.contains("dmarc=pass (stale record, 10m old) header.from="), "{ar}");
+        assert!(
+            ar.contains("dkim=pass (stale key, 3h old) header.d=example.com"),
+            "{ar}"
+        );
+        assert!(
+            ar.contains("spf=pass (stale record, 42s old) smtp.mailfrom="),
+            "{ar}"
+        );
+        assert!(
+            ar.contains("dmarc=pass (stale record, 10m old) header.from="),
+            "{ar}"
+        );
         // Fresh results carry no comment.
         let fresh = authentication_results("mx.example.net", &report(), "; ");
         assert!(!fresh.contains("stale"), "{fresh}");

@@ -516,15 +516,8 @@ impl Verifier {
             return (ArcCheck::none(AuthResult::PermError), None, sets);
         }
         let refused_before = budget.refused();
-        let prefetched = arc_keys::prefetch(
-            &self.dns,
-            message,
-            &self.txt_cache,
-            budget,
-            deadline,
-            stale,
-        )
-        .await;
+        let prefetched =
+            arc_keys::prefetch(&self.dns, message, &self.txt_cache, budget, deadline, stale).await;
         let txt = MessageTxt {
             shared: &self.txt_cache,
             budget,

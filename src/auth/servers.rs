@@ -194,13 +194,19 @@ impl Servers {
     }
 
     pub fn remember_good(&self, name: &Name, rtype: RecordType) {
-        *self.last_good.lock().unwrap_or_else(PoisonError::into_inner) = Some((name.clone(), rtype));
+        *self
+            .last_good
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((name.clone(), rtype));
     }
 
     /// Starts the prober when a server is down and none runs (needs a tokio runtime;
     /// without one, e.g. a synchronous test, servers stay as they are).
     pub fn ensure_probing(self: &Arc<Servers>, name: &Name, rtype: RecordType) {
-        *self.last_failed.lock().unwrap_or_else(PoisonError::into_inner) = Some((name.clone(), rtype));
+        *self
+            .last_failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((name.clone(), rtype));
         if !self.list.iter().any(|s| s.is_down()) || self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -212,8 +218,17 @@ impl Servers {
     }
 
     fn probe_question(&self) -> Option<(Name, RecordType)> {
-        let good = self.last_good.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        good.or_else(|| self.last_failed.lock().unwrap_or_else(PoisonError::into_inner).clone())
+        let good = self
+            .last_good
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        good.or_else(|| {
+            self.last_failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        })
     }
 
     /// `None` when every server is up; else which are down.
@@ -244,7 +259,12 @@ impl Servers {
 /// probe, never from a message's lookup: no message waits for a dead server.
 async fn probe_loop(servers: Arc<Servers>) {
     loop {
-        let down: Vec<Arc<Server>> = servers.list.iter().filter(|s| s.is_down()).cloned().collect();
+        let down: Vec<Arc<Server>> = servers
+            .list
+            .iter()
+            .filter(|s| s.is_down())
+            .cloned()
+            .collect();
         if down.is_empty() {
             servers.probing.store(false, Ordering::Release);
             // A server may have gone down between the check and the store.

@@ -363,9 +363,16 @@ mod tests {
     #[test]
     fn served_within_stale_max_only() {
         let s = StaleStore::new(100, 1 << 20, Duration::from_secs(3600));
-        s.put("a.example.", RecordType::TXT, answer(txt("v=spf1 -all"), -10));
+        s.put(
+            "a.example.",
+            RecordType::TXT,
+            answer(txt("v=spf1 -all"), -10),
+        );
         s.put("b.example.", RecordType::TXT, answer(txt("x"), -3601));
-        assert!(s.get("A.Example.", RecordType::TXT).is_some(), "case-insensitive");
+        assert!(
+            s.get("A.Example.", RecordType::TXT).is_some(),
+            "case-insensitive"
+        );
         assert!(s.get("a.example.", RecordType::A).is_none(), "by type");
         assert!(
             s.get("b.example.", RecordType::TXT).is_none(),
@@ -382,7 +389,11 @@ mod tests {
     fn bounded_in_entries_and_bytes() {
         let s = StaleStore::new(64, 1 << 30, Duration::from_secs(3600));
         for i in 0..1000 {
-            s.put(&format!("n{i}.example."), RecordType::TXT, answer(txt("v"), i));
+            s.put(
+                &format!("n{i}.example."),
+                RecordType::TXT,
+                answer(txt("v"), i),
+            );
             assert!(s.usage().0 <= 64);
         }
         // The newest (latest TTL end) survive; the earliest-expiring went first.
@@ -401,7 +412,11 @@ mod tests {
         }
         // Replacing an entry keeps the byte count exact.
         let (n, b) = s.usage();
-        s.put("n199.example.", RecordType::TXT, answer(txt(&"k".repeat(400)), 500));
+        s.put(
+            "n199.example.",
+            RecordType::TXT,
+            answer(txt(&"k".repeat(400)), 500),
+        );
         assert_eq!(s.usage(), (n, b));
     }
 
@@ -411,9 +426,21 @@ mod tests {
         let path = dir.path().join("stale.jsonl");
         let s = StaleStore::new(100, 1 << 20, Duration::from_secs(3600));
         let long = "p=".to_string() + &"A".repeat(600); // over 255: several strings
-        s.put("k._domainkey.a.example.", RecordType::TXT, answer(txt(&long), -5));
-        s.put("a.example.", RecordType::A, answer(vec![RData::A(A([127, 0, 0, 9].into()))].into(), 60));
-        s.put("nx.example.", RecordType::TXT, answer(Vec::new().into(), 60));
+        s.put(
+            "k._domainkey.a.example.",
+            RecordType::TXT,
+            answer(txt(&long), -5),
+        );
+        s.put(
+            "a.example.",
+            RecordType::A,
+            answer(vec![RData::A(A([127, 0, 0, 9].into()))].into(), 60),
+        );
+        s.put(
+            "nx.example.",
+            RecordType::TXT,
+            answer(Vec::new().into(), 60),
+        );
         s.put("gone.example.", RecordType::TXT, answer(txt("old"), -4000));
         assert_eq!(s.save(&path).unwrap(), 3);
 
@@ -427,14 +454,26 @@ mod tests {
             .unwrap();
         assert_eq!(t.load(&path).unwrap(), 3);
         let k = t.get("k._domainkey.a.example.", RecordType::TXT).unwrap();
-        let RData::TXT(got) = &k.records[0] else { panic!() };
+        let RData::TXT(got) = &k.records[0] else {
+            panic!()
+        };
         let joined: Vec<u8> = got.txt_data.iter().flatten().copied().collect();
         assert_eq!(joined, long.as_bytes());
-        assert!(t.get("nx.example.", RecordType::TXT).unwrap().records.is_empty());
+        assert!(
+            t.get("nx.example.", RecordType::TXT)
+                .unwrap()
+                .records
+                .is_empty()
+        );
         assert!(t.get("gone.example.", RecordType::TXT).is_none());
         // A shorter stale_max at the next start cuts the loaded entries too.
         let u = StaleStore::new(100, 1 << 20, Duration::from_secs(2));
         assert_eq!(u.load(&path).unwrap(), 2, "the key expired 5 s ago is out");
-        assert_eq!(StaleStore::new(1, 1, Duration::from_secs(1)).load(&dir.path().join("none")).unwrap(), 0);
+        assert_eq!(
+            StaleStore::new(1, 1, Duration::from_secs(1))
+                .load(&dir.path().join("none"))
+                .unwrap(),
+            0
+        );
     }
 }

@@ -558,7 +558,10 @@ mod tests {
         let mut r = report(AuthResult::Fail, Some("reject"));
         r.stale.dmarc = Some(7200);
         let e = p.evaluate(&facts(&r, &[], &[]));
-        assert_eq!((e.action, e.rule.as_str()), (ActionKind::Defer, "dmarc-fail-stale-defer"));
+        assert_eq!(
+            (e.action, e.rule.as_str()),
+            (ActionKind::Defer, "dmarc-fail-stale-defer")
+        );
         // A stale DKIM key under a fresh DMARC record counts too.
         let mut r = report(AuthResult::Fail, Some("quarantine"));
         r.dkim.push(DkimCheck {
