@@ -317,7 +317,7 @@ fn encode_rdata(r: &RData) -> Option<String> {
 fn decode_rdata(rtype: RecordType, s: &str) -> Option<RData> {
     Some(match rtype {
         RecordType::TXT => {
-            if s.len() % 2 != 0 {
+            if !s.len().is_multiple_of(2) {
                 return None;
             }
             let bytes = (0..s.len())
