@@ -79,7 +79,7 @@ pub const DEFAULT_DNS_CACHE_ENTRIES: u64 = 10_000;
 /// answers (RFC 8767 §5 suggests 1 to 3 days; a day bounds how long a key revoked
 /// during an outage can still be honoured).
 pub const DEFAULT_DNS_STALE_MAX: Duration = Duration::from_secs(24 * 3600);
-/// DNS serve-stale: entries kept (100 000 at ~700 bytes each, see `benches/stale_memory.rs`).
+/// DNS serve-stale: entries kept (100 000 take ~60 MiB, see `benches/stale_memory.rs`).
 pub const DEFAULT_DNS_STALE_MAX_ENTRIES: usize = 100_000;
 /// DNS serve-stale: estimated bytes kept at most.
 pub const DEFAULT_DNS_STALE_MAX_BYTES: usize = 128 << 20;
