@@ -296,7 +296,7 @@ pub(crate) fn classify(
     }
 }
 
-/// `[dns] healthz` line: `None` when every nameserver answers.
+/// The DNS part of `/healthz`: `None` when every nameserver of the running client answers.
 pub fn degraded() -> Option<String> {
     super::servers::degraded()
 }
