@@ -89,6 +89,8 @@ pub struct Metrics {
     pub dmarc_records_dropped: Counter,
     /// Outbound DKIM signing, by result (`signed`, `no_key`, `no_from_domain`, `failed`).
     pub dkim_signing: Family<Labels, Counter>,
+    /// Nameserver health and serve-stale (`src/auth/servers.rs`).
+    pub dns: crate::auth::servers::DnsMetrics,
 }
 
 impl Metrics {
@@ -130,6 +132,7 @@ impl Metrics {
             dmarc_reports: Family::default(),
             dmarc_records_dropped: Counter::default(),
             dkim_signing: Family::default(),
+            dns: crate::auth::servers::DnsMetrics::new(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -291,6 +294,7 @@ impl Metrics {
             m.auth_refused.clone(),
         );
         registry.register("policy_reloads", "Policy reloads", m.policy_reloads.clone());
+        m.dns.register(&mut registry);
         Metrics { registry, ..m }
     }
 

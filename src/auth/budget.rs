@@ -87,6 +87,9 @@ pub const LIMIT_REASON: &str = "DNS lookup limit per message reached";
 pub struct MessageTxt<'a> {
     pub shared: &'a TxtCache,
     pub budget: &'a DnsBudget,
+    /// ARC keys already fetched for this message through our DNS path (stale ones
+    /// included): asked first ([`super::arc_keys`]).
+    pub prefetched: Option<&'a super::arc_keys::Prefetched>,
 }
 
 impl ResolverCache<Box<str>, Txt> for MessageTxt<'_> {
@@ -95,6 +98,9 @@ impl ResolverCache<Box<str>, Txt> for MessageTxt<'_> {
         Box<str>: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        if let Some(hit) = self.prefetched.and_then(|p| p.0.get(name)) {
+            return Some(hit.clone());
+        }
         if let Some(hit) = self.shared.get(name) {
             return Some(hit);
         }
@@ -182,6 +188,7 @@ mod tests {
         let txt = MessageTxt {
             shared: &shared,
             budget: &budget,
+            prefetched: None,
         };
         // A hit costs nothing.
         assert!(txt.get("_dmarc.example.com.").is_some());

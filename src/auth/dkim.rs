@@ -30,8 +30,6 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::zones::Resolver;
-use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use mail_auth::AuthenticatedMessage;
 use mail_auth::common::crypto::{Algorithm, HashAlgorithm};
@@ -43,6 +41,7 @@ use tokio::time::Instant;
 
 use super::budget::{DnsBudget, LIMIT_REASON};
 use super::cache::TtlCache;
+use super::dns::DnsClient;
 use super::{AuthResult, DkimCheck};
 
 /// How far in the future a signature's `t=` may be before it is refused: 5 minutes, the
@@ -60,7 +59,7 @@ pub type KeyCache = TtlCache<Box<str>, Result<Arc<KeyRecord>, String>>;
 
 /// What verification needs besides the message.
 pub struct Context<'a> {
-    pub resolver: &'a Resolver,
+    pub dns: &'a DnsClient,
     pub keys: &'a KeyCache,
     pub budget: &'a DnsBudget,
     /// When the whole verification must be done: a key lookup not finished by then is
@@ -120,7 +119,9 @@ async fn verify_one(
     let Some(qname) = key_name(&sig.sig) else {
         return Verdict::perm("d= or s= is not a domain name").into_check(check);
     };
-    let key = match memo.fetch(ctx, &qname).await {
+    let (fetched, stale_secs) = memo.fetch(ctx, &qname).await;
+    check.stale_secs = stale_secs;
+    let key = match fetched {
         Fetched::Key(key) => key,
         Fetched::Perm(reason) => return Verdict::Perm(reason).into_check(check),
         Fetched::Temp(reason) => return Verdict::Temp(reason).into_check(check),
@@ -153,6 +154,7 @@ fn identity(tags: &TagList<'_>) -> DkimCheck {
             _ => String::new(),
         },
         reason: None,
+        stale_secs: None,
     }
 }
 
@@ -551,64 +553,75 @@ enum Fetched {
 /// The keys this message already asked for, so that no message looks up one name
 /// twice (even with a TTL of 0 or no cache).
 #[derive(Default)]
-struct KeyMemo(Vec<(String, Fetched)>);
+struct KeyMemo(Vec<(String, Fetched, Option<u64>)>);
 
 impl KeyMemo {
-    async fn fetch(&mut self, ctx: &Context<'_>, qname: &str) -> Fetched {
-        if let Some((_, f)) = self.0.iter().find(|(n, _)| n.eq_ignore_ascii_case(qname)) {
-            return f.clone();
+    /// The key, and the age in seconds of the answer when it was a stale one.
+    async fn fetch(&mut self, ctx: &Context<'_>, qname: &str) -> (Fetched, Option<u64>) {
+        if let Some((_, f, age)) = self
+            .0
+            .iter()
+            .find(|(n, _, _)| n.eq_ignore_ascii_case(qname))
+        {
+            return (f.clone(), *age);
         }
-        let fetched = fetch_key(ctx, qname).await;
-        self.0.push((qname.to_string(), fetched.clone()));
-        fetched
+        let (fetched, age) = fetch_key(ctx, qname).await;
+        self.0.push((qname.to_string(), fetched.clone(), age));
+        (fetched, age)
     }
 }
 
-/// The key record at `qname`: from the cache, else one DNS query (counted).
-async fn fetch_key(ctx: &Context<'_>, qname: &str) -> Fetched {
+/// The key record at `qname`: from the cache, else one DNS query (counted); with the
+/// age in seconds of the answer when no server answered and a stale one stood in.
+async fn fetch_key(ctx: &Context<'_>, qname: &str) -> (Fetched, Option<u64>) {
     let key = qname.to_ascii_lowercase();
     if let Some(cached) = ctx.keys.get(key.as_str()) {
         return match cached {
-            Ok(k) => Fetched::Key(k),
-            Err(e) => Fetched::Perm(e),
+            Ok(k) => (Fetched::Key(k), None),
+            Err(e) => (Fetched::Perm(e), None),
         };
     }
     if Instant::now() >= ctx.deadline {
-        return Fetched::Temp("time budget exhausted".into());
+        return (Fetched::Temp("time budget exhausted".into()), None);
     }
     if !ctx.budget.take() {
-        return Fetched::Perm(LIMIT_REASON.into());
+        return (Fetched::Perm(LIMIT_REASON.into()), None);
     }
     let Ok(name) = Name::from_ascii(qname) else {
-        return Fetched::Perm("d= or s= is not a domain name".into());
+        return (Fetched::Perm("d= or s= is not a domain name".into()), None);
     };
-    let lookup = tokio::time::timeout_at(ctx.deadline, ctx.resolver.lookup(name, RecordType::TXT));
+    let lookup = tokio::time::timeout_at(ctx.deadline, ctx.dns.lookup(name, RecordType::TXT));
     match lookup.await {
-        Err(_) => Fetched::Temp("time budget exhausted".into()),
+        Err(_) => (Fetched::Temp("time budget exhausted".into()), None),
+        Ok(Ok(answer)) if answer.records.is_empty() => (
+            Fetched::Perm("no key record (NXDOMAIN or no TXT)".into()),
+            answer.stale_age.map(|a| a.as_secs()),
+        ),
         Ok(Ok(answer)) => {
             let records: Vec<Vec<u8>> = answer
-                .answers()
+                .records
                 .iter()
-                .filter_map(|r| match &r.data {
+                .filter_map(|r| match r {
                     // §3.6.2.2: the strings of one record are concatenated.
                     RData::TXT(txt) => Some(txt.txt_data.iter().flatten().copied().collect()),
                     _ => None,
                 })
                 .collect();
             let outcome = select_key(&records);
-            ctx.keys
-                .insert(key.into_boxed_str(), outcome.clone(), answer.valid_until());
-            match outcome {
+            // A stale answer has no `valid_until`: it never enters the fresh cache.
+            if let Some(until) = answer.valid_until {
+                ctx.keys
+                    .insert(key.into_boxed_str(), outcome.clone(), until);
+            }
+            let fetched = match outcome {
                 Ok(k) => Fetched::Key(k),
                 Err(e) => Fetched::Perm(e),
-            }
-        }
-        Ok(Err(NetError::Dns(DnsError::NoRecordsFound(_)))) => {
-            Fetched::Perm("no key record (NXDOMAIN or no TXT)".into())
+            };
+            (fetched, answer.stale_age.map(|a| a.as_secs()))
         }
         Ok(Err(e)) => {
             tracing::debug!(name = %qname, error = %e, "DKIM key lookup failed");
-            Fetched::Temp("DNS error fetching the key".into())
+            (Fetched::Temp("DNS error fetching the key".into()), None)
         }
     }
 }
@@ -1143,16 +1156,16 @@ mod tests {
         }
     }
 
-    fn resolver() -> Resolver {
+    fn resolver() -> DnsClient {
         // A closed port on loopback: any lookup fails at once.
         let cfg = crate::config::DnsConfig {
             nameservers: vec!["127.0.0.1:9".parse().unwrap()],
             timeout_ms: 200,
             attempts: 1,
             cache_entries: 0,
-            ..Default::default()
+            ..crate::config::DnsConfig::default()
         };
-        crate::auth::dns::authenticator(&cfg).unwrap().0.into()
+        DnsClient::new(&cfg).unwrap()
     }
 
     /// Verifies `message` with `record` (if any) published as the `ed` key.
@@ -1168,7 +1181,7 @@ mod tests {
         let resolver = resolver();
         let budget = DnsBudget::new(lookups);
         let ctx = Context {
-            resolver: &resolver,
+            dns: &resolver,
             keys: &keys,
             budget: &budget,
             deadline: Instant::now() + Duration::from_secs(5),
@@ -1312,7 +1325,7 @@ mod tests {
         let resolver = resolver();
         let budget = DnsBudget::new(5);
         let ctx = Context {
-            resolver: &resolver,
+            dns: &resolver,
             keys: &keys,
             budget: &budget,
             deadline: Instant::now() + Duration::from_secs(5),
@@ -1342,16 +1355,16 @@ mod tests {
             timeout_ms: 2000,
             attempts: 1,
             cache_entries: 0,
-            ..Default::default()
+            ..crate::config::DnsConfig::default()
         };
-        let resolver: Resolver = crate::auth::dns::authenticator(&cfg).unwrap().0.into();
+        let resolver = DnsClient::new(&cfg).unwrap();
         let keys = KeyCache::new(10);
         let signed = s.sign(MESSAGE, &["From"], false);
         let parsed = AuthenticatedMessage::parse(signed.as_bytes()).unwrap();
         for round in 0..3 {
             let budget = DnsBudget::new(10);
             let ctx = Context {
-                resolver: &resolver,
+                dns: &resolver,
                 keys: &keys,
                 budget: &budget,
                 deadline: Instant::now() + Duration::from_secs(5),

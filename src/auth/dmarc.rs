@@ -50,15 +50,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use super::zones::Resolver;
-use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
 use super::arc::ArcLatest;
 use super::cache::TtlCache;
-use super::spf::NEGATIVE_TTL_MAX;
+use super::dns::DnsClient;
+use super::stale::StaleMark;
 use super::{AuthResult, DkimCheck, DmarcCheck, SpfCheck};
 
 /// Most names one tree walk queries (RFC 9989 §4.10: the name itself, then at most 7
@@ -305,8 +303,10 @@ fn within(id: &str, parent: &str) -> bool {
 /// handles) so that discovery can run as its own task beside DKIM and ARC.
 #[derive(Clone)]
 pub struct Dns {
-    pub resolver: Resolver,
+    pub resolver: DnsClient,
     pub cache: Arc<DmarcCache>,
+    /// The oldest stale answer (serve-stale) this message's DMARC evaluation used.
+    pub stale: Arc<StaleMark>,
     /// The message's DNS lookup budget (`[auth] max_dns_lookups`); a lookup past it
     /// fails like a temporary error, which `verify` turns into `permerror`.
     pub budget: Option<Arc<super::budget::DnsBudget>>,
@@ -334,11 +334,12 @@ impl Dns {
             return Err(TempFail);
         }
         let (value, valid_until) = match self.resolver.lookup(qname, RecordType::TXT).await {
-            Ok(lookup) => {
-                let texts: Vec<String> = lookup
-                    .answers()
+            Ok(answer) => {
+                self.stale.note(answer.stale_age);
+                let texts: Vec<String> = answer
+                    .records
                     .iter()
-                    .filter_map(|r| match &r.data {
+                    .filter_map(|r| match r {
                         // RFC 7489 §6.6.3 / RFC 7208 §3.3: the strings are concatenated.
                         RData::TXT(txt) => Some(
                             String::from_utf8_lossy(
@@ -349,14 +350,9 @@ impl Dns {
                         _ => None,
                     })
                     .collect();
-                (at_name(&texts), Some(lookup.valid_until()))
+                // A stale answer has no `valid_until`: it never enters the fresh cache.
+                (at_name(&texts), answer.valid_until)
             }
-            Err(NetError::Dns(DnsError::NoRecordsFound(NoRecords { negative_ttl, .. }))) => (
-                AtName::None,
-                negative_ttl.map(|ttl| {
-                    Instant::now() + Duration::from_secs(ttl.into()).min(NEGATIVE_TTL_MAX)
-                }),
-            ),
             Err(e) => {
                 tracing::debug!(%name, error = %e, "DMARC record lookup failed");
                 return Err(TempFail);
@@ -378,10 +374,12 @@ impl Dns {
                 return None;
             }
             match self.resolver.lookup(name.clone(), rtype).await {
-                Ok(l) if l.answers().iter().any(|r| r.record_type() == rtype) => {
-                    return Some(true);
+                Ok(answer) => {
+                    self.stale.note(answer.stale_age);
+                    if !answer.records.is_empty() {
+                        return Some(true);
+                    }
                 }
-                Ok(_) | Err(NetError::Dns(DnsError::NoRecordsFound(_))) => {}
                 Err(_) => return None,
             }
         }
@@ -878,11 +876,12 @@ mod tests {
             timeout_ms: 300,
             attempts: 1,
             cache_entries: 0,
-            ..Default::default()
+            ..DnsConfig::default()
         };
         Dns {
-            resolver: crate::auth::dns::authenticator(&cfg).unwrap().0.into(),
+            resolver: DnsClient::new(&cfg).unwrap(),
             cache: Arc::new(DmarcCache::new(100)),
+            stale: Arc::default(),
             budget: None,
         }
     }
@@ -901,6 +900,7 @@ mod tests {
             selector: "s".into(),
             algorithm: "rsa-sha256".into(),
             reason: None,
+            stale_secs: None,
         }
     }
 

@@ -34,14 +34,16 @@ pub fn authentication_results(authserv_id: &str, report: &AuthReport, sep: &str)
     let mut parts = vec![safe(authserv_id)];
     let spf = &report.spf;
     parts.push(format!(
-        "spf={} smtp.mailfrom={}",
+        "spf={}{} smtp.mailfrom={}",
         spf.mail_from.result.as_str(),
+        stale_comment("record", report.stale.spf),
         safe(&spf.mail_from.domain)
     ));
     if spf.helo.result != AuthResult::None && !spf.helo.domain.is_empty() {
         parts.push(format!(
-            "spf={} smtp.helo={}",
+            "spf={}{} smtp.helo={}",
             spf.helo.result.as_str(),
+            stale_comment("record", report.stale.spf_helo),
             safe(&spf.helo.domain)
         ));
     }
@@ -49,7 +51,11 @@ pub fn authentication_results(authserv_id: &str, report: &AuthReport, sep: &str)
         parts.push("dkim=none".to_string());
     }
     for d in &report.dkim {
-        let mut s = format!("dkim={}", d.result.as_str());
+        let mut s = format!(
+            "dkim={}{}",
+            d.result.as_str(),
+            stale_comment("key", d.stale_secs)
+        );
         // `policy` (an l= signature with content after the signed length) says why in a
         // comment (RFC 8601 §2.7.1): the reason is ours, built from a number.
         if d.result == AuthResult::Policy
@@ -70,10 +76,28 @@ pub fn authentication_results(authserv_id: &str, report: &AuthReport, sep: &str)
         parts.push(s);
     }
     if report.arc.result != AuthResult::None {
-        parts.push(format!("arc={}", report.arc.result.as_str()));
+        parts.push(format!(
+            "arc={}{}",
+            report.arc.result.as_str(),
+            stale_comment("key", report.stale.arc)
+        ));
     }
-    parts.push(dmarc_result(&report.dmarc));
+    parts.push(dmarc_result(&report.dmarc, report.stale.dmarc));
     parts.join(sep)
+}
+
+/// ` (stale key, 3h old)` when a result rests on a stale DNS answer (serve-stale) of
+/// that age in seconds; empty otherwise. Built from a number: nothing of the sender's.
+fn stale_comment(what: &str, age_secs: Option<u64>) -> String {
+    let Some(secs) = age_secs else {
+        return String::new();
+    };
+    let age = match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        _ => format!("{}h", secs / 3600),
+    };
+    format!(" (stale {what}, {age} old)")
 }
 
 /// `dmarc=<result> [(<comment>)] header.from=<d> policy.dmarc=<applied>
@@ -82,8 +106,12 @@ pub fn authentication_results(authserv_id: &str, report: &AuthReport, sep: &str)
 /// differs from the published one, the comment says why: `(p=reject, not in the pct=0
 /// sample)`, `(p=quarantine, t=y testing)`, `(p=reject, ARC override by <sealer>)`.
 /// Comments hold no `;`, so that naive splitters of the field still see one result.
-fn dmarc_result(d: &super::DmarcCheck) -> String {
-    let mut out = format!("dmarc={}", d.result.as_str());
+fn dmarc_result(d: &super::DmarcCheck, stale_secs: Option<u64>) -> String {
+    let mut out = format!(
+        "dmarc={}{}",
+        d.result.as_str(),
+        stale_comment("record", stale_secs)
+    );
     let mut why = Vec::new();
     if let (Some(pct), Some(false)) = (d.pct, d.pct_sampled) {
         why.push(format!("not in the pct={pct} sample"));
@@ -234,6 +262,30 @@ mod tests {
     use super::*;
     use crate::auth::*;
 
+    #[test]
+    fn stale_results_say_so_in_comments() {
+        let mut r = report();
+        r.dkim[0].stale_secs = Some(3 * 3600 + 5);
+        r.stale.spf = Some(42);
+        r.stale.dmarc = Some(600);
+        let ar = authentication_results("mx.example.net", &r, "; ");
+        assert!(
+            ar.contains("dkim=pass (stale key, 3h old) header.d=example.com"),
+            "{ar}"
+        );
+        assert!(
+            ar.contains("spf=pass (stale record, 42s old) smtp.mailfrom="),
+            "{ar}"
+        );
+        assert!(
+            ar.contains("dmarc=pass (stale record, 10m old) header.from="),
+            "{ar}"
+        );
+        // Fresh results carry no comment.
+        let fresh = authentication_results("mx.example.net", &report(), "; ");
+        assert!(!fresh.contains("stale"), "{fresh}");
+    }
+
     fn report() -> AuthReport {
         AuthReport {
             spf: SpfPair {
@@ -252,6 +304,7 @@ mod tests {
                 selector: "s1\r\nX-Evil: 1".into(),
                 algorithm: "rsa-sha256".into(),
                 reason: None,
+                stale_secs: None,
             }],
             arc: ArcCheck::none(AuthResult::None),
             dmarc: DmarcCheck {
@@ -260,6 +313,7 @@ mod tests {
                 ..DmarcCheck::without_record(AuthResult::Pass, "example.com".into())
             },
             work: WorkCounts::default(),
+            stale: Default::default(),
         }
     }
 

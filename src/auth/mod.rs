@@ -13,13 +13,16 @@
 //! DKIM key and DMARC records.
 
 pub mod arc;
+pub mod arc_keys;
 pub mod budget;
 pub mod cache;
 pub mod dkim;
 pub mod dmarc;
 pub mod dns;
 pub mod headers;
+pub mod servers;
 pub mod spf;
+pub mod stale;
 pub mod zones;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -35,6 +38,7 @@ use crate::config::AuthConfig;
 
 use budget::{DnsBudget, MessageIpv4, MessageTxt};
 use cache::{TtlCache, TxtCache};
+use stale::StaleMark;
 
 /// RFC 8601 result words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -114,6 +118,9 @@ pub struct DkimCheck {
     pub algorithm: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Set when the key came from a stale DNS answer (serve-stale): its age in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -238,6 +245,26 @@ impl WorkCounts {
     }
 }
 
+/// Which results rest on a stale DNS answer (serve-stale, [`stale`]): the age in seconds
+/// of the oldest stale answer each check used. DKIM's is on each [`DkimCheck`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StaleUse {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spf: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spf_helo: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arc: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dmarc: Option<u64>,
+}
+
+impl StaleUse {
+    pub fn is_empty(&self) -> bool {
+        *self == StaleUse::default()
+    }
+}
+
 /// Every authentication result for one message.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuthReport {
@@ -246,6 +273,8 @@ pub struct AuthReport {
     pub arc: ArcCheck,
     pub dmarc: DmarcCheck,
     pub work: WorkCounts,
+    #[serde(skip_serializing_if = "StaleUse::is_empty")]
+    pub stale: StaleUse,
 }
 
 impl AuthReport {
@@ -267,6 +296,16 @@ impl AuthReport {
                     || self.arc.result == AuthResult::TempError
             }
         }
+    }
+
+    /// Whether a result that counts for the verdict (SPF of MAIL FROM, DKIM, ARC, DMARC)
+    /// rests on a stale DNS answer: the policy's `stale` condition. HELO's SPF is left
+    /// out, as it is from `temperror`: no rule of the built-in policy reads it.
+    pub fn any_stale(&self) -> bool {
+        self.stale.spf.is_some()
+            || self.stale.arc.is_some()
+            || self.stale.dmarc.is_some()
+            || self.dkim.iter().any(|d| d.stale_secs.is_some())
     }
 
     /// One DKIM word for the message: pass if any signature passed, else fail if any
@@ -297,9 +336,8 @@ pub struct VerifyInput<'a> {
 /// Runs the checks. Cheap to share: one per process.
 pub struct Verifier {
     authenticator: MessageAuthenticator,
-    /// What SPF, DKIM and DMARC look up through: the zone files, then the
-    /// authenticator's resolver (see [`zones`]).
-    resolver: zones::Resolver,
+    /// The one lookup path of our own checks (failover, serve-stale): [`dns::DnsClient`].
+    dns: dns::DnsClient,
     /// mail-auth's parsed TXT records (DKIM keys, DMARC records) and the A records of its
     /// RFC 8020 check: the only caches `verify_dkim`, `verify_arc` and `verify_dmarc`
     /// consult (mail-auth 0.13: they look up no MX, AAAA or PTR records).
@@ -324,11 +362,16 @@ pub struct Verifier {
 impl Verifier {
     /// The caches hold at most `[dns] cache_entries` entries each: the resolver's cache
     /// size, which [`dns::authenticator`] sets from it.
-    pub fn new(authenticator: MessageAuthenticator, hostname: &str, cfg: &AuthConfig) -> Verifier {
+    pub fn new(
+        authenticator: MessageAuthenticator,
+        dns: dns::DnsClient,
+        hostname: &str,
+        cfg: &AuthConfig,
+    ) -> Verifier {
         let entries = usize::try_from(authenticator.0.options().cache_size).unwrap_or(usize::MAX);
         Verifier {
-            resolver: authenticator.0.clone().into(),
             authenticator,
+            dns,
             txt_cache: TxtCache::new(entries),
             ipv4_cache: TtlCache::new(entries),
             spf_cache: spf::SpfCache::new(entries),
@@ -344,22 +387,17 @@ impl Verifier {
         }
     }
 
-    /// Answers from local zone files first (`[dns] zone_files`); with `only`, from them
-    /// alone.
-    pub fn with_zones(
-        mut self,
-        zones: Option<std::sync::Arc<zones::ZoneSet>>,
-        only: bool,
-    ) -> Verifier {
-        self.resolver = zones::Resolver::new(self.authenticator.0.clone(), zones, only);
-        self
-    }
-
     /// SPF for the MAIL FROM identity alone (the early-reject option at MAIL FROM).
     /// Not counted against a message's DNS lookups: there is no message yet.
     pub async fn spf_mail_from(&self, ip: IpAddr, helo: &str, mail_from: &str) -> SpfCheck {
         let deadline = Instant::now() + self.spf_time_budget.min(self.time_budget);
-        self.spf(ip, helo, mail_from, deadline, None).await
+        self.spf(ip, helo, mail_from, deadline, None, &StaleMark::default())
+            .await
+    }
+
+    /// The DNS client every check of this verifier uses.
+    pub fn dns(&self) -> &dns::DnsClient {
+        &self.dns
     }
 
     pub async fn verify(&self, input: &VerifyInput<'_>) -> AuthReport {
@@ -367,16 +405,29 @@ impl Verifier {
         let spf_deadline = Instant::now() + self.spf_time_budget.min(self.time_budget);
         // Shared with the DMARC discovery task, which runs on its own.
         let budget = std::sync::Arc::new(DnsBudget::new(self.max_dns_lookups));
+        let (spf_stale, helo_stale) = (StaleMark::default(), StaleMark::default());
         let (mail_from, helo) = tokio::join!(
             self.spf(
                 input.ip,
                 input.helo,
                 input.mail_from,
                 spf_deadline,
-                Some(&budget)
+                Some(&budget),
+                &spf_stale,
             ),
-            self.spf_helo(input.ip, input.helo, spf_deadline, Some(&budget)),
+            self.spf_helo(
+                input.ip,
+                input.helo,
+                spf_deadline,
+                Some(&budget),
+                &helo_stale
+            ),
         );
+        let mut stale = StaleUse {
+            spf: spf_stale.age_secs(),
+            spf_helo: helo_stale.age_secs(),
+            ..StaleUse::default()
+        };
         let Some(message) = AuthenticatedMessage::parse(input.message) else {
             // Not parseable as a message at all: nothing to verify beyond the envelope.
             return AuthReport {
@@ -385,6 +436,7 @@ impl Verifier {
                 arc: ArcCheck::none(AuthResult::None),
                 dmarc: DmarcCheck::without_record(AuthResult::PermError, String::new()),
                 work: WorkCounts::of(&budget, 0),
+                stale,
             };
         };
         let header_from = match input.author_domain {
@@ -402,14 +454,15 @@ impl Verifier {
         // without its record (and a spoof with a temperror instead of a fail). Past the
         // deadline `within` gives up on it; `decide` keeps to the deadline itself.
         let dmarc_dns = dmarc::Dns {
-            resolver: self.resolver.clone(),
+            resolver: self.dns.clone(),
+            stale: std::sync::Arc::default(),
             cache: std::sync::Arc::clone(&self.dmarc_cache),
             budget: Some(std::sync::Arc::clone(&budget)),
         };
         let signatures = async {
             let dkim = dkim::verify(
                 &dkim::Context {
-                    resolver: &self.resolver,
+                    dns: &self.dns,
                     keys: &self.key_cache,
                     budget: &budget,
                     deadline,
@@ -418,12 +471,13 @@ impl Verifier {
                 &message,
             )
             .await;
-            let arc = self.arc(&message, &budget, deadline).await;
-            (dkim, arc)
+            let arc_stale = StaleMark::default();
+            let arc = self.arc(&message, &budget, deadline, &arc_stale).await;
+            (dkim, (arc, arc_stale.age_secs()))
         };
         // Polled in this order: DKIM's first key lookup comes before DMARC's first
         // record lookup, so a message over its DNS budget loses DMARC, not its signature.
-        let ((dkim, (mut arc, arc_latest, arc_sets)), found) = tokio::join!(
+        let ((dkim, ((mut arc, arc_latest, arc_sets), arc_stale)), found) = tokio::join!(
             signatures,
             within(deadline, dmarc::discover(&dmarc_dns, &header_from)),
         );
@@ -448,12 +502,18 @@ impl Verifier {
             dmarc.result = AuthResult::PermError;
             dmarc.reason = Some("DNS lookup limit per message reached".into());
         }
+        stale.dmarc = dmarc_dns.stale.age_secs();
+        // Only a chain that got as far as a result rests on its keys.
+        if arc.result != AuthResult::None {
+            stale.arc = arc_stale;
+        }
         AuthReport {
             spf: SpfPair { mail_from, helo },
             dkim,
             arc,
             dmarc,
             work: WorkCounts::of(&budget, arc_sets),
+            stale,
         }
     }
 
@@ -465,15 +525,19 @@ impl Verifier {
         message: &AuthenticatedMessage<'_>,
         budget: &DnsBudget,
         deadline: Instant,
+        stale: &StaleMark,
     ) -> (ArcCheck, Option<arc::ArcLatest>, usize) {
         let sets = arc_set_count(message);
         if sets > self.arc_max_sets {
             return (ArcCheck::none(AuthResult::PermError), None, sets);
         }
         let refused_before = budget.refused();
+        let prefetched =
+            arc_keys::prefetch(&self.dns, message, &self.txt_cache, budget, deadline, stale).await;
         let txt = MessageTxt {
             shared: &self.txt_cache,
             budget,
+            prefetched: Some(&prefetched),
         };
         let ipv4 = MessageIpv4 {
             shared: &self.ipv4_cache,
@@ -508,16 +572,17 @@ impl Verifier {
         mail_from: &str,
         deadline: Instant,
         budget: Option<&DnsBudget>,
+        stale: &StaleMark,
     ) -> SpfCheck {
         let domain = match mail_from.rsplit_once('@') {
             Some((_, d)) => d.to_ascii_lowercase(),
             None => helo.to_ascii_lowercase(),
         };
         if mail_from.is_empty() {
-            return self.spf_helo(ip, helo, deadline, budget).await;
+            return self.spf_helo(ip, helo, deadline, budget, stale).await;
         }
         // check_host() itself gives `none` for a domain that is not a valid domain name (RFC 7208 §4.3).
-        self.check_host(ip, domain, mail_from, helo, deadline, budget)
+        self.check_host(ip, domain, mail_from, helo, deadline, budget, stale)
             .await
     }
 
@@ -529,6 +594,7 @@ impl Verifier {
         helo: &str,
         deadline: Instant,
         budget: Option<&DnsBudget>,
+        stale: &StaleMark,
     ) -> SpfCheck {
         let domain = helo.to_ascii_lowercase();
         if !looks_like_domain(&domain) {
@@ -538,11 +604,12 @@ impl Verifier {
             };
         }
         let sender = format!("postmaster@{helo}");
-        self.check_host(ip, domain, &sender, helo, deadline, budget)
+        self.check_host(ip, domain, &sender, helo, deadline, budget, stale)
             .await
     }
 
     /// One SPF evaluation within `deadline`; running out of time is `temperror`.
+    #[allow(clippy::too_many_arguments)]
     async fn check_host(
         &self,
         ip: IpAddr,
@@ -551,6 +618,7 @@ impl Verifier {
         helo: &str,
         deadline: Instant,
         budget: Option<&DnsBudget>,
+        stale: &StaleMark,
     ) -> SpfCheck {
         let req = spf::SpfRequest {
             ip,
@@ -562,7 +630,7 @@ impl Verifier {
         };
         let result = within(
             deadline,
-            spf::check_host(&self.resolver, &self.spf_cache, &req),
+            spf::check_host_marked(&self.dns, &self.spf_cache, &req, stale),
         )
         .await
         .unwrap_or(AuthResult::TempError);
@@ -630,10 +698,12 @@ mod tests {
                 selector: "s".into(),
                 algorithm: "rsa-sha256".into(),
                 reason: None,
+                stale_secs: None,
             }],
             arc: ArcCheck::none(AuthResult::None),
             dmarc: DmarcCheck::without_record(dmarc, "bank.example".into()),
             work: WorkCounts::default(),
+            stale: StaleUse::default(),
         }
     }
 

@@ -26,13 +26,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::zones::Resolver;
-use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
 use super::AuthResult;
 use super::budget::DnsBudget;
 use super::cache::TtlCache;
+use super::dns::DnsClient;
+use super::stale::StaleMark;
 
 /// §4.6.4: terms that cause DNS queries, per check_host() evaluation (with includes and
 /// redirects).
@@ -94,7 +94,17 @@ pub struct SpfRequest<'a> {
 }
 
 /// Evaluates the SPF record of `req.domain` for `req.ip` (RFC 7208 §4).
-pub async fn check_host(resolver: &Resolver, cache: &SpfCache, req: &SpfRequest<'_>) -> AuthResult {
+pub async fn check_host(dns: &DnsClient, cache: &SpfCache, req: &SpfRequest<'_>) -> AuthResult {
+    check_host_marked(dns, cache, req, &StaleMark::default()).await
+}
+
+/// [`check_host`], noting in `stale` the oldest stale answer it used (serve-stale).
+pub async fn check_host_marked(
+    dns: &DnsClient,
+    cache: &SpfCache,
+    req: &SpfRequest<'_>,
+    stale: &StaleMark,
+) -> AuthResult {
     let (local, sender_domain) = match req.sender.rsplit_once('@') {
         // §4.3: a sender without a local-part is postmaster@domain.
         Some(("", d)) => ("postmaster", d),
@@ -102,7 +112,8 @@ pub async fn check_host(resolver: &Resolver, cache: &SpfCache, req: &SpfRequest<
         None => ("postmaster", req.domain),
     };
     let mut eval = Evaluator {
-        resolver,
+        dns,
+        stale,
         cache,
         ip: req.ip.to_canonical(),
         local,
@@ -656,7 +667,8 @@ fn reverse_name(ip: IpAddr) -> String {
 type Eval<'f, T> = Pin<Box<dyn Future<Output = Result<T, Abort>> + Send + 'f>>;
 
 struct Evaluator<'a> {
-    resolver: &'a Resolver,
+    dns: &'a DnsClient,
+    stale: &'a StaleMark,
     cache: &'a SpfCache,
     /// Canonical: IPv4-mapped IPv6 addresses are IPv4 (§5).
     ip: IpAddr,
@@ -954,21 +966,10 @@ impl Evaluator<'_> {
             tracing::debug!(%name, "SPF permerror: DNS lookup limit per message reached");
             return Err(Abort::Perm);
         }
-        match self.resolver.lookup(qname, rtype).await {
-            Ok(lookup) => {
-                let rdata = lookup
-                    .answers()
-                    .iter()
-                    .filter(|r| r.record_type() == rtype)
-                    .map(|r| r.data.clone())
-                    .collect();
-                Ok((rdata, Some(lookup.valid_until())))
-            }
-            Err(NetError::Dns(DnsError::NoRecordsFound(NoRecords { negative_ttl, .. }))) => {
-                let valid_until = negative_ttl.map(|ttl| {
-                    Instant::now() + Duration::from_secs(ttl.into()).min(NEGATIVE_TTL_MAX)
-                });
-                Ok((Vec::new(), valid_until))
+        match self.dns.lookup(qname, rtype).await {
+            Ok(answer) => {
+                self.stale.note(answer.stale_age);
+                Ok((answer.records.to_vec(), answer.valid_until))
             }
             Err(e) => {
                 tracing::debug!(%name, %rtype, error = %e, "SPF DNS lookup failed");
@@ -1072,18 +1073,22 @@ mod cache_tests {
 
     /// A resolver without hickory's cache: every record lookup that the SPF cache does
     /// not answer reaches the server.
-    fn uncached_resolver(dns: &DnsServer) -> Resolver {
-        let cfg = DnsConfig {
+    fn uncached_resolver(dns: &DnsServer) -> DnsClient {
+        DnsClient::new(&client_config(dns)).unwrap()
+    }
+
+    fn client_config(dns: &DnsServer) -> DnsConfig {
+        DnsConfig {
             nameservers: vec![dns.addr()],
             timeout_ms: 300,
             attempts: 1,
             cache_entries: 0,
-            ..Default::default()
-        };
-        crate::auth::dns::authenticator(&cfg).unwrap().0.into()
+            server_backoff_max: Duration::from_millis(200),
+            ..DnsConfig::default()
+        }
     }
 
-    async fn check(resolver: &Resolver, cache: &SpfCache, domain: &str) -> AuthResult {
+    async fn check(resolver: &DnsClient, cache: &SpfCache, domain: &str) -> AuthResult {
         let sender = format!("alice@{domain}");
         let req = SpfRequest {
             ip: "192.0.2.1".parse().unwrap(),
@@ -1107,7 +1112,7 @@ mod cache_tests {
                 .a("host.inner.example", "192.0.2.1"),
         );
         let resolver = uncached_resolver(&dns);
-        async fn run(resolver: &Resolver, cache: &SpfCache, budget: &DnsBudget) -> AuthResult {
+        async fn run(resolver: &DnsClient, cache: &SpfCache, budget: &DnsBudget) -> AuthResult {
             let req = SpfRequest {
                 ip: "192.0.2.1".parse().unwrap(),
                 domain: "outer.example",
@@ -1219,17 +1224,85 @@ mod cache_tests {
         );
         assert_eq!(cache.len(), 5);
 
-        // A timeout: never cached either.
+        // A timeout: never cached either (serve-stale off here; with it, the last
+        // answer stands in, marked stale: `stale_answers_only_when_no_server_answers`).
+        let no_stale = DnsClient::new(&DnsConfig {
+            stale_max: Duration::ZERO,
+            ..client_config(&dns)
+        })
+        .unwrap();
+        assert_eq!(
+            check(&no_stale, &fresh, "other.example").await,
+            AuthResult::None
+        );
         dns.set_blackhole(true);
         assert_eq!(
-            check(&resolver, &fresh, "other.example").await,
+            check(&no_stale, &SpfCache::new(0), "other.example").await,
             AuthResult::TempError
         );
         dns.set_blackhole(false);
+        let after = DnsClient::new(&client_config(&dns)).unwrap();
         assert_eq!(
-            check(&resolver, &fresh, "other.example").await,
+            check(&after, &fresh, "other.example").await,
             AuthResult::None
         );
+    }
+
+    /// Serve-stale through SPF: an answer the server gave stands in, marked with its
+    /// age, only while no server answers; an answer (NXDOMAIN included) wins at once.
+    #[tokio::test]
+    async fn stale_answers_only_when_no_server_answers() {
+        let dns = DnsServer::start(
+            Zone::new()
+                .txt("known.example", "v=spf1 ip4:192.0.2.0/24 -all")
+                .txt("gone.example", "v=spf1 ip4:192.0.2.0/24 -all"),
+        );
+        dns.set_ttl(1);
+        let client = DnsClient::new(&client_config(&dns)).unwrap();
+        let run = |domain: &'static str| {
+            let client = client.clone();
+            async move {
+                let sender = format!("alice@{domain}");
+                let req = SpfRequest {
+                    ip: "192.0.2.1".parse().unwrap(),
+                    domain,
+                    sender: &sender,
+                    helo: "mx.example.org",
+                    receiver: "mx.example.net",
+                    budget: None,
+                };
+                let mark = StaleMark::default();
+                // No parsed cache: every check reaches the DNS layer.
+                let r = check_host_marked(&client, &SpfCache::new(0), &req, &mark).await;
+                (r, mark.age_secs())
+            }
+        };
+        assert_eq!(run("known.example").await, (AuthResult::Pass, None));
+        assert_eq!(run("gone.example").await, (AuthResult::Pass, None));
+        // The record is removed: NXDOMAIN/NODATA is an answer, it wins at once.
+        dns.update_zone(|z| *z = Zone::new().txt("known.example", "v=spf1 ip4:192.0.2.0/24 -all"));
+        assert_eq!(run("gone.example").await, (AuthResult::None, None));
+        // The TTL (1 s in the test zone) runs out, then the server stops answering.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        dns.set_blackhole(true);
+        let (result, age) = run("known.example").await;
+        assert_eq!(result, AuthResult::Pass, "the known record stands in");
+        assert!(age.is_some(), "marked stale");
+        // The removal is remembered too (a negative answer is served stale as such).
+        assert_eq!(run("gone.example").await.0, AuthResult::None);
+        // Never seen: nothing to stand in.
+        assert_eq!(run("never.example").await, (AuthResult::TempError, None));
+        // The server answers again: the next check is fresh.
+        dns.set_blackhole(false);
+        let mut fresh = false;
+        for _ in 0..50 {
+            if run("known.example").await == (AuthResult::Pass, None) {
+                fresh = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(fresh, "a recovered server is used again within 5 s");
     }
 
     #[test]

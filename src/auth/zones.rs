@@ -21,22 +21,20 @@
 //! accepted and ignored (pasted zones have them); any other type, `$INCLUDE` or
 //! `$GENERATE`, or a wildcard owner, is an error naming the file and line.
 //!
-//! The hook: [`Resolver::lookup`] has the signature of hickory's, and the SPF, DKIM and
-//! DMARC code calls it instead of hickory's. ARC seal keys are looked up by mail-auth
-//! itself and do not see the zone files.
+//! The hook: [`crate::auth::dns::DnsClient::lookup`], the one lookup path of SPF, DKIM,
+//! DMARC and ARC keys, asks [`ZoneSet::answer`] first. Zone answers are never kept for
+//! serve-stale (they are always there).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hickory_resolver::TokioResolver;
 use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::{Query, ResponseCode};
 use hickory_resolver::proto::rr::rdata::{A, AAAA, MX, TXT};
-use hickory_resolver::proto::rr::{IntoName, Name, RData, Record, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 
 /// TTL of records before any `$TTL` (RFC 2308 makes `$TTL` the default; BIND uses
 /// the SOA minimum, which we do not read).
@@ -115,7 +113,7 @@ impl ZoneSet {
     }
 
     /// The answer for `name`/`rtype` when the files are authoritative for it.
-    fn answer(&self, name: &Name, rtype: RecordType) -> Option<Result<Lookup, NetError>> {
+    pub(crate) fn answer(&self, name: &Name, rtype: RecordType) -> Option<Result<Lookup, NetError>> {
         let mut name = name.to_lowercase();
         name.set_fqdn(true);
         if !self.origins.iter().any(|o| o.zone_of(&name)) {
@@ -152,50 +150,6 @@ fn no_records(query: Query, exists: bool) -> NetError {
         ResponseCode::NXDomain
     };
     NetError::Dns(DnsError::NoRecordsFound(NoRecords::new(query, code)))
-}
-
-/// The resolver the checks use: the zone files first, then hickory.
-#[derive(Clone)]
-pub struct Resolver {
-    upstream: TokioResolver,
-    zones: Option<Arc<ZoneSet>>,
-    /// `[dns] only_zone_files`: names outside the zone files are NXDOMAIN.
-    only_zones: bool,
-}
-
-impl From<TokioResolver> for Resolver {
-    fn from(upstream: TokioResolver) -> Resolver {
-        Resolver {
-            upstream,
-            zones: None,
-            only_zones: false,
-        }
-    }
-}
-
-impl Resolver {
-    pub fn new(upstream: TokioResolver, zones: Option<Arc<ZoneSet>>, only_zones: bool) -> Self {
-        Resolver {
-            upstream,
-            zones,
-            only_zones,
-        }
-    }
-
-    /// hickory's `Resolver::lookup`, answered from the zone files when they are
-    /// authoritative for the name.
-    pub async fn lookup(&self, name: impl IntoName, rtype: RecordType) -> Result<Lookup, NetError> {
-        let name = name.into_name()?;
-        if let Some(zones) = &self.zones
-            && let Some(answer) = zones.answer(&name, rtype)
-        {
-            return answer;
-        }
-        if self.only_zones {
-            return Err(no_records(Query::query(name, rtype), false));
-        }
-        self.upstream.lookup(name, rtype).await
-    }
 }
 
 /// One logical entry: its first line number and its tokens (parentheses joined).

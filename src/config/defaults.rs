@@ -75,6 +75,21 @@ pub const DEFAULT_DNS_TIMEOUT_MS: u64 = 2000;
 pub const DEFAULT_DNS_ATTEMPTS: usize = 2;
 /// DNS: cached answers (rspamd and Stalwart keep a few thousand to tens of thousands).
 pub const DEFAULT_DNS_CACHE_ENTRIES: u64 = 10_000;
+/// DNS serve-stale: how long past its TTL a known answer may be used while no server
+/// answers (RFC 8767 §5 suggests 1 to 3 days; a day bounds how long a key revoked
+/// during an outage can still be honoured).
+pub const DEFAULT_DNS_STALE_MAX: Duration = Duration::from_secs(24 * 3600);
+/// DNS serve-stale: entries kept (100 000 take ~60 MiB, see `benches/stale_memory.rs`).
+pub const DEFAULT_DNS_STALE_MAX_ENTRIES: usize = 100_000;
+/// DNS serve-stale: estimated bytes kept at most.
+pub const DEFAULT_DNS_STALE_MAX_BYTES: usize = 128 << 20;
+/// DNS serve-stale: how often `stale_cache_file` is written (each write is one pass over
+/// the store: a few milliseconds per 10 000 entries).
+pub const DEFAULT_DNS_STALE_CACHE_INTERVAL: Duration = Duration::from_secs(60);
+/// DNS failover: longest wait between probes of a down nameserver. Probes run in the
+/// background (no message waits for them), so a short wait costs one query per server
+/// per period and lets a recovered server be used within seconds.
+pub const DEFAULT_DNS_SERVER_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// All checks of one message together (RELIABILITY `checks_time_budget`).
 pub const DEFAULT_CHECKS_TIME_BUDGET: Duration = Duration::from_secs(30);
 /// SPF alone (RFC 7208 §4.6.4 suggests at least 20 s; mail-auth's own timer then says

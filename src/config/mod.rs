@@ -426,6 +426,22 @@ pub struct DnsConfig {
     /// Answer from `zone_files` only: every other name is "no such name", and nothing is
     /// asked of any DNS server. Default `false`.
     pub only_zone_files: bool,
+    /// Serve-stale (RFC 8767, `src/auth/stale.rs`): how long past its TTL the last known
+    /// answer may stand in when no nameserver answers; 0 turns serve-stale off.
+    #[serde(with = "duration")]
+    pub stale_max: Duration,
+    /// Bounds of the serve-stale store: entries, and estimated bytes.
+    pub stale_max_entries: usize,
+    pub stale_max_bytes: usize,
+    /// Where the serve-stale store is written (every `stale_cache_interval`) and read at start, so a
+    /// restart during an outage keeps the known records. None: memory only.
+    pub stale_cache_file: Option<PathBuf>,
+    /// How often `stale_cache_file` is written (a restart loses what was learnt since).
+    #[serde(with = "duration")]
+    pub stale_cache_interval: Duration,
+    /// Longest wait between two probes of a nameserver that is down (`src/auth/servers.rs`).
+    #[serde(with = "duration")]
+    pub server_backoff_max: Duration,
 }
 
 impl Default for DnsConfig {
@@ -437,6 +453,12 @@ impl Default for DnsConfig {
             cache_entries: DEFAULT_DNS_CACHE_ENTRIES,
             zone_files: Vec::new(),
             only_zone_files: false,
+            stale_max: DEFAULT_DNS_STALE_MAX,
+            stale_max_entries: DEFAULT_DNS_STALE_MAX_ENTRIES,
+            stale_max_bytes: DEFAULT_DNS_STALE_MAX_BYTES,
+            stale_cache_file: None,
+            stale_cache_interval: DEFAULT_DNS_STALE_CACHE_INTERVAL,
+            server_backoff_max: DEFAULT_DNS_SERVER_BACKOFF_MAX,
         }
     }
 }
@@ -997,6 +1019,12 @@ impl Config {
                 "only_zone_files",
                 "needs zone_files (without any, every lookup would find nothing)".into(),
             );
+        }
+        if self.dns.stale_cache_interval.is_zero() {
+            return err("dns", "stale_cache_interval", "must be more than 0".into());
+        }
+        if self.dns.server_backoff_max.is_zero() {
+            return err("dns", "server_backoff_max", "must be more than 0".into());
         }
         if self.auth.max_dns_lookups == 0 {
             return err("auth", "max_dns_lookups", "must be at least 1".into());

@@ -741,6 +741,7 @@ fn report_with(result: AuthResult) -> AuthReport {
             selector: "s1".into(),
             algorithm: "rsa-sha256".into(),
             reason: None,
+            stale_secs: None,
         }],
         arc: ArcCheck {
             result,
@@ -754,6 +755,7 @@ fn report_with(result: AuthResult) -> AuthReport {
             ..DmarcCheck::without_record(result, "example.org".into())
         },
         work: Default::default(),
+        stale: Default::default(),
     }
 }
 

@@ -70,6 +70,7 @@ impl Verdict {
             "dmarc": dmarc,
             "header_sanity": self.sanity.as_ref().map_or("ok", |p| p.as_str()),
             "work": self.report.as_ref().map(|r| json!(r.work)),
+            "stale": self.report.as_ref().map(|r| json!(r.stale)),
             "flags": self.flag_names(),
             "verdict": self.evaluation.action.as_str(),
             "reasons": self.reasons(),
@@ -116,6 +117,11 @@ fn local_zones(
 impl Enforcer {
     pub fn from_config(config: &Config) -> Result<Enforcer, String> {
         let authenticator = crate::auth::dns::authenticator(&config.dns)?;
+        let dns = crate::auth::dns::DnsClient::new(&config.dns)?
+            .with_zones(local_zones(&config.dns)?, config.dns.only_zone_files);
+        if let Some(path) = &config.dns.stale_cache_file {
+            dns.persist_every(path.clone(), config.dns.stale_cache_interval);
+        }
         let policy = match config.policy_file() {
             Some(path) => warn_unsafe(Policy::load(path).map_err(|e| e.to_string())?),
             None => Policy::builtin(),
@@ -126,8 +132,7 @@ impl Enforcer {
             &config.spoof.protected_domains
         };
         Ok(Enforcer {
-            verifier: Verifier::new(authenticator, &config.hostname, &config.auth)
-                .with_zones(local_zones(&config.dns)?, config.dns.only_zone_files),
+            verifier: Verifier::new(authenticator, dns, &config.hostname, &config.auth),
             spoof: SpoofConfig::new(
                 protected,
                 &config.spoof.protected_names,
@@ -491,6 +496,18 @@ fn count(verdict: &Verdict, took: std::time::Duration) {
     }
     let Some(r) = &verdict.report else { return };
     m.verify_seconds.observe(took.as_secs_f64());
+    let stale = [
+        ("spf", r.stale.spf.is_some()),
+        ("dkim", r.dkim.iter().any(|d| d.stale_secs.is_some())),
+        ("arc", r.stale.arc.is_some()),
+        ("dmarc", r.stale.dmarc.is_some()),
+    ];
+    for (record, _) in stale.iter().filter(|(_, used)| *used) {
+        m.dns
+            .stale_answers
+            .get_or_create(&crate::metrics::label("record", *record))
+            .inc();
+    }
     let mut results = vec![
         ("spf", r.spf.mail_from.result),
         ("arc", r.arc.result),

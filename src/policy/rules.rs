@@ -77,6 +77,9 @@ pub struct Rule {
     pub list_id: Option<Vec<String>>,
     pub client_ip: Option<Vec<ipnet::IpNet>>,
     pub temperror: Option<bool>,
+    /// Whether a result that counts rests on a stale DNS answer (serve-stale:
+    /// [`AuthReport::any_stale`]).
+    pub stale: Option<bool>,
     pub action: ActionKind,
     pub reason: Option<String>,
     #[serde(default)]
@@ -136,7 +139,12 @@ pub struct Policy {
 
 impl Policy {
     /// The default policy: honour the sender's DMARC policy, defer on temporary DNS
-    /// failures, quarantine spoofing, accept the rest.
+    /// failures, quarantine spoofing, accept the rest. A DMARC fail under `p=reject` or
+    /// `p=quarantine` decided on a stale DNS answer (serve-stale during an outage) is
+    /// deferred, not rejected: the record or key may have changed while no server
+    /// answered, and the sender's retry once DNS is back gets the fresh verdict. A pass
+    /// on stale answers is accepted (marked stale in Authentication-Results): a spoof
+    /// cannot pass against the known key and record.
     pub fn builtin() -> Policy {
         let rule = |name: &str, action: ActionKind, reason: &str| Rule {
             name: name.into(),
@@ -154,6 +162,7 @@ impl Policy {
             list_id: None,
             client_ip: None,
             temperror: None,
+            stale: None,
             action,
             reason: Some(reason.into()),
             shadow: false,
@@ -165,6 +174,16 @@ impl Policy {
                     "temperror-defer",
                     ActionKind::Defer,
                     "Sender authentication temporarily unavailable, try again later",
+                )
+            },
+            Rule {
+                dmarc: Some(vec![AuthResult::Fail]),
+                dmarc_policy: Some(vec![DmarcPolicyName::Reject, DmarcPolicyName::Quarantine]),
+                stale: Some(true),
+                ..rule(
+                    "dmarc-fail-stale-defer",
+                    ActionKind::Defer,
+                    "Sender authentication used stale DNS records, try again later",
                 )
             },
             Rule {
@@ -407,6 +426,7 @@ impl Rule {
                 .as_ref()
                 .is_none_or(|w| w.iter().any(|n| n.contains(&f.client_ip.to_canonical())))
             && self.temperror.is_none_or(|t| t == r.any_temperror())
+            && self.stale.is_none_or(|t| t == r.any_stale())
     }
 }
 
@@ -496,6 +516,7 @@ mod tests {
                 ..DmarcCheck::without_record(dmarc, "a.example".into())
             },
             work: WorkCounts::default(),
+            stale: Default::default(),
         }
     }
 
@@ -518,7 +539,7 @@ mod tests {
         let e = p.evaluate(&facts(&r, &[], &[]));
         assert_eq!(e.action, ActionKind::Reject);
         assert_eq!(e.rule, "dmarc-reject");
-        assert_eq!(e.trace.len(), 2);
+        assert_eq!(e.trace.len(), 3);
         let r = report(AuthResult::Fail, Some("none"));
         assert_eq!(p.evaluate(&facts(&r, &[], &[])).action, ActionKind::Accept);
         let r = report(AuthResult::TempError, Some("reject"));
@@ -529,6 +550,40 @@ mod tests {
             p.evaluate(&facts(&r, &flags, &[])).action,
             ActionKind::Quarantine
         );
+    }
+
+    #[test]
+    fn builtin_defers_a_dmarc_fail_decided_on_stale_records() {
+        let p = Policy::builtin();
+        let mut r = report(AuthResult::Fail, Some("reject"));
+        r.stale.dmarc = Some(7200);
+        let e = p.evaluate(&facts(&r, &[], &[]));
+        assert_eq!(
+            (e.action, e.rule.as_str()),
+            (ActionKind::Defer, "dmarc-fail-stale-defer")
+        );
+        // A stale DKIM key under a fresh DMARC record counts too.
+        let mut r = report(AuthResult::Fail, Some("quarantine"));
+        r.dkim.push(DkimCheck {
+            result: AuthResult::Fail,
+            domain: "a.example".into(),
+            selector: "s".into(),
+            algorithm: "rsa-sha256".into(),
+            reason: None,
+            stale_secs: Some(60),
+        });
+        assert_eq!(p.evaluate(&facts(&r, &[], &[])).action, ActionKind::Defer);
+        // A pass on stale records is accepted; a p=none fail is not held back.
+        let mut r = report(AuthResult::Pass, Some("reject"));
+        r.stale.dmarc = Some(7200);
+        assert_eq!(p.evaluate(&facts(&r, &[], &[])).action, ActionKind::Accept);
+        let mut r = report(AuthResult::Fail, Some("none"));
+        r.stale.spf = Some(5);
+        assert_eq!(p.evaluate(&facts(&r, &[], &[])).action, ActionKind::Accept);
+        // HELO's SPF alone does not make the verdict stale: the fail still rejects.
+        let mut r = report(AuthResult::Fail, Some("reject"));
+        r.stale.spf_helo = Some(5);
+        assert_eq!(p.evaluate(&facts(&r, &[], &[])).action, ActionKind::Reject);
     }
 
     #[test]
@@ -611,6 +666,7 @@ action = "tag"
                 selector: "s".into(),
                 algorithm: "rsa-sha256".into(),
                 reason: None,
+                stale_secs: None,
             }];
             let mut f = facts(&r, &[], &[]);
             f.list_id = Some("news.lists.example.net");

@@ -522,6 +522,9 @@ struct State {
     blackhole: std::sync::atomic::AtomicBool,
     /// Server-wide faults (see [`DnsServer::set_servfail_all`] and friends).
     servfail_all: std::sync::atomic::AtomicBool,
+    refuse_all: std::sync::atomic::AtomicBool,
+    /// TTL given to every record served, when not 0 (else [`TTL`]).
+    ttl: std::sync::atomic::AtomicU32,
     truncate_udp: std::sync::atomic::AtomicBool,
     tcp_blackhole: std::sync::atomic::AtomicBool,
     count: AtomicU64,
@@ -575,6 +578,22 @@ impl RequestHandler for Handler {
         let mut answer = st.zone.read().unwrap().resolve(&qname, qtype);
         if st.servfail_all.load(Ordering::SeqCst) {
             answer = Answer::reply(ResponseCode::ServFail, vec![], Duration::ZERO);
+        }
+        if st.refuse_all.load(Ordering::SeqCst) {
+            answer = Answer::reply(ResponseCode::Refused, vec![], Duration::ZERO);
+        }
+        let ttl = st.ttl.load(Ordering::SeqCst);
+        if ttl != 0
+            && let Answer::Reply {
+                answers, authority, ..
+            } = &mut answer
+        {
+            for r in answers.iter_mut().chain(authority.iter_mut()) {
+                r.ttl = ttl;
+                if let RData::SOA(soa) = &mut r.data {
+                    soa.minimum = ttl;
+                }
+            }
         }
         // A truncated UDP answer: TC set, every section empty (RFC 2181 9: the client
         // must retry over TCP rather than use a partial answer).
@@ -648,14 +667,37 @@ impl DnsServer {
             delay: RwLock::new(Duration::ZERO),
             blackhole: std::sync::atomic::AtomicBool::new(false),
             servfail_all: std::sync::atomic::AtomicBool::new(false),
+            refuse_all: std::sync::atomic::AtomicBool::new(false),
+            ttl: std::sync::atomic::AtomicU32::new(0),
             truncate_udp: std::sync::atomic::AtomicBool::new(false),
             tcp_blackhole: std::sync::atomic::AtomicBool::new(false),
             count: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
         });
+        let bind = match at {
+            Some(addr) => Bind::Once(addr),
+            None => Bind::Free,
+        };
+        let (addr, stop, thread) = Self::serve(state.clone(), bind)?;
+        Ok(DnsServer {
+            addr,
+            state,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs the server on its own thread, where `bind` says.
+    fn serve(
+        state: Arc<State>,
+        bind: Bind,
+    ) -> std::io::Result<(
+        SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let handler_state = state.clone();
         let thread = std::thread::Builder::new()
             .name("test-dns-server".into())
             .spawn(move || {
@@ -665,9 +707,10 @@ impl DnsServer {
                     .build()
                     .expect("dns server runtime");
                 rt.block_on(async move {
-                    let (udp, tcp) = match at {
-                        None => bind_same_port().await,
-                        Some(at) => match bind_at(at).await {
+                    let (udp, tcp) = match bind {
+                        Bind::Free => bind_same_port().await,
+                        Bind::Again(addr) => bind_at(addr).await,
+                        Bind::Once(addr) => match bind_once(addr).await {
                             Ok(pair) => pair,
                             Err(e) => {
                                 let _ = ready_tx.send(Err(e));
@@ -676,12 +719,12 @@ impl DnsServer {
                         },
                     };
                     let addr = udp.local_addr().expect("udp local_addr");
-                    let mut server = Server::new(Handler {
-                        state: handler_state,
-                    });
+                    let mut server = Server::new(Handler { state });
                     server.register_socket(udp);
                     server.register_listener(tcp, Duration::from_secs(30), 64);
-                    ready_tx.send(Ok(addr)).expect("report dns server address");
+                    ready_tx
+                        .send(Ok(addr))
+                        .expect("report dns server address");
                     let _ = stop_rx.await;
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully())
@@ -693,12 +736,40 @@ impl DnsServer {
         let addr = ready_rx
             .recv_timeout(Duration::from_secs(30))
             .expect("dns server did not start")?;
-        Ok(DnsServer {
-            addr,
-            state,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
+        Ok((addr, stop_tx, thread))
+    }
+
+    /// Stops serving: the port is closed (queries get ICMP port unreachable over UDP
+    /// and a refused connection over TCP) until [`Self::restart`].
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Serves again on the same address, with the zone as it is now (it may have been
+    /// changed while stopped: a key rotated during the outage).
+    pub fn restart(&mut self) {
+        self.stop();
+        let (addr, stop, thread) = Self::serve(self.state.clone(), Bind::Again(self.addr))
+            .expect("serve the test DNS server again");
+        assert_eq!(addr, self.addr);
+        self.stop = Some(stop);
+        self.thread = Some(thread);
+    }
+
+    /// When on, every query is answered REFUSED.
+    pub fn set_refuse_all(&self, on: bool) {
+        self.state.refuse_all.store(on, Ordering::SeqCst);
+    }
+
+    /// TTL of every record served from now on (and the negative TTL of its SOA); 0
+    /// goes back to [`TTL`].
+    pub fn set_ttl(&self, ttl: u32) {
+        self.state.ttl.store(ttl, Ordering::SeqCst);
     }
 
     /// The address (same port for UDP and TCP).
@@ -787,9 +858,18 @@ impl Drop for DnsServer {
     }
 }
 
-/// Bind UDP on 127.0.0.1:0 and TCP on the same port (retrying if another process
-/// happens to hold that TCP port).
-async fn bind_at(
+/// Where the test DNS server listens.
+enum Bind {
+    /// 127.0.0.1, a free port.
+    Free,
+    /// This address, or the error (the caller tries another).
+    Once(SocketAddr),
+    /// This address again after a stop: retried while the old sockets close.
+    Again(SocketAddr),
+}
+
+/// Bind UDP and TCP on `at`, once.
+async fn bind_once(
     at: SocketAddr,
 ) -> std::io::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
     let udp = tokio::net::UdpSocket::bind(at).await?;
@@ -797,6 +877,25 @@ async fn bind_at(
     Ok((udp, tcp))
 }
 
+/// Bind UDP and TCP on `addr` again (after a stop), retrying while the old sockets
+/// are being closed.
+async fn bind_at(addr: SocketAddr) -> (tokio::net::UdpSocket, tokio::net::TcpListener) {
+    let mut last_err = None;
+    for _ in 0..100 {
+        match tokio::net::UdpSocket::bind(addr).await {
+            Ok(udp) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(tcp) => return (udp, tcp),
+                Err(e) => last_err = Some(e),
+            },
+            Err(e) => last_err = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("could not bind {addr} again: {last_err:?}");
+}
+
+/// Bind UDP on 127.0.0.1:0 and TCP on the same port (retrying if another process
+/// happens to hold that TCP port).
 async fn bind_same_port() -> (tokio::net::UdpSocket, tokio::net::TcpListener) {
     let mut last_err = None;
     for _ in 0..50 {

@@ -150,14 +150,21 @@ fn json_body<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> ApiResult<
 /// (its PostgreSQL server is unreachable: held mail is being deferred with 451 4.3.0).
 /// Public, so a load balancer can probe it without the token; the reason names no
 /// address or credential.
+/// `/healthz`: 503 when the quarantine store (PostgreSQL) is unreachable, since held
+/// mail is deferred; 200 `degraded: dns: …` when nameservers are down but serve-stale
+/// and the others keep mail flowing (a load balancer that pulled every instance during
+/// a DNS outage would turn it into a mail outage); 200 `ok` otherwise.
 pub async fn healthz(State(app): State<Arc<App>>) -> Response {
-    match app.state.quarantine.as_ref().and_then(|q| q.unavailable()) {
-        None => "ok\n".into_response(),
-        Some(why) => (
+    if let Some(why) = app.state.quarantine.as_ref().and_then(|q| q.unavailable()) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("quarantine store unavailable: {why}\n"),
         )
-            .into_response(),
+            .into_response();
+    }
+    match crate::auth::dns::degraded() {
+        None => "ok\n".into_response(),
+        Some(why) => format!("degraded: {why}\n").into_response(),
     }
 }
 
