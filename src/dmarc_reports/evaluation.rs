@@ -244,6 +244,7 @@ mod tests {
                 selector: "s1".into(),
                 algorithm: "rsa-sha256".into(),
                 reason: None,
+                stale_secs: None,
             }],
             arc: ArcCheck::none(AuthResult::None),
             dmarc: DmarcCheck {
@@ -256,6 +257,7 @@ mod tests {
                 ..DmarcCheck::without_record(result, "example.com".into())
             },
             work: Default::default(),
+            stale: Default::default(),
         }
     }
 

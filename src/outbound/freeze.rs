@@ -270,8 +270,10 @@ pub fn submit(dir: &Path, cmd: &Command) -> std::io::Result<String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
+    // Every numeric part is zero-padded: names sort in submission order (an unpadded
+    // sequence put command 10 before command 9 of the same millisecond).
     let name = format!(
-        "{:013}-{}-{}-{:09}",
+        "{:013}-{:010}-{:010}-{:09}",
         now.as_millis(),
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed),
