@@ -113,7 +113,11 @@ impl ZoneSet {
     }
 
     /// The answer for `name`/`rtype` when the files are authoritative for it.
-    pub(crate) fn answer(&self, name: &Name, rtype: RecordType) -> Option<Result<Lookup, NetError>> {
+    pub(crate) fn answer(
+        &self,
+        name: &Name,
+        rtype: RecordType,
+    ) -> Option<Result<Lookup, NetError>> {
         let mut name = name.to_lowercase();
         name.set_fqdn(true);
         if !self.origins.iter().any(|o| o.zone_of(&name)) {
@@ -584,7 +588,9 @@ other.net.  IN  A    198.51.100.1
             ..Default::default()
         };
         let zones = Some(Arc::new(set()));
-        let local_first = DnsClient::new(&cfg).unwrap().with_zones(zones.clone(), false);
+        let local_first = DnsClient::new(&cfg)
+            .unwrap()
+            .with_zones(zones.clone(), false);
         let a = local_first
             .lookup(name("mail.example.com."), RecordType::A)
             .await
@@ -604,7 +610,9 @@ other.net.  IN  A    198.51.100.1
             ..Default::default()
         };
         assert!(none.nameservers.is_empty());
-        let offline = DnsClient::new(&none).unwrap().with_zones(zones.clone(), true);
+        let offline = DnsClient::new(&none)
+            .unwrap()
+            .with_zones(zones.clone(), true);
         assert_eq!(
             offline
                 .lookup(name("mail.example.com."), RecordType::A)

@@ -722,9 +722,7 @@ impl DnsServer {
                     let mut server = Server::new(Handler { state });
                     server.register_socket(udp);
                     server.register_listener(tcp, Duration::from_secs(30), 64);
-                    ready_tx
-                        .send(Ok(addr))
-                        .expect("report dns server address");
+                    ready_tx.send(Ok(addr)).expect("report dns server address");
                     let _ = stop_rx.await;
                     let _ =
                         tokio::time::timeout(Duration::from_secs(2), server.shutdown_gracefully())
