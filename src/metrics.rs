@@ -85,6 +85,8 @@ pub struct Metrics {
     pub dmarc_reports: Family<Labels, Counter>,
     /// DMARC evaluations not recorded because the recording queue was full.
     pub dmarc_records_dropped: Counter,
+    /// Decision-log records dropped (queue full, or the store failed to write).
+    pub decision_log_dropped: Counter,
 }
 
 impl Metrics {
@@ -124,6 +126,7 @@ impl Metrics {
             auth_relay_insecure: Counter::default(),
             dmarc_reports: Family::default(),
             dmarc_records_dropped: Counter::default(),
+            decision_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -203,6 +206,11 @@ impl Metrics {
             "dmarc_records_dropped",
             "DMARC evaluations not recorded for reports (recording queue full)",
             m.dmarc_records_dropped.clone(),
+        );
+        registry.register(
+            "decision_log_dropped",
+            "Decision-log records not written (queue full or store error)",
+            m.decision_log_dropped.clone(),
         );
         registry.register(
             "relay_unsafe_next_hop",

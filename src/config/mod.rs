@@ -4,9 +4,10 @@
 //! in [`defaults`]. Unknown keys are errors (a typo must not silently fall back to a default),
 //! and every error names the file, the line and the key.
 
+pub mod decision_log;
 pub mod defaults;
 pub mod dmarc_reports;
-mod duration;
+pub mod duration;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub dmarc_reports: dmarc_reports::DmarcReportsConfig,
+    #[serde(default)]
+    pub decision_log: decision_log::DecisionLogConfig,
 }
 
 /// What a configuration is loaded for: the proxy needs listeners; the offline commands
@@ -712,6 +715,7 @@ impl Config {
         fix(&mut self.outbound.freeze_file);
         fix(&mut self.outbound.command_dir);
         fix(&mut self.dmarc_reports.db);
+        fix(&mut self.decision_log.dir);
     }
 
     /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
@@ -722,6 +726,9 @@ impl Config {
         self.dmarc_reports
             .validate(self.auth.enabled)
             .map_err(|(k, r)| ("dmarc_reports".to_string(), k, r))?;
+        self.decision_log
+            .validate()
+            .map_err(|(k, r)| ("decision_log".to_string(), k, r))?;
         if purpose == Purpose::Offline {
             return Ok(());
         }

@@ -32,6 +32,8 @@ pub struct SessionShared {
     pub memory: Arc<crate::smtp::memory::MessageMemory>,
     /// Records inbound DMARC evaluations for aggregate reports (`[dmarc_reports]`).
     pub dmarc_reports: Option<Arc<crate::dmarc_reports::Recorder>>,
+    /// What the policy saw and decided, per transaction (`[decision_log]`).
+    pub decision_log: Option<Arc<crate::decision_log::DecisionLog>>,
 }
 
 /// What a session shares with the other sessions of its listener.
