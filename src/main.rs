@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: mailwarden::admin::dmarc_reports_cli::DmarcCommand,
     },
+    /// Tune a policy file: replay the decision log through it, run its test cases.
+    Policy {
+        #[command(subcommand)]
+        command: mailwarden::admin::policy_cli::PolicyCommand,
+    },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
         #[arg(long, default_value = "certs")]
@@ -107,7 +112,12 @@ fn main() -> ExitCode {
             // admin token file and mode), so `ok` here means `run` starts.
             let checked = Config::load(&config)
                 .map_err(|e| e.to_string())
-                .and_then(|c| mailwarden::server::preflight(&c))
+                .and_then(|c| {
+                    let warnings = mailwarden::server::preflight(&c)?;
+                    // The policy's own tests (`tests = [...]` in the policy file).
+                    mailwarden::admin::policy_cli::check_policy_tests(&c)?;
+                    Ok(warnings)
+                })
                 .map(|warnings| {
                     for w in &warnings {
                         eprintln!("warning: {w}");
@@ -153,6 +163,13 @@ fn main() -> ExitCode {
         Command::Dmarc { command } => with_config(config(), |c| {
             mailwarden::admin::dmarc_reports_cli::run(&c, &command)
         }),
+        // `policy test` reads no configuration; `replay` finds the log through it.
+        Command::Policy { command } => match command {
+            mailwarden::admin::policy_cli::PolicyCommand::Test { .. } => {
+                mailwarden::admin::policy_cli::run(std::path::Path::new(""), &command)
+            }
+            _ => with_config(config(), |c| mailwarden::admin::policy_cli::run(&c, &command)),
+        },
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());

@@ -4,6 +4,7 @@
 pub mod accounts_cli;
 pub mod dmarc_reports_cli;
 pub mod http;
+pub mod policy_cli;
 pub mod quarantine_cli;
 
 use std::sync::Arc;

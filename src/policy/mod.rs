@@ -4,6 +4,7 @@
 //! [`AcceptAll`] relays everything; [`engine::Enforcer`] runs sender authentication,
 //! the spoof checks and the operator's rules.
 
+pub mod cases;
 pub mod engine;
 pub mod inputs;
 pub mod rules;

@@ -86,6 +86,10 @@ pub struct Rule {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
+    /// Policy test files (`mailwarden policy test`) that `check-config` runs: paths
+    /// relative to the policy file's directory.
+    #[serde(default)]
+    tests: Vec<std::path::PathBuf>,
     #[serde(default, rename = "rule")]
     rules: Vec<Rule>,
 }
@@ -131,6 +135,8 @@ pub struct Policy {
     pub warnings: Vec<String>,
     /// Where it came from ("built-in" or the file path) and a hash of its text.
     pub version: String,
+    /// Test files named by the policy (absolute), for `check-config`.
+    pub tests: Vec<std::path::PathBuf>,
     shadow_counts: HashMap<String, AtomicU64>,
 }
 
@@ -272,8 +278,10 @@ impl Policy {
                 )
             })
             .collect();
+        let base = path.parent().unwrap_or(Path::new("."));
         let mut policy = Policy::from_rules(file.rules, version);
         policy.warnings = warnings;
+        policy.tests = file.tests.iter().map(|t| base.join(t)).collect();
         Ok(policy)
     }
 
@@ -287,6 +295,7 @@ impl Policy {
             rules,
             warnings: Vec::new(),
             version,
+            tests: Vec::new(),
             shadow_counts,
         }
     }
