@@ -379,3 +379,86 @@ async fn replay_matrix_equals_a_fresh_run_under_each_policy() {
     })
     .await;
 }
+
+fn cli(proxy: &Proxy, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .arg("-c")
+        .arg(&proxy.config_path)
+        .args(args)
+        .output()
+        .expect("run mailwarden");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `quarantine release --where-policy`: releases exactly the held entries the new
+/// policy accepts (not those it would only tag, not those it still holds), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_where_policy_releases_what_the_new_policy_accepts_once() {
+    common::bounded(async {
+        let signer = std::sync::Arc::new(dkim::Signer::new());
+        let dns = DnsServer::start(zone(&signer));
+        let mta = FakeMta::start(Script::default()).await;
+        let proxy = Proxy::start(options(&mta, &dns, None)).await;
+        // Held by the built-in policy: p=quarantine failures (2, 9), own-domain spoofs
+        // (4, 11) and look-alikes (5, 12).
+        let mut client = proxy.connect().await;
+        client.read_reply().await;
+        client.ehlo("client.replay.test").await;
+        let mut held = BTreeMap::new();
+        for i in [2usize, 4, 5, 9, 11, 12] {
+            let (mail_from, body) = message(&signer, i);
+            let r = client.send_mail(&mail_from, &[RCPT], &body).await;
+            assert_eq!(r.code, 250, "m{i}: {r:?}");
+            let id = r.full_text().rsplit(' ').next().unwrap().to_string();
+            held.insert(i, id);
+        }
+        client.cmd("QUIT").await;
+        // Accept look-alikes, tag p=quarantine failures, keep holding own-domain spoofs.
+        let policy = proxy.dir.path().join("new.toml");
+        std::fs::write(
+            &policy,
+            "[[rule]]\nname = \"quar-tag\"\ndmarc = [\"fail\"]\ndmarc_policy = [\"quarantine\"]\naction = \"tag\"\n\n\
+             [[rule]]\nname = \"own\"\nflags = [\"own-domain-spoof\"]\naction = \"quarantine\"\n",
+        )
+        .unwrap();
+        let policy = policy.to_str().unwrap();
+        let want: Vec<&String> = [5usize, 12].iter().map(|i| &held[i]).collect();
+        // The writer thread flushes each batch; wait until all six are logged.
+        let mut listed = String::new();
+        for _ in 0..100 {
+            let (ok, out, err) = cli(
+                &proxy,
+                &["quarantine", "release", "--where-policy", policy, "--dry-run"],
+            );
+            assert!(ok, "{err}");
+            listed = out;
+            if want.iter().all(|id| listed.contains(id.as_str())) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(listed.contains("2 entries would be released"), "{listed}");
+        for (i, id) in &held {
+            assert_eq!(listed.contains(id.as_str()), i % 7 == 5, "m{i} {id}: {listed}");
+        }
+        assert!(mta.messages().is_empty(), "a dry run releases nothing");
+
+        let (ok, out, err) = cli(&proxy, &["quarantine", "release", "--where-policy", policy]);
+        assert!(ok, "{out}{err}");
+        assert!(err.contains("2 held entries would only be tagged"), "{err}");
+        let delivered: Vec<String> = mta.messages().iter().map(|m| m.data_str()).collect();
+        assert_eq!(delivered.len(), 2, "{out}");
+        for i in [5, 12] {
+            assert!(delivered.iter().any(|d| d.contains(&format!("<m{i}@replay.test>"))));
+        }
+        // Once: released entries are not candidates any more.
+        let (ok, out, _) = cli(&proxy, &["quarantine", "release", "--where-policy", policy]);
+        assert!(ok);
+        assert_eq!(mta.messages().len(), 2, "released twice: {out}");
+    })
+    .await;
+}

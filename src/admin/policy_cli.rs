@@ -88,7 +88,7 @@ pub fn run(config_path: &Path, cmd: &PolicyCommand) -> ExitCode {
 pub fn window(since: Option<&str>, from: Option<&str>, to: Option<&str>) -> Result<(u64, u64), String> {
     let now = crate::decision_log::now_ms();
     if let Some(s) = since {
-        let d = crate::config::duration::parse_duration(s).map_err(|e| format!("--since: {e}"))?;
+        let d = crate::config::parse_duration(s).map_err(|e| format!("--since: {e}"))?;
         return Ok((now.saturating_sub(d.as_millis() as u64), u64::MAX));
     }
     let from = from.map(replay::parse_time).transpose()?.unwrap_or(0);

@@ -7,7 +7,7 @@
 pub mod decision_log;
 pub mod defaults;
 pub mod dmarc_reports;
-pub mod duration;
+mod duration;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

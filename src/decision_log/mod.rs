@@ -9,6 +9,7 @@
 //! one is append-only JSON lines under `var/` ([`store::FileStore`]).
 
 pub mod replay;
+pub mod where_policy;
 pub mod store;
 
 use std::sync::atomic::{AtomicU64, Ordering};
