@@ -130,7 +130,7 @@ fn replay_speed() -> (usize, f64, f64) {
     let mut best = f64::MAX;
     for _ in 0..3 {
         let started = Instant::now();
-        let r = replay::run(&FileStore::reader(dir.path()), &policy, 0, u64::MAX, false, &mut |_, _| {})
+        let r = replay::run(&FileStore::reader(dir.path()), &policy, 0, u64::MAX, 0, &mut |_, _| {})
             .unwrap();
         best = best.min(started.elapsed().as_secs_f64());
         assert_eq!(r.total as usize, n);

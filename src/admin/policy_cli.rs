@@ -115,7 +115,7 @@ fn replay_command(config: &Config, policy: &Path, (from, to): (u64, u64), change
         &policy,
         from,
         to,
-        changed,
+        if changed { usize::MAX } else { 0 },
         &mut |done, total| bar.show(done, total),
     );
     bar.finish();

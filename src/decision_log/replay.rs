@@ -94,7 +94,9 @@ impl Replay {
     }
 
     /// Counts one record.
-    pub fn add(&mut self, record: &Record, policy: &Policy, keep_changed: bool) {
+    /// Counts one record; keeps it in the changed list while that has fewer than
+    /// `keep_changed` entries.
+    pub fn add(&mut self, record: &Record, policy: &Policy, keep_changed: usize) {
         let (new, new_rule) = replay_one(record, policy);
         self.total += 1;
         let cell = self.matrix.entry(key(record.action, new)).or_default();
@@ -106,7 +108,12 @@ impl Replay {
         };
         *cell.rules.entry(responsible).or_default() += 1;
         let changed = record.action != new;
-        if cell.examples.len() < EXAMPLES_PER_CELL || (changed && keep_changed) {
+        let keep = changed
+            && self
+                .changed_list
+                .as_ref()
+                .is_some_and(|l| l.len() < keep_changed);
+        if cell.examples.len() < EXAMPLES_PER_CELL || keep {
             let example = Example {
                 t: record.t,
                 session: record.session.clone(),
@@ -120,7 +127,7 @@ impl Replay {
                 new_rule,
                 quarantine_id: record.quarantine_id.clone(),
             };
-            if changed && keep_changed {
+            if keep {
                 self.changed_list
                     .get_or_insert_with(Vec::new)
                     .push(example.clone());
@@ -135,19 +142,20 @@ impl Replay {
     }
 }
 
-/// Replays `[from_ms, to_ms)` of `source` through `policy`.
+/// Replays `[from_ms, to_ms)` of `source` through `policy`, listing at most
+/// `keep_changed` changed transactions (0: no list).
 pub fn run(
     source: &dyn DecisionSource,
     policy: &Policy,
     from_ms: u64,
     to_ms: u64,
-    keep_changed: bool,
+    keep_changed: usize,
     progress: &mut dyn FnMut(u64, u64),
 ) -> std::io::Result<Replay> {
     let mut replay = Replay {
         from_ms,
         to_ms,
-        changed_list: keep_changed.then(Vec::new),
+        changed_list: (keep_changed > 0).then(Vec::new),
         ..Replay::default()
     };
     let stats: ScanStats = source.scan(

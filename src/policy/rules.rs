@@ -213,6 +213,19 @@ impl Policy {
         };
         let source = std::fs::read_to_string(path)
             .map_err(|e| err(None, "-", format!("cannot read: {e}")))?;
+        Self::parse(&source, path)
+    }
+
+    /// Parses and validates policy text; `path` names it in errors and its version, and
+    /// is where its `tests` are looked for (the admin "What if" view passes a name only).
+    pub fn parse(source: &str, path: &Path) -> Result<Policy, ConfigError> {
+        let err = |line, key: &str, reason: String| ConfigError {
+            file: path.to_path_buf(),
+            line,
+            key: key.to_string(),
+            reason,
+        };
+        let source = source.to_string();
         let file: PolicyFile = toml::from_str(&source).map_err(|e| {
             let line = e
                 .span()
