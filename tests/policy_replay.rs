@@ -316,6 +316,21 @@ async fn replay_matrix_equals_a_fresh_run_under_each_policy() {
 
         let strict_replay = wait_logged(&proxy, &stricter).await;
         let loose_replay = replay(&proxy, &looser, &["--changed"]);
+        // The text form: the matrix, then each cell's rules and examples.
+        let text = Command::new(bin())
+            .arg("-c")
+            .arg(&proxy.config_path)
+            .args(["policy", "replay", "--policy"])
+            .arg(&looser)
+            .args(["--from", "2020-01-01"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&text.stdout).into_owned();
+        eprintln!("{text}");
+        assert!(text.starts_with(&format!("{TRANSACTIONS} transactions replayed, ")), "{text}");
+        assert!(text.contains("reject → tag: "), "{text}");
+        assert!(text.contains("  rule dmarc-reject → known-lists: "), "{text}");
+        assert!(text.contains("id <m6@replay.test>"), "{text}");
 
         // The log matches the wire, message by message, and holds no body.
         let log_dir = proxy.dir.path().join("var/decision-log");
