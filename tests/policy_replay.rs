@@ -477,3 +477,44 @@ async fn release_where_policy_releases_what_the_new_policy_accepts_once() {
     })
     .await;
 }
+
+/// `check-config` runs the tests a policy names (`tests = [...]`): a policy that fails
+/// one of its cases fails the check with the diff; fixed, it passes.
+#[test]
+fn check_config_runs_the_policy_tests_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mailwarden.toml");
+    std::fs::write(
+        &config,
+        "local_domains = [\"example.org\"]\n[[listener]]\naddress = \"127.0.0.1:2525\"\n\
+         [auth]\npolicy_file = \"policy.toml\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("cases.toml"),
+        "[[case]]\nname = \"p=reject spoof\"\ndmarc = \"fail\"\ndmarc_policy = \"reject\"\n\
+         from_domain = \"bank.example\"\nexpect = \"reject\"\n",
+    )
+    .unwrap();
+    let check = |policy: &str| {
+        std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
+        let out = Command::new(bin())
+            .arg("-c")
+            .arg(&config)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let lenient = "tests = [\"cases.toml\"]\n[[rule]]\nname = \"lenient\"\ndmarc = [\"fail\"]\naction = \"tag\"\n";
+    let (ok, err) = check(lenient);
+    assert!(!ok, "a failing case must fail check-config");
+    assert!(err.contains("FAIL p=reject spoof"), "{err}");
+    assert!(err.contains("got:      tag by rule lenient"), "{err}");
+    let strict = "tests = [\"cases.toml\"]\n[[rule]]\nname = \"strict\"\ndmarc = [\"fail\"]\naction = \"reject\"\n";
+    let (ok, err) = check(strict);
+    assert!(ok, "{err}");
+    // A named file that is missing is an error, not a pass.
+    let (ok, err) = check("tests = [\"missing.toml\"]\n");
+    assert!(!ok && err.contains("missing.toml"), "{err}");
+}
