@@ -35,7 +35,10 @@ use mailwarden::policy::inputs::{LoggedAuth, LoggedDkim, LoggedSanity, LoggedSpf
 use mailwarden::policy::rules::{ActionKind, Policy};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 const RESULTS: [AuthResult; 5] = [
@@ -51,27 +54,41 @@ fn record(n: usize, t: u64) -> Record {
     let domain = format!("sender{}.example", n % 500);
     let inputs = PolicyInputs {
         auth: Some(LoggedAuth {
-            spf: LoggedSpf { result: r(1), domain: domain.clone() },
-            spf_helo: LoggedSpf { result: r(3), domain: format!("mx.{domain}") },
+            spf: LoggedSpf {
+                result: r(1),
+                domain: domain.clone(),
+            },
+            spf_helo: LoggedSpf {
+                result: r(3),
+                domain: format!("mx.{domain}"),
+            },
             dkim: vec![LoggedDkim {
                 result: r(7),
-                domain: if n % 9 == 0 { "lists.example.net".into() } else { domain.clone() },
+                domain: if n.is_multiple_of(9) {
+                    "lists.example.net".into()
+                } else {
+                    domain.clone()
+                },
                 selector: "s1".into(),
             }],
             arc: r(11),
-            arc_vouching_sealer: (n % 13 == 0).then(|| "google.com".into()),
+            arc_vouching_sealer: n.is_multiple_of(13).then(|| "google.com".into()),
             dmarc: r(5),
             dmarc_policy: Some(["none", "quarantine", "reject"][n % 3].into()),
             dmarc_published_policy: Some(["none", "quarantine", "reject"][n % 3].into()),
             dmarc_domain: domain.clone(),
         }),
-        flags: if n % 17 == 0 { vec!["lookalike-domain".into()] } else { vec![] },
+        flags: if n.is_multiple_of(17) {
+            vec!["lookalike-domain".into()]
+        } else {
+            vec![]
+        },
         from_domain: domain.clone(),
         mail_from_domain: domain.clone(),
         rcpt_domains: vec!["example.org".into()],
-        list_id: (n % 9 == 0).then(|| "news.lists.example.net".into()),
+        list_id: n.is_multiple_of(9).then(|| "news.lists.example.net".into()),
         client_ip: std::net::IpAddr::from([198, 51, 100, (n % 250) as u8]),
-        sanity: (n % 101 == 0).then(|| LoggedSanity {
+        sanity: n.is_multiple_of(101).then(|| LoggedSanity {
             problem: "several-from-fields".into(),
             text: "Message has several From fields".into(),
             action: ActionKind::Quarantine,
@@ -123,15 +140,21 @@ fn replay_speed() -> (usize, f64, f64) {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
-    let policy = Policy::load(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.example.toml"),
-    )
-    .unwrap();
+    let policy =
+        Policy::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.example.toml"))
+            .unwrap();
     let mut best = f64::MAX;
     for _ in 0..3 {
         let started = Instant::now();
-        let r = replay::run(&FileStore::reader(dir.path()), &policy, 0, u64::MAX, 0, &mut |_, _| {})
-            .unwrap();
+        let r = replay::run(
+            &FileStore::reader(dir.path()),
+            &policy,
+            0,
+            u64::MAX,
+            0,
+            &mut |_, _| {},
+        )
+        .unwrap();
         best = best.min(started.elapsed().as_secs_f64());
         assert_eq!(r.total as usize, n);
     }
@@ -142,14 +165,19 @@ fn replay_speed() -> (usize, f64, f64) {
 // Log cost on the relay path
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn mailwarden_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("MAILWARDEN_BIN") {
         return p.into();
     }
-    option_env!("CARGO_BIN_EXE_mailwarden").map_or("target/release/mailwarden".into(), PathBuf::from)
+    option_env!("CARGO_BIN_EXE_mailwarden")
+        .map_or("target/release/mailwarden".into(), PathBuf::from)
 }
 
 fn clk_tck() -> f64 {
@@ -163,7 +191,12 @@ fn clk_tck() -> f64 {
 
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / clk_tck()
 }
 
@@ -223,12 +256,18 @@ fn start_sink(dir: &Path, port: u16) -> Proc {
     let mut cmd = Command::new("smtp-sink");
     let root = fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|r| r.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|r| r.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false);
     if root {
         cmd.args(["-u", "nobody"]);
     }
-    cmd.args(["-4", "-m", "1024"]).arg(format!("127.0.0.1:{port}")).arg("1024");
+    cmd.args(["-4", "-m", "1024"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("1024");
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -265,7 +304,8 @@ fn send(port: u16, count: usize, salt: usize) {
         assert_eq!(reply(), "250");
         for _ in 0..50.min(count - sent) {
             let n = salt + sent;
-            w.write_all(format!("MAIL FROM:<a{n}@sender.example>\r\n").as_bytes()).unwrap();
+            w.write_all(format!("MAIL FROM:<a{n}@sender.example>\r\n").as_bytes())
+                .unwrap();
             assert_eq!(reply(), "250");
             w.write_all(b"RCPT TO:<u@bench.test>\r\n").unwrap();
             assert_eq!(reply(), "250");
@@ -320,9 +360,17 @@ fn log_cost() -> Vec<(f64, f64)> {
     }
     let logged: usize = fs::read_dir(dir.path().join("log-on-log"))
         .unwrap()
-        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap().lines().count())
+        .map(|e| {
+            fs::read_to_string(e.unwrap().path())
+                .unwrap()
+                .lines()
+                .count()
+        })
         .sum();
-    assert!(logged >= per_round * rounds, "the log-on proxy logged {logged}");
+    assert!(
+        logged >= per_round * rounds,
+        "the log-on proxy logged {logged}"
+    );
     out
 }
 

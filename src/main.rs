@@ -168,7 +168,9 @@ fn main() -> ExitCode {
             mailwarden::admin::policy_cli::PolicyCommand::Test { .. } => {
                 mailwarden::admin::policy_cli::run(std::path::Path::new(""), &command)
             }
-            _ => with_config(config(), |c| mailwarden::admin::policy_cli::run(&c, &command)),
+            _ => with_config(config(), |c| {
+                mailwarden::admin::policy_cli::run(&c, &command)
+            }),
         },
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {

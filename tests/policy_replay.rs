@@ -40,7 +40,9 @@ mod dkim {
     impl Signer {
         pub fn new() -> Signer {
             let pkcs8 = Ed25519Key::generate_pkcs8().expect("generate an Ed25519 key");
-            let public = Ed25519Key::from_pkcs8_der(&pkcs8).expect("key").public_key();
+            let public = Ed25519Key::from_pkcs8_der(&pkcs8)
+                .expect("key")
+                .public_key();
             Signer { pkcs8, public }
         }
 
@@ -82,10 +84,30 @@ fn zone(signer: &dkim::Signer) -> Zone {
 /// The kinds of traffic, cycled: (name, MAIL FROM, From, List-Id).
 const KINDS: &[(&str, &str, &str, Option<&str>)] = &[
     ("aligned pass", "a@pass.example", "a@pass.example", None),
-    ("spoof under p=reject", "a@rej.example", "a@rej.example", None),
-    ("fail under p=quarantine", "a@quar.example", "a@quar.example", None),
-    ("fail under p=none", "a@none.example", "a@none.example", None),
-    ("own-domain spoof", "a@none.example", "ceo@example.org", None),
+    (
+        "spoof under p=reject",
+        "a@rej.example",
+        "a@rej.example",
+        None,
+    ),
+    (
+        "fail under p=quarantine",
+        "a@quar.example",
+        "a@quar.example",
+        None,
+    ),
+    (
+        "fail under p=none",
+        "a@none.example",
+        "a@none.example",
+        None,
+    ),
+    (
+        "own-domain spoof",
+        "a@none.example",
+        "ceo@example.org",
+        None,
+    ),
     ("look-alike domain", "a@examp1e.org", "a@examp1e.org", None),
     (
         "list, signed by the list",
@@ -327,9 +349,15 @@ async fn replay_matrix_equals_a_fresh_run_under_each_policy() {
             .unwrap();
         let text = String::from_utf8_lossy(&text.stdout).into_owned();
         eprintln!("{text}");
-        assert!(text.starts_with(&format!("{TRANSACTIONS} transactions replayed, ")), "{text}");
+        assert!(
+            text.starts_with(&format!("{TRANSACTIONS} transactions replayed, ")),
+            "{text}"
+        );
         assert!(text.contains("reject → tag: "), "{text}");
-        assert!(text.contains("  rule dmarc-reject → known-lists: "), "{text}");
+        assert!(
+            text.contains("  rule dmarc-reject → known-lists: "),
+            "{text}"
+        );
         assert!(text.contains("id <m6@replay.test>"), "{text}");
 
         // The log matches the wire, message by message, and holds no body.
@@ -337,7 +365,10 @@ async fn replay_matrix_equals_a_fresh_run_under_each_policy() {
         let mut logged = 0;
         for entry in std::fs::read_dir(&log_dir).unwrap() {
             let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-            assert!(!text.contains("BODY-SECRET"), "a body reached the decision log");
+            assert!(
+                !text.contains("BODY-SECRET"),
+                "a body reached the decision log"
+            );
             for line in text.lines() {
                 let r: serde_json::Value = serde_json::from_str(line).unwrap();
                 let id = r["headers"]["message_id"].as_str().unwrap();
@@ -504,7 +535,10 @@ fn check_config_runs_the_policy_tests_it_names() {
             .arg("check-config")
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let lenient = "tests = [\"cases.toml\"]\n[[rule]]\nname = \"lenient\"\ndmarc = [\"fail\"]\naction = \"tag\"\n";
     let (ok, err) = check(lenient);

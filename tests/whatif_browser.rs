@@ -30,15 +30,23 @@ action = "accept"
 /// Three accepted, two held; returns the held ones' Message-IDs.
 async fn traffic(env: &AdminEnv) -> Vec<String> {
     for i in 0..3 {
-        let m = message("partner@accept.example", "bob@example.org", "weekly", &format!("ok-{i}"));
-        let r = env.send("partner@accept.example", &["bob@example.org"], &m).await;
+        let m = message(
+            "partner@accept.example",
+            "bob@example.org",
+            "weekly",
+            &format!("ok-{i}"),
+        );
+        let r = env
+            .send("partner@accept.example", &["bob@example.org"], &m)
+            .await;
         assert!(r.starts_with(b"250"), "{}", common::show(&r));
     }
     let mut held = Vec::new();
     for i in 0..2 {
         let marker = format!("held-{i}");
         let m = message("alice@sender.example", "bob@example.org", "report", &marker);
-        env.hold("alice@sender.example", &["bob@example.org"], &m).await;
+        env.hold("alice@sender.example", &["bob@example.org"], &m)
+            .await;
         held.push(format!("<{marker}@test.example>"));
     }
     held
@@ -90,11 +98,17 @@ async fn what_if_api_replays_the_log_and_refuses_bad_input() {
         assert_eq!(r.error_code(), "bad_policy");
         assert!(r.text().contains("what-if.toml:3"), "{}", r.text());
         let r = env
-            .post("/api/policy/what-if", Some(br#"{"policy": "", "path": "/etc/passwd"}"#))
+            .post(
+                "/api/policy/what-if",
+                Some(br#"{"policy": "", "path": "/etc/passwd"}"#),
+            )
             .await;
         assert_eq!(r.status, 400, "unknown fields are refused: {}", r.text());
         let r = env
-            .post("/api/policy/what-if", Some(br#"{"policy": "", "hours": 100000}"#))
+            .post(
+                "/api/policy/what-if",
+                Some(br#"{"policy": "", "hours": 100000}"#),
+            )
             .await;
         assert_eq!(r.status, 400);
         let r = admin_common::request(

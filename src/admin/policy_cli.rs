@@ -85,7 +85,11 @@ pub fn run(config_path: &Path, cmd: &PolicyCommand) -> ExitCode {
 }
 
 /// `[from, to)` in Unix milliseconds.
-pub fn window(since: Option<&str>, from: Option<&str>, to: Option<&str>) -> Result<(u64, u64), String> {
+pub fn window(
+    since: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<(u64, u64), String> {
     let now = crate::decision_log::now_ms();
     if let Some(s) = since {
         let d = crate::config::parse_duration(s).map_err(|e| format!("--since: {e}"))?;
@@ -99,14 +103,23 @@ pub fn window(since: Option<&str>, from: Option<&str>, to: Option<&str>) -> Resu
     Ok((from, to))
 }
 
-fn replay_command(config: &Config, policy: &Path, (from, to): (u64, u64), changed: bool, json: bool) -> ExitCode {
+fn replay_command(
+    config: &Config,
+    policy: &Path,
+    (from, to): (u64, u64),
+    changed: bool,
+    json: bool,
+) -> ExitCode {
     let policy = match Policy::load(policy) {
         Ok(p) => p,
         Err(e) => return fail(e),
     };
     let dir = &config.decision_log.dir;
     if !dir.exists() {
-        return fail(format!("{}: no decision log yet ([decision_log] dir)", dir.display()));
+        return fail(format!(
+            "{}: no decision log yet ([decision_log] dir)",
+            dir.display()
+        ));
     }
     let mut bar = Progress::new(std::io::stderr().is_terminal());
     let started = Instant::now();
@@ -128,7 +141,11 @@ fn replay_command(config: &Config, policy: &Path, (from, to): (u64, u64), change
     } else {
         print!("{}", replay::render_text(&r));
         let secs = started.elapsed().as_secs_f64();
-        eprintln!("({:.2} s, {:.0} transactions/s)", secs, r.total as f64 / secs.max(1e-9));
+        eprintln!(
+            "({:.2} s, {:.0} transactions/s)",
+            secs,
+            r.total as f64 / secs.max(1e-9)
+        );
     }
     ExitCode::SUCCESS
 }
@@ -208,7 +225,10 @@ impl Progress {
         if !self.on || total == 0 {
             return;
         }
-        if self.last.is_some_and(|l| l.elapsed() < Duration::from_millis(100)) {
+        if self
+            .last
+            .is_some_and(|l| l.elapsed() < Duration::from_millis(100))
+        {
             return;
         }
         self.last = Some(Instant::now());

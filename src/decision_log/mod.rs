@@ -9,8 +9,8 @@
 //! one is append-only JSON lines under `var/` ([`store::FileStore`]).
 
 pub mod replay;
-pub mod where_policy;
 pub mod store;
+pub mod where_policy;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -117,10 +117,12 @@ pub fn now_ms() -> u64 {
 pub fn digest(message: &[u8]) -> String {
     use std::fmt::Write;
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message);
-    d.as_ref().iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    d.as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Most records written (and flushed) at once.
@@ -149,7 +151,10 @@ impl Drop for DecisionLog {
 
 impl DecisionLog {
     /// Starts the writer thread over `store`, with `capacity` records of queue.
-    pub fn start(mut store: Box<dyn DecisionStore>, capacity: usize) -> std::io::Result<DecisionLog> {
+    pub fn start(
+        mut store: Box<dyn DecisionStore>,
+        capacity: usize,
+    ) -> std::io::Result<DecisionLog> {
         let (tx, rx) = sync_channel(capacity);
         let writer = std::thread::Builder::new()
             .name("decision-log".into())
@@ -176,7 +181,9 @@ impl DecisionLog {
                         .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                         .is_ok()
                 {
-                    tracing::warn!("decision log queue full: records dropped (see mailwarden_decision_log_dropped)");
+                    tracing::warn!(
+                        "decision log queue full: records dropped (see mailwarden_decision_log_dropped)"
+                    );
                 }
             }
         }
@@ -239,7 +246,10 @@ pub(crate) mod tests {
     }
 
     /// A store that blocks until the test lets it go.
-    struct Gated(std::sync::Arc<std::sync::Mutex<()>>, std::sync::mpsc::Sender<()>);
+    struct Gated(
+        std::sync::Arc<std::sync::Mutex<()>>,
+        std::sync::mpsc::Sender<()>,
+    );
     impl DecisionStore for Gated {
         fn append(&mut self, _: &[Record]) -> std::io::Result<()> {
             let _ = self.1.send(());

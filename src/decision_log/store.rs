@@ -258,7 +258,10 @@ fn create_private_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::DirBuilderExt;
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
     }
     #[cfg(not(unix))]
     fs::create_dir_all(dir)
@@ -311,7 +314,10 @@ mod tests {
         assert_eq!(got.len(), 10);
         assert_eq!(got[3], sample(now + 3, 3));
         let (window, _) = all(dir.path(), now + 2, now + 5);
-        assert_eq!(window.iter().map(|r| r.t - now).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(
+            window.iter().map(|r| r.t - now).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
         // ~700 bytes a record: many files, and never more than max_bytes + one file.
         for n in 10..200 {
             store.append(&[sample(now + n as u64, n)]).unwrap();
@@ -350,7 +356,12 @@ mod tests {
         let (got, stats) = all(dir.path(), 0, u64::MAX);
         assert_eq!((got.len(), stats.bad_lines), (1, 1));
         let mut store = FileStore::new(&cfg(dir.path()));
-        store.append(&[sample(crate::decision_log::now_ms(), 1)]).unwrap();
-        assert!(!old.exists(), "a file last written 8 days ago is past a week's retention");
+        store
+            .append(&[sample(crate::decision_log::now_ms(), 1)])
+            .unwrap();
+        assert!(
+            !old.exists(),
+            "a file last written 8 days ago is past a week's retention"
+        );
     }
 }

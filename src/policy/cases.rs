@@ -246,7 +246,11 @@ mod tests {
         let policy = Policy::load(&root.join("config/policy.example.toml")).unwrap();
         let results = run(&policy, &root.join("config/policy.example.tests.toml")).unwrap();
         assert!(results.len() >= 8);
-        let failed: Vec<String> = results.iter().filter(|r| !r.ok).map(render_failure).collect();
+        let failed: Vec<String> = results
+            .iter()
+            .filter(|r| !r.ok)
+            .map(render_failure)
+            .collect();
         assert!(failed.is_empty(), "{}", failed.join("\n"));
     }
 
@@ -264,9 +268,16 @@ mod tests {
         assert!(!r[0].ok && r[1].ok);
         let diff = render_failure(&r[0]);
         assert!(diff.contains("expected: accept"), "{diff}");
-        assert!(diff.contains("got:      reject by rule dmarc-reject"), "{diff}");
+        assert!(
+            diff.contains("got:      reject by rule dmarc-reject"),
+            "{diff}"
+        );
         assert!(diff.contains("c.toml:2"), "{diff}");
-        std::fs::write(&cases, "[[case]]\nname = \"x\"\nflags = [\"made-up\"]\nexpect = \"tag\"\n").unwrap();
+        std::fs::write(
+            &cases,
+            "[[case]]\nname = \"x\"\nflags = [\"made-up\"]\nexpect = \"tag\"\n",
+        )
+        .unwrap();
         let e = run(&Policy::builtin(), &cases).unwrap_err();
         assert_eq!((e.key.as_str(), e.line), ("case[0].flags", Some(3)));
     }

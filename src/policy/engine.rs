@@ -235,9 +235,9 @@ impl Enforcer {
         });
         // The one decision function the offline commands share (`super::inputs`).
         let evaluation = decide(&policy, Some(&facts), sanity.as_ref());
-        let inputs = self.capture_inputs.then(|| {
-            PolicyInputs::capture(Some(&report), Some(&facts), ctx.client.ip(), sanity)
-        });
+        let inputs = self
+            .capture_inputs
+            .then(|| PolicyInputs::capture(Some(&report), Some(&facts), ctx.client.ip(), sanity));
         let ar = headers::authentication_results(&self.authserv_id, &report, "; ");
         Verdict {
             report: Some(report),

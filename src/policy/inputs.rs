@@ -108,7 +108,11 @@ pub fn unverified() -> Evaluation {
 
 /// The verdict of `policy` over `facts`, with header sanity: the stricter of its action
 /// and the rules' wins. `None` facts: verification did not run.
-pub fn decide(policy: &Policy, facts: Option<&Facts<'_>>, sanity: Option<&LoggedSanity>) -> Evaluation {
+pub fn decide(
+    policy: &Policy,
+    facts: Option<&Facts<'_>>,
+    sanity: Option<&LoggedSanity>,
+) -> Evaluation {
     let Some(facts) = facts else {
         return unverified();
     };
@@ -352,8 +356,14 @@ action = "quarantine"
                     let pol = [None, Some("none"), Some("quarantine"), Some("reject")][n % 4];
                     let report = AuthReport {
                         spf: SpfPair {
-                            mail_from: SpfCheck { result: spf, domain: "a.example".into() },
-                            helo: SpfCheck { result: dkim, domain: "mx.a.example".into() },
+                            mail_from: SpfCheck {
+                                result: spf,
+                                domain: "a.example".into(),
+                            },
+                            helo: SpfCheck {
+                                result: dkim,
+                                domain: "mx.a.example".into(),
+                            },
                         },
                         dkim: vec![DkimCheck {
                             result: dkim,
@@ -363,7 +373,7 @@ action = "quarantine"
                             reason: None,
                         }],
                         arc: ArcCheck {
-                            vouching_sealer: (n % 3 == 0).then(|| "forwarder.example".into()),
+                            vouching_sealer: n.is_multiple_of(3).then(|| "forwarder.example".into()),
                             ..ArcCheck::none(arc)
                         },
                         dmarc: DmarcCheck {
@@ -373,25 +383,29 @@ action = "quarantine"
                         },
                         work: WorkCounts::default(),
                     };
-                    let flags: Vec<String> = if n % 5 == 0 {
+                    let flags: Vec<String> = if n.is_multiple_of(5) {
                         vec!["lookalike-domain".into()]
                     } else {
                         vec![]
                     };
                     let rcpts = vec!["example.org".to_string()];
-                    let ip: IpAddr = if n % 2 == 0 { "198.51.100.7" } else { "192.0.2.1" }
-                        .parse()
-                        .unwrap();
+                    let ip: IpAddr = if n.is_multiple_of(2) {
+                        "198.51.100.7"
+                    } else {
+                        "192.0.2.1"
+                    }
+                    .parse()
+                    .unwrap();
                     let facts = Facts {
                         report: &report,
                         flags: &flags,
                         from_domain: "a.example",
                         mail_from_domain: "a.example",
                         rcpt_domains: &rcpts,
-                        list_id: (n % 7 == 0).then_some("news.lists.example.net"),
+                        list_id: n.is_multiple_of(7).then_some("news.lists.example.net"),
                         client_ip: ip,
                     };
-                    let sanity = (n % 11 == 0).then(|| LoggedSanity {
+                    let sanity = n.is_multiple_of(11).then(|| LoggedSanity {
                         problem: "multiple-from".into(),
                         text: "more than one From".into(),
                         action: ActionKind::Quarantine,
@@ -403,7 +417,12 @@ action = "quarantine"
                     assert_eq!(back, captured);
                     let replayed = back.evaluate(&p);
                     assert_eq!(
-                        (replayed.action, &replayed.rule, &replayed.reason, replayed.trace.len()),
+                        (
+                            replayed.action,
+                            &replayed.rule,
+                            &replayed.reason,
+                            replayed.trace.len()
+                        ),
                         (live.action, &live.rule, &live.reason, live.trace.len()),
                         "{json}"
                     );
@@ -418,6 +437,9 @@ action = "quarantine"
     fn unverified_inputs_are_not_asked_to_the_rules() {
         let inputs = PolicyInputs::capture(None, None, "192.0.2.1".parse().unwrap(), None);
         let e = inputs.evaluate(&Policy::builtin());
-        assert_eq!((e.action, e.rule.as_str()), (ActionKind::Accept, "submission"));
+        assert_eq!(
+            (e.action, e.rule.as_str()),
+            (ActionKind::Accept, "submission")
+        );
     }
 }

@@ -40,8 +40,8 @@ pub async fn what_if(State(app): State<Arc<App>>, req: Request) -> Result<Json<V
     let body = axum::body::to_bytes(req.into_body(), super::MAX_BODY)
         .await
         .map_err(|_| bad("bad_request", "body too large"))?;
-    let body: WhatIfBody = serde_json::from_slice(&body)
-        .map_err(|e| bad("bad_request", format!("body: {e}")))?;
+    let body: WhatIfBody =
+        serde_json::from_slice(&body).map_err(|e| bad("bad_request", format!("body: {e}")))?;
     let hours = body.hours.unwrap_or(DEFAULT_HOURS);
     if !(1..=MAX_HOURS).contains(&hours) {
         return Err(bad("bad_request", format!("hours: 1 to {MAX_HOURS}")));
@@ -62,7 +62,14 @@ pub async fn what_if(State(app): State<Arc<App>>, req: Request) -> Result<Json<V
     let from = to.saturating_sub(hours * 3_600_000);
     let warnings = policy.warnings.clone();
     let result = tokio::task::spawn_blocking(move || {
-        replay::run(&FileStore::reader(&dir), &policy, from, u64::MAX, MAX_CHANGED, &mut |_, _| {})
+        replay::run(
+            &FileStore::reader(&dir),
+            &policy,
+            from,
+            u64::MAX,
+            MAX_CHANGED,
+            &mut |_, _| {},
+        )
     })
     .await;
     let r = match result {
@@ -87,6 +94,11 @@ pub async fn what_if(State(app): State<Arc<App>>, req: Request) -> Result<Json<V
     let mut out = serde_json::to_value(&r).unwrap_or(Value::Null);
     out["hours"] = json!(hours);
     out["warnings"] = json!(warnings);
-    out["actions"] = json!(replay::ACTIONS.iter().map(|a| a.as_str()).collect::<Vec<_>>());
+    out["actions"] = json!(
+        replay::ACTIONS
+            .iter()
+            .map(|a| a.as_str())
+            .collect::<Vec<_>>()
+    );
     Ok(Json(out))
 }

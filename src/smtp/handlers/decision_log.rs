@@ -78,7 +78,9 @@ impl Session {
             }
         };
         let fields = crate::auth::headers::fields(message);
-        let one = |name: &str| crate::auth::headers::first(&fields, name).map(|f| f.value.trim().to_string());
+        let one = |name: &str| {
+            crate::auth::headers::first(&fields, name).map(|f| f.value.trim().to_string())
+        };
         let quarantine_id = (action == ActionKind::Quarantine && reply.code == 250)
             .then(|| queued_id(reply))
             .flatten();
