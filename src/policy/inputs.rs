@@ -373,7 +373,9 @@ action = "quarantine"
                             reason: None,
                         }],
                         arc: ArcCheck {
-                            vouching_sealer: n.is_multiple_of(3).then(|| "forwarder.example".into()),
+                            vouching_sealer: n
+                                .is_multiple_of(3)
+                                .then(|| "forwarder.example".into()),
                             ..ArcCheck::none(arc)
                         },
                         dmarc: DmarcCheck {
