@@ -42,6 +42,9 @@ pub struct ScanStats {
 }
 
 const PREFIX: &str = "decisions-";
+/// How far out of time order two records may be written (a session's decision time
+/// against the queue's order): far more than a queue of [`super::DecisionLog`] holds.
+const ORDER_SLACK_MS: u64 = 60_000;
 const SUFFIX: &str = ".jsonl";
 
 /// The embedded store: JSON lines under `[decision_log] dir`.
@@ -209,12 +212,18 @@ impl DecisionSource for FileReader {
             Err(e) => return Err(e),
         };
         // Files that can hold records of the window: those starting before its end
-        // whose successor does not start before its beginning.
+        // whose successor does not start before its beginning. Sessions queue records
+        // in nearly, not exactly, time order, so a file may hold records a little newer
+        // than its successor's first: [`ORDER_SLACK_MS`] of margin (records are still
+        // filtered one by one).
         let wanted: Vec<&LogFile> = files
             .iter()
             .enumerate()
             .filter(|(i, f)| {
-                f.first_ms < to_ms && files.get(i + 1).is_none_or(|n| n.first_ms > from_ms)
+                f.first_ms < to_ms.saturating_add(ORDER_SLACK_MS)
+                    && files
+                        .get(i + 1)
+                        .is_none_or(|n| n.first_ms > from_ms.saturating_sub(ORDER_SLACK_MS))
             })
             .map(|(_, f)| f)
             .collect();
