@@ -351,12 +351,12 @@ fn listen(addr: SocketAddr, max_sessions: usize) -> std::io::Result<TcpListener>
     socket.listen(u32::try_from(max_sessions.max(1024)).unwrap_or(u32::MAX))
 }
 
-/// The decision log's writer, when the log is on and checks run (without `[auth]`
-/// there is no policy decision to log). The directory is created by the writer, whose
+/// The decision log's writer, when the log is on and a stage decides anything (the
+/// policy with `[auth]`, the burst detector with `[outbound]`). The directory is created by the writer, whose
 /// errors are logged and counted: the log never stops the proxy or a transaction.
 fn decision_log(config: &Config) -> Result<Option<Arc<crate::decision_log::DecisionLog>>, String> {
     let cfg = &config.decision_log;
-    if !cfg.enabled || !config.auth.enabled {
+    if !cfg.enabled || !(config.auth.enabled || config.outbound.enabled) {
         return Ok(None);
     }
     let store = crate::decision_log::store::FileStore::new(cfg);
