@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod check;
 pub mod config;
+pub mod decision_log;
 pub mod dmarc_reports;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -94,6 +94,11 @@ enum Command {
         #[command(subcommand)]
         command: mailwarden::signing::cli::DkimCommand,
     },
+    /// Tune a policy file: replay the decision log through it, run its test cases.
+    Policy {
+        #[command(subcommand)]
+        command: mailwarden::admin::policy_cli::PolicyCommand,
+    },
     /// Write a self-signed certificate and key (server.crt, server.key) for trials.
     MakeCert {
         #[arg(long, default_value = "certs")]
@@ -168,6 +173,15 @@ fn main() -> ExitCode {
             mailwarden::admin::dmarc_reports_cli::run(&c, &command)
         }),
         Command::Dkim { command } => mailwarden::signing::cli::run(config(), &command),
+        // `policy test` reads no configuration; `replay` finds the log through it.
+        Command::Policy { command } => match command {
+            mailwarden::admin::policy_cli::PolicyCommand::Test { .. } => {
+                mailwarden::admin::policy_cli::run(std::path::Path::new(""), &command)
+            }
+            _ => with_config(config(), |c| {
+                mailwarden::admin::policy_cli::run(&c, &command)
+            }),
+        },
         Command::MakeCert { dir, name } => match mailwarden::tls::make_self_signed(&dir, &name) {
             Ok((cert, key)) => {
                 println!("wrote {} and {}", cert.display(), key.display());

@@ -91,6 +91,8 @@ pub struct Metrics {
     pub dkim_signing: Family<Labels, Counter>,
     /// Nameserver health and serve-stale (`src/auth/servers.rs`).
     pub dns: crate::auth::servers::DnsMetrics,
+    /// Decision-log records dropped (queue full, or the store failed to write).
+    pub decision_log_dropped: Counter,
 }
 
 impl Metrics {
@@ -133,6 +135,7 @@ impl Metrics {
             dmarc_records_dropped: Counter::default(),
             dkim_signing: Family::default(),
             dns: crate::auth::servers::DnsMetrics::new(),
+            decision_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("sessions", "SMTP sessions accepted", m.sessions.clone());
@@ -212,6 +215,11 @@ impl Metrics {
             "dmarc_records_dropped",
             "DMARC evaluations not recorded for reports (recording queue full)",
             m.dmarc_records_dropped.clone(),
+        );
+        registry.register(
+            "decision_log_dropped",
+            "Decision-log records not written (queue full or store error)",
+            m.decision_log_dropped.clone(),
         );
         registry.register(
             "relay_unsafe_next_hop",

@@ -1165,6 +1165,23 @@ async fn header_from_outside_the_account_is_flagged() {
         assert_eq!(count_lines(&log, "outbound from mismatch"), 1, "{log}");
         // A mismatch is no reason to freeze the account.
         assert!(!frozen_in_file(proxy.dir.path(), &alice));
+        // The decision log has the outbound stage's verdict (issue 15); a policy replay
+        // cannot change it (the policy never ran for it).
+        let mut outbound_records = Vec::new();
+        wait_for("the decision log's outbound record", Duration::from_secs(10), || {
+            outbound_records = decision_log_lines(proxy.dir.path())
+                .into_iter()
+                .filter(|r| r["stage"] == "outbound")
+                .collect();
+            !outbound_records.is_empty()
+        })
+        .await;
+        let rec = &outbound_records[0];
+        assert_eq!(rec["action"], "quarantine", "{rec}");
+        assert_eq!(rec["rule"], "outbound", "{rec}");
+        assert_eq!(rec["outbound"]["account"], alice.as_str(), "{rec}");
+        assert!(rec["outbound"]["flags"].to_string().contains("outbound-from-mismatch"), "{rec}");
+        assert_eq!(rec["quarantine_id"].as_str().map(str::len), Some(26), "{rec}");
 
         // With `action = "reject"`: 550 5.7.1.
         let strict = Proxy::start(options(&mta, "[outbound.from]\naction = \"reject\"\n")).await;
@@ -1636,4 +1653,20 @@ async fn password_spray_locks_the_user_name_redis() {
         spray(&mta, &[&a, &b]).await;
     })
     .await;
+}
+
+/// Every record of the proxy's decision log (`var/decision-log/*.jsonl`).
+fn decision_log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let Ok(rd) = std::fs::read_dir(dir.join("var/decision-log")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<serde_json::Value>>()
+        })
+        .collect()
 }

@@ -11,7 +11,12 @@ use crate::config::Config;
 pub fn check(path: &Path) -> ExitCode {
     let checked = Config::load(path)
         .map_err(|e| e.to_string())
-        .and_then(|c| crate::server::preflight(&c))
+        .and_then(|c| {
+            let warnings = crate::server::preflight(&c)?;
+            // The policy's own tests (`tests = [...]` in the policy file).
+            crate::admin::policy_cli::check_policy_tests(&c)?;
+            Ok(warnings)
+        })
         .map(|warnings| {
             for w in &warnings {
                 eprintln!("warning: {w}");

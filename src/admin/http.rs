@@ -25,6 +25,7 @@
 mod api;
 pub mod auth;
 pub mod stats;
+mod what_if;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,6 +67,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/accounts/{name}/freeze"),
     ("POST", "/api/accounts/{name}/unfreeze"),
     ("GET", "/api/policy"),
+    ("POST", "/api/policy/what-if"),
     ("GET", "/api/stats"),
 ];
 
@@ -322,6 +324,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<App>> {
         ("POST", "/api/accounts/{name}/freeze") => post(api::freeze),
         ("POST", "/api/accounts/{name}/unfreeze") => post(api::unfreeze),
         ("GET", "/api/policy") => get(api::policy),
+        ("POST", "/api/policy/what-if") => post(what_if::what_if),
         ("GET", "/api/stats") => get(api::stats),
         other => panic!("admin route {other:?} has no handler"),
     }

@@ -5,6 +5,7 @@ pub mod accounts_cli;
 pub mod config_cli;
 pub mod dmarc_reports_cli;
 pub mod http;
+pub mod policy_cli;
 pub mod quarantine_cli;
 pub mod quarantine_migrate;
 pub mod reload_cli;

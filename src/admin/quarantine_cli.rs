@@ -47,8 +47,18 @@ pub enum QuarantineCommand {
     },
     /// Re-inject through the configured next hop with the original envelope.
     Release {
-        #[arg(required = true)]
+        #[arg(required_unless_present = "where_policy")]
         ids: Vec<String>,
+        /// Instead of IDs: every held entry this policy file would accept, found by
+        /// replaying the decision log (`mailwarden policy replay`).
+        #[arg(long, value_name = "NEW.toml", conflicts_with = "ids")]
+        where_policy: Option<std::path::PathBuf>,
+        /// With --where-policy: only entries held in the last DUR (e.g. 24h).
+        #[arg(long, requires = "where_policy")]
+        since: Option<String>,
+        /// With --where-policy: list what would be released, release nothing.
+        #[arg(long, requires = "where_policy")]
+        dry_run: bool,
         /// Deliver to these recipients instead of the original ones.
         #[arg(long)]
         to: Vec<String>,
@@ -140,7 +150,28 @@ async fn run_async(config: &Config, cmd: &QuarantineCommand) -> ExitCode {
             }
         }
         QuarantineCommand::Show { id, raw, json } => return show(store, id, *raw, *json).await,
-        QuarantineCommand::Release { ids, to, force } => {
+        QuarantineCommand::Release {
+            ids,
+            to,
+            force,
+            where_policy: Some(policy),
+            since,
+            dry_run,
+        } if ids.is_empty() => {
+            let ids = match where_policy(config, store, policy, since.as_deref()).await {
+                Ok(ids) => ids,
+                Err(e) => return fail(e),
+            };
+            if *dry_run {
+                for id in &ids {
+                    println!("{id}: would be released");
+                }
+                println!("{} entries would be released", ids.len());
+                return ExitCode::SUCCESS;
+            }
+            return release_all(config, store, &ids, to, *force).await;
+        }
+        QuarantineCommand::Release { ids, to, force, .. } => {
             return release_all(config, store, ids, to, *force).await;
         }
         QuarantineCommand::Delete { ids } => {
@@ -279,6 +310,44 @@ async fn show(store: &dyn QuarantineStore, input: &str, raw: bool, json: bool) -
     out.push('\n');
     print!("{out}");
     ExitCode::SUCCESS
+}
+
+/// The held entries `policy` would accept, from the decision log. Entries it would
+/// only tag stay held (a release cannot add the tag): they are counted on stderr.
+async fn where_policy(
+    config: &Config,
+    store: &dyn QuarantineStore,
+    policy: &Path,
+    since: Option<&str>,
+) -> Result<Vec<String>, String> {
+    use crate::decision_log::where_policy::candidates;
+    use crate::policy::rules::ActionKind;
+    let policy = crate::policy::rules::Policy::load(policy).map_err(|e| e.to_string())?;
+    let (from, to) = crate::admin::policy_cli::window(since, None, None)?;
+    let reader = crate::decision_log::store::FileStore::reader(&config.decision_log.dir);
+    let found = candidates(&reader, &policy, from, to)
+        .map_err(|e| format!("{}: {e}", config.decision_log.dir.display()))?;
+    let mut ids = Vec::new();
+    let mut tagged = 0;
+    for c in found {
+        // Still held? (released, deleted or purged since: nothing to do.)
+        let held = match store.lookup(&c.quarantine_id).await {
+            Ok(id) => store
+                .meta(&id)
+                .await
+                .is_ok_and(|m| m.state == crate::quarantine::state::State::Held.as_str()),
+            Err(_) => false,
+        };
+        match c.new {
+            ActionKind::Accept if held => ids.push(c.quarantine_id),
+            ActionKind::Tag if held => tagged += 1,
+            _ => {}
+        }
+    }
+    if tagged > 0 {
+        eprintln!("{tagged} held entries would only be tagged: left held (release them by id)");
+    }
+    Ok(ids)
 }
 
 async fn release_all(

@@ -247,7 +247,7 @@ impl WorkCounts {
 
 /// Which results rest on a stale DNS answer (serve-stale, [`stale`]): the age in seconds
 /// of the oldest stale answer each check used. DKIM's is on each [`DkimCheck`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StaleUse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spf: Option<u64>,

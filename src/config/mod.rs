@@ -4,6 +4,7 @@
 //! in [`defaults`]. Unknown keys are errors (a typo must not silently fall back to a default),
 //! and every error names the file, the line and the key.
 
+pub mod decision_log;
 pub mod defaults;
 pub mod dkim_sign;
 pub mod dmarc_reports;
@@ -65,6 +66,8 @@ pub struct Config {
     /// `[process]`: the pid file `mailwarden reload` signals.
     #[serde(default)]
     pub process: process::ProcessConfig,
+    #[serde(default)]
+    pub decision_log: decision_log::DecisionLogConfig,
 }
 
 /// What a configuration is loaded for: the proxy needs listeners; the offline commands
@@ -796,6 +799,7 @@ impl Config {
         }
         fix_opt(&mut self.process.pid_file);
         self.dns.zone_files.iter_mut().for_each(fix);
+        fix(&mut self.decision_log.dir);
     }
 
     /// Semantic checks serde cannot express. Errors are (table, key, reason); `table`
@@ -806,6 +810,9 @@ impl Config {
         self.dmarc_reports
             .validate(self.auth.enabled)
             .map_err(|(k, r)| ("dmarc_reports".to_string(), k, r))?;
+        self.decision_log
+            .validate()
+            .map_err(|(k, r)| ("decision_log".to_string(), k, r))?;
         if purpose == Purpose::Offline {
             return Ok(());
         }

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use serde_json::json;
 
+use super::inputs::{LoggedSanity, PolicyInputs, decide};
 use super::rules::{ActionKind, Evaluation, Facts, Policy};
 use super::sanity;
 use super::spoof::{self, SpoofConfig, SpoofInput};
@@ -28,6 +29,8 @@ pub struct Verdict {
     pub evaluation: Evaluation,
     /// The `Authentication-Results` value on one line.
     pub authentication_results: Option<String>,
+    /// What the rules read, for the decision log (when `[decision_log]` is on).
+    pub inputs: Option<PolicyInputs>,
 }
 
 impl Verdict {
@@ -93,6 +96,8 @@ pub struct Enforcer {
     verify_submission: bool,
     spf_early_reject: bool,
     malformed_from: SanityAction,
+    /// Keep each message's [`PolicyInputs`] for the decision log.
+    capture_inputs: bool,
     last_reload: RwLock<Option<Result<String, String>>>,
 }
 
@@ -146,6 +151,7 @@ impl Enforcer {
             verify_submission: config.auth.verify_submission,
             spf_early_reject: config.auth.spf_early_reject,
             malformed_from: config.auth.malformed_from,
+            capture_inputs: config.decision_log.enabled,
             last_reload: RwLock::new(None),
         })
     }
@@ -178,19 +184,17 @@ impl Enforcer {
     pub async fn evaluate(&self, ctx: &MessageContext<'_>, fields: &[Field<'_>]) -> Verdict {
         let policy = self.policy();
         if ctx.role == Role::Submission && !self.verify_submission {
-            let evaluation = Evaluation {
-                action: ActionKind::Accept,
-                rule: "submission".into(),
-                reason: None,
-                trace: Vec::new(),
-                shadow_hits: Vec::new(),
-            };
+            let evaluation = decide(&policy, None, None);
+            let inputs = self
+                .capture_inputs
+                .then(|| PolicyInputs::capture(None, None, ctx.client.ip(), None));
             return Verdict {
                 report: None,
                 sanity: None,
                 flags: Vec::new(),
                 evaluation,
                 authentication_results: None,
+                inputs,
             };
         }
         let author = sanity::check(fields);
@@ -239,7 +243,7 @@ impl Enforcer {
             .collect();
         let list_id = list_id(fields);
         let mail_from_domain = report.spf.mail_from.domain.clone();
-        let mut evaluation = policy.evaluate(&Facts {
+        let facts = Facts {
             report: &report,
             flags: &flag_names,
             from_domain: &from_domain,
@@ -247,10 +251,17 @@ impl Enforcer {
             rcpt_domains: &rcpt_domains,
             list_id: list_id.as_deref(),
             client_ip: ctx.client.ip(),
+        };
+        let sanity = problem.as_ref().map(|p| LoggedSanity {
+            problem: p.as_str().to_string(),
+            text: p.reply_text(),
+            action: sanity_action(self.malformed_from),
         });
-        if let Some(p) = &problem {
-            evaluation = sanity_evaluation(p, sanity_action(self.malformed_from), evaluation);
-        }
+        // The one decision function the offline commands share (`super::inputs`).
+        let evaluation = decide(&policy, Some(&facts), sanity.as_ref());
+        let inputs = self
+            .capture_inputs
+            .then(|| PolicyInputs::capture(Some(&report), Some(&facts), ctx.client.ip(), sanity));
         let ar = headers::authentication_results(&self.authserv_id, &report, "; ");
         Verdict {
             report: Some(report),
@@ -258,6 +269,7 @@ impl Enforcer {
             flags,
             evaluation,
             authentication_results: Some(ar),
+            inputs,
         }
     }
 
@@ -370,6 +382,7 @@ impl Enforcer {
             authentication_results: verdict.authentication_results.clone(),
             // Filled by `inspect`, which owns the verdict and moves the report in.
             auth: None,
+            explained: None,
         }
     }
 }
@@ -432,39 +445,6 @@ fn sanity_action(a: SanityAction) -> ActionKind {
         SanityAction::Reject => ActionKind::Reject,
         SanityAction::Defer => ActionKind::Defer,
     }
-}
-
-/// How strict an action is, to combine header sanity with the rules' verdict.
-fn severity(a: ActionKind) -> u8 {
-    match a {
-        ActionKind::Accept => 0,
-        ActionKind::Tag => 1,
-        ActionKind::Quarantine => 2,
-        ActionKind::Defer => 3,
-        ActionKind::Reject => 4,
-    }
-}
-
-/// The rules' evaluation with the header-sanity stage first in its trace; the stricter
-/// of the two actions wins.
-fn sanity_evaluation(
-    problem: &sanity::Problem,
-    action: ActionKind,
-    mut ev: Evaluation,
-) -> Evaluation {
-    let entry = super::rules::TraceEntry {
-        rule: "header-sanity".into(),
-        matched: true,
-        action: Some(action.as_str()),
-        shadow: false,
-    };
-    ev.trace.insert(0, entry);
-    if severity(action) >= severity(ev.action) {
-        ev.action = action;
-        ev.rule = "header-sanity".into();
-        ev.reason = Some(problem.reply_text());
-    }
-    ev
 }
 
 fn count_problem(p: &sanity::Problem) {
@@ -571,6 +551,12 @@ impl Inspector for Enforcer {
             let mut decision = self.decision(&verdict, ctx.message, &fields);
             // Moved, not cloned: DMARC aggregate reports read it after the relay.
             decision.auth = verdict.report.map(std::sync::Arc::new);
+            decision.explained = verdict.inputs.map(|inputs| {
+                Box::new(super::inputs::Explained {
+                    inputs,
+                    evaluation: verdict.evaluation,
+                })
+            });
             decision
         })
     }

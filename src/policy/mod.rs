@@ -4,7 +4,9 @@
 //! [`AcceptAll`] relays everything; [`engine::Enforcer`] runs sender authentication,
 //! the spoof checks and the operator's rules.
 
+pub mod cases;
 pub mod engine;
+pub mod inputs;
 pub mod rules;
 pub mod sanity;
 pub mod spoof;
@@ -76,6 +78,8 @@ pub struct Decision {
     pub authentication_results: Option<String>,
     /// What verification found, when it ran (DMARC aggregate reports record it).
     pub auth: Option<std::sync::Arc<crate::auth::AuthReport>>,
+    /// What the rules read and concluded, when the decision log wants it.
+    pub explained: Option<Box<inputs::Explained>>,
 }
 
 impl Decision {
@@ -88,6 +92,7 @@ impl Decision {
             flags: Vec::new(),
             authentication_results: None,
             auth: None,
+            explained: None,
         }
     }
 }

@@ -89,6 +89,10 @@ pub struct Rule {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
+    /// Policy test files (`mailwarden policy test`) that `check-config` runs: paths
+    /// relative to the policy file's directory.
+    #[serde(default)]
+    tests: Vec<std::path::PathBuf>,
     #[serde(default, rename = "rule")]
     rules: Vec<Rule>,
 }
@@ -134,6 +138,8 @@ pub struct Policy {
     pub warnings: Vec<String>,
     /// Where it came from ("built-in" or the file path) and a hash of its text.
     pub version: String,
+    /// Test files named by the policy (absolute), for `check-config`.
+    pub tests: Vec<std::path::PathBuf>,
     shadow_counts: HashMap<String, AtomicU64>,
 }
 
@@ -226,6 +232,19 @@ impl Policy {
         };
         let source = std::fs::read_to_string(path)
             .map_err(|e| err(None, "-", format!("cannot read: {e}")))?;
+        Self::parse(&source, path)
+    }
+
+    /// Parses and validates policy text; `path` names it in errors and its version, and
+    /// is where its `tests` are looked for (the admin "What if" view passes a name only).
+    pub fn parse(source: &str, path: &Path) -> Result<Policy, ConfigError> {
+        let err = |line, key: &str, reason: String| ConfigError {
+            file: path.to_path_buf(),
+            line,
+            key: key.to_string(),
+            reason,
+        };
+        let source = source.to_string();
         let file: PolicyFile = toml::from_str(&source).map_err(|e| {
             let line = e
                 .span()
@@ -291,8 +310,10 @@ impl Policy {
                 )
             })
             .collect();
+        let base = path.parent().unwrap_or(Path::new("."));
         let mut policy = Policy::from_rules(file.rules, version);
         policy.warnings = warnings;
+        policy.tests = file.tests.iter().map(|t| base.join(t)).collect();
         Ok(policy)
     }
 
@@ -306,6 +327,7 @@ impl Policy {
             rules,
             warnings: Vec::new(),
             version,
+            tests: Vec::new(),
             shadow_counts,
         }
     }

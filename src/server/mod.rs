@@ -137,6 +137,7 @@ impl Server {
             }
         }
         let dmarc_reports = dmarc_recorder(&config)?;
+        let decision_log = decision_log(&config)?;
         let config = Arc::new(config);
         // Filled once the first generation exists (below): the admin API then follows
         // reloads.
@@ -167,6 +168,7 @@ impl Server {
                 shutdown,
                 dmarc_reports,
                 signer,
+                decision_log,
             }),
             listeners: settings,
             limits,
@@ -390,6 +392,20 @@ fn listen(addr: SocketAddr, max_sessions: usize) -> std::io::Result<TcpListener>
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(u32::try_from(max_sessions.max(1024)).unwrap_or(u32::MAX))
+}
+
+/// The decision log's writer, when the log is on and a stage decides anything (the
+/// policy with `[auth]`, the burst detector with `[outbound]`). The directory is created by the writer, whose
+/// errors are logged and counted: the log never stops the proxy or a transaction.
+fn decision_log(config: &Config) -> Result<Option<Arc<crate::decision_log::DecisionLog>>, String> {
+    let cfg = &config.decision_log;
+    if !cfg.enabled || !(config.auth.enabled || config.outbound.enabled) {
+        return Ok(None);
+    }
+    let store = crate::decision_log::store::FileStore::new(cfg);
+    let log = crate::decision_log::DecisionLog::start(Box::new(store), cfg.queue)
+        .map_err(|e| format!("[decision_log]: cannot start the writer: {e}"))?;
+    Ok(Some(Arc::new(log)))
 }
 
 /// The recorder of DMARC evaluations, when reports are on and checks run. The store is

@@ -301,6 +301,8 @@ impl Live {
                 memory,
                 // The recorder and its sending timer run for the process.
                 dmarc_reports: old.shared.dmarc_reports.clone(),
+                // Likewise the decision log's writer.
+                decision_log: old.shared.decision_log.clone(),
                 signer,
             }),
             listeners,
@@ -354,6 +356,16 @@ fn restart_only_changes(before: &Config, after: &Config) -> Vec<String> {
         "dmarc_reports",
         format!("{:?}", before.dmarc_reports),
         format!("{:?}", after.dmarc_reports),
+    );
+    check(
+        "decision_log",
+        format!("{:?}", before.decision_log),
+        format!("{:?}", after.decision_log),
+    );
+    check(
+        "postgres",
+        format!("{:?}", before.postgres),
+        format!("{:?}", after.postgres),
     );
     check(
         "process",

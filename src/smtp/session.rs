@@ -34,6 +34,8 @@ pub struct SessionShared {
     pub dmarc_reports: Option<Arc<crate::dmarc_reports::Recorder>>,
     /// Outbound DKIM signing on submission listeners (`[[dkim.sign]]`).
     pub signer: Option<Arc<crate::signing::Signer>>,
+    /// What the policy saw and decided, per transaction (`[decision_log]`).
+    pub decision_log: Option<Arc<crate::decision_log::DecisionLog>>,
 }
 
 /// What a session shares with the other sessions of its listener.

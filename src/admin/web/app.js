@@ -136,7 +136,7 @@
   // Views
   // ---------------------------------------------------------------------------
 
-  const VIEWS = ['login', 'dashboard', 'quarantine', 'entry', 'accounts'];
+  const VIEWS = ['login', 'dashboard', 'quarantine', 'entry', 'accounts', 'whatif'];
   let refreshTimer = null;
   // A message for the next view (e.g. "Deleted ..." after leaving the entry view).
   let pendingNotice = null;
@@ -170,6 +170,8 @@
       } else if (parts[0] === 'entry' && parts[1]) {
         showView('entry');
         await loadEntry(decodeURIComponent(parts[1]));
+      } else if (parts[0] === 'whatif') {
+        showView('whatif');
       } else if (parts[0] === 'accounts') {
         showView('accounts');
         $('account-detail').hidden = true;
@@ -566,6 +568,71 @@
   }
 
   // ---------------------------------------------------------------------------
+  // What if: the decision log replayed through a pasted policy
+  // ---------------------------------------------------------------------------
+
+  async function runWhatIf(ev) {
+    ev.preventDefault();
+    $('whatif-error').hidden = true;
+    $('whatif-run').disabled = true;
+    try {
+      const r = await api('/api/policy/what-if', {
+        method: 'POST',
+        json: { policy: $('whatif-policy').value, hours: Number($('whatif-hours').value) },
+      });
+      showWhatIf(r);
+    } catch (e) {
+      if (e.status !== 401) {
+        $('whatif-error').textContent = e.message;
+        $('whatif-error').hidden = false;
+        $('whatif-result').hidden = true;
+      }
+    } finally {
+      $('whatif-run').disabled = false;
+    }
+  }
+
+  function showWhatIf(r) {
+    const actions = r.actions;
+    $('whatif-summary').textContent =
+      `${r.total} transactions replayed over the last ${r.hours} h; ${r.changed} would change action.`;
+    $('whatif-warnings').replaceChildren(...(r.warnings || []).map((w) => el('li', { text: w })));
+    const head = el('tr', null, el('th', { text: 'old \u2193 new \u2192' }),
+      ...actions.map((a) => el('th', { className: 'num', text: a })));
+    $('whatif-matrix').querySelector('thead').replaceChildren(head);
+    const rows = actions.map((old) => el('tr', { 'data-old': old }, el('th', { text: old }),
+      ...actions.map((now) => {
+        const cell = r.matrix[old + '\u2192' + now];
+        const n = cell ? cell.count : 0;
+        const rules = cell ? Object.entries(cell.rules).map(([k, v]) => `${k}: ${v}`).join('\n') : '';
+        return el('td', {
+          className: 'num' + (n && old !== now ? ' changed' : ''),
+          'data-new': now,
+          title: rules,
+          text: String(n),
+        });
+      })));
+    $('whatif-matrix').querySelector('tbody').replaceChildren(...rows);
+    const changed = (r.changed_list || []).map((e) => el('tr', null,
+      el('td', { text: new Date(e.t).toISOString().replace('.000', '') }),
+      el('td', { text: e.old }),
+      el('td', { text: e.new }),
+      el('td', { text: e.old_rule === e.new_rule ? e.new_rule : `${e.old_rule} \u2192 ${e.new_rule}` }),
+      el('td', { text: e.client }),
+      el('td', { text: e.mail_from }),
+      el('td', { text: e.from || '' }),
+      el('td', { text: e.message_id || '' })));
+    $('whatif-changed').querySelector('tbody').replaceChildren(...changed);
+    $('whatif-changed-empty').hidden = changed.length > 0;
+    $('whatif-result').hidden = false;
+  }
+
+  async function loadWhatIfFile() {
+    const f = $('whatif-file').files[0];
+    if (f) $('whatif-policy').value = await f.text();
+  }
+
+  // ---------------------------------------------------------------------------
   // Wiring
   // ---------------------------------------------------------------------------
 
@@ -604,6 +671,8 @@
     });
     $('delete-cancel').addEventListener('click', resetDelete);
     $('delete-confirm').addEventListener('click', doDelete);
+    $('whatif-form').addEventListener('submit', runWhatIf);
+    $('whatif-file').addEventListener('change', () => loadWhatIfFile().catch((e) => notice(e.message, true)));
     window.addEventListener('hashchange', route);
     route();
   }

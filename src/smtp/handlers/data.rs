@@ -1,6 +1,7 @@
 //! DATA: read the message, run the checks and the verdict hook, relay, and give the
 //! client the next hop's answer. A 250 goes out only when the next hop said 2xx.
 
+use super::decision_log::Decided;
 use crate::config::BareLf;
 use crate::policy::{Action, Decision, MessageContext};
 use crate::quarantine::{Meta, StoreError};
@@ -202,6 +203,7 @@ impl Session {
             }
         };
         self.record_dmarc(tx, &decision, &reply);
+        self.log_decision(helo, tx, message, Decided::Policy(&decision), &reply);
         Outcome {
             reply,
             verdict,
@@ -265,6 +267,7 @@ impl Session {
                 flags: a.flags.iter().map(|f| f.to_string()).collect(),
                 authentication_results: None,
                 auth: None,
+                explained: None,
             };
             self.relay.reset().await;
             tracing::warn!(session = %self.id, account = %account, frozen = a.frozen, reasons = %a.reasons.join("; "), "outbound: message held");
@@ -294,6 +297,11 @@ impl Session {
         if !held {
             self.relay.reset().await;
         }
+        let decided = Decided::Outbound {
+            account: &account,
+            assessment: &a,
+        };
+        self.log_decision(helo, tx, message, decided, &reply);
         let verdict = if held {
             "hold"
         } else {

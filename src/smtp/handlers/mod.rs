@@ -3,6 +3,7 @@
 
 mod auth;
 mod data;
+mod decision_log;
 mod dmarc_record;
 mod ehlo;
 mod mail;
