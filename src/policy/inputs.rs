@@ -332,6 +332,12 @@ temperror = true
 action = "defer"
 
 [[rule]]
+name = "stale-defer"
+dmarc = ["fail"]
+stale = true
+action = "defer"
+
+[[rule]]
 name = "dmarc-reject"
 dmarc = ["fail"]
 dmarc_policy = ["reject"]
@@ -381,6 +387,7 @@ action = "quarantine"
                             selector: "s".into(),
                             algorithm: "rsa-sha256".into(),
                             reason: None,
+                            stale_secs: n.is_multiple_of(7).then_some(60),
                         }],
                         arc: ArcCheck {
                             vouching_sealer: n
@@ -394,6 +401,10 @@ action = "quarantine"
                             ..DmarcCheck::without_record(dmarc, "a.example".into())
                         },
                         work: WorkCounts::default(),
+                        stale: crate::auth::StaleUse {
+                            dmarc: (n % 4 == 1).then_some(120),
+                            ..Default::default()
+                        },
                     };
                     let flags: Vec<String> = if n.is_multiple_of(5) {
                         vec!["lookalike-domain".into()]
