@@ -70,6 +70,7 @@ fn record(n: usize, t: u64) -> Record {
                     domain.clone()
                 },
                 selector: "s1".into(),
+                stale_secs: None,
             }],
             arc: r(11),
             arc_vouching_sealer: n.is_multiple_of(13).then(|| "google.com".into()),
@@ -77,6 +78,7 @@ fn record(n: usize, t: u64) -> Record {
             dmarc_policy: Some(["none", "quarantine", "reject"][n % 3].into()),
             dmarc_published_policy: Some(["none", "quarantine", "reject"][n % 3].into()),
             dmarc_domain: domain.clone(),
+            stale: Default::default(),
         }),
         flags: if n.is_multiple_of(17) {
             vec!["lookalike-domain".into()]
