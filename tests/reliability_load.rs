@@ -752,6 +752,8 @@ fn assert_no_temp_files(proxy: &Proxy) {
             !(s == "mailwarden.toml"
                 || s == "stderr.log"
                 || s.starts_with("var/quarantine/index.sqlite")
+                // The decision log (on by default): one record per transaction, by design.
+                || s.starts_with("var/decision-log/decisions-")
                 || s.starts_with("var/quarantine/entries/"))
         })
         .collect();
