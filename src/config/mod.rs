@@ -689,6 +689,20 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+impl ConfigError {
+    /// A TOML syntax or type error in `source` (read from `path`), with the line and the
+    /// key it points at. Shared by the config, policy and policy-test files.
+    pub fn from_toml(path: &Path, source: &str, e: &toml::de::Error) -> ConfigError {
+        let offset = e.span().map(|s| s.start.min(source.len()));
+        ConfigError {
+            file: path.to_path_buf(),
+            line: offset.map(|o| source[..o].matches('\n').count() + 1),
+            key: key_at(source, offset).unwrap_or_else(|| "-".into()),
+            reason: e.message().trim().to_string(),
+        }
+    }
+}
+
 impl Config {
     /// Reads, parses and validates `path` for running the proxy.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -729,17 +743,8 @@ impl Config {
         base: Option<&Path>,
         purpose: Purpose,
     ) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(source).map_err(|e| {
-            let line = e
-                .span()
-                .map(|span| source[..span.start.min(source.len())].matches('\n').count() + 1);
-            ConfigError {
-                file: path.to_path_buf(),
-                line,
-                key: key_at(source, e.span().map(|s| s.start)).unwrap_or_else(|| "-".into()),
-                reason: e.message().trim().to_string(),
-            }
-        })?;
+        let mut config: Config =
+            toml::from_str(source).map_err(|e| ConfigError::from_toml(path, source, &e))?;
         if let Some(base) = base {
             config.resolve_paths(base);
         }

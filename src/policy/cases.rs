@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::inputs::{LoggedAuth, LoggedDkim, LoggedSanity, LoggedSpf, PolicyInputs};
 use super::rules::{ActionKind, KNOWN_FLAGS, Policy};
 use crate::auth::AuthResult;
-use crate::config::{ConfigError, key_at, locate};
+use crate::config::{ConfigError, locate};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,16 +169,8 @@ pub fn load(path: &Path) -> Result<Vec<(Case, Option<usize>)>, ConfigError> {
     };
     let source =
         std::fs::read_to_string(path).map_err(|e| err(None, "-", format!("cannot read: {e}")))?;
-    let file: CasesFile = toml::from_str(&source).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| source[..s.start.min(source.len())].matches('\n').count() + 1);
-        err(
-            line,
-            &key_at(&source, e.span().map(|s| s.start)).unwrap_or_else(|| "-".into()),
-            e.message().trim().to_string(),
-        )
-    })?;
+    let file: CasesFile =
+        toml::from_str(&source).map_err(|e| ConfigError::from_toml(path, &source, &e))?;
     if file.cases.is_empty() {
         return Err(err(None, "case", "no [[case]] in the file".into()));
     }

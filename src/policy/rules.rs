@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{AuthReport, AuthResult};
-use crate::config::{ConfigError, key_at, locate};
+use crate::config::{ConfigError, locate};
 
 /// Flags a rule may name (spoof checks today; the burst detector adds its own).
 pub const KNOWN_FLAGS: &[&str] = &["own-domain-spoof", "display-name-spoof", "lookalike-domain"];
@@ -245,16 +245,8 @@ impl Policy {
             reason,
         };
         let source = source.to_string();
-        let file: PolicyFile = toml::from_str(&source).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| source[..s.start.min(source.len())].matches('\n').count() + 1);
-            err(
-                line,
-                &key_at(&source, e.span().map(|s| s.start)).unwrap_or_else(|| "-".into()),
-                e.message().trim().to_string(),
-            )
-        })?;
+        let file: PolicyFile =
+            toml::from_str(&source).map_err(|e| ConfigError::from_toml(path, &source, &e))?;
         let mut seen = std::collections::HashSet::new();
         for (i, rule) in file.rules.iter().enumerate() {
             let table = format!("rule[{i}]");

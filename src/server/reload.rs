@@ -331,48 +331,23 @@ fn engine_settings(c: &Config) -> String {
 
 /// Sections read once at start: a change is reported, not applied.
 fn restart_only_changes(before: &Config, after: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut check = |name: &str, a: String, b: String| {
-        if a != b {
-            out.push(format!("[{name}] changed: needs a restart"));
-        }
-    };
-    check(
-        "quarantine",
-        format!("{:?}", before.quarantine),
-        format!("{:?}", after.quarantine),
-    );
-    check(
-        "admin",
-        format!("{:?}", before.admin),
-        format!("{:?}", after.admin),
-    );
-    check(
-        "log",
-        format!("{:?}", before.log),
-        format!("{:?}", after.log),
-    );
-    check(
-        "dmarc_reports",
-        format!("{:?}", before.dmarc_reports),
-        format!("{:?}", after.dmarc_reports),
-    );
-    check(
-        "decision_log",
-        format!("{:?}", before.decision_log),
-        format!("{:?}", after.decision_log),
-    );
-    check(
-        "postgres",
-        format!("{:?}", before.postgres),
-        format!("{:?}", after.postgres),
-    );
-    check(
-        "process",
-        format!("{:?}", before.process),
-        format!("{:?}", after.process),
-    );
-    out
+    fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let (b, a) = (before, after);
+    [
+        ("quarantine", differs(&b.quarantine, &a.quarantine)),
+        ("admin", differs(&b.admin, &a.admin)),
+        ("log", differs(&b.log, &a.log)),
+        ("dmarc_reports", differs(&b.dmarc_reports, &a.dmarc_reports)),
+        ("decision_log", differs(&b.decision_log, &a.decision_log)),
+        ("postgres", differs(&b.postgres, &a.postgres)),
+        ("process", differs(&b.process, &a.process)),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(name, _)| format!("[{name}] changed: needs a restart"))
+    .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
