@@ -224,7 +224,7 @@ fn fixture() -> Fixture {
     let mut signature = signer.sign(&unsigned).expect("sign");
     let mut message = signature.to_header().into_bytes();
     message.append(&mut unsigned);
-    let message = mailwarden::smtp::codec::canonicalize(&message);
+    let message = mailwarden::wire::codec::canonicalize(&message);
     let signed = std::mem::take(&mut *signed.lock().unwrap());
     let signature = std::mem::take(&mut signature.b);
     UnparsedPublicKey::new(

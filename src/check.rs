@@ -52,7 +52,7 @@ pub fn run(args: &Args) -> ExitCode {
         Ok(b) => b,
         Err(e) => return unusable(format!("{}: {e}", args.message.display())),
     };
-    let message = crate::smtp::codec::canonicalize(&raw);
+    let message = crate::wire::codec::canonicalize(&raw);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -6,8 +6,8 @@
 
 use mailwarden::relay::client::{Capabilities, mail_command, rcpt_command};
 use mailwarden::relay::writer;
-use mailwarden::smtp::codec::{DataReader, canonicalize};
-use mailwarden::smtp::command;
+use mailwarden::wire::codec::{DataReader, canonicalize};
+use mailwarden::wire::command;
 use smtp_proto::Request;
 
 fn all_caps() -> Capabilities {

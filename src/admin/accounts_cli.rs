@@ -30,7 +30,7 @@ use crate::outbound::freeze::{self, Command, Freeze, FreezeBook, Op};
 use crate::outbound::redis_store::RedisStore;
 use crate::outbound::report::{self, AccountDetail, AccountSummary};
 use crate::outbound::{memory, normalize};
-use crate::smtp::trace::iso_date;
+use crate::wire::trace::iso_date;
 
 #[derive(Subcommand, Debug)]
 pub enum AccountsCommand {

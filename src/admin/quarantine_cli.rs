@@ -221,7 +221,7 @@ fn table(rows: &[Row]) -> String {
         "ID", "RECEIVED (UTC)", "STATE", "FROM", "TO", "REASON"
     );
     for r in rows {
-        let date = crate::smtp::trace::iso_date(r.received_at);
+        let date = crate::wire::trace::iso_date(r.received_at);
         let from = if r.header_from.is_empty() {
             &r.mail_from
         } else {
@@ -292,7 +292,7 @@ async fn show(store: &dyn QuarantineStore, input: &str, raw: bool, json: bool) -
     if !meta.instance.is_empty() {
         row("Instance", &meta.instance);
     }
-    row("Received", &crate::smtp::trace::iso_date(meta.received_at));
+    row("Received", &crate::wire::trace::iso_date(meta.received_at));
     row("Client", &format!("{} (HELO {})", meta.client, meta.helo));
     row("Envelope from", &meta.mail_from);
     row("Envelope to", &meta.rcpts.join(", "));

@@ -18,7 +18,7 @@ pub const DEFAULT_MAX_SESSIONS_PER_CLIENT: usize = 20;
 pub const DEFAULT_MAX_COMMAND_LINE: usize = 4096;
 /// Largest message accepted, advertised with SIZE (Postfix `message_size_limit`).
 pub const DEFAULT_MESSAGE_SIZE_LIMIT: usize = 10_240_000;
-/// Message content held in memory by all sessions together (`smtp::memory`): 1 GiB,
+/// Message content held in memory by all sessions together (`wire::memory`): 1 GiB,
 /// some sixty messages of the default size limit at once (buffers grow by doubling, and
 /// what they reserve is counted).
 pub const DEFAULT_MESSAGE_MEMORY: usize = 1 << 30;
@@ -126,6 +126,3 @@ pub const DEFAULT_QUARANTINE_DOMAIN_SHARE: f64 = 0.25;
 pub const QUARANTINE_FULL_ALERT_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the running proxy applies the quarantine retention.
 pub const QUARANTINE_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
-/// Message content must keep arriving at this rate (bytes per second) on top of the data
-/// timeout, or the session is cut (Postfix `smtpd_min_data_rate`).
-pub const MIN_DATA_RATE: u64 = 500;

@@ -383,9 +383,9 @@ pub async fn send(
             }
         }
         if accepted.is_empty() {
-            return Ok(Err(crate::smtp::reply::Reply::new(
+            return Ok(Err(crate::wire::reply::Reply::new(
                 550,
-                crate::smtp::reply::Enhanced(5, 1, 1),
+                crate::wire::reply::Enhanced(5, 1, 1),
                 "every destination refused",
             )));
         }

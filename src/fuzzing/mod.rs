@@ -30,9 +30,9 @@ use crate::quarantine::preview;
 use crate::relay::client::{Capabilities, mail_command, rcpt_command};
 use crate::relay::writer;
 use crate::relay::xclient::{self, ClientIdentity};
-use crate::smtp::codec::{DataReader, canonicalize};
-use crate::smtp::command;
-use crate::smtp::reply::{self, Reply};
+use crate::wire::codec::{DataReader, canonicalize};
+use crate::wire::command;
+use crate::wire::reply::{self, Reply};
 
 mod session;
 pub use session::session;

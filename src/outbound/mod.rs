@@ -1024,7 +1024,7 @@ impl Detector {
                 action: Some(OutboundAction::Freeze),
                 reasons: vec![format!(
                     "account {account} frozen since {} by {}: {}",
-                    crate::smtp::trace::iso_date(f.since),
+                    crate::wire::trace::iso_date(f.since),
                     f.by,
                     f.why
                 )],
@@ -1203,7 +1203,7 @@ impl Detector {
                 account = %account,
                 by = %f.by,
                 why = %f.why,
-                until = %f.until.map(crate::smtp::trace::iso_date).unwrap_or_else(|| "unfrozen".into()),
+                until = %f.until.map(crate::wire::trace::iso_date).unwrap_or_else(|| "unfrozen".into()),
                 "outbound account frozen"
             );
             self.alerter.post(&AlertBody {

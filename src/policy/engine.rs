@@ -17,7 +17,7 @@ use crate::auth::headers::{self, Field};
 use crate::auth::{AuthReport, AuthResult, Verifier, VerifyInput};
 use crate::config::{Config, ConfigError, Role, SanityAction};
 use crate::relay::writer::Edit;
-use crate::smtp::reply::{Enhanced, Reply};
+use crate::wire::reply::{Enhanced, Reply};
 
 /// Everything decided about one message.
 pub struct Verdict {

@@ -19,7 +19,7 @@ use smtp_proto::{MailFrom, RcptTo};
 
 use crate::config::Role;
 use crate::relay::writer::Edit;
-use crate::smtp::reply::Reply;
+use crate::wire::reply::Reply;
 
 /// Everything known about a message when its verdict is asked for.
 pub struct MessageContext<'a> {

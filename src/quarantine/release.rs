@@ -16,7 +16,7 @@ use smtp_proto::{MailFrom, RcptTo};
 
 use super::{QuarantineId, QuarantineStore, State, StoreError};
 use crate::relay::{ClientIdentity, Envelope, NextHops, Relay, RelayError};
-use crate::smtp::reply::Reply;
+use crate::wire::reply::Reply;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {

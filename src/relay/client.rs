@@ -13,9 +13,9 @@ use super::RelayError;
 use super::xclient::{self, ClientIdentity};
 use crate::config::defaults::{MAX_RELAY_REPLY_LINE, MAX_RELAY_REPLY_LINES};
 use crate::config::{NextHopConfig, RelayTls, XclientMode};
-use crate::smtp::codec::{Line, ReadError, SmtpStream};
-use crate::smtp::reply::{self, Reply};
 use crate::tls::{MaybeTls, RelayStream};
+use crate::wire::codec::{Line, ReadError, SmtpStream};
+use crate::wire::reply::{self, Reply};
 
 /// What the next hop said it supports in its EHLO reply.
 #[derive(Debug, Default, Clone)]
@@ -200,7 +200,7 @@ impl SmtpConnection {
                 "it accepted a recipient in another domain from us: {}",
                 rcpt.summary()
             )),
-            Some(crate::smtp::reply::Enhanced(4 | 5, 7, _)) => Ok(()),
+            Some(crate::wire::reply::Enhanced(4 | 5, 7, _)) => Ok(()),
             _ => Err(format!(
                 "cannot tell from its answer to a foreign recipient: {}",
                 rcpt.summary()
@@ -314,12 +314,12 @@ impl SmtpConnection {
 
     /// Whether the connection to the next hop is encrypted.
     pub fn is_tls(&self) -> bool {
-        self.stream.is_tls()
+        self.stream.get_ref().is_tls()
     }
 
     /// How this connection is protected, for [`super::may_send_credentials`].
     pub fn link(&self) -> super::Link {
-        match (self.stream.is_tls(), self.tls_verified) {
+        match (self.stream.get_ref().is_tls(), self.tls_verified) {
             (true, true) => super::Link::VerifiedTls,
             (true, false) => super::Link::UnverifiedTls,
             (false, _) => super::Link::Plain,
@@ -471,7 +471,7 @@ fn is_helo_token(h: &str) -> bool {
 fn no_smtputf8() -> Reply {
     Reply::new(
         553,
-        crate::smtp::reply::Enhanced(5, 6, 7),
+        crate::wire::reply::Enhanced(5, 6, 7),
         "Next hop does not support SMTPUTF8",
     )
 }

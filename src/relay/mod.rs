@@ -16,7 +16,7 @@ use std::sync::Arc;
 use smtp_proto::{MailFrom, RcptTo};
 
 use crate::config::{Config, ListenerConfig, NextHopAddress, NextHopConfig, Role};
-use crate::smtp::reply::{Enhanced, Reply};
+use crate::wire::reply::{Enhanced, Reply};
 use client::SmtpConnection;
 pub use xclient::ClientIdentity;
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::smtp::reply::{Enhanced, Reply};
+use crate::wire::reply::{Enhanced, Reply};
 
 pub struct ConnectionLimits {
     sessions: Arc<Semaphore>,

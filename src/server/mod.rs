@@ -21,10 +21,10 @@ use crate::policy::engine::Enforcer;
 use crate::policy::{AcceptAll, Inspector};
 use crate::quarantine::QuarantineStore;
 use crate::relay::NextHops;
-use crate::smtp::reply::Reply;
 use crate::smtp::session::ListenerShared;
 use crate::smtp::{Session, SessionShared};
 use crate::tls::MaybeTls;
+use crate::wire::reply::Reply;
 use limits::ConnectionLimits;
 
 /// A listener that is bound and ready to accept: its settings are the `index`-th of the
@@ -160,7 +160,10 @@ impl Server {
         let bound = config.listeners.clone();
         let first = reload::Generation {
             shared: Arc::new(SessionShared {
-                memory: crate::smtp::memory::MessageMemory::new(config.limits.message_memory),
+                memory: crate::wire::memory::MessageMemory::new(
+                    config.limits.message_memory,
+                    crate::metrics::global().message_memory.clone(),
+                ),
                 config,
                 inspector,
                 quarantine,

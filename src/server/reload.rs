@@ -284,7 +284,10 @@ impl Live {
         let memory = if before.limits.message_memory == new.limits.message_memory {
             old.shared.memory.clone()
         } else {
-            crate::smtp::memory::MessageMemory::new(new.limits.message_memory)
+            crate::wire::memory::MessageMemory::new(
+                new.limits.message_memory,
+                crate::metrics::global().message_memory.clone(),
+            )
         };
         let shutdown = old.shared.shutdown.clone();
         let replaced_detector = match (&old.shared.outbound, &outbound) {

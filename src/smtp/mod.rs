@@ -1,12 +1,7 @@
-//! The client-facing SMTP server: wire format, command parsing and the session state
-//! machine. One file per phase under `handlers/`.
+//! The client-facing SMTP session: the state machine and one file per phase under
+//! `handlers/`. The wire format it speaks (replies, codec, commands) is in [`crate::wire`].
 
-pub mod codec;
-pub mod command;
 mod handlers;
-pub mod memory;
-pub mod reply;
 pub mod session;
-pub mod trace;
 
 pub use session::{Session, SessionShared};

@@ -10,13 +10,13 @@ use std::time::Instant;
 use smtp_proto::{MailFrom, RcptTo, Request};
 use tokio_util::sync::CancellationToken;
 
-use super::codec::{Line, ReadError, SmtpStream};
-use super::command::{self, Command};
-use super::reply::{Enhanced, Reply};
 use crate::config::{Config, ListenerConfig};
 use crate::policy::Inspector;
 use crate::relay::{ClientIdentity, NextHop, Relay};
 use crate::tls::ClientStream;
+use crate::wire::codec::{Line, ReadError, SmtpStream};
+use crate::wire::command::{self, Command};
+use crate::wire::reply::{Enhanced, Reply};
 
 /// What every session of the process shares.
 pub struct SessionShared {
@@ -29,7 +29,7 @@ pub struct SessionShared {
     /// Cancelled on SIGTERM: idle sessions say 421 and close; open transactions finish.
     pub shutdown: CancellationToken,
     /// Message content held by all sessions (`[limits] message_memory`).
-    pub memory: Arc<crate::smtp::memory::MessageMemory>,
+    pub memory: Arc<crate::wire::memory::MessageMemory>,
     /// Records inbound DMARC evaluations for aggregate reports (`[dmarc_reports]`).
     pub dmarc_reports: Option<Arc<crate::dmarc_reports::Recorder>>,
     /// Outbound DKIM signing on submission listeners (`[[dkim.sign]]`).
@@ -143,7 +143,7 @@ impl Session {
     }
 
     pub(super) fn is_tls(&self) -> bool {
-        self.stream.is_tls()
+        self.stream.get_ref().is_tls()
     }
 
     /// What the next hop is told about the client (XCLIENT).

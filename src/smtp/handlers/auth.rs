@@ -8,9 +8,9 @@ use base64::Engine;
 
 use crate::config::Role;
 use crate::relay::Credentials;
-use crate::smtp::codec::Line;
-use crate::smtp::reply::{Enhanced, Reply};
 use crate::smtp::session::{Flow, Helo, Session, State};
+use crate::wire::codec::Line;
+use crate::wire::reply::{Enhanced, Reply};
 
 /// Longest SASL response line (RFC 4954 §4: at least 12288 octets).
 const MAX_SASL_LINE: usize = 12_288;

@@ -6,11 +6,11 @@ use crate::config::BareLf;
 use crate::policy::{Action, Decision, MessageContext};
 use crate::quarantine::{Meta, StoreError};
 use crate::relay::Envelope;
-use crate::smtp::codec::{DataStats, ReadError};
-use crate::smtp::memory::Reservation;
-use crate::smtp::reply::{Enhanced, Reply};
 use crate::smtp::session::{Flow, Helo, Session, State, Transaction};
-use crate::smtp::trace;
+use crate::wire::codec::{DataStats, ReadError};
+use crate::wire::memory::Reservation;
+use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::trace;
 
 /// How a message ended, for the transaction log line.
 struct Outcome {

@@ -5,8 +5,8 @@ use crate::decision_log::{LoggedHeaders, OutboundStage, Record, Stage};
 use crate::outbound::{Assessment, OutboundAction};
 use crate::policy::Decision;
 use crate::policy::rules::ActionKind;
-use crate::smtp::reply::Reply;
 use crate::smtp::session::{Helo, Session, Transaction};
+use crate::wire::reply::Reply;
 
 /// Which stage decided, with what it decided.
 pub(super) enum Decided<'a> {

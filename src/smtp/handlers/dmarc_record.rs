@@ -4,8 +4,8 @@
 use crate::config::Role;
 use crate::dmarc_reports::evaluation::{self, Context, Taken};
 use crate::policy::{Action, Decision};
-use crate::smtp::reply::Reply;
 use crate::smtp::session::{Session, Transaction};
+use crate::wire::reply::Reply;
 
 impl Session {
     pub(super) fn record_dmarc(&self, tx: &Transaction, decision: &Decision, reply: &Reply) {
@@ -57,7 +57,7 @@ fn taken(action: &Action, reply: &Reply) -> Option<Taken> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::smtp::reply::Enhanced;
+    use crate::wire::reply::Enhanced;
 
     #[test]
     fn deferrals_are_not_counted_and_tags_are_quarantine() {

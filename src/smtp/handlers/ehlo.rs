@@ -1,7 +1,7 @@
 //! EHLO and HELO: (re)start the dialogue and list what we offer.
 
-use crate::smtp::reply::{Enhanced, Reply};
 use crate::smtp::session::{Flow, Helo, Session, State};
+use crate::wire::reply::{Enhanced, Reply};
 
 impl Session {
     pub(crate) async fn on_helo(

@@ -6,8 +6,8 @@ use std::time::Instant;
 use smtp_proto::MailFrom;
 
 use crate::config::Role;
-use crate::smtp::reply::{Enhanced, Reply};
 use crate::smtp::session::{Flow, Session, State, Transaction};
+use crate::wire::reply::{Enhanced, Reply};
 
 impl Session {
     /// Whether this session may start a transaction: on an inbound listener always (its

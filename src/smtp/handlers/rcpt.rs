@@ -3,8 +3,8 @@
 use smtp_proto::RcptTo;
 
 use crate::config::Role;
-use crate::smtp::reply::{Enhanced, Reply};
 use crate::smtp::session::{Flow, Helo, Session, State, Transaction};
+use crate::wire::reply::{Enhanced, Reply};
 
 impl Session {
     pub(crate) async fn on_rcpt(&mut self, state: State, to: RcptTo<String>) -> (State, Flow) {

@@ -1,7 +1,7 @@
 //! RSET: end the transaction here and at the next hop.
 
-use crate::smtp::reply::{Enhanced, Reply};
 use crate::smtp::session::{Flow, Session, State};
+use crate::wire::reply::{Enhanced, Reply};
 
 impl Session {
     pub(crate) async fn on_rset(&mut self, state: State) -> (State, Flow) {

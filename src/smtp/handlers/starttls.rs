@@ -1,10 +1,10 @@
 //! STARTTLS (RFC 3207): upgrade the connection and forget everything said before it.
 
 use crate::config::defaults::TLS_HANDSHAKE_TIMEOUT;
-use crate::smtp::codec::SmtpStream;
-use crate::smtp::reply::{Enhanced, Reply};
 use crate::smtp::session::{Flow, Session, State};
 use crate::tls::MaybeTls;
+use crate::wire::codec::SmtpStream;
+use crate::wire::reply::{Enhanced, Reply};
 
 impl Session {
     pub(crate) async fn on_starttls(&mut self, state: State) -> (State, Flow) {

@@ -15,6 +15,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use prometheus_client::metrics::gauge::Gauge;
+
 /// Reservations are made in steps of this size (few atomic updates per message).
 const STEP: usize = 64 * 1024;
 
@@ -23,13 +25,17 @@ const STEP: usize = 64 * 1024;
 pub struct MessageMemory {
     limit: usize,
     used: AtomicUsize,
+    /// Mirrors `used` for export (`mailwarden_message_memory_bytes`); handed in by the
+    /// server so that the wire layer imports nothing of ours.
+    gauge: Gauge,
 }
 
 impl MessageMemory {
-    pub fn new(limit: usize) -> Arc<MessageMemory> {
+    pub fn new(limit: usize, gauge: Gauge) -> Arc<MessageMemory> {
         Arc::new(MessageMemory {
             limit,
             used: AtomicUsize::new(0),
+            gauge,
         })
     }
 
@@ -71,7 +77,7 @@ impl Reservation {
             });
         if grown.is_ok() {
             self.held = want;
-            gauge().inc_by(extra as i64);
+            self.pool.gauge.inc_by(extra as i64);
         }
         grown.is_ok()
     }
@@ -79,7 +85,7 @@ impl Reservation {
     /// Gives everything back (the content was dropped).
     pub fn release(&mut self) {
         self.pool.used.fetch_sub(self.held, Ordering::AcqRel);
-        gauge().dec_by(self.held as i64);
+        self.pool.gauge.dec_by(self.held as i64);
         self.held = 0;
     }
 }
@@ -90,18 +96,13 @@ impl Drop for Reservation {
     }
 }
 
-/// `mailwarden_message_memory_bytes` (all pools of the process: there is one).
-fn gauge() -> &'static prometheus_client::metrics::gauge::Gauge {
-    &crate::metrics::global().message_memory
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn reservations_share_the_budget_and_give_it_back() {
-        let pool = MessageMemory::new(4 * STEP);
+        let pool = MessageMemory::new(4 * STEP, Gauge::default());
         let mut a = Reservation::new(&pool);
         let mut b = Reservation::new(&pool);
         assert!(a.cover(1), "rounded up to one step");

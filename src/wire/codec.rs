@@ -13,11 +13,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::config::defaults::MIN_DATA_RATE;
-
 use super::memory::Reservation;
 use super::reply::Reply;
 
+/// Message content must keep arriving at this rate (bytes per second) on top of the data
+/// timeout, or the session is cut (Postfix `smtpd_min_data_rate`).
+pub const MIN_DATA_RATE: u64 = 500;
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
 /// A content line longer than this is passed on in pieces instead of being buffered whole.
@@ -72,9 +73,10 @@ pub struct SmtpStream<S> {
     wbuf: Vec<u8>,
 }
 
-impl<T> SmtpStream<crate::tls::MaybeTls<T>> {
-    pub fn is_tls(&self) -> bool {
-        self.io.is_tls()
+impl<S> SmtpStream<S> {
+    /// The stream underneath (e.g. to ask whether TLS is up).
+    pub fn get_ref(&self) -> &S {
+        &self.io
     }
 }
 
