@@ -121,7 +121,9 @@ fn parse_reply(s: &str) -> Result<ReplyPattern, String> {
     let s = s.trim();
     let (code, mut rest) = s.split_at(s.find(' ').unwrap_or(s.len()));
     let mut p = ReplyPattern {
-        code: code.parse().map_err(|_| format!("bad reply code {code:?}"))?,
+        code: code
+            .parse()
+            .map_err(|_| format!("bad reply code {code:?}"))?,
         ..ReplyPattern::default()
     };
     loop {
@@ -141,7 +143,8 @@ fn parse_reply(s: &str) -> Result<ReplyPattern, String> {
             p.has.push(k.to_string());
         } else if let Some(k) = word.strip_prefix('!') {
             p.lacks.push(k.to_string());
-        } else if word.split('.').count() == 3 && word.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        } else if word.split('.').count() == 3
+            && word.bytes().all(|b| b.is_ascii_digit() || b == b'.')
         {
             p.enhanced = Some(word.to_string());
         } else {
@@ -174,7 +177,8 @@ fn parse(name: &str, text: &str) -> Result<Transcript, String> {
             line: i + 1,
         };
         let fail = |e: String| format!("{at}: {e}");
-        let is_delivery_line = raw.starts_with("N|") || raw.starts_with("N: from ") || raw.starts_with("N: to ");
+        let is_delivery_line =
+            raw.starts_with("N|") || raw.starts_with("N: from ") || raw.starts_with("N: to ");
         if !is_delivery_line && let Some((at, d)) = delivery.take() {
             t.steps.push((at, Step::Delivered(d)));
         }
@@ -185,13 +189,16 @@ fn parse(name: &str, text: &str) -> Result<Transcript, String> {
         let starts_next = raw.starts_with("N: from ") || raw.starts_with("N: to ");
         if starts_next
             && let Some((at, d)) = delivery.take_if(|(_, d)| {
-                !d.message.is_empty() || (raw.starts_with("N: from ") && (d.from.is_some() || !d.to.is_empty()))
+                !d.message.is_empty()
+                    || (raw.starts_with("N: from ") && (d.from.is_some() || !d.to.is_empty()))
             })
         {
             t.steps.push((at, Step::Delivered(d)));
         }
         if is_delivery_line {
-            let d = &mut delivery.get_or_insert_with(|| (at.clone(), Delivery::default())).1;
+            let d = &mut delivery
+                .get_or_insert_with(|| (at.clone(), Delivery::default()))
+                .1;
             if let Some(line) = raw.strip_prefix("N|") {
                 let line = line.strip_prefix(' ').unwrap_or(line);
                 d.message.push(unescape(line).map_err(fail)?);
@@ -233,7 +240,8 @@ fn parse(name: &str, text: &str) -> Result<Transcript, String> {
             ("S", b':') if body.trim() == "closed" => t.steps.push((at, Step::Closed)),
             ("S", b':') => {
                 for _ in 0..times {
-                    t.steps.push((at.clone(), Step::Expect(parse_reply(body).map_err(fail)?)));
+                    t.steps
+                        .push((at.clone(), Step::Expect(parse_reply(body).map_err(fail)?)));
                 }
             }
             ("N", b':') if body.trim() == "nothing" => t.steps.push((at, Step::Nothing)),
@@ -261,8 +269,11 @@ fn config_text(t: &Transcript, maildir: &Path) -> String {
     // Never bound: sessions are started in memory.
     let _ = writeln!(c, "address = \"127.0.0.1:25\"");
     let _ = writeln!(c, "role = \"{}\"", t.role);
-    let own_listener_keys: Vec<&String> =
-        t.config.iter().take_while(|l| !l.trim_start().starts_with('[')).collect();
+    let own_listener_keys: Vec<&String> = t
+        .config
+        .iter()
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .collect();
     for l in own_listener_keys {
         let _ = writeln!(c, "{l}");
     }
@@ -281,7 +292,11 @@ fn config_text(t: &Transcript, maildir: &Path) -> String {
         let _ = writeln!(c, "allow = \"any\"");
         let _ = writeln!(c, "action = \"alert\"");
     }
-    for l in t.config.iter().skip_while(|l| !l.trim_start().starts_with('[')) {
+    for l in t
+        .config
+        .iter()
+        .skip_while(|l| !l.trim_start().starts_with('['))
+    {
         let _ = writeln!(c, "{l}");
     }
     c
@@ -438,7 +453,10 @@ fn check_delivery(want: &Delivery, stored: &[u8]) -> Result<(), String> {
         return Err(format!("envelope sender {from:?}, expected {f}"));
     }
     if !want.to.is_empty() && to != want.to {
-        return Err(format!("envelope recipients {to:?}, expected {:?}", want.to));
+        return Err(format!(
+            "envelope recipients {to:?}, expected {:?}",
+            want.to
+        ));
     }
     if want.message.is_empty() {
         return Ok(()); // no `N|` lines: the envelope alone is checked
@@ -458,8 +476,13 @@ fn check_delivery(want: &Delivery, stored: &[u8]) -> Result<(), String> {
     };
     // What comes before the client's message can only be header fields we added.
     let added = String::from_utf8_lossy(added);
-    if let Some(bad) = added.split("\r\n").find(|l| !l.is_empty() && !l.contains(':') && !l.starts_with([' ', '\t'])) {
-        return Err(format!("more than added headers before the message: {bad:?}"));
+    if let Some(bad) = added
+        .split("\r\n")
+        .find(|l| !l.is_empty() && !l.contains(':') && !l.starts_with([' ', '\t']))
+    {
+        return Err(format!(
+            "more than added headers before the message: {bad:?}"
+        ));
     }
     if !added.is_empty() && !added.ends_with("\r\n") {
         return Err("the message does not start on a line of its own".into());
@@ -473,7 +496,9 @@ async fn run(t: &Transcript) -> Result<(), String> {
     let source = config_text(t, &maildir);
     let config = Config::parse(&source, Path::new(&t.name))
         .map_err(|e| format!("{}: config: {e}\n{source}", t.name))?;
-    let world = InProcess::new(config).await.map_err(|e| format!("{}: {e}", t.name))?;
+    let world = InProcess::new(config)
+        .await
+        .map_err(|e| format!("{}: {e}", t.name))?;
     let connect = || {
         let (stream, task) = world.connect(0, t.peer);
         Client {
@@ -483,7 +508,10 @@ async fn run(t: &Transcript) -> Result<(), String> {
         }
     };
     let mut client = connect();
-    let greeting = client.reply().await.map_err(|e| format!("{}: greeting: {e}", t.name))?;
+    let greeting = client
+        .reply()
+        .await
+        .map_err(|e| format!("{}: greeting: {e}", t.name))?;
     if !matches!(&greeting, Some(r) if r.code == 220) {
         return Err(format!("{}: no 220 greeting", t.name));
     }
@@ -516,15 +544,26 @@ async fn run(t: &Transcript) -> Result<(), String> {
             Step::Nothing => {
                 let n = delivered(&maildir).len();
                 if n != seen {
-                    return Err(fail(format!("the next hop received {} message(s) more", n - seen)));
+                    return Err(fail(format!(
+                        "the next hop received {} message(s) more",
+                        n - seen
+                    )));
                 }
             }
             Step::Shutdown => world.shutdown(),
             Step::NewSession => {
-                std::mem::replace(&mut client, connect()).finish().await.map_err(fail)?;
+                std::mem::replace(&mut client, connect())
+                    .finish()
+                    .await
+                    .map_err(fail)?;
                 match client.reply().await.map_err(fail)? {
                     Some(r) if r.code == 220 => {}
-                    other => return Err(fail(format!("no 220 greeting: {:?}", other.map(|r| r.to_string())))),
+                    other => {
+                        return Err(fail(format!(
+                            "no 220 greeting: {:?}",
+                            other.map(|r| r.to_string())
+                        )));
+                    }
                 }
             }
         }
@@ -533,7 +572,10 @@ async fn run(t: &Transcript) -> Result<(), String> {
         file: t.name.clone(),
         line: 0,
     };
-    client.finish().await.map_err(|e| format!("{}: at the end: {e}", end.file))?;
+    client
+        .finish()
+        .await
+        .map_err(|e| format!("{}: at the end: {e}", end.file))?;
     let n = delivered(&maildir).len();
     if n != seen {
         return Err(format!(
@@ -585,7 +627,12 @@ async fn golden_transcripts() {
         }
     }
     eprintln!("{} transcripts in {:?}", files.len(), started.elapsed());
-    assert!(failures.is_empty(), "{} transcript(s) failed:\n{}", failures.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} transcript(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
     // Issue 12: the protocol's behaviour is pinned by at least 60 scenarios.
     assert!(files.len() >= 60, "only {} transcripts", files.len());
 }
@@ -595,9 +642,18 @@ async fn golden_transcripts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_reports_file_and_line() {
     let cases = [
-        ("C: EHLO c.example\nS: 250\nC: NOOP\nS: 554\n", ":4: expected"),
-        ("C: EHLO c.example\nS: 250\nC: NOOP\nS: 250\nN| x\n", ":5: the next hop received no"),
-        ("C: EHLO c.example\nC: NOOP\nS: 250\n", "replies nobody expected"),
+        (
+            "C: EHLO c.example\nS: 250\nC: NOOP\nS: 554\n",
+            ":4: expected",
+        ),
+        (
+            "C: EHLO c.example\nS: 250\nC: NOOP\nS: 250\nN| x\n",
+            ":5: the next hop received no",
+        ),
+        (
+            "C: EHLO c.example\nC: NOOP\nS: 250\n",
+            "replies nobody expected",
+        ),
         ("C: EHLO c.example\nS: 250 +CHUNKING\n", ":2: expected"),
     ];
     for (text, want) in cases {
