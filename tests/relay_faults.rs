@@ -44,7 +44,7 @@ enum Fault {
     /// Nothing listens at the next hop's address until the recovery.
     NotListening,
     /// The fake next hop follows this script until the recovery.
-    Script(Script),
+    Script(Box<Script>),
 }
 
 /// A check of the next hop's commands particular to one row.
@@ -80,7 +80,7 @@ struct Row {
 fn script(edit: impl FnOnce(&mut Script)) -> Fault {
     let mut s = Script::default();
     edit(&mut s);
-    Fault::Script(s)
+    Fault::Script(Box::new(s))
 }
 
 /// Every next-hop fault (F1-F6) and what the client and the log must show.
@@ -327,7 +327,7 @@ async fn run_row(row: Row) {
     let (addr, mta) = match &row.fault {
         Fault::NotListening => (FakeMta::refused_addr(), None),
         Fault::Script(s) => {
-            let mta = FakeMta::start(s.clone()).await;
+            let mta = FakeMta::start(Script::clone(s)).await;
             (mta.addr, Some(mta))
         }
     };
