@@ -16,7 +16,7 @@ use std::sync::Arc;
 use smtp_proto::{MailFrom, RcptTo};
 
 use crate::config::{Config, ListenerConfig, NextHopAddress, NextHopConfig, Role};
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 use client::SmtpConnection;
 pub use xclient::ClientIdentity;
 
@@ -71,27 +71,11 @@ impl RelayError {
     /// The reply the client gets. Generic text: details go to the log, not to the sender.
     pub fn reply(&self) -> Reply {
         match self {
-            RelayError::Connect(_) | RelayError::ConnectTimeout => Reply::new(
-                451,
-                Enhanced(4, 4, 1),
-                "Next hop unavailable, try again later",
-            ),
+            RelayError::Connect(_) | RelayError::ConnectTimeout => Reply::next_hop_unavailable(),
             RelayError::Unsettled(inner) => inner.reply(),
-            RelayError::Insecure(_) => Reply::new(
-                454,
-                Enhanced(4, 7, 0),
-                "Temporary authentication failure: no secure link to the next hop",
-            ),
-            RelayError::Policy(_) | RelayError::Maildir(_) => Reply::new(
-                451,
-                Enhanced(4, 3, 0),
-                "Temporary local problem, try again later",
-            ),
-            _ => Reply::new(
-                451,
-                Enhanced(4, 4, 2),
-                "Connection to next hop failed, try again later",
-            ),
+            RelayError::Insecure(_) => Reply::no_secure_next_hop(),
+            RelayError::Policy(_) | RelayError::Maildir(_) => Reply::temp_local_problem(),
+            _ => Reply::next_hop_failed(),
         }
     }
 }
@@ -305,7 +289,7 @@ impl Relay {
     ) -> Result<Reply, RelayError> {
         if matches!(self.hop.target, Target::Maildir(_)) {
             self.in_transaction = true;
-            return Ok(Reply::new(250, Enhanced(2, 1, 0), "Ok"));
+            return Ok(Reply::sender_ok());
         }
         let reused = self.conn.is_some();
         self.connect(client).await?;
@@ -383,7 +367,7 @@ impl Relay {
 
     pub async fn rcpt(&mut self, to: &RcptTo<String>) -> Result<Reply, RelayError> {
         if matches!(self.hop.target, Target::Maildir(_)) {
-            return Ok(Reply::new(250, Enhanced(2, 1, 5), "Ok"));
+            return Ok(Reply::recipient_ok());
         }
         let result = self.connection()?.rcpt(to).await;
         self.settle(result)
@@ -429,11 +413,7 @@ impl Relay {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                Ok(Reply::new(
-                    250,
-                    Enhanced(2, 0, 0),
-                    format!("Ok: stored as {name}"),
-                ))
+                Ok(Reply::stored_as(name))
             }
             Target::Smtp { .. } => {
                 let encoded = writer::encode_parts(headers, parts);
@@ -492,6 +472,7 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::reply::Enhanced;
     use std::net::SocketAddr;
 
     fn at(s: &str) -> SocketAddr {
