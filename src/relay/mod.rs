@@ -6,6 +6,7 @@
 //! connection; the next transaction opens a fresh one.
 
 pub mod client;
+pub mod failure;
 pub mod maildir;
 pub mod writer;
 pub mod xclient;
@@ -20,7 +21,7 @@ use crate::wire::reply::Reply;
 use client::SmtpConnection;
 pub use xclient::ClientIdentity;
 
-/// Why the next hop could not be used. Mapped to a 4xx for the client by [`RelayError::reply`]:
+/// Why the next hop could not be used. Mapped to a 4xx, a log line and a metric by [`failure::report`]:
 /// whatever went wrong, the client keeps responsibility for the message and retries.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -51,33 +52,6 @@ pub enum RelayError {
     /// may not have taken it.
     #[error("no reply after the end of data: {0}")]
     Unsettled(Box<RelayError>),
-}
-
-impl RelayError {
-    /// A short label for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            RelayError::Connect(_) | RelayError::ConnectTimeout => "connect",
-            RelayError::Timeout(_) => "timeout",
-            RelayError::Closed | RelayError::Io(_) => "closed",
-            RelayError::Protocol(_) | RelayError::Tls(_) => "protocol",
-            RelayError::Rejected(_) | RelayError::Policy(_) => "refused",
-            RelayError::Insecure(_) => "insecure",
-            RelayError::Maildir(_) => "maildir",
-            RelayError::Unsettled(_) => "unsettled",
-        }
-    }
-
-    /// The reply the client gets. Generic text: details go to the log, not to the sender.
-    pub fn reply(&self) -> Reply {
-        match self {
-            RelayError::Connect(_) | RelayError::ConnectTimeout => Reply::next_hop_unavailable(),
-            RelayError::Unsettled(inner) => inner.reply(),
-            RelayError::Insecure(_) => Reply::no_secure_next_hop(),
-            RelayError::Policy(_) | RelayError::Maildir(_) => Reply::temp_local_problem(),
-            _ => Reply::next_hop_failed(),
-        }
-    }
 }
 
 /// The configured next hop, shared by every session.
@@ -472,7 +446,6 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::reply::Enhanced;
     use std::net::SocketAddr;
 
     fn at(s: &str) -> SocketAddr {
@@ -509,11 +482,5 @@ mod tests {
         }
         // An IPv4-mapped address outside 127/8 is not loopback.
         assert!(may_send_credentials(at("[::ffff:192.0.2.1]:25"), Link::UnverifiedTls).is_err());
-    }
-
-    #[test]
-    fn insecure_link_refusal_is_454_4_7_0() {
-        let r = RelayError::Insecure("x").reply();
-        assert_eq!((r.code, r.enhanced), (454, Some(Enhanced(4, 7, 0))));
     }
 }

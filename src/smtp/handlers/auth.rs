@@ -8,6 +8,7 @@ use base64::Engine;
 
 use crate::config::Role;
 use crate::relay::Credentials;
+use crate::relay::failure::{self, Stage};
 use crate::smtp::session::{Flow, Helo, Session, State};
 use crate::wire::codec::Line;
 use crate::wire::reply::Reply;
@@ -116,32 +117,13 @@ impl Session {
     async fn login_at_next_hop(&mut self, helo: &Helo, creds: &Credentials) -> Reply {
         let identity = self.identity(helo);
         if let Err(e) = self.relay.can_authenticate(&identity).await {
-            return self.auth_unavailable(&e);
+            return failure::report(&e, Stage::Auth, &self.id);
         }
         match self.relay.authenticate(&identity, creds).await {
             Ok(reply) if reply.code == 235 => Reply::auth_succeeded(),
             Ok(reply) if reply.is_transient() => Reply::temp_auth_failure(),
             Ok(_) => Reply::auth_invalid(),
-            Err(e) => self.auth_unavailable(&e),
-        }
-    }
-
-    /// The reply when the login cannot be relayed. A link that may not carry a password,
-    /// or a next-hop certificate that failed verification, is a configuration (or
-    /// attack) problem every login hits: ERROR, so it is seen. Anything else (the next
-    /// hop down, no mechanism) is WARN.
-    fn auth_unavailable(&self, e: &crate::relay::RelayError) -> Reply {
-        use crate::relay::RelayError;
-        match e {
-            RelayError::Insecure(_) | RelayError::Tls(_) => {
-                tracing::error!(session = %self.id, error = %e, "AUTH refused: credentials are only relayed to a loopback next hop or over verified TLS");
-                crate::metrics::global().auth_relay_insecure.inc();
-                RelayError::Insecure("").reply()
-            }
-            _ => {
-                tracing::warn!(session = %self.id, error = %e, "AUTH: next hop unavailable or offers no PLAIN/LOGIN");
-                Reply::temp_auth_failure()
-            }
+            Err(e) => failure::report(&e, Stage::Auth, &self.id),
         }
     }
 

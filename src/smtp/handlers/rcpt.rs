@@ -3,6 +3,7 @@
 use smtp_proto::RcptTo;
 
 use crate::config::Role;
+use crate::relay::failure::{self, Stage};
 use crate::smtp::session::{Flow, Helo, Session, State, Transaction};
 use crate::wire::reply::Reply;
 
@@ -72,12 +73,7 @@ impl Session {
                     return reply;
                 }
                 Err(e) => {
-                    crate::metrics::global()
-                        .next_hop_errors
-                        .get_or_create(&crate::metrics::label("kind", e.kind()))
-                        .inc();
-                    tracing::warn!(session = %self.id, error = %e, "next hop failed at MAIL");
-                    let reply = e.reply();
+                    let reply = failure::report(&e, Stage::Mail, &self.id);
                     tx.relay_failure = Some(reply.clone());
                     return reply;
                 }
@@ -91,12 +87,7 @@ impl Session {
                 reply
             }
             Err(e) => {
-                crate::metrics::global()
-                    .next_hop_errors
-                    .get_or_create(&crate::metrics::label("kind", e.kind()))
-                    .inc();
-                tracing::warn!(session = %self.id, error = %e, "next hop failed at RCPT");
-                let reply = e.reply();
+                let reply = failure::report(&e, Stage::Rcpt, &self.id);
                 tx.relay_failure = Some(reply.clone());
                 reply
             }
