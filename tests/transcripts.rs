@@ -36,6 +36,8 @@ impl std::fmt::Display for At {
 #[derive(Debug, Default)]
 struct ReplyPattern {
     code: u16,
+    /// `S: 5xx`: any code of the class.
+    class_only: bool,
     enhanced: Option<String>,
     contains: Vec<String>,
     has: Vec<String>,
@@ -120,10 +122,15 @@ fn unescape_plain(s: &str) -> Result<Vec<u8>, String> {
 fn parse_reply(s: &str) -> Result<ReplyPattern, String> {
     let s = s.trim();
     let (code, mut rest) = s.split_at(s.find(' ').unwrap_or(s.len()));
+    let (code, class_only) = match code.strip_suffix("xx") {
+        Some(class) => (format!("{class}00"), true),
+        None => (code.to_string(), false),
+    };
     let mut p = ReplyPattern {
         code: code
             .parse()
             .map_err(|_| format!("bad reply code {code:?}"))?,
+        class_only,
         ..ReplyPattern::default()
     };
     loop {
@@ -400,7 +407,12 @@ fn check_reply(p: &ReplyPattern, r: &Reply) -> Result<(), String> {
                 .is_some_and(|w| w.eq_ignore_ascii_case(k))
         })
     };
-    let ok = r.code == p.code
+    let code_ok = if p.class_only {
+        r.code / 100 == p.code / 100
+    } else {
+        r.code == p.code
+    };
+    let ok = code_ok
         && p.enhanced.as_deref().is_none_or(|e| e == enhanced)
         && p.contains.iter().all(|s| full.contains(s.as_str()))
         && p.has.iter().all(|k| keyword(k))
@@ -637,28 +649,53 @@ async fn golden_transcripts() {
     assert!(files.len() >= 60, "only {} transcripts", files.len());
 }
 
-/// The runner itself can fail: a wrong code, a missing delivery and an unexpected extra
-/// reply are each reported with the file and line.
+/// One message relayed, and no `N` block about it.
+const DELIVER_ONE: &str = "C: EHLO c.example\nS: 250\nC: MAIL FROM:<a@sender.example>\nS: 250\n\
+    C: RCPT TO:<b@example.com>\nS: 250\nC: DATA\nS: 354\nC: Subject: one\nC:\nC: x\nC: .\nS: 250\n";
+
+/// The runner itself can fail: a wrong reply, a missing or unexpected delivery, a wrong
+/// envelope or content, and an unexpected extra reply are each reported, with the file
+/// and line where there is one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_reports_file_and_line() {
     let cases = [
         (
-            "C: EHLO c.example\nS: 250\nC: NOOP\nS: 554\n",
+            "C: EHLO c.example\nS: 250\nC: NOOP\nS: 554\n".to_string(),
             ":4: expected",
         ),
         (
-            "C: EHLO c.example\nS: 250\nC: NOOP\nS: 250\nN| x\n",
+            "C: EHLO c.example\nS: 250\nC: NOOP\nS: 250\nN| x\n".to_string(),
             ":5: the next hop received no",
         ),
         (
-            "C: EHLO c.example\nC: NOOP\nS: 250\n",
+            "C: EHLO c.example\nC: NOOP\nS: 250\n".to_string(),
             "replies nobody expected",
         ),
-        ("C: EHLO c.example\nS: 250 +CHUNKING\n", ":2: expected"),
+        (
+            "C: EHLO c.example\nS: 250 +CHUNKING\n".to_string(),
+            ":2: expected",
+        ),
+        ("C: NOOP\nS: 4xx\n".to_string(), ":2: expected"),
+        (
+            DELIVER_ONE.to_string(),
+            "at the end: the next hop received 1 message(s) no N: block",
+        ),
+        (
+            format!("{DELIVER_ONE}N| Subject: other\n"),
+            "message differs",
+        ),
+        (
+            format!("{DELIVER_ONE}N: from <x@sender.example>\n"),
+            "envelope sender",
+        ),
+        (
+            format!("{DELIVER_ONE}N: nothing\n"),
+            "received 1 message(s) more",
+        ),
     ];
     for (text, want) in cases {
-        let t = parse("bad.txt", text).expect("parses");
-        let e = run(&t).await.expect_err(text);
+        let t = parse("bad.txt", &text).expect("parses");
+        let e = run(&t).await.expect_err(&text);
         assert!(e.contains(want), "{text:?}: {e}");
     }
 }
