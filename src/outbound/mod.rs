@@ -46,10 +46,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Backend, OutboundConfig};
+pub use config::{Backend, OutboundAction, OutboundConfig};
 pub use freeze::{Freeze, FreezeEvent};
 pub use report::{AccountDetail, AccountSummary};
 
@@ -66,53 +65,6 @@ const REDIS_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 const RESULT_RETENTION: Duration = Duration::from_secs(3600);
 /// Who freezes automatically.
 pub const DETECTOR: &str = "mailwarden";
-
-/// What a breach does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutboundAction {
-    /// Relay, but log a WARN alert (and post the webhook).
-    Alert,
-    /// 451 4.7.1: the client retries later.
-    Defer,
-    /// This message to quarantine (reason `outbound-burst`).
-    Hold,
-    /// This and every further message of the account to quarantine, until unfrozen.
-    Freeze,
-    /// 550 5.7.1.
-    Reject,
-}
-
-impl OutboundAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutboundAction::Alert => "alert",
-            OutboundAction::Defer => "defer",
-            OutboundAction::Hold => "hold",
-            OutboundAction::Freeze => "freeze",
-            OutboundAction::Reject => "reject",
-        }
-    }
-
-    /// Which wins when two signals disagree: a freeze (the account's state) beats
-    /// everything, then reject, hold, defer, alert.
-    fn severity(self) -> u8 {
-        match self {
-            OutboundAction::Alert => 0,
-            OutboundAction::Defer => 1,
-            OutboundAction::Hold => 2,
-            OutboundAction::Reject => 3,
-            OutboundAction::Freeze => 4,
-        }
-    }
-
-    fn max(a: Option<OutboundAction>, b: OutboundAction) -> OutboundAction {
-        match a {
-            Some(a) if a.severity() >= b.severity() => a,
-            _ => b,
-        }
-    }
-}
 
 /// Flag for mail over a volume limit or from a frozen account (the quarantine reason).
 pub const FLAG_BURST: &str = "outbound-burst";
