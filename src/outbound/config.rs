@@ -57,6 +57,18 @@ pub(crate) struct Limits {
     pub client: bool,
 }
 
+impl Limits {
+    /// How many distinct hashes (recipient domains, a client's senders) are kept per
+    /// key: one past the limit is enough to see it exceeded; none when not judged.
+    pub fn distinct_cap(&self) -> u32 {
+        if self.bulk || self.max_domains == 0 {
+            0
+        } else {
+            self.max_domains + 1
+        }
+    }
+}
+
 /// The validated configuration compiled for the hot path.
 #[derive(Debug)]
 pub(crate) struct Settings {

@@ -1,0 +1,354 @@
+//! The assessment of one message, computed: a pure function of the key's counts (an
+//! [`Observation`], from whichever store), its limits and the message's header From.
+//! [`judge_counts`] returns the [`Assessment`] and the [`Effect`]s it calls for (freeze,
+//! alerts); the [`Detector`](super::Detector) applies those afterwards, in order. So the
+//! whole decision is unit-testable without a store, a clock or a network.
+
+use super::config::{self, FromAllow, Limits, Settings};
+use super::state::Observation;
+use super::store::AccountStatus;
+use super::{Assessment, FLAG_BURST, FLAG_FROM, OutboundAction};
+
+/// What an assessment calls for besides its verdict, applied after it in this order.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Effect {
+    /// Freeze the key (the detector's own, automatic freeze) for this reason.
+    Freeze { why: String },
+    /// Post the burst alert, unless one went out within `alert_interval`.
+    BurstAlert {
+        action: OutboundAction,
+        breaches: Vec<Breach>,
+    },
+    /// Post the From-mismatch alert, unless one went out within `alert_interval`.
+    FromAlert { action: OutboundAction, why: String },
+}
+
+/// One key's assessment and what follows from it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Findings {
+    pub assessment: Assessment,
+    pub effects: Vec<Effect>,
+}
+
+/// Judges one key (an account, or a client key) from its counts: a frozen account is
+/// held whatever its counts; otherwise every volume limit `obs` exceeds (none for a bulk
+/// sender) takes the limits' action, and a header From the account may not use (checked
+/// when `header_from` is given) its From action; the stricter wins.
+pub(crate) fn judge_counts(
+    s: &Settings,
+    limits: &Limits,
+    key: &str,
+    obs: &Observation,
+    header_from: Option<&str>,
+) -> Findings {
+    if let AccountStatus::Frozen(f) = &obs.status {
+        return Findings {
+            assessment: Assessment {
+                action: Some(OutboundAction::Freeze),
+                reasons: vec![format!(
+                    "account {key} frozen since {} by {}: {}",
+                    crate::wire::trace::iso_date(f.since),
+                    f.by,
+                    f.why
+                )],
+                frozen: true,
+                flags: vec![FLAG_BURST],
+            },
+            effects: Vec::new(),
+        };
+    }
+    let mut out = Assessment::relay();
+    let mut effects = Vec::new();
+    let breaches = if limits.bulk {
+        Vec::new()
+    } else {
+        evaluate(s, limits, obs)
+    };
+    if !breaches.is_empty() {
+        out.action = Some(limits.action);
+        out.flags.push(FLAG_BURST);
+        out.reasons.extend(breaches.iter().map(|b| {
+            if limits.client {
+                format!("{key}: {}", b.text)
+            } else {
+                b.text.clone()
+            }
+        }));
+        if limits.action == OutboundAction::Freeze {
+            effects.push(Effect::Freeze {
+                why: out.reasons.join("; "),
+            });
+        }
+        effects.push(Effect::BurstAlert {
+            action: limits.action,
+            breaches,
+        });
+    }
+    if let Some(why) = header_from.and_then(|h| from_mismatch(s, limits, key, h)) {
+        let action = limits.from_action;
+        out.action = Some(OutboundAction::max(out.action, action));
+        out.flags.push(FLAG_FROM);
+        if action == OutboundAction::Freeze {
+            effects.push(Effect::Freeze { why: why.clone() });
+        }
+        effects.push(Effect::FromAlert {
+            action,
+            why: why.clone(),
+        });
+        out.reasons.push(why);
+    }
+    out.frozen = out.action == Some(OutboundAction::Freeze);
+    Findings {
+        assessment: out,
+        effects,
+    }
+}
+
+/// One signal over its limit.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Breach {
+    /// `recipients_1m`, `messages_rate_1h`, `domains_1h`, `rejected_share_1h`.
+    pub signal: String,
+    pub value: f64,
+    pub limit: f64,
+    pub text: String,
+}
+
+/// Shows a count or limit without noise: integers as such, others with one decimal.
+pub(crate) fn num(x: f64) -> String {
+    if (x - x.round()).abs() < 0.05 {
+        format!("{}", x.round() as i64)
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+/// The volume limits `obs` exceeds. Texts are built only for a breach: this runs for
+/// every message.
+pub(crate) fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
+    let mut out = Vec::new();
+    let factor = match obs.new_ip_age {
+        Some(_) if s.cfg.new_ip.enabled => s.cfg.new_ip.factor,
+        _ => 1.0,
+    };
+    fn over(
+        out: &mut Vec<Breach>,
+        value: f64,
+        limit: f64,
+        name: impl FnOnce() -> (String, String),
+    ) {
+        if value > limit + 1e-9 {
+            let (signal, text) = name();
+            out.push(Breach {
+                text: format!("{text}: {} > {}", num(value), num(limit)),
+                signal,
+                value,
+                limit,
+            });
+        }
+    }
+    for (i, &(max_m, max_r)) in limits.windows.iter().enumerate() {
+        let (m, r) = obs.windows[i];
+        if let Some(max) = max_m {
+            over(&mut out, m, f64::from(max) * factor, || {
+                let label = &s.rings[i].label;
+                (format!("messages_{label}"), format!("messages in {label}"))
+            });
+        }
+        if let Some(max) = max_r {
+            over(&mut out, r, f64::from(max) * factor, || {
+                let label = &s.rings[i].label;
+                (
+                    format!("recipients_{label}"),
+                    format!("recipients in {label}"),
+                )
+            });
+        }
+    }
+    if limits.max_domains > 0 {
+        over(
+            &mut out,
+            f64::from(obs.domains),
+            f64::from(limits.max_domains) * factor,
+            || {
+                let label = config::label(s.cfg.recipient_domains_window);
+                if limits.client {
+                    (
+                        format!("senders_{label}"),
+                        format!("distinct envelope senders in {label}"),
+                    )
+                } else {
+                    (
+                        format!("domains_{label}"),
+                        format!("recipient domains in {label}"),
+                    )
+                }
+            },
+        );
+    }
+    let (tried, refused) = obs.rejected;
+    if tried >= f64::from(s.cfg.rejected_min_recipients) && tried > 0.0 {
+        let share = refused / tried;
+        if share > limits.max_rejected_share + 1e-9 {
+            let label = &s.rings[s.windows()].label;
+            out.push(Breach {
+                signal: format!("rejected_share_{label}"),
+                value: share,
+                limit: limits.max_rejected_share,
+                text: format!(
+                    "recipients refused by the next hop in {label}: {:.0}% > {:.0}% ({} of {})",
+                    share * 100.0,
+                    limits.max_rejected_share * 100.0,
+                    num(refused),
+                    num(tried)
+                ),
+            });
+        }
+    }
+    if limits.adaptive {
+        let a = &s.cfg.adaptive;
+        let (bm, br) = obs.baseline;
+        let (rm, rr) = obs.rate;
+        let how = |floor: f64, base: f64| {
+            format!(
+                " (max of floor {} and {} × baseline {base:.1}/h)",
+                num(floor),
+                num(a.k)
+            )
+        };
+        over(
+            &mut out,
+            rm,
+            a.floor_messages.max(a.k * bm) * factor,
+            || {
+                (
+                    "messages_rate_1h".into(),
+                    "messages in the last hour".into(),
+                )
+            },
+        );
+        if let Some(b) = out.last_mut().filter(|b| b.signal == "messages_rate_1h") {
+            b.text.push_str(&how(a.floor_messages, bm));
+        }
+        over(
+            &mut out,
+            rr,
+            a.floor_recipients.max(a.k * br) * factor,
+            || {
+                (
+                    "recipients_rate_1h".into(),
+                    "recipients in the last hour".into(),
+                )
+            },
+        );
+        if let Some(b) = out.last_mut().filter(|b| b.signal == "recipients_rate_1h") {
+            b.text.push_str(&how(a.floor_recipients, br));
+        }
+    }
+    if factor < 1.0
+        && !out.is_empty()
+        && let Some(age) = obs.new_ip_age
+    {
+        out.push(Breach {
+            signal: "new_login_address".into(),
+            value: f64::from(age),
+            limit: s.cfg.new_ip.window.as_secs_f64(),
+            text: format!(
+                "limits × {} after a login from a new address {} min ago",
+                s.cfg.new_ip.factor,
+                age / 60
+            ),
+        });
+    }
+    out
+}
+
+/// The address inside `Name <addr>` (or the text itself), lower-cased.
+pub(crate) fn bare_address(s: &str) -> String {
+    let s = s.trim();
+    let inner = match (s.rfind('<'), s.rfind('>')) {
+        (Some(a), Some(b)) if a < b => &s[a + 1..b],
+        _ => s,
+    };
+    inner.trim().to_lowercase()
+}
+
+/// The mailboxes of an address list: split at commas outside quotes and `<>`.
+pub(crate) fn split_addresses(s: &str) -> Vec<&str> {
+    let (mut out, mut start, mut quoted, mut angle) = (Vec::new(), 0, false, false);
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '<' if !quoted => angle = true,
+            '>' if !quoted => angle = false,
+            ',' if !quoted && !angle => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
+fn domain_of(addr: &str) -> Option<&str> {
+    addr.rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('.'))
+        .filter(|d| !d.is_empty())
+}
+
+/// Why `header_from` is not allowed for `account`, if it is not.
+pub(crate) fn from_mismatch(
+    s: &Settings,
+    limits: &Limits,
+    account: &str,
+    header_from: &str,
+) -> Option<String> {
+    if limits.from_allow == FromAllow::Any {
+        return None;
+    }
+    let own = if account.contains('@') {
+        account.to_string()
+    } else {
+        // No own address, nothing to compare with: not checked.
+        format!(
+            "{account}@{}",
+            s.cfg.from.login_domain.as_deref()?.to_lowercase()
+        )
+    };
+    let own_domain = domain_of(&own)?;
+    let addresses: Vec<String> = split_addresses(header_from)
+        .into_iter()
+        .map(bare_address)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addresses.is_empty() {
+        return Some(format!(
+            "message has no header From address (account {account})"
+        ));
+    }
+    for from in &addresses {
+        let from_domain = domain_of(from).unwrap_or("");
+        let ok = *from == own
+            || (limits.from_allow == FromAllow::Domain
+                && from_domain.eq_ignore_ascii_case(own_domain))
+            || limits
+                .from_aliases
+                .iter()
+                .any(|a| match a.strip_prefix('@') {
+                    Some(d) => from_domain == d,
+                    None => a == from,
+                });
+        if !ok {
+            return Some(format!(
+                "header From {from} is not allowed for account {account}"
+            ));
+        }
+    }
+    None
+}
+
