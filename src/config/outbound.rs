@@ -181,9 +181,7 @@ pub mod client_key {
     pub fn host_ip(ip: IpAddr) -> IpAddr {
         match ip.to_canonical() {
             IpAddr::V4(v4) => IpAddr::V4(v4),
-            IpAddr::V6(v6) => {
-                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)))
-            }
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
         }
     }
 
@@ -929,7 +927,10 @@ fn check_window(key: &str, d: Duration) -> Result<(), (String, String)> {
         return Err((key.into(), "must be from 10s to 30d".into()));
     }
     if !d.as_millis().is_multiple_of(u128::from(WINDOW_BUCKETS)) {
-        return Err((key.into(), format!("must be a multiple of {WINDOW_BUCKETS} ms")));
+        return Err((
+            key.into(),
+            format!("must be a multiple of {WINDOW_BUCKETS} ms"),
+        ));
     }
     Ok(())
 }
@@ -949,4 +950,3 @@ pub fn redact_url(url: &str) -> String {
         None => url.to_string(),
     }
 }
-

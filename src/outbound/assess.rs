@@ -352,3 +352,214 @@ pub(crate) fn from_mismatch(
     None
 }
 
+#[cfg(test)]
+mod tests {
+    //! The pure assessment: counts in, verdict and effects out; no store, no clock.
+
+    use super::*;
+    use crate::outbound::Freeze;
+    use crate::outbound::config::{AccountOverride, OutboundConfig};
+
+    fn settings(cfg: OutboundConfig) -> Settings {
+        Settings::new(&cfg).unwrap()
+    }
+
+    /// Counts with `messages` messages (one recipient each) in the 1-minute window.
+    fn counts(messages: f64) -> Observation {
+        let mut o = Observation::empty();
+        o.windows[0] = (messages, messages);
+        o
+    }
+
+    const ALICE: &str = "alice@example.org";
+
+    #[test]
+    fn within_every_limit_relays_and_does_nothing() {
+        let s = settings(OutboundConfig::default());
+        let f = judge_counts(&s, s.limits_for(ALICE), ALICE, &counts(30.0), Some(ALICE));
+        assert_eq!(f.assessment, Assessment::relay());
+        assert!(f.effects.is_empty());
+    }
+
+    #[test]
+    fn one_over_the_limit_freezes_then_alerts() {
+        let s = settings(OutboundConfig::default());
+        let f = judge_counts(&s, s.limits_for(ALICE), ALICE, &counts(31.0), Some(ALICE));
+        assert_eq!(f.assessment.action, Some(OutboundAction::Freeze));
+        assert!(f.assessment.frozen);
+        assert_eq!(f.assessment.flags, [FLAG_BURST]);
+        assert_eq!(f.assessment.reasons, ["messages in 1m: 31 > 30"]);
+        match &f.effects[..] {
+            [
+                Effect::Freeze { why },
+                Effect::BurstAlert { action, breaches },
+            ] => {
+                assert_eq!(why, "messages in 1m: 31 > 30");
+                assert_eq!(*action, OutboundAction::Freeze);
+                assert_eq!(breaches[0].signal, "messages_1m");
+                assert_eq!((breaches[0].value, breaches[0].limit), (31.0, 30.0));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_frozen_account_is_held_whatever_its_counts_and_not_frozen_again() {
+        let s = settings(OutboundConfig::default());
+        let mut o = counts(5000.0);
+        o.status = AccountStatus::Frozen(Freeze {
+            since: 1_700_000_000,
+            until: None,
+            by: "admin".into(),
+            why: "phished".into(),
+        });
+        let f = judge_counts(
+            &s,
+            s.limits_for(ALICE),
+            ALICE,
+            &o,
+            Some("mallory@evil.example"),
+        );
+        assert_eq!(f.assessment.action, Some(OutboundAction::Freeze));
+        assert!(f.assessment.frozen);
+        assert_eq!(f.assessment.flags, [FLAG_BURST]);
+        assert_eq!(
+            f.assessment.reasons,
+            ["account alice@example.org frozen since 2023-11-14 22:13:20 by admin: phished"]
+        );
+        assert!(
+            f.effects.is_empty(),
+            "no second freeze, no alert per held message"
+        );
+    }
+
+    #[test]
+    fn an_expired_freeze_is_not_a_status() {
+        let f = Freeze {
+            since: 100,
+            until: Some(200),
+            by: "mailwarden".into(),
+            why: "burst".into(),
+        };
+        assert_eq!(
+            AccountStatus::from_freeze(Some(f.clone()), 199).freeze(),
+            Some(&f)
+        );
+        assert_eq!(
+            AccountStatus::from_freeze(Some(f), 200),
+            AccountStatus::Active
+        );
+        assert_eq!(AccountStatus::from_freeze(None, 0), AccountStatus::Active);
+    }
+
+    #[test]
+    fn a_bulk_sender_has_no_volume_limits_but_keeps_the_from_check() {
+        let s = settings(OutboundConfig {
+            accounts: vec![AccountOverride {
+                name: Some("news@example.org".into()),
+                bulk: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let news = "news@example.org";
+        let f = judge_counts(&s, s.limits_for(news), news, &counts(1e6), Some(news));
+        assert_eq!(f.assessment, Assessment::relay());
+        let f = judge_counts(
+            &s,
+            s.limits_for(news),
+            news,
+            &counts(1e6),
+            Some("ceo@other.example"),
+        );
+        assert_eq!(f.assessment.action, Some(OutboundAction::Hold));
+        assert_eq!(f.assessment.flags, [FLAG_FROM]);
+    }
+
+    #[test]
+    fn the_stricter_action_wins_and_each_signal_alerts() {
+        let s = settings(OutboundConfig {
+            action: OutboundAction::Defer,
+            ..Default::default()
+        });
+        // A burst (defer) and a forged From (hold): hold, both flags, both alerts, no
+        // freeze (neither action is one).
+        let f = judge_counts(
+            &s,
+            s.limits_for(ALICE),
+            ALICE,
+            &counts(40.0),
+            Some("Boss <boss@bank.example>"),
+        );
+        assert_eq!(f.assessment.action, Some(OutboundAction::Hold));
+        assert!(!f.assessment.frozen);
+        assert_eq!(f.assessment.flags, [FLAG_BURST, FLAG_FROM]);
+        assert_eq!(f.assessment.reasons.len(), 2);
+        assert!(
+            matches!(
+                &f.effects[..],
+                [
+                    Effect::BurstAlert {
+                        action: OutboundAction::Defer,
+                        ..
+                    },
+                    Effect::FromAlert {
+                        action: OutboundAction::Hold,
+                        ..
+                    }
+                ]
+            ),
+            "{:?}",
+            f.effects
+        );
+    }
+
+    #[test]
+    fn a_second_from_mailbox_cannot_hide_behind_an_allowed_first() {
+        let s = settings(OutboundConfig::default());
+        let from = "alice@example.org, ceo@bank.example";
+        let f = judge_counts(&s, s.limits_for(ALICE), ALICE, &counts(1.0), Some(from));
+        assert_eq!(f.assessment.flags, [FLAG_FROM]);
+        assert_eq!(
+            f.assessment.reasons,
+            ["header From ceo@bank.example is not allowed for account alice@example.org"]
+        );
+    }
+
+    #[test]
+    fn a_login_from_a_new_address_halves_the_limits() {
+        let s = settings(OutboundConfig::default());
+        let mut o = counts(16.0);
+        let f = judge_counts(&s, s.limits_for(ALICE), ALICE, &o, None);
+        assert_eq!(f.assessment.action, None, "16 of 30");
+        o.new_ip_age = Some(120);
+        let f = judge_counts(&s, s.limits_for(ALICE), ALICE, &o, None);
+        assert_eq!(f.assessment.action, Some(OutboundAction::Freeze));
+        assert_eq!(
+            f.assessment.reasons,
+            [
+                "messages in 1m: 16 > 15",
+                "limits × 0.5 after a login from a new address 2 min ago"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_client_key_names_itself_and_skips_the_from_check() {
+        let s = settings(OutboundConfig::default());
+        let key = "client:192.0.2.7";
+        let limits = s.limits_for(key);
+        assert!(limits.client);
+        let mut o = counts(31.0);
+        o.domains = 21;
+        let f = judge_counts(&s, limits, key, &o, Some("anyone@anywhere.example"));
+        assert_eq!(
+            f.assessment.reasons,
+            [
+                "client:192.0.2.7: messages in 1m: 31 > 30",
+                "client:192.0.2.7: distinct envelope senders in 1h: 21 > 20"
+            ]
+        );
+        assert_eq!(f.assessment.flags, [FLAG_BURST]);
+    }
+}

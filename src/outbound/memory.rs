@@ -156,10 +156,8 @@ impl MemoryStore {
             );
             st.observe(&self.s, &self.p, m.now_ms, Some(m.ip))
         };
-        o.status = AccountStatus::from_freeze(
-            self.frozen(account, m.now_ms),
-            u64::from(secs(m.now_ms)),
-        );
+        o.status =
+            AccountStatus::from_freeze(self.frozen(account, m.now_ms), u64::from(secs(m.now_ms)));
         self.dirty.store(true, Ordering::Relaxed);
         o
     }
@@ -198,7 +196,13 @@ impl MemoryStore {
     /// One AUTH failure of `who` (`other`: the user name's hash for a client, the host's
     /// for a user name): `Some((failures, distinct others))` when it blocks the client or
     /// locks the name.
-    pub fn failure(&self, who: Failing, other: u32, now_ms: u64, l: FailLimits) -> Option<(u32, u32)> {
+    pub fn failure(
+        &self,
+        who: Failing,
+        other: u32,
+        now_ms: u64,
+        l: FailLimits,
+    ) -> Option<(u32, u32)> {
         self.dirty.store(true, Ordering::Relaxed);
         match who {
             Failing::Client(ip) => fail_in(&self.clients, ip, other, now_ms, l),

@@ -19,14 +19,25 @@
 //! clients; too many block the client, or lock the name for addresses it never logged in
 //! from, for a while.
 //!
-//! State lives in memory ([`memory`], snapshot to disk) or in Redis ([`redis_store`],
-//! shared by instances; when unreachable the local counters take over and the log says
-//! so). Freezes are durable before the message that caused them is answered.
+//! State lives behind one trait, [`store::OutboundStore`]: in memory
+//! ([`store::LocalStore`] over [`memory`], snapshot to disk) or in Redis
+//! ([`fallback::FallbackStore`] over [`redis_store`], shared by instances; when Redis
+//! does not answer, the local counters do, and the log says so). The detector never
+//! asks which. Freezes are durable before the message that caused them is answered.
+//!
+//! Judging is computed, then done: [`assess::judge_counts`] turns the counts into the
+//! [`Assessment`] and a list of effects (a pure function, unit-tested without a store);
+//! the detector then applies the effects (freeze, alerts) in order. The configuration is
+//! `crate::config::outbound` (this module imports `config`, never the reverse).
+//! Counters: `outbound_messages` by action, `outbound_accounts_frozen`,
+//! `outbound_alerts` by event, `outbound_store_fallbacks`.
 //!
 //! ```text
 //! session ─ account() / auth_allowed() / auth_result() / assess()
-//!             └▶ Detector ─▶ store (memory | redis, memory as fallback) ─▶ Observation
-//!                   └▶ limits (evaluate) + From check ─▶ Assessment ─▶ freeze / alert
+//!             └▶ Detector ─▶ dyn OutboundStore ─▶ Counted (Observation + AccountStatus)
+//!                   │          (LocalStore | FallbackStore = Redis, else LocalStore)
+//!                   └▶ judge_counts (limits + From check, pure) ─▶ Assessment + effects
+//!                         └▶ apply: freeze (store) / alert (rate-limited by the store)
 //! ```
 
 pub(crate) mod alert;
@@ -59,14 +70,14 @@ pub use report::{AccountDetail, AccountSummary};
 pub use store::AccountStatus;
 
 use alert::{AlertBody, Alerter};
-#[cfg(test)]
-use {assess::split_addresses, config::FromAllow, freeze::FreezeBook};
 use assess::{Breach, Effect, bare_address, judge_counts, num};
 use config::{Limits, Settings};
 use fallback::FallbackStore;
 use freeze::{Command, CommandResult, Op};
 use state::{FailLimits, domain_hashes, fnv32, secs};
 use store::{AlertKind, Failing, LocalStore, Message, OutboundStore};
+#[cfg(test)]
+use {assess::split_addresses, config::FromAllow, freeze::FreezeBook};
 
 /// Command results nobody collected are removed after this long.
 const RESULT_RETENTION: Duration = Duration::from_secs(3600);
@@ -615,7 +626,13 @@ impl Detector {
         }
     }
 
-    fn burst_alert(&self, account: &str, m: &Message<'_>, action: OutboundAction, breaches: &[Breach]) {
+    fn burst_alert(
+        &self,
+        account: &str,
+        m: &Message<'_>,
+        action: OutboundAction,
+        breaches: &[Breach],
+    ) {
         self.alerts.fetch_add(1, Ordering::Relaxed);
         let signals: Vec<String> = breaches
             .iter()
@@ -746,9 +763,7 @@ impl Detector {
 
     /// Counters per window, baseline, freeze and its history, recent login addresses.
     pub async fn account_detail(&self, account: &str) -> Option<AccountDetail> {
-        self.store
-            .detail(&normalize(account), self.now())
-            .await
+        self.store.detail(&normalize(account), self.now()).await
     }
 
     /// Periodic work until `shutdown`: commands from the CLI, freeze expiry, Redis
@@ -860,7 +875,6 @@ impl Detector {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests;

@@ -711,11 +711,19 @@ impl RedisStore {
         let keys = match who {
             Failing::Client(ip) => {
                 let ip = ip.to_string();
-                [self.key("af", &ip), self.key("au", &ip), self.key("ab", &ip)]
+                [
+                    self.key("af", &ip),
+                    self.key("au", &ip),
+                    self.key("ab", &ip),
+                ]
             }
             Failing::User(user) => {
                 let user = format!("{user:08x}");
-                [self.key("uf", &user), self.key("uh", &user), self.key("ub", &user)]
+                [
+                    self.key("uf", &user),
+                    self.key("uh", &user),
+                    self.key("ub", &user),
+                ]
             }
         };
         let member = format!(
@@ -742,17 +750,17 @@ impl RedisStore {
 
     /// Until when (ms) the user name hashed `user` is locked, if it is.
     pub async fn user_locked(&self, user: u32, now_ms: u64) -> R<Option<u64>> {
-        let key = self.key("ub", &format!("{user:08x}"));
-        let v: Option<String> = self
-            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
-            .await?;
-        Ok(v.and_then(|v| v.parse::<u64>().ok())
-            .filter(|&until| until > now_ms))
+        self.until(self.key("ub", &format!("{user:08x}")), now_ms)
+            .await
     }
 
     /// Until when (ms) `ip` is blocked, if it is.
     pub async fn blocked(&self, ip: IpAddr, now_ms: u64) -> R<Option<u64>> {
-        let key = self.key("ab", &ip.to_string());
+        self.until(self.key("ab", &ip.to_string()), now_ms).await
+    }
+
+    /// The time (ms) a block key holds, if still ahead of `now_ms`.
+    async fn until(&self, key: String, now_ms: u64) -> R<Option<u64>> {
         let v: Option<String> = self
             .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
             .await?;
@@ -829,18 +837,22 @@ impl RedisStore {
         Ok((active, gone))
     }
 
+    /// Every member of the list or sorted set `key`, read with `cmd` (`LRANGE`,
+    /// `ZREVRANGE`).
+    async fn whole(&self, cmd: &'static str, key: String) -> R<Vec<String>> {
+        self.run(|mut c| async move {
+            redis::cmd(cmd)
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
     async fn history(&self, account: &str) -> R<Vec<FreezeEvent>> {
-        let key = self.key("h", account);
-        let raw: Vec<String> = self
-            .run(|mut c| async move {
-                redis::cmd("LRANGE")
-                    .arg(key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
+        let raw = self.whole("LRANGE", self.key("h", account)).await?;
         Ok(raw
             .iter()
             .filter_map(|e| serde_json::from_str(e).ok())
@@ -886,17 +898,7 @@ impl RedisStore {
     }
 
     pub async fn summaries(&self, now_ms: u64) -> R<Vec<AccountSummary>> {
-        let key = self.accounts_key();
-        let names: Vec<String> = self
-            .run(|mut c| async move {
-                redis::cmd("ZREVRANGE")
-                    .arg(key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
+        let names = self.whole("ZREVRANGE", self.accounts_key()).await?;
         let (frozen, _) = self.sync_freezes(now_ms).await?;
         let frozen: std::collections::HashMap<String, Freeze> = frozen.into_iter().collect();
         let mut out = Vec::with_capacity(names.len());

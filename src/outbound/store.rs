@@ -221,7 +221,13 @@ impl LocalStore {
     }
 
     /// Unfreezes `account` in the book (its windows are left as they are).
-    pub async fn unfreeze_here(&self, account: &str, at: u64, by: &str, why: &str) -> Option<Freeze> {
+    pub async fn unfreeze_here(
+        &self,
+        account: &str,
+        at: u64,
+        by: &str,
+        why: &str,
+    ) -> Option<Freeze> {
         self.change_freezes(|b| b.unfreeze(account, at, by, why))
             .await
     }
