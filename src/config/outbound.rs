@@ -1,6 +1,6 @@
 //! `[outbound]`: the burst detector's settings as written in the config file, their
 //! defaults (one documented `DEFAULT_*` constant each, like [`super::defaults`]) and their
-//! validation. The detector (`crate::outbound`) compiles them into its hot-path form
+//! validation. The detector (the `outbound` module) compiles them into its hot-path form
 //! (`outbound::config::Settings`); this file imports nothing of `outbound`, which sits
 //! above `config`.
 //!
@@ -948,5 +948,134 @@ pub fn redact_url(url: &str) -> String {
             format!("{scheme}://{user}:***@{}", &rest[at + 1..])
         }
         None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defaults as they were before they became named constants (the values the
+    /// README and the reference config document): moving them must not change one.
+    #[test]
+    fn the_defaults_are_those_documented() {
+        let c: OutboundConfig = toml::from_str("").unwrap();
+        let windows: Vec<(u64, Option<u32>, Option<u32>)> = c
+            .windows
+            .iter()
+            .map(|w| (w.window.as_secs(), w.messages, w.recipients))
+            .collect();
+        assert_eq!(
+            windows,
+            [
+                (60, Some(30), Some(300)),
+                (3600, Some(300), Some(3000)),
+                (86_400, Some(1000), Some(10_000))
+            ]
+        );
+        assert_eq!(
+            (
+                c.max_recipient_domains,
+                c.recipient_domains_window.as_secs()
+            ),
+            (100, 3600)
+        );
+        assert_eq!(
+            (
+                c.max_rejected_share,
+                c.rejected_min_recipients,
+                c.rejected_window.as_secs()
+            ),
+            (0.5, 20, 3600)
+        );
+        let a = &c.adaptive;
+        assert_eq!(
+            (
+                a.enabled,
+                a.k,
+                a.floor_messages,
+                a.floor_recipients,
+                a.half_life.as_secs()
+            ),
+            (true, 10.0, 100.0, 1000.0, 7 * 86_400)
+        );
+        assert_eq!(
+            (a.new_account_messages, a.new_account_recipients),
+            (5.0, 50.0)
+        );
+        let n = &c.new_ip;
+        assert_eq!(
+            (n.enabled, n.window.as_secs(), n.factor, n.remember),
+            (true, 3600, 0.5, 8)
+        );
+        assert_eq!(
+            (c.action, c.freeze_expiry, c.alert_interval.as_secs()),
+            (OutboundAction::Freeze, None, 600)
+        );
+        assert_eq!(
+            (c.from.allow, c.from.action),
+            (FromAllow::Domain, OutboundAction::Hold)
+        );
+        assert_eq!(
+            (c.client.enabled, c.client.max_senders, c.client.action),
+            (true, 20, None)
+        );
+        let f = &c.auth_failures;
+        assert_eq!(
+            (
+                f.enabled,
+                f.window.as_secs(),
+                f.max_failures,
+                f.max_usernames,
+                f.block.as_secs()
+            ),
+            (true, 600, 10, 5, 3600)
+        );
+        assert_eq!(
+            (
+                f.max_failures_per_user,
+                f.user_block.as_secs(),
+                f.tracked_clients
+            ),
+            (20, 900, 100_000)
+        );
+        assert_eq!(c.backend, Backend::Memory);
+        assert_eq!(
+            (c.redis_url.as_str(), c.redis_prefix.as_str()),
+            ("redis://127.0.0.1:6379/", "mailwarden:outbound:")
+        );
+        assert_eq!(
+            (c.redis_timeout.as_millis(), c.redis_retry.as_secs()),
+            (500, 5)
+        );
+        assert_eq!(
+            (&c.state_file, &c.freeze_file, &c.command_dir),
+            (
+                &PathBuf::from("var/outbound/state.json"),
+                &PathBuf::from("var/outbound/freezes.json"),
+                &PathBuf::from("var/outbound/commands")
+            )
+        );
+        assert_eq!(
+            (c.snapshot_interval.as_secs(), c.tracked_accounts),
+            (30, 100_000)
+        );
+        assert!(c.enabled && c.trusted_networks.is_empty() && c.accounts.is_empty());
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn client_names_are_checked_here_without_the_detector() {
+        let c: OutboundConfig = toml::from_str(
+            "[[account]]\nname = \"client:2001:DB8:1:2::9\"\n\
+             [[account]]\nname = \"client:2001:db8:1:2::/64\"\n",
+        )
+        .unwrap();
+        let (key, reason) = c.validate().unwrap_err();
+        assert_eq!(key, "account[1].name");
+        assert_eq!(
+            reason,
+            "`client:2001:db8:1:2::/64` is already configured in account[0]"
+        );
     }
 }
