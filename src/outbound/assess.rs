@@ -9,6 +9,58 @@ use super::state::Observation;
 use super::store::AccountStatus;
 use super::{Assessment, FLAG_BURST, FLAG_FROM, OutboundAction};
 
+/// One counter the limits read for a key, as counted with this message: what the
+/// outbound stage saw, whether or not it acted (for the trace and the decision log).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Count {
+    /// The account, or the client key.
+    pub key: String,
+    /// `messages_1m`, `recipients_1m`, … per window; `domains_1h` (`senders_1h` for a
+    /// client key); `tried_1h` and `refused_1h` (recipients the next hop was asked for
+    /// and refused); `messages_rate_1h`, `recipients_rate_1h`; `baseline_messages`,
+    /// `baseline_recipients` (per hour); `new_login_age` (seconds, after a login from a
+    /// new address); `frozen` (1) for a frozen account.
+    pub name: String,
+    pub value: f64,
+}
+
+/// Adds the counters of `obs` (one key's counts) to `out`.
+pub(crate) fn counts(
+    s: &Settings,
+    limits: &Limits,
+    key: &str,
+    obs: &Observation,
+    out: &mut Vec<Count>,
+) {
+    let mut add = |name: String, value: f64| {
+        out.push(Count {
+            key: key.to_string(),
+            name,
+            value,
+        })
+    };
+    for (ring, &(m, r)) in s.rings[..s.windows()].iter().zip(&obs.windows) {
+        add(format!("messages_{}", ring.label), m);
+        add(format!("recipients_{}", ring.label), r);
+    }
+    let what = if limits.client { "senders" } else { "domains" };
+    let label = config::label(s.cfg.recipient_domains_window);
+    add(format!("{what}_{label}"), f64::from(obs.domains));
+    let label = &s.rings[s.windows()].label;
+    add(format!("tried_{label}"), obs.rejected.0);
+    add(format!("refused_{label}"), obs.rejected.1);
+    add("messages_rate_1h".into(), obs.rate.0);
+    add("recipients_rate_1h".into(), obs.rate.1);
+    add("baseline_messages".into(), obs.baseline.0);
+    add("baseline_recipients".into(), obs.baseline.1);
+    if let Some(age) = obs.new_ip_age {
+        add("new_login_age".into(), f64::from(age));
+    }
+    if obs.status.freeze().is_some() {
+        add("frozen".into(), 1.0);
+    }
+}
+
 /// What an assessment calls for besides its verdict, applied after it in this order.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Effect {
@@ -541,6 +593,52 @@ mod tests {
                 "messages in 1m: 16 > 15",
                 "limits × 0.5 after a login from a new address 2 min ago"
             ]
+        );
+    }
+
+    #[test]
+    fn the_counts_read_are_listed_whatever_the_verdict() {
+        let s = settings(OutboundConfig::default());
+        let mut o = counts(3.0);
+        o.windows[1] = (40.0, 41.0);
+        o.rejected = (20.0, 2.0);
+        o.domains = 4;
+        let mut out = Vec::new();
+        super::counts(&s, s.limits_for(ALICE), ALICE, &o, &mut out);
+        let seen: Vec<(&str, f64)> = out.iter().map(|c| (c.name.as_str(), c.value)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("messages_1m", 3.0),
+                ("recipients_1m", 3.0),
+                ("messages_1h", 40.0),
+                ("recipients_1h", 41.0),
+                ("messages_24h", 0.0),
+                ("recipients_24h", 0.0),
+                ("domains_1h", 4.0),
+                ("tried_1h", 20.0),
+                ("refused_1h", 2.0),
+                ("messages_rate_1h", 0.0),
+                ("recipients_rate_1h", 0.0),
+                ("baseline_messages", 0.0),
+                ("baseline_recipients", 0.0),
+            ]
+        );
+        assert!(out.iter().all(|c| c.key == ALICE));
+        // A client key counts senders; a frozen one says so.
+        o.status = AccountStatus::Frozen(Freeze {
+            since: 1,
+            until: None,
+            by: "admin".into(),
+            why: "x".into(),
+        });
+        let key = "client:192.0.2.7";
+        let mut out = Vec::new();
+        super::counts(&s, s.limits_for(key), key, &o, &mut out);
+        assert!(out.iter().any(|c| c.name == "senders_1h" && c.value == 4.0));
+        assert_eq!(
+            out.last().map(|c| (c.name.as_str(), c.value)),
+            Some(("frozen", 1.0))
         );
     }
 

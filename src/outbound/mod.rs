@@ -67,6 +67,7 @@ pub use config::{Backend, OutboundAction, OutboundConfig};
 pub use freeze::{Freeze, FreezeEvent};
 pub use report::{AccountDetail, AccountSummary};
 
+pub use assess::Count;
 pub use store::AccountStatus;
 
 use alert::{AlertBody, Alerter};
@@ -74,7 +75,7 @@ use assess::{Breach, Effect, bare_address, judge_counts, num};
 use config::{Limits, Settings};
 use fallback::FallbackStore;
 use freeze::{Command, CommandResult, Op};
-use state::{FailLimits, domain_hashes, fnv32, secs};
+use state::{FailLimits, Observation, domain_hashes, fnv32, secs};
 use store::{AlertKind, Failing, LocalStore, Message, OutboundStore};
 #[cfg(test)]
 use {assess::split_addresses, config::FromAllow, freeze::FreezeBook};
@@ -527,6 +528,41 @@ impl Detector {
         rcpts: &[String],
         rejected_rcpts: usize,
     ) -> Assessment {
+        let message = (header_from, rcpts, rejected_rcpts);
+        self.assess_keys(account, client, ip, message, None).await
+    }
+
+    /// [`assess_as`](Self::assess_as), with the counters the limits read for each key
+    /// (the account, then the client), whatever the verdict: what the outbound stage
+    /// saw, for the trace and the decision log. (Building them costs a few allocations,
+    /// which `assess_as` does not pay.)
+    pub async fn assess_counted(
+        &self,
+        account: &str,
+        client: Option<&str>,
+        ip: IpAddr,
+        header_from: &str,
+        rcpts: &[String],
+        rejected_rcpts: usize,
+    ) -> (Assessment, Vec<Count>) {
+        let mut counts = Vec::new();
+        let message = (header_from, rcpts, rejected_rcpts);
+        let a = self
+            .assess_keys(account, client, ip, message, Some(&mut counts))
+            .await;
+        (a, counts)
+    }
+
+    /// The work of [`assess_as`](Self::assess_as); the counters read are added to
+    /// `counts` when given.
+    async fn assess_keys(
+        &self,
+        account: &str,
+        client: Option<&str>,
+        ip: IpAddr,
+        (header_from, rcpts, rejected_rcpts): (&str, &[String], usize),
+        mut counts: Option<&mut Vec<Count>>,
+    ) -> Assessment {
         if !self.s.cfg.enabled {
             return Assessment::relay();
         }
@@ -544,7 +580,10 @@ impl Detector {
             rejected: u32::try_from(rejected_rcpts).unwrap_or(u32::MAX),
             distinct: &domains,
         };
-        let mut out = self.judge(&account, &m, Some(header_from), limits).await;
+        let (mut out, obs) = self.judge(&account, &m, Some(header_from), limits).await;
+        if let Some(c) = counts.as_deref_mut() {
+            assess::counts(&self.s, limits, &account, &obs, c);
+        }
         if let Some(client) = client {
             // Already in key form (`client_account`): not normalised again, this runs
             // for every message of a trusted client.
@@ -557,7 +596,11 @@ impl Detector {
                 &senders
             };
             m.now_ms = self.now();
-            out.merge(self.judge(client, &m, None, limits).await);
+            let (c, obs) = self.judge(client, &m, None, limits).await;
+            out.merge(c);
+            if let Some(c) = counts {
+                assess::counts(&self.s, limits, client, &obs, c);
+            }
         }
         crate::metrics::global()
             .outbound_messages
@@ -578,13 +621,13 @@ impl Detector {
         m: &Message<'_>,
         header_from: Option<&str>,
         limits: &Limits,
-    ) -> Assessment {
+    ) -> (Assessment, Observation) {
         let counted = self.store.record(key, m, limits).await;
         let findings = judge_counts(&self.s, limits, key, &counted.obs, header_from);
         for effect in findings.effects {
             self.apply(key, m, counted.shared, effect).await;
         }
-        findings.assessment
+        (findings.assessment, counted.obs)
     }
 
     /// One effect of an assessment: the automatic freeze (durable before the message is

@@ -997,6 +997,45 @@ fn breach_texts() {
     );
 }
 
+#[tokio::test]
+async fn assess_counted_shows_what_each_key_was_counted_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = OutboundConfig {
+        trusted_networks: vec!["192.0.2.0/24".parse().unwrap()],
+        ..cfg(dir.path())
+    };
+    let (d, clock) = detector(&c).await;
+    let host = ip("192.0.2.60");
+    let client = d.client_account(None, host).unwrap();
+    let to = rcpts(2, "example.net");
+    let mut last = None;
+    for sender in ["a@example.org", "b@example.org", "a@example.org"] {
+        clock.advance(Duration::from_millis(100));
+        last = Some(
+            d.assess_counted(sender, Some(&client), host, sender, &to, 0)
+                .await,
+        );
+    }
+    let (a, counts) = last.unwrap();
+    assert_eq!(a, Assessment::relay(), "relayed, and still counted");
+    let value = |key: &str, name: &str| {
+        counts
+            .iter()
+            .find(|c| c.key == key && c.name == name)
+            .map(|c| c.value)
+    };
+    assert_eq!(value("a@example.org", "messages_1m"), Some(2.0));
+    assert_eq!(value("a@example.org", "recipients_1m"), Some(4.0));
+    assert_eq!(value("a@example.org", "domains_1h"), Some(1.0));
+    assert_eq!(value(&client, "messages_1m"), Some(3.0));
+    assert_eq!(value(&client, "senders_1h"), Some(2.0));
+    assert_eq!(
+        value("b@example.org", "messages_1m"),
+        None,
+        "only this message's keys"
+    );
+}
+
 /// The detector's counters (`outbound_*` in `/metrics`). The registry is global and the
 /// tests run in parallel, so each check is "moved by at least this much".
 mod counters {
