@@ -386,6 +386,29 @@ impl Detector {
         }
     }
 
+    /// Counts one AUTH failure of `who`; when it blocks the client or locks the name,
+    /// counts that (`alerts_sent`, `auth_failure_blocks{kind}`) and returns
+    /// (failures, distinct others) for the alert.
+    async fn count_failure(
+        &self,
+        who: Failing,
+        other: u32,
+        now: u64,
+        l: FailLimits,
+    ) -> Option<(u32, u32)> {
+        let hit = self.store.failure(who, other, now, l).await?;
+        self.alerts.fetch_add(1, Ordering::Relaxed);
+        let kind = match who {
+            Failing::Client(_) => "client",
+            Failing::User(_) => "user",
+        };
+        crate::metrics::global()
+            .auth_failure_blocks
+            .get_or_create(&crate::metrics::label("kind", kind))
+            .inc();
+        Some(hit)
+    }
+
     /// One failure from `host` (blocks it past the client limits).
     async fn client_failure(&self, host: IpAddr, user: u32, now: u64) {
         let f = &self.s.cfg.auth_failures;
@@ -395,18 +418,10 @@ impl Detector {
             max_usernames: f.max_usernames,
             block: f.block.as_secs() as u32,
         };
-        let blocked = self
-            .store
-            .failure(Failing::Client(host), user, now, l)
-            .await;
-        let Some((failures, usernames)) = blocked else {
+        let blocked = self.count_failure(Failing::Client(host), user, now, l);
+        let Some((failures, usernames)) = blocked.await else {
             return;
         };
-        self.alerts.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::global()
-            .auth_failure_blocks
-            .get_or_create(&crate::metrics::label("kind", "client"))
-            .inc();
         tracing::warn!(
             client = %client::host_part(host),
             failures,
@@ -447,18 +462,10 @@ impl Detector {
             block: f.user_block.as_secs() as u32,
         };
         let host_hash = fnv32(&client::host_part(host));
-        let locked = self
-            .store
-            .failure(Failing::User(user), host_hash, now, l)
-            .await;
-        let Some((failures, hosts)) = locked else {
+        let locked = self.count_failure(Failing::User(user), host_hash, now, l);
+        let Some((failures, hosts)) = locked.await else {
             return;
         };
-        self.alerts.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::global()
-            .auth_failure_blocks
-            .get_or_create(&crate::metrics::label("kind", "user"))
-            .inc();
         // The name as typed is logged (the session's own line already shows it): the
         // administrator needs to know which account is under attack.
         let account = normalize(username);
