@@ -9,7 +9,8 @@ use smtp_proto::{MailFrom, RcptTo};
 
 use crate::config::{Config, Purpose, Role};
 use crate::policy::MessageContext;
-use crate::policy::engine::{Enforcer, Verdict};
+use crate::policy::engine::{Enforcer, Findings};
+use crate::policy::message::ParsedMessage;
 
 pub struct Args {
     pub config: PathBuf,
@@ -60,6 +61,8 @@ pub fn run(args: &Args) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return unusable(format!("cannot start the runtime: {e}")),
     };
+    // Parsed once, as the pipeline does: the rules stage reads this.
+    let parsed = ParsedMessage::parse(&message);
     let verdict = runtime.block_on(async {
         let enforcer = Enforcer::from_config(&config)?;
         let mail_from = MailFrom {
@@ -82,10 +85,11 @@ pub fn run(args: &Args) -> ExitCode {
             tls: false,
             mail_from: &mail_from,
             rcpts: &rcpts,
-            message: &message,
+            message: &parsed,
+            // Offline: no outbound stage (no account state to count against).
+            outbound: None,
         };
-        let fields = crate::auth::headers::fields(&message);
-        Ok::<Verdict, String>(enforcer.evaluate(&ctx, &fields).await)
+        Ok::<Findings, String>(enforcer.evaluate(&ctx).await)
     });
     let verdict = match verdict {
         Ok(v) => v,
@@ -100,7 +104,7 @@ pub fn run(args: &Args) -> ExitCode {
 }
 
 /// The table printed without `--json`.
-fn human(v: &Verdict) -> String {
+fn human(v: &Findings) -> String {
     let mut out = String::new();
     let mut row = |k: &str, val: String| out.push_str(&format!("{k:<16} {val}\n"));
     if let Some(r) = &v.report {
@@ -190,11 +194,11 @@ fn human(v: &Verdict) -> String {
         "Verdict",
         format!(
             "{} (rule {})",
-            v.evaluation.action.as_str(),
-            v.evaluation.rule
+            v.rule_match.action.as_str(),
+            v.rule_match.rule
         ),
     );
-    for t in &v.evaluation.trace {
+    for t in &v.rule_match.trace {
         let what = match (t.matched, t.action, t.shadow) {
             (true, Some(a), true) => format!("matched, shadow: would {a}"),
             (true, Some(a), false) => format!("matched: {a}"),
