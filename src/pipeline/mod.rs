@@ -111,15 +111,23 @@ pub struct Verdict {
 
 impl Verdict {
     /// The rules stage's findings, after the outbound stage let the message through.
+    /// The outbound stage's flags and reasons (an alert's) come first: the quarantine
+    /// entry and the log line then say what both stages found.
     fn from_rules(found: RulesFindings, outbound: Option<OutboundFindings>) -> Verdict {
+        let (mut flags, mut reasons) = (found.flags, found.reasons);
+        if let Some(o) = &outbound {
+            let a = &o.assessment;
+            flags.splice(0..0, a.flags.iter().map(|f| f.to_string()));
+            reasons.splice(0..0, a.reasons.iter().cloned());
+        }
         Verdict {
             action: found.action,
             decided_by: DecidedBy::Rules,
             rule: found.rule,
             headers: found.headers,
             edits: found.edits,
-            reasons: found.reasons,
-            flags: found.flags,
+            reasons,
+            flags,
             authentication_results: found.authentication_results,
             auth: found.auth,
             outbound,

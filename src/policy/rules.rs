@@ -847,4 +847,86 @@ action = "accept"
         assert!(domain_in("mail.Example.org.", &["example.org".into()]));
         assert!(!domain_in("badexample.org", &["example.org".into()]));
     }
+
+    #[test]
+    fn outbound_words_are_the_detector_s() {
+        assert_eq!(
+            OUTBOUND_FLAGS,
+            [crate::outbound::FLAG_BURST, crate::outbound::FLAG_FROM]
+        );
+        for word in OUTBOUND_ACTIONS.iter().filter(|w| **w != "none") {
+            assert!(
+                [crate::outbound::OutboundAction::Alert]
+                    .iter()
+                    .any(|a| a.as_str() == *word),
+                "{word}"
+            );
+        }
+    }
+
+    /// A rule naming an outbound action the rules never see is an error at load, not a
+    /// rule that silently never matches.
+    #[test]
+    fn outbound_values_are_checked() {
+        let at = Path::new("p.toml");
+        for (text, key) in [
+            ("outbound = [\"hold\"]", "rule[0].outbound"),
+            ("outbound_flags = [\"burst\"]", "rule[0].outbound_flags"),
+        ] {
+            let e = Policy::parse(&format!("[[rule]]\nname = \"x\"\n{text}\naction = \"reject\"\n"), at)
+                .err()
+                .unwrap_or_else(|| panic!("{text} accepted"));
+            assert_eq!((e.key.as_str(), e.line), (key, Some(3)), "{e}");
+        }
+        assert!(Policy::parse("[[rule]]\nname = \"x\"\noutbound = [\"alert\"]\naction = \"tag\"\n", at).is_ok());
+    }
+
+    /// Without verification only rules with an outbound condition are asked, and every
+    /// other condition they name (a result, a domain, a flag) fails: an inbound policy
+    /// does not start judging submissions, and a rule cannot match on what nobody checked.
+    #[test]
+    fn unverified_mail_meets_only_outbound_rules() {
+        let p = Policy::parse(
+            r#"
+[[rule]]
+name = "all-to-partner"
+rcpt_domain = ["partner.example"]
+action = "reject"
+
+[[rule]]
+name = "alert-and-dmarc-none"
+outbound = ["alert"]
+dmarc = ["none"]
+action = "reject"
+
+[[rule]]
+name = "alert-from-office"
+outbound = ["alert"]
+client_ip = ["192.0.2.0/24"]
+action = "quarantine"
+"#,
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let rcpts = vec!["partner.example".to_string()];
+        let alert = OutboundInputs {
+            action: "alert".into(),
+            flags: vec![],
+        };
+        let r = report(AuthResult::None, None);
+        let mut f = facts(&r, &[], &rcpts);
+        f.report = None;
+        f.outbound = Some(&alert);
+        let m = p.evaluate(&f);
+        assert_eq!((m.action, m.rule.as_str()), (ActionKind::Quarantine, "alert-from-office"));
+        assert_eq!(m.trace.len(), 2, "only the outbound rules are asked: {:?}", m.trace);
+        f.client_ip = "198.51.100.1".parse().unwrap();
+        let m = p.evaluate(&f);
+        assert_eq!((m.action, m.rule.as_str()), (ActionKind::Accept, "submission"));
+        // Verified (inbound) mail has no outbound findings: the outbound rules never match.
+        let m = p.evaluate(&facts(&r, &[], &rcpts));
+        assert_eq!(m.rule, "all-to-partner");
+        let m = p.evaluate(&facts(&r, &[], &[]));
+        assert_eq!(m.rule, "default");
+    }
 }
