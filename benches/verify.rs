@@ -409,7 +409,7 @@ protected_names = ["Carol Director"]
         "message: {} octets, {} header fields; signed octets: {}; verdict: {} (rule {}); \
          Authentication-Results: {}",
         fx.message.len(),
-        parsed.fields.len(),
+        parsed.fields().len(),
         fx.signed.len(),
         verdict.rule_match.action.as_str(),
         verdict.rule_match.rule,

@@ -61,8 +61,6 @@ pub fn run(args: &Args) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return unusable(format!("cannot start the runtime: {e}")),
     };
-    // Parsed once, as the pipeline does: the rules stage reads this.
-    let parsed = ParsedMessage::parse(&message);
     let verdict = runtime.block_on(async {
         let enforcer = Enforcer::from_config(&config)?;
         let mail_from = MailFrom {
@@ -77,6 +75,8 @@ pub fn run(args: &Args) -> ExitCode {
                 ..Default::default()
             })
             .collect();
+        // Parsed once, as the pipeline does: the rules stage reads this.
+        let parsed = ParsedMessage::parse(&message);
         let ctx = MessageContext {
             session_id: "check",
             client: SocketAddr::new(ip, 0),

@@ -23,7 +23,7 @@ struct CountingAccept(AtomicUsize);
 impl Inspector for CountingAccept {
     fn inspect<'a>(
         &'a self,
-        _ctx: &'a MessageContext<'a>,
+        _ctx: &'a MessageContext<'a, '_>,
     ) -> Pin<Box<dyn std::future::Future<Output = RulesFindings> + Send + 'a>> {
         self.0.fetch_add(1, Ordering::SeqCst);
         Box::pin(async { RulesFindings::accept() })

@@ -183,18 +183,18 @@ impl Enforcer {
     /// A message that fails sanity is still verified (DMARC then evaluates its first
     /// From address's domain): `check` and the log show every result, whatever the
     /// verdict, and there is one path through this function, not two.
-    pub async fn evaluate(&self, ctx: &MessageContext<'_>) -> Findings {
+    pub async fn evaluate(&self, ctx: &MessageContext<'_, '_>) -> Findings {
         let policy = self.policy();
         if ctx.role == Role::Submission && !self.verify_submission {
             return self.unverified(&policy, ctx);
         }
-        let fields = &ctx.message.fields;
-        let author = &ctx.message.author;
+        let fields = ctx.message.fields();
+        let author = ctx.message.author();
         let problem = author.as_ref().err().cloned();
         if let Some(p) = &problem {
             count_problem(p);
         }
-        let mailboxes = &ctx.message.from_mailboxes;
+        let mailboxes = ctx.message.from_mailboxes();
         let from_domain = ctx.message.from_domain();
         let report = self
             .verifier
@@ -253,7 +253,7 @@ impl Enforcer {
     /// A submission without `[auth] verify_submission`: no sanity, no verification, no
     /// spoof flags; the rules with an outbound condition are asked when the outbound
     /// stage ran (`super::rules::Policy::evaluate`).
-    fn unverified(&self, policy: &Policy, ctx: &MessageContext<'_>) -> Findings {
+    fn unverified(&self, policy: &Policy, ctx: &MessageContext<'_, '_>) -> Findings {
         let facts = ctx.outbound.map(|o| Facts {
             report: None,
             flags: &[],
@@ -281,7 +281,7 @@ impl Enforcer {
     /// The spoof flags over every From mailbox, each flag once (with its first reason).
     fn spoof_flags(
         &self,
-        ctx: &MessageContext<'_>,
+        ctx: &MessageContext<'_, '_>,
         mailboxes: &[(String, String)],
         report: &AuthReport,
     ) -> Vec<(spoof::Flag, String)> {
@@ -532,7 +532,7 @@ fn trace_line(ev: &RuleMatch) -> String {
 impl Inspector for Enforcer {
     fn inspect<'a>(
         &'a self,
-        ctx: &'a MessageContext<'a>,
+        ctx: &'a MessageContext<'a, '_>,
     ) -> Pin<Box<dyn Future<Output = RulesFindings> + Send + 'a>> {
         Box::pin(async move {
             let started = std::time::Instant::now();
@@ -554,7 +554,7 @@ impl Inspector for Enforcer {
                 auth = %verdict.authentication_results.as_deref().unwrap_or("-"),
                 "verdict"
             );
-            let mut found = self.carry_out(&verdict, ctx.message.bytes, &ctx.message.fields);
+            let mut found = self.carry_out(&verdict, ctx.message.bytes, ctx.message.fields());
             // Moved, not cloned: DMARC aggregate reports read it after the relay.
             found.auth = verdict.report.map(std::sync::Arc::new);
             found.explained = verdict.inputs.map(|inputs| {

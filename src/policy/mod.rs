@@ -28,8 +28,9 @@ use crate::config::Role;
 use crate::relay::writer::Edit;
 use crate::wire::reply::Reply;
 
-/// Everything known about a message when the rules stage runs.
-pub struct MessageContext<'a> {
+/// Everything known about a message when the rules stage runs. `'m` is the message's
+/// own lifetime: its parts, parsed on first use, are kept inside it, which ties it.
+pub struct MessageContext<'a, 'm> {
     pub session_id: &'a str,
     pub client: SocketAddr,
     pub helo: &'a str,
@@ -38,7 +39,7 @@ pub struct MessageContext<'a> {
     pub mail_from: &'a MailFrom<String>,
     pub rcpts: &'a [RcptTo<String>],
     /// The message, its header parsed once for every stage.
-    pub message: &'a message::ParsedMessage<'a>,
+    pub message: &'a message::ParsedMessage<'m>,
     /// What the outbound stage found, when it ran and let the message through.
     pub outbound: Option<&'a inputs::OutboundInputs>,
 }
@@ -115,7 +116,7 @@ impl RulesFindings {
 pub trait Inspector: Send + Sync {
     fn inspect<'a>(
         &'a self,
-        ctx: &'a MessageContext<'a>,
+        ctx: &'a MessageContext<'a, '_>,
     ) -> Pin<Box<dyn Future<Output = RulesFindings> + Send + 'a>>;
 
     /// An optional early refusal at MAIL FROM (SPF fail with `spf_early_reject`).
@@ -164,7 +165,7 @@ pub struct AcceptAll;
 impl Inspector for AcceptAll {
     fn inspect<'a>(
         &'a self,
-        _ctx: &'a MessageContext<'a>,
+        _ctx: &'a MessageContext<'a, '_>,
     ) -> Pin<Box<dyn Future<Output = RulesFindings> + Send + 'a>> {
         Box::pin(async { RulesFindings::accept() })
     }
