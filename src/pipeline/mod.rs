@@ -191,9 +191,11 @@ pub async fn run(
 pub async fn judge(s: &Services<'_>, cx: &Context<'_>, parsed: &ParsedMessage<'_>) -> Verdict {
     let outbound = match outbound::assess(s, cx, parsed).await {
         Some(found) if found.decisive() => {
-            tracing::warn!(session = %cx.session_id, account = %found.account,
-                frozen = found.assessment.frozen, action = found.word(),
-                reasons = %found.assessment.reasons.join("; "), "outbound: message stopped");
+            if found.held() {
+                tracing::warn!(session = %cx.session_id, account = %found.account,
+                    frozen = found.assessment.frozen,
+                    reasons = %found.assessment.reasons.join("; "), "outbound: message held");
+            }
             return outbound::verdict(found);
         }
         passed => passed,

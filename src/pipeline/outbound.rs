@@ -14,6 +14,7 @@ use crate::config::Role;
 use crate::outbound::{Assessment, FLAG_FROM, OutboundAction};
 use crate::policy::Action;
 use crate::policy::inputs::OutboundInputs;
+use crate::policy::rules::TraceEntry;
 use crate::wire::reply::{Enhanced, Reply};
 
 /// What the outbound stage found for one message: the account it was counted for and
@@ -40,7 +41,7 @@ impl OutboundFindings {
     }
 
     /// Held in quarantine (a frozen account, a hold or a freeze).
-    fn held(&self) -> bool {
+    pub fn held(&self) -> bool {
         self.assessment.frozen
             || matches!(
                 self.assessment.action,
@@ -51,6 +52,31 @@ impl OutboundFindings {
     /// The detector's action word (`none` when it had nothing to say).
     pub fn word(&self) -> &'static str {
         self.assessment.action.map_or("none", |a| a.as_str())
+    }
+
+    /// The stage's entry in the trace: `outbound=none`, `=alert`, `=defer`, `=hold`,
+    /// `=freeze`, `=reject`, and `outbound=frozen` for an account frozen before.
+    pub fn trace_entry(&self) -> TraceEntry {
+        let a = &self.assessment;
+        let word = match a.action {
+            None | Some(OutboundAction::Alert) if a.frozen => "frozen",
+            _ => self.word(),
+        };
+        TraceEntry {
+            rule: "outbound".into(),
+            matched: true,
+            action: Some(word),
+            shadow: false,
+        }
+    }
+
+    /// Why the stage decided, in a few words (`check` shows it as the rule's reason).
+    pub fn reason(&self) -> String {
+        match self.action() {
+            Action::Reject(reply) | Action::Defer(reply) => reply.summary(),
+            _ if self.assessment.frozen => "Held: the account is frozen".into(),
+            _ => "Held by the outbound stage".into(),
+        }
     }
 
     /// What the rules read of a message this stage let through.
@@ -67,7 +93,7 @@ impl OutboundFindings {
     }
 
     /// The action of a decisive finding (see the module comment for the texts).
-    fn action(&self) -> Action {
+    pub fn action(&self) -> Action {
         let a = &self.assessment;
         if self.held() {
             return Action::Quarantine;

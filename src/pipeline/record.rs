@@ -7,7 +7,7 @@ use crate::config::Role;
 use crate::decision_log::{LoggedHeaders, OutboundStage, Record, Stage};
 use crate::dmarc_reports::evaluation::{self, Taken};
 use crate::policy::Action;
-use crate::policy::rules::{ActionKind, TraceEntry};
+use crate::policy::rules::ActionKind;
 use crate::wire::reply::Reply;
 
 /// One decision-log record per message that reached the outbound stage's decision or
@@ -78,16 +78,7 @@ fn outbound_trace(verdict: &Verdict) -> Vec<String> {
     let Some(o) = &verdict.outbound else {
         return Vec::new();
     };
-    let word = match o.assessment.action {
-        None | Some(crate::outbound::OutboundAction::Alert) if o.assessment.frozen => "frozen",
-        _ => o.word(),
-    };
-    crate::decision_log::compact_trace(&[TraceEntry {
-        rule: "outbound".into(),
-        matched: true,
-        action: Some(word),
-        shadow: false,
-    }])
+    crate::decision_log::compact_trace(&[o.trace_entry()])
 }
 
 pub fn action_kind(action: &Action) -> ActionKind {
