@@ -58,8 +58,8 @@ use smtp_proto::{MailFrom, RcptTo};
 use mailwarden::auth::AuthResult;
 use mailwarden::config::{Config, Purpose, Role};
 use mailwarden::policy::MessageContext;
-use mailwarden::policy::message::ParsedMessage;
 use mailwarden::policy::engine::Enforcer;
+use mailwarden::policy::message::ParsedMessage;
 
 use dns::{DnsServer, Zone};
 

@@ -123,7 +123,10 @@ pub fn run(args: &Args) -> ExitCode {
 }
 
 /// `--outbound` and `--outbound-flag` as the detector's findings.
-fn given_outbound(word: Option<&str>, flags: &[String]) -> Result<Option<OutboundFindings>, String> {
+fn given_outbound(
+    word: Option<&str>,
+    flags: &[String],
+) -> Result<Option<OutboundFindings>, String> {
     let Some(word) = word else {
         if flags.is_empty() {
             return Ok(None);
@@ -353,18 +356,33 @@ mod tests {
              outbound_flags = [\"outbound-from-mismatch\"]\naction = \"quarantine\"\n",
         );
         let j = check(&e, "frozen", &[]).await;
-        assert_eq!((j["verdict"].as_str(), j["rule"].as_str()), (Some("quarantine"), Some("outbound")), "{j}");
+        assert_eq!(
+            (j["verdict"].as_str(), j["rule"].as_str()),
+            (Some("quarantine"), Some("outbound")),
+            "{j}"
+        );
         assert_eq!(j["trace"][0]["action"], "frozen", "{j}");
         assert_eq!(j["reasons"][0], "Held: the account is frozen", "{j}");
         let j = check(&e, "reject", &["outbound-from-mismatch"]).await;
         assert_eq!(j["verdict"], "reject", "{j}");
-        assert_eq!(j["reasons"][0], "550 5.7.1 From address not permitted for this account", "{j}");
+        assert_eq!(
+            j["reasons"][0], "550 5.7.1 From address not permitted for this account",
+            "{j}"
+        );
         let j = check(&e, "alert", &["outbound-from-mismatch"]).await;
-        assert_eq!((j["verdict"].as_str(), j["rule"].as_str()), (Some("quarantine"), Some("alerts-held")), "{j}");
+        assert_eq!(
+            (j["verdict"].as_str(), j["rule"].as_str()),
+            (Some("quarantine"), Some("alerts-held")),
+            "{j}"
+        );
         assert_eq!(j["trace"][0]["rule"], "outbound", "{j}");
         assert_eq!(j["trace"][0]["action"], "alert", "{j}");
         let j = check(&e, "none", &[]).await;
-        assert_eq!((j["verdict"].as_str(), j["rule"].as_str()), (Some("accept"), Some("submission")), "{j}");
+        assert_eq!(
+            (j["verdict"].as_str(), j["rule"].as_str()),
+            (Some("accept"), Some("submission")),
+            "{j}"
+        );
         assert!(given_outbound(Some("held"), &[]).is_err());
         assert!(given_outbound(None, &["outbound-burst".into()]).is_err());
     }

@@ -99,9 +99,13 @@ impl OutboundFindings {
             return Action::Quarantine;
         }
         match a.action {
-            Some(OutboundAction::Reject) if a.flags.contains(&FLAG_FROM) => Action::Reject(
-                Reply::new(550, Enhanced(5, 7, 1), "From address not permitted for this account"),
-            ),
+            Some(OutboundAction::Reject) if a.flags.contains(&FLAG_FROM) => {
+                Action::Reject(Reply::new(
+                    550,
+                    Enhanced(5, 7, 1),
+                    "From address not permitted for this account",
+                ))
+            }
             Some(OutboundAction::Reject) => Action::Reject(Reply::new(
                 550,
                 Enhanced(5, 7, 1),
@@ -113,8 +117,9 @@ impl OutboundFindings {
                 "Sending rate exceeded, try again later",
             )),
             // Not decisive: the rules decide (never asked for here).
-            Some(OutboundAction::Alert | OutboundAction::Hold | OutboundAction::Freeze)
-            | None => Action::Accept,
+            Some(OutboundAction::Alert | OutboundAction::Hold | OutboundAction::Freeze) | None => {
+                Action::Accept
+            }
         }
     }
 }
@@ -156,7 +161,12 @@ pub async fn assess(
 pub fn verdict(found: OutboundFindings) -> Verdict {
     let mut v = Verdict::early(found.action(), DecidedBy::Outbound, "outbound");
     v.reasons = found.assessment.reasons.clone();
-    v.flags = found.assessment.flags.iter().map(|f| f.to_string()).collect();
+    v.flags = found
+        .assessment
+        .flags
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
     v.outbound = Some(found);
     v
 }

@@ -32,9 +32,9 @@ impl Inspector for CountingAccept {
 
 /// A configuration in `dir` with `extra` appended, and a policy file when given.
 fn config(dir: &std::path::Path, extra: &str, policy: Option<&str>) -> Config {
-    let mut text = format!(
+    let mut text = String::from(
         "local_domains = [\"example.org\"]\n[[listener]]\naddress = \"127.0.0.1:2587\"\n\
-         role = \"submission\"\n"
+         role = \"submission\"\n",
     );
     match policy {
         // The built-in policy.
@@ -134,10 +134,20 @@ async fn a_frozen_account_is_held_even_when_the_rules_would_accept() {
     let parsed = ParsedMessage::parse(&bytes);
     let v = judge(&f.services(&rules), &f.context(), &parsed).await;
     assert!(matches!(v.action, Action::Quarantine), "{v:?}");
-    assert_eq!((v.decided_by, v.rule.as_str(), v.name()), (DecidedBy::Outbound, "outbound", "hold"));
-    assert!(v.outbound.as_ref().is_some_and(|o| o.assessment.frozen), "{v:?}");
+    assert_eq!(
+        (v.decided_by, v.rule.as_str(), v.name()),
+        (DecidedBy::Outbound, "outbound", "hold")
+    );
+    assert!(
+        v.outbound.as_ref().is_some_and(|o| o.assessment.frozen),
+        "{v:?}"
+    );
     assert!(!v.reasons.is_empty(), "{v:?}");
-    assert_eq!(rules.0.load(Ordering::SeqCst), 0, "the rules ran for a frozen account");
+    assert_eq!(
+        rules.0.load(Ordering::SeqCst),
+        0,
+        "the rules ran for a frozen account"
+    );
 
     // Unfrozen, the same message goes on to the rules, which accept it.
     f.detector.unfreeze(ALICE, "admin", "test").await.unwrap();
@@ -194,7 +204,10 @@ async fn outbound_findings_reach_the_rules_inputs_and_trace() {
         panic!("{v:?}")
     };
     assert_eq!(reply.summary(), "550 5.7.1 Use your own address");
-    assert_eq!((v.decided_by, v.rule.as_str()), (DecidedBy::Rules, "no-foreign-from"));
+    assert_eq!(
+        (v.decided_by, v.rule.as_str()),
+        (DecidedBy::Rules, "no-foreign-from")
+    );
     let ex = v.explained.as_ref().expect("[decision_log] on: explained");
     assert_eq!(
         ex.inputs.outbound,
@@ -224,7 +237,12 @@ async fn outbound_findings_reach_the_rules_inputs_and_trace() {
 #[tokio::test]
 async fn the_builtin_policy_still_accepts_what_outbound_lets_through() {
     let dir = tempfile::tempdir().unwrap();
-    let f = Fixture::new(dir.path(), "[outbound.from]\naction = \"alert\"\n", Some("")).await;
+    let f = Fixture::new(
+        dir.path(),
+        "[outbound.from]\naction = \"alert\"\n",
+        Some(""),
+    )
+    .await;
     let enforcer = Enforcer::from_config(&f.config).unwrap();
     let bytes = message("\"CEO\" <ceo@bank.example>");
     let parsed = ParsedMessage::parse(&bytes);
@@ -247,10 +265,21 @@ async fn limits_refuse_before_any_other_stage() {
     };
     let (v, reply) = limits::check(&f.services(&rules), &f.context(), b"", &stats).unwrap();
     assert_eq!(reply.code, 552);
-    assert_eq!((v.decided_by, v.rule.as_str(), v.name()), (DecidedBy::Limits, "size", "refused"));
+    assert_eq!(
+        (v.decided_by, v.rule.as_str(), v.name()),
+        (DecidedBy::Limits, "size", "refused")
+    );
     assert!(v.outbound.is_none());
     let fine = DataStats::default();
-    assert!(limits::check(&f.services(&rules), &f.context(), b"Subject: x\r\n\r\n", &fine).is_none());
+    assert!(
+        limits::check(
+            &f.services(&rules),
+            &f.context(),
+            b"Subject: x\r\n\r\n",
+            &fine
+        )
+        .is_none()
+    );
 }
 
 /// Header sanity beats the rules, and the trace reads in stage order: header sanity,
@@ -275,15 +304,29 @@ fn sanity_beats_the_rules_and_the_trace_follows_the_stages() {
         ..PolicyInputs::capture(None, None, "192.0.2.7".parse().unwrap(), None)
     };
     let m = inputs.evaluate(&policy);
-    assert_eq!((m.action, m.rule.as_str()), (ActionKind::Reject, "header-sanity"));
+    assert_eq!(
+        (m.action, m.rule.as_str()),
+        (ActionKind::Reject, "header-sanity")
+    );
     assert_eq!(
         crate::decision_log::compact_trace(&m.trace),
-        ["header-sanity=reject", "outbound=alert", "alerts-tagged=tag"]
+        [
+            "header-sanity=reject",
+            "outbound=alert",
+            "alerts-tagged=tag"
+        ]
     );
     let back: PolicyInputs =
         serde_json::from_str(&serde_json::to_string(&inputs).unwrap()).unwrap();
     assert_eq!(back, inputs);
     // Without the sanity problem the outbound rule decides.
-    let m = PolicyInputs { sanity: None, ..back }.evaluate(&policy);
-    assert_eq!((m.action, m.rule.as_str()), (ActionKind::Tag, "alerts-tagged"));
+    let m = PolicyInputs {
+        sanity: None,
+        ..back
+    }
+    .evaluate(&policy);
+    assert_eq!(
+        (m.action, m.rule.as_str()),
+        (ActionKind::Tag, "alerts-tagged")
+    );
 }

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::inputs::{LoggedAuth, LoggedDkim, LoggedSanity, LoggedSpf, OutboundInputs, PolicyInputs};
+use super::inputs::{
+    LoggedAuth, LoggedDkim, LoggedSanity, LoggedSpf, OutboundInputs, PolicyInputs,
+};
 use super::rules::{ActionKind, KNOWN_FLAGS, Policy};
 use crate::auth::AuthResult;
 use crate::config::{ConfigError, locate};

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use serde_json::json;
 
 use super::inputs::{LoggedSanity, PolicyInputs, decide};
-use super::rules::{ActionKind, RuleMatch, Facts, Policy};
+use super::rules::{ActionKind, Facts, Policy, RuleMatch};
 use super::sanity;
 use super::spoof::{self, SpoofConfig, SpoofInput};
 use super::{Action, Inspector, MessageContext, RulesFindings};

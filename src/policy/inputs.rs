@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::rules::{ActionKind, RuleMatch, Facts, Policy, TraceEntry};
+use super::rules::{ActionKind, Facts, Policy, RuleMatch, TraceEntry};
 use crate::auth::{
     ArcCheck, AuthReport, AuthResult, DkimCheck, DmarcCheck, SpfCheck, SpfPair, WorkCounts,
 };

@@ -453,11 +453,14 @@ impl Rule {
     }
 
     fn matches(&self, f: &Facts<'_>) -> bool {
-        let outbound_ok = self.outbound.as_ref().is_none_or(|w| {
-            f.outbound.is_some_and(|o| w.contains(&o.action))
-        }) && self.outbound_flags.as_ref().is_none_or(|w| {
-            f.outbound.is_some_and(|o| o.flags.iter().any(|flag| w.contains(flag)))
-        });
+        let outbound_ok = self
+            .outbound
+            .as_ref()
+            .is_none_or(|w| f.outbound.is_some_and(|o| w.contains(&o.action)))
+            && self.outbound_flags.as_ref().is_none_or(|w| {
+                f.outbound
+                    .is_some_and(|o| o.flags.iter().any(|flag| w.contains(flag)))
+            });
         match f.report {
             Some(r) => outbound_ok && self.matches_verified(f, r),
             // Unverified: every condition on a result, a header or a domain is unknown,
@@ -873,12 +876,21 @@ action = "accept"
             ("outbound = [\"hold\"]", "rule[0].outbound"),
             ("outbound_flags = [\"burst\"]", "rule[0].outbound_flags"),
         ] {
-            let e = Policy::parse(&format!("[[rule]]\nname = \"x\"\n{text}\naction = \"reject\"\n"), at)
-                .err()
-                .unwrap_or_else(|| panic!("{text} accepted"));
+            let e = Policy::parse(
+                &format!("[[rule]]\nname = \"x\"\n{text}\naction = \"reject\"\n"),
+                at,
+            )
+            .err()
+            .unwrap_or_else(|| panic!("{text} accepted"));
             assert_eq!((e.key.as_str(), e.line), (key, Some(3)), "{e}");
         }
-        assert!(Policy::parse("[[rule]]\nname = \"x\"\noutbound = [\"alert\"]\naction = \"tag\"\n", at).is_ok());
+        assert!(
+            Policy::parse(
+                "[[rule]]\nname = \"x\"\noutbound = [\"alert\"]\naction = \"tag\"\n",
+                at
+            )
+            .is_ok()
+        );
     }
 
     /// Without verification only rules with an outbound condition are asked, and every
@@ -918,15 +930,45 @@ action = "quarantine"
         f.report = None;
         f.outbound = Some(&alert);
         let m = p.evaluate(&f);
-        assert_eq!((m.action, m.rule.as_str()), (ActionKind::Quarantine, "alert-from-office"));
-        assert_eq!(m.trace.len(), 2, "only the outbound rules are asked: {:?}", m.trace);
+        assert_eq!(
+            (m.action, m.rule.as_str()),
+            (ActionKind::Quarantine, "alert-from-office")
+        );
+        assert_eq!(
+            m.trace.len(),
+            2,
+            "only the outbound rules are asked: {:?}",
+            m.trace
+        );
         f.client_ip = "198.51.100.1".parse().unwrap();
         let m = p.evaluate(&f);
-        assert_eq!((m.action, m.rule.as_str()), (ActionKind::Accept, "submission"));
+        assert_eq!(
+            (m.action, m.rule.as_str()),
+            (ActionKind::Accept, "submission")
+        );
         // Verified (inbound) mail has no outbound findings: the outbound rules never match.
         let m = p.evaluate(&facts(&r, &[], &rcpts));
         assert_eq!(m.rule, "all-to-partner");
         let m = p.evaluate(&facts(&r, &[], &[]));
         assert_eq!(m.rule, "default");
+    }
+
+    /// `outbound = ["none"]` is what every submission that passes the outbound stage
+    /// carries: an accept rule on it before a reject rule lowers verdicts for anyone,
+    /// so it is warned about like any rule on sender-controlled facts.
+    #[test]
+    fn an_accept_on_outbound_findings_alone_is_warned_about() {
+        let p = Policy::parse(
+            "[[rule]]\nname = \"quiet\"\noutbound = [\"none\"]\naction = \"accept\"\n\
+             [[rule]]\nname = \"no\"\ndmarc = [\"fail\"]\naction = \"reject\"\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert!(
+            p.warnings[0].contains("`quiet`: accepts"),
+            "{}",
+            p.warnings[0]
+        );
     }
 }
