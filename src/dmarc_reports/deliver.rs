@@ -383,11 +383,7 @@ pub async fn send(
             }
         }
         if accepted.is_empty() {
-            return Ok(Err(crate::wire::reply::Reply::new(
-                550,
-                crate::wire::reply::Enhanced(5, 1, 1),
-                "every destination refused",
-            )));
+            return Ok(Err(crate::wire::reply::Reply::every_destination_refused()));
         }
         let envelope = Envelope {
             from: &from,

@@ -275,7 +275,7 @@ impl SmtpConnection {
         if !self.caps.smtputf8
             && (from.flags & smtp_proto::MAIL_SMTPUTF8 != 0 || !from.address.is_ascii())
         {
-            return Ok(no_smtputf8());
+            return Ok(Reply::next_hop_lacks_smtputf8());
         }
         let line = mail_command(from, &self.caps, size);
         self.command(line.as_bytes(), self.cfg.command_timeout)
@@ -284,7 +284,7 @@ impl SmtpConnection {
 
     pub async fn rcpt(&mut self, to: &RcptTo<String>) -> Result<Reply, RelayError> {
         if !self.caps.smtputf8 && !to.address.is_ascii() {
-            return Ok(no_smtputf8());
+            return Ok(Reply::next_hop_lacks_smtputf8());
         }
         let line = rcpt_command(to, &self.caps);
         self.command(line.as_bytes(), self.cfg.command_timeout)
@@ -465,15 +465,6 @@ fn quote_if_needed(local: &str) -> String {
 /// A HELO argument we can repeat in our own EHLO: one printable token, not too long.
 fn is_helo_token(h: &str) -> bool {
     !h.is_empty() && h.len() <= 255 && h.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// RFC 6531 §3.2: internationalized mail cannot go to a server without SMTPUTF8.
-fn no_smtputf8() -> Reply {
-    Reply::new(
-        553,
-        crate::wire::reply::Enhanced(5, 6, 7),
-        "Next hop does not support SMTPUTF8",
-    )
 }
 
 /// Builds `MAIL FROM:<addr> [params]` keeping only what the next hop supports.

@@ -6,6 +6,7 @@
 //! connection; the next transaction opens a fresh one.
 
 pub mod client;
+pub mod failure;
 pub mod maildir;
 pub mod writer;
 pub mod xclient;
@@ -16,11 +17,11 @@ use std::sync::Arc;
 use smtp_proto::{MailFrom, RcptTo};
 
 use crate::config::{Config, ListenerConfig, NextHopAddress, NextHopConfig, Role};
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 use client::SmtpConnection;
 pub use xclient::ClientIdentity;
 
-/// Why the next hop could not be used. Mapped to a 4xx for the client by [`RelayError::reply`]:
+/// Why the next hop could not be used. Mapped to a 4xx, a log line and a metric by [`failure::report`]:
 /// whatever went wrong, the client keeps responsibility for the message and retries.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -51,49 +52,6 @@ pub enum RelayError {
     /// may not have taken it.
     #[error("no reply after the end of data: {0}")]
     Unsettled(Box<RelayError>),
-}
-
-impl RelayError {
-    /// A short label for metrics.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            RelayError::Connect(_) | RelayError::ConnectTimeout => "connect",
-            RelayError::Timeout(_) => "timeout",
-            RelayError::Closed | RelayError::Io(_) => "closed",
-            RelayError::Protocol(_) | RelayError::Tls(_) => "protocol",
-            RelayError::Rejected(_) | RelayError::Policy(_) => "refused",
-            RelayError::Insecure(_) => "insecure",
-            RelayError::Maildir(_) => "maildir",
-            RelayError::Unsettled(_) => "unsettled",
-        }
-    }
-
-    /// The reply the client gets. Generic text: details go to the log, not to the sender.
-    pub fn reply(&self) -> Reply {
-        match self {
-            RelayError::Connect(_) | RelayError::ConnectTimeout => Reply::new(
-                451,
-                Enhanced(4, 4, 1),
-                "Next hop unavailable, try again later",
-            ),
-            RelayError::Unsettled(inner) => inner.reply(),
-            RelayError::Insecure(_) => Reply::new(
-                454,
-                Enhanced(4, 7, 0),
-                "Temporary authentication failure: no secure link to the next hop",
-            ),
-            RelayError::Policy(_) | RelayError::Maildir(_) => Reply::new(
-                451,
-                Enhanced(4, 3, 0),
-                "Temporary local problem, try again later",
-            ),
-            _ => Reply::new(
-                451,
-                Enhanced(4, 4, 2),
-                "Connection to next hop failed, try again later",
-            ),
-        }
-    }
 }
 
 /// The configured next hop, shared by every session.
@@ -305,7 +263,7 @@ impl Relay {
     ) -> Result<Reply, RelayError> {
         if matches!(self.hop.target, Target::Maildir(_)) {
             self.in_transaction = true;
-            return Ok(Reply::new(250, Enhanced(2, 1, 0), "Ok"));
+            return Ok(Reply::sender_ok());
         }
         let reused = self.conn.is_some();
         self.connect(client).await?;
@@ -383,7 +341,7 @@ impl Relay {
 
     pub async fn rcpt(&mut self, to: &RcptTo<String>) -> Result<Reply, RelayError> {
         if matches!(self.hop.target, Target::Maildir(_)) {
-            return Ok(Reply::new(250, Enhanced(2, 1, 5), "Ok"));
+            return Ok(Reply::recipient_ok());
         }
         let result = self.connection()?.rcpt(to).await;
         self.settle(result)
@@ -429,11 +387,7 @@ impl Relay {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                Ok(Reply::new(
-                    250,
-                    Enhanced(2, 0, 0),
-                    format!("Ok: stored as {name}"),
-                ))
+                Ok(Reply::stored_as(name))
             }
             Target::Smtp { .. } => {
                 let encoded = writer::encode_parts(headers, parts);
@@ -528,11 +482,5 @@ mod tests {
         }
         // An IPv4-mapped address outside 127/8 is not loopback.
         assert!(may_send_credentials(at("[::ffff:192.0.2.1]:25"), Link::UnverifiedTls).is_err());
-    }
-
-    #[test]
-    fn insecure_link_refusal_is_454_4_7_0() {
-        let r = RelayError::Insecure("x").reply();
-        assert_eq!((r.code, r.enhanced), (454, Some(Enhanced(4, 7, 0))));
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 pub struct ConnectionLimits {
     sessions: Arc<Semaphore>,
@@ -60,22 +60,16 @@ impl ConnectionLimits {
 
     /// Takes a slot for `client`, or returns the reply that refuses it.
     pub fn admit(&self, client: IpAddr) -> Result<Slot, Reply> {
-        let permit = self.sessions.clone().try_acquire_owned().map_err(|_| {
-            Reply::new(
-                421,
-                Enhanced(4, 3, 2),
-                "Too many connections, try again later",
-            )
-        })?;
+        let permit = self
+            .sessions
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Reply::too_many_connections())?;
         let key = client_key(client);
         let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
         let count = map.entry(key).or_insert(0);
         if *count >= self.max_per_client {
-            return Err(Reply::new(
-                421,
-                Enhanced(4, 7, 0),
-                "Too many connections from your address",
-            ));
+            return Err(Reply::too_many_connections_from_address());
         }
         *count += 1;
         Ok(Slot {
@@ -98,6 +92,7 @@ impl ConnectionLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::reply::Enhanced;
 
     #[test]
     fn caps_and_releases() {

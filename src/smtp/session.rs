@@ -16,7 +16,7 @@ use crate::relay::{ClientIdentity, NextHop, Relay};
 use crate::tls::ClientStream;
 use crate::wire::codec::{Line, ReadError, SmtpStream};
 use crate::wire::command::{self, Command};
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 /// What every session of the process shares.
 pub struct SessionShared {
@@ -171,24 +171,14 @@ impl Session {
         let mut state = State::Fresh;
         loop {
             if self.shared.shutdown.is_cancelled() && !state.in_transaction() {
-                self.say_goodbye(Reply::new(
-                    421,
-                    Enhanced(4, 3, 0),
-                    "Server shutting down, try again later",
-                ))
-                .await;
+                self.say_goodbye(Reply::shutting_down()).await;
                 break;
             }
             let line = match self.next_line(&state).await {
                 Ok(Some(line)) => line,
                 Ok(None) => continue, // shutdown noticed while idle: loop says 421
                 Err(ReadError::Timeout) => {
-                    self.say_goodbye(Reply::new(
-                        421,
-                        Enhanced(4, 4, 2),
-                        "Timeout, closing connection",
-                    ))
-                    .await;
+                    self.say_goodbye(Reply::timeout()).await;
                     break;
                 }
                 Err(e) => {
@@ -198,7 +188,7 @@ impl Session {
             };
             let (next, flow) = match line {
                 Line::TooLong => {
-                    let reply = Reply::new(500, Enhanced(5, 5, 2), "Line too long");
+                    let reply = Reply::line_too_long();
                     (state, self.error(reply).await)
                 }
                 Line::Complete(bytes) => match command::parse(&bytes) {
@@ -245,32 +235,17 @@ impl Session {
             Request::Data => self.on_data(state).await,
             Request::StartTls => self.on_starttls(state).await,
             Request::Rset => self.on_rset(state).await,
-            Request::Noop { .. } => self.ok(state, Reply::new(250, Enhanced(2, 0, 0), "Ok")),
-            Request::Vrfy { .. } => self.ok(
-                state,
-                Reply::new(
-                    252,
-                    Enhanced(2, 5, 0),
-                    "Cannot VRFY user, but will accept message and attempt delivery",
-                ),
-            ),
-            Request::Help { .. } => {
-                self.ok(state, Reply::new(214, Enhanced(2, 0, 0), "See RFC 5321"))
-            }
+            Request::Noop { .. } => self.ok(state, Reply::ok()),
+            Request::Vrfy { .. } => self.ok(state, Reply::cannot_vrfy()),
+            Request::Help { .. } => self.ok(state, Reply::help()),
             Request::Quit => {
-                self.say_goodbye(Reply::new(221, Enhanced(2, 0, 0), "Bye"))
-                    .await;
+                self.say_goodbye(Reply::bye()).await;
                 (state, Flow::Close)
             }
             Request::Bdat { .. } => {
                 // CHUNKING is not offered. The chunk's bytes that follow would otherwise be
                 // read as commands (a smuggling vector), so the session ends here.
-                self.say_goodbye(Reply::new(
-                    503,
-                    Enhanced(5, 5, 1),
-                    "BDAT not offered, closing connection",
-                ))
-                .await;
+                self.say_goodbye(Reply::bdat_not_offered()).await;
                 (state, Flow::Close)
             }
             Request::Auth {
@@ -282,7 +257,7 @@ impl Session {
             | Request::Etrn { .. }
             | Request::Atrn { .. }
             | Request::Burl { .. } => {
-                let reply = Reply::new(502, Enhanced(5, 5, 1), "Command not implemented");
+                let reply = Reply::not_implemented();
                 (state, self.error(reply).await)
             }
         }
@@ -308,12 +283,7 @@ impl Session {
         if self.errors >= hard {
             self.stream.queue(&reply);
             tracing::info!(session = %self.id, client = %self.peer, errors = self.errors, "too many errors, closing");
-            self.say_goodbye(Reply::new(
-                421,
-                Enhanced(4, 7, 0),
-                "Too many errors, closing connection",
-            ))
-            .await;
+            self.say_goodbye(Reply::too_many_errors()).await;
             return Flow::Close;
         }
         if self.errors > soft {

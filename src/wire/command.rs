@@ -6,7 +6,7 @@
 
 use smtp_proto::{Error as ParseError, Request};
 
-use super::reply::{Enhanced, Reply, sanitize};
+use super::reply::Reply;
 
 pub type Command = Request<String>;
 
@@ -29,29 +29,17 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         .or_else(|| line.strip_suffix(b"\n"))
         .unwrap_or(line);
     if body.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n') {
-        return Err(Reply::new(
-            501,
-            Enhanced(5, 5, 2),
-            "Invalid character in command",
-        ));
+        return Err(Reply::invalid_character());
     }
     // smtp-proto decodes lossily; a command is text, and bytes that are not UTF-8
     // would reach the next hop as U+FFFD.
     if std::str::from_utf8(body).is_err() {
-        return Err(Reply::new(
-            501,
-            Enhanced(5, 5, 2),
-            "Invalid UTF-8 in command",
-        ));
+        return Err(Reply::invalid_utf8());
     }
     // smtp-proto saturates SIZE values it cannot hold in a way that can wrap; no real
     // message has a size of more than 15 digits.
     if oversized_size_parameter(body) {
-        return Err(Reply::new(
-            552,
-            Enhanced(5, 3, 4),
-            "Message size exceeds fixed limit",
-        ));
+        return Err(Reply::message_too_big());
     }
     if let Some(reply) = quoted_domain(body) {
         return Err(reply);
@@ -97,25 +85,15 @@ fn check_addresses(req: Command) -> Result<Command, Reply> {
                 .is_some_and(|(_, domain)| !is_domain(domain))
     };
     match &req {
-        Request::Mail { from } if bad(&from.address) => Err(Reply::new(
-            501,
-            Enhanced(5, 1, 7),
-            "Bad sender address syntax",
-        )),
+        Request::Mail { from } if bad(&from.address) => Err(Reply::bad_sender_syntax()),
         Request::Mail { from }
             if !from.address.is_ascii() && from.flags & smtp_proto::MAIL_SMTPUTF8 == 0 =>
         {
-            Err(Reply::new(
-                553,
-                Enhanced(5, 6, 7),
-                "Non-ASCII address requires SMTPUTF8",
-            ))
+            Err(Reply::needs_smtputf8())
         }
-        Request::Rcpt { to } if to.address.is_empty() || bad(&to.address) => Err(Reply::new(
-            501,
-            Enhanced(5, 1, 3),
-            "Bad recipient address syntax",
-        )),
+        Request::Rcpt { to } if to.address.is_empty() || bad(&to.address) => {
+            Err(Reply::bad_recipient_syntax())
+        }
         _ => Ok(req),
     }
 }
@@ -127,9 +105,9 @@ fn check_addresses(req: Command) -> Result<Command, Reply> {
 fn quoted_domain(body: &[u8]) -> Option<Reply> {
     let head = body.get(..10).unwrap_or(body).to_ascii_uppercase();
     let reply = if head.starts_with(b"MAIL FROM:") {
-        Reply::new(501, Enhanced(5, 1, 7), "Bad sender address syntax")
+        Reply::bad_sender_syntax()
     } else if head.starts_with(b"RCPT TO:") {
-        Reply::new(501, Enhanced(5, 1, 3), "Bad recipient address syntax")
+        Reply::bad_recipient_syntax()
     } else {
         return None;
     };
@@ -186,27 +164,15 @@ fn oversized_size_parameter(line: &[u8]) -> bool {
 
 fn parse_error_reply(e: ParseError) -> Reply {
     match e {
-        ParseError::UnknownCommand => Reply::new(502, Enhanced(5, 5, 1), "Command not recognized"),
-        ParseError::InvalidSenderAddress => {
-            Reply::new(501, Enhanced(5, 1, 7), "Bad sender address syntax")
-        }
-        ParseError::InvalidRecipientAddress => {
-            Reply::new(501, Enhanced(5, 1, 3), "Bad recipient address syntax")
-        }
-        ParseError::SyntaxError { syntax } => {
-            Reply::new(501, Enhanced(5, 5, 4), format!("Syntax: {syntax}"))
-        }
-        ParseError::InvalidParameter { param } => {
-            Reply::new(501, Enhanced(5, 5, 4), format!("Invalid parameter {param}"))
-        }
-        ParseError::UnsupportedParameter { param } => Reply::new(
-            555,
-            Enhanced(5, 5, 4),
-            format!("Unsupported parameter {}", sanitize(&param)),
-        ),
+        ParseError::UnknownCommand => Reply::unknown_command(),
+        ParseError::InvalidSenderAddress => Reply::bad_sender_syntax(),
+        ParseError::InvalidRecipientAddress => Reply::bad_recipient_syntax(),
+        ParseError::SyntaxError { syntax } => Reply::syntax(syntax),
+        ParseError::InvalidParameter { param } => Reply::invalid_parameter(param),
+        ParseError::UnsupportedParameter { param } => Reply::unsupported_parameter(&param),
         ParseError::NeedsMoreData { .. }
         | ParseError::ResponseTooLong
-        | ParseError::InvalidResponse { .. } => Reply::new(500, Enhanced(5, 5, 2), "Syntax error"),
+        | ParseError::InvalidResponse { .. } => Reply::syntax_error(),
     }
 }
 

@@ -141,6 +141,221 @@ impl Reply {
     }
 }
 
+/// Declares the fixed replies the proxy sends, one named constructor each, so every
+/// handler says *which* reply it means and the codes and texts sit in one table.
+macro_rules! fixed_replies {
+    ($( $(#[$doc:meta])* $name:ident = $code:literal ($c:literal, $s:literal, $d:literal) $text:literal; )*) => {
+        impl Reply {
+            $(
+                $(#[$doc])*
+                pub fn $name() -> Reply {
+                    Reply::new($code, Enhanced($c, $s, $d), $text)
+                }
+            )*
+        }
+
+        /// Every fixed reply by name, for the table's own tests.
+        #[cfg(test)]
+        pub(crate) const FIXED: &[(&str, fn() -> Reply)] = &[$((stringify!($name), Reply::$name)),*];
+    };
+}
+
+fixed_replies! {
+    // --- 2xx: accepted -------------------------------------------------------------
+    /// RSET and NOOP.
+    ok = 250 (2, 0, 0) "Ok";
+    /// MAIL FROM accepted (RFC 3463 2.1.0: originator address status).
+    sender_ok = 250 (2, 1, 0) "Ok";
+    /// RCPT TO accepted (RFC 3463 2.1.5: destination address valid).
+    recipient_ok = 250 (2, 1, 5) "Ok";
+    /// STARTTLS: the TLS handshake may begin (RFC 3207 §4).
+    ready_for_tls = 220 (2, 0, 0) "Ready to start TLS";
+    /// QUIT.
+    bye = 221 (2, 0, 0) "Bye";
+    /// HELP.
+    help = 214 (2, 0, 0) "See RFC 5321";
+    /// VRFY: never confirms an address (RFC 5321 §3.5.3, no user enumeration).
+    cannot_vrfy = 252 (2, 5, 0) "Cannot VRFY user, but will accept message and attempt delivery";
+    /// AUTH accepted by the next hop (RFC 4954 §6).
+    auth_succeeded = 235 (2, 7, 0) "Authentication successful";
+
+    // --- 421: the session ends -----------------------------------------------------
+    /// The global connection limit is reached.
+    too_many_connections = 421 (4, 3, 2) "Too many connections, try again later";
+    /// The per-address (or per-prefix) connection limit is reached.
+    too_many_connections_from_address = 421 (4, 7, 0) "Too many connections from your address";
+    /// `limits.max_transactions` per connection is reached.
+    too_many_transactions = 421 (4, 7, 0) "Too many transactions, reconnect";
+    /// Shutdown (drain) while the client is idle.
+    shutting_down = 421 (4, 3, 0) "Server shutting down, try again later";
+    /// The client was silent past the command or DATA timeout.
+    timeout = 421 (4, 4, 2) "Timeout, closing connection";
+    /// `limits.max_errors` per connection is reached.
+    too_many_errors = 421 (4, 7, 0) "Too many errors, closing connection";
+
+    // --- 45x: try again later ------------------------------------------------------
+    /// `limits.max_recipients` per transaction is reached (RFC 5321 §4.5.3.1.10).
+    too_many_recipients = 452 (4, 5, 3) "Too many recipients";
+    /// A recipient whose policy differs from the transaction's first recipient.
+    recipient_policy_differs = 452 (4, 5, 3) "Recipient policy differs, send to this recipient in a separate transaction";
+    /// AUTH cannot be decided now (next hop unreachable or answered 4xx).
+    temp_auth_failure = 454 (4, 7, 0) "Temporary authentication failure";
+    /// AUTH would carry a password over a link that is not secured.
+    no_secure_next_hop = 454 (4, 7, 0) "Temporary authentication failure: no secure link to the next hop";
+    /// The next hop refused the connection or did not answer in time.
+    next_hop_unavailable = 451 (4, 4, 1) "Next hop unavailable, try again later";
+    /// The connection to the next hop broke or spoke nonsense.
+    next_hop_failed = 451 (4, 4, 2) "Connection to next hop failed, try again later";
+    /// Something local failed (policy, store, maildir); RFC 3463 4.3.0.
+    temp_local_problem = 451 (4, 3, 0) "Temporary local problem, try again later";
+    /// The message would exceed the session's memory budget (RFC 3463 4.3.1).
+    insufficient_resources = 452 (4, 3, 1) "Insufficient system resources, try again later";
+    /// The quarantine has no room (capacity or a sender domain's share).
+    quarantine_full = 451 (4, 3, 1) "Insufficient system storage, try again later";
+    /// The quarantine's disk is full or not writable.
+    storage_full = 452 (4, 3, 1) "Insufficient system storage, try again later";
+    /// Outbound: the account is over its deferral threshold.
+    sending_rate_exceeded = 451 (4, 7, 1) "Sending rate exceeded, try again later";
+
+    // --- 5xx: refused --------------------------------------------------------------
+    /// A command line longer than RFC 5321 §4.5.3.1.4 allows.
+    line_too_long = 500 (5, 5, 2) "Line too long";
+    /// A command that cannot be parsed at all.
+    syntax_error = 500 (5, 5, 2) "Syntax error";
+    /// A SASL response line past the length limit.
+    auth_line_too_long = 500 (5, 5, 6) "Authentication exchange line too long";
+    /// A control byte (CR, LF, NUL …) inside a command.
+    invalid_character = 501 (5, 5, 2) "Invalid character in command";
+    /// A command that is not UTF-8.
+    invalid_utf8 = 501 (5, 5, 2) "Invalid UTF-8 in command";
+    /// A SASL response that is not base64.
+    invalid_base64 = 501 (5, 5, 2) "Invalid base64 data";
+    /// A PLAIN response that is not `authzid NUL authcid NUL passwd`.
+    malformed_plain = 501 (5, 5, 2) "Malformed PLAIN response";
+    /// The client sent `*` (RFC 4954 §4).
+    auth_cancelled = 501 (5, 0, 0) "Authentication cancelled";
+    /// MAIL FROM address that does not parse.
+    bad_sender_syntax = 501 (5, 1, 7) "Bad sender address syntax";
+    /// RCPT TO address that does not parse (or is empty).
+    bad_recipient_syntax = 501 (5, 1, 3) "Bad recipient address syntax";
+    /// A verb smtp-proto does not know.
+    unknown_command = 502 (5, 5, 1) "Command not recognized";
+    /// A known verb the proxy does not implement (ETRN, EXPN …).
+    not_implemented = 502 (5, 5, 1) "Command not implemented";
+    /// STARTTLS on a listener without a certificate, or after TLS.
+    starttls_unavailable = 502 (5, 5, 1) "STARTTLS not available";
+    /// MAIL before EHLO/HELO.
+    need_helo = 503 (5, 5, 1) "Send EHLO/HELO first";
+    /// AUTH before EHLO.
+    need_ehlo = 503 (5, 5, 1) "Send EHLO first";
+    /// MAIL inside a transaction.
+    nested_mail = 503 (5, 5, 1) "Nested MAIL command";
+    /// RCPT or DATA before MAIL.
+    need_mail = 503 (5, 5, 1) "Need MAIL command";
+    /// DATA before any RCPT was tried.
+    need_rcpt = 503 (5, 5, 1) "Need RCPT command";
+    /// AUTH after a successful AUTH (RFC 4954 §4).
+    already_authenticated = 503 (5, 5, 1) "Already authenticated";
+    /// AUTH between MAIL and the end of the transaction (RFC 4954 §4).
+    auth_in_transaction = 503 (5, 5, 1) "AUTH not allowed inside a transaction";
+    /// AUTH where EHLO did not offer it.
+    auth_not_offered = 503 (5, 5, 1) "Authentication not offered";
+    /// STARTTLS inside a transaction.
+    starttls_in_transaction = 503 (5, 5, 1) "STARTTLS not allowed inside a transaction";
+    /// BDAT: CHUNKING is not offered and the chunk would be read as commands.
+    bdat_not_offered = 503 (5, 5, 1) "BDAT not offered, closing connection";
+    /// MAIL with BODY=BINARYMIME (RFC 3030 needs CHUNKING).
+    binarymime_not_offered = 504 (5, 5, 4) "BINARYMIME not offered";
+    /// AUTH with a mechanism other than PLAIN or LOGIN.
+    unknown_auth_mechanism = 504 (5, 5, 4) "Unrecognized authentication type";
+    /// Submission without AUTH (RFC 6409 §4.3, RFC 4954 §6).
+    auth_required = 530 (5, 7, 0) "Authentication required";
+    /// The next hop refused the credentials.
+    auth_invalid = 535 (5, 7, 8) "Authentication credentials invalid";
+    /// AUTH over plain text (RFC 4954 §6, 538 5.7.11).
+    encryption_required = 538 (5, 7, 11) "Encryption required for requested authentication mechanism";
+    /// A recipient the inbound listener does not relay for.
+    relay_denied = 550 (5, 7, 1) "Relay access denied";
+    /// Outbound: a From address the account may not use.
+    from_not_permitted = 550 (5, 7, 1) "From address not permitted for this account";
+    /// Outbound: the account is over its rejection threshold.
+    sending_limit_exceeded = 550 (5, 7, 1) "Sending limit exceeded for this account";
+    /// SIZE or the message itself over `limits.message_size_limit` (RFC 1870).
+    message_too_big = 552 (5, 3, 4) "Message size exceeds fixed limit";
+    /// A non-ASCII address without SMTPUTF8 (RFC 6531 §3.2).
+    needs_smtputf8 = 553 (5, 6, 7) "Non-ASCII address requires SMTPUTF8";
+    /// Internationalized mail cannot go to a next hop without SMTPUTF8 (RFC 6531 §3.2).
+    next_hop_lacks_smtputf8 = 553 (5, 6, 7) "Next hop does not support SMTPUTF8";
+    /// DATA after every RCPT was refused (as Postfix).
+    no_valid_recipients = 554 (5, 5, 1) "No valid recipients";
+    /// A bare LF in the message while `limits.bare_lf = "reject"`.
+    bare_lf_refused = 554 (5, 5, 2) "Bare <LF> line endings are not allowed (RFC 5321 section 2.3.8)";
+    /// More Received headers than `limits.max_received_headers` (RFC 5321 §6.3).
+    mail_loop = 554 (5, 4, 6) "Too many hops, mail loop detected";
+    /// A DMARC report no destination took.
+    every_destination_refused = 550 (5, 1, 1) "every destination refused";
+}
+
+/// The replies whose text has a variable part.
+impl Reply {
+    /// A message stored in the maildir target under `name`.
+    pub fn stored_as(name: impl fmt::Display) -> Reply {
+        Reply::new(250, Enhanced(2, 0, 0), format!("Ok: stored as {name}"))
+    }
+
+    /// A message committed to the quarantine as `id` (the client may forget it).
+    pub fn queued(id: impl fmt::Display) -> Reply {
+        Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}"))
+    }
+
+    /// A command with wrong arguments; `usage` is the expected form (`EHLO hostname`).
+    pub fn syntax(usage: impl fmt::Display) -> Reply {
+        Reply::new(501, Enhanced(5, 5, 4), format!("Syntax: {usage}"))
+    }
+
+    /// A MAIL/RCPT parameter whose value is invalid.
+    pub fn invalid_parameter(param: impl fmt::Display) -> Reply {
+        Reply::new(501, Enhanced(5, 5, 4), format!("Invalid parameter {param}"))
+    }
+
+    /// A MAIL/RCPT parameter the proxy does not offer; the client's text is sanitized.
+    pub fn unsupported_parameter(param: &str) -> Reply {
+        Reply::new(
+            555,
+            Enhanced(5, 5, 4),
+            format!("Unsupported parameter {}", sanitize(param)),
+        )
+    }
+
+    /// A policy rule's rejection, with the rule's reason as text.
+    pub fn policy_reject(reason: impl Into<String>) -> Reply {
+        Reply::new(550, Enhanced(5, 7, 1), reason)
+    }
+
+    /// A policy rule's deferral, with the rule's reason as text.
+    pub fn policy_defer(reason: impl Into<String>) -> Reply {
+        Reply::new(451, Enhanced(4, 7, 1), reason)
+    }
+
+    /// SPF fail at MAIL FROM (RFC 7372 5.7.23); the domain keeps printable ASCII only,
+    /// because it comes from the client.
+    pub fn spf_failed(domain: &str) -> Reply {
+        Reply::new(
+            550,
+            Enhanced(5, 7, 23),
+            format!(
+                "SPF check failed for {}",
+                domain.replace(|c: char| !c.is_ascii_graphic(), "")
+            ),
+        )
+    }
+
+    /// A SASL challenge (RFC 4954 §4), base64 text without an enhanced code.
+    pub fn challenge(text: impl Into<String>) -> Reply {
+        Reply::plain(334, vec![text.into()])
+    }
+}
+
 /// Splits `DDD[ -]text` into the code and the text.
 pub fn split_code(line: &str) -> Option<(u16, &str)> {
     let b = line.as_bytes();
@@ -214,5 +429,53 @@ mod tests {
     fn sanitizes_text() {
         let r = Reply::from_lines(&["554 5.7.1 bad\x1b[31m \x00x".into()]).unwrap();
         assert_eq!(r.lines[0], "bad?[31m ?x");
+    }
+
+    #[test]
+    fn fixed_replies_are_distinct_and_consistent() {
+        let mut seen = std::collections::HashMap::new();
+        for (name, make) in FIXED {
+            let r = make();
+            let e = r.enhanced.expect(name);
+            // RFC 3463 §2: the enhanced code's class matches the reply code's first digit.
+            assert_eq!(u16::from(e.0), r.code / 100, "{name}");
+            assert_eq!(r.lines.len(), 1, "{name}");
+            assert_eq!(
+                r.lines[0],
+                sanitize(&r.lines[0]),
+                "{name}: text is sent as is"
+            );
+            let bytes = r.to_bytes();
+            if let Some(other) = seen.insert(bytes, name) {
+                panic!("{name} and {other} are the same reply");
+            }
+        }
+        assert_eq!(
+            Reply::need_mail().to_bytes(),
+            b"503 5.5.1 Need MAIL command\r\n"
+        );
+        assert!(Reply::timeout().closes_session());
+    }
+
+    #[test]
+    fn variable_replies_render_their_part() {
+        assert_eq!(
+            Reply::queued("01ABC").to_bytes(),
+            b"250 2.0.0 Ok: queued as 01ABC\r\n"
+        );
+        assert_eq!(
+            Reply::syntax("EHLO hostname").to_bytes(),
+            b"501 5.5.4 Syntax: EHLO hostname\r\n"
+        );
+        // Client text cannot smuggle a line break or an escape into the reply.
+        assert_eq!(
+            Reply::unsupported_parameter("X=\r\n250 ok").to_bytes(),
+            b"555 5.5.4 Unsupported parameter X=??250 ok\r\n"
+        );
+        assert_eq!(
+            Reply::spf_failed("ex ample.org\r\n").to_bytes(),
+            b"550 5.7.23 SPF check failed for example.org\r\n"
+        );
+        assert_eq!(Reply::challenge("").to_bytes(), b"334 \r\n");
     }
 }

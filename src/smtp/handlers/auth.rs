@@ -8,9 +8,10 @@ use base64::Engine;
 
 use crate::config::Role;
 use crate::relay::Credentials;
+use crate::relay::failure::{self, Stage};
 use crate::smtp::session::{Flow, Helo, Session, State};
 use crate::wire::codec::Line;
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 /// Longest SASL response line (RFC 4954 §4: at least 12288 octets).
 const MAX_SASL_LINE: usize = 12_288;
@@ -32,10 +33,6 @@ fn decode(s: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
-fn bad_base64() -> Reply {
-    Reply::new(501, Enhanced(5, 5, 2), "Invalid base64 data")
-}
-
 impl Session {
     /// Whether EHLO offers AUTH here.
     pub(crate) fn offers_auth(&self) -> bool {
@@ -51,67 +48,33 @@ impl Session {
         let helo = match state {
             State::Ready(helo) if self.login.is_none() => helo,
             State::Ready(_) => {
-                return self
-                    .refuse(
-                        state,
-                        Reply::new(503, Enhanced(5, 5, 1), "Already authenticated"),
-                    )
-                    .await;
+                return self.refuse(state, Reply::already_authenticated()).await;
             }
             State::Fresh => {
-                return self
-                    .refuse(state, Reply::new(503, Enhanced(5, 5, 1), "Send EHLO first"))
-                    .await;
+                return self.refuse(state, Reply::need_ehlo()).await;
             }
             State::Transaction(..) => {
-                return self
-                    .refuse(
-                        state,
-                        Reply::new(
-                            503,
-                            Enhanced(5, 5, 1),
-                            "AUTH not allowed inside a transaction",
-                        ),
-                    )
-                    .await;
+                return self.refuse(state, Reply::auth_in_transaction()).await;
             }
         };
         let state = State::Ready(helo.clone());
         if self.listener.config.role != Role::Submission {
-            return self
-                .refuse(
-                    state,
-                    Reply::new(503, Enhanced(5, 5, 1), "Authentication not offered"),
-                )
-                .await;
+            return self.refuse(state, Reply::auth_not_offered()).await;
         }
         if !self.is_tls() {
-            return self
-                .refuse(
-                    state,
-                    Reply::new(
-                        538,
-                        Enhanced(5, 7, 11),
-                        "Encryption required for requested authentication mechanism",
-                    ),
-                )
-                .await;
+            return self.refuse(state, Reply::encryption_required()).await;
         }
         if let Some(detector) = self.shared.outbound.clone()
             && let Err(why) = detector.auth_allowed(self.peer.ip()).await
         {
             tracing::warn!(session = %self.id, client = %self.peer, reason = %why, "AUTH refused: address blocked");
-            let reply = Reply::new(454, Enhanced(4, 7, 0), "Temporary authentication failure");
+            let reply = Reply::temp_auth_failure();
             return self.refuse(state, reply).await;
         }
         let creds = match mechanism {
             smtp_proto::AUTH_PLAIN => self.collect_plain(initial).await,
             smtp_proto::AUTH_LOGIN => self.collect_login(initial).await,
-            _ => Collect::Refused(Reply::new(
-                504,
-                Enhanced(5, 5, 4),
-                "Unrecognized authentication type",
-            )),
+            _ => Collect::Refused(Reply::unknown_auth_mechanism()),
         };
         let creds = match creds {
             Collect::Got(c) => c,
@@ -124,7 +87,7 @@ impl Session {
                 .await
         {
             tracing::warn!(session = %self.id, client = %self.peer, user = ?creds.username, reason = %why, "AUTH refused: user name locked");
-            let reply = Reply::new(454, Enhanced(4, 7, 0), "Temporary authentication failure");
+            let reply = Reply::temp_auth_failure();
             return self.refuse(state, reply).await;
         }
         let reply = self.login_at_next_hop(&helo, &creds).await;
@@ -154,43 +117,19 @@ impl Session {
     async fn login_at_next_hop(&mut self, helo: &Helo, creds: &Credentials) -> Reply {
         let identity = self.identity(helo);
         if let Err(e) = self.relay.can_authenticate(&identity).await {
-            return self.auth_unavailable(&e);
+            return failure::report(&e, Stage::Auth, &self.id);
         }
         match self.relay.authenticate(&identity, creds).await {
-            Ok(reply) if reply.code == 235 => {
-                Reply::new(235, Enhanced(2, 7, 0), "Authentication successful")
-            }
-            Ok(reply) if reply.is_transient() => {
-                Reply::new(454, Enhanced(4, 7, 0), "Temporary authentication failure")
-            }
-            Ok(_) => Reply::new(535, Enhanced(5, 7, 8), "Authentication credentials invalid"),
-            Err(e) => self.auth_unavailable(&e),
-        }
-    }
-
-    /// The reply when the login cannot be relayed. A link that may not carry a password,
-    /// or a next-hop certificate that failed verification, is a configuration (or
-    /// attack) problem every login hits: ERROR, so it is seen. Anything else (the next
-    /// hop down, no mechanism) is WARN.
-    fn auth_unavailable(&self, e: &crate::relay::RelayError) -> Reply {
-        use crate::relay::RelayError;
-        match e {
-            RelayError::Insecure(_) | RelayError::Tls(_) => {
-                tracing::error!(session = %self.id, error = %e, "AUTH refused: credentials are only relayed to a loopback next hop or over verified TLS");
-                crate::metrics::global().auth_relay_insecure.inc();
-                RelayError::Insecure("").reply()
-            }
-            _ => {
-                tracing::warn!(session = %self.id, error = %e, "AUTH: next hop unavailable or offers no PLAIN/LOGIN");
-                Reply::new(454, Enhanced(4, 7, 0), "Temporary authentication failure")
-            }
+            Ok(reply) if reply.code == 235 => Reply::auth_succeeded(),
+            Ok(reply) if reply.is_transient() => Reply::temp_auth_failure(),
+            Ok(_) => Reply::auth_invalid(),
+            Err(e) => failure::report(&e, Stage::Auth, &self.id),
         }
     }
 
     /// One SASL response line from the client; `*` cancels (RFC 4954 §4).
     async fn sasl_line(&mut self, challenge: &str) -> Result<String, Collect> {
-        self.stream
-            .queue(&Reply::plain(334, vec![challenge.to_string()]));
+        self.stream.queue(&Reply::challenge(challenge));
         let timeout = self.config().limits.command_timeout;
         match self.stream.read_line(MAX_SASL_LINE, timeout).await {
             Ok(Line::Complete(bytes)) => {
@@ -198,20 +137,12 @@ impl Session {
                     .trim_end_matches(['\r', '\n'])
                     .to_string();
                 if text == "*" {
-                    Err(Collect::Refused(Reply::new(
-                        501,
-                        Enhanced(5, 0, 0),
-                        "Authentication cancelled",
-                    )))
+                    Err(Collect::Refused(Reply::auth_cancelled()))
                 } else {
                     Ok(text)
                 }
             }
-            Ok(Line::TooLong) => Err(Collect::Refused(Reply::new(
-                500,
-                Enhanced(5, 5, 6),
-                "Authentication exchange line too long",
-            ))),
+            Ok(Line::TooLong) => Err(Collect::Refused(Reply::auth_line_too_long())),
             Err(_) => Err(Collect::Closed),
         }
     }
@@ -226,17 +157,13 @@ impl Session {
             initial
         };
         let Some(blob) = decode(&response) else {
-            return Collect::Refused(bad_base64());
+            return Collect::Refused(Reply::invalid_base64());
         };
         let mut parts = blob.split(|&b| b == 0);
         let (Some(authzid), Some(user), Some(pass), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Collect::Refused(Reply::new(
-                501,
-                Enhanced(5, 5, 2),
-                "Malformed PLAIN response",
-            ));
+            return Collect::Refused(Reply::malformed_plain());
         };
         match (
             std::str::from_utf8(authzid),
@@ -248,11 +175,7 @@ impl Session {
                 username: u.to_string(),
                 password: p.to_string(),
             }),
-            _ => Collect::Refused(Reply::new(
-                501,
-                Enhanced(5, 5, 2),
-                "Malformed PLAIN response",
-            )),
+            _ => Collect::Refused(Reply::malformed_plain()),
         }
     }
 
@@ -276,7 +199,7 @@ impl Session {
                 username,
                 password,
             }),
-            _ => Collect::Refused(bad_base64()),
+            _ => Collect::Refused(Reply::invalid_base64()),
         }
     }
 }

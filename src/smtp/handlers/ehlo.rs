@@ -1,7 +1,7 @@
 //! EHLO and HELO: (re)start the dialogue and list what we offer.
 
 use crate::smtp::session::{Flow, Helo, Session, State};
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 impl Session {
     pub(crate) async fn on_helo(
@@ -12,7 +12,7 @@ impl Session {
     ) -> (State, Flow) {
         if host.trim().is_empty() {
             let verb = if esmtp { "EHLO" } else { "HELO" };
-            let reply = Reply::new(501, Enhanced(5, 5, 4), format!("Syntax: {verb} hostname"));
+            let reply = Reply::syntax(format_args!("{verb} hostname"));
             return (state, self.error(reply).await);
         }
         // A new greeting ends any open transaction (RFC 5321 §4.1.4), and the next hop

@@ -7,7 +7,7 @@ use smtp_proto::MailFrom;
 
 use crate::config::Role;
 use crate::smtp::session::{Flow, Session, State, Transaction};
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 impl Session {
     /// Whether this session may start a transaction: on an inbound listener always (its
@@ -32,11 +32,11 @@ impl Session {
         let helo = match state {
             State::Ready(helo) => helo,
             State::Fresh => {
-                let reply = Reply::new(503, Enhanced(5, 5, 1), "Send EHLO/HELO first");
+                let reply = Reply::need_helo();
                 return (State::Fresh, self.error(reply).await);
             }
             State::Transaction(..) => {
-                let reply = Reply::new(503, Enhanced(5, 5, 1), "Nested MAIL command");
+                let reply = Reply::nested_mail();
                 return (state, self.error(reply).await);
             }
         };
@@ -45,25 +45,20 @@ impl Session {
             // client that has not authenticated. Otherwise port 587 would be a way
             // around every inbound check, counted as nobody's.
             tracing::info!(session = %self.id, client = %self.peer, from = %from.address, "submission without AUTH refused");
-            let reply = Reply::new(530, Enhanced(5, 7, 0), "Authentication required");
+            let reply = Reply::auth_required();
             return (State::Ready(helo), self.error(reply).await);
         }
         let limits = &self.config().limits;
         if self.transactions >= limits.max_transactions {
-            self.say_goodbye(Reply::new(
-                421,
-                Enhanced(4, 7, 0),
-                "Too many transactions, reconnect",
-            ))
-            .await;
+            self.say_goodbye(Reply::too_many_transactions()).await;
             return (State::Ready(helo), Flow::Close);
         }
         if from.size > limits.message_size_limit {
-            let reply = Reply::new(552, Enhanced(5, 3, 4), "Message size exceeds fixed limit");
+            let reply = Reply::message_too_big();
             return (State::Ready(helo), self.error(reply).await);
         }
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
-            let reply = Reply::new(504, Enhanced(5, 5, 4), "BINARYMIME not offered");
+            let reply = Reply::binarymime_not_offered();
             return (State::Ready(helo), self.error(reply).await);
         }
         let early = self
@@ -86,9 +81,6 @@ impl Session {
             policy_class: None,
             started: Instant::now(),
         };
-        self.ok(
-            State::Transaction(helo, Box::new(tx)),
-            Reply::new(250, Enhanced(2, 1, 0), "Ok"),
-        )
+        self.ok(State::Transaction(helo, Box::new(tx)), Reply::sender_ok())
     }
 }

@@ -3,17 +3,18 @@
 use smtp_proto::RcptTo;
 
 use crate::config::Role;
+use crate::relay::failure::{self, Stage};
 use crate::smtp::session::{Flow, Helo, Session, State, Transaction};
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 impl Session {
     pub(crate) async fn on_rcpt(&mut self, state: State, to: RcptTo<String>) -> (State, Flow) {
         let State::Transaction(helo, mut tx) = state else {
-            let reply = Reply::new(503, Enhanced(5, 5, 1), "Need MAIL command");
+            let reply = Reply::need_mail();
             return (state, self.error(reply).await);
         };
         if tx.rcpt_attempts >= self.config().limits.max_recipients {
-            let reply = Reply::new(452, Enhanced(4, 5, 3), "Too many recipients");
+            let reply = Reply::too_many_recipients();
             return (State::Transaction(helo, tx), self.error(reply).await);
         }
         tx.rcpt_attempts += 1;
@@ -32,11 +33,7 @@ impl Session {
         {
             crate::metrics::global().recipient_policy_splits.inc();
             tracing::info!(session = %self.id, rcpt = %to.address, "recipient policy differs: 452, another transaction");
-            self.stream.queue(&Reply::new(
-                452,
-                Enhanced(4, 5, 3),
-                "Recipient policy differs, send to this recipient in a separate transaction",
-            ));
+            self.stream.queue(&Reply::recipient_policy_differs());
             return (State::Transaction(helo, tx), Flow::Continue);
         }
         let reply = self.rcpt_reply(&helo, &mut tx, &to).await;
@@ -62,7 +59,7 @@ impl Session {
     ) -> Reply {
         if self.listener.config.role == Role::Inbound && !self.accepts_domain_of(&to.address) {
             tracing::info!(session = %self.id, client = %self.peer, rcpt = %to.address, "relay denied");
-            return Reply::new(550, Enhanced(5, 7, 1), "Relay access denied");
+            return Reply::relay_denied();
         }
         if let Some(failure) = &tx.relay_failure {
             return failure.clone();
@@ -76,12 +73,7 @@ impl Session {
                     return reply;
                 }
                 Err(e) => {
-                    crate::metrics::global()
-                        .next_hop_errors
-                        .get_or_create(&crate::metrics::label("kind", e.kind()))
-                        .inc();
-                    tracing::warn!(session = %self.id, error = %e, "next hop failed at MAIL");
-                    let reply = e.reply();
+                    let reply = failure::report(&e, Stage::Mail, &self.id);
                     tx.relay_failure = Some(reply.clone());
                     return reply;
                 }
@@ -95,12 +87,7 @@ impl Session {
                 reply
             }
             Err(e) => {
-                crate::metrics::global()
-                    .next_hop_errors
-                    .get_or_create(&crate::metrics::label("kind", e.kind()))
-                    .inc();
-                tracing::warn!(session = %self.id, error = %e, "next hop failed at RCPT");
-                let reply = e.reply();
+                let reply = failure::report(&e, Stage::Rcpt, &self.id);
                 tx.relay_failure = Some(reply.clone());
                 reply
             }

@@ -1,7 +1,7 @@
 //! RSET: end the transaction here and at the next hop.
 
 use crate::smtp::session::{Flow, Session, State};
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 impl Session {
     pub(crate) async fn on_rset(&mut self, state: State) -> (State, Flow) {
@@ -12,6 +12,6 @@ impl Session {
             }
             other => other,
         };
-        self.ok(next, Reply::new(250, Enhanced(2, 0, 0), "Ok"))
+        self.ok(next, Reply::ok())
     }
 }

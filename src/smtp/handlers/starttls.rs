@@ -4,23 +4,19 @@ use crate::config::defaults::TLS_HANDSHAKE_TIMEOUT;
 use crate::smtp::session::{Flow, Session, State};
 use crate::tls::MaybeTls;
 use crate::wire::codec::SmtpStream;
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 impl Session {
     pub(crate) async fn on_starttls(&mut self, state: State) -> (State, Flow) {
         let Some(acceptor) = self.listener.tls.clone().filter(|_| !self.is_tls()) else {
-            let reply = Reply::new(502, Enhanced(5, 5, 1), "STARTTLS not available");
+            let reply = Reply::starttls_unavailable();
             return (state, self.error(reply).await);
         };
         if matches!(state, State::Transaction(..)) {
-            let reply = Reply::new(
-                503,
-                Enhanced(5, 5, 1),
-                "STARTTLS not allowed inside a transaction",
-            );
+            let reply = Reply::starttls_in_transaction();
             return (state, self.error(reply).await);
         }
-        let ready = Reply::new(220, Enhanced(2, 0, 0), "Ready to start TLS");
+        let ready = Reply::ready_for_tls();
         if self.stream.send(&ready).await.is_err() {
             return (state, Flow::Close);
         }
