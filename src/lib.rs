@@ -22,6 +22,7 @@ pub mod dmarc_reports;
 pub mod fuzzing;
 pub mod metrics;
 pub mod outbound;
+pub mod pipeline;
 pub mod policy;
 pub mod quarantine;
 pub mod relay;

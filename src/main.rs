@@ -71,6 +71,14 @@ enum Command {
         /// One JSON object on stdout instead of a table.
         #[arg(long)]
         json: bool,
+        /// What the outbound stage found (submission; offline there is no account
+        /// state): none, alert, defer, hold, freeze, reject, or frozen.
+        #[arg(long)]
+        outbound: Option<String>,
+        /// A flag the outbound stage raised (repeatable): outbound-burst,
+        /// outbound-from-mismatch.
+        #[arg(long = "outbound-flag")]
+        outbound_flag: Vec<String>,
         /// The message (RFC 5322), LF or CRLF line endings.
         message: PathBuf,
     },
@@ -150,6 +158,8 @@ fn main() -> ExitCode {
             rcpt,
             role,
             json,
+            outbound,
+            outbound_flag,
             message,
         } => with_config(config(), |config| {
             mailwarden::check::run(&mailwarden::check::Args {
@@ -161,6 +171,8 @@ fn main() -> ExitCode {
                 role,
                 json,
                 message,
+                outbound,
+                outbound_flags: outbound_flag,
             })
         }),
         Command::Quarantine { command } => with_config(config(), |c| {

@@ -1670,3 +1670,88 @@ fn decision_log_lines(dir: &std::path::Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+// ---------------------------------------------------------------------------
+// The outbound stage's findings as policy inputs (issue 12)
+// ---------------------------------------------------------------------------
+
+/// The outbound stage is one stage of the decision pipeline: what it finds about a
+/// message it lets through (here an `alert` for a foreign From) reaches the policy,
+/// whose rule on `outbound_flags` holds the message that the same configuration
+/// without the rule relays. The decision log shows the outbound findings for every
+/// submission, with the outbound stage first in the trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_rule_on_outbound_findings_changes_the_action() {
+    within(async {
+        let alice = "alice@example.org".to_string();
+        let mta = next_hop(std::slice::from_ref(&alice)).await;
+        let policy_dir = tempfile::tempdir().unwrap();
+        let policy = policy_dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            "[[rule]]\nname = \"foreign-from-held\"\noutbound_flags = [\"outbound-from-mismatch\"]\n\
+             action = \"quarantine\"\nreason = \"Held: From outside the account\"\n",
+        )
+        .unwrap();
+        let with_policy = |rule: bool| {
+            let mut o = options(&mta, "[outbound.from]\naction = \"alert\"\n");
+            o.auth = true;
+            if rule {
+                o.auth_extra = vec![format!("policy_file = {:?}", policy.display().to_string())];
+            }
+            o
+        };
+        let to = vec!["bob@partner.example".to_string()];
+        let foreign = format!(
+            "From: \"CEO\" <ceo@bank.example>\r\nTo: <{}>\r\nSubject: wire transfer\r\n\r\nPay now.\r\n",
+            to[0]
+        );
+        let own = format!("From: {alice}\r\nTo: <{}>\r\nSubject: hi\r\n\r\nHi.\r\n", to[0]);
+
+        // The built-in policy: an outbound alert is relayed, as before.
+        let plain = Proxy::start(with_policy(false)).await;
+        let mut c = login_session(plain.addr, &alice).await;
+        let r = send_pipelined(&mut c, &alice, &to, foreign.as_bytes()).await;
+        assert!(relayed(&r), "built-in policy: {}", show(&r.raw));
+        quit(c).await;
+        assert!(quarantined(plain.dir.path()).is_empty());
+
+        // The rule on the outbound flag: held in quarantine, her own mail still relayed.
+        let strict = Proxy::start(with_policy(true)).await;
+        let mut c = login_session(strict.addr, &alice).await;
+        let r = send_pipelined(&mut c, &alice, &to, foreign.as_bytes()).await;
+        assert_eq!(r.code, 250, "{}", show(&r.raw));
+        assert!(!relayed(&r), "the rule on the outbound flag did not hold it");
+        let r = send_pipelined(&mut c, &alice, &to, own.as_bytes()).await;
+        assert!(relayed(&r), "own From: {}", show(&r.raw));
+        quit(c).await;
+        assert_eq!(mta.accepted().len(), 2);
+        let held = quarantined(strict.dir.path());
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert!(flags(&held[0]).iter().any(|f| f == "outbound-from-mismatch"), "{}", held[0]);
+        assert!(held[0]["reasons"].to_string().contains("Held: From outside the account"), "{}", held[0]);
+
+        // Both submissions are in the decision log with the outbound findings.
+        let mut records = Vec::new();
+        wait_for("two decision-log records", Duration::from_secs(10), || {
+            records = decision_log_lines(strict.dir.path());
+            records.len() >= 2
+        })
+        .await;
+        records.sort_by_key(|r| r["t"].as_u64());
+        let (held_rec, relayed_rec) = (&records[0], &records[1]);
+        assert_eq!(held_rec["stage"], "policy", "{held_rec}");
+        assert_eq!(held_rec["action"], "quarantine", "{held_rec}");
+        assert_eq!(held_rec["rule"], "foreign-from-held", "{held_rec}");
+        assert_eq!(held_rec["trace"][0], "outbound=alert", "{held_rec}");
+        assert_eq!(held_rec["trace"][1], "foreign-from-held=quarantine", "{held_rec}");
+        assert_eq!(held_rec["outbound"]["action"], "alert", "{held_rec}");
+        assert_eq!(held_rec["inputs"]["outbound"]["flags"][0], "outbound-from-mismatch", "{held_rec}");
+        assert_eq!(relayed_rec["action"], "accept", "{relayed_rec}");
+        assert_eq!(relayed_rec["rule"], "submission", "{relayed_rec}");
+        assert_eq!(relayed_rec["outbound"]["account"], alice.as_str(), "{relayed_rec}");
+        assert_eq!(relayed_rec["outbound"]["action"], "none", "{relayed_rec}");
+        assert_eq!(relayed_rec["inputs"]["outbound"]["action"], "none", "{relayed_rec}");
+    })
+    .await;
+}

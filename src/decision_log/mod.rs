@@ -1,6 +1,8 @@
-//! The decision log: for every transaction that reached the outbound or the policy
-//! stage, what the policy saw (exactly [`PolicyInputs`]) and what it decided, so a
-//! changed policy can be replayed over past mail ([`replay`]).
+//! The decision log: for every transaction that reached the outbound stage's decision
+//! or the policy stage, what the policy saw (exactly [`PolicyInputs`], the outbound
+//! findings included) and what the pipeline decided (`crate::pipeline::record` writes
+//! it from the one `Verdict`), so a changed policy can be replayed over past mail
+//! ([`replay`]).
 //!
 //! Sessions hand records to one writer thread over a bounded channel and never wait:
 //! with the channel full a record is dropped, counted
@@ -21,22 +23,24 @@ use crate::policy::inputs::PolicyInputs;
 use crate::policy::rules::{ActionKind, TraceEntry};
 use store::DecisionStore;
 
-/// Which stage decided.
+/// Which stage of the pipeline (`crate::pipeline`) decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
     /// The outbound burst detector held, refused or deferred the message before the
     /// policy ran: a policy file cannot change that.
     Outbound,
-    /// The policy's rules.
+    /// The policy's rules (header sanity, authentication, spoof flags, rules).
     Policy,
 }
 
-/// The outbound stage's verdict when it decided.
+/// What the outbound stage found, whenever it ran: when it decided alone
+/// ([`Stage::Outbound`]) and when it let the message through to the rules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboundStage {
     pub account: String,
-    /// `hold` | `reject` | `defer` | `freeze`.
+    /// The detector's action: `none` | `alert` (let through), `hold` | `reject` |
+    /// `defer` | `freeze` (decided; `none` or `alert` with `frozen` too).
     pub action: String,
     pub frozen: bool,
     #[serde(default)]

@@ -688,13 +688,14 @@ pub fn config_policy(data: &[u8]) {
                 let report = report_with(result);
                 let flags: Vec<String> = KNOWN_FLAGS.iter().map(|f| f.to_string()).collect();
                 let ev = policy.evaluate(&Facts {
-                    report: &report,
+                    report: Some(&report),
                     flags: &flags,
                     from_domain: "example.org",
                     mail_from_domain: "example.org",
                     rcpt_domains: &["example.net".to_string()],
                     list_id: Some("list.example.org"),
                     client_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                    outbound: None,
                 });
                 let last = ev.trace.last().expect("a trace");
                 assert!(last.matched && last.rule == ev.rule && !last.shadow);

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::inputs::{LoggedAuth, LoggedDkim, LoggedSanity, LoggedSpf, PolicyInputs};
+use super::inputs::{
+    LoggedAuth, LoggedDkim, LoggedSanity, LoggedSpf, OutboundInputs, PolicyInputs,
+};
 use super::rules::{ActionKind, KNOWN_FLAGS, Policy};
 use crate::auth::AuthResult;
 use crate::config::{ConfigError, locate};
@@ -70,6 +72,12 @@ pub struct Case {
     /// A header-sanity problem, and the `[auth] malformed_from` action it got.
     pub header_sanity: Option<String>,
     pub header_sanity_action: Option<ActionKind>,
+    /// The outbound stage's action for a submission it let through (`none` | `alert`);
+    /// absent: the outbound stage did not run (inbound mail).
+    pub outbound: Option<String>,
+    /// The outbound stage's flags (with `outbound`).
+    #[serde(default)]
+    pub outbound_flags: Vec<String>,
     /// What the policy must decide.
     pub expect: ActionKind,
     /// And by which rule (`default` when none matches), when given.
@@ -139,6 +147,10 @@ impl Case {
                 problem: p.clone(),
                 text: format!("header sanity: {p}"),
                 action: self.header_sanity_action.unwrap_or(ActionKind::Quarantine),
+            }),
+            outbound: self.outbound.as_ref().map(|action| OutboundInputs {
+                action: action.clone(),
+                flags: self.outbound_flags.clone(),
             }),
         }
     }

@@ -1,6 +1,7 @@
-//! The verdict engine: verification, spoof checks and the operator's rules, put
-//! together for one message. The proxy (through [`Inspector`]) and the offline `check`
-//! command both call [`Enforcer::evaluate`], so they cannot disagree.
+//! The rules stage's engine: header sanity, verification, spoof checks and the
+//! operator's rules, put together for one message. The proxy (through the pipeline and
+//! [`Inspector`]) and the offline `check` command both call [`Enforcer::evaluate`], so
+//! they cannot disagree.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -9,31 +10,31 @@ use std::sync::{Arc, RwLock};
 use serde_json::json;
 
 use super::inputs::{LoggedSanity, PolicyInputs, decide};
-use super::rules::{ActionKind, Evaluation, Facts, Policy};
+use super::rules::{ActionKind, Facts, Policy, RuleMatch};
 use super::sanity;
 use super::spoof::{self, SpoofConfig, SpoofInput};
-use super::{Action, Decision, Inspector, MessageContext};
+use super::{Action, Inspector, MessageContext, RulesFindings};
 use crate::auth::headers::{self, Field};
 use crate::auth::{AuthReport, AuthResult, Verifier, VerifyInput};
 use crate::config::{Config, ConfigError, Role, SanityAction};
 use crate::relay::writer::Edit;
 use crate::wire::reply::{Enhanced, Reply};
 
-/// Everything decided about one message.
-pub struct Verdict {
+/// Everything the rules stage found about one message (what `check` prints).
+pub struct Findings {
     /// `None` when verification was skipped (submission listeners by default).
     pub report: Option<AuthReport>,
     /// What header sanity found wrong, if anything.
     pub sanity: Option<sanity::Problem>,
     pub flags: Vec<(spoof::Flag, String)>,
-    pub evaluation: Evaluation,
+    pub rule_match: RuleMatch,
     /// The `Authentication-Results` value on one line.
     pub authentication_results: Option<String>,
     /// What the rules read, for the decision log (when `[decision_log]` is on).
     pub inputs: Option<PolicyInputs>,
 }
 
-impl Verdict {
+impl Findings {
     pub fn flag_names(&self) -> Vec<String> {
         self.flags
             .iter()
@@ -47,8 +48,8 @@ impl Verdict {
         if let Some(p) = &self.sanity {
             out.insert(0, p.reply_text());
         }
-        if self.evaluation.action != ActionKind::Accept
-            && let Some(r) = &self.evaluation.reason
+        if self.rule_match.action != ActionKind::Accept
+            && let Some(r) = &self.rule_match.reason
         {
             out.push(r.clone());
         }
@@ -75,11 +76,11 @@ impl Verdict {
             "work": self.report.as_ref().map(|r| json!(r.work)),
             "stale": self.report.as_ref().map(|r| json!(r.stale)),
             "flags": self.flag_names(),
-            "verdict": self.evaluation.action.as_str(),
+            "verdict": self.rule_match.action.as_str(),
             "reasons": self.reasons(),
-            "rule": self.evaluation.rule,
-            "trace": self.evaluation.trace,
-            "shadow": self.evaluation.shadow_hits.iter().map(|(r, a)| json!({"rule": r, "action": a.as_str()})).collect::<Vec<_>>(),
+            "rule": self.rule_match.rule,
+            "trace": self.rule_match.trace,
+            "shadow": self.rule_match.shadow_hits.iter().map(|(r, a)| json!({"rule": r, "action": a.as_str()})).collect::<Vec<_>>(),
             "authentication_results": self.authentication_results,
         })
     }
@@ -174,63 +175,38 @@ impl Enforcer {
         Ok(version)
     }
 
-    /// Verifies and decides. `fields` are the message's header fields.
+    /// Verifies and applies the rules to `ctx.message` (its header parsed once, by the
+    /// pipeline or `check`).
     ///
     /// Stages, in order: header sanity (one author domain), verification, spoof flags,
     /// the rules; with a sanity problem the stricter of its action and the rules' wins.
     /// A message that fails sanity is still verified (DMARC then evaluates its first
     /// From address's domain): `check` and the log show every result, whatever the
     /// verdict, and there is one path through this function, not two.
-    pub async fn evaluate(&self, ctx: &MessageContext<'_>, fields: &[Field<'_>]) -> Verdict {
+    pub async fn evaluate(&self, ctx: &MessageContext<'_, '_>) -> Findings {
         let policy = self.policy();
         if ctx.role == Role::Submission && !self.verify_submission {
-            let evaluation = decide(&policy, None, None);
-            let inputs = self
-                .capture_inputs
-                .then(|| PolicyInputs::capture(None, None, ctx.client.ip(), None));
-            return Verdict {
-                report: None,
-                sanity: None,
-                flags: Vec::new(),
-                evaluation,
-                authentication_results: None,
-                inputs,
-            };
+            return self.unverified(&policy, ctx);
         }
-        let author = sanity::check(fields);
+        let fields = ctx.message.fields();
+        let author = ctx.message.author();
         let problem = author.as_ref().err().cloned();
         if let Some(p) = &problem {
             count_problem(p);
         }
-        // Every mailbox of every From field: the spoof checks look at all of them (with
-        // a sane header that is the one author's mailboxes).
-        let mailboxes: Vec<(String, String)> = match &author {
-            Ok(a) => a.mailboxes.clone(),
-            Err(_) => fields
-                .iter()
-                .filter(|f| f.name.eq_ignore_ascii_case("From"))
-                .flat_map(|f| spoof::parse_from_mailboxes(&f.value))
-                .collect(),
-        };
-        let from_domain = match &author {
-            Ok(a) => a.domain.clone(),
-            Err(_) => mailboxes
-                .first()
-                .and_then(|(_, a)| a.rsplit_once('@'))
-                .map(|(_, d)| d.trim_end_matches('.').to_lowercase())
-                .unwrap_or_default(),
-        };
+        let mailboxes = ctx.message.from_mailboxes();
+        let from_domain = ctx.message.from_domain();
         let report = self
             .verifier
             .verify(&VerifyInput {
                 ip: ctx.client.ip().to_canonical(),
                 helo: ctx.helo,
                 mail_from: &ctx.mail_from.address,
-                message: ctx.message,
+                message: ctx.message.bytes,
                 author_domain: author.as_ref().ok().map(|a| a.domain.as_str()),
             })
             .await;
-        let flags = self.spoof_flags(ctx, &mailboxes, &report);
+        let flags = self.spoof_flags(ctx, mailboxes, &report);
         let flag_names: Vec<String> = flags.iter().map(|(f, _)| f.as_str().to_string()).collect();
         let rcpt_domains: Vec<String> = ctx
             .rcpts
@@ -244,13 +220,14 @@ impl Enforcer {
         let list_id = list_id(fields);
         let mail_from_domain = report.spf.mail_from.domain.clone();
         let facts = Facts {
-            report: &report,
+            report: Some(&report),
             flags: &flag_names,
             from_domain: &from_domain,
             mail_from_domain: &mail_from_domain,
             rcpt_domains: &rcpt_domains,
             list_id: list_id.as_deref(),
             client_ip: ctx.client.ip(),
+            outbound: ctx.outbound,
         };
         let sanity = problem.as_ref().map(|p| LoggedSanity {
             problem: p.as_str().to_string(),
@@ -258,17 +235,45 @@ impl Enforcer {
             action: sanity_action(self.malformed_from),
         });
         // The one decision function the offline commands share (`super::inputs`).
-        let evaluation = decide(&policy, Some(&facts), sanity.as_ref());
+        let rule_match = decide(&policy, Some(&facts), sanity.as_ref());
         let inputs = self
             .capture_inputs
             .then(|| PolicyInputs::capture(Some(&report), Some(&facts), ctx.client.ip(), sanity));
         let ar = headers::authentication_results(&self.authserv_id, &report, "; ");
-        Verdict {
+        Findings {
             report: Some(report),
             sanity: problem,
             flags,
-            evaluation,
+            rule_match,
             authentication_results: Some(ar),
+            inputs,
+        }
+    }
+
+    /// A submission without `[auth] verify_submission`: no sanity, no verification, no
+    /// spoof flags; the rules with an outbound condition are asked when the outbound
+    /// stage ran (`super::rules::Policy::evaluate`).
+    fn unverified(&self, policy: &Policy, ctx: &MessageContext<'_, '_>) -> Findings {
+        let facts = ctx.outbound.map(|o| Facts {
+            report: None,
+            flags: &[],
+            from_domain: "",
+            mail_from_domain: "",
+            rcpt_domains: &[],
+            list_id: None,
+            client_ip: ctx.client.ip(),
+            outbound: Some(o),
+        });
+        let rule_match = decide(policy, facts.as_ref(), None);
+        let inputs = self
+            .capture_inputs
+            .then(|| PolicyInputs::capture(None, facts.as_ref(), ctx.client.ip(), None));
+        Findings {
+            report: None,
+            sanity: None,
+            flags: Vec::new(),
+            rule_match,
+            authentication_results: None,
             inputs,
         }
     }
@@ -276,7 +281,7 @@ impl Enforcer {
     /// The spoof flags over every From mailbox, each flag once (with its first reason).
     fn spoof_flags(
         &self,
-        ctx: &MessageContext<'_>,
+        ctx: &MessageContext<'_, '_>,
         mailboxes: &[(String, String)],
         report: &AuthReport,
     ) -> Vec<(spoof::Flag, String)> {
@@ -302,10 +307,11 @@ impl Enforcer {
         flags
     }
 
-    /// Turns a verdict into what the session does: the reply for refusals, the headers
-    /// to add and the edits (forged fields out, subject prefix in) for relayed mail.
-    fn decision(&self, verdict: &Verdict, message: &[u8], fields: &[Field<'_>]) -> Decision {
-        let ev = &verdict.evaluation;
+    /// Turns the findings into what the pipeline carries out: the reply for refusals,
+    /// the headers to add and the edits (forged fields out, subject prefix in) for
+    /// relayed mail.
+    fn carry_out(&self, verdict: &Findings, message: &[u8], fields: &[Field<'_>]) -> RulesFindings {
+        let ev = &verdict.rule_match;
         let reason = ev
             .reason
             .clone()
@@ -373,8 +379,9 @@ impl Enforcer {
             }
         }
         edits.sort_by_key(|e| (e.range.start, e.range.end));
-        Decision {
+        RulesFindings {
             action,
+            rule: ev.rule.clone(),
             headers: added,
             edits,
             reasons: verdict.reasons(),
@@ -454,10 +461,10 @@ fn count_problem(p: &sanity::Problem) {
         .inc();
 }
 
-/// Counts one verdict in the metrics.
-fn count(verdict: &Verdict, took: std::time::Duration) {
+/// Counts one rules-stage result in the metrics.
+fn count(verdict: &Findings, took: std::time::Duration) {
     let m = crate::metrics::global();
-    let ev = &verdict.evaluation;
+    let ev = &verdict.rule_match;
     m.verdicts
         .get_or_create(&vec![
             ("action", ev.action.as_str().to_string()),
@@ -510,7 +517,7 @@ fn count(verdict: &Verdict, took: std::time::Duration) {
 }
 
 /// A compact one-line form of the decision trace for logs: `rule=matched:action,...`.
-fn trace_line(ev: &Evaluation) -> String {
+fn trace_line(ev: &RuleMatch) -> String {
     ev.trace
         .iter()
         .map(|t| match (t.matched, t.action, t.shadow) {
@@ -525,14 +532,13 @@ fn trace_line(ev: &Evaluation) -> String {
 impl Inspector for Enforcer {
     fn inspect<'a>(
         &'a self,
-        ctx: &'a MessageContext<'a>,
-    ) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>> {
+        ctx: &'a MessageContext<'a, '_>,
+    ) -> Pin<Box<dyn Future<Output = RulesFindings> + Send + 'a>> {
         Box::pin(async move {
-            let fields = headers::fields(ctx.message);
             let started = std::time::Instant::now();
-            let verdict = self.evaluate(ctx, &fields).await;
+            let verdict = self.evaluate(ctx).await;
             count(&verdict, started.elapsed());
-            let ev = &verdict.evaluation;
+            let ev = &verdict.rule_match;
             for (rule, action) in &ev.shadow_hits {
                 tracing::info!(session = %ctx.session_id, rule = %rule, would = action.as_str(), "shadow rule matched");
             }
@@ -548,16 +554,16 @@ impl Inspector for Enforcer {
                 auth = %verdict.authentication_results.as_deref().unwrap_or("-"),
                 "verdict"
             );
-            let mut decision = self.decision(&verdict, ctx.message, &fields);
+            let mut found = self.carry_out(&verdict, ctx.message.bytes, ctx.message.fields());
             // Moved, not cloned: DMARC aggregate reports read it after the relay.
-            decision.auth = verdict.report.map(std::sync::Arc::new);
-            decision.explained = verdict.inputs.map(|inputs| {
+            found.auth = verdict.report.map(std::sync::Arc::new);
+            found.explained = verdict.inputs.map(|inputs| {
                 Box::new(super::inputs::Explained {
                     inputs,
-                    evaluation: verdict.evaluation,
+                    rule_match: verdict.rule_match,
                 })
             });
-            decision
+            found
         })
     }
 

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::rules::{ActionKind, Evaluation, Facts, Policy, TraceEntry};
+use super::rules::{ActionKind, Facts, Policy, RuleMatch, TraceEntry};
 use crate::auth::{
     ArcCheck, AuthReport, AuthResult, DkimCheck, DmarcCheck, SpfCheck, SpfPair, WorkCounts,
 };
@@ -72,6 +72,28 @@ pub struct LoggedSanity {
     pub action: ActionKind,
 }
 
+/// What the outbound stage found for a submission that it let through, as the rules
+/// read it (`outbound`, `outbound_flags`) and the decision log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboundInputs {
+    /// `none` | `alert` ([`super::rules::OUTBOUND_ACTIONS`]).
+    pub action: String,
+    /// `outbound-burst`, `outbound-from-mismatch`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+}
+
+/// The outbound stage's place in the trace: `outbound=none`, `outbound=alert`. First
+/// (after header sanity): it ran before verification and the rules.
+fn outbound_entry(o: &OutboundInputs) -> TraceEntry {
+    TraceEntry {
+        rule: "outbound".into(),
+        matched: true,
+        action: Some(if o.action == "alert" { "alert" } else { "none" }),
+        shadow: false,
+    }
+}
+
 /// Everything the rules stage reads for one message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyInputs {
@@ -91,19 +113,22 @@ pub struct PolicyInputs {
     pub client_ip: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sanity: Option<LoggedSanity>,
+    /// What the outbound stage found (submissions of a tracked account).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<OutboundInputs>,
 }
 
 /// What the rules stage read and concluded for one message (the decision log's input).
 #[derive(Debug, Clone)]
 pub struct Explained {
     pub inputs: PolicyInputs,
-    pub evaluation: Evaluation,
+    pub rule_match: RuleMatch,
 }
 
 /// Verification did not run: the rules are not asked (a submission listener without
 /// `[auth] verify_submission`).
-pub fn unverified() -> Evaluation {
-    Evaluation {
+pub fn unverified() -> RuleMatch {
+    RuleMatch {
         action: ActionKind::Accept,
         rule: "submission".into(),
         reason: None,
@@ -112,17 +137,22 @@ pub fn unverified() -> Evaluation {
     }
 }
 
-/// The verdict of `policy` over `facts`, with header sanity: the stricter of its action
-/// and the rules' wins. `None` facts: verification did not run.
+/// What `policy` concludes over `facts`, with header sanity: the stricter of its action
+/// and the rules' wins. `None` facts: nothing to ask (no verification, no outbound
+/// findings). The trace starts with the stages before the rules: `header-sanity`, then
+/// `outbound`, in the pipeline's order (`crate::pipeline`).
 pub fn decide(
     policy: &Policy,
     facts: Option<&Facts<'_>>,
     sanity: Option<&LoggedSanity>,
-) -> Evaluation {
+) -> RuleMatch {
     let Some(facts) = facts else {
         return unverified();
     };
-    let evaluation = policy.evaluate(facts);
+    let mut evaluation = policy.evaluate(facts);
+    if let Some(o) = facts.outbound {
+        evaluation.trace.insert(0, outbound_entry(o));
+    }
     match sanity {
         Some(s) => sanity_evaluation(s.action, &s.text, evaluation),
         None => evaluation,
@@ -142,7 +172,7 @@ pub fn severity(a: ActionKind) -> u8 {
 
 /// The rules' evaluation with the header-sanity stage first in its trace; the stricter
 /// of the two actions wins.
-fn sanity_evaluation(action: ActionKind, text: &str, mut ev: Evaluation) -> Evaluation {
+fn sanity_evaluation(action: ActionKind, text: &str, mut ev: RuleMatch) -> RuleMatch {
     let entry = TraceEntry {
         rule: "header-sanity".into(),
         matched: true,
@@ -255,23 +285,25 @@ impl PolicyInputs {
             list_id: facts.and_then(|f| f.list_id.map(str::to_string)),
             client_ip: facts.map_or(client_ip, |f| f.client_ip),
             sanity,
+            outbound: facts.and_then(|f| f.outbound.cloned()),
         }
     }
 
     /// What `policy` decides for these inputs: the same [`decide`] the proxy runs.
-    pub fn evaluate(&self, policy: &Policy) -> Evaluation {
-        let Some(auth) = &self.auth else {
+    pub fn evaluate(&self, policy: &Policy) -> RuleMatch {
+        let report = self.auth.as_ref().map(LoggedAuth::to_report);
+        if report.is_none() && self.outbound.is_none() {
             return unverified();
-        };
-        let report = auth.to_report();
+        }
         let facts = Facts {
-            report: &report,
+            report: report.as_ref(),
             flags: &self.flags,
             from_domain: &self.from_domain,
             mail_from_domain: &self.mail_from_domain,
             rcpt_domains: &self.rcpt_domains,
             list_id: self.list_id.as_deref(),
             client_ip: self.client_ip,
+            outbound: self.outbound.as_ref(),
         };
         decide(policy, Some(&facts), self.sanity.as_ref())
     }
@@ -420,13 +452,14 @@ action = "quarantine"
                     .parse()
                     .unwrap();
                     let facts = Facts {
-                        report: &report,
+                        report: Some(&report),
                         flags: &flags,
                         from_domain: "a.example",
                         mail_from_domain: "a.example",
                         rcpt_domains: &rcpts,
                         list_id: n.is_multiple_of(7).then_some("news.lists.example.net"),
                         client_ip: ip,
+                        outbound: None,
                     };
                     let sanity = n.is_multiple_of(11).then(|| LoggedSanity {
                         problem: "multiple-from".into(),

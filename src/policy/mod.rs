@@ -1,12 +1,19 @@
-//! The verdict hook: after the whole message is read and before anything is relayed,
-//! the session asks an [`Inspector`] what to do with it.
+//! The rules stage of the decision pipeline (`crate::pipeline`): header sanity, sender
+//! authentication, the spoof flags and the operator's rules, behind the [`Inspector`]
+//! trait.
 //!
-//! [`AcceptAll`] relays everything; [`engine::Enforcer`] runs sender authentication,
-//! the spoof checks and the operator's rules.
+//! Why a trait still: the pipeline owns the order of the stages and the one `Verdict`;
+//! the [`Inspector`] is the interface of the stage that changes with configuration
+//! (`[auth] enabled` or not) and is swapped whole on reload. It also answers the
+//! questions the session asks before DATA (`check_mail_from`, `recipient_class`) and
+//! the admin API's (`policy_status`). [`AcceptAll`] is the stage with checks off;
+//! [`engine::Enforcer`] the real one. Its result is [`RulesFindings`], one stage's
+//! findings, which the pipeline folds into its `Verdict`.
 
 pub mod cases;
 pub mod engine;
 pub mod inputs;
+pub mod message;
 pub mod rules;
 pub mod sanity;
 pub mod spoof;
@@ -21,8 +28,9 @@ use crate::config::Role;
 use crate::relay::writer::Edit;
 use crate::wire::reply::Reply;
 
-/// Everything known about a message when its verdict is asked for.
-pub struct MessageContext<'a> {
+/// Everything known about a message when the rules stage runs. `'m` is the message's
+/// own lifetime: its parts, parsed on first use, are kept inside it, which ties it.
+pub struct MessageContext<'a, 'm> {
     pub session_id: &'a str,
     pub client: SocketAddr,
     pub helo: &'a str,
@@ -30,14 +38,16 @@ pub struct MessageContext<'a> {
     pub tls: bool,
     pub mail_from: &'a MailFrom<String>,
     pub rcpts: &'a [RcptTo<String>],
-    /// The canonical message (CRLF lines, dot-stuffing removed).
-    pub message: &'a [u8],
+    /// The message, its header parsed once for every stage.
+    pub message: &'a message::ParsedMessage<'m>,
+    /// What the outbound stage found, when it ran and let the message through.
+    pub outbound: Option<&'a inputs::OutboundInputs>,
 }
 
 /// What to do with a message.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Relay unchanged (apart from `Decision::headers`).
+    /// Relay unchanged (apart from the added headers).
     Accept,
     /// Relay, marked as suspicious in the added headers.
     Tag,
@@ -61,10 +71,13 @@ impl Action {
     }
 }
 
-/// A verdict with what it adds to the message and why.
+/// What the rules stage found: the action with what it adds to the message and why.
 #[derive(Debug, Clone)]
-pub struct Decision {
+pub struct RulesFindings {
     pub action: Action,
+    /// The deciding rule (`default`, `submission`, `header-sanity`, a rule's name;
+    /// `checks-off` for [`AcceptAll`]).
+    pub rule: String,
     /// Header lines (without CRLF) to add at the top of the relayed message.
     pub headers: Vec<String>,
     /// Changes to the message when relaying, sorted: forged verification results left
@@ -82,10 +95,11 @@ pub struct Decision {
     pub explained: Option<Box<inputs::Explained>>,
 }
 
-impl Decision {
-    pub fn accept() -> Decision {
-        Decision {
+impl RulesFindings {
+    pub fn accept() -> RulesFindings {
+        RulesFindings {
             action: Action::Accept,
+            rule: "checks-off".into(),
             headers: Vec::new(),
             edits: Vec::new(),
             reasons: Vec::new(),
@@ -97,13 +111,13 @@ impl Decision {
     }
 }
 
-/// Decides a message's fate. Implementations must not fail: every error (DNS down,
-/// broken input) becomes a decision (typically `Defer`) with a reason.
+/// The rules stage. Implementations must not fail: every error (DNS down, broken
+/// input) becomes a finding (typically `Defer`) with a reason.
 pub trait Inspector: Send + Sync {
     fn inspect<'a>(
         &'a self,
-        ctx: &'a MessageContext<'a>,
-    ) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>>;
+        ctx: &'a MessageContext<'a, '_>,
+    ) -> Pin<Box<dyn Future<Output = RulesFindings> + Send + 'a>>;
 
     /// An optional early refusal at MAIL FROM (SPF fail with `spf_early_reject`).
     fn check_mail_from<'a>(
@@ -145,14 +159,14 @@ pub struct PolicyStatus {
     pub last_reload: Option<Result<String, String>>,
 }
 
-/// The verdict used when checks are off: relay everything. verification is configured: relay everything.
+/// The rules stage when checks are off (`[auth] enabled = false`): relay everything.
 pub struct AcceptAll;
 
 impl Inspector for AcceptAll {
     fn inspect<'a>(
         &'a self,
-        _ctx: &'a MessageContext<'a>,
-    ) -> Pin<Box<dyn Future<Output = Decision> + Send + 'a>> {
-        Box::pin(async { Decision::accept() })
+        _ctx: &'a MessageContext<'a, '_>,
+    ) -> Pin<Box<dyn Future<Output = RulesFindings> + Send + 'a>> {
+        Box::pin(async { RulesFindings::accept() })
     }
 }

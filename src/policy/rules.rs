@@ -12,11 +12,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use super::inputs::OutboundInputs;
 use crate::auth::{AuthReport, AuthResult};
 use crate::config::{ConfigError, locate};
 
 /// Flags a rule may name (spoof checks today; the burst detector adds its own).
 pub const KNOWN_FLAGS: &[&str] = &["own-domain-spoof", "display-name-spoof", "lookalike-domain"];
+
+/// What the outbound stage can hand the rules as its action (`outbound = [...]`). A
+/// decisive outbound action (defer, hold, freeze, reject, or a frozen account) ends the
+/// pipeline before the rules run (`crate::pipeline`), so a rule can only ever see these.
+pub const OUTBOUND_ACTIONS: &[&str] = &["none", "alert"];
+
+/// The outbound stage's flags a rule may name (`outbound_flags = [...]`): the values of
+/// `crate::outbound::FLAG_BURST` and `FLAG_FROM` (a test checks they agree).
+pub const OUTBOUND_FLAGS: &[&str] = &["outbound-burst", "outbound-from-mismatch"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "lowercase")]
@@ -80,6 +90,11 @@ pub struct Rule {
     /// Whether a result that counts rests on a stale DNS answer (serve-stale:
     /// [`AuthReport::any_stale`]).
     pub stale: Option<bool>,
+    /// The outbound stage's action for this message (`none` | `alert`): submissions
+    /// of a tracked account only; inbound mail never matches.
+    pub outbound: Option<Vec<String>>,
+    /// Flags the outbound stage raised ([`OUTBOUND_FLAGS`]).
+    pub outbound_flags: Option<Vec<String>>,
     pub action: ActionKind,
     pub reason: Option<String>,
     #[serde(default)]
@@ -99,13 +114,18 @@ struct PolicyFile {
 
 /// What the rules look at for one message.
 pub struct Facts<'a> {
-    pub report: &'a AuthReport,
+    /// `None`: verification did not run (a submission listener without `[auth]
+    /// verify_submission`). Then only rules with an outbound condition are asked, and a
+    /// condition on an authentication result never holds.
+    pub report: Option<&'a AuthReport>,
     pub flags: &'a [String],
     pub from_domain: &'a str,
     pub mail_from_domain: &'a str,
     pub rcpt_domains: &'a [String],
     pub list_id: Option<&'a str>,
     pub client_ip: IpAddr,
+    /// What the outbound stage found (submissions of a tracked account only).
+    pub outbound: Option<&'a OutboundInputs>,
 }
 
 /// One step of the decision trace.
@@ -119,9 +139,10 @@ pub struct TraceEntry {
     pub shadow: bool,
 }
 
-/// The outcome of evaluating the policy for one message.
+/// What the rules found for one message: the rule that matched first (or `default`),
+/// with the trace of every rule asked.
 #[derive(Debug, Clone)]
-pub struct Evaluation {
+pub struct RuleMatch {
     pub action: ActionKind,
     /// The rule that decided (`default` when none matched).
     pub rule: String,
@@ -169,6 +190,8 @@ impl Policy {
             client_ip: None,
             temperror: None,
             stale: None,
+            outbound: None,
+            outbound_flags: None,
             action,
             reason: Some(reason.into()),
             shadow: false,
@@ -270,6 +293,23 @@ impl Policy {
                     ));
                 }
             }
+            let words = [
+                ("outbound", &rule.outbound, OUTBOUND_ACTIONS),
+                ("outbound_flags", &rule.outbound_flags, OUTBOUND_FLAGS),
+            ];
+            for (key, list, known) in words {
+                if let Some(bad) = list.iter().flatten().find(|w| !known.contains(&w.as_str())) {
+                    return Err(err(
+                        at(key),
+                        &format!("{table}.{key}"),
+                        format!(
+                            "unknown value `{bad}` (known: {}; a defer, hold, freeze or reject \
+                             by the outbound stage is final and never reaches the rules)",
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            }
             if let Some(reason) = &rule.reason
                 && (reason.len() > 200 || reason.chars().any(|c| c.is_control()))
             {
@@ -324,11 +364,16 @@ impl Policy {
         }
     }
 
-    /// Walks the rules in order; the first matching non-shadow rule decides.
-    pub fn evaluate(&self, facts: &Facts<'_>) -> Evaluation {
+    /// Walks the rules in order; the first matching non-shadow rule decides. Without
+    /// verification (`facts.report` is `None`) only the rules with an outbound condition
+    /// are asked, and none matching is the `submission` answer, accept: such mail was
+    /// never put to the other rules, and a policy written for inbound mail must not start
+    /// judging submissions.
+    pub fn evaluate(&self, facts: &Facts<'_>) -> RuleMatch {
         let mut trace = Vec::new();
         let mut shadow_hits = Vec::new();
-        for rule in &self.rules {
+        let verified = facts.report.is_some();
+        for rule in self.rules.iter().filter(|r| verified || r.names_outbound()) {
             let matched = rule.matches(facts);
             trace.push(TraceEntry {
                 rule: rule.name.clone(),
@@ -346,10 +391,19 @@ impl Policy {
                 shadow_hits.push((rule.name.clone(), rule.action));
                 continue;
             }
-            return Evaluation {
+            return RuleMatch {
                 action: rule.action,
                 rule: rule.name.clone(),
                 reason: rule.reason.clone(),
+                trace,
+                shadow_hits,
+            };
+        }
+        if !verified {
+            return RuleMatch {
+                action: ActionKind::Accept,
+                rule: "submission".into(),
+                reason: None,
                 trace,
                 shadow_hits,
             };
@@ -360,7 +414,7 @@ impl Policy {
             action: Some("accept"),
             shadow: false,
         });
-        Evaluation {
+        RuleMatch {
             action: ActionKind::Accept,
             rule: "default".into(),
             reason: None,
@@ -394,8 +448,52 @@ impl Policy {
 }
 
 impl Rule {
+    fn names_outbound(&self) -> bool {
+        self.outbound.is_some() || self.outbound_flags.is_some()
+    }
+
     fn matches(&self, f: &Facts<'_>) -> bool {
-        let r = f.report;
+        let outbound_ok = self
+            .outbound
+            .as_ref()
+            .is_none_or(|w| f.outbound.is_some_and(|o| w.contains(&o.action)))
+            && self.outbound_flags.as_ref().is_none_or(|w| {
+                f.outbound
+                    .is_some_and(|o| o.flags.iter().any(|flag| w.contains(flag)))
+            });
+        match f.report {
+            Some(r) => outbound_ok && self.matches_verified(f, r),
+            // Unverified: every condition on a result, a header or a domain is unknown,
+            // and an unknown condition does not hold.
+            None => outbound_ok && !self.names_verified() && self.matches_client(f),
+        }
+    }
+
+    /// Whether the rule names anything only verification (or header sanity) knows.
+    fn names_verified(&self) -> bool {
+        self.spf.is_some()
+            || self.spf_helo.is_some()
+            || self.dkim.is_some()
+            || self.arc.is_some()
+            || self.dmarc.is_some()
+            || self.dmarc_policy.is_some()
+            || self.flags.is_some()
+            || self.from_domain.is_some()
+            || self.mail_from_domain.is_some()
+            || self.rcpt_domain.is_some()
+            || self.arc_sealer.is_some()
+            || self.list_id.is_some()
+            || self.temperror.is_some()
+            || self.stale.is_some()
+    }
+
+    fn matches_client(&self, f: &Facts<'_>) -> bool {
+        self.client_ip
+            .as_ref()
+            .is_none_or(|w| w.iter().any(|n| n.contains(&f.client_ip.to_canonical())))
+    }
+
+    fn matches_verified(&self, f: &Facts<'_>, r: &AuthReport) -> bool {
         let result_in = |want: &Option<Vec<AuthResult>>, got: AuthResult| {
             want.as_ref().is_none_or(|w| w.contains(&got))
         };
@@ -435,10 +533,7 @@ impl Rule {
                 f.list_id
                     .is_some_and(|l| domain_in(l, w) && list_authenticated(l, r))
             })
-            && self
-                .client_ip
-                .as_ref()
-                .is_none_or(|w| w.iter().any(|n| n.contains(&f.client_ip.to_canonical())))
+            && self.matches_client(f)
             && self.temperror.is_none_or(|t| t == r.any_temperror())
             && self.stale.is_none_or(|t| t == r.any_stale())
     }
@@ -536,13 +631,14 @@ mod tests {
 
     fn facts<'a>(r: &'a AuthReport, flags: &'a [String], rcpts: &'a [String]) -> Facts<'a> {
         Facts {
-            report: r,
+            report: Some(r),
             flags,
             from_domain: "a.example",
             mail_from_domain: "a.example",
             rcpt_domains: rcpts,
             list_id: None,
             client_ip: "192.0.2.1".parse().unwrap(),
+            outbound: None,
         }
     }
 
@@ -753,5 +849,126 @@ action = "accept"
     fn subdomains_match() {
         assert!(domain_in("mail.Example.org.", &["example.org".into()]));
         assert!(!domain_in("badexample.org", &["example.org".into()]));
+    }
+
+    #[test]
+    fn outbound_words_are_the_detector_s() {
+        assert_eq!(
+            OUTBOUND_FLAGS,
+            [crate::outbound::FLAG_BURST, crate::outbound::FLAG_FROM]
+        );
+        for word in OUTBOUND_ACTIONS.iter().filter(|w| **w != "none") {
+            assert!(
+                [crate::outbound::OutboundAction::Alert]
+                    .iter()
+                    .any(|a| a.as_str() == *word),
+                "{word}"
+            );
+        }
+    }
+
+    /// A rule naming an outbound action the rules never see is an error at load, not a
+    /// rule that silently never matches.
+    #[test]
+    fn outbound_values_are_checked() {
+        let at = Path::new("p.toml");
+        for (text, key) in [
+            ("outbound = [\"hold\"]", "rule[0].outbound"),
+            ("outbound_flags = [\"burst\"]", "rule[0].outbound_flags"),
+        ] {
+            let e = Policy::parse(
+                &format!("[[rule]]\nname = \"x\"\n{text}\naction = \"reject\"\n"),
+                at,
+            )
+            .err()
+            .unwrap_or_else(|| panic!("{text} accepted"));
+            assert_eq!((e.key.as_str(), e.line), (key, Some(3)), "{e}");
+        }
+        assert!(
+            Policy::parse(
+                "[[rule]]\nname = \"x\"\noutbound = [\"alert\"]\naction = \"tag\"\n",
+                at
+            )
+            .is_ok()
+        );
+    }
+
+    /// Without verification only rules with an outbound condition are asked, and every
+    /// other condition they name (a result, a domain, a flag) fails: an inbound policy
+    /// does not start judging submissions, and a rule cannot match on what nobody checked.
+    #[test]
+    fn unverified_mail_meets_only_outbound_rules() {
+        let p = Policy::parse(
+            r#"
+[[rule]]
+name = "all-to-partner"
+rcpt_domain = ["partner.example"]
+action = "reject"
+
+[[rule]]
+name = "alert-and-dmarc-none"
+outbound = ["alert"]
+dmarc = ["none"]
+action = "reject"
+
+[[rule]]
+name = "alert-from-office"
+outbound = ["alert"]
+client_ip = ["192.0.2.0/24"]
+action = "quarantine"
+"#,
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let rcpts = vec!["partner.example".to_string()];
+        let alert = OutboundInputs {
+            action: "alert".into(),
+            flags: vec![],
+        };
+        let r = report(AuthResult::None, None);
+        let mut f = facts(&r, &[], &rcpts);
+        f.report = None;
+        f.outbound = Some(&alert);
+        let m = p.evaluate(&f);
+        assert_eq!(
+            (m.action, m.rule.as_str()),
+            (ActionKind::Quarantine, "alert-from-office")
+        );
+        assert_eq!(
+            m.trace.len(),
+            2,
+            "only the outbound rules are asked: {:?}",
+            m.trace
+        );
+        f.client_ip = "198.51.100.1".parse().unwrap();
+        let m = p.evaluate(&f);
+        assert_eq!(
+            (m.action, m.rule.as_str()),
+            (ActionKind::Accept, "submission")
+        );
+        // Verified (inbound) mail has no outbound findings: the outbound rules never match.
+        let m = p.evaluate(&facts(&r, &[], &rcpts));
+        assert_eq!(m.rule, "all-to-partner");
+        let m = p.evaluate(&facts(&r, &[], &[]));
+        assert_eq!(m.rule, "default");
+    }
+
+    /// `outbound = ["none"]` is what every submission that passes the outbound stage
+    /// carries: an accept rule on it before a reject rule lowers verdicts for anyone,
+    /// so it is warned about like any rule on sender-controlled facts.
+    #[test]
+    fn an_accept_on_outbound_findings_alone_is_warned_about() {
+        let p = Policy::parse(
+            "[[rule]]\nname = \"quiet\"\noutbound = [\"none\"]\naction = \"accept\"\n\
+             [[rule]]\nname = \"no\"\ndmarc = [\"fail\"]\naction = \"reject\"\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert!(
+            p.warnings[0].contains("`quiet`: accepts"),
+            "{}",
+            p.warnings[0]
+        );
     }
 }

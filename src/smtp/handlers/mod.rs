@@ -3,8 +3,6 @@
 
 mod auth;
 mod data;
-mod decision_log;
-mod dmarc_record;
 mod ehlo;
 mod mail;
 mod rcpt;
