@@ -8,7 +8,7 @@ use crate::config::Role;
 use crate::policy::Action;
 use crate::quarantine::{Meta, StoreError};
 use crate::relay::{Envelope, Relay};
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 use crate::wire::trace;
 
 pub async fn carry_out(
@@ -86,11 +86,7 @@ async fn hold(
 ) -> Reply {
     let Some(store) = s.quarantine else {
         tracing::error!(session = %cx.session_id, "quarantine verdict but no quarantine store");
-        return Reply::new(
-            451,
-            Enhanced(4, 3, 0),
-            "Temporary local problem, try again later",
-        );
+        return Reply::temp_local_problem();
     };
     let header = |name: &str| parsed.first(name).unwrap_or_default().to_string();
     let meta = Meta {
@@ -121,7 +117,7 @@ async fn hold(
             m.quarantined.inc();
             m.quarantine_held.inc();
             crate::metrics::quarantine_usage(store.as_ref()).await;
-            Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}"))
+            Reply::queued(id)
         }
         Err(StoreError::Full(refusal)) => {
             // No room (capacity, or this sender domain's share): the client keeps the
@@ -135,32 +131,20 @@ async fn hold(
                 &refusal,
                 crate::config::defaults::QUARANTINE_FULL_ALERT_INTERVAL,
             );
-            Reply::new(
-                451,
-                Enhanced(4, 3, 1),
-                "Insufficient system storage, try again later",
-            )
+            Reply::quarantine_full()
         }
         Err(e @ (StoreError::Database(_) | StoreError::Exists(_))) => {
             // The shared store (PostgreSQL) is unreachable, slow past its budget, or
             // refused the write: nothing was acknowledged, the client keeps the
             // message and retries (RFC 3463 4.3.0, other mail system problem).
             tracing::error!(session = %cx.session_id, error = %e, "quarantine write failed");
-            Reply::new(
-                451,
-                Enhanced(4, 3, 0),
-                "Temporary local problem, try again later",
-            )
+            Reply::temp_local_problem()
         }
         Err(e) => {
             // Disk full or not writable: the client keeps the message and retries
             // (RFC 3463 4.3.1, insufficient system storage).
             tracing::error!(session = %cx.session_id, error = %e, "quarantine write failed");
-            Reply::new(
-                452,
-                Enhanced(4, 3, 1),
-                "Insufficient system storage, try again later",
-            )
+            Reply::storage_full()
         }
     }
 }

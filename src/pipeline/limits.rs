@@ -6,7 +6,7 @@ use super::{Context, DecidedBy, Services, Verdict};
 use crate::config::BareLf;
 use crate::policy::Action;
 use crate::wire::codec::DataStats;
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 use crate::wire::trace;
 
 /// The refusal, if a limit says no, with the reply the client gets.
@@ -18,35 +18,15 @@ pub fn check(
 ) -> Option<(Verdict, Reply)> {
     let limits = &s.config.limits;
     let (rule, reply) = if stats.too_big {
-        (
-            "size",
-            Reply::new(552, Enhanced(5, 3, 4), "Message size exceeds fixed limit"),
-        )
+        ("size", Reply::message_too_big())
     } else if stats.over_budget {
         tracing::warn!(session = %cx.session_id, size = stats.size, in_use = s.memory.in_use(),
             "message memory budget ([limits] message_memory) full: message deferred");
-        (
-            "memory",
-            Reply::new(
-                452,
-                Enhanced(4, 3, 1),
-                "Insufficient system resources, try again later",
-            ),
-        )
+        ("memory", Reply::insufficient_resources())
     } else if stats.bare_lf > 0 && limits.bare_lf == BareLf::Reject {
-        (
-            "bare-lf",
-            Reply::new(
-                554,
-                Enhanced(5, 5, 2),
-                "Bare <LF> line endings are not allowed (RFC 5321 section 2.3.8)",
-            ),
-        )
+        ("bare-lf", Reply::bare_lf_refused())
     } else if trace::count_received(message) > limits.max_received_headers {
-        (
-            "loop",
-            Reply::new(554, Enhanced(5, 4, 6), "Too many hops, mail loop detected"),
-        )
+        ("loop", Reply::mail_loop())
     } else {
         return None;
     };

@@ -15,7 +15,7 @@ use crate::outbound::{Assessment, FLAG_FROM, OutboundAction};
 use crate::policy::Action;
 use crate::policy::inputs::OutboundInputs;
 use crate::policy::rules::TraceEntry;
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 /// What the outbound stage found for one message: the account it was counted for and
 /// the detector's [`Assessment`] (kept as the detector gives it).
@@ -100,22 +100,10 @@ impl OutboundFindings {
         }
         match a.action {
             Some(OutboundAction::Reject) if a.flags.contains(&FLAG_FROM) => {
-                Action::Reject(Reply::new(
-                    550,
-                    Enhanced(5, 7, 1),
-                    "From address not permitted for this account",
-                ))
+                Action::Reject(Reply::from_not_permitted())
             }
-            Some(OutboundAction::Reject) => Action::Reject(Reply::new(
-                550,
-                Enhanced(5, 7, 1),
-                "Sending limit exceeded for this account",
-            )),
-            Some(OutboundAction::Defer) => Action::Defer(Reply::new(
-                451,
-                Enhanced(4, 7, 1),
-                "Sending rate exceeded, try again later",
-            )),
+            Some(OutboundAction::Reject) => Action::Reject(Reply::sending_limit_exceeded()),
+            Some(OutboundAction::Defer) => Action::Defer(Reply::sending_rate_exceeded()),
             // Not decisive: the rules decide (never asked for here).
             Some(OutboundAction::Alert | OutboundAction::Hold | OutboundAction::Freeze) | None => {
                 Action::Accept

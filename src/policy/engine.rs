@@ -18,7 +18,7 @@ use crate::auth::headers::{self, Field};
 use crate::auth::{AuthReport, AuthResult, Verifier, VerifyInput};
 use crate::config::{Config, ConfigError, Role, SanityAction};
 use crate::relay::writer::Edit;
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 /// Everything the rules stage found about one message (what `check` prints).
 pub struct Findings {
@@ -320,8 +320,8 @@ impl Enforcer {
             ActionKind::Accept => Action::Accept,
             ActionKind::Tag => Action::Tag,
             ActionKind::Quarantine => Action::Quarantine,
-            ActionKind::Reject => Action::Reject(Reply::new(550, Enhanced(5, 7, 1), reason)),
-            ActionKind::Defer => Action::Defer(Reply::new(451, Enhanced(4, 7, 1), reason)),
+            ActionKind::Reject => Action::Reject(Reply::policy_reject(reason)),
+            ActionKind::Defer => Action::Defer(Reply::policy_defer(reason)),
         };
         let mut edits: Vec<Edit> =
             headers::forged_ranges(fields, &self.authserv_id, &self.verdict_header)
@@ -599,16 +599,7 @@ impl Inspector for Enforcer {
                 .verifier
                 .spf_mail_from(client.ip().to_canonical(), helo, mail_from)
                 .await;
-            (spf.result == AuthResult::Fail).then(|| {
-                Reply::new(
-                    550,
-                    Enhanced(5, 7, 23),
-                    format!(
-                        "SPF check failed for {}",
-                        spf.domain.replace(|c: char| !c.is_ascii_graphic(), "")
-                    ),
-                )
-            })
+            (spf.result == AuthResult::Fail).then(|| Reply::spf_failed(&spf.domain))
         })
     }
 

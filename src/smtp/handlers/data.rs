@@ -7,20 +7,20 @@ use crate::pipeline::{self, Context, Services, Verdict};
 use crate::smtp::session::{Flow, Helo, Session, State, Transaction};
 use crate::wire::codec::{DataStats, ReadError};
 use crate::wire::memory::Reservation;
-use crate::wire::reply::{Enhanced, Reply};
+use crate::wire::reply::Reply;
 
 impl Session {
     pub(crate) async fn on_data(&mut self, state: State) -> (State, Flow) {
         let State::Transaction(helo, tx) = state else {
-            let reply = Reply::new(503, Enhanced(5, 5, 1), "Need MAIL command");
+            let reply = Reply::need_mail();
             return (state, self.error(reply).await);
         };
         if tx.rcpts.is_empty() {
             // As Postfix: no RCPT at all is out of sequence; all of them refused is 554.
             let reply = if tx.rcpt_attempts == 0 {
-                Reply::new(503, Enhanced(5, 5, 1), "Need RCPT command")
+                Reply::need_rcpt()
             } else {
-                Reply::new(554, Enhanced(5, 5, 1), "No valid recipients")
+                Reply::no_valid_recipients()
             };
             return (State::Transaction(helo, tx), self.error(reply).await);
         }
@@ -49,12 +49,7 @@ impl Session {
                 tracing::info!(session = %self.id, client = %self.peer, error = %e, "client lost during DATA");
                 self.relay.close().await;
                 if matches!(e, ReadError::Timeout) {
-                    self.say_goodbye(Reply::new(
-                        421,
-                        Enhanced(4, 4, 2),
-                        "Timeout, closing connection",
-                    ))
-                    .await;
+                    self.say_goodbye(Reply::timeout()).await;
                 }
                 return (State::Ready(helo), Flow::Close);
             }
