@@ -1,12 +1,14 @@
 //! The next hop: where accepted mail goes. An SMTP MTA (the normal case, with XCLIENT)
 //! or the built-in Maildir for trials.
 //!
-//! [`Relay`] is one client session's handle: it opens the next-hop connection at the
-//! first RCPT, passes MAIL/RCPT through, and delivers the message. Any error drops the
-//! connection; the next transaction opens a fresh one.
+//! [`Relay`] is one client session's handle: it takes a next-hop connection at the
+//! first RCPT (an idle one from the [`pool`], else a new one), passes MAIL/RCPT through,
+//! and delivers the message. Any error drops the connection; the next transaction opens
+//! a fresh one. At the end of the session a healthy connection goes back to the pool.
 
 pub mod client;
 pub mod maildir;
+pub mod pool;
 pub mod writer;
 pub mod xclient;
 
@@ -102,6 +104,8 @@ pub struct NextHop {
     cfg: NextHopConfig,
     tls: Option<crate::tls::RelayTlsClient>,
     hostname: String,
+    /// Idle connections for later sessions (`pool_size`, `pool_idle_timeout`).
+    pool: Arc<pool::Pool>,
 }
 
 /// How the connection to the next hop is protected.
@@ -163,7 +167,12 @@ impl NextHop {
             tracing::warn!(next_hop = %cfg.address,
                 "next hop is not loopback and its certificate is not verified (tls_verify = false): mail to it can be read by an attacker on the path, and AUTH is never relayed to it");
         }
+        let pool_size = match target {
+            Target::Smtp { .. } => cfg.pool_size,
+            Target::Maildir(_) => 0,
+        };
         Ok(NextHop {
+            pool: pool::Pool::new(pool_size, cfg.pool_idle_timeout),
             target,
             cfg: cfg.clone(),
             tls,
@@ -176,6 +185,11 @@ impl NextHop {
             Target::Smtp { host, port } => format!("smtp://{host}:{port}"),
             Target::Maildir(dir) => format!("maildir:{}", dir.display()),
         }
+    }
+
+    /// Idle connections waiting in the pool (tests).
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.idle_count()
     }
 }
 
@@ -307,16 +321,16 @@ impl Relay {
             self.in_transaction = true;
             return Ok(Reply::new(250, Enhanced(2, 1, 0), "Ok"));
         }
-        let reused = self.conn.is_some();
-        self.connect(client).await?;
+        let reused = self.connect(client).await?;
         let mut result = self.connection()?.mail(from, size).await;
         if reused && went_away(&result) {
-            // A connection kept from an earlier transaction was closed by the next hop
-            // meanwhile (its idle timeout, a restart). MAIL has changed nothing yet, so
-            // one try on a fresh connection is safe, and the client never sees the 451.
+            // A connection kept from an earlier transaction or taken from the pool was
+            // closed by the next hop meanwhile (its idle timeout, a restart). MAIL has
+            // changed nothing yet, so one try on a fresh connection is safe, and the
+            // client never sees the 451.
             tracing::debug!(error = ?result.as_ref().err(), "next-hop connection went away while idle; reconnecting");
             self.conn = None;
-            self.connect(client).await?;
+            self.open(client).await?;
             result = self.connection()?.mail(from, size).await;
         }
         let reply = self.settle(result)?;
@@ -362,22 +376,57 @@ impl Relay {
         Ok(())
     }
 
-    async fn connect(&mut self, client: &ClientIdentity) -> Result<(), RelayError> {
+    /// Makes sure the session has a connection: the one it holds, else one from the pool
+    /// (re-bound to `client`), else a new one. Returns whether it is one that has been
+    /// idle (held or pooled), which the next hop may have closed meanwhile.
+    async fn connect(&mut self, client: &ClientIdentity) -> Result<bool, RelayError> {
+        if self.conn.is_some() || matches!(self.hop.target, Target::Maildir(_)) {
+            return Ok(self.conn.is_some());
+        }
+        if self.take_pooled(client).await {
+            return Ok(true);
+        }
+        self.open(client).await?;
+        Ok(false)
+    }
+
+    /// A pooled connection for `client`, if one is parked and takes XCLIENT for it. One
+    /// that fails is dropped (it never becomes a client-visible error: the caller opens a
+    /// fresh one). A session with a login never uses the pool: its connection carries
+    /// the login (XCLIENT LOGIN=, AUTH) and is not parked afterwards either.
+    async fn take_pooled(&mut self, client: &ClientIdentity) -> bool {
+        if client.login.is_some() {
+            return false;
+        }
+        while let Some(mut conn) = self.hop.pool.take() {
+            match conn.rebind(client, &self.hop.hostname).await {
+                Ok(()) => {
+                    self.conn = Some(conn);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "pooled next-hop connection failed XCLIENT; dropped");
+                }
+            }
+        }
+        false
+    }
+
+    /// Opens a new connection (greeting, EHLO, STARTTLS, XCLIENT as configured).
+    async fn open(&mut self, client: &ClientIdentity) -> Result<(), RelayError> {
         let Target::Smtp { host, port } = &self.hop.target else {
             return Ok(());
         };
-        if self.conn.is_none() {
-            let conn = SmtpConnection::open(
-                host,
-                *port,
-                &self.hop.cfg,
-                self.hop.tls.as_ref(),
-                &self.hop.hostname,
-                client,
-            )
-            .await?;
-            self.conn = Some(conn);
-        }
+        let conn = SmtpConnection::open(
+            host,
+            *port,
+            &self.hop.cfg,
+            self.hop.tls.as_ref(),
+            &self.hop.hostname,
+            client,
+        )
+        .await?;
+        self.conn = Some(conn);
         Ok(())
     }
 
@@ -436,7 +485,7 @@ impl Relay {
                 ))
             }
             Target::Smtp { .. } => {
-                let encoded = writer::encode_parts(headers, parts);
+                let encoded = writer::Encoded::new(headers, parts);
                 let result = self.connection()?.data(&encoded).await;
                 self.settle(result)
             }
@@ -457,12 +506,22 @@ impl Relay {
         }
     }
 
-    /// Closes the next-hop connection politely (QUIT).
+    /// Ends this session's use of the next-hop connection: back to the pool after an
+    /// RSET the next hop accepted (it is alive and in no transaction), else QUIT.
     pub async fn close(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            conn.quit().await;
-        }
         self.in_transaction = false;
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if conn.reusable && self.hop.pool.enabled() {
+            match conn.rset().await {
+                Ok(r) if r.code == 250 => return self.hop.pool.park(conn),
+                Ok(r) if !r.closes_session() => {}
+                // Gone or going: no QUIT to say.
+                _ => return,
+            }
+        }
+        conn.quit().await;
     }
 
     fn connection(&mut self) -> Result<&mut SmtpConnection, RelayError> {

@@ -211,8 +211,10 @@ impl Session {
                 break;
             }
         }
-        self.relay.close().await;
+        // The client is let go first: handing the next-hop connection back to the pool
+        // (an RSET round trip) or closing it is none of its business.
         self.stream.shutdown().await;
+        self.relay.close().await;
     }
 
     /// Reads the next command line. While no transaction is open, a shutdown interrupts
