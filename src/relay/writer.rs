@@ -160,7 +160,7 @@ impl<'a> Encoded<'a> {
     /// The whole payload in one buffer (tests).
     #[cfg(test)]
     pub fn to_vec(&self) -> Vec<u8> {
-        self.io_slices().concat()
+        self.io_slices().iter().flat_map(|s| s.iter().copied()).collect()
     }
 }
 
