@@ -589,6 +589,138 @@ mod tests {
         assert!(may_send_credentials(at("[::ffff:192.0.2.1]:25"), Link::UnverifiedTls).is_err());
     }
 
+    type Transcripts = Arc<std::sync::Mutex<Vec<Vec<String>>>>;
+
+    /// A next hop on loopback: connection 0 serves a transaction and the RSET that parks
+    /// it, then, at the next command, closes without a word (while pooled it looked
+    /// quiet: a restart between the check and the first command). Later connections
+    /// serve normally. Returns its address and each connection's command lines.
+    async fn next_hop_dying_after_park(xclient: bool) -> (SocketAddr, Transcripts) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Transcripts = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                log.lock().unwrap().push(Vec::new());
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = tcp.into_split();
+                    let mut r = BufReader::new(r);
+                    w.write_all(b"220 hop.test\r\n").await.unwrap();
+                    let (mut line, mut parked) = (String::new(), false);
+                    while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                        let cmd = line.trim_end().to_string();
+                        line.clear();
+                        log.lock().unwrap()[n].push(cmd.clone());
+                        if n == 0 && parked {
+                            return; // dies without replying
+                        }
+                        let verb = cmd.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" if xclient => b"250-hop.test\r\n250-XCLIENT NAME ADDR PORT PROTO HELO\r\n250 8BITMIME\r\n",
+                            "EHLO" => b"250-hop.test\r\n250 8BITMIME\r\n",
+                            "XCLIENT" => b"220 hop.test\r\n",
+                            "DATA" => {
+                                w.write_all(b"354 go\r\n").await.unwrap();
+                                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                                    let end = line == ".\r\n";
+                                    line.clear();
+                                    if end {
+                                        break;
+                                    }
+                                }
+                                b"250 2.0.0 queued\r\n"
+                            }
+                            "RSET" => {
+                                parked = true;
+                                b"250 2.0.0 Ok\r\n"
+                            }
+                            "QUIT" => return,
+                            _ => b"250 2.1.0 Ok\r\n",
+                        };
+                        w.write_all(reply).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn parse_envelope() -> (MailFrom<String>, RcptTo<String>) {
+        let mail = smtp_proto::Request::parse(&mut b"MAIL FROM:<a@b.example>\r\n".iter());
+        let rcpt = smtp_proto::Request::parse(&mut b"RCPT TO:<c@d.example>\r\n".iter());
+        match (mail.unwrap(), rcpt.unwrap()) {
+            (smtp_proto::Request::Mail { from }, smtp_proto::Request::Rcpt { to }) => {
+                (from.into_owned(), to.into_owned())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// One whole transaction through `hop` for `client`, then the end of the session.
+    async fn transaction(hop: &Arc<NextHop>, client: &ClientIdentity) {
+        let (from, to) = parse_envelope();
+        let mut relay = Relay::new(hop.clone());
+        assert_eq!(relay.start(client, &from, 10).await.unwrap().code, 250);
+        assert_eq!(relay.rcpt(&to).await.unwrap().code, 250);
+        let rcpts = [to];
+        let envelope = Envelope {
+            from: &from,
+            rcpts: &rcpts,
+        };
+        let parts: [&[u8]; 1] = [b"Subject: t\r\n\r\nbody\r\n"];
+        let reply = relay.deliver(&envelope, &[], &parts).await.unwrap();
+        assert_eq!(reply.code, 250);
+        relay.close().await;
+    }
+
+    /// A pooled connection that passes the idle check but is dead at its first command
+    /// (XCLIENT, or MAIL without XCLIENT) costs the client nothing: the transaction goes
+    /// through a fresh connection.
+    #[tokio::test]
+    async fn dead_pooled_connection_is_replaced_before_mail() {
+        for xclient in [true, false] {
+            let (addr, seen) = next_hop_dying_after_park(xclient).await;
+            let cfg = NextHopConfig {
+                address: format!("smtp://{addr}"),
+                tls: crate::config::RelayTls::Off,
+                xclient: if xclient {
+                    crate::config::XclientMode::Require
+                } else {
+                    crate::config::XclientMode::Off
+                },
+                ..NextHopConfig::default()
+            };
+            let hop = Arc::new(NextHop::new(&cfg, "mw.test").unwrap());
+            let client = |port: u16| ClientIdentity {
+                addr: SocketAddr::from(([192, 0, 2, 1], port)),
+                helo: Some("c.example".into()),
+                esmtp: true,
+                login: None,
+            };
+            transaction(&hop, &client(1000)).await;
+            assert_eq!(hop.pooled_connections(), 1, "parked after the RSET");
+            transaction(&hop, &client(2000)).await;
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen.len(), 2, "xclient {xclient}: {seen:?}");
+            let first_after_park = seen[0].iter().skip_while(|c| *c != "RSET").nth(1);
+            let expected = if xclient { "XCLIENT" } else { "MAIL" };
+            assert!(
+                first_after_park.is_some_and(|c| c.starts_with(expected)),
+                "{seen:?}"
+            );
+            assert!(seen[1].iter().any(|c| c == "DATA"), "{seen:?}");
+            if xclient {
+                assert!(seen[1].iter().any(|c| c.contains("PORT=2000")), "{seen:?}");
+            }
+            // The replacement went back to the pool in its turn.
+            assert_eq!(hop.pooled_connections(), 1);
+        }
+    }
+
     #[test]
     fn insecure_link_refusal_is_454_4_7_0() {
         let r = RelayError::Insecure("x").reply();

@@ -211,10 +211,11 @@ impl Session {
                 break;
             }
         }
-        // The client is let go first: handing the next-hop connection back to the pool
-        // (an RSET round trip) or closing it is none of its business.
-        self.stream.shutdown().await;
+        // The next-hop connection is parked (or closed) before the client's: a client
+        // that saw its session end knows the connection is back in the pool (the 221
+        // to QUIT is already sent; only the close waits one RSET round trip).
         self.relay.close().await;
+        self.stream.shutdown().await;
     }
 
     /// Reads the next command line. While no transaction is open, a shutdown interrupts
