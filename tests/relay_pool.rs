@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::fake_mta::{FakeMta, Script};
 use common::smtp_client::{Client, assert_reply, simple_message};
-use common::{Proxy, ProxyOptions, assert_next_hop_canonical, bounded, setup_with};
+use common::{Proxy, assert_next_hop_canonical, bounded, setup_with};
 
 /// One whole client session: EHLO as `helo`, one message, QUIT, and the proxy's close
 /// (after which its next-hop connection is back in the pool). Returns the client's port.
@@ -158,22 +158,36 @@ async fn idle_pooled_connection_is_closed_with_quit() {
     .await
 }
 
-#[tokio::test]
-async fn a_config_with_pool_keys_out_of_range_is_refused() {
+#[test]
+fn a_config_with_pool_keys_out_of_range_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("m.toml");
-    std::fs::write(
-        &cfg,
-        "[next_hop]\naddress = \"smtp://127.0.0.1:25\"\npool_idle_timeout = \"10m\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(common::bin())
-        .arg("--config")
-        .arg(&cfg)
-        .arg("check-config")
-        .output()
+    let check = |pool: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "local_domains = [\"x.example\"]\n\
+                 [[listener]]\naddress = \"127.0.0.1:2525\"\nrole = \"inbound\"\n\n\
+                 [next_hop]\naddress = \"smtp://127.0.0.1:25\"\n{pool}\n"
+            ),
+        )
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
-    assert!(text.contains("pool_idle_timeout"), "{text}");
+        let out = std::process::Command::new(common::bin())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.success(), text)
+    };
+    let (ok, text) = check("pool_size = 8\npool_idle_timeout = \"5s\"");
+    assert!(ok, "{text}");
+    for bad in ["pool_idle_timeout = \"10m\"", "pool_size = 100000"] {
+        let (ok, text) = check(bad);
+        assert!(!ok, "{bad}: {text}");
+        let key = bad.split(' ').next().unwrap();
+        assert!(text.contains("next_hop") && text.contains(key), "{bad}: {text}");
+    }
 }
