@@ -945,14 +945,7 @@ fn main() {
                 ));
                 let cpu0 = cpu_now();
                 let q0 = dns.queries();
-                let run = rt.block_on(run_load(
-                    addr,
-                    c,
-                    max_messages,
-                    run_time,
-                    wire.clone(),
-                    tls,
-                ));
+                let run = rt.block_on(run_load(addr, c, max_messages, run_time, wire.clone(), tls));
                 let cpu1 = cpu_now();
                 let n = if run.ok == 0 { f64::NAN } else { run.ok as f64 };
                 let cpu = [0, 1, 2].map(|i| (cpu1[i] - cpu0[i]) * 1000.0 / n);

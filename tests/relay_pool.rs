@@ -51,7 +51,9 @@ async fn sessions_share_one_next_hop_connection_with_xclient_each() {
         let (mta, proxy) = setup_with(Script::default(), |o| o).await;
         let mut ports = Vec::new();
         for n in 0..4 {
-            ports.push(one_session(&proxy, &format!("client{n}.example"), &format!("msg {n}")).await);
+            ports.push(
+                one_session(&proxy, &format!("client{n}.example"), &format!("msg {n}")).await,
+            );
         }
         assert_eq!(
             mta.connection_count(),
@@ -66,16 +68,32 @@ async fn sessions_share_one_next_hop_connection_with_xclient_each() {
             let get = |k: &str| attrs.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
             assert_eq!(get("ADDR").as_deref(), Some("127.0.0.1"), "message {n}");
             assert_eq!(get("PORT"), Some(ports[n].to_string()), "message {n}");
-            assert_eq!(get("HELO"), Some(format!("client{n}.example")), "message {n}");
+            assert_eq!(
+                get("HELO"),
+                Some(format!("client{n}.example")),
+                "message {n}"
+            );
             assert!(m.data_str().contains(&format!("msg {n}")));
         }
         // XCLIENT per session, RSET between uses, never a QUIT while it is pooled.
         let verbs = mta.conns()[0].verbs();
-        assert_eq!(verbs.iter().filter(|v| *v == "XCLIENT").count(), 4, "{verbs:?}");
-        assert_eq!(verbs.iter().filter(|v| *v == "RSET").count(), 4, "{verbs:?}");
+        assert_eq!(
+            verbs.iter().filter(|v| *v == "XCLIENT").count(),
+            4,
+            "{verbs:?}"
+        );
+        assert_eq!(
+            verbs.iter().filter(|v| *v == "RSET").count(),
+            4,
+            "{verbs:?}"
+        );
         assert!(!verbs.iter().any(|v| v == "QUIT"), "{verbs:?}");
         let mut after_first = verbs.iter().skip_while(|v| *v != "RSET");
-        assert_eq!(after_first.nth(1).map(String::as_str), Some("XCLIENT"), "{verbs:?}");
+        assert_eq!(
+            after_first.nth(1).map(String::as_str),
+            Some("XCLIENT"),
+            "{verbs:?}"
+        );
         assert_next_hop_canonical(&mta);
     })
     .await
@@ -98,7 +116,10 @@ async fn pooled_connection_the_next_hop_dropped_is_replaced_unnoticed() {
         assert_eq!(msgs.len(), 1);
         assert_eq!(mta.connection_count(), 1);
         let attrs = msgs[0].xclient.clone().unwrap();
-        assert!(attrs.contains(&("PORT".into(), port.to_string())), "{attrs:?}");
+        assert!(
+            attrs.contains(&("PORT".into(), port.to_string())),
+            "{attrs:?}"
+        );
     })
     .await
 }
@@ -120,8 +141,16 @@ async fn without_xclient_the_pooled_connection_is_reset_and_reused() {
         let verbs = mta.conns()[0].verbs();
         assert!(!verbs.iter().any(|v| v == "XCLIENT"), "{verbs:?}");
         // EHLO once, then per message MAIL RCPT DATA and the RSET that parks it.
-        assert_eq!(verbs.iter().filter(|v| *v == "EHLO").count(), 1, "{verbs:?}");
-        assert_eq!(verbs.iter().filter(|v| *v == "RSET").count(), 3, "{verbs:?}");
+        assert_eq!(
+            verbs.iter().filter(|v| *v == "EHLO").count(),
+            1,
+            "{verbs:?}"
+        );
+        assert_eq!(
+            verbs.iter().filter(|v| *v == "RSET").count(),
+            3,
+            "{verbs:?}"
+        );
     })
     .await
 }
@@ -135,7 +164,12 @@ async fn pool_size_zero_is_one_connection_per_session() {
         }
         assert_eq!(mta.connection_count(), 3);
         for c in mta.conns() {
-            assert_eq!(c.verbs().last().map(String::as_str), Some("QUIT"), "{:?}", c.commands);
+            assert_eq!(
+                c.verbs().last().map(String::as_str),
+                Some("QUIT"),
+                "{:?}",
+                c.commands
+            );
         }
     })
     .await
@@ -144,8 +178,10 @@ async fn pool_size_zero_is_one_connection_per_session() {
 #[tokio::test]
 async fn idle_pooled_connection_is_closed_with_quit() {
     bounded(async {
-        let (mta, proxy) =
-            setup_with(Script::default(), |o| o.next_hop_opt("pool_idle_timeout = \"1s\"")).await;
+        let (mta, proxy) = setup_with(Script::default(), |o| {
+            o.next_hop_opt("pool_idle_timeout = \"1s\"")
+        })
+        .await;
         one_session(&proxy, "c.example", "then idle").await;
         eventually(&mta, "QUIT on the idle pooled connection", |m| {
             m.conns()[0].verbs().last().map(String::as_str) == Some("QUIT")
@@ -188,6 +224,9 @@ fn a_config_with_pool_keys_out_of_range_is_refused() {
         let (ok, text) = check(bad);
         assert!(!ok, "{bad}: {text}");
         let key = bad.split(' ').next().unwrap();
-        assert!(text.contains("next_hop") && text.contains(key), "{bad}: {text}");
+        assert!(
+            text.contains("next_hop") && text.contains(key),
+            "{bad}: {text}"
+        );
     }
 }

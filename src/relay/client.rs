@@ -345,7 +345,10 @@ impl SmtpConnection {
     /// DATA, the encoded content, and the final reply. A 354 is the only acceptable
     /// answer to DATA: a 250 there is a protocol violation, not success. The content
     /// goes out with vectored writes straight from the message buffer.
-    pub async fn data(&mut self, encoded: &super::writer::Encoded<'_>) -> Result<Reply, RelayError> {
+    pub async fn data(
+        &mut self,
+        encoded: &super::writer::Encoded<'_>,
+    ) -> Result<Reply, RelayError> {
         let reply = self.command(b"DATA\r\n", self.cfg.command_timeout).await?;
         match reply.code {
             354 => {}

@@ -603,7 +603,9 @@ mod tests {
         let log = seen.clone();
         tokio::spawn(async move {
             for n in 0.. {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 log.lock().unwrap().push(Vec::new());
                 let log = log.clone();
                 tokio::spawn(async move {

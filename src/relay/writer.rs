@@ -110,9 +110,9 @@ impl<'a> Encoded<'a> {
     /// before it. Returns false, adding nothing, when the part needs rewriting.
     fn push_canonical(&mut self, part: &'a [u8], mut at_line_start: bool) -> bool {
         let mut cr = memchr::memchr_iter(b'\r', part);
-        let canonical = memchr::memchr_iter(b'\n', part).all(|i| {
-            i > 0 && part[i - 1] == b'\r' && cr.next() == Some(i - 1)
-        }) && cr.next().is_none();
+        let canonical = memchr::memchr_iter(b'\n', part)
+            .all(|i| i > 0 && part[i - 1] == b'\r' && cr.next() == Some(i - 1))
+            && cr.next().is_none();
         if !canonical {
             return false;
         }
@@ -160,7 +160,10 @@ impl<'a> Encoded<'a> {
     /// The whole payload in one buffer (tests).
     #[cfg(test)]
     pub fn to_vec(&self) -> Vec<u8> {
-        self.io_slices().iter().flat_map(|s| s.iter().copied()).collect()
+        self.io_slices()
+            .iter()
+            .flat_map(|s| s.iter().copied())
+            .collect()
     }
 }
 
@@ -349,7 +352,11 @@ mod tests {
             .pieces
             .iter()
             .filter_map(|p| match p {
-                Piece::Borrowed(b) if b.as_ptr() >= m.as_ptr() && b.as_ptr() < m.as_ptr_range().end => Some(b.len()),
+                Piece::Borrowed(b)
+                    if b.as_ptr() >= m.as_ptr() && b.as_ptr() < m.as_ptr_range().end =>
+                {
+                    Some(b.len())
+                }
                 _ => None,
             })
             .sum();
