@@ -157,8 +157,8 @@ impl<'a> Encoded<'a> {
             .collect()
     }
 
-    /// The whole payload in one buffer (tests).
-    #[cfg(test)]
+    /// The whole payload in one buffer (tests and the fuzz targets, which check it is
+    /// byte for byte what [`encode_parts`] gives).
     pub fn to_vec(&self) -> Vec<u8> {
         self.io_slices()
             .iter()
