@@ -39,6 +39,14 @@
 //! - `RELAY_LOAD_IDLE_SESSIONS` (default 2000).
 //! - `MAILWARDEN_BIN`: proxy binary to measure instead of the one Cargo built.
 //! - `RELAY_LOAD_OUT`: also write the markdown report to this file.
+//! - `RELAY_LOAD_STARTTLS=1`: the listeners offer STARTTLS (the repository's RSA-2048
+//!   test certificate, `certs/test-server.*`) and two more paths run beside the plain
+//!   ones: `relay+tls` and `inbound+tls`, where every session is EHLO, STARTTLS, a full
+//!   TLS handshake (rustls client, no resumption, certificate not verified, as MTAs
+//!   commonly do), EHLO, then the transaction. Beside them the report gives the cost of
+//!   a bare rustls handshake, server side, with the same certificate and client
+//!   configuration, measured in this process (`handshake_cost`), and checks the target
+//!   proxy CPU per TLS message <= 1.5 x (handshake + the same path's plain CPU per message).
 
 #[path = "../tests/common/stub_dns.rs"]
 mod stub_dns;
@@ -53,9 +61,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use stub_dns::StubDns;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 const APT_LINE: &str =
     "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postfix";
@@ -69,6 +76,8 @@ const TARGET_RATIO_C100: f64 = 0.50;
 const TARGET_CPU_MS_PER_MSG: f64 = 0.2;
 const TARGET_ADDED_LATENCY_MS_C1: f64 = 1.0;
 const TARGET_RSS_KB_PER_IDLE_SESSION: f64 = 64.0;
+/// With STARTTLS: proxy CPU per message <= this x (bare handshake + plain CPU per message).
+const TARGET_TLS_FACTOR: f64 = 1.5;
 
 // ---------------------------------------------------------------------------
 // process helpers
@@ -302,8 +311,19 @@ fn start_proxy(
     sink_port: u16,
     dns_port: u16,
     max_sessions: usize,
+    starttls: bool,
 ) -> Proc {
     let (inbound, submission) = ports;
+    let tls = if starttls {
+        let (cert, key) = tls_files();
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    } else {
+        String::new()
+    };
     let config = dir.join(format!("{name}.toml"));
     fs::write(
         &config,
@@ -316,12 +336,14 @@ fn start_proxy(
              role = \"inbound\"\n\
              max_sessions = {max_sessions}\n\
              max_sessions_per_client = {max_sessions}\n\
+             {tls}\
              \n\
              [[listener]]\n\
              address = \"127.0.0.1:{submission}\"\n\
              role = \"submission\"\n\
              max_sessions = {max_sessions}\n\
              max_sessions_per_client = {max_sessions}\n\
+             {tls}\
              \n\
              [next_hop]\n\
              address = \"smtp://127.0.0.1:{sink_port}\"\n\
@@ -372,11 +394,133 @@ fn start_proxy(
 }
 
 // ---------------------------------------------------------------------------
+// STARTTLS
+
+/// The repository's RSA-2048 test certificate and key (SAN localhost, 127.0.0.1).
+fn tls_files() -> (PathBuf, PathBuf) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    (dir.join("test-server.crt"), dir.join("test-server.key"))
+}
+
+/// Accepts any certificate (as MTAs commonly do for opportunistic STARTTLS); signatures
+/// in the handshake are still checked, so the client does the usual work.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The bench client's TLS configuration: rustls defaults (aws-lc-rs), no resumption (a
+/// full handshake per session, as inbound MX traffic from many senders mostly is).
+fn client_tls() -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Arc::new(cfg)
+}
+
+/// Server-side CPU of one bare rustls handshake (ms, median of `n`): the proxy's own
+/// server configuration (`mailwarden::tls::acceptor`, same certificate) against the bench
+/// client's configuration, in memory, timing only the server's calls (one thread, so
+/// wall time is CPU time). What STARTTLS cannot cost less than.
+fn handshake_cost(n: usize) -> f64 {
+    let (cert, key) = tls_files();
+    let server_cfg = mailwarden::tls::acceptor(&cert, &key)
+        .expect("test certificate")
+        .config()
+        .clone();
+    let client_cfg = client_tls();
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(client_cfg.clone(), name).unwrap();
+        let mut server = rustls::ServerConnection::new(server_cfg.clone()).unwrap();
+        let mut server_time = Duration::ZERO;
+        while client.is_handshaking() || server.is_handshaking() {
+            let mut buf = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut buf).unwrap();
+            }
+            let t = Instant::now();
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                server.read_tls(&mut rd).unwrap();
+                server.process_new_packets().expect("server handshake");
+            }
+            let mut out = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut out).unwrap();
+            }
+            server_time += t.elapsed();
+            let mut rd = &out[..];
+            while !rd.is_empty() {
+                client.read_tls(&mut rd).unwrap();
+                client.process_new_packets().expect("client handshake");
+            }
+            if buf.is_empty() && out.is_empty() {
+                break;
+            }
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        samples.push(server_time.as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+// ---------------------------------------------------------------------------
 // SMTP load client
 
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 struct Conn {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
+    /// Reads are buffered; writes go straight through (`BufReader` passes them on).
+    r: BufReader<Box<dyn Io>>,
     line: String,
 }
 
@@ -387,10 +531,26 @@ impl Conn {
             .map_err(|_| "connect timeout".to_string())?
             .map_err(|e| format!("connect: {e}"))?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (r, w) = s.into_split();
         Ok(Conn {
-            r: BufReader::with_capacity(4096, r),
-            w,
+            r: BufReader::with_capacity(4096, Box::new(s)),
+            line: String::new(),
+        })
+    }
+
+    /// STARTTLS and the handshake; the session goes on encrypted.
+    async fn starttls(self, tls: &tokio_rustls::TlsConnector) -> Result<Conn, String> {
+        let mut c = self;
+        c.cmd(b"STARTTLS\r\n", 220).await?;
+        if !c.r.buffer().is_empty() {
+            return Err("bytes after the 220 to STARTTLS".into());
+        }
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let io = tokio::time::timeout(OP_TIMEOUT, tls.connect(name, c.r.into_inner()))
+            .await
+            .map_err(|_| "TLS handshake timeout".to_string())?
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        Ok(Conn {
+            r: BufReader::with_capacity(4096, Box::new(io)),
             line: String::new(),
         })
     }
@@ -417,7 +577,7 @@ impl Conn {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        tokio::time::timeout(OP_TIMEOUT, self.w.write_all(bytes))
+        tokio::time::timeout(OP_TIMEOUT, self.r.get_mut().write_all(bytes))
             .await
             .map_err(|_| "write timeout".to_string())?
             .map_err(|e| format!("write: {e}"))
@@ -451,8 +611,13 @@ impl Conn {
     }
 }
 
-/// One full session carrying one message; returns connect-to-250 latency.
-async fn send_one(addr: SocketAddr, wire: &[u8]) -> Result<Duration, String> {
+/// One full session carrying one message; returns connect-to-250 latency. With `tls`,
+/// the session is upgraded with STARTTLS first (and EHLO said again).
+async fn send_one(
+    addr: SocketAddr,
+    wire: &[u8],
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> Result<Duration, String> {
     let start = Instant::now();
     let mut c = Conn::connect(addr).await?;
     let code = c.reply().await?;
@@ -460,6 +625,10 @@ async fn send_one(addr: SocketAddr, wire: &[u8]) -> Result<Duration, String> {
         return Err(format!("greeting {}", c.line.trim_end()));
     }
     c.cmd(b"EHLO load.client.test\r\n", 250).await?;
+    if let Some(tls) = tls {
+        c = c.starttls(tls).await?;
+        c.cmd(b"EHLO load.client.test\r\n", 250).await?;
+    }
     c.cmd(b"MAIL FROM:<load@client.test> SIZE=4096\r\n", 250)
         .await?;
     c.cmd(b"RCPT TO:<sink@bench.test>\r\n", 250).await?;
@@ -541,6 +710,7 @@ async fn run_load(
     messages: u64,
     max_time: Duration,
     wire: Arc<Vec<u8>>,
+    tls: Option<tokio_rustls::TlsConnector>,
 ) -> RunResult {
     let budget = Arc::new(AtomicI64::new(messages as i64));
     let start = Instant::now();
@@ -549,12 +719,13 @@ async fn run_load(
     for _ in 0..concurrency {
         let budget = budget.clone();
         let wire = wire.clone();
+        let tls = tls.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
             let mut first_error = None;
             while Instant::now() < deadline && budget.fetch_sub(1, Ordering::Relaxed) > 0 {
-                match send_one(addr, &wire).await {
+                match send_one(addr, &wire, tls.as_ref()).await {
                     Ok(d) => lat.push(d),
                     Err(e) => {
                         errors += 1;
@@ -707,7 +878,18 @@ fn main() {
     let sink_port = free_port();
     let mut sink = start_sink(dir.path(), sink_port);
     let ports = (free_port(), free_port());
-    let mut proxy = start_proxy(dir.path(), "proxy", ports, sink_port, dns.port, 4096);
+    let starttls = std::env::var("RELAY_LOAD_STARTTLS").is_ok_and(|v| v == "1");
+    let mut proxy = start_proxy(
+        dir.path(),
+        "proxy",
+        ports,
+        sink_port,
+        dns.port,
+        4096,
+        starttls,
+    );
+    let handshake_ms = starttls.then(|| handshake_cost(200));
+    let tls_connector = starttls.then(|| tokio_rustls::TlsConnector::from(client_tls()));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -715,11 +897,16 @@ fn main() {
         .build()
         .unwrap();
     let wire = Arc::new(build_wire());
-    let paths: [(&str, SocketAddr); 3] = [
-        ("direct", ([127, 0, 0, 1], sink_port).into()),
-        ("relay", ([127, 0, 0, 1], ports.1).into()),
-        ("inbound", ([127, 0, 0, 1], ports.0).into()),
+    // (name, address, STARTTLS)
+    let mut paths: Vec<(&str, SocketAddr, bool)> = vec![
+        ("direct", ([127, 0, 0, 1], sink_port).into(), false),
+        ("relay", ([127, 0, 0, 1], ports.1).into(), false),
+        ("inbound", ([127, 0, 0, 1], ports.0).into(), false),
     ];
+    if starttls {
+        paths.push(("relay+tls", ([127, 0, 0, 1], ports.1).into(), true));
+        paths.push(("inbound+tls", ([127, 0, 0, 1], ports.0).into(), true));
+    }
 
     eprintln!(
         "relay_load: proxy {} (pid {}), smtp-sink pid {}, {}-octet messages, {run_time:?} per run",
@@ -746,11 +933,19 @@ fn main() {
         // machine hits all of them alike; keep each path's median run.
         let mut runs: Vec<Vec<Row>> = paths.iter().map(|_| Vec::new()).collect();
         for rep in 0..repeats {
-            for (k, &(path, addr)) in paths.iter().enumerate() {
-                rt.block_on(run_load(addr, c, max_messages, warm_time, wire.clone()));
+            for (k, &(path, addr, tls)) in paths.iter().enumerate() {
+                let tls = tls.then(|| tls_connector.clone()).flatten();
+                rt.block_on(run_load(
+                    addr,
+                    c,
+                    max_messages,
+                    warm_time,
+                    wire.clone(),
+                    tls.clone(),
+                ));
                 let cpu0 = cpu_now();
                 let q0 = dns.queries();
-                let run = rt.block_on(run_load(addr, c, max_messages, run_time, wire.clone()));
+                let run = rt.block_on(run_load(addr, c, max_messages, run_time, wire.clone(), tls));
                 let cpu1 = cpu_now();
                 let n = if run.ok == 0 { f64::NAN } else { run.ok as f64 };
                 let cpu = [0, 1, 2].map(|i| (cpu1[i] - cpu0[i]) * 1000.0 / n);
@@ -804,6 +999,7 @@ fn main() {
         sink_port,
         dns.port,
         idle_count + 1000,
+        false,
     );
     let idle_addr: SocketAddr = ([127, 0, 0, 1], idle_ports.0).into();
     let idle = rt.block_on(idle_sessions(idle_addr, idle_proxy.pid(), idle_count));
@@ -956,6 +1152,36 @@ fn main() {
         verdict(idle.alive == idle.sessions && per_session <= TARGET_RSS_KB_PER_IDLE_SESSION)
     )
     .unwrap();
+    if let Some(hs) = handshake_ms {
+        // Per concurrency, CPU per TLS message against the bound built from the same
+        // run's plain figure; the worst ratio is the one judged.
+        let tls_ratio = |path: &str| {
+            CONCURRENCY
+                .iter()
+                .filter_map(|&c| {
+                    let plain = find(c, path)?.cpu[2];
+                    let tls = find(c, &format!("{path}+tls"))?.cpu[2];
+                    Some(tls / (hs + plain))
+                })
+                .fold(f64::NAN, f64::max)
+        };
+        let cell = |path: &str| {
+            let r = tls_ratio(path);
+            format!("{r:.2} | {}", verdict(r <= TARGET_TLS_FACTOR))
+        };
+        writeln!(
+            out,
+            "| STARTTLS: proxy CPU per message / (bare handshake {hs:.3} ms + plain CPU per message), worst concurrency | <= {TARGET_TLS_FACTOR} | {} | {} |",
+            cell("relay"),
+            cell("inbound")
+        )
+        .unwrap();
+        writeln!(
+            out,
+            "\nBare rustls handshake, server side (same certificate, RSA-2048, and client configuration; in memory, median of 200): **{hs:.3} ms**."
+        )
+        .unwrap();
+    }
 
     println!("{out}");
     if let Some(path) = std::env::var_os("RELAY_LOAD_OUT") {

@@ -67,6 +67,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
             MaybeTls::Detached => Poll::Ready(Err(detached())),
         }
     }
+    /// Forwarded so a header block, the message and the final dot go out in one
+    /// `writev` (plain TCP) or one TLS record batch, not one system call per piece (the
+    /// default would write only the first slice).
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            MaybeTls::Memory(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(s) => s.is_write_vectored(),
+            MaybeTls::Tls(s) => s.is_write_vectored(),
+            MaybeTls::Memory(s) => s.is_write_vectored(),
+            MaybeTls::Detached => false,
+        }
+    }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),

@@ -12,6 +12,7 @@ mod duration;
 pub mod outbound;
 pub mod postgres;
 pub mod process;
+pub mod relay_pool;
 pub mod show;
 
 use std::net::SocketAddr;
@@ -244,6 +245,11 @@ pub struct NextHopConfig {
     pub data_timeout: Duration,
     #[serde(with = "duration")]
     pub end_of_data_timeout: Duration,
+    /// Idle connections kept for reuse by later sessions (0: off); see [`relay_pool`].
+    pub pool_size: usize,
+    /// Idle time after which a pooled connection is closed (below the next hop's own).
+    #[serde(with = "duration")]
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for NextHopConfig {
@@ -259,6 +265,8 @@ impl Default for NextHopConfig {
             command_timeout: DEFAULT_RELAY_COMMAND_TIMEOUT,
             data_timeout: DEFAULT_RELAY_DATA_TIMEOUT,
             end_of_data_timeout: DEFAULT_END_OF_DATA_TIMEOUT,
+            pool_size: relay_pool::DEFAULT_POOL_SIZE,
+            pool_idle_timeout: relay_pool::DEFAULT_POOL_IDLE_TIMEOUT,
         }
     }
 }
@@ -970,6 +978,9 @@ impl Config {
         for (table, hop) in hops {
             if let Err(e) = NextHopAddress::parse(&hop.address) {
                 return err(&table, "address", e);
+            }
+            if let Err((key, e)) = relay_pool::validate(hop) {
+                return err(&table, key, e);
             }
             if let Some(ca) = &hop.tls_ca_file {
                 if hop.tls_verify == Some(false) {

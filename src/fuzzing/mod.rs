@@ -521,6 +521,8 @@ fn check_relay_path(message: &[u8]) {
         format!("{VERDICT_HEADER}: tag; rule=default; flags=none; reasons=none"),
     ];
     let encoded = writer::encode_parts(&added, &parts);
+    // What the relay really sends (vectored, the message not copied) is the same bytes.
+    assert_eq!(writer::Encoded::new(&added, &parts).to_vec(), encoded);
     assert_one_end_of_data(&encoded);
     let relayed = read_back(&encoded);
     // Our headers, then the guard that keeps a leading folded line from continuing them.

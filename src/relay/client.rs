@@ -1,4 +1,5 @@
-//! SMTP client towards the next hop: one connection per client session.
+//! SMTP client towards the next hop: one connection serves one client session at a
+//! time, and may serve more in turn from the pool (`super::pool`).
 //!
 //! Every command is built here from parsed values; nothing the client sent is copied
 //! through. Every wait has a deadline. Any protocol surprise poisons the connection:
@@ -63,12 +64,12 @@ const RELAY_PROBE_RCPT: &str = "relay-probe@mailwarden-relay-probe.invalid";
 /// trust us): counted every time; the first one of the process is an ERROR, because the
 /// next hop then applies its rules to our address, not the client's (its logs, rate
 /// limits and blocklists all see us).
-fn note_relay_without_xclient(host: &str, port: u16) {
+fn note_relay_without_xclient(next_hop: impl std::fmt::Display) {
     use std::sync::atomic::{AtomicBool, Ordering};
     static LOGGED: AtomicBool = AtomicBool::new(false);
     crate::metrics::global().relay_without_xclient.inc();
     if !LOGGED.swap(true, Ordering::Relaxed) {
-        tracing::error!(next_hop = %format!("{host}:{port}"),
+        tracing::error!(next_hop = %next_hop,
             "relaying without XCLIENT (xclient = \"auto\", not offered): the next hop sees our address, not the client's; authorize XCLIENT for us (smtpd_authorized_xclient_hosts) or set xclient = \"require\"");
     }
 }
@@ -83,6 +84,10 @@ pub struct SmtpConnection {
     peer: std::net::SocketAddr,
     /// Whether the TLS session (if any) verified the next hop's certificate.
     tls_verified: bool,
+    /// Whether the connection may serve another client session (the pool): not once a
+    /// login went over it (AUTH, or XCLIENT LOGIN=), whose state at the next hop another
+    /// client must never inherit.
+    pub reusable: bool,
 }
 
 impl SmtpConnection {
@@ -109,6 +114,7 @@ impl SmtpConnection {
             xclient_sent: false,
             peer,
             tls_verified: false,
+            reusable: true,
         };
         conn.expect_greeting().await?;
         conn.ehlo(our_name).await?;
@@ -124,24 +130,7 @@ impl SmtpConnection {
 
         match (&cfg.xclient, conn.caps.xclient.clone()) {
             (XclientMode::Off, _) => {}
-            (_, Some(attrs)) => {
-                for line in xclient::commands(client, &attrs) {
-                    let reply = conn.command(line.as_bytes(), cfg.command_timeout).await?;
-                    if reply.code != 220 {
-                        return Err(RelayError::Rejected(reply));
-                    }
-                }
-                conn.xclient_sent = true;
-                // XCLIENT starts a new SMTP session at the next hop (Postfix semantics).
-                // Greet with the client's own HELO name so the next hop's HELO checks
-                // and its Received line see it, not ours (XCLIENT_README).
-                let name = client
-                    .helo
-                    .as_deref()
-                    .filter(|h| is_helo_token(h))
-                    .unwrap_or(our_name);
-                conn.ehlo(name).await?;
-            }
+            (_, Some(attrs)) => conn.announce(client, &attrs, our_name).await?,
             (XclientMode::Require, None) => {
                 conn.quit().await;
                 return Err(RelayError::Policy(
@@ -160,10 +149,72 @@ impl SmtpConnection {
                         "next hop trusts our address and does not offer XCLIENT (open relay)",
                     ));
                 }
-                note_relay_without_xclient(host, port);
+                note_relay_without_xclient(format_args!("{host}:{port}"));
             }
         }
         Ok(conn)
+    }
+
+    /// XCLIENT with `client`'s attributes, then EHLO as the client. XCLIENT starts a new
+    /// SMTP session at the next hop (Postfix semantics), so this is also how a pooled
+    /// connection is handed to another client session.
+    async fn announce(
+        &mut self,
+        client: &ClientIdentity,
+        offered: &[String],
+        our_name: &str,
+    ) -> Result<(), RelayError> {
+        self.xclient_sent = false;
+        if client.login.is_some() {
+            self.reusable = false;
+        }
+        for line in xclient::commands(client, offered) {
+            let reply = self
+                .command(line.as_bytes(), self.cfg.command_timeout)
+                .await?;
+            if reply.code != 220 {
+                return Err(RelayError::Rejected(reply));
+            }
+        }
+        self.xclient_sent = true;
+        // Greet with the client's own HELO name so the next hop's HELO checks and its
+        // Received line see it, not ours (XCLIENT_README).
+        let name = client
+            .helo
+            .as_deref()
+            .filter(|h| is_helo_token(h))
+            .unwrap_or(our_name);
+        self.ehlo(name).await
+    }
+
+    /// Readies a connection taken from the pool for `client`'s session: XCLIENT for this
+    /// client and EHLO as it when the next hop offers XCLIENT (and it is not off), so the
+    /// next hop never applies one client's identity to another's mail. The connection
+    /// was RSET when it was parked. Without XCLIENT (`auto`, not offered) the next hop
+    /// already judged this connection by our own address when it was opened (the relay
+    /// probe), so nothing is sent.
+    pub async fn rebind(
+        &mut self,
+        client: &ClientIdentity,
+        our_name: &str,
+    ) -> Result<(), RelayError> {
+        match (&self.cfg.xclient, self.caps.xclient.clone()) {
+            (XclientMode::Off, _) => Ok(()),
+            (_, Some(attrs)) => self.announce(client, &attrs, our_name).await,
+            (XclientMode::Require, None) => Err(RelayError::Policy(
+                "next hop does not offer XCLIENT (xclient = \"require\")",
+            )),
+            (XclientMode::Auto, None) => {
+                note_relay_without_xclient(self.peer);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the connection is still usable after sitting idle (see
+    /// [`SmtpStream::is_quiet`]).
+    pub fn is_quiet(&mut self) -> bool {
+        self.stream.is_quiet()
     }
 
     /// Asks the next hop whether it would relay for us as we are (no XCLIENT, no AUTH):
@@ -292,8 +343,12 @@ impl SmtpConnection {
     }
 
     /// DATA, the encoded content, and the final reply. A 354 is the only acceptable
-    /// answer to DATA: a 250 there is a protocol violation, not success.
-    pub async fn data(&mut self, encoded: &[u8]) -> Result<Reply, RelayError> {
+    /// answer to DATA: a 250 there is a protocol violation, not success. The content
+    /// goes out with vectored writes straight from the message buffer.
+    pub async fn data(
+        &mut self,
+        encoded: &super::writer::Encoded<'_>,
+    ) -> Result<Reply, RelayError> {
         let reply = self.command(b"DATA\r\n", self.cfg.command_timeout).await?;
         match reply.code {
             354 => {}
@@ -304,9 +359,14 @@ impl SmtpConnection {
                 )));
             }
         }
-        for chunk in encoded.chunks(64 * 1024) {
-            self.write(chunk, self.cfg.data_timeout).await?;
-        }
+        let mut slices = encoded.io_slices();
+        self.stream
+            .write_all_vectored(&mut slices, self.cfg.data_timeout)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::TimedOut => RelayError::Timeout("write"),
+                _ => RelayError::Io(e),
+            })?;
         self.read_reply(self.cfg.end_of_data_timeout)
             .await
             .map_err(|e| RelayError::Unsettled(Box::new(e)))
@@ -338,6 +398,7 @@ impl SmtpConnection {
         use base64::Engine;
         // Checked here, where the password is written, so no caller can skip it.
         super::may_send_credentials(self.peer, self.link()).map_err(RelayError::Insecure)?;
+        self.reusable = false;
         let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
         let timeout = self.cfg.command_timeout;
         if self.caps.auth.iter().any(|m| m == "PLAIN") {

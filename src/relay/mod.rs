@@ -1,13 +1,15 @@
 //! The next hop: where accepted mail goes. An SMTP MTA (the normal case, with XCLIENT)
 //! or the built-in Maildir for trials.
 //!
-//! [`Relay`] is one client session's handle: it opens the next-hop connection at the
-//! first RCPT, passes MAIL/RCPT through, and delivers the message. Any error drops the
-//! connection; the next transaction opens a fresh one.
+//! [`Relay`] is one client session's handle: it takes a next-hop connection at the
+//! first RCPT (an idle one from the [`pool`], else a new one), passes MAIL/RCPT through,
+//! and delivers the message. Any error drops the connection; the next transaction opens
+//! a fresh one. At the end of the session a healthy connection goes back to the pool.
 
 pub mod client;
 pub mod failure;
 pub mod maildir;
+pub mod pool;
 pub mod writer;
 pub mod xclient;
 
@@ -60,6 +62,8 @@ pub struct NextHop {
     cfg: NextHopConfig,
     tls: Option<crate::tls::RelayTlsClient>,
     hostname: String,
+    /// Idle connections for later sessions (`pool_size`, `pool_idle_timeout`).
+    pool: Arc<pool::Pool>,
 }
 
 /// How the connection to the next hop is protected.
@@ -121,7 +125,12 @@ impl NextHop {
             tracing::warn!(next_hop = %cfg.address,
                 "next hop is not loopback and its certificate is not verified (tls_verify = false): mail to it can be read by an attacker on the path, and AUTH is never relayed to it");
         }
+        let pool_size = match target {
+            Target::Smtp { .. } => cfg.pool_size,
+            Target::Maildir(_) => 0,
+        };
         Ok(NextHop {
+            pool: pool::Pool::new(pool_size, cfg.pool_idle_timeout),
             target,
             cfg: cfg.clone(),
             tls,
@@ -134,6 +143,11 @@ impl NextHop {
             Target::Smtp { host, port } => format!("smtp://{host}:{port}"),
             Target::Maildir(dir) => format!("maildir:{}", dir.display()),
         }
+    }
+
+    /// Idle connections waiting in the pool (tests).
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.idle_count()
     }
 }
 
@@ -265,16 +279,16 @@ impl Relay {
             self.in_transaction = true;
             return Ok(Reply::sender_ok());
         }
-        let reused = self.conn.is_some();
-        self.connect(client).await?;
+        let reused = self.connect(client).await?;
         let mut result = self.connection()?.mail(from, size).await;
         if reused && went_away(&result) {
-            // A connection kept from an earlier transaction was closed by the next hop
-            // meanwhile (its idle timeout, a restart). MAIL has changed nothing yet, so
-            // one try on a fresh connection is safe, and the client never sees the 451.
+            // A connection kept from an earlier transaction or taken from the pool was
+            // closed by the next hop meanwhile (its idle timeout, a restart). MAIL has
+            // changed nothing yet, so one try on a fresh connection is safe, and the
+            // client never sees the 451.
             tracing::debug!(error = ?result.as_ref().err(), "next-hop connection went away while idle; reconnecting");
             self.conn = None;
-            self.connect(client).await?;
+            self.open(client).await?;
             result = self.connection()?.mail(from, size).await;
         }
         let reply = self.settle(result)?;
@@ -320,22 +334,57 @@ impl Relay {
         Ok(())
     }
 
-    async fn connect(&mut self, client: &ClientIdentity) -> Result<(), RelayError> {
+    /// Makes sure the session has a connection: the one it holds, else one from the pool
+    /// (re-bound to `client`), else a new one. Returns whether it is one that has been
+    /// idle (held or pooled), which the next hop may have closed meanwhile.
+    async fn connect(&mut self, client: &ClientIdentity) -> Result<bool, RelayError> {
+        if self.conn.is_some() || matches!(self.hop.target, Target::Maildir(_)) {
+            return Ok(self.conn.is_some());
+        }
+        if self.take_pooled(client).await {
+            return Ok(true);
+        }
+        self.open(client).await?;
+        Ok(false)
+    }
+
+    /// A pooled connection for `client`, if one is parked and takes XCLIENT for it. One
+    /// that fails is dropped (it never becomes a client-visible error: the caller opens a
+    /// fresh one). A session with a login never uses the pool: its connection carries
+    /// the login (XCLIENT LOGIN=, AUTH) and is not parked afterwards either.
+    async fn take_pooled(&mut self, client: &ClientIdentity) -> bool {
+        if client.login.is_some() {
+            return false;
+        }
+        while let Some(mut conn) = self.hop.pool.take() {
+            match conn.rebind(client, &self.hop.hostname).await {
+                Ok(()) => {
+                    self.conn = Some(conn);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "pooled next-hop connection failed XCLIENT; dropped");
+                }
+            }
+        }
+        false
+    }
+
+    /// Opens a new connection (greeting, EHLO, STARTTLS, XCLIENT as configured).
+    async fn open(&mut self, client: &ClientIdentity) -> Result<(), RelayError> {
         let Target::Smtp { host, port } = &self.hop.target else {
             return Ok(());
         };
-        if self.conn.is_none() {
-            let conn = SmtpConnection::open(
-                host,
-                *port,
-                &self.hop.cfg,
-                self.hop.tls.as_ref(),
-                &self.hop.hostname,
-                client,
-            )
-            .await?;
-            self.conn = Some(conn);
-        }
+        let conn = SmtpConnection::open(
+            host,
+            *port,
+            &self.hop.cfg,
+            self.hop.tls.as_ref(),
+            &self.hop.hostname,
+            client,
+        )
+        .await?;
+        self.conn = Some(conn);
         Ok(())
     }
 
@@ -390,7 +439,7 @@ impl Relay {
                 Ok(Reply::stored_as(name))
             }
             Target::Smtp { .. } => {
-                let encoded = writer::encode_parts(headers, parts);
+                let encoded = writer::Encoded::new(headers, parts);
                 let result = self.connection()?.data(&encoded).await;
                 self.settle(result)
             }
@@ -411,12 +460,22 @@ impl Relay {
         }
     }
 
-    /// Closes the next-hop connection politely (QUIT).
+    /// Ends this session's use of the next-hop connection: back to the pool after an
+    /// RSET the next hop accepted (it is alive and in no transaction), else QUIT.
     pub async fn close(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            conn.quit().await;
-        }
         self.in_transaction = false;
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if conn.reusable && self.hop.pool.enabled() {
+            match conn.rset().await {
+                Ok(r) if r.code == 250 => return self.hop.pool.park(conn),
+                Ok(r) if !r.closes_session() => {}
+                // Gone or going: no QUIT to say.
+                _ => return,
+            }
+        }
+        conn.quit().await;
     }
 
     fn connection(&mut self) -> Result<&mut SmtpConnection, RelayError> {
@@ -446,6 +505,7 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::reply::Enhanced;
     use std::net::SocketAddr;
 
     fn at(s: &str) -> SocketAddr {
@@ -482,5 +542,145 @@ mod tests {
         }
         // An IPv4-mapped address outside 127/8 is not loopback.
         assert!(may_send_credentials(at("[::ffff:192.0.2.1]:25"), Link::UnverifiedTls).is_err());
+    }
+
+    type Transcripts = Arc<std::sync::Mutex<Vec<Vec<String>>>>;
+
+    /// A next hop on loopback: connection 0 serves a transaction and the RSET that parks
+    /// it, then, at the next command, closes without a word (while pooled it looked
+    /// quiet: a restart between the check and the first command). Later connections
+    /// serve normally. Returns its address and each connection's command lines.
+    async fn next_hop_dying_after_park(xclient: bool) -> (SocketAddr, Transcripts) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Transcripts = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                log.lock().unwrap().push(Vec::new());
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = tcp.into_split();
+                    let mut r = BufReader::new(r);
+                    w.write_all(b"220 hop.test\r\n").await.unwrap();
+                    let (mut line, mut parked) = (String::new(), false);
+                    while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                        let cmd = line.trim_end().to_string();
+                        line.clear();
+                        log.lock().unwrap()[n].push(cmd.clone());
+                        if n == 0 && parked {
+                            return; // dies without replying
+                        }
+                        let verb = cmd.split(' ').next().unwrap_or("").to_ascii_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" if xclient => b"250-hop.test\r\n250-XCLIENT NAME ADDR PORT PROTO HELO\r\n250 8BITMIME\r\n",
+                            "EHLO" => b"250-hop.test\r\n250 8BITMIME\r\n",
+                            "XCLIENT" => b"220 hop.test\r\n",
+                            "DATA" => {
+                                w.write_all(b"354 go\r\n").await.unwrap();
+                                while r.read_line(&mut line).await.unwrap_or(0) > 0 {
+                                    let end = line == ".\r\n";
+                                    line.clear();
+                                    if end {
+                                        break;
+                                    }
+                                }
+                                b"250 2.0.0 queued\r\n"
+                            }
+                            "RSET" => {
+                                parked = true;
+                                b"250 2.0.0 Ok\r\n"
+                            }
+                            "QUIT" => return,
+                            _ => b"250 2.1.0 Ok\r\n",
+                        };
+                        w.write_all(reply).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn parse_envelope() -> (MailFrom<String>, RcptTo<String>) {
+        let mail = smtp_proto::Request::parse(&mut b"MAIL FROM:<a@b.example>\r\n".iter());
+        let rcpt = smtp_proto::Request::parse(&mut b"RCPT TO:<c@d.example>\r\n".iter());
+        match (mail.unwrap(), rcpt.unwrap()) {
+            (smtp_proto::Request::Mail { from }, smtp_proto::Request::Rcpt { to }) => {
+                (from.into_owned(), to.into_owned())
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// One whole transaction through `hop` for `client`, then the end of the session.
+    async fn transaction(hop: &Arc<NextHop>, client: &ClientIdentity) {
+        let (from, to) = parse_envelope();
+        let mut relay = Relay::new(hop.clone());
+        assert_eq!(relay.start(client, &from, 10).await.unwrap().code, 250);
+        assert_eq!(relay.rcpt(&to).await.unwrap().code, 250);
+        let rcpts = [to];
+        let envelope = Envelope {
+            from: &from,
+            rcpts: &rcpts,
+        };
+        let parts: [&[u8]; 1] = [b"Subject: t\r\n\r\nbody\r\n"];
+        let reply = relay.deliver(&envelope, &[], &parts).await.unwrap();
+        assert_eq!(reply.code, 250);
+        relay.close().await;
+    }
+
+    /// A pooled connection that passes the idle check but is dead at its first command
+    /// (XCLIENT, or MAIL without XCLIENT) costs the client nothing: the transaction goes
+    /// through a fresh connection.
+    #[tokio::test]
+    async fn dead_pooled_connection_is_replaced_before_mail() {
+        for xclient in [true, false] {
+            let (addr, seen) = next_hop_dying_after_park(xclient).await;
+            let cfg = NextHopConfig {
+                address: format!("smtp://{addr}"),
+                tls: crate::config::RelayTls::Off,
+                xclient: if xclient {
+                    crate::config::XclientMode::Require
+                } else {
+                    crate::config::XclientMode::Off
+                },
+                ..NextHopConfig::default()
+            };
+            let hop = Arc::new(NextHop::new(&cfg, "mw.test").unwrap());
+            let client = |port: u16| ClientIdentity {
+                addr: SocketAddr::from(([192, 0, 2, 1], port)),
+                helo: Some("c.example".into()),
+                esmtp: true,
+                login: None,
+            };
+            transaction(&hop, &client(1000)).await;
+            assert_eq!(hop.pooled_connections(), 1, "parked after the RSET");
+            transaction(&hop, &client(2000)).await;
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen.len(), 2, "xclient {xclient}: {seen:?}");
+            let first_after_park = seen[0].iter().skip_while(|c| *c != "RSET").nth(1);
+            let expected = if xclient { "XCLIENT" } else { "MAIL" };
+            assert!(
+                first_after_park.is_some_and(|c| c.starts_with(expected)),
+                "{seen:?}"
+            );
+            assert!(seen[1].iter().any(|c| c == "DATA"), "{seen:?}");
+            if xclient {
+                assert!(seen[1].iter().any(|c| c.contains("PORT=2000")), "{seen:?}");
+            }
+            // The replacement went back to the pool in its turn.
+            assert_eq!(hop.pooled_connections(), 1);
+        }
+    }
+
+    #[test]
+    fn insecure_link_refusal_is_454_4_7_0() {
+        let r = RelayError::Insecure("x").reply();
+        assert_eq!((r.code, r.enhanced), (454, Some(Enhanced(4, 7, 0))));
     }
 }

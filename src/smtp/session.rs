@@ -201,6 +201,9 @@ impl Session {
                 break;
             }
         }
+        // The next-hop connection is parked (or closed) before the client's: a client
+        // that saw its session end knows the connection is back in the pool (the 221
+        // to QUIT is already sent; only the close waits one RSET round trip).
         self.relay.close().await;
         self.stream.shutdown().await;
     }

@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -19,8 +20,13 @@ use super::reply::Reply;
 /// Message content must keep arriving at this rate (bytes per second) on top of the data
 /// timeout, or the session is cut (Postfix `smtpd_min_data_rate`).
 pub const MIN_DATA_RATE: u64 = 500;
-/// Bytes read from the socket at a time.
+/// Room made in the read buffer for one read while reading commands: one system call
+/// takes a whole pipelined group.
 const READ_CHUNK: usize = 16 * 1024;
+/// Room for one read while reading message content: a 100 KB message arrives in two or
+/// three reads instead of seven. The buffer goes back to [`READ_CHUNK`] after the
+/// message, so an idle session does not keep it.
+const DATA_READ_CHUNK: usize = 64 * 1024;
 /// A content line longer than this is passed on in pieces instead of being buffered whole.
 const PARTIAL_LINE_FLUSH: usize = 8 * 1024;
 
@@ -116,37 +122,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
         }
     }
 
-    /// Reads more bytes into the buffer, flushing pending replies first so a client
-    /// waiting for them is never deadlocked. Everything must happen before `deadline`.
-    async fn fill(&mut self, deadline: Instant) -> Result<(), ReadError> {
+    /// Reads more bytes into the buffer (at most `room`), flushing pending replies first
+    /// so a client waiting for them is never deadlocked. Everything must happen before
+    /// `deadline`. The read goes into the buffer's spare capacity: nothing is zeroed or
+    /// copied first, and a command line costs one `read` however small it is.
+    async fn fill(&mut self, deadline: Instant, room: usize) -> Result<(), ReadError> {
         match tokio::time::timeout_at(deadline, self.flush()).await {
             Err(_) => return Err(ReadError::Timeout),
             Ok(r) => r?,
         }
-        let start = self.rbuf.len();
-        self.rbuf.resize(start + READ_CHUNK, 0);
-        let n = match tokio::time::timeout_at(deadline, self.io.read(&mut self.rbuf[start..])).await
-        {
-            Err(_) => {
-                self.rbuf.truncate(start);
-                return Err(ReadError::Timeout);
-            }
-            Ok(Err(e)) => {
-                self.rbuf.truncate(start);
-                return Err(e.into());
-            }
-            Ok(Ok(n)) => n,
+        self.rbuf.reserve(room);
+        let mut limited = (&mut self.rbuf).limit(room);
+        let n = match tokio::time::timeout_at(deadline, self.io.read_buf(&mut limited)).await {
+            Err(_) => return Err(ReadError::Timeout),
+            Ok(r) => r?,
         };
-        self.rbuf.truncate(start + n);
         if n == 0 {
             return Err(ReadError::Closed);
         }
         Ok(())
     }
 
+    /// Whether an idle connection is still usable: nothing unread, and the peer neither
+    /// closed it nor sent anything (a 421 before closing, say) while it sat idle. Polls
+    /// the socket once without waiting; anything it reads makes the answer `false`, and
+    /// the caller then drops the connection.
+    pub fn is_quiet(&mut self) -> bool {
+        if self.buffered() > 0 || !self.wbuf.is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::pin::Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending()
+    }
+
     /// Whether a complete command line is already buffered (pipelined).
     pub fn has_pipelined_input(&self) -> bool {
-        self.unread().contains(&b'\n')
+        memchr(b'\n', self.unread()).is_some()
     }
 
     /// Reads one command line of at most `max` octets (terminator included). The whole
@@ -172,7 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
                 let n = self.buffered();
                 self.consume(n);
             }
-            self.fill(deadline).await?;
+            self.fill(deadline, READ_CHUNK).await?;
         }
     }
 
@@ -200,13 +215,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
                 memory.release();
             }
             if done {
+                self.shrink_after_data();
                 return Ok(reader.stats);
             }
             // Per-request deadline with a minimum data rate (Postfix
             // `smtpd_per_request_deadline` + `smtpd_min_data_rate`): `timeout`, plus one
             // second per MIN_DATA_RATE bytes received so far.
             let earned = Duration::from_secs_f64(reader.stats.size as f64 / MIN_DATA_RATE as f64);
-            self.fill(start + timeout + earned).await?;
+            self.fill(start + timeout + earned, DATA_READ_CHUNK).await?;
+        }
+    }
+
+    /// After a message: the larger read buffer is not kept by a session that may now sit
+    /// idle (what is unread, pipelined commands, is kept).
+    fn shrink_after_data(&mut self) {
+        if self.rbuf.capacity() > 2 * READ_CHUNK && self.buffered() <= READ_CHUNK {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+            self.rbuf.shrink_to(READ_CHUNK);
         }
     }
 
@@ -237,15 +263,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpStream<S> {
         self.io.flush().await
     }
 
+    /// Writes every slice as it is, in as few system calls as the socket allows (one
+    /// `writev` for a message that fits its buffer): the relay sends its header block
+    /// and the client's message this way, without first copying them into one buffer.
+    /// Each call must make progress within `timeout` (`ErrorKind::TimedOut` otherwise).
+    pub async fn write_all_vectored(
+        &mut self,
+        mut bufs: &mut [std::io::IoSlice<'_>],
+        timeout: Duration,
+    ) -> std::io::Result<()> {
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out");
+        while !bufs.is_empty() {
+            let n = tokio::time::timeout(timeout, self.io.write_vectored(bufs))
+                .await
+                .map_err(|_| timed_out())??;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut bufs, n);
+        }
+        tokio::time::timeout(timeout, self.io.flush())
+            .await
+            .map_err(|_| timed_out())?
+    }
+
     pub async fn shutdown(&mut self) {
         let _ = self.flush().await;
         let _ = self.io.shutdown().await;
     }
 }
 
-fn memchr(needle: u8, hay: &[u8]) -> Option<usize> {
-    hay.iter().position(|&b| b == needle)
-}
+use memchr::memchr;
 
 /// The sans-IO DATA state machine (kept apart from the socket so it can be tested and
 /// fuzzed with any chunking).
@@ -311,7 +359,7 @@ impl DataReader {
             content = &content[1..];
         }
         self.line_len += content.len();
-        let strays = content.iter().filter(|&&b| b == b'\r').count();
+        let strays = memchr::memchr_iter(b'\r', content).count();
         self.stats.bare_cr += strays;
         self.push(content, strays > 0, out);
     }
