@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::{AuthReport, AuthResult};
 use crate::config::{ConfigError, locate};
+/// Domain matching lives with the wire format (authentication uses it too).
+pub use crate::wire::domain::domain_in;
 
 /// Flags a rule may name (spoof checks today; the burst detector adds its own).
 pub const KNOWN_FLAGS: &[&str] = &["own-domain-spoof", "display-name-spoof", "lookalike-domain"];
@@ -106,6 +108,19 @@ pub struct Facts<'a> {
     pub rcpt_domains: &'a [String],
     pub list_id: Option<&'a str>,
     pub client_ip: IpAddr,
+}
+
+/// The compact trace: one `rule=action` (or `rule=shadow:action`, `rule=no`) per step,
+/// as the decision log keeps it and `policy test` cases compare it.
+pub fn compact_trace(trace: &[TraceEntry]) -> Vec<String> {
+    trace
+        .iter()
+        .map(|t| match (t.matched, t.action, t.shadow) {
+            (true, Some(a), true) => format!("{}=shadow:{a}", t.rule),
+            (true, Some(a), false) => format!("{}={a}", t.rule),
+            _ => format!("{}=no", t.rule),
+        })
+        .collect()
 }
 
 /// One step of the decision trace.
@@ -486,16 +501,6 @@ fn list_authenticated(list_id: &str, report: &AuthReport) -> bool {
     report.dkim.iter().any(|d| {
         d.result == AuthResult::Pass && domain_in(list_id, std::slice::from_ref(&d.domain))
     })
-}
-
-/// `domain` equals one of `list` or is a subdomain of it (case-insensitive).
-pub fn domain_in(domain: &str, list: &[String]) -> bool {
-    let d = domain.trim_end_matches('.').to_ascii_lowercase();
-    !d.is_empty()
-        && list.iter().any(|want| {
-            let w = want.trim_end_matches('.').to_ascii_lowercase();
-            d == w || d.strip_suffix(&w).is_some_and(|p| p.ends_with('.'))
-        })
 }
 
 /// A small stable hash of the policy text, to tell versions apart in logs.

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod failure;
 pub mod maildir;
+pub mod one_shot;
 pub mod writer;
 pub mod xclient;
 

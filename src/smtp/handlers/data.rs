@@ -357,7 +357,7 @@ impl Session {
             flags: decision.flags.clone(),
             verdict: "quarantine".into(),
             reasons: decision.reasons.clone(),
-            state: crate::quarantine::State::Held.as_str().into(),
+            state: crate::quarantine::State::Held,
             instance: String::new(),
         };
         match store.store(meta, message.to_vec()).await {
@@ -365,7 +365,7 @@ impl Session {
                 let m = crate::metrics::global();
                 m.quarantined.inc();
                 m.quarantine_held.inc();
-                crate::metrics::quarantine_usage(store.as_ref()).await;
+                crate::quarantine::export_usage(store.as_ref()).await;
                 Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}"))
             }
             Err(StoreError::Full(refusal)) => {
