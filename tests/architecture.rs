@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 /// one above; within a layer, no two modules may import each other (or round a circle).
 const LAYERS: &[&[&str]] = &[
     // Entry points: the binary's CLI, the admin CLI/API (and quarantine release),
-    // `check`, the fuzzing harness.
-    &["main", "admin", "check", "fuzzing"],
+    // `check`, the fuzzing harness and the in-process session harness (`testing`).
+    &["main", "admin", "check", "fuzzing", "testing"],
     // The listener: accept loop, connection limits, reload, background tasks.
     &["server"],
     // The SMTP session: state machine and one handler per verb.
