@@ -32,5 +32,8 @@ pub mod signing;
 pub mod smtp;
 pub mod store;
 pub mod telemetry;
+/// In-process sessions for the transcript tests (no sockets); not part of the API.
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 pub mod wire;

@@ -64,6 +64,18 @@ pub struct Metrics {
     pub burst_alerts: Counter,
     pub frozen_accounts: Gauge,
     pub redis_fallback: Gauge,
+    /// Messages the outbound detector assessed, by `action` (`relay`, `alert`, `defer`,
+    /// `hold`, `freeze`, `reject`: the stricter of the sender's and the client's).
+    pub outbound_messages: Family<Labels, Counter>,
+    /// Accounts (or client keys) frozen, automatically or by an administrator.
+    pub outbound_accounts_frozen: Counter,
+    /// Outbound alerts posted, by `event` (`outbound-burst`, `from-mismatch`,
+    /// `account-frozen`, `account-unfrozen`, `freeze-expired`, `auth-failures`,
+    /// `auth-user-locked`).
+    pub outbound_alerts: Family<Labels, Counter>,
+    /// Outbound store calls answered by the local counters because Redis was down or
+    /// the call failed (`backend = "redis"`).
+    pub outbound_store_fallbacks: Counter,
     /// 1 when the last use of PostgreSQL (`[quarantine] backend = "postgres"`) succeeded.
     pub postgres_up: Gauge,
     /// AUTH failure limits reached, by `kind`: `client` (an address or IPv6 /64 blocked)
@@ -125,6 +137,10 @@ impl Metrics {
             burst_alerts: Counter::default(),
             frozen_accounts: Gauge::default(),
             redis_fallback: Gauge::default(),
+            outbound_messages: Family::default(),
+            outbound_accounts_frozen: Counter::default(),
+            outbound_alerts: Family::default(),
+            outbound_store_fallbacks: Counter::default(),
             postgres_up: Gauge::default(),
             auth_failure_blocks: Family::default(),
             auth_refused: Family::default(),
@@ -287,6 +303,26 @@ impl Metrics {
             "redis_fallback",
             "1 when Redis is unreachable and local counters are used",
             m.redis_fallback.clone(),
+        );
+        registry.register(
+            "outbound_messages",
+            "Messages assessed by the outbound detector, by action",
+            m.outbound_messages.clone(),
+        );
+        registry.register(
+            "outbound_accounts_frozen",
+            "Accounts frozen, automatically or by an administrator",
+            m.outbound_accounts_frozen.clone(),
+        );
+        registry.register(
+            "outbound_alerts",
+            "Outbound alerts posted, by event",
+            m.outbound_alerts.clone(),
+        );
+        registry.register(
+            "outbound_store_fallbacks",
+            "Outbound store calls answered by local counters because Redis did not",
+            m.outbound_store_fallbacks.clone(),
         );
         registry.register(
             "postgres_up",

@@ -14,9 +14,15 @@ use tokio::net::TcpStream;
 
 /// A TCP stream that may have been upgraded to TLS. `Detached` only exists for the
 /// instant of a STARTTLS upgrade, while the stream is handed to the handshake.
+///
+/// `Memory` is one end of an in-process pipe: the transcript tests run a real session
+/// over it without sockets (`crate::testing`). A concrete type, not a boxed trait
+/// object, so the hot path pays one more arm in a match and nothing else. It never
+/// offers TLS: STARTTLS needs a TCP stream.
 pub enum MaybeTls<T> {
     Plain(TcpStream),
     Tls(Box<T>),
+    Memory(tokio::io::DuplexStream),
     Detached,
 }
 
@@ -42,6 +48,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            MaybeTls::Memory(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -56,6 +63,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            MaybeTls::Memory(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -63,6 +71,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            MaybeTls::Memory(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Detached => Poll::Ready(Err(detached())),
         }
     }
@@ -70,6 +79,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            MaybeTls::Memory(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Detached => Poll::Ready(Err(detached())),
         }
     }

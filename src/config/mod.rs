@@ -9,6 +9,7 @@ pub mod defaults;
 pub mod dkim_sign;
 pub mod dmarc_reports;
 mod duration;
+pub mod outbound;
 pub mod postgres;
 pub mod process;
 pub mod show;
@@ -55,7 +56,7 @@ pub struct Config {
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
-    pub outbound: crate::outbound::OutboundConfig,
+    pub outbound: outbound::OutboundConfig,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]

@@ -15,62 +15,9 @@ use tokio::sync::Semaphore;
 const MAX_INFLIGHT: usize = 8;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where alerts are POSTed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookTarget {
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-}
+pub use crate::config::outbound::WebhookTarget;
 
 impl WebhookTarget {
-    pub fn parse(url: &str) -> Result<WebhookTarget, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            "only http:// URLs (put a local relay in front of an https endpoint)".to_string()
-        })?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.contains('@') {
-            return Err("credentials in the URL are not supported".into());
-        }
-        if path.contains(|c: char| c.is_control() || c == ' ') {
-            return Err("the path must not contain spaces or control characters".into());
-        }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or("unclosed [ in the host")?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p
-                    .parse::<u16>()
-                    .map_err(|_| format!("`{p}` is not a port"))?,
-                None if after.is_empty() => 80,
-                None => return Err("garbage after the host".into()),
-            };
-            (h.to_string(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (
-                    h.to_string(),
-                    p.parse::<u16>()
-                        .map_err(|_| format!("`{p}` is not a port"))?,
-                ),
-                None => (authority.to_string(), 80),
-            }
-        };
-        if host.is_empty()
-            || port == 0
-            || host.contains(|c: char| c.is_whitespace() || c.is_control())
-        {
-            return Err("needs a host (and a non-zero port)".into());
-        }
-        Ok(WebhookTarget {
-            host,
-            port,
-            path: path.to_string(),
-        })
-    }
-
     fn host_header(&self) -> String {
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)

@@ -2,63 +2,21 @@
 //! the sender cannot rotate. An IPv4 address is one host; an IPv6 host is given at least
 //! a /64 and may use any address in it, so the /64 is the host.
 
-use std::net::{IpAddr, Ipv6Addr};
+//!
+//! The functions live with the configuration (`config::outbound::client_key`), which
+//! validates `client:...` names with them; they are this module's as well.
 
-/// Prefix of every client key: `client:192.0.2.7`, `client:2001:db8:1:2::/64`. A login or
-/// envelope sender never starts with it (no `@`), so the two cannot collide.
-pub const PREFIX: &str = "client:";
-
-/// The part of `ip` that identifies a host: itself (IPv4, IPv4-mapped IPv6 as IPv4) or
-/// its /64 (IPv6), shown as the network address.
-pub fn host_part(ip: IpAddr) -> String {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => v4.to_string(),
-        v6 @ IpAddr::V6(_) => format!("{}/64", host_ip(v6)),
-    }
-}
-
-/// The host of `ip` as an address: itself (IPv4) or its /64's network address (IPv6).
-/// AUTH failures are counted and blocked per this.
-pub fn host_ip(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-    }
-}
+pub use crate::config::outbound::client_key::{PREFIX, host_ip, host_part, is_key, key, parse_key};
 
 /// Whether `a` and `b` are the same host.
-pub fn same_host(a: IpAddr, b: IpAddr) -> bool {
+pub fn same_host(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
     host_ip(a) == host_ip(b)
-}
-
-/// The accounting key of a client at `ip`.
-pub fn key(ip: IpAddr) -> String {
-    format!("{PREFIX}{}", host_part(ip))
-}
-
-/// A `client:...` name from the config, normalised to the key [`key`] yields for that
-/// host (`client:2001:DB8:1:2::9` and `client:2001:db8:1:2::/64` are the same host);
-/// `None` when what follows `client:` is neither an address nor an IPv6 /64.
-pub fn parse_key(name: &str) -> Option<String> {
-    let rest = name.trim().strip_prefix(PREFIX)?;
-    if let Ok(ip) = rest.parse::<IpAddr>() {
-        return Some(key(ip));
-    }
-    match rest.parse::<ipnet::IpNet>().ok()? {
-        ipnet::IpNet::V6(n) if n.prefix_len() == 64 => Some(key(IpAddr::V6(n.addr()))),
-        ipnet::IpNet::V4(n) if n.prefix_len() == 32 => Some(key(IpAddr::V4(n.addr()))),
-        _ => None,
-    }
-}
-
-/// Whether `account` is a client key rather than a login or sender.
-pub fn is_key(account: &str) -> bool {
-    account.starts_with(PREFIX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     #[test]
     fn ipv6_hosts_are_their_64() {

@@ -132,7 +132,7 @@ impl FreezeBook {
                 rec.push(FreezeEvent {
                     at: f.until.unwrap_or(now),
                     action: "expire".into(),
-                    by: "mailwarden".into(),
+                    by: super::DETECTOR.into(),
                     why: "freeze expired".into(),
                     until: None,
                 });

@@ -26,6 +26,7 @@ use super::freeze::{Freeze, FreezeBook, FreezeRecord};
 use super::lru::Lru;
 use super::report::{self, AccountDetail, AccountSummary};
 use super::state::{AccountState, ClientState, FailLimits, Observation, secs};
+use super::store::{AccountStatus, Failing, Message};
 
 pub const SNAPSHOT_VERSION: u32 = 1;
 
@@ -113,7 +114,8 @@ impl MemoryStore {
         }
     }
 
-    /// Counts one message and returns what the limits look at.
+    /// [`count`](Self::count) with the message's parts given one by one.
+    #[cfg(test)]
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
@@ -122,24 +124,40 @@ impl MemoryStore {
         ip: IpAddr,
         rcpts: u32,
         rejected: u32,
-        domains: &[u32],
+        distinct: &[u32],
         limits: &Limits,
     ) -> Observation {
-        let cap = if limits.bulk || limits.max_domains == 0 {
-            0
-        } else {
-            limits.max_domains as usize + 1
+        let m = Message {
+            now_ms,
+            ip,
+            rcpts,
+            rejected,
+            distinct,
         };
+        self.count(account, &m, limits)
+    }
+
+    /// Counts one message and returns what the limits look at.
+    pub fn count(&self, account: &str, m: &Message<'_>, limits: &Limits) -> Observation {
         let mut o = {
             let mut shard = lock(self.shard(account));
             self.admit(&mut shard, account);
             let st = shard.get_or_insert_with(account, || {
-                (Arc::from(account), AccountState::new(&self.s, now_ms))
+                (Arc::from(account), AccountState::new(&self.s, m.now_ms))
             });
-            st.record(&self.s, &self.p, now_ms, rcpts, rejected, domains, cap);
-            st.observe(&self.s, &self.p, now_ms, Some(ip))
+            st.record(
+                &self.s,
+                &self.p,
+                m.now_ms,
+                m.rcpts,
+                m.rejected,
+                m.distinct,
+                limits.distinct_cap() as usize,
+            );
+            st.observe(&self.s, &self.p, m.now_ms, Some(m.ip))
         };
-        o.frozen = self.frozen(account, now_ms);
+        o.status =
+            AccountStatus::from_freeze(self.frozen(account, m.now_ms), u64::from(secs(m.now_ms)));
         self.dirty.store(true, Ordering::Relaxed);
         o
     }
@@ -175,6 +193,33 @@ impl MemoryStore {
         true
     }
 
+    /// One AUTH failure of `who` (`other`: the user name's hash for a client, the host's
+    /// for a user name): `Some((failures, distinct others))` when it blocks the client or
+    /// locks the name.
+    pub fn failure(
+        &self,
+        who: Failing,
+        other: u32,
+        now_ms: u64,
+        l: FailLimits,
+    ) -> Option<(u32, u32)> {
+        self.dirty.store(true, Ordering::Relaxed);
+        match who {
+            Failing::Client(ip) => fail_in(&self.clients, ip, other, now_ms, l),
+            Failing::User(user) => fail_in(&self.users, user, other, now_ms, l),
+        }
+    }
+
+    /// Blocks the client or locks the user name until `until` (seconds), as another
+    /// instance decided.
+    pub fn block_failing(&self, who: Failing, until: u32) {
+        match who {
+            Failing::Client(ip) => entry(&self.clients, ip, |c| c.blocked_until = until),
+            Failing::User(user) => entry(&self.users, user, |c| c.blocked_until = until),
+        }
+    }
+
+    #[cfg(test)]
     pub fn auth_failure(
         &self,
         ip: IpAddr,
@@ -182,35 +227,12 @@ impl MemoryStore {
         now_ms: u64,
         l: FailLimits,
     ) -> Option<(u32, u32)> {
-        let mut clients = lock(&self.clients);
-        let c = clients.get_or_insert_with(&ip, || (ip, ClientState::default()));
-        self.dirty.store(true, Ordering::Relaxed);
-        c.fail(secs(now_ms), user, l)
-    }
-
-    /// One failure for the user name hashed `user` from the host hashed `host`:
-    /// `Some((failures, distinct hosts))` when it locks the user name.
-    pub fn user_failure(
-        &self,
-        user: u32,
-        host: u32,
-        now_ms: u64,
-        l: FailLimits,
-    ) -> Option<(u32, u32)> {
-        let mut users = lock(&self.users);
-        let u = users.get_or_insert_with(&user, || (user, ClientState::default()));
-        u.fail(secs(now_ms), host, l)
+        self.failure(Failing::Client(ip), user, now_ms, l)
     }
 
     /// Until when the user name hashed `user` is locked, if it is.
     pub fn user_locked(&self, user: u32, now_ms: u64) -> Option<u32> {
         lock(&self.users).peek(&user)?.blocked(secs(now_ms))
-    }
-
-    pub fn lock_user(&self, user: u32, until: u32) {
-        lock(&self.users)
-            .get_or_insert_with(&user, || (user, ClientState::default()))
-            .blocked_until = until;
     }
 
     /// Whether `account` has logged in from the host of `ip` before (its remembered
@@ -225,13 +247,6 @@ impl MemoryStore {
     /// Until when `ip` is blocked, if it is.
     pub fn blocked(&self, ip: IpAddr, now_ms: u64) -> Option<u32> {
         lock(&self.clients).peek(&ip)?.blocked(secs(now_ms))
-    }
-
-    pub fn block(&self, ip: IpAddr, until: u32) {
-        let mut clients = lock(&self.clients);
-        clients
-            .get_or_insert_with(&ip, || (ip, ClientState::default()))
-            .blocked_until = until;
     }
 
     /// Accounts frozen now (as of the last freeze change).
@@ -416,6 +431,28 @@ impl MemoryStore {
         }
         Ok(n)
     }
+}
+
+/// `f` on the entry of `k` (created when new).
+fn entry<K: Copy + std::hash::Hash + Eq>(
+    lru: &Mutex<Lru<K, ClientState>>,
+    k: K,
+    f: impl FnOnce(&mut ClientState),
+) {
+    f(lock(lru).get_or_insert_with(&k, || (k, ClientState::default())));
+}
+
+/// One failure of `k` with `other` in `lru`; see [`MemoryStore::failure`].
+fn fail_in<K: Copy + std::hash::Hash + Eq>(
+    lru: &Mutex<Lru<K, ClientState>>,
+    k: K,
+    other: u32,
+    now_ms: u64,
+    l: FailLimits,
+) -> Option<(u32, u32)> {
+    let mut lru = lock(lru);
+    lru.get_or_insert_with(&k, || (k, ClientState::default()))
+        .fail(secs(now_ms), other, l)
 }
 
 /// Frozen first, then most recently active first.

@@ -19,100 +19,71 @@
 //! clients; too many block the client, or lock the name for addresses it never logged in
 //! from, for a while.
 //!
-//! State lives in memory ([`memory`], snapshot to disk) or in Redis ([`redis_store`],
-//! shared by instances; when unreachable the local counters take over and the log says
-//! so). Freezes are durable before the message that caused them is answered.
+//! State lives behind one trait, [`store::OutboundStore`]: in memory
+//! ([`store::LocalStore`] over [`memory`], snapshot to disk) or in Redis
+//! ([`fallback::FallbackStore`] over [`redis_store`], shared by instances; when Redis
+//! does not answer, the local counters do, and the log says so). The detector never
+//! asks which. Freezes are durable before the message that caused them is answered.
+//!
+//! Judging is computed, then done: [`assess::judge_counts`] turns the counts into the
+//! [`Assessment`] and a list of effects (a pure function, unit-tested without a store);
+//! the detector then applies the effects (freeze, alerts) in order. The configuration is
+//! `crate::config::outbound` (this module imports `config`, never the reverse).
+//! Counters: `outbound_messages` by action, `outbound_accounts_frozen`,
+//! `outbound_alerts` by event, `outbound_store_fallbacks`.
 //!
 //! ```text
 //! session ─ account() / auth_allowed() / auth_result() / assess()
-//!             └▶ Detector ─▶ store (memory | redis, memory as fallback) ─▶ Observation
-//!                   └▶ limits (evaluate) + From check ─▶ Assessment ─▶ freeze / alert
+//!             └▶ Detector ─▶ dyn OutboundStore ─▶ Counted (Observation + AccountStatus)
+//!                   │          (LocalStore | FallbackStore = Redis, else LocalStore)
+//!                   └▶ judge_counts (limits + From check, pure) ─▶ Assessment + effects
+//!                         └▶ apply: freeze (store) / alert (rate-limited by the store)
 //! ```
 
 pub(crate) mod alert;
+pub(crate) mod assess;
 pub(crate) mod baseline;
 pub mod client;
 pub mod config;
+pub(crate) mod fallback;
 pub(crate) mod freeze;
 mod lru;
 pub(crate) mod memory;
 pub(crate) mod redis_store;
 pub mod report;
 pub(crate) mod state;
+pub(crate) mod store;
 pub(crate) mod window;
 
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Backend, OutboundConfig};
+pub use config::{Backend, OutboundAction, OutboundConfig};
 pub use freeze::{Freeze, FreezeEvent};
 pub use report::{AccountDetail, AccountSummary};
 
-use alert::{AlertBody, Alerter};
-use config::{FromAllow, Limits, Settings};
-use freeze::{Command, CommandResult, FreezeBook, Op};
-use memory::MemoryStore;
-use redis_store::{RedisFailure, RedisStore};
-use state::{FailLimits, Observation, domain_hashes, fnv32, secs};
+pub use assess::Count;
+pub use store::AccountStatus;
 
-/// How often the freezes in force are read back from Redis (and expiries recorded).
-const REDIS_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+use alert::{AlertBody, Alerter};
+use assess::{Breach, Effect, bare_address, judge_counts, num};
+use config::{Limits, Settings};
+use fallback::FallbackStore;
+use freeze::{Command, CommandResult, Op};
+use state::{FailLimits, Observation, domain_hashes, fnv32, secs};
+use store::{AlertKind, Failing, LocalStore, Message, OutboundStore};
+#[cfg(test)]
+use {assess::split_addresses, config::FromAllow, freeze::FreezeBook};
+
 /// Command results nobody collected are removed after this long.
 const RESULT_RETENTION: Duration = Duration::from_secs(3600);
 /// Who freezes automatically.
 pub const DETECTOR: &str = "mailwarden";
-
-/// What a breach does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutboundAction {
-    /// Relay, but log a WARN alert (and post the webhook).
-    Alert,
-    /// 451 4.7.1: the client retries later.
-    Defer,
-    /// This message to quarantine (reason `outbound-burst`).
-    Hold,
-    /// This and every further message of the account to quarantine, until unfrozen.
-    Freeze,
-    /// 550 5.7.1.
-    Reject,
-}
-
-impl OutboundAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutboundAction::Alert => "alert",
-            OutboundAction::Defer => "defer",
-            OutboundAction::Hold => "hold",
-            OutboundAction::Freeze => "freeze",
-            OutboundAction::Reject => "reject",
-        }
-    }
-
-    /// Which wins when two signals disagree: a freeze (the account's state) beats
-    /// everything, then reject, hold, defer, alert.
-    fn severity(self) -> u8 {
-        match self {
-            OutboundAction::Alert => 0,
-            OutboundAction::Defer => 1,
-            OutboundAction::Hold => 2,
-            OutboundAction::Reject => 3,
-            OutboundAction::Freeze => 4,
-        }
-    }
-
-    fn max(a: Option<OutboundAction>, b: OutboundAction) -> OutboundAction {
-        match a {
-            Some(a) if a.severity() >= b.severity() => a,
-            _ => b,
-        }
-    }
-}
 
 /// Flag for mail over a volume limit or from a frozen account (the quarantine reason).
 pub const FLAG_BURST: &str = "outbound-burst";
@@ -207,266 +178,6 @@ pub fn normalize(account: &str) -> String {
     }
 }
 
-/// A freeze or unfreeze made while Redis was unreachable, replayed when it is back.
-#[derive(Debug, Clone)]
-enum PendingOp {
-    Freeze(String, Freeze),
-    Unfreeze {
-        account: String,
-        at: u64,
-        by: String,
-        why: String,
-    },
-}
-
-/// One signal over its limit.
-#[derive(Debug, Clone)]
-struct Breach {
-    /// `recipients_1m`, `messages_rate_1h`, `domains_1h`, `rejected_share_1h`.
-    signal: String,
-    value: f64,
-    limit: f64,
-    text: String,
-}
-
-/// Shows a count or limit without noise: integers as such, others with one decimal.
-fn num(x: f64) -> String {
-    if (x - x.round()).abs() < 0.05 {
-        format!("{}", x.round() as i64)
-    } else {
-        format!("{x:.1}")
-    }
-}
-
-/// The volume limits `obs` exceeds. Texts are built only for a breach: this runs for
-/// every message.
-fn evaluate(s: &Settings, limits: &Limits, obs: &Observation) -> Vec<Breach> {
-    let mut out = Vec::new();
-    let factor = match obs.new_ip_age {
-        Some(_) if s.cfg.new_ip.enabled => s.cfg.new_ip.factor,
-        _ => 1.0,
-    };
-    fn over(
-        out: &mut Vec<Breach>,
-        value: f64,
-        limit: f64,
-        name: impl FnOnce() -> (String, String),
-    ) {
-        if value > limit + 1e-9 {
-            let (signal, text) = name();
-            out.push(Breach {
-                text: format!("{text}: {} > {}", num(value), num(limit)),
-                signal,
-                value,
-                limit,
-            });
-        }
-    }
-    for (i, &(max_m, max_r)) in limits.windows.iter().enumerate() {
-        let (m, r) = obs.windows[i];
-        if let Some(max) = max_m {
-            over(&mut out, m, f64::from(max) * factor, || {
-                let label = &s.rings[i].label;
-                (format!("messages_{label}"), format!("messages in {label}"))
-            });
-        }
-        if let Some(max) = max_r {
-            over(&mut out, r, f64::from(max) * factor, || {
-                let label = &s.rings[i].label;
-                (
-                    format!("recipients_{label}"),
-                    format!("recipients in {label}"),
-                )
-            });
-        }
-    }
-    if limits.max_domains > 0 {
-        over(
-            &mut out,
-            f64::from(obs.domains),
-            f64::from(limits.max_domains) * factor,
-            || {
-                let label = config::label(s.cfg.recipient_domains_window);
-                if limits.client {
-                    (
-                        format!("senders_{label}"),
-                        format!("distinct envelope senders in {label}"),
-                    )
-                } else {
-                    (
-                        format!("domains_{label}"),
-                        format!("recipient domains in {label}"),
-                    )
-                }
-            },
-        );
-    }
-    let (tried, refused) = obs.rejected;
-    if tried >= f64::from(s.cfg.rejected_min_recipients) && tried > 0.0 {
-        let share = refused / tried;
-        if share > limits.max_rejected_share + 1e-9 {
-            let label = &s.rings[s.windows()].label;
-            out.push(Breach {
-                signal: format!("rejected_share_{label}"),
-                value: share,
-                limit: limits.max_rejected_share,
-                text: format!(
-                    "recipients refused by the next hop in {label}: {:.0}% > {:.0}% ({} of {})",
-                    share * 100.0,
-                    limits.max_rejected_share * 100.0,
-                    num(refused),
-                    num(tried)
-                ),
-            });
-        }
-    }
-    if limits.adaptive {
-        let a = &s.cfg.adaptive;
-        let (bm, br) = obs.baseline;
-        let (rm, rr) = obs.rate;
-        let how = |floor: f64, base: f64| {
-            format!(
-                " (max of floor {} and {} × baseline {base:.1}/h)",
-                num(floor),
-                num(a.k)
-            )
-        };
-        over(
-            &mut out,
-            rm,
-            a.floor_messages.max(a.k * bm) * factor,
-            || {
-                (
-                    "messages_rate_1h".into(),
-                    "messages in the last hour".into(),
-                )
-            },
-        );
-        if let Some(b) = out.last_mut().filter(|b| b.signal == "messages_rate_1h") {
-            b.text.push_str(&how(a.floor_messages, bm));
-        }
-        over(
-            &mut out,
-            rr,
-            a.floor_recipients.max(a.k * br) * factor,
-            || {
-                (
-                    "recipients_rate_1h".into(),
-                    "recipients in the last hour".into(),
-                )
-            },
-        );
-        if let Some(b) = out.last_mut().filter(|b| b.signal == "recipients_rate_1h") {
-            b.text.push_str(&how(a.floor_recipients, br));
-        }
-    }
-    if factor < 1.0
-        && !out.is_empty()
-        && let Some(age) = obs.new_ip_age
-    {
-        out.push(Breach {
-            signal: "new_login_address".into(),
-            value: f64::from(age),
-            limit: s.cfg.new_ip.window.as_secs_f64(),
-            text: format!(
-                "limits × {} after a login from a new address {} min ago",
-                s.cfg.new_ip.factor,
-                age / 60
-            ),
-        });
-    }
-    out
-}
-
-/// The address inside `Name <addr>` (or the text itself), lower-cased.
-fn bare_address(s: &str) -> String {
-    let s = s.trim();
-    let inner = match (s.rfind('<'), s.rfind('>')) {
-        (Some(a), Some(b)) if a < b => &s[a + 1..b],
-        _ => s,
-    };
-    inner.trim().to_lowercase()
-}
-
-/// The mailboxes of an address list: split at commas outside quotes and `<>`.
-fn split_addresses(s: &str) -> Vec<&str> {
-    let (mut out, mut start, mut quoted, mut angle) = (Vec::new(), 0, false, false);
-    let mut escaped = false;
-    for (i, c) in s.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            '<' if !quoted => angle = true,
-            '>' if !quoted => angle = false,
-            ',' if !quoted && !angle => {
-                out.push(&s[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    out.push(&s[start..]);
-    out
-}
-
-fn domain_of(addr: &str) -> Option<&str> {
-    addr.rsplit_once('@')
-        .map(|(_, d)| d.trim_end_matches('.'))
-        .filter(|d| !d.is_empty())
-}
-
-/// Why `header_from` is not allowed for `account`, if it is not.
-fn from_mismatch(
-    s: &Settings,
-    limits: &Limits,
-    account: &str,
-    header_from: &str,
-) -> Option<String> {
-    if limits.from_allow == FromAllow::Any {
-        return None;
-    }
-    let own = if account.contains('@') {
-        account.to_string()
-    } else {
-        // No own address, nothing to compare with: not checked.
-        format!(
-            "{account}@{}",
-            s.cfg.from.login_domain.as_deref()?.to_lowercase()
-        )
-    };
-    let own_domain = domain_of(&own)?;
-    let addresses: Vec<String> = split_addresses(header_from)
-        .into_iter()
-        .map(bare_address)
-        .filter(|a| !a.is_empty())
-        .collect();
-    if addresses.is_empty() {
-        return Some(format!(
-            "message has no header From address (account {account})"
-        ));
-    }
-    for from in &addresses {
-        let from_domain = domain_of(from).unwrap_or("");
-        let ok = *from == own
-            || (limits.from_allow == FromAllow::Domain
-                && from_domain.eq_ignore_ascii_case(own_domain))
-            || limits
-                .from_aliases
-                .iter()
-                .any(|a| match a.strip_prefix('@') {
-                    Some(d) => from_domain == d,
-                    None => a == from,
-                });
-        if !ok {
-            return Some(format!(
-                "header From {from} is not allowed for account {account}"
-            ));
-        }
-    }
-    None
-}
-
 /// "5 minutes", "1 minute": how long until `ms` from now, rounded up.
 fn minutes(ms: u64) -> String {
     let m = ms.div_ceil(60_000).max(1);
@@ -481,25 +192,18 @@ fn refused(reason: &'static str) {
         .inc();
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The outbound detector, shared by every session.
+/// The outbound detector, shared by every session. It holds one store and never asks
+/// which backend is behind it (see [`store`]); each message is counted, judged from
+/// its counts ([`assess::judge_counts`], pure), and only then are the effects applied.
 pub struct Detector {
     s: Arc<Settings>,
     clock: Arc<dyn Clock>,
-    local: Arc<MemoryStore>,
-    redis: Option<RedisStore>,
+    store: Arc<dyn OutboundStore>,
     alerter: Alerter,
-    pending: Mutex<Vec<PendingOp>>,
-    /// Serialises `freeze_file` writes; the freeze-book version last written.
-    written: Arc<Mutex<u64>>,
-    /// Bumped on every change of the local freeze book.
-    version: AtomicU64,
+    /// The CLI's command spool, read by the running proxy (memory backend; with Redis
+    /// the CLI works on Redis directly).
+    command_dir: Option<PathBuf>,
     last_snapshot: AtomicU64,
-    last_redis_try: AtomicU64,
-    last_redis_sync: AtomicU64,
     alerts: AtomicU64,
 }
 
@@ -515,59 +219,38 @@ impl Detector {
         clock: Arc<dyn Clock>,
     ) -> Result<Detector, String> {
         let s = Arc::new(Settings::new(cfg)?);
-        let local = Arc::new(MemoryStore::new(s.clone()));
+        let local = LocalStore::new(s.clone());
+        let mut command_dir = None;
+        // The one place the backend is chosen.
+        let store: Arc<dyn OutboundStore> = if !cfg.enabled {
+            Arc::new(local)
+        } else {
+            local.load().await?;
+            match cfg.backend {
+                Backend::Redis => {
+                    Arc::new(FallbackStore::connect(s.clone(), local, clock.clone()).await?)
+                }
+                Backend::Memory => {
+                    // Ours (0700, this user), before a CLI run by someone else creates it.
+                    if let Err(e) = freeze::mkdir_private(&cfg.command_dir) {
+                        tracing::warn!(dir = %cfg.command_dir.display(), error = %e, "outbound: cannot create the command spool");
+                    }
+                    command_dir = Some(cfg.command_dir.clone());
+                    Arc::new(local)
+                }
+            }
+        };
         let now = clock.now_ms();
-        let mut d = Detector {
+        let d = Detector {
             alerter: Alerter::new(cfg.webhook_url.as_deref()),
-            local,
-            redis: None,
+            store,
             clock,
-            pending: Mutex::new(Vec::new()),
-            written: Arc::new(Mutex::new(0)),
-            version: AtomicU64::new(0),
+            command_dir,
             last_snapshot: AtomicU64::new(now),
-            last_redis_try: AtomicU64::new(now),
-            last_redis_sync: AtomicU64::new(0),
             alerts: AtomicU64::new(0),
             s,
         };
-        if !cfg.enabled {
-            return Ok(d);
-        }
-        let book = FreezeBook::load(&cfg.freeze_file)?;
-        d.local.with_freezes(|b| *b = book);
-        let (path, local) = (cfg.state_file.clone(), d.local.clone());
-        let loaded = tokio::task::spawn_blocking(move || local.load_snapshot(&path))
-            .await
-            .map_err(|e| e.to_string())?;
-        match loaded {
-            Ok(n) if n > 0 => {
-                tracing::info!(accounts = n, file = %cfg.state_file.display(), "outbound: counters restored")
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let aside = cfg.state_file.with_extension("corrupt");
-                let _ = std::fs::rename(&cfg.state_file, &aside);
-                tracing::warn!(error = %e, moved_to = %aside.display(), "outbound: unreadable snapshot set aside; counters start from zero");
-            }
-        }
-        if cfg.backend == Backend::Redis {
-            let r = RedisStore::new(d.s.clone())?;
-            match r.connect().await {
-                Ok(()) => tracing::info!(redis = %r.url(), "outbound: shared state in redis"),
-                Err(e) => {
-                    tracing::warn!(redis = %r.url(), error = %e, "outbound: redis unreachable, using local counters until it is back")
-                }
-            }
-            d.redis = Some(r);
-            d.sync_redis().await;
-        } else {
-            // Ours (0700, this user), before a CLI run by someone else creates it.
-            if let Err(e) = freeze::mkdir_private(&cfg.command_dir) {
-                tracing::warn!(dir = %cfg.command_dir.display(), error = %e, "outbound: cannot create the command spool");
-            }
-            d.apply_commands().await;
-        }
+        d.apply_commands().await;
         Ok(d)
     }
 
@@ -577,21 +260,17 @@ impl Detector {
 
     /// `memory`, `redis`, or `redis-unavailable (local fallback)`.
     pub fn backend_status(&self) -> &'static str {
-        match &self.redis {
-            None => "memory",
-            Some(r) if r.is_up() => "redis",
-            Some(_) => "redis-unavailable (local fallback)",
-        }
+        self.store.status()
     }
 
     /// Accounts whose counters are kept in this process (bounded by `tracked_accounts`).
     pub fn tracked_accounts(&self) -> usize {
-        self.local.tracked()
+        self.store.tracked()
     }
 
     /// Accounts frozen now (Redis freezes are mirrored here every few seconds).
     pub fn frozen_accounts(&self) -> usize {
-        self.local.frozen_count()
+        self.store.frozen_count()
     }
 
     /// Alerts emitted since start: `outbound burst`, `outbound from mismatch` and
@@ -600,22 +279,13 @@ impl Detector {
         self.alerts.load(Ordering::Relaxed)
     }
 
-    /// Redis failed (the store logged the outage when it began): the caller falls back;
-    /// reconnection is tried from `maintain` after `redis_retry`.
-    fn redis_failed(&self, e: &RedisFailure) {
-        let Some(r) = &self.redis else { return };
-        match e {
-            RedisFailure::Down(_) => self.last_redis_try.store(self.now(), Ordering::SeqCst),
-            RedisFailure::Failed(_) => tracing::warn!(
-                redis = %r.url(),
-                error = %e,
-                "outbound: redis command failed, local counters used for this message"
-            ),
-        }
-    }
-
-    fn redis_up(&self) -> Option<&RedisStore> {
-        self.redis.as_ref().filter(|r| r.is_up())
+    /// Posts an alert to the webhook (and counts it by event in `outbound_alerts`).
+    fn alert(&self, body: &AlertBody) {
+        crate::metrics::global()
+            .outbound_alerts
+            .get_or_create(&crate::metrics::label("event", body.event))
+            .inc();
+        self.alerter.post(body);
     }
 
     /// The account for a submission session: the login when authenticated, else the
@@ -646,19 +316,8 @@ impl Detector {
         if !cfg.enabled || !cfg.auth_failures.enabled || self.s.is_auth_exempt(ip) {
             return Ok(());
         }
-        let host = client::host_ip(ip);
         let now = self.now();
-        let until_ms = match self.redis_up() {
-            Some(r) => match r.blocked(host, now).await {
-                Ok(u) => u,
-                Err(e) => {
-                    self.redis_failed(&e);
-                    self.local.blocked(host, now).map(|s| u64::from(s) * 1000)
-                }
-            },
-            None => self.local.blocked(host, now).map(|s| u64::from(s) * 1000),
-        };
-        match until_ms {
+        match self.store.client_blocked(client::host_ip(ip), now).await {
             Some(until) => {
                 refused("client");
                 Err(format!(
@@ -685,26 +344,10 @@ impl Detector {
             return Ok(());
         }
         let now = self.now();
-        let user = fnv32(username.trim());
-        let local = self
-            .local
-            .user_locked(user, now)
-            .map(|s| u64::from(s) * 1000);
-        let until_ms = match self.redis_up() {
-            Some(r) => match r.user_locked(user, now).await {
-                Ok(u) => u,
-                Err(e) => {
-                    self.redis_failed(&e);
-                    local
-                }
-            },
-            None => local,
-        };
-        let Some(until) = until_ms else {
+        let Some(until) = self.store.user_locked(fnv32(username.trim()), now).await else {
             return Ok(());
         };
-        let account = normalize(username);
-        if self.known_login(&account, ip, now).await {
+        if self.store.known_login(&normalize(username), ip, now).await {
             return Ok(());
         }
         refused("user");
@@ -712,28 +355,6 @@ impl Detector {
             "Too many failed authentications for this user name from other addresses, try again in {}",
             minutes(until.saturating_sub(now))
         ))
-    }
-
-    /// Whether `account` logged in from the host of `ip` before (here, or for Redis on
-    /// any instance).
-    async fn known_login(&self, account: &str, ip: IpAddr, now: u64) -> bool {
-        if self.local.known_login(account, ip) {
-            return true;
-        }
-        let Some(r) = self.redis_up() else {
-            return false;
-        };
-        match r.detail(account, now).await {
-            Ok(Some(d)) => d.login_ips.iter().any(|k| {
-                k.ip.parse::<IpAddr>()
-                    .is_ok_and(|known| client::same_host(known, ip))
-            }),
-            Ok(None) => false,
-            Err(e) => {
-                self.redis_failed(&e);
-                false
-            }
-        }
     }
 
     /// After an AUTH exchange (`success`: the next hop said 235). Failures count per
@@ -748,14 +369,8 @@ impl Detector {
         let now = self.now();
         if success {
             let account = normalize(username);
-            if account.is_empty() {
-                return;
-            }
-            self.local.login(&account, ip, now);
-            if let Some(r) = self.redis_up()
-                && let Err(e) = r.login(&account, ip, now).await
-            {
-                self.redis_failed(&e);
+            if !account.is_empty() {
+                self.store.login(&account, ip, now).await;
             }
             return;
         }
@@ -771,6 +386,29 @@ impl Detector {
         }
     }
 
+    /// Counts one AUTH failure of `who`; when it blocks the client or locks the name,
+    /// counts that (`alerts_sent`, `auth_failure_blocks{kind}`) and returns
+    /// (failures, distinct others) for the alert.
+    async fn count_failure(
+        &self,
+        who: Failing,
+        other: u32,
+        now: u64,
+        l: FailLimits,
+    ) -> Option<(u32, u32)> {
+        let hit = self.store.failure(who, other, now, l).await?;
+        self.alerts.fetch_add(1, Ordering::Relaxed);
+        let kind = match who {
+            Failing::Client(_) => "client",
+            Failing::User(_) => "user",
+        };
+        crate::metrics::global()
+            .auth_failure_blocks
+            .get_or_create(&crate::metrics::label("kind", kind))
+            .inc();
+        Some(hit)
+    }
+
     /// One failure from `host` (blocks it past the client limits).
     async fn client_failure(&self, host: IpAddr, user: u32, now: u64) {
         let f = &self.s.cfg.auth_failures;
@@ -780,30 +418,10 @@ impl Detector {
             max_usernames: f.max_usernames,
             block: f.block.as_secs() as u32,
         };
-        let local = self.local.auth_failure(host, user, now, l);
-        let blocked = match self.redis_up() {
-            Some(r) => match r.auth_failure(host, user, now, l).await {
-                Ok(b) => {
-                    if b.is_some() {
-                        self.local.block(host, secs(now).saturating_add(l.block));
-                    }
-                    b
-                }
-                Err(e) => {
-                    self.redis_failed(&e);
-                    local
-                }
-            },
-            None => local,
-        };
-        let Some((failures, usernames)) = blocked else {
+        let blocked = self.count_failure(Failing::Client(host), user, now, l);
+        let Some((failures, usernames)) = blocked.await else {
             return;
         };
-        self.alerts.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::global()
-            .auth_failure_blocks
-            .get_or_create(&crate::metrics::label("kind", "client"))
-            .inc();
         tracing::warn!(
             client = %client::host_part(host),
             failures,
@@ -814,7 +432,7 @@ impl Detector {
             block = %config::label(f.block),
             "auth failures: client blocked"
         );
-        self.alerter.post(&AlertBody {
+        self.alert(&AlertBody {
             event: "auth-failures",
             at: u64::from(secs(now)),
             account: None,
@@ -844,31 +462,10 @@ impl Detector {
             block: f.user_block.as_secs() as u32,
         };
         let host_hash = fnv32(&client::host_part(host));
-        let local = self.local.user_failure(user, host_hash, now, l);
-        let locked = match self.redis_up() {
-            Some(r) => match r.user_failure(user, host_hash, now, l).await {
-                Ok(b) => {
-                    if b.is_some() {
-                        self.local
-                            .lock_user(user, secs(now).saturating_add(l.block));
-                    }
-                    b
-                }
-                Err(e) => {
-                    self.redis_failed(&e);
-                    local
-                }
-            },
-            None => local,
-        };
-        let Some((failures, hosts)) = locked else {
+        let locked = self.count_failure(Failing::User(user), host_hash, now, l);
+        let Some((failures, hosts)) = locked.await else {
             return;
         };
-        self.alerts.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::global()
-            .auth_failure_blocks
-            .get_or_create(&crate::metrics::label("kind", "user"))
-            .inc();
         // The name as typed is logged (the session's own line already shows it): the
         // administrator needs to know which account is under attack.
         let account = normalize(username);
@@ -881,7 +478,7 @@ impl Detector {
             block = %config::label(f.user_block),
             "auth failures: user name locked"
         );
-        self.alerter.post(&AlertBody {
+        self.alert(&AlertBody {
             event: "auth-user-locked",
             at: u64::from(secs(now)),
             account: Some(account),
@@ -938,173 +535,153 @@ impl Detector {
         rcpts: &[String],
         rejected_rcpts: usize,
     ) -> Assessment {
+        let message = (header_from, rcpts, rejected_rcpts);
+        self.assess_keys(account, client, ip, message, None).await
+    }
+
+    /// [`assess_as`](Self::assess_as), with the counters the limits read for each key
+    /// (the account, then the client), whatever the verdict: what the outbound stage
+    /// saw, for the trace and the decision log. (Building them costs a few allocations,
+    /// which `assess_as` does not pay.)
+    pub async fn assess_counted(
+        &self,
+        account: &str,
+        client: Option<&str>,
+        ip: IpAddr,
+        header_from: &str,
+        rcpts: &[String],
+        rejected_rcpts: usize,
+    ) -> (Assessment, Vec<Count>) {
+        let mut counts = Vec::new();
+        let message = (header_from, rcpts, rejected_rcpts);
+        let a = self
+            .assess_keys(account, client, ip, message, Some(&mut counts))
+            .await;
+        (a, counts)
+    }
+
+    /// The work of [`assess_as`](Self::assess_as); the counters read are added to
+    /// `counts` when given.
+    async fn assess_keys(
+        &self,
+        account: &str,
+        client: Option<&str>,
+        ip: IpAddr,
+        (header_from, rcpts, rejected_rcpts): (&str, &[String], usize),
+        mut counts: Option<&mut Vec<Count>>,
+    ) -> Assessment {
         if !self.s.cfg.enabled {
             return Assessment::relay();
         }
         let account = normalize(account);
         let limits = self.s.limits_for(&account);
-        let domains = if limits.bulk || limits.max_domains == 0 {
+        let domains = if limits.distinct_cap() == 0 {
             Vec::new()
         } else {
             domain_hashes(rcpts)
         };
-        let mut out = self
-            .judge(
-                &account,
-                ip,
-                Some(header_from),
-                &domains,
-                rcpts.len(),
-                rejected_rcpts,
-                limits,
-            )
-            .await;
+        let mut m = Message {
+            now_ms: self.now(),
+            ip,
+            rcpts: u32::try_from(rcpts.len()).unwrap_or(u32::MAX),
+            rejected: u32::try_from(rejected_rcpts).unwrap_or(u32::MAX),
+            distinct: &domains,
+        };
+        let (mut out, obs) = self.judge(&account, &m, Some(header_from), limits).await;
+        if let Some(c) = counts.as_deref_mut() {
+            assess::counts(&self.s, limits, &account, &obs, c);
+        }
         if let Some(client) = client {
             // Already in key form (`client_account`): not normalised again, this runs
             // for every message of a trusted client.
             let client = client.trim();
             let limits = self.s.limits_for(client);
             let senders = [fnv32(&account)];
-            let senders: &[u32] = if limits.bulk || limits.max_domains == 0 {
+            m.distinct = if limits.distinct_cap() == 0 {
                 &[]
             } else {
                 &senders
             };
-            let c = self
-                .judge(
-                    client,
-                    ip,
-                    None,
-                    senders,
-                    rcpts.len(),
-                    rejected_rcpts,
-                    limits,
-                )
-                .await;
+            m.now_ms = self.now();
+            let (c, obs) = self.judge(client, &m, None, limits).await;
             out.merge(c);
+            if let Some(c) = counts {
+                assess::counts(&self.s, limits, client, &obs, c);
+            }
         }
+        crate::metrics::global()
+            .outbound_messages
+            .get_or_create(&crate::metrics::label(
+                "action",
+                out.action.map_or("relay", OutboundAction::as_str),
+            ))
+            .inc();
         out
     }
 
     /// Counts one message for one key (an account or a client) and judges it against
-    /// `limits`; `header_from` is checked when given. `distinct` are the hashes the key's
-    /// distinct-count signal counts: recipient domains, or for a client its senders.
-    #[allow(clippy::too_many_arguments)]
+    /// `limits` (`header_from` is checked when given); then applies what the judgement
+    /// calls for.
     async fn judge(
         &self,
-        account: &str,
-        ip: IpAddr,
+        key: &str,
+        m: &Message<'_>,
         header_from: Option<&str>,
-        distinct: &[u32],
-        rcpts: usize,
-        rejected_rcpts: usize,
         limits: &Limits,
-    ) -> Assessment {
-        let now = self.now();
-        let n = u32::try_from(rcpts).unwrap_or(u32::MAX);
-        let rejected = u32::try_from(rejected_rcpts).unwrap_or(u32::MAX);
-        let local = self
-            .local
-            .record(account, now, ip, n, rejected, distinct, limits);
-        let (obs, shared) = match self.redis_up() {
-            Some(r) => match r
-                .record(account, now, ip, n, rejected, distinct, limits)
-                .await
-            {
-                Ok(o) => (o, true),
-                Err(e) => {
-                    self.redis_failed(&e);
-                    (local, false)
-                }
-            },
-            None => (local, false),
-        };
-        if let Some(f) = &obs.frozen {
-            return Assessment {
-                action: Some(OutboundAction::Freeze),
-                reasons: vec![format!(
-                    "account {account} frozen since {} by {}: {}",
-                    crate::wire::trace::iso_date(f.since),
-                    f.by,
-                    f.why
-                )],
-                frozen: true,
-                flags: vec![FLAG_BURST],
-            };
+    ) -> (Assessment, Observation) {
+        let counted = self.store.record(key, m, limits).await;
+        let findings = judge_counts(&self.s, limits, key, &counted.obs, header_from);
+        for effect in findings.effects {
+            self.apply(key, m, counted.shared, effect).await;
         }
-        let mut out = Assessment::relay();
-        let breaches = if limits.bulk {
-            Vec::new()
-        } else {
-            evaluate(&self.s, limits, &obs)
-        };
-        if !breaches.is_empty() {
-            out.action = Some(limits.action);
-            out.flags.push(FLAG_BURST);
-            out.reasons.extend(breaches.iter().map(|b| {
-                if limits.client {
-                    format!("{account}: {}", b.text)
-                } else {
-                    b.text.clone()
-                }
-            }));
-            if limits.action == OutboundAction::Freeze {
-                let why = out.reasons.join("; ");
-                let _ = self.freeze_auto(account, &why).await;
-            }
-            if self.alert_due(account, "burst", now, shared).await {
-                self.burst_alert(account, ip, limits.action, &breaches, now);
-            }
-        }
-        let mismatch = header_from.and_then(|h| from_mismatch(&self.s, limits, account, h));
-        if let Some(why) = mismatch {
-            let action = limits.from_action;
-            out.action = Some(OutboundAction::max(out.action, action));
-            out.flags.push(FLAG_FROM);
-            if action == OutboundAction::Freeze {
-                let _ = self.freeze_auto(account, &why).await;
-            }
-            if self.alert_due(account, "from", now, shared).await {
-                self.alerts.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(account = %account, client = %ip, action = action.as_str(), reason = %why, "outbound from mismatch");
-                self.alerter.post(&AlertBody {
-                    event: "from-mismatch",
-                    at: u64::from(secs(now)),
-                    account: Some(account.to_string()),
-                    client: Some(ip.to_string()),
-                    action: Some(action.as_str()),
-                    signals: vec![],
-                    thresholds: vec![],
-                    reasons: vec![why.clone()],
-                });
-            }
-            out.reasons.push(why);
-        }
-        out.frozen = out.action == Some(OutboundAction::Freeze);
-        out
+        (findings.assessment, counted.obs)
     }
 
-    /// Whether an alert of `kind` for `account` is due (rate limit), across instances
-    /// when Redis is in use.
-    async fn alert_due(&self, account: &str, kind: &str, now: u64, shared: bool) -> bool {
-        let interval = self.s.cfg.alert_interval;
-        if shared && let Some(r) = self.redis_up() {
-            match r.alert_due(&format!("{kind}:{account}"), interval).await {
-                Ok(due) => return due,
-                Err(e) => self.redis_failed(&e),
+    /// One effect of an assessment: the automatic freeze (durable before the message is
+    /// answered), or an alert (at most one per kind and key per `alert_interval`).
+    async fn apply(&self, key: &str, m: &Message<'_>, shared: bool, effect: Effect) {
+        match effect {
+            Effect::Freeze { why } => {
+                let _ = self.freeze_auto(key, &why).await;
+            }
+            Effect::BurstAlert { action, breaches } => {
+                if self
+                    .store
+                    .alert_due(key, AlertKind::Burst, m.now_ms, shared)
+                    .await
+                {
+                    self.burst_alert(key, m, action, &breaches);
+                }
+            }
+            Effect::FromAlert { action, why } => {
+                if self
+                    .store
+                    .alert_due(key, AlertKind::From, m.now_ms, shared)
+                    .await
+                {
+                    self.alerts.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(account = %key, client = %m.ip, action = action.as_str(), reason = %why, "outbound from mismatch");
+                    self.alert(&AlertBody {
+                        event: "from-mismatch",
+                        at: u64::from(secs(m.now_ms)),
+                        account: Some(key.to_string()),
+                        client: Some(m.ip.to_string()),
+                        action: Some(action.as_str()),
+                        signals: vec![],
+                        thresholds: vec![],
+                        reasons: vec![why],
+                    });
+                }
             }
         }
-        self.local
-            .alert_due(account, kind == "from", now, interval.as_secs() as u32)
     }
 
     fn burst_alert(
         &self,
         account: &str,
-        ip: IpAddr,
+        m: &Message<'_>,
         action: OutboundAction,
         breaches: &[Breach],
-        now: u64,
     ) {
         self.alerts.fetch_add(1, Ordering::Relaxed);
         let signals: Vec<String> = breaches
@@ -1117,18 +694,18 @@ impl Detector {
             .collect();
         tracing::warn!(
             account = %account,
-            client = %ip,
+            client = %m.ip,
             action = action.as_str(),
             signals = %signals.join(" "),
             thresholds = %thresholds.join(" "),
             backend = self.backend_status(),
             "outbound burst"
         );
-        self.alerter.post(&AlertBody {
+        self.alert(&AlertBody {
             event: "outbound-burst",
-            at: u64::from(secs(now)),
+            at: u64::from(secs(m.now_ms)),
             account: Some(account.to_string()),
-            client: Some(ip.to_string()),
+            client: Some(m.ip.to_string()),
             action: Some(action.as_str()),
             signals,
             thresholds,
@@ -1184,21 +761,9 @@ impl Detector {
             by: by.to_string(),
             why: why.to_string(),
         };
-        let mut changed = None;
-        if let Some(r) = self.redis_up() {
-            match r.freeze(account, &f).await {
-                Ok(c) => changed = Some(c),
-                Err(e) => self.redis_failed(&e),
-            }
-        }
-        let local_changed = self.local.with_freezes(|b| b.freeze(account, f.clone()));
-        self.version.fetch_add(1, Ordering::SeqCst);
-        if changed.is_none() && self.redis.is_some() {
-            lock(&self.pending).push(PendingOp::Freeze(account.to_string(), f.clone()));
-        }
-        let changed = changed.unwrap_or(local_changed);
-        self.persist_freezes().await;
+        let changed = self.store.freeze(account, &f).await;
         if changed {
+            crate::metrics::global().outbound_accounts_frozen.inc();
             tracing::warn!(
                 account = %account,
                 by = %f.by,
@@ -1206,7 +771,7 @@ impl Detector {
                 until = %f.until.map(crate::wire::trace::iso_date).unwrap_or_else(|| "unfrozen".into()),
                 "outbound account frozen"
             );
-            self.alerter.post(&AlertBody {
+            self.alert(&AlertBody {
                 event: "account-frozen",
                 at: f.since,
                 account: Some(account.to_string()),
@@ -1224,40 +789,11 @@ impl Detector {
     pub async fn unfreeze(&self, account: &str, by: &str, why: &str) -> Result<(), String> {
         let account = normalize(account);
         let at = u64::from(secs(self.now()));
-        let mut was = None;
-        let mut reached = false;
-        if let Some(r) = self.redis_up() {
-            match r.unfreeze(&account, at, by, why).await {
-                Ok(f) => {
-                    was = f;
-                    reached = true;
-                }
-                Err(e) => self.redis_failed(&e),
-            }
-        }
-        let local_was = self
-            .local
-            .with_freezes(|b| b.unfreeze(&account, at, by, why));
-        self.version.fetch_add(1, Ordering::SeqCst);
-        if !reached && self.redis.is_some() {
-            lock(&self.pending).push(PendingOp::Unfreeze {
-                account: account.clone(),
-                at,
-                by: by.to_string(),
-                why: why.to_string(),
-            });
-        }
-        let was = if reached { was } else { local_was };
-        self.persist_freezes().await;
-        let Some(f) = was else {
+        let Some(f) = self.store.unfreeze(&account, at, by, why).await else {
             return Err(format!("account {account} is not frozen"));
         };
-        // The windows still hold the burst that caused the freeze: left as they are,
-        // the account's next message would freeze it again. (Redis cleared its copy in
-        // the unfreeze script.)
-        self.local.reset_windows(&account);
         tracing::warn!(account = %account, by = %by, why = %why, frozen_by = %f.by, "outbound account unfrozen");
-        self.alerter.post(&AlertBody {
+        self.alert(&AlertBody {
             event: "account-unfrozen",
             at,
             account: Some(account.clone()),
@@ -1270,56 +806,14 @@ impl Detector {
         Ok(())
     }
 
-    /// Writes `freeze_file` (atomically) if the book changed since the last write.
-    async fn persist_freezes(&self) {
-        let version = self.version.load(Ordering::SeqCst);
-        let (local, written, path) = (
-            self.local.clone(),
-            self.written.clone(),
-            self.s.cfg.freeze_file.clone(),
-        );
-        let result = tokio::task::spawn_blocking(move || {
-            let mut last = lock(&written);
-            if *last >= version {
-                return Ok(());
-            }
-            local.freeze_book().save(&path)?;
-            *last = version;
-            Ok::<(), std::io::Error>(())
-        })
-        .await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(file = %self.s.cfg.freeze_file.display(), error = %e, "outbound: cannot save freezes")
-            }
-            Err(e) => tracing::error!(error = %e, "outbound: cannot save freezes"),
-        }
-    }
-
     /// Every tracked or frozen account, frozen first, then most recently active first.
     pub async fn accounts(&self) -> Vec<AccountSummary> {
-        let now = self.now();
-        if let Some(r) = self.redis_up() {
-            match r.summaries(now).await {
-                Ok(v) => return v,
-                Err(e) => self.redis_failed(&e),
-            }
-        }
-        self.local.summaries(now)
+        self.store.summaries(self.now()).await
     }
 
     /// Counters per window, baseline, freeze and its history, recent login addresses.
     pub async fn account_detail(&self, account: &str) -> Option<AccountDetail> {
-        let account = normalize(account);
-        let now = self.now();
-        if let Some(r) = self.redis_up() {
-            match r.detail(&account, now).await {
-                Ok(v) => return v,
-                Err(e) => self.redis_failed(&e),
-            }
-        }
-        self.local.detail(&account, now)
+        self.store.detail(&normalize(account), self.now()).await
     }
 
     /// Periodic work until `shutdown`: commands from the CLI, freeze expiry, Redis
@@ -1343,37 +837,9 @@ impl Detector {
     /// One round of [`maintain`](Self::maintain)'s work.
     pub async fn maintain_once(&self) {
         let now = self.now();
-        if self.redis.is_none() {
-            self.apply_commands().await;
-        }
-        let expired = self.local.with_freezes(|b| b.expire(u64::from(secs(now))));
-        if !expired.is_empty() {
-            self.version.fetch_add(1, Ordering::SeqCst);
-            self.persist_freezes().await;
-            if self.redis.is_none() {
-                for (account, f) in expired {
-                    self.expiry_alert(&account, &f);
-                }
-            }
-        }
-        if let Some(r) = &self.redis {
-            let retry = self.s.cfg.redis_retry.as_millis() as u64;
-            if !r.is_up() && now.saturating_sub(self.last_redis_try.load(Ordering::SeqCst)) >= retry
-            {
-                self.last_redis_try.store(now, Ordering::SeqCst);
-                match r.connect().await {
-                    Ok(()) => {
-                        tracing::warn!(redis = %r.url(), "outbound: redis reachable again, shared counters resumed");
-                        self.replay_pending().await;
-                        self.last_redis_sync.store(0, Ordering::SeqCst);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "outbound: redis still unreachable"),
-                }
-            }
-            let since_sync = now.saturating_sub(self.last_redis_sync.load(Ordering::SeqCst));
-            if r.is_up() && since_sync >= REDIS_SYNC_INTERVAL.as_millis() as u64 {
-                self.sync_redis().await;
-            }
+        self.apply_commands().await;
+        for (account, f) in self.store.maintain(now).await {
+            self.expiry_alert(&account, &f);
         }
         let interval = self.s.cfg.snapshot_interval.as_millis() as u64;
         if now.saturating_sub(self.last_snapshot.load(Ordering::SeqCst)) >= interval {
@@ -1383,7 +849,7 @@ impl Detector {
 
     fn expiry_alert(&self, account: &str, f: &Freeze) {
         tracing::warn!(account = %account, by = %f.by, why = %f.why, "outbound freeze expired");
-        self.alerter.post(&AlertBody {
+        self.alert(&AlertBody {
             event: "freeze-expired",
             at: f.until.unwrap_or_default(),
             account: Some(account.to_string()),
@@ -1399,110 +865,16 @@ impl Detector {
     pub async fn snapshot(&self) {
         let now = self.now();
         self.last_snapshot.store(now, Ordering::SeqCst);
-        if !self.s.cfg.enabled || !self.local.take_dirty() {
-            return;
-        }
-        let (local, path) = (self.local.clone(), self.s.cfg.state_file.clone());
-        let started = std::time::Instant::now();
-        match tokio::task::spawn_blocking(move || local.write_snapshot(&path, now)).await {
-            Ok(Ok(n)) => tracing::debug!(
-                accounts = n,
-                ms = started.elapsed().as_millis() as u64,
-                "outbound: snapshot written"
-            ),
-            Ok(Err(e)) => {
-                self.local.mark_dirty();
-                tracing::error!(file = %self.s.cfg.state_file.display(), error = %e, "outbound: cannot write snapshot");
-            }
-            Err(e) => {
-                self.local.mark_dirty();
-                tracing::error!(error = %e, "outbound: cannot write snapshot");
-            }
-        }
-    }
-
-    async fn replay_pending(&self) {
-        let ops = std::mem::take(&mut *lock(&self.pending));
-        let Some(r) = &self.redis else { return };
-        for (i, op) in ops.iter().enumerate() {
-            let result = match op {
-                PendingOp::Freeze(account, f) => r.freeze(account, f).await.map(|_| ()),
-                PendingOp::Unfreeze {
-                    account,
-                    at,
-                    by,
-                    why,
-                } => r.unfreeze(account, *at, by, why).await.map(|_| ()),
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "outbound: cannot replay freezes to redis yet");
-                lock(&self.pending).splice(0..0, ops[i..].iter().cloned());
-                return;
-            }
-        }
-        if !ops.is_empty() {
-            tracing::info!(
-                operations = ops.len(),
-                "outbound: freezes made during the redis outage replayed"
-            );
-        }
-    }
-
-    /// Mirrors the freezes in force from Redis into the local book (the fallback needs
-    /// them) and reports those that expired.
-    async fn sync_redis(&self) {
-        let Some(r) = self.redis_up() else { return };
-        let now = self.now();
-        self.last_redis_sync.store(now, Ordering::SeqCst);
-        match r.sync_freezes(now).await {
-            Ok((active, expired)) => {
-                for account in &expired {
-                    tracing::warn!(account = %account, "outbound freeze expired");
-                }
-                let nows = u64::from(secs(now));
-                let (frozen, thawed) = self.local.with_freezes(|b| {
-                    let before: Vec<String> = b
-                        .accounts
-                        .iter()
-                        .filter(|(_, r)| r.current.as_ref().is_some_and(|f| f.active(nows)))
-                        .map(|(a, _)| a.clone())
-                        .collect();
-                    let frozen: Vec<(String, Freeze)> = active
-                        .iter()
-                        .filter(|(a, _)| !before.contains(a))
-                        .cloned()
-                        .collect();
-                    let thawed: Vec<String> = before
-                        .into_iter()
-                        .filter(|a| !active.iter().any(|(x, _)| x == a))
-                        .collect();
-                    for rec in b.accounts.values_mut() {
-                        rec.current = None;
-                    }
-                    for (a, f) in &active {
-                        b.accounts.entry(a.clone()).or_default().current = Some(f.clone());
-                    }
-                    (frozen, thawed)
-                });
-                // Changes made by other instances or the CLI, seen here for the first time.
-                for (account, f) in &frozen {
-                    tracing::warn!(account = %account, by = %f.by, why = %f.why, "outbound account frozen (shared state)");
-                }
-                for account in thawed.iter().filter(|a| !expired.contains(a)) {
-                    tracing::warn!(account = %account, "outbound account unfrozen (shared state)");
-                }
-                if !frozen.is_empty() || !thawed.is_empty() {
-                    self.version.fetch_add(1, Ordering::SeqCst);
-                    self.persist_freezes().await;
-                }
-            }
-            Err(e) => self.redis_failed(&e),
+        if self.s.cfg.enabled {
+            self.store.snapshot(now).await;
         }
     }
 
     /// Applies the CLI's commands waiting in `command_dir` (memory backend).
     async fn apply_commands(&self) {
-        let dir = self.s.cfg.command_dir.clone();
+        let Some(dir) = self.command_dir.clone() else {
+            return;
+        };
         let pending = {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || {

@@ -33,6 +33,7 @@ use super::config::{Limits, Settings, redact_url};
 use super::freeze::{Freeze, FreezeEvent, FreezeRecord, HISTORY};
 use super::report::{self, AccountDetail, AccountSummary};
 use super::state::{AccountState, FailLimits, KnownIp, Observation, secs};
+use super::store::{AccountStatus, AlertKind, Failing, Message};
 use super::window::{BUCKETS, RING_LEN, SLOTS};
 
 /// Idle account counters expire after this long.
@@ -590,22 +591,8 @@ impl RedisStore {
 
     /// Counts one message (atomically, for every instance) and returns what the limits
     /// look at.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn record(
-        &self,
-        account: &str,
-        now_ms: u64,
-        ip: IpAddr,
-        rcpts: u32,
-        rejected: u32,
-        domains: &[u32],
-        limits: &Limits,
-    ) -> R<Observation> {
-        let cap = if limits.bulk || limits.max_domains == 0 {
-            0
-        } else {
-            limits.max_domains + 1
-        };
+    pub async fn record(&self, account: &str, m: &Message<'_>, limits: &Limits) -> R<Observation> {
+        let (now_ms, ip) = (m.now_ms, m.ip);
         let s = &self.s;
         let mut inv = self.scripts.assess.prepare_invoke();
         inv.key(self.key("s", account))
@@ -614,15 +601,15 @@ impl RedisStore {
             .arg(now_ms)
             .arg(account)
             .arg(&s.layout)
-            .arg(rcpts)
-            .arg(rejected)
+            .arg(m.rcpts)
+            .arg(m.rejected)
             .arg(STATE_TTL.as_millis() as u64)
             .arg(s.cfg.tracked_accounts)
             .arg(format!("{}s:", self.prefix))
             .arg(ip.to_string())
             .arg(s.cfg.new_ip.window.as_secs())
             .arg(s.domains_window_secs)
-            .arg(cap)
+            .arg(limits.distinct_cap())
             .arg(self.p.alpha)
             .arg(self.p.k)
             .arg(self.p.floor_messages)
@@ -633,7 +620,7 @@ impl RedisStore {
         for r in &s.rings {
             inv.arg(r.bucket_ms);
         }
-        for d in domains {
+        for d in m.distinct {
             inv.arg(format!("{d:08x}"));
         }
         let json: String = self
@@ -663,11 +650,9 @@ impl RedisStore {
             ro.base.get(1).copied().unwrap_or(0.0),
         );
         o.new_ip_age = (ro.age >= 0.0).then_some(ro.age as u32);
-        if !ro.frozen.is_empty() {
-            o.frozen = serde_json::from_str::<Freeze>(&ro.frozen)
-                .ok()
-                .filter(|f| f.active(u64::from(secs(now_ms))));
-        }
+        // The freeze is JSON in Redis; past this point it is the typed status.
+        let freeze = serde_json::from_str::<Freeze>(&ro.frozen).ok();
+        o.status = AccountStatus::from_freeze(freeze, u64::from(secs(now_ms)));
         Ok(o)
     }
 
@@ -693,9 +678,10 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Whether an alert for `account` is due, across all instances (and records it).
-    pub async fn alert_due(&self, account: &str, interval: Duration) -> R<bool> {
-        let key = self.key("alert", account);
+    /// Whether an alert of `kind` for `account` is due, across all instances (and
+    /// records it).
+    pub async fn alert_due(&self, account: &str, kind: AlertKind, interval: Duration) -> R<bool> {
+        let key = self.key("alert", &format!("{}:{account}", kind.as_str()));
         let ms = interval.as_millis() as u64;
         let set: Option<String> = self
             .run(|mut c| async move {
@@ -712,28 +698,47 @@ impl RedisStore {
         Ok(set.is_some())
     }
 
-    /// One AUTH failure from `ip`: `Some((failures, user names))` when it blocks the client.
-    pub async fn auth_failure(
+    /// One AUTH failure of `who` (`other`: the user name's hash for a client, the host's
+    /// for a user name; the same script counts both): `Some((failures, distinct others))`
+    /// when it blocks the client or locks the name.
+    pub async fn failure(
         &self,
-        ip: IpAddr,
-        user: u32,
+        who: Failing,
+        other: u32,
         now_ms: u64,
         l: FailLimits,
     ) -> R<Option<(u32, u32)>> {
-        let ip = ip.to_string();
+        let keys = match who {
+            Failing::Client(ip) => {
+                let ip = ip.to_string();
+                [
+                    self.key("af", &ip),
+                    self.key("au", &ip),
+                    self.key("ab", &ip),
+                ]
+            }
+            Failing::User(user) => {
+                let user = format!("{user:08x}");
+                [
+                    self.key("uf", &user),
+                    self.key("uh", &user),
+                    self.key("ub", &user),
+                ]
+            }
+        };
         let member = format!(
             "{now_ms}-{}-{}",
             std::process::id(),
             self.seq.fetch_add(1, Ordering::Relaxed)
         );
         let mut inv = self.scripts.auth_fail.prepare_invoke();
-        inv.key(self.key("af", &ip))
-            .key(self.key("au", &ip))
-            .key(self.key("ab", &ip))
-            .arg(now_ms)
+        for k in keys {
+            inv.key(k);
+        }
+        inv.arg(now_ms)
             .arg(u64::from(l.window) * 1000)
             .arg(member)
-            .arg(format!("{user:08x}"))
+            .arg(format!("{other:08x}"))
             .arg(l.max_failures)
             .arg(l.max_usernames)
             .arg(u64::from(l.block) * 1000);
@@ -743,52 +748,19 @@ impl RedisStore {
         Ok((blocked == 1).then_some((f, u)))
     }
 
-    /// One AUTH failure for the user name hashed `user` from the host hashed `host`
-    /// (the client script, its "user names" being the hosts): `Some((failures, hosts))`
-    /// when it locks the user name.
-    pub async fn user_failure(
-        &self,
-        user: u32,
-        host: u32,
-        now_ms: u64,
-        l: FailLimits,
-    ) -> R<Option<(u32, u32)>> {
-        let user = format!("{user:08x}");
-        let member = format!(
-            "{now_ms}-{}-{}",
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut inv = self.scripts.auth_fail.prepare_invoke();
-        inv.key(self.key("uf", &user))
-            .key(self.key("uh", &user))
-            .key(self.key("ub", &user))
-            .arg(now_ms)
-            .arg(u64::from(l.window) * 1000)
-            .arg(member)
-            .arg(format!("{host:08x}"))
-            .arg(l.max_failures)
-            .arg(l.max_usernames)
-            .arg(u64::from(l.block) * 1000);
-        let (locked, f, h): (i64, u32, u32) = self
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
-        Ok((locked == 1).then_some((f, h)))
-    }
-
     /// Until when (ms) the user name hashed `user` is locked, if it is.
     pub async fn user_locked(&self, user: u32, now_ms: u64) -> R<Option<u64>> {
-        let key = self.key("ub", &format!("{user:08x}"));
-        let v: Option<String> = self
-            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
-            .await?;
-        Ok(v.and_then(|v| v.parse::<u64>().ok())
-            .filter(|&until| until > now_ms))
+        self.until(self.key("ub", &format!("{user:08x}")), now_ms)
+            .await
     }
 
     /// Until when (ms) `ip` is blocked, if it is.
     pub async fn blocked(&self, ip: IpAddr, now_ms: u64) -> R<Option<u64>> {
-        let key = self.key("ab", &ip.to_string());
+        self.until(self.key("ab", &ip.to_string()), now_ms).await
+    }
+
+    /// The time (ms) a block key holds, if still ahead of `now_ms`.
+    async fn until(&self, key: String, now_ms: u64) -> R<Option<u64>> {
         let v: Option<String> = self
             .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
             .await?;
@@ -865,18 +837,22 @@ impl RedisStore {
         Ok((active, gone))
     }
 
+    /// Every member of the list or sorted set `key`, read with `cmd` (`LRANGE`,
+    /// `ZREVRANGE`).
+    async fn whole(&self, cmd: &'static str, key: String) -> R<Vec<String>> {
+        self.run(|mut c| async move {
+            redis::cmd(cmd)
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+        })
+        .await
+    }
+
     async fn history(&self, account: &str) -> R<Vec<FreezeEvent>> {
-        let key = self.key("h", account);
-        let raw: Vec<String> = self
-            .run(|mut c| async move {
-                redis::cmd("LRANGE")
-                    .arg(key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
+        let raw = self.whole("LRANGE", self.key("h", account)).await?;
         Ok(raw
             .iter()
             .filter_map(|e| serde_json::from_str(e).ok())
@@ -922,17 +898,7 @@ impl RedisStore {
     }
 
     pub async fn summaries(&self, now_ms: u64) -> R<Vec<AccountSummary>> {
-        let key = self.accounts_key();
-        let names: Vec<String> = self
-            .run(|mut c| async move {
-                redis::cmd("ZREVRANGE")
-                    .arg(key)
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
+        let names = self.whole("ZREVRANGE", self.accounts_key()).await?;
         let (frozen, _) = self.sync_freezes(now_ms).await?;
         let frozen: std::collections::HashMap<String, Freeze> = frozen.into_iter().collect();
         let mut out = Vec::with_capacity(names.len());

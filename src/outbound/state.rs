@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::baseline::{Baseline, Params};
 use super::config::{MAX_WINDOWS, Settings};
-use super::freeze::Freeze;
+use super::store::AccountStatus;
 use super::window::{self, RING_LEN};
 
 /// FNV-1a of the ASCII-lower-cased text: recipient domains and failed user names are kept
@@ -88,8 +88,8 @@ pub struct Observation {
     pub baseline: (f64, f64),
     /// Seconds since the first login from this client address, when it is a new one.
     pub new_ip_age: Option<u32>,
-    /// The account's freeze, when frozen.
-    pub frozen: Option<Freeze>,
+    /// Active, or frozen (by whom, why, until when).
+    pub status: AccountStatus,
 }
 
 impl Observation {
@@ -101,7 +101,7 @@ impl Observation {
             rate: (0.0, 0.0),
             baseline: (0.0, 0.0),
             new_ip_age: None,
-            frozen: None,
+            status: AccountStatus::Active,
         }
     }
 }

@@ -996,3 +996,129 @@ fn breach_texts() {
         OutboundAction::Freeze
     );
 }
+
+#[tokio::test]
+async fn assess_counted_shows_what_each_key_was_counted_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = OutboundConfig {
+        trusted_networks: vec!["192.0.2.0/24".parse().unwrap()],
+        ..cfg(dir.path())
+    };
+    let (d, clock) = detector(&c).await;
+    let host = ip("192.0.2.60");
+    let client = d.client_account(None, host).unwrap();
+    let to = rcpts(2, "example.net");
+    let mut last = None;
+    for sender in ["a@example.org", "b@example.org", "a@example.org"] {
+        clock.advance(Duration::from_millis(100));
+        last = Some(
+            d.assess_counted(sender, Some(&client), host, sender, &to, 0)
+                .await,
+        );
+    }
+    let (a, counts) = last.unwrap();
+    assert_eq!(a, Assessment::relay(), "relayed, and still counted");
+    let value = |key: &str, name: &str| {
+        counts
+            .iter()
+            .find(|c| c.key == key && c.name == name)
+            .map(|c| c.value)
+    };
+    assert_eq!(value("a@example.org", "messages_1m"), Some(2.0));
+    assert_eq!(value("a@example.org", "recipients_1m"), Some(4.0));
+    assert_eq!(value("a@example.org", "domains_1h"), Some(1.0));
+    assert_eq!(value(&client, "messages_1m"), Some(3.0));
+    assert_eq!(value(&client, "senders_1h"), Some(2.0));
+    assert_eq!(
+        value("b@example.org", "messages_1m"),
+        None,
+        "only this message's keys"
+    );
+}
+
+/// The detector's counters (`outbound_*` in `/metrics`). The registry is global and the
+/// tests run in parallel, so each check is "moved by at least this much".
+mod counters {
+    use super::*;
+    use crate::metrics::{global, label};
+
+    fn messages(action: &'static str) -> u64 {
+        global()
+            .outbound_messages
+            .get_or_create(&label("action", action))
+            .get()
+    }
+
+    fn alerts(event: &'static str) -> u64 {
+        global()
+            .outbound_alerts
+            .get_or_create(&label("event", event))
+            .get()
+    }
+
+    #[tokio::test]
+    async fn assessments_freezes_and_alerts_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, clock) = detector(&cfg(dir.path())).await;
+        let (relayed, frozen_msgs) = (messages("relay"), messages("freeze"));
+        let (frozen, bursts) = (
+            global().outbound_accounts_frozen.get(),
+            alerts("outbound-burst"),
+        );
+        let to = rcpts(1, "example.net");
+        for _ in 0..31 {
+            clock.advance(Duration::from_millis(100));
+            d.assess(
+                "counted@example.org",
+                ip("192.0.2.50"),
+                "counted@example.org",
+                &to,
+                0,
+            )
+            .await;
+        }
+        assert!(messages("relay") >= relayed + 30);
+        assert!(messages("freeze") > frozen_msgs);
+        assert!(global().outbound_accounts_frozen.get() > frozen);
+        assert!(alerts("outbound-burst") > bursts);
+        let unfrozen = alerts("account-unfrozen");
+        d.unfreeze("counted@example.org", "admin", "test")
+            .await
+            .unwrap();
+        assert!(alerts("account-unfrozen") > unfrozen);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_falls_back_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let cfg = OutboundConfig {
+            backend: Backend::Redis,
+            redis_url: "redis://127.0.0.1:1/".into(),
+            ..cfg(dir.path())
+        };
+        let (d, clock) = detector(&cfg).await;
+        assert_eq!(d.backend_status(), "redis-unavailable (local fallback)");
+        let before = global().outbound_store_fallbacks.get();
+        let to = rcpts(1, "example.net");
+        let mut actions = Vec::new();
+        for _ in 0..31 {
+            clock.advance(Duration::from_millis(100));
+            let a = d
+                .assess(
+                    "fallback@example.org",
+                    ip("192.0.2.51"),
+                    "fallback@example.org",
+                    &to,
+                    0,
+                )
+                .await;
+            actions.push(a.action);
+        }
+        // Every message counted locally: the limits still hold without Redis.
+        assert!(actions[..30].iter().all(Option::is_none), "{actions:?}");
+        assert_eq!(actions[30], Some(OutboundAction::Freeze));
+        assert!(global().outbound_store_fallbacks.get() >= before + 31);
+        assert_eq!(d.frozen_accounts(), 1, "the freeze is in the local book");
+    }
+}

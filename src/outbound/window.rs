@@ -11,8 +11,8 @@
 //! absolute index (time / bucket width) of the newest bucket written, plus one (0: never
 //! written). The same layout and arithmetic are used by the Redis script.
 
-/// Buckets a window is cut into.
-pub const BUCKETS: u64 = 8;
+/// Buckets a window is cut into (config validation checks windows against it).
+pub const BUCKETS: u64 = crate::config::outbound::WINDOW_BUCKETS;
 /// Buckets kept: the window's buckets plus the partly covered oldest one.
 pub const SLOTS: usize = BUCKETS as usize + 1;
 /// `u32`s in one ring.
