@@ -133,7 +133,11 @@ fn meta(i: usize, age: u64) -> Meta {
         verdict: "quarantine".into(),
         reasons: vec![REASONS[k].to_string()],
         // One in ten already released.
-        state: if i % 10 == 9 { "released" } else { "held" }.into(),
+        state: if i % 10 == 9 {
+            mailwarden::quarantine::State::Released
+        } else {
+            mailwarden::quarantine::State::Held
+        },
         instance: String::new(),
     }
 }

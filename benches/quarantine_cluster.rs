@@ -60,7 +60,7 @@ fn meta(i: usize) -> Meta {
         flags: vec!["dmarc_fail".into()],
         verdict: "quarantine".into(),
         reasons: vec!["dmarc=fail p=reject".into()],
-        state: "held".into(),
+        state: mailwarden::quarantine::State::Held,
         instance: String::new(),
     }
 }

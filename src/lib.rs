@@ -17,6 +17,7 @@ pub mod auth;
 pub mod check;
 pub mod config;
 pub mod decision_log;
+pub mod dkim_key;
 pub mod dmarc_reports;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -5,6 +5,8 @@
 //! rule names from the operator's own policy), never from message content, so the
 //! number of series stays bounded.
 
+pub mod dns;
+
 use std::sync::OnceLock;
 
 use prometheus_client::encoding::text::encode;
@@ -102,7 +104,7 @@ pub struct Metrics {
     /// Outbound DKIM signing, by result (`signed`, `no_key`, `no_from_domain`, `failed`).
     pub dkim_signing: Family<Labels, Counter>,
     /// Nameserver health and serve-stale (`src/auth/servers.rs`).
-    pub dns: crate::auth::servers::DnsMetrics,
+    pub dns: dns::DnsMetrics,
     /// Decision-log records dropped (queue full, or the store failed to write).
     pub decision_log_dropped: Counter,
 }
@@ -150,7 +152,7 @@ impl Metrics {
             dmarc_reports: Family::default(),
             dmarc_records_dropped: Counter::default(),
             dkim_signing: Family::default(),
-            dns: crate::auth::servers::DnsMetrics::new(),
+            dns: dns::DnsMetrics::new(),
             decision_log_dropped: Counter::default(),
             registry: Registry::default(),
         };
@@ -356,17 +358,20 @@ pub fn global() -> &'static Metrics {
     METRICS.get_or_init(Metrics::new)
 }
 
-/// Sets the quarantine use and capacity gauges from the store's counters (point reads).
-pub async fn quarantine_usage(store: &dyn crate::quarantine::QuarantineStore) {
+/// Sets the quarantine use gauges from `(bytes, entries)` when the store could count
+/// them, and the capacity gauges from `(max_bytes, max_entries)` when limits are
+/// configured. Plain values: the quarantine reads its own counters
+/// ([`crate::quarantine::export_usage`]).
+pub fn quarantine_usage(used: Option<(u64, u64)>, capacity: Option<(u64, u64)>) {
     let m = global();
     let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    if let Ok(u) = store.usage().await {
-        m.quarantine_bytes.set(gauge(u.bytes));
-        m.quarantine_entries.set(gauge(u.entries));
+    if let Some((bytes, entries)) = used {
+        m.quarantine_bytes.set(gauge(bytes));
+        m.quarantine_entries.set(gauge(entries));
     }
-    if let Some(cap) = store.capacity() {
-        m.quarantine_max_bytes.set(gauge(cap.max_bytes));
-        m.quarantine_max_entries.set(gauge(cap.max_entries));
+    if let Some((max_bytes, max_entries)) = capacity {
+        m.quarantine_max_bytes.set(gauge(max_bytes));
+        m.quarantine_max_entries.set(gauge(max_entries));
     }
 }
 

@@ -446,7 +446,7 @@ async fn held_messages_are_listed_shown_released_once_deleted_and_purged() {
                 flags: vec![],
                 verdict: "quarantine".into(),
                 reasons: vec!["aged".into()],
-                state: "held".into(),
+                state: mailwarden::quarantine::State::Held,
                 instance: String::new(),
             };
             q.store(&mut meta, &[&msg_d]).expect("store").to_string()
@@ -985,7 +985,7 @@ async fn hundred_concurrent_sessions_each_get_their_own_entry() {
                 .get(id)
                 .unwrap_or_else(|| panic!("250 for {id} but no entry"));
             assert!(eml == msg, "entry {id} holds another message");
-            assert_eq!(meta.state, "held");
+            assert_eq!(meta.state.as_str(), "held");
         }
         assert_eq!(entries.len(), N, "entries without a 250");
         let rows = list_json(&env.proxy, &["--limit", "1000"]).await;
@@ -1303,7 +1303,7 @@ async fn sigkill_mid_write_loses_no_acknowledged_message() {
                     .get(id)
                     .unwrap_or_else(|| panic!("round {round}: acknowledged {id} lost"));
                 assert!(eml == msg, "entry {id} holds another message");
-                assert_eq!(meta.state, "held");
+                assert_eq!(meta.state.as_str(), "held");
             }
         }
 

@@ -670,7 +670,7 @@ fn embedded_meta(i: usize, state: &str) -> mailwarden::quarantine::Meta {
         flags: vec![],
         verdict: "quarantine".into(),
         reasons: vec!["bulk sender".into()],
-        state: state.into(),
+        state: mailwarden::quarantine::State::parse(state).expect("a quarantine state"),
         instance: "old".into(),
     }
 }
@@ -707,7 +707,7 @@ async fn contents(
         let id = mailwarden::quarantine::QuarantineId::parse(&r.id).expect("id");
         let meta = store.meta(&id).await.expect("meta");
         let bytes = store.message(&id).await.expect("message");
-        out.insert(r.id, (meta.state, meta.instance, bytes));
+        out.insert(r.id, (meta.state.to_string(), meta.instance, bytes));
     }
     out
 }

@@ -17,6 +17,7 @@
 //!   running), the CLI takes the command back and exits non-zero: nothing was done, and
 //!   nothing happens later behind the administrator's back.
 
+use super::clip;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -441,21 +442,6 @@ fn redis_backend(s: Arc<Settings>, cmd: &AccountsCommand) -> ExitCode {
             }
         }
     })
-}
-
-/// Terminal-safe, width-bounded text.
-fn clip(s: &str, width: usize) -> String {
-    let clean: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if clean.chars().count() <= width {
-        clean
-    } else {
-        let mut t: String = clean.chars().take(width.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
 }
 
 fn when(t: Option<u64>) -> String {

@@ -6,8 +6,10 @@ pub mod config_cli;
 pub mod dmarc_reports_cli;
 pub mod http;
 pub mod policy_cli;
+pub mod preview;
 pub mod quarantine_cli;
 pub mod quarantine_migrate;
+pub mod release;
 pub mod reload_cli;
 
 use std::sync::Arc;
@@ -76,5 +78,21 @@ impl AdminState {
             Some(l) => l.current().shared.outbound.clone(),
             None => self.detector.clone(),
         }
+    }
+}
+
+/// Terminal-safe, width-bounded text for the admin tables: control characters (terminal
+/// escapes) become spaces, and text longer than `width` ends in `…`.
+pub(crate) fn clip(s: &str, width: usize) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.chars().count() <= width {
+        clean
+    } else {
+        let mut t: String = clean.chars().take(width.saturating_sub(1)).collect();
+        t.push('…');
+        t
     }
 }

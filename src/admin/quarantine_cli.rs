@@ -1,14 +1,15 @@
 //! `mailwarden quarantine list|show|release|delete|purge`.
 
+use super::clip;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Subcommand;
 
+use crate::admin::release::{ReleaseError, release};
 use crate::config::{Config, Purpose};
 use crate::quarantine::index::{Filter, Row};
-use crate::quarantine::release::{ReleaseError, release};
 use crate::quarantine::{self, QuarantineStore};
 use crate::relay::NextHops;
 
@@ -250,21 +251,6 @@ fn table(rows: &[Row]) -> String {
     out
 }
 
-/// Terminal-safe, width-bounded text.
-fn clip(s: &str, width: usize) -> String {
-    let clean: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if clean.chars().count() <= width {
-        clean
-    } else {
-        let mut t: String = clean.chars().take(width.saturating_sub(1)).collect();
-        t.push('…');
-        t
-    }
-}
-
 async fn show(store: &dyn QuarantineStore, input: &str, raw: bool, json: bool) -> ExitCode {
     let id = match store.lookup(input).await {
         Ok(id) => id,
@@ -278,8 +264,8 @@ async fn show(store: &dyn QuarantineStore, input: &str, raw: bool, json: bool) -
         let _ = std::io::stdout().write_all(&message);
         return ExitCode::SUCCESS;
     }
-    let preview = crate::quarantine::preview::text_preview(&message, 2000);
-    let headers = crate::quarantine::preview::header_summary(&message);
+    let preview = crate::admin::preview::text_preview(&message, 2000);
+    let headers = crate::admin::preview::header_summary(&message);
     if json {
         let v = serde_json::json!({"meta": meta, "headers": headers, "preview": preview});
         println!("{v}");
@@ -288,7 +274,7 @@ async fn show(store: &dyn QuarantineStore, input: &str, raw: bool, json: bool) -
     let mut out = String::new();
     let mut row = |k: &str, v: &str| out.push_str(&format!("{k:<16} {}\n", clip(v, 200)));
     row("ID", &meta.id);
-    row("State", &meta.state);
+    row("State", meta.state.as_str());
     if !meta.instance.is_empty() {
         row("Instance", &meta.instance);
     }
@@ -335,7 +321,7 @@ async fn where_policy(
             Ok(id) => store
                 .meta(&id)
                 .await
-                .is_ok_and(|m| m.state == crate::quarantine::state::State::Held.as_str()),
+                .is_ok_and(|m| m.state == crate::quarantine::state::State::Held),
             Err(_) => false,
         };
         match c.new {
@@ -377,7 +363,7 @@ async fn release_all(
                 &id,
                 to,
                 force,
-                crate::quarantine::release::Outgoing {
+                crate::admin::release::Outgoing {
                     authserv_id: config.authserv_id(),
                     verdict_header: &config.auth.verdict_header,
                     signer: signer.as_deref(),

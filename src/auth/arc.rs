@@ -97,7 +97,7 @@ impl ArcLatest {
 
 /// `sealer` is one of `trusted` or a subdomain of one (as the `arc_sealer` rule matches).
 pub fn trusted(sealer: &str, trusted: &[String]) -> bool {
-    crate::policy::rules::domain_in(sealer, trusted)
+    crate::wire::domain::domain_in(sealer, trusted)
 }
 
 /// Our ARC check and, when the chain validated, its most recent set.

@@ -35,6 +35,8 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::config::AuthConfig;
+/// Domain syntax lives with the wire format (the configuration checks it too).
+pub use crate::wire::domain::looks_like_domain;
 
 use budget::{DnsBudget, MessageIpv4, MessageTxt};
 use cache::{TtlCache, TxtCache};
@@ -661,19 +663,6 @@ fn arc_set_count(message: &AuthenticatedMessage<'_>) -> usize {
     })
     .max()
     .unwrap_or(0)
-}
-
-/// A syntactically plausible domain name: dotted labels of letters, digits, hyphens.
-pub fn looks_like_domain(s: &str) -> bool {
-    let s = s.trim_end_matches('.');
-    s.contains('.')
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
-        })
 }
 
 #[cfg(test)]

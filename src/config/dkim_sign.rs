@@ -152,7 +152,8 @@ impl DkimConfig {
             let t = format!("dkim.sign[{i}]");
             let err = |k: &str, r: String| Err((t.clone(), k.to_string(), r));
             let domain = s.domain.trim_end_matches('.');
-            if !crate::auth::looks_like_domain(domain) || domain.bytes().any(|b| b >= 0x80) {
+            if !crate::wire::domain::looks_like_domain(domain) || domain.bytes().any(|b| b >= 0x80)
+            {
                 return err(
                     "domain",
                     format!(
@@ -206,7 +207,7 @@ impl DkimConfig {
                     "at least 1h (mail can wait in queues that long), or 0s for none".into(),
                 );
             }
-            if let Err(e) = crate::signing::key::load(&s.key_file) {
+            if let Err(e) = crate::dkim_key::load(&s.key_file) {
                 return err("key_file", e);
             }
         }

@@ -652,15 +652,6 @@ impl QuarantineConfig {
             self.instance.clone()
         }
     }
-
-    /// The capacity limits the store applies to every new entry.
-    pub fn capacity(&self) -> crate::quarantine::capacity::Capacity {
-        crate::quarantine::capacity::Capacity {
-            max_bytes: self.max_bytes,
-            max_entries: self.max_entries,
-            domain_share: self.domain_share,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
@@ -1063,7 +1054,7 @@ impl Config {
             .auth
             .trusted_arc_sealers
             .iter()
-            .find(|d| !crate::auth::looks_like_domain(d))
+            .find(|d| !crate::wire::domain::looks_like_domain(d))
         {
             return err(
                 "auth",
@@ -1459,6 +1450,11 @@ mod tests {
         }
         // `1` (an integer) is accepted as 1.0: no per-domain limit.
         let c = parse(&format!("{MINIMAL}[quarantine]\ndomain_share = 1\n")).unwrap();
-        assert_eq!(c.quarantine.capacity().domain_limit().entries, 200_000);
+        assert_eq!(
+            crate::quarantine::capacity::Capacity::of(&c.quarantine)
+                .domain_limit()
+                .entries,
+            200_000
+        );
     }
 }

@@ -20,7 +20,9 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::inputs::PolicyInputs;
-use crate::policy::rules::{ActionKind, TraceEntry};
+use crate::policy::rules::ActionKind;
+/// The compact trace kept in the log (the policy owns its spelling).
+pub use crate::policy::rules::compact_trace;
 use store::DecisionStore;
 
 /// Which stage of the pipeline (`crate::pipeline`) decided.
@@ -96,18 +98,6 @@ pub struct Record {
     pub reply: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine_id: Option<String>,
-}
-
-/// The compact trace kept in the log.
-pub fn compact_trace(trace: &[TraceEntry]) -> Vec<String> {
-    trace
-        .iter()
-        .map(|t| match (t.matched, t.action, t.shadow) {
-            (true, Some(a), true) => format!("{}=shadow:{a}", t.rule),
-            (true, Some(a), false) => format!("{}={a}", t.rule),
-            _ => format!("{}=no", t.rule),
-        })
-        .collect()
 }
 
 /// Milliseconds since the Unix epoch.

@@ -20,7 +20,8 @@ use hickory_resolver::proto::rr::{RData, RecordType};
 use smtp_proto::{MailFrom, RcptTo};
 
 use super::store::StoredReport;
-use crate::relay::{ClientIdentity, Envelope, NextHop, Relay};
+use crate::relay::one_shot::{self, Message, Sent};
+use crate::relay::{ClientIdentity, NextHop};
 
 /// One `mailto:` destination of `rua=`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,25 +186,14 @@ impl EmptyOrSemicolon for str {
 
 /// RFC 5322 date-time in UTC, from seconds since the epoch.
 pub fn rfc5322_date(secs: u64) -> String {
+    use crate::wire::trace::{MONTHS, WEEKDAYS, civil_from_days};
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days.rem_euclid(7)) as usize];
-    let months = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    let (year, month, day) = civil_from_days(days);
     format!(
-        "{weekday}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
-        months[(month - 1) as usize],
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        MONTHS[(month - 1) as usize],
         rem / 3600,
         rem % 3600 / 60,
         rem % 60
@@ -367,39 +357,26 @@ pub async fn send(
         esmtp: true,
         login: None,
     };
-    let mut relay = Relay::new(hop);
-    let outcome = async {
-        let reply = relay.start(&client, &from, body.len()).await?;
-        if !reply.is_positive() {
-            return Ok(Err(reply));
-        }
-        let mut accepted = Vec::new();
-        for rcpt in &rcpts {
-            let reply = relay.rcpt(rcpt).await?;
-            if reply.is_positive() {
-                accepted.push(rcpt.clone());
-            } else {
-                tracing::warn!(report = %r.id, rcpt = %rcpt.address, reply = %reply, "DMARC report destination refused by the next hop");
-            }
-        }
-        if accepted.is_empty() {
-            return Ok(Err(crate::wire::reply::Reply::every_destination_refused()));
-        }
-        let envelope = Envelope {
-            from: &from,
-            rcpts: &accepted,
-        };
-        relay
-            .deliver(&envelope, &[], &[&body])
-            .await
-            .map(|reply| if reply.is_positive() { Ok(accepted) } else { Err(reply) })
-    }
+    let out = Message {
+        client: &client,
+        from: &from,
+        rcpts: &rcpts,
+        size: body.len(),
+        headers: &[],
+        parts: &[&body],
+    };
+    // A destination the next hop refuses is left out; the others still get the report.
+    let sent = one_shot::send(hop, out, |rcpt, reply| {
+        tracing::warn!(report = %r.id, rcpt = %rcpt.address, reply = %reply, "DMARC report destination refused by the next hop");
+        true
+    })
     .await;
-    relay.close().await;
-    match outcome {
-        Ok(Ok(accepted)) => Attempt::Sent(accepted.into_iter().map(|r| r.address).collect()),
-        Ok(Err(reply)) if reply.code >= 500 => Attempt::Refused(reply.to_string()),
-        Ok(Err(reply)) => Attempt::Deferred(reply.to_string()),
+    match sent {
+        Ok(Sent::Delivered { accepted, .. }) => {
+            Attempt::Sent(accepted.into_iter().map(|r| r.address).collect())
+        }
+        Ok(Sent::Refused(reply)) if reply.code >= 500 => Attempt::Refused(reply.to_string()),
+        Ok(Sent::Refused(reply)) => Attempt::Deferred(reply.to_string()),
         Err(e) => Attempt::Deferred(e.to_string()),
     }
 }

@@ -20,13 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use smtp_proto::Request;
 
+use crate::admin::preview;
 use crate::auth::{
     self, ArcCheck, AuthReport, AuthResult, DkimCheck, DmarcCheck, SpfCheck, SpfPair, headers,
 };
 use crate::config::{Config, Purpose};
 use crate::policy::rules::{ActionKind, Facts, KNOWN_FLAGS, Policy};
 use crate::policy::spoof::{self, Flag, SpoofConfig, SpoofInput};
-use crate::quarantine::preview;
 use crate::relay::client::{Capabilities, mail_command, rcpt_command};
 use crate::relay::writer;
 use crate::relay::xclient::{self, ClientIdentity};

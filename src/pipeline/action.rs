@@ -7,6 +7,7 @@ use super::{Context, ParsedMessage, Services, Verdict};
 use crate::config::Role;
 use crate::policy::Action;
 use crate::quarantine::{Meta, StoreError};
+use crate::relay::failure::Stage;
 use crate::relay::{Envelope, Relay};
 use crate::wire::reply::Reply;
 use crate::wire::trace;
@@ -65,14 +66,7 @@ async fn deliver(
         .observe(started.elapsed().as_secs_f64());
     match delivered {
         Ok(reply) => reply,
-        Err(e) => {
-            crate::metrics::global()
-                .next_hop_errors
-                .get_or_create(&crate::metrics::label("kind", e.kind()))
-                .inc();
-            tracing::warn!(session = %cx.session_id, error = %e, "next hop failed at end of data");
-            e.reply()
-        }
+        Err(e) => crate::relay::failure::report(&e, Stage::EndOfData, cx.session_id),
     }
 }
 
@@ -108,7 +102,7 @@ async fn hold(
         flags: verdict.flags.clone(),
         verdict: "quarantine".into(),
         reasons: verdict.reasons.clone(),
-        state: crate::quarantine::State::Held.as_str().into(),
+        state: crate::quarantine::State::Held,
         instance: String::new(),
     };
     match store.store(meta, parsed.bytes.to_vec()).await {
@@ -116,7 +110,7 @@ async fn hold(
             let m = crate::metrics::global();
             m.quarantined.inc();
             m.quarantine_held.inc();
-            crate::metrics::quarantine_usage(store.as_ref()).await;
+            crate::quarantine::export_usage(store.as_ref()).await;
             Reply::queued(id)
         }
         Err(StoreError::Full(refusal)) => {

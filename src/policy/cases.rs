@@ -232,7 +232,7 @@ pub fn run(policy: &Policy, path: &Path) -> Result<Vec<CaseResult>, ConfigError>
                 expected_rule: case.rule,
                 action: e.action,
                 rule: e.rule.clone(),
-                trace: crate::decision_log::compact_trace(&e.trace),
+                trace: super::rules::compact_trace(&e.trace),
             }
         })
         .collect())

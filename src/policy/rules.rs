@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use super::inputs::OutboundInputs;
 use crate::auth::{AuthReport, AuthResult};
 use crate::config::{ConfigError, locate};
+/// Domain matching lives with the wire format (authentication uses it too).
+pub use crate::wire::domain::domain_in;
 
 /// Flags a rule may name (spoof checks today; the burst detector adds its own).
 pub const KNOWN_FLAGS: &[&str] = &["own-domain-spoof", "display-name-spoof", "lookalike-domain"];
@@ -126,6 +128,19 @@ pub struct Facts<'a> {
     pub client_ip: IpAddr,
     /// What the outbound stage found (submissions of a tracked account only).
     pub outbound: Option<&'a OutboundInputs>,
+}
+
+/// The compact trace: one `rule=action` (or `rule=shadow:action`, `rule=no`) per step,
+/// as the decision log keeps it and `policy test` cases compare it.
+pub fn compact_trace(trace: &[TraceEntry]) -> Vec<String> {
+    trace
+        .iter()
+        .map(|t| match (t.matched, t.action, t.shadow) {
+            (true, Some(a), true) => format!("{}=shadow:{a}", t.rule),
+            (true, Some(a), false) => format!("{}={a}", t.rule),
+            _ => format!("{}=no", t.rule),
+        })
+        .collect()
 }
 
 /// One step of the decision trace.
@@ -581,16 +596,6 @@ fn list_authenticated(list_id: &str, report: &AuthReport) -> bool {
     report.dkim.iter().any(|d| {
         d.result == AuthResult::Pass && domain_in(list_id, std::slice::from_ref(&d.domain))
     })
-}
-
-/// `domain` equals one of `list` or is a subdomain of it (case-insensitive).
-pub fn domain_in(domain: &str, list: &[String]) -> bool {
-    let d = domain.trim_end_matches('.').to_ascii_lowercase();
-    !d.is_empty()
-        && list.iter().any(|want| {
-            let w = want.trim_end_matches('.').to_ascii_lowercase();
-            d == w || d.strip_suffix(&w).is_some_and(|p| p.ends_with('.'))
-        })
 }
 
 /// A small stable hash of the policy text, to tell versions apart in logs.

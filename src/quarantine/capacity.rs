@@ -17,6 +17,17 @@ pub struct Capacity {
     pub domain_share: f64,
 }
 
+impl Capacity {
+    /// The limits `[quarantine]` configures, applied to every new entry.
+    pub fn of(q: &crate::config::QuarantineConfig) -> Capacity {
+        Capacity {
+            max_bytes: q.max_bytes,
+            max_entries: q.max_entries,
+            domain_share: q.domain_share,
+        }
+    }
+}
+
 /// Entries and bytes in use (the whole store, or one sender domain's entries).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {

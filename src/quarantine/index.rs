@@ -4,10 +4,29 @@
 //! happens in one UPDATE guarded by the current state, so two releases of the same entry
 //! can never both proceed.
 
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::Meta;
 use super::capacity::{Usage, sender_domain};
+use super::list_query::{self, Arg, Dialect};
+use super::{Meta, State};
+
+/// The state column holds [`State::as_str`]; these two are the only places it is text.
+impl rusqlite::ToSql for State {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+/// A spelling this version does not know (a newer writer, a hand edit) is an error,
+/// not a guess.
+impl FromSql for State {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let text = value.as_str()?;
+        State::parse(text)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown quarantine state {text:?}").into()))
+    }
+}
 
 pub struct Index {
     conn: Connection,
@@ -92,14 +111,6 @@ INSERT INTO usage_by_domain (domain, entries, bytes)
 /// `PRAGMA user_version` of a store with capacity accounting.
 const SCHEMA_VERSION: i64 = 1;
 
-fn like(s: &str) -> String {
-    let escaped = s
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    format!("%{escaped}%")
-}
-
 impl Index {
     pub fn open(path: &std::path::Path) -> rusqlite::Result<Index> {
         let conn = Connection::open(path)?;
@@ -159,7 +170,7 @@ impl Index {
             .is_some())
     }
 
-    pub fn state(&self, id: &str) -> rusqlite::Result<Option<String>> {
+    pub fn state(&self, id: &str) -> rusqlite::Result<Option<State>> {
         self.conn
             .query_row("SELECT state FROM entries WHERE id = ?1", [id], |r| {
                 r.get(0)
@@ -168,7 +179,7 @@ impl Index {
     }
 
     /// Moves `id` from `from` to `to`; false when it was not in state `from`.
-    pub fn transition(&self, id: &str, from: &str, to: &str) -> rusqlite::Result<bool> {
+    pub fn transition(&self, id: &str, from: State, to: State) -> rusqlite::Result<bool> {
         let n = self.conn.execute(
             "UPDATE entries SET state = ?3 WHERE id = ?1 AND state = ?2",
             params![id, from, to],
@@ -193,47 +204,16 @@ impl Index {
 
     /// Newest first, filtered; `(id, received_at, state, mail_from, rcpts, subject, reasons, flags, size)`.
     pub fn list(&self, f: &Filter) -> rusqlite::Result<Vec<Row>> {
-        let mut sql = String::from(
-            "SELECT id, received_at, state, mail_from, header_from, rcpts, subject, reasons, flags, size FROM entries WHERE 1=1",
-        );
-        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
-        if !f.all_states {
-            sql.push_str(" AND state IN ('held', 'releasing')");
-        }
-        if let Some(since) = f.since {
-            args.push(Box::new(since as i64));
-            sql.push_str(&format!(" AND received_at >= ?{}", args.len()));
-        }
-        if let Some(reason) = &f.reason {
-            args.push(Box::new(like(reason)));
-            let n = args.len();
-            sql.push_str(&format!(
-                " AND (reasons LIKE ?{n} ESCAPE '\\' OR flags LIKE ?{n} ESCAPE '\\')"
-            ));
-        }
-        if let Some(from) = &f.from {
-            args.push(Box::new(like(from)));
-            let n = args.len();
-            sql.push_str(&format!(
-                " AND (mail_from LIKE ?{n} ESCAPE '\\' OR header_from LIKE ?{n} ESCAPE '\\')"
-            ));
-        }
-        if let Some(rcpt) = &f.rcpt {
-            args.push(Box::new(like(rcpt)));
-            sql.push_str(&format!(" AND rcpts LIKE ?{} ESCAPE '\\'", args.len()));
-        }
-        if let Some((at, id)) = &f.before {
-            args.push(Box::new(*at as i64));
-            args.push(Box::new(id.clone()));
-            let n = args.len();
-            // Row values compare like the ORDER BY below (received_at DESC, id DESC).
-            sql.push_str(&format!(" AND (received_at, id) < (?{}, ?{n})", n - 1));
-        }
-        args.push(Box::new(f.limit.max(1) as i64));
-        sql.push_str(&format!(
-            " ORDER BY received_at DESC, id DESC LIMIT ?{}",
-            args.len()
-        ));
+        let (sql, args) = list_query::build(f, Dialect::Sqlite);
+        let args: Vec<Box<dyn rusqlite::ToSql>> = args
+            .into_iter()
+            .map(|a| -> Box<dyn rusqlite::ToSql> {
+                match a {
+                    Arg::Int(n) => Box::new(n),
+                    Arg::Text(t) => Box::new(t),
+                }
+            })
+            .collect();
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
             Ok(Row {
@@ -295,13 +275,20 @@ impl Index {
             .unwrap_or_default())
     }
 
-    /// Number of entries per state.
-    pub fn counts(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+    /// Number of entries per state (a spelling this version does not know is left out
+    /// of the counts rather than failing them).
+    pub fn counts(&self) -> rusqlite::Result<Vec<(State, u64)>> {
         let mut stmt = self
             .conn
             .prepare("SELECT state, COUNT(*) FROM entries GROUP BY state ORDER BY state")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
-        rows.collect()
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        let counted: Vec<(String, u64)> = rows.collect::<rusqlite::Result<_>>()?;
+        Ok(counted
+            .into_iter()
+            .filter_map(|(s, n)| State::parse(&s).map(|s| (s, n)))
+            .collect())
     }
 
     /// Runs `f` in one transaction (bulk inserts when rebuilding).
@@ -373,7 +360,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 pub struct Row {
     pub id: String,
     pub received_at: u64,
-    pub state: String,
+    pub state: State,
     pub mail_from: String,
     pub header_from: String,
     pub rcpts: String,

@@ -13,9 +13,8 @@
 pub mod capacity;
 pub mod id;
 pub mod index;
+pub mod list_query;
 pub mod pg;
-pub mod preview;
-pub mod release;
 pub mod state;
 pub mod store;
 
@@ -58,9 +57,8 @@ pub struct Meta {
     pub flags: Vec<String>,
     pub verdict: String,
     pub reasons: Vec<String>,
-    /// held | releasing | released ([`State`]; a string here because this is the JSON
-    /// of `meta.json` and of the admin API)
-    pub state: String,
+    /// Spelled as [`State::as_str`] in `meta.json` and the admin API's JSON.
+    pub state: State,
     /// The mailwarden instance that accepted the message (`[quarantine] instance`): in a
     /// cluster sharing one PostgreSQL quarantine, where to look for its logs.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -142,11 +140,11 @@ pub enum StoreError {
     Missing(PathBuf),
     #[error("`{0}` is not a quarantine id (26 characters of 0-9 A-Z without I L O U)")]
     BadId(String),
-    #[error("entry {id} is {state}, not {wanted}{hint}", hint = if state == "releasing" { " (an earlier release has an unknown outcome: check the next hop, then use --force)" } else { "" })]
+    #[error("entry {id} is {state}, not {wanted}{hint}", hint = if *state == State::Releasing { " (an earlier release has an unknown outcome: check the next hop, then use --force)" } else { "" })]
     WrongState {
         id: String,
-        state: String,
-        wanted: &'static str,
+        state: State,
+        wanted: State,
     },
 }
 
@@ -482,26 +480,22 @@ impl Quarantine {
         Ok(rows)
     }
 
-    pub fn counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    pub fn counts(&self) -> Result<Vec<(State, u64)>, StoreError> {
         Ok(self.index().counts()?)
     }
 
     /// Atomically moves an entry between states (the release guard).
-    pub fn transition(
-        &self,
-        id: &QuarantineId,
-        from: &'static str,
-        to: &str,
-    ) -> Result<(), StoreError> {
+    pub fn transition(&self, id: &QuarantineId, from: State, to: State) -> Result<(), StoreError> {
         let index = self.index();
         if index.transition(id.as_str(), from, to)? {
             drop(index);
             self.persist_state(id, to)?;
             return Ok(());
         }
+        // Gone between the update and this read (deleted meanwhile): not found.
         let state = index
             .state(id.as_str())?
-            .unwrap_or_else(|| "missing".into());
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
         Err(StoreError::WrongState {
             id: id.to_string(),
             state,
@@ -510,11 +504,11 @@ impl Quarantine {
     }
 
     /// Mirrors a state change into `meta.json` (so a rebuilt index keeps it).
-    fn persist_state(&self, id: &QuarantineId, state: &str) -> Result<(), StoreError> {
+    fn persist_state(&self, id: &QuarantineId, state: State) -> Result<(), StoreError> {
         let dir = self.entry_dir(id);
         let mut meta: Meta = serde_json::from_slice(&fs::read(dir.join("meta.json"))?)
             .map_err(std::io::Error::other)?;
-        meta.state = state.to_string();
+        meta.state = state;
         let tmp = dir.join("meta.json.tmp");
         let _ = fs::remove_file(&tmp);
         write_synced(
@@ -642,6 +636,13 @@ pub(crate) fn printable(s: &str) -> String {
 }
 
 /// Seconds since the Unix epoch.
+/// Sets the quarantine use and capacity gauges from the store's counters (point reads).
+pub async fn export_usage(store: &dyn QuarantineStore) {
+    let used = store.usage().await.ok().map(|u| (u.bytes, u.entries));
+    let capacity = store.capacity().map(|c| (c.max_bytes, c.max_entries));
+    crate::metrics::quarantine_usage(used, capacity);
+}
+
 pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -671,7 +672,7 @@ mod tests {
             flags: vec![],
             verdict: "quarantine".into(),
             reasons: vec![],
-            state: "held".into(),
+            state: State::Held,
             instance: String::new(),
         }
     }
@@ -699,12 +700,12 @@ mod tests {
             })
             .unwrap();
         assert_eq!(rows.len(), 1);
-        q.transition(&id, "held", "releasing").unwrap();
+        q.transition(&id, State::Held, State::Releasing).unwrap();
         assert!(
-            q.transition(&id, "held", "releasing").is_err(),
+            q.transition(&id, State::Held, State::Releasing).is_err(),
             "a second release cannot start"
         );
-        assert_eq!(q.meta(&id).unwrap().state, "releasing");
+        assert_eq!(q.meta(&id).unwrap().state, State::Releasing);
         q.delete(&id).unwrap();
         assert!(q.lookup(id.as_str()).is_err());
         assert!(matches!(
@@ -852,7 +853,7 @@ mod tests {
         assert_eq!(q.usage().unwrap(), u(2, 12));
         assert_eq!(q.index().domain_usage("one.example").unwrap(), u(1, 7));
         // A state change keeps the entry counted (it is still on disk).
-        q.transition(&id, "held", "releasing").unwrap();
+        q.transition(&id, State::Held, State::Releasing).unwrap();
         assert_eq!(q.usage().unwrap(), u(2, 12));
         // An index rebuilt from the entries counts the same.
         drop(q);

@@ -28,6 +28,7 @@ use tokio_postgres::types::ToSql;
 
 use super::capacity::{Capacity, Refusal, Usage, sender_domain};
 use super::index::{Filter, Row};
+use super::list_query::{self, Arg, Dialect};
 use super::store::QuarantineStore;
 use super::{FullAlert, Meta, QuarantineId, State, StoreError, printable};
 use crate::store::postgres::{PgError, PgPool};
@@ -107,7 +108,7 @@ impl PgQuarantine {
         let domain = sender_domain(&meta.mail_from, &meta.header_from);
         let json = serde_json::to_string(meta).map_err(std::io::Error::other)?;
         let slot: i16 = (rand::random::<u8>() % 16) as i16;
-        let state = State::parse(&meta.state).unwrap_or(State::Held);
+        let state = meta.state;
         let committing = std::sync::atomic::AtomicBool::new(false);
         let mut conn = self.pool.get().await.map_err(db)?;
         let capacity = if admit { self.capacity } else { None };
@@ -162,15 +163,24 @@ impl PgQuarantine {
         self.pool.settle(conn, out).map_err(db)
     }
 
-    async fn state_of(&self, id: &QuarantineId) -> Result<Option<String>, StoreError> {
+    async fn state_of(&self, id: &QuarantineId) -> Result<Option<State>, StoreError> {
         let rows = self
             .query(
                 "SELECT state FROM quarantine_entries WHERE id = $1",
                 &[&id.as_str()],
             )
             .await?;
-        Ok(rows.first().map(|r| r.get(0)))
+        rows.first().map(|r| state_column(r, 0)).transpose()
     }
+}
+
+/// The state column of `row`: the one place its text becomes a [`State`]. A spelling
+/// this version does not know (a newer writer, a hand edit) is an error, not a guess.
+fn state_column(row: &tokio_postgres::Row, idx: usize) -> Result<State, StoreError> {
+    let text: &str = row.get(idx);
+    State::parse(text).ok_or_else(|| {
+        StoreError::Database(format!("unknown quarantine state {:?}", printable(text)))
+    })
 }
 
 struct InsertArgs<'a> {
@@ -268,57 +278,18 @@ fn usage_of(r: &tokio_postgres::Row) -> Usage {
     }
 }
 
-/// `%s%` for ILIKE, with the wildcards of `s` taken literally.
-fn like(s: &str) -> String {
-    let escaped = s
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    format!("%{escaped}%")
-}
-
-/// The `list` query for `f`: text and parameters (kept apart so a test can read it).
+/// The `list` query for `f`, with its parameters as PostgreSQL values.
 fn list_sql(f: &Filter) -> (String, Vec<Box<dyn ToSql + Sync + Send>>) {
-    let mut sql = String::from(
-        "SELECT id, received_at, state, mail_from, header_from, rcpts, subject, reasons, flags, size, instance
-         FROM quarantine_entries WHERE true",
-    );
-    let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-    if !f.all_states {
-        // Spelled as in the partial index's predicate, so the planner uses it.
-        sql.push_str(" AND state IN ('held', 'releasing')");
-    }
-    if let Some(since) = f.since {
-        args.push(Box::new(since as i64));
-        sql.push_str(&format!(" AND received_at >= ${}", args.len()));
-    }
-    if let Some(reason) = &f.reason {
-        args.push(Box::new(like(reason)));
-        let n = args.len();
-        sql.push_str(&format!(" AND (reasons ILIKE ${n} OR flags ILIKE ${n})"));
-    }
-    if let Some(from) = &f.from {
-        args.push(Box::new(like(from)));
-        let n = args.len();
-        sql.push_str(&format!(
-            " AND (mail_from ILIKE ${n} OR header_from ILIKE ${n})"
-        ));
-    }
-    if let Some(rcpt) = &f.rcpt {
-        args.push(Box::new(like(rcpt)));
-        sql.push_str(&format!(" AND rcpts ILIKE ${}", args.len()));
-    }
-    if let Some((at, id)) = &f.before {
-        args.push(Box::new(*at as i64));
-        args.push(Box::new(id.clone()));
-        let n = args.len();
-        sql.push_str(&format!(" AND (received_at, id) < (${}, ${n})", n - 1));
-    }
-    args.push(Box::new(f.limit.clamp(1, 100_000) as i64));
-    sql.push_str(&format!(
-        " ORDER BY received_at DESC, id DESC LIMIT ${}",
-        args.len()
-    ));
+    let (sql, args) = list_query::build(f, Dialect::Postgres);
+    let args = args
+        .into_iter()
+        .map(|a| -> Box<dyn ToSql + Sync + Send> {
+            match a {
+                Arg::Int(n) => Box::new(n),
+                Arg::Text(t) => Box::new(t),
+            }
+        })
+        .collect();
     (sql, args)
 }
 
@@ -332,7 +303,7 @@ impl QuarantineStore for PgQuarantine {
         self.settle_in_doubt().await;
         let id = QuarantineId::generate();
         meta.id = id.to_string();
-        meta.state = State::Held.as_str().into();
+        meta.state = State::Held;
         meta.instance = self.instance.clone();
         match self.insert(&meta, &message, true).await? {
             true => Ok(id),
@@ -370,7 +341,7 @@ impl QuarantineStore for PgQuarantine {
         let mut meta: Meta =
             serde_json::from_str(row.get::<_, &str>(0)).map_err(std::io::Error::other)?;
         // The column is where state changes happen.
-        meta.state = row.get(1);
+        meta.state = state_column(row, 1)?;
         meta.instance = row.get(2);
         Ok(meta)
     }
@@ -394,22 +365,23 @@ impl QuarantineStore for PgQuarantine {
             .map(|a| a.as_ref() as &(dyn ToSql + Sync))
             .collect();
         let rows = self.query(&sql, &params).await?;
-        Ok(rows
-            .iter()
-            .map(|r| Row {
-                id: r.get(0),
-                received_at: r.get::<_, i64>(1).max(0) as u64,
-                state: r.get(2),
-                mail_from: r.get(3),
-                header_from: r.get(4),
-                rcpts: r.get(5),
-                subject: r.get(6),
-                reasons: r.get(7),
-                flags: r.get(8),
-                size: r.get::<_, i64>(9).max(0) as u64,
-                instance: r.get(10),
+        rows.iter()
+            .map(|r| {
+                Ok(Row {
+                    id: r.get(0),
+                    received_at: r.get::<_, i64>(1).max(0) as u64,
+                    state: state_column(r, 2)?,
+                    mail_from: r.get(3),
+                    header_from: r.get(4),
+                    rcpts: r.get(5),
+                    subject: r.get(6),
+                    reasons: r.get(7),
+                    flags: r.get(8),
+                    size: r.get::<_, i64>(9).max(0) as u64,
+                    instance: r.get(10),
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn counts(&self) -> Result<Vec<(State, u64)>, StoreError> {
@@ -459,11 +431,15 @@ impl QuarantineStore for PgQuarantine {
         if n == 1 {
             return Ok(());
         }
-        let state = self.state_of(id).await?.unwrap_or_else(|| "missing".into());
+        // Gone between the update and this read (deleted meanwhile): not found.
+        let state = self
+            .state_of(id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
         Err(StoreError::WrongState {
             id: id.to_string(),
             state,
-            wanted: from.as_str(),
+            wanted: from,
         })
     }
 
@@ -533,7 +509,6 @@ mod tests {
         );
         assert!(!sql.contains("OFFSET"));
         assert_eq!(args.len(), 4);
-        assert_eq!(like("50%_off"), "%50\\%\\_off%");
         let (all, _) = list_sql(&Filter {
             all_states: true,
             limit: 0,

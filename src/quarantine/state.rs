@@ -9,7 +9,12 @@
 
 use std::fmt;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Serialized as its [`State::as_str`] spelling (`meta.json`, JSON answers); an unknown
+/// spelling fails to load rather than being guessed at.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum State {
     Held,
     Releasing,
@@ -48,7 +53,8 @@ impl State {
 
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        // `pad`, so `{:<9}` in `quarantine list` aligns as the string did.
+        f.pad(self.as_str())
     }
 }
 
@@ -65,5 +71,14 @@ mod tests {
             assert_eq!(State::parse(bad), None, "{bad:?}");
         }
         assert!(State::Releasing.is_pending() && !State::Released.is_pending());
+        // The JSON spelling is the stored one, both ways.
+        for s in State::ALL {
+            let json = serde_json::to_string(&s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<State>(&json).unwrap(), s);
+        }
+        assert!(serde_json::from_str::<State>("\"purged\"").is_err());
+        // Column alignment in `quarantine list` works as it did with the string.
+        assert_eq!(format!("{:<9}|", State::Held), "held     |");
     }
 }

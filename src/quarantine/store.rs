@@ -152,11 +152,7 @@ impl QuarantineStore for Embedded {
     }
 
     async fn counts(&self) -> Result<Vec<(State, u64)>, StoreError> {
-        let counts = self.blocking(|q| q.counts()).await?;
-        Ok(counts
-            .into_iter()
-            .filter_map(|(s, n)| State::parse(&s).map(|s| (s, n)))
-            .collect())
+        self.blocking(|q| q.counts()).await
     }
 
     async fn usage(&self) -> Result<Usage, StoreError> {
@@ -170,8 +166,7 @@ impl QuarantineStore for Embedded {
         to: State,
     ) -> Result<(), StoreError> {
         let id = id.clone();
-        self.blocking(move |q| q.transition(&id, from.as_str(), to.as_str()))
-            .await
+        self.blocking(move |q| q.transition(&id, from, to)).await
     }
 
     async fn delete(&self, id: &QuarantineId) -> Result<(), StoreError> {
@@ -222,7 +217,7 @@ pub async fn open(
         QuarantineBackend::Embedded => {
             let store = match opener {
                 Opener::Proxy => Quarantine::open_as_writer(&q.dir)
-                    .map(|s| s.with_capacity(q.capacity()))
+                    .map(|s| s.with_capacity(super::capacity::Capacity::of(q)))
                     .map_err(|e| format!("quarantine {}: {e}", q.dir.display()))?,
                 Opener::Cli => Quarantine::open_existing(&q.dir).map_err(|e| match e {
                     StoreError::Missing(_) => e.to_string(),
@@ -246,7 +241,7 @@ pub async fn open(
             let mut store =
                 super::pg::PgQuarantine::new(pool.clone(), &q.instance_name(&config.hostname));
             if opener == Opener::Proxy {
-                store = store.with_capacity(q.capacity());
+                store = store.with_capacity(super::capacity::Capacity::of(q));
             }
             Ok((Arc::new(store), Some(pool)))
         }

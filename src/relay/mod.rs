@@ -9,6 +9,7 @@
 pub mod client;
 pub mod failure;
 pub mod maildir;
+pub mod one_shot;
 pub mod pool;
 pub mod writer;
 pub mod xclient;

@@ -100,7 +100,7 @@ impl Server {
                 tokio::spawn(pool.watch(Duration::from_secs(2), shutdown.clone()));
             }
             tracing::info!(backend = q.backend(), "quarantine");
-            crate::metrics::quarantine_usage(q.as_ref()).await;
+            crate::quarantine::export_usage(q.as_ref()).await;
             Some(q)
         } else {
             None
@@ -380,7 +380,7 @@ pub async fn update_held_gauge(store: &dyn QuarantineStore) {
             .quarantine_held
             .set(i64::try_from(held).unwrap_or(i64::MAX));
     }
-    crate::metrics::quarantine_usage(store).await;
+    crate::quarantine::export_usage(store).await;
 }
 
 /// Binds with a listen backlog that can hold a burst of `max_sessions` connections (the

@@ -135,7 +135,7 @@ fn keygen(
 }
 
 fn check_names(domain: &str, selector: &str) -> Result<(), String> {
-    if !crate::auth::looks_like_domain(domain.trim_end_matches('.')) {
+    if !crate::wire::domain::looks_like_domain(domain.trim_end_matches('.')) {
         return Err(format!("--domain {domain:?} is not a domain name"));
     }
     if selector.is_empty()

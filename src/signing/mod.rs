@@ -8,7 +8,8 @@
 //! gathered in one piece to be read.
 
 pub mod cli;
-pub mod key;
+/// Key files live at the bottom (`crate::dkim_key`): the configuration checks them too.
+pub use crate::dkim_key as key;
 
 use std::collections::HashMap;
 use std::sync::Arc;

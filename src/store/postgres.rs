@@ -227,11 +227,7 @@ impl PgPool {
                     .connect(NoTls)
                     .await
                     .map_err(|e| PgError::from_pg(&e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "postgres connection ended");
-                    }
-                });
+                drive(conn);
                 client
             }
             Some(tls) => {
@@ -240,11 +236,7 @@ impl PgPool {
                     .connect(tls.clone())
                     .await
                     .map_err(|e| PgError::from_pg(&e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "postgres connection ended");
-                    }
-                });
+                drive(conn);
                 client
             }
         };
@@ -410,6 +402,19 @@ async fn apply_migrations(client: &mut Client) -> Result<Vec<i32>, tokio_postgre
         tracing::info!(versions = ?done, "postgres: schema migrated");
     }
     Ok(done)
+}
+
+/// Runs a connection's I/O in its own task until the client is dropped or the link ends.
+fn drive<S, T>(conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
 }
 
 #[cfg(test)]

@@ -350,6 +350,11 @@ impl Reply {
         )
     }
 
+    /// DATA accepted: send the message (RFC 5321 §4.2.2: 354 has no enhanced code).
+    pub fn start_data() -> Reply {
+        Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".into()])
+    }
+
     /// A SASL challenge (RFC 4954 §4), base64 text without an enhanced code.
     pub fn challenge(text: impl Into<String>) -> Reply {
         Reply::plain(334, vec![text.into()])
@@ -477,5 +482,9 @@ mod tests {
             b"550 5.7.23 SPF check failed for example.org\r\n"
         );
         assert_eq!(Reply::challenge("").to_bytes(), b"334 \r\n");
+        assert_eq!(
+            Reply::start_data().to_bytes(),
+            b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        );
     }
 }

@@ -18,6 +18,13 @@ pub fn count_received(message: &[u8]) -> usize {
     count
 }
 
+/// RFC 5322 day names, indexed by days since 1970-01-01 (a Thursday) modulo 7.
+pub const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+/// RFC 5322 month names, January first.
+pub const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
 /// Formats `t` as an RFC 5322 date-time in UTC (`Thu, 26 Nov 2026 00:33:16 +0000`).
 pub fn rfc5322_date(t: SystemTime) -> String {
     let secs = t
@@ -26,10 +33,6 @@ pub fn rfc5322_date(t: SystemTime) -> String {
         .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
     format!(
         "{}, {} {} {} {:02}:{:02}:{:02} +0000",
         WEEKDAYS[(days % 7) as usize],
@@ -56,7 +59,7 @@ pub fn iso_date(secs: u64) -> String {
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's
 /// public-domain algorithm, re-derived here).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

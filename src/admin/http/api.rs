@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{App, Peer, printable};
+use crate::admin::release::ReleaseError;
+use crate::quarantine::State as QState;
 use crate::quarantine::index::Filter;
-use crate::quarantine::release::ReleaseError;
 use crate::quarantine::{QuarantineId, QuarantineStore, StoreError};
 
 /// Characters of text preview in an entry view.
@@ -261,11 +262,11 @@ pub async fn entry(
     let id = store.lookup(id.as_str()).await?;
     let meta = store.meta(&id).await?;
     let message = store.message(&id).await?;
-    let headers: Vec<HeaderLine> = crate::quarantine::preview::header_summary(&message)
+    let headers: Vec<HeaderLine> = crate::admin::preview::header_summary(&message)
         .into_iter()
         .map(|(name, value)| HeaderLine { name, value })
         .collect();
-    let preview = crate::quarantine::preview::text_preview(&message, PREVIEW_CHARS);
+    let preview = crate::admin::preview::text_preview(&message, PREVIEW_CHARS);
     Ok(Json(
         json!({"meta": meta, "headers": headers, "preview": preview}),
     ))
@@ -349,13 +350,13 @@ pub async fn release(
     let store = store(&app)?;
     let id = store.lookup(id.as_str()).await?;
     let config = app.state.config();
-    let result = crate::quarantine::release::release(
+    let result = crate::admin::release::release(
         store.as_ref(),
         &app.state.next_hops(),
         &id,
         &body.to,
         body.force,
-        crate::quarantine::release::Outgoing {
+        crate::admin::release::Outgoing {
             authserv_id: config.authserv_id(),
             verdict_header: &config.auth.verdict_header,
             signer: app.state.signer().as_deref(),
@@ -363,7 +364,7 @@ pub async fn release(
     )
     .await;
     let outcome = match &result {
-        Ok(_) => "released".to_string(),
+        Ok(_) => QState::Released.to_string(),
         Err(e) => e.to_string(),
     };
     tracing::info!(target: "mailwarden::audit", id = %id, client = %peer,
@@ -372,7 +373,7 @@ pub async fn release(
     match result {
         Ok(reply) => Ok(Json(json!({
             "id": id.to_string(),
-            "state": "released",
+            "state": QState::Released,
             "reply": reply.to_string().trim_end(),
         }))),
         Err(ReleaseError::AlreadyReleased) => Err(ApiError::new(
@@ -415,7 +416,9 @@ pub async fn delete(
     let id = store.lookup(id.as_str()).await?;
     store.delete(&id).await?;
     tracing::info!(target: "mailwarden::audit", id = %id, client = %peer, "admin API: deleted");
-    Ok(Json(json!({"id": id.to_string(), "state": "deleted"})))
+    Ok(Json(
+        json!({"id": id.to_string(), "state": QState::Deleted}),
+    ))
 }
 
 // ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 //! DKIM private keys: loading and checking a key file, generating a key, and the public
-//! half as it is published in DNS (`p=`).
+//! half as it is published in DNS (`p=`). A leaf (imports nothing of ours), so the
+//! configuration can check `key_file` when it loads; `signing::key` names it too.
 //!
 //! A key file is PEM: PKCS#8 (`PRIVATE KEY`, what `mailwarden dkim keygen` and `openssl
 //! genpkey` write, RSA or Ed25519) or PKCS#1 (`RSA PRIVATE KEY`, what `opendkim-genkey`

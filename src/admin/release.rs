@@ -1,4 +1,6 @@
-//! Releasing a held message: re-injected through the next hop of the listener role that
+//! Releasing a held message (an admin operation: the CLI and the API call it; it sits
+//! above the quarantine, which only stores, because it re-injects, strips forged
+//! headers and signs): re-injected through the next hop of the listener role that
 //! accepted it (inbound mail to the inbound smtpd, submissions to the submission one),
 //! with its original envelope, client (XCLIENT, including the SASL login as `LOGIN=`) and
 //! `Authentication-Results`, exactly once.
@@ -14,8 +16,9 @@ use std::net::SocketAddr;
 
 use smtp_proto::{MailFrom, RcptTo};
 
-use super::{QuarantineId, QuarantineStore, State, StoreError};
-use crate::relay::{ClientIdentity, Envelope, NextHops, Relay, RelayError};
+use crate::quarantine::{QuarantineId, QuarantineStore, State, StoreError};
+use crate::relay::one_shot::{self, Sent};
+use crate::relay::{ClientIdentity, NextHops, RelayError};
 use crate::wire::reply::Reply;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +74,10 @@ pub async fn release(
     out: Outgoing<'_>,
 ) -> Result<Reply, ReleaseError> {
     let started = match store.transition(id, State::Held, State::Releasing).await {
-        Err(StoreError::WrongState { state, .. })
-            if force && state == State::Releasing.as_str() =>
-        {
+        Err(StoreError::WrongState {
+            state: State::Releasing,
+            ..
+        }) if force => {
             store
                 .transition(id, State::Releasing, State::Releasing)
                 .await
@@ -82,9 +86,10 @@ pub async fn release(
     };
     match started {
         Ok(()) => send(store, hops, id, to, out).await,
-        Err(StoreError::WrongState { state, .. }) if state == State::Released.as_str() => {
-            Err(ReleaseError::AlreadyReleased)
-        }
+        Err(StoreError::WrongState {
+            state: State::Released,
+            ..
+        }) => Err(ReleaseError::AlreadyReleased),
         Err(e) => Err(e.into()),
     }
 }
@@ -135,41 +140,26 @@ async fn send(
         headers.splice(0..0, signing.headers().iter().cloned());
     }
 
-    let mut relay = Relay::new(hops.for_role(&meta.listener));
     let client = identity(&meta.client, &meta.helo, meta.login.as_deref());
-    let outcome = async {
-        let reply = relay.start(&client, &from, message.len()).await?;
-        if !reply.is_positive() {
-            return Ok(Err(reply));
-        }
-        let mut accepted = Vec::new();
-        for rcpt in &rcpts {
-            let reply = relay.rcpt(rcpt).await?;
-            if !reply.is_positive() {
-                return Ok(Err(reply));
-            }
-            accepted.push(rcpt.clone());
-        }
-        let envelope = Envelope {
-            from: &from,
-            rcpts: &accepted,
-        };
-        relay
-            .deliver(&envelope, &headers, &parts)
-            .await
-            .map(|r| if r.is_positive() { Ok(r) } else { Err(r) })
-    }
-    .await;
-    relay.close().await;
-    match outcome {
-        Ok(Ok(reply)) => {
+    let outgoing = one_shot::Message {
+        client: &client,
+        from: &from,
+        rcpts: &rcpts,
+        size: message.len(),
+        headers: &headers,
+        parts: &parts,
+    };
+    // All recipients or none: a refused one refuses the release (the entry stays held).
+    let sent = one_shot::send(hops.for_role(&meta.listener), outgoing, |_, _| false).await;
+    match sent {
+        Ok(Sent::Delivered { reply, .. }) => {
             store
                 .transition(id, State::Releasing, State::Released)
                 .await?;
             tracing::info!(id = %id, reply = %reply, "quarantine: released");
             Ok(reply)
         }
-        Ok(Err(reply)) => {
+        Ok(Sent::Refused(reply)) => {
             store.transition(id, State::Releasing, State::Held).await?;
             tracing::warn!(id = %id, reply = %reply.summary(), "quarantine: release refused by the next hop");
             if reply.is_transient() {
