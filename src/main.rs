@@ -264,13 +264,18 @@ fn run(path: PathBuf, log_format: Option<LogFormatArg>) -> ExitCode {
         }
         // Also installs the SIGHUP handler (a full reload, see `server::reload`) and
         // writes `[process] pid_file`.
-        let server = match Server::bind_reloadable(config, &path, token.clone()).await {
+        let mut server = match Server::bind_reloadable(config, &path, token.clone()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, config = %path.display(), "cannot start");
                 return ExitCode::from(1);
             }
         };
+        if let Err(e) = mailwarden::admin::http::start(&mut server, token.clone()).await {
+            tracing::error!(error = %e, config = %path.display(), "cannot start");
+            server.live().remove_pid_file();
+            return ExitCode::from(1);
+        }
         // Listeners are bound: tell systemd (Type=notify) we are up, and that we are
         // going down as soon as shutdown starts (it then waits TimeoutStopSec=, not the
         // start timeout, and shows "deactivating").

@@ -13,6 +13,7 @@ pub fn check(path: &Path) -> ExitCode {
         .map_err(|e| e.to_string())
         .and_then(|c| {
             let warnings = crate::server::preflight(&c)?;
+            crate::admin::http::preflight(&c)?;
             // The policy's own tests (`tests = [...]` in the policy file).
             crate::admin::policy_cli::check_policy_tests(&c)?;
             Ok(warnings)

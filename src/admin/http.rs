@@ -45,6 +45,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::AdminState;
+use crate::config::Config;
+use crate::server::Server;
 use auth::{Credential, FailLimiter, TokenHash};
 use stats::VerdictHistory;
 
@@ -123,6 +125,33 @@ pub struct AdminServer {
     tls: Option<tokio_rustls::TlsAcceptor>,
     app: Arc<App>,
     shutdown: CancellationToken,
+}
+
+/// Starts the admin API beside a bound proxy (`[admin] enabled`): bound here, before
+/// anything is served, so a bad token file or a busy port stops the start; served from
+/// [`Server::run`] on. The server is below the admin API and never imports it: `main`
+/// calls this.
+pub async fn start(server: &mut Server, shutdown: CancellationToken) -> Result<(), String> {
+    let live = server.live();
+    if !live.current().shared.config.admin.enabled {
+        return Ok(());
+    }
+    let api = bind(AdminState::of(live), shutdown).await?;
+    server.serve_beside(api.run());
+    Ok(())
+}
+
+/// What [`bind`] would refuse in the admin API's files (token file and mode, TLS
+/// certificate), without binding: `check-config` runs it beside `server::preflight`.
+pub fn preflight(config: &Config) -> Result<(), String> {
+    let admin = &config.admin;
+    if admin.enabled {
+        TokenHash::load(admin)?;
+        if let (Some(cert), Some(key)) = (&admin.tls_cert, &admin.tls_key) {
+            crate::tls::acceptor(cert, key).map_err(|e| format!("[admin] tls: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Loads the token, prepares TLS and binds `[admin] listen`. Every error here (token file

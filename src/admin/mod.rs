@@ -40,6 +40,23 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    /// The running proxy's objects, following its reloads.
+    pub fn of(live: Arc<crate::server::reload::Live>) -> AdminState {
+        let now = live.current();
+        let shared = &now.shared;
+        let state = AdminState {
+            config: shared.config.clone(),
+            quarantine: shared.quarantine.clone(),
+            inspector: shared.inspector.clone(),
+            next_hops: now.next_hops.clone(),
+            detector: shared.outbound.clone(),
+            signer: shared.signer.clone(),
+            live: Arc::new(std::sync::OnceLock::new()),
+        };
+        let _ = state.live.set(live.clone());
+        state
+    }
+
     /// The configuration running now.
     pub fn config(&self) -> Arc<Config> {
         match self.live.get() {

@@ -38,8 +38,9 @@ struct Bound {
 pub struct Server {
     listeners: Vec<Bound>,
     live: Arc<reload::Live>,
-    /// The admin HTTP API, bound and ready (`[admin] enabled`).
-    admin: Option<crate::admin::http::AdminServer>,
+    /// Services that run beside the listeners until shutdown, handed in from above
+    /// (the admin HTTP API: `crate::admin::http::start`). The server never imports them.
+    beside: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
 impl Server {
@@ -139,24 +140,6 @@ impl Server {
         let dmarc_reports = dmarc_recorder(&config)?;
         let decision_log = decision_log(&config)?;
         let config = Arc::new(config);
-        // Filled once the first generation exists (below): the admin API then follows
-        // reloads.
-        let admin_live = Arc::new(std::sync::OnceLock::new());
-        let admin = if config.admin.enabled {
-            let state = crate::admin::AdminState {
-                config: config.clone(),
-                quarantine: quarantine.clone(),
-                inspector: inspector.clone(),
-                next_hops: next_hops.clone(),
-                detector: outbound.clone(),
-                signer: signer.clone(),
-                live: admin_live.clone(),
-            };
-            // Bound before anything is served: a bad token file or a busy port stops the start.
-            Some(crate::admin::http::bind(state, shutdown.clone()).await?)
-        } else {
-            None
-        };
         let bound = config.listeners.clone();
         let first = reload::Generation {
             shared: Arc::new(SessionShared {
@@ -179,18 +162,20 @@ impl Server {
         };
         Ok(Server {
             listeners,
-            admin,
-            live: {
-                let live = Arc::new(reload::Live::new(first, bound));
-                let _ = admin_live.set(live.clone());
-                live
-            },
+            live: Arc::new(reload::Live::new(first, bound)),
+            beside: Vec::new(),
         })
     }
 
     /// The running configuration and its reload (SIGHUP, `mailwarden reload`).
     pub fn live(&self) -> Arc<reload::Live> {
         self.live.clone()
+    }
+
+    /// Runs `service` beside the listeners from [`Server::run`] on; it must stop on the
+    /// shutdown token, and `run` waits for it after the sessions.
+    pub fn serve_beside(&mut self, service: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.beside.push(Box::pin(service));
     }
 
     /// Addresses actually bound (useful when a config says port 0).
@@ -245,7 +230,7 @@ impl Server {
             tokio::spawn(apply_retention(store, retention, shutdown.clone()));
         }
         drop(first);
-        let admin = self.admin.map(|a| tokio::spawn(a.run()));
+        let beside: Vec<_> = self.beside.into_iter().map(tokio::spawn).collect();
         shutdown.cancelled().await;
         for l in accept_loops {
             let _ = l.await; // the loops end on the same token and drop their sockets
@@ -264,8 +249,8 @@ impl Server {
                 "grace period over: closing remaining sessions"
             );
         }
-        if let Some(a) = admin {
-            let _ = a.await; // stops on the same token
+        for service in beside {
+            let _ = service.await; // stops on the same token
         }
         self.live.stop_outbound_tasks().await;
         self.live.remove_pid_file();
@@ -275,7 +260,10 @@ impl Server {
 
 /// Every check of the files the proxy needs before it serves, without binding or
 /// creating anything: listener certificates and keys, the policy file, the outbound
-/// freeze file (and Redis URL), the admin token file (and its mode) and certificate.
+/// freeze file (and Redis URL). The admin API's files (token, certificate) are checked
+/// by `crate::admin::http::preflight`, which `check-config` runs beside this and `run`
+/// meets when it binds the API; a reload need not check them, since `[admin]` changes
+/// wait for a restart and the running API keeps the token it loaded.
 /// `check-config` runs exactly this after loading the configuration, and `run` runs it
 /// first, so an `ok` from `check-config` means `run` gets past them. Returns the policy
 /// file's warnings (valid but unsafe rules), which `check-config` prints.
@@ -307,13 +295,6 @@ pub fn preflight(config: &Config) -> Result<Vec<String>, String> {
         crate::outbound::freeze::FreezeBook::load(&outbound.freeze_file)?;
         if outbound.backend == crate::outbound::config::Backend::Redis {
             crate::outbound::redis_store::RedisStore::new(settings)?;
-        }
-    }
-    let admin = &config.admin;
-    if admin.enabled {
-        crate::admin::http::auth::TokenHash::load(admin)?;
-        if let (Some(cert), Some(key)) = (&admin.tls_cert, &admin.tls_key) {
-            crate::tls::acceptor(cert, key).map_err(|e| format!("[admin] tls: {e}"))?;
         }
     }
     Ok(warnings)

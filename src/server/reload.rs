@@ -98,7 +98,7 @@ impl Live {
     }
 
     /// Removes the pid file and the reload status file at exit.
-    pub(super) fn remove_pid_file(&self) {
+    pub fn remove_pid_file(&self) {
         let process = &self.current().shared.config.process;
         for f in [process.pid_file.clone(), process.reload_status_file()]
             .into_iter()
