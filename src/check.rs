@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use smtp_proto::{MailFrom, RcptTo};
 
 use crate::config::{Config, Purpose, Role};
-use crate::outbound::{Assessment, FLAG_BURST, FLAG_FROM, OutboundAction};
+use crate::outbound::{AccountFindings, FLAG_BURST, FLAG_FROM, OutboundAction};
 use crate::pipeline::OutboundFindings;
 use crate::policy::MessageContext;
 use crate::policy::engine::{Enforcer, Findings};
@@ -157,7 +157,7 @@ fn given_outbound(
     };
     Ok(Some(OutboundFindings {
         account: "check".into(),
-        assessment: Assessment {
+        assessment: AccountFindings {
             action,
             reasons: Vec::new(),
             // A freeze freezes the account with this message, as the detector reports it.

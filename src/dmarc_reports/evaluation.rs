@@ -37,6 +37,9 @@ pub struct Override {
     pub comment: String,
 }
 
+/// One message's DMARC evaluation as an aggregate report records it (RFC 7489 Appendix C
+/// `policy_evaluated`): the report's own word, not a second name for the proxy's verdict
+/// (that is `crate::pipeline::Verdict`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Evaluation {
     /// Seconds since the epoch, at the end of DATA.

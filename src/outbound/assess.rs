@@ -1,13 +1,13 @@
 //! The assessment of one message, computed: a pure function of the key's counts (an
 //! [`Observation`], from whichever store), its limits and the message's header From.
-//! [`judge_counts`] returns the [`Assessment`] and the [`Effect`]s it calls for (freeze,
+//! [`judge_counts`] returns the [`AccountFindings`] and the [`Effect`]s it calls for (freeze,
 //! alerts); the [`Detector`](super::Detector) applies those afterwards, in order. So the
 //! whole decision is unit-testable without a store, a clock or a network.
 
 use super::config::{self, FromAllow, Limits, Settings};
 use super::state::Observation;
 use super::store::AccountStatus;
-use super::{Assessment, FLAG_BURST, FLAG_FROM, OutboundAction};
+use super::{AccountFindings, FLAG_BURST, FLAG_FROM, OutboundAction};
 
 /// One counter the limits read for a key, as counted with this message: what the
 /// outbound stage saw, whether or not it acted (for the trace and the decision log).
@@ -78,7 +78,7 @@ pub(crate) enum Effect {
 /// One key's assessment and what follows from it.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Findings {
-    pub assessment: Assessment,
+    pub assessment: AccountFindings,
     pub effects: Vec<Effect>,
 }
 
@@ -95,7 +95,7 @@ pub(crate) fn judge_counts(
 ) -> Findings {
     if let AccountStatus::Frozen(f) = &obs.status {
         return Findings {
-            assessment: Assessment {
+            assessment: AccountFindings {
                 action: Some(OutboundAction::Freeze),
                 reasons: vec![format!(
                     "account {key} frozen since {} by {}: {}",
@@ -109,7 +109,7 @@ pub(crate) fn judge_counts(
             effects: Vec::new(),
         };
     }
-    let mut out = Assessment::relay();
+    let mut out = AccountFindings::relay();
     let mut effects = Vec::new();
     let breaches = if limits.bulk {
         Vec::new()
@@ -429,7 +429,7 @@ mod tests {
     fn within_every_limit_relays_and_does_nothing() {
         let s = settings(OutboundConfig::default());
         let f = judge_counts(&s, s.limits_for(ALICE), ALICE, &counts(30.0), Some(ALICE));
-        assert_eq!(f.assessment, Assessment::relay());
+        assert_eq!(f.assessment, AccountFindings::relay());
         assert!(f.effects.is_empty());
     }
 
@@ -516,7 +516,7 @@ mod tests {
         });
         let news = "news@example.org";
         let f = judge_counts(&s, s.limits_for(news), news, &counts(1e6), Some(news));
-        assert_eq!(f.assessment, Assessment::relay());
+        assert_eq!(f.assessment, AccountFindings::relay());
         let f = judge_counts(
             &s,
             s.limits_for(news),

@@ -26,7 +26,7 @@
 //! asks which. Freezes are durable before the message that caused them is answered.
 //!
 //! Judging is computed, then done: [`assess::judge_counts`] turns the counts into the
-//! [`Assessment`] and a list of effects (a pure function, unit-tested without a store);
+//! [`AccountFindings`] and a list of effects (a pure function, unit-tested without a store);
 //! the detector then applies the effects (freeze, alerts) in order. The configuration is
 //! `crate::config::outbound` (this module imports `config`, never the reverse).
 //! Counters: `outbound_messages` by action, `outbound_accounts_frozen`,
@@ -36,7 +36,7 @@
 //! session ─ account() / auth_allowed() / auth_result() / assess()
 //!             └▶ Detector ─▶ dyn OutboundStore ─▶ Counted (Observation + AccountStatus)
 //!                   │          (LocalStore | FallbackStore = Redis, else LocalStore)
-//!                   └▶ judge_counts (limits + From check, pure) ─▶ Assessment + effects
+//!                   └▶ judge_counts (limits + From check, pure) ─▶ AccountFindings + effects
 //!                         └▶ apply: freeze (store) / alert (rate-limited by the store)
 //! ```
 
@@ -92,7 +92,7 @@ pub const FLAG_FROM: &str = "outbound-from-mismatch";
 
 /// The verdict on one submitted message.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Assessment {
+pub struct AccountFindings {
     /// `None`: relay normally.
     pub action: Option<OutboundAction>,
     /// Human-readable, one per signal over its limit (for logs and the quarantine entry).
@@ -103,9 +103,9 @@ pub struct Assessment {
     pub flags: Vec<&'static str>,
 }
 
-impl Assessment {
-    pub fn relay() -> Assessment {
-        Assessment {
+impl AccountFindings {
+    pub fn relay() -> AccountFindings {
+        AccountFindings {
             action: None,
             reasons: Vec::new(),
             frozen: false,
@@ -115,7 +115,7 @@ impl Assessment {
 
     /// Both verdicts on one message (sender and client): the stricter action, every
     /// reason and flag.
-    fn merge(&mut self, other: Assessment) {
+    fn merge(&mut self, other: AccountFindings) {
         if let Some(a) = other.action {
             self.action = Some(OutboundAction::max(self.action, a));
         }
@@ -502,7 +502,7 @@ impl Detector {
         header_from: &str,
         rcpts: &[String],
         rejected_rcpts: usize,
-    ) -> Assessment {
+    ) -> AccountFindings {
         self.assess_as(account, None, ip, header_from, rcpts, rejected_rcpts)
             .await
     }
@@ -534,7 +534,7 @@ impl Detector {
         header_from: &str,
         rcpts: &[String],
         rejected_rcpts: usize,
-    ) -> Assessment {
+    ) -> AccountFindings {
         let message = (header_from, rcpts, rejected_rcpts);
         self.assess_keys(account, client, ip, message, None).await
     }
@@ -551,7 +551,7 @@ impl Detector {
         header_from: &str,
         rcpts: &[String],
         rejected_rcpts: usize,
-    ) -> (Assessment, Vec<Count>) {
+    ) -> (AccountFindings, Vec<Count>) {
         let mut counts = Vec::new();
         let message = (header_from, rcpts, rejected_rcpts);
         let a = self
@@ -569,9 +569,9 @@ impl Detector {
         ip: IpAddr,
         (header_from, rcpts, rejected_rcpts): (&str, &[String], usize),
         mut counts: Option<&mut Vec<Count>>,
-    ) -> Assessment {
+    ) -> AccountFindings {
         if !self.s.cfg.enabled {
-            return Assessment::relay();
+            return AccountFindings::relay();
         }
         let account = normalize(account);
         let limits = self.s.limits_for(&account);
@@ -628,7 +628,7 @@ impl Detector {
         m: &Message<'_>,
         header_from: Option<&str>,
         limits: &Limits,
-    ) -> (Assessment, Observation) {
+    ) -> (AccountFindings, Observation) {
         let counted = self.store.record(key, m, limits).await;
         let findings = judge_counts(&self.s, limits, key, &counted.obs, header_from);
         for effect in findings.effects {

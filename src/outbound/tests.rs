@@ -73,7 +73,7 @@ async fn a_burst_is_frozen_within_a_dozen_messages() {
             0,
         )
         .await;
-    assert_eq!(b, Assessment::relay());
+    assert_eq!(b, AccountFindings::relay());
     // Unfrozen by an administrator: relayed again (the window has passed).
     d.unfreeze(ALICE, "admin", "password reset").await.unwrap();
     assert!(d.unfreeze(ALICE, "admin", "again").await.is_err());
@@ -81,7 +81,7 @@ async fn a_burst_is_frozen_within_a_dozen_messages() {
     let a = d
         .assess(ALICE, client, ALICE, &rcpts(1, "x.example"), 0)
         .await;
-    assert_eq!(a, Assessment::relay());
+    assert_eq!(a, AccountFindings::relay());
     let h = d.account_detail(ALICE).await.unwrap().history;
     assert_eq!(
         h.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
@@ -202,7 +202,7 @@ async fn bulk_senders_and_groups_have_their_own_limits() {
                 0,
             )
             .await;
-        assert_eq!(a, Assessment::relay());
+        assert_eq!(a, AccountFindings::relay());
     }
     let to = rcpts(1, "example.net");
     let who = "joe@sales.example.org";
@@ -680,7 +680,7 @@ async fn accounts_are_logins_or_trusted_senders() {
     assert_eq!(
         d.assess(ALICE, ip("192.0.2.1"), "x@evil", &rcpts(5000, "x"), 0)
             .await,
-        Assessment::relay()
+        AccountFindings::relay()
     );
     assert!(d.auth_allowed(ip("192.0.2.1")).await.is_ok());
 }
@@ -1017,7 +1017,7 @@ async fn assess_counted_shows_what_each_key_was_counted_at() {
         );
     }
     let (a, counts) = last.unwrap();
-    assert_eq!(a, Assessment::relay(), "relayed, and still counted");
+    assert_eq!(a, AccountFindings::relay(), "relayed, and still counted");
     let value = |key: &str, name: &str| {
         counts
             .iter()

@@ -11,18 +11,18 @@
 
 use super::{Context, DecidedBy, ParsedMessage, Services, Verdict};
 use crate::config::Role;
-use crate::outbound::{Assessment, FLAG_FROM, OutboundAction};
+use crate::outbound::{AccountFindings, FLAG_FROM, OutboundAction};
 use crate::policy::Action;
 use crate::policy::inputs::OutboundInputs;
 use crate::policy::rules::TraceEntry;
 use crate::wire::reply::Reply;
 
 /// What the outbound stage found for one message: the account it was counted for and
-/// the detector's [`Assessment`] (kept as the detector gives it).
+/// the detector's [`AccountFindings`] (kept as the detector gives it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboundFindings {
     pub account: String,
-    pub assessment: Assessment,
+    pub assessment: AccountFindings,
 }
 
 impl OutboundFindings {

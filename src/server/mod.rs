@@ -174,7 +174,10 @@ impl Server {
 
     /// Runs `service` beside the listeners from [`Server::run`] on; it must stop on the
     /// shutdown token, and `run` waits for it after the sessions.
-    pub fn serve_beside(&mut self, service: impl std::future::Future<Output = ()> + Send + 'static) {
+    pub fn serve_beside(
+        &mut self,
+        service: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         self.beside.push(Box::pin(service));
     }
 

@@ -43,7 +43,7 @@ pub struct Generation {
 
 /// What a successful reload did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Outcome {
+pub struct Reloaded {
     /// Policy version now running.
     pub policy: String,
     /// Changes read from the file that a reload cannot apply (they wait for a restart).
@@ -144,7 +144,7 @@ impl Live {
     /// Re-reads the configuration file and swaps in a new generation; on any error the
     /// running one stays and the error says why (`file:line: key: reason`). The outcome
     /// goes to the log and to the reload status file.
-    pub async fn reload(&self) -> Result<Outcome, String> {
+    pub async fn reload(&self) -> Result<Reloaded, String> {
         let _one = self.reloading.lock().await;
         // systemd (Type=notify): RELOADING=1 ... READY=1 around each reload, READY
         // whether the new configuration was applied or refused (the old one runs).
@@ -168,7 +168,7 @@ impl Live {
         result
     }
 
-    async fn rebuild(&self) -> Result<Outcome, String> {
+    async fn rebuild(&self) -> Result<Reloaded, String> {
         let path = self
             .path
             .get()
@@ -317,7 +317,7 @@ impl Live {
             self.stop_outbound_tasks().await;
             self.start_outbound_tasks(&shutdown);
         }
-        Ok(Outcome {
+        Ok(Reloaded {
             policy,
             restart_needed,
         })
@@ -392,7 +392,7 @@ impl StatusFile {
         file
     }
 
-    fn write(&self, result: &Result<Outcome, String>) {
+    fn write(&self, result: &Result<Reloaded, String>) {
         let generation = {
             let mut g = lock(&self.generation);
             *g += 1;
