@@ -13,9 +13,7 @@ use tokio::io::DuplexStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Role};
-use crate::policy::{AcceptAll, Inspector};
-use crate::relay::NextHops;
+use crate::config::Config;
 use crate::smtp::session::ListenerShared;
 use crate::smtp::{Session, SessionShared};
 use crate::tls::MaybeTls;
@@ -37,55 +35,12 @@ impl InProcess {
     /// are not involved); the outbound detector runs when a submission listener and
     /// `[outbound] enabled` ask for it, as in the server.
     pub async fn new(config: Config) -> Result<InProcess, String> {
-        let inspector: Arc<dyn Inspector> = if config.auth.enabled {
-            Arc::new(crate::policy::engine::Enforcer::from_config(&config)?)
-        } else {
-            Arc::new(AcceptAll)
-        };
-        let next_hops = NextHops::from_config(&config)?;
-        let mut listeners = Vec::new();
-        for lc in &config.listeners {
-            let tls = match (&lc.tls_cert, &lc.tls_key) {
-                (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
-                _ => None,
-            };
-            listeners.push(Arc::new(ListenerShared {
-                next_hop: next_hops.for_listener(lc),
-                config: lc.clone(),
-                tls,
-            }));
-        }
-        let has_submission = config.listeners.iter().any(|l| l.role == Role::Submission);
-        let outbound = if config.outbound.enabled && has_submission {
-            Some(Arc::new(
-                crate::outbound::Detector::new(&config.outbound).await?,
-            ))
-        } else {
-            None
-        };
-        let quarantine = if config.auth.enabled || outbound.is_some() {
-            let opener = crate::quarantine::store::Opener::Proxy;
-            Some(crate::quarantine::store::open(&config, opener).await?.0)
-        } else {
-            None
-        };
-        let memory = crate::wire::memory::MessageMemory::new(
-            config.limits.message_memory,
-            crate::metrics::global().message_memory.clone(),
-        );
-        let signer = crate::signing::Signer::from_config(&config.dkim)?;
-        let shared = Arc::new(SessionShared {
-            config: Arc::new(config),
-            inspector,
-            quarantine,
-            outbound,
-            shutdown: CancellationToken::new(),
-            memory,
-            dmarc_reports: None,
-            signer,
-            decision_log: None,
-        });
-        Ok(InProcess { shared, listeners })
+        let inspector = crate::server::inspector_for(&config)?;
+        let prepared = crate::server::prepare(config, inspector, CancellationToken::new()).await?;
+        Ok(InProcess {
+            shared: prepared.shared,
+            listeners: prepared.listeners,
+        })
     }
 
     /// Starts a session on the listener at `index` (in config order) for a client at

@@ -47,11 +47,7 @@ impl Server {
     /// Builds TLS contexts, the verdict engine and the quarantine, prepares the next hop
     /// and binds every listener.
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server, String> {
-        let inspector: Arc<dyn Inspector> = if config.auth.enabled {
-            Arc::new(Enforcer::from_config(&config)?)
-        } else {
-            Arc::new(AcceptAll)
-        };
+        let inspector = inspector_for(&config)?;
         Self::bind_with(config, inspector, shutdown).await
     }
 
@@ -78,42 +74,15 @@ impl Server {
         shutdown: CancellationToken,
     ) -> Result<Server, String> {
         preflight(&config)?;
-        let next_hops = Arc::new(NextHops::from_config(&config)?);
-        let signer = crate::signing::Signer::from_config(&config.dkim)?;
-        let has_submission = config
-            .listeners
-            .iter()
-            .any(|l| l.role == crate::config::Role::Submission);
-        let outbound = if config.outbound.enabled && has_submission {
-            Some(Arc::new(
-                crate::outbound::Detector::new(&config.outbound).await?,
-            ))
-        } else {
-            None
-        };
-        let quarantine = if config.auth.enabled || outbound.is_some() {
-            let (q, pool) =
-                crate::quarantine::store::open(&config, crate::quarantine::store::Opener::Proxy)
-                    .await?;
-            if let Some(pool) = pool {
-                // Probes a server that is down (or was at start) until it answers, so
-                // /healthz and postgres_up turn green without waiting for held mail.
-                tokio::spawn(pool.watch(Duration::from_secs(2), shutdown.clone()));
-            }
-            tracing::info!(backend = q.backend(), "quarantine");
-            crate::quarantine::export_usage(q.as_ref()).await;
-            Some(q)
-        } else {
-            None
-        };
+        let bound = config.listeners.clone();
+        let Prepared {
+            shared,
+            listeners: settings,
+            next_hops,
+        } = prepare(config, inspector, shutdown).await?;
         let mut listeners = Vec::new();
-        let mut settings = Vec::new();
         let mut limits = Vec::new();
-        for (index, lc) in config.listeners.iter().enumerate() {
-            let tls = match (&lc.tls_cert, &lc.tls_key) {
-                (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
-                _ => None,
-            };
+        for (index, lc) in bound.iter().enumerate() {
             let socket = listen(lc.address, lc.max_sessions)
                 .map_err(|e| format!("cannot listen on {}: {e}", lc.address))?;
             listeners.push(Bound { socket, index });
@@ -121,41 +90,9 @@ impl Server {
                 lc.max_sessions,
                 lc.max_sessions_per_client,
             )));
-            settings.push(Arc::new(ListenerShared {
-                next_hop: next_hops.for_listener(lc),
-                config: lc.clone(),
-                tls,
-            }));
         }
-        tracing::info!(next_hop = %next_hops.describe(), "next hop");
-        // `off` is a choice, but never a silent one: the next hop judges our address.
-        let hops = std::iter::once((String::new(), &config.next_hop.default))
-            .chain(config.next_hop.named.iter().map(|(n, h)| (n.clone(), h)));
-        for (name, hop) in hops {
-            if hop.xclient == crate::config::XclientMode::Off && hop.address.starts_with("smtp:") {
-                tracing::warn!(next_hop = %hop.address, section = %if name.is_empty() { "next_hop".to_string() } else { format!("next_hop.{name}") },
-                    "xclient = \"off\": the next hop sees our address, not the client's; make sure it does not trust it (mynetworks)");
-            }
-        }
-        let dmarc_reports = dmarc_recorder(&config)?;
-        let decision_log = decision_log(&config)?;
-        let config = Arc::new(config);
-        let bound = config.listeners.clone();
         let first = reload::Generation {
-            shared: Arc::new(SessionShared {
-                memory: crate::wire::memory::MessageMemory::new(
-                    config.limits.message_memory,
-                    crate::metrics::global().message_memory.clone(),
-                ),
-                config,
-                inspector,
-                quarantine,
-                outbound,
-                shutdown,
-                dmarc_reports,
-                signer,
-                decision_log,
-            }),
+            shared,
             listeners: settings,
             limits,
             next_hops,
@@ -259,6 +196,106 @@ impl Server {
         self.live.remove_pid_file();
         tracker.len()
     }
+}
+
+/// The verdict engine for `config`: sender authentication, spoof checks and the rules,
+/// or relay-everything when `[auth] enabled = false`.
+pub fn inspector_for(config: &Config) -> Result<Arc<dyn Inspector>, String> {
+    Ok(if config.auth.enabled {
+        Arc::new(Enforcer::from_config(config)?)
+    } else {
+        Arc::new(AcceptAll)
+    })
+}
+
+/// What the sessions of one configuration share, without sockets.
+pub struct Prepared {
+    pub shared: Arc<SessionShared>,
+    /// One per listener, in config order.
+    pub listeners: Vec<Arc<ListenerShared>>,
+    pub next_hops: Arc<NextHops>,
+}
+
+/// Builds the sessions' shared state for `config` (already checked): next hops, DKIM
+/// signer, outbound detector, quarantine, listener TLS, DMARC report recorder, decision
+/// log and the message memory budget. The server binds its sockets around it, and the
+/// in-process sessions of `crate::testing` run on it as built here.
+pub async fn prepare(
+    config: Config,
+    inspector: Arc<dyn Inspector>,
+    shutdown: CancellationToken,
+) -> Result<Prepared, String> {
+    let next_hops = Arc::new(NextHops::from_config(&config)?);
+    let signer = crate::signing::Signer::from_config(&config.dkim)?;
+    let has_submission = config
+        .listeners
+        .iter()
+        .any(|l| l.role == crate::config::Role::Submission);
+    let outbound = if config.outbound.enabled && has_submission {
+        Some(Arc::new(
+            crate::outbound::Detector::new(&config.outbound).await?,
+        ))
+    } else {
+        None
+    };
+    let quarantine = if config.auth.enabled || outbound.is_some() {
+        let (q, pool) =
+            crate::quarantine::store::open(&config, crate::quarantine::store::Opener::Proxy)
+                .await?;
+        if let Some(pool) = pool {
+            // Probes a server that is down (or was at start) until it answers, so
+            // /healthz and postgres_up turn green without waiting for held mail.
+            tokio::spawn(pool.watch(Duration::from_secs(2), shutdown.clone()));
+        }
+        tracing::info!(backend = q.backend(), "quarantine");
+        crate::quarantine::export_usage(q.as_ref()).await;
+        Some(q)
+    } else {
+        None
+    };
+    let mut listeners = Vec::new();
+    for lc in &config.listeners {
+        let tls = match (&lc.tls_cert, &lc.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        listeners.push(Arc::new(ListenerShared {
+            next_hop: next_hops.for_listener(lc),
+            config: lc.clone(),
+            tls,
+        }));
+    }
+    tracing::info!(next_hop = %next_hops.describe(), "next hop");
+    // `off` is a choice, but never a silent one: the next hop judges our address.
+    let hops = std::iter::once((String::new(), &config.next_hop.default))
+        .chain(config.next_hop.named.iter().map(|(n, h)| (n.clone(), h)));
+    for (name, hop) in hops {
+        if hop.xclient == crate::config::XclientMode::Off && hop.address.starts_with("smtp:") {
+            tracing::warn!(next_hop = %hop.address, section = %if name.is_empty() { "next_hop".to_string() } else { format!("next_hop.{name}") },
+                "xclient = \"off\": the next hop sees our address, not the client's; make sure it does not trust it (mynetworks)");
+        }
+    }
+    let dmarc_reports = dmarc_recorder(&config)?;
+    let decision_log = decision_log(&config)?;
+    let shared = Arc::new(SessionShared {
+        memory: crate::wire::memory::MessageMemory::new(
+            config.limits.message_memory,
+            crate::metrics::global().message_memory.clone(),
+        ),
+        config: Arc::new(config),
+        inspector,
+        quarantine,
+        outbound,
+        shutdown,
+        dmarc_reports,
+        signer,
+        decision_log,
+    });
+    Ok(Prepared {
+        shared,
+        listeners,
+        next_hops,
+    })
 }
 
 /// Every check of the files the proxy needs before it serves, without binding or
