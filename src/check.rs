@@ -164,6 +164,7 @@ fn given_outbound(
             frozen: matches!(word, "frozen" | "freeze"),
             flags,
         },
+        counts: Vec::new(),
     }))
 }
 

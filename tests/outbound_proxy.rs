@@ -1752,6 +1752,13 @@ async fn a_policy_rule_on_outbound_findings_changes_the_action() {
         assert_eq!(relayed_rec["outbound"]["account"], alice.as_str(), "{relayed_rec}");
         assert_eq!(relayed_rec["outbound"]["action"], "none", "{relayed_rec}");
         assert_eq!(relayed_rec["inputs"]["outbound"]["action"], "none", "{relayed_rec}");
+        // Why it was not a burst: the counters the limits read, with this message counted.
+        let counts = relayed_rec["outbound"]["counts"].as_array().expect("counts logged");
+        let messages_1m = counts
+            .iter()
+            .find(|c| c["key"] == alice.as_str() && c["name"] == "messages_1m")
+            .unwrap_or_else(|| panic!("no messages_1m for {alice}: {relayed_rec}"));
+        assert!(messages_1m["value"].as_f64() >= Some(1.0), "{relayed_rec}");
     })
     .await;
 }

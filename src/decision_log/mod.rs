@@ -49,6 +49,19 @@ pub struct OutboundStage {
     pub flags: Vec<String>,
     #[serde(default)]
     pub reasons: Vec<String>,
+    /// The counters the detector's limits read, per key (`messages_1m`, `domains_1h`,
+    /// `baseline_messages` …), whatever it decided: why a burst was or was not one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub counts: Vec<LoggedCount>,
+}
+
+/// One counter of [`OutboundStage::counts`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoggedCount {
+    /// The account, or the client key.
+    pub key: String,
+    pub name: String,
+    pub value: f64,
 }
 
 /// The header fields rules read, and the Message-ID to find the message again.

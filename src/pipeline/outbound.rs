@@ -11,7 +11,7 @@
 
 use super::{Context, DecidedBy, ParsedMessage, Services, Verdict};
 use crate::config::Role;
-use crate::outbound::{AccountFindings, FLAG_FROM, OutboundAction};
+use crate::outbound::{AccountFindings, Count, FLAG_FROM, OutboundAction};
 use crate::policy::Action;
 use crate::policy::inputs::OutboundInputs;
 use crate::policy::rules::TraceEntry;
@@ -23,6 +23,9 @@ use crate::wire::reply::Reply;
 pub struct OutboundFindings {
     pub account: String,
     pub assessment: AccountFindings,
+    /// The counters the limits read for each key (the account, then the client), only
+    /// when the decision log records them: building them costs a few allocations.
+    pub counts: Vec<Count>,
 }
 
 impl OutboundFindings {
@@ -129,19 +132,21 @@ pub async fn assess(
     let client = detector.client_account(cx.login, cx.client.ip());
     let header_from = parsed.from_and_sender_addresses().join(", ");
     let rcpts: Vec<String> = cx.rcpts.iter().map(|r| r.address.clone()).collect();
-    let assessment = detector
-        .assess_as(
-            &account,
-            client.as_deref(),
-            cx.client.ip(),
-            &header_from,
-            &rcpts,
-            cx.rcpt_refused,
-        )
-        .await;
+    let (ip, client) = (cx.client.ip(), client.as_deref());
+    let (assessment, counts) = if s.decision_log.is_some() {
+        detector
+            .assess_counted(&account, client, ip, &header_from, &rcpts, cx.rcpt_refused)
+            .await
+    } else {
+        let found = detector
+            .assess_as(&account, client, ip, &header_from, &rcpts, cx.rcpt_refused)
+            .await;
+        (found, Vec::new())
+    };
     Some(OutboundFindings {
         account,
         assessment,
+        counts,
     })
 }
 

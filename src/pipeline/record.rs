@@ -4,7 +4,7 @@
 
 use super::{Context, DecidedBy, ParsedMessage, Services, Verdict};
 use crate::config::Role;
-use crate::decision_log::{LoggedHeaders, OutboundStage, Record, Stage};
+use crate::decision_log::{LoggedCount, LoggedHeaders, OutboundStage, Record, Stage};
 use crate::dmarc_reports::evaluation::{self, Taken};
 use crate::policy::Action;
 use crate::policy::rules::ActionKind;
@@ -63,6 +63,15 @@ pub fn decision(
             frozen: o.assessment.frozen,
             flags: o.assessment.flags.iter().map(|f| f.to_string()).collect(),
             reasons: o.assessment.reasons.clone(),
+            counts: o
+                .counts
+                .iter()
+                .map(|c| LoggedCount {
+                    key: c.key.clone(),
+                    name: c.name.clone(),
+                    value: c.value,
+                })
+                .collect(),
         }),
         action,
         rule: verdict.rule.clone(),
