@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod batch_writer;
 pub mod check;
 pub mod config;
 pub mod decision_log;

@@ -38,7 +38,15 @@ const LAYERS: &[&[&str]] = &[
     // The bottom: leaves that import nothing above them. `tls` (rustls setup) and
     // `dkim_key` (key files) sit here because the configuration checks the CA and key
     // files it names when it loads; `service` is systemd/CLI glue with no imports.
-    &["wire", "config", "tls", "dkim_key", "service"],
+    // `batch_writer` is the writer thread the decision log and the DMARC records share.
+    &[
+        "wire",
+        "config",
+        "tls",
+        "dkim_key",
+        "service",
+        "batch_writer",
+    ],
 ];
 
 /// Ties that break the rules today only because the importing file belongs to another

@@ -1,6 +1,7 @@
 //! The next-hop connection pool (`[next_hop] pool_size`, `pool_idle_timeout`): client
-//! sessions reuse one next-hop connection, each announced with its own XCLIENT and
-//! separated by RSET; a pooled connection the next hop closed is replaced without the
+//! sessions reuse one next-hop connection, each announced with its own XCLIENT; a
+//! connection goes back to the pool without RSET when its transaction ended with the
+//! answer to the end of data, and after an RSET when one was left open; a pooled connection the next hop closed is replaced without the
 //! client noticing; a session with a login never shares its connection; idle connections
 //! are closed with QUIT; `pool_size = 0` is one connection per session.
 
@@ -75,20 +76,17 @@ async fn sessions_share_one_next_hop_connection_with_xclient_each() {
             );
             assert!(m.data_str().contains(&format!("msg {n}")));
         }
-        // XCLIENT per session, RSET between uses, never a QUIT while it is pooled.
+        // XCLIENT per session; every transaction ended with the answer to its end of
+        // data, so no RSET; never a QUIT while it is pooled.
         let verbs = mta.conns()[0].verbs();
         assert_eq!(
             verbs.iter().filter(|v| *v == "XCLIENT").count(),
             4,
             "{verbs:?}"
         );
-        assert_eq!(
-            verbs.iter().filter(|v| *v == "RSET").count(),
-            4,
-            "{verbs:?}"
-        );
+        assert!(!verbs.iter().any(|v| v == "RSET"), "{verbs:?}");
         assert!(!verbs.iter().any(|v| v == "QUIT"), "{verbs:?}");
-        let mut after_first = verbs.iter().skip_while(|v| *v != "RSET");
+        let mut after_first = verbs.iter().skip_while(|v| *v != "DATA");
         assert_eq!(
             after_first.nth(1).map(String::as_str),
             Some("XCLIENT"),
@@ -140,16 +138,42 @@ async fn without_xclient_the_pooled_connection_is_reset_and_reused() {
         assert_eq!(mta.accepted().len(), 3);
         let verbs = mta.conns()[0].verbs();
         assert!(!verbs.iter().any(|v| v == "XCLIENT"), "{verbs:?}");
-        // EHLO once, then per message MAIL RCPT DATA and the RSET that parks it.
+        // EHLO once, then per message MAIL RCPT DATA, nothing else.
         assert_eq!(
-            verbs.iter().filter(|v| *v == "EHLO").count(),
-            1,
-            "{verbs:?}"
+            verbs,
+            ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA"],
         );
+    })
+    .await
+}
+
+/// A session that leaves a transaction open at the next hop (the client quit after
+/// RCPT) parks its connection only after an RSET the next hop accepted; the next session
+/// then starts cleanly on it. A next hop that refuses that RSET gets QUIT instead.
+#[tokio::test]
+async fn a_transaction_left_open_is_reset_before_the_connection_is_pooled() {
+    bounded(async {
+        let (mta, proxy) = setup_with(Script::default(), |o| {
+            let mut o = o;
+            o.xclient = "off".into();
+            o
+        })
+        .await;
+        let mut c = proxy.connect_ehlo("c.example").await;
+        c.expect("MAIL FROM:<s@x.example>", "250").await;
+        c.expect("RCPT TO:<r@y.example>", "250").await;
+        finish(c).await;
+        eventually(&mta, "RSET after the abandoned transaction", |m| {
+            m.conns()[0].verbs().iter().any(|v| v == "RSET")
+        })
+        .await;
+        one_session(&proxy, "c.example", "after the abandoned one").await;
+        assert_eq!(mta.connection_count(), 1);
+        assert_eq!(mta.accepted().len(), 1);
+        let verbs = mta.conns()[0].verbs();
         assert_eq!(
-            verbs.iter().filter(|v| *v == "RSET").count(),
-            3,
-            "{verbs:?}"
+            verbs,
+            ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA"],
         );
     })
     .await

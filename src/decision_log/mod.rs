@@ -4,7 +4,7 @@
 //! it from the one `Verdict`), so a changed policy can be replayed over past mail
 //! ([`replay`]).
 //!
-//! Sessions hand records to one writer thread over a bounded channel and never wait:
+//! Sessions hand records to one writer thread ([`crate::batch_writer`]) and never wait:
 //! with the channel full a record is dropped, counted
 //! (`mailwarden_decision_log_dropped`) and logged. The store is behind
 //! [`store::DecisionStore`] so it can live elsewhere (PostgreSQL) later; the embedded
@@ -15,10 +15,10 @@ pub mod store;
 pub mod where_policy;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use serde::{Deserialize, Serialize};
 
+use crate::batch_writer::BatchWriter;
 use crate::policy::inputs::PolicyInputs;
 use crate::policy::rules::ActionKind;
 /// The compact trace kept in the log (the policy owns its spelling).
@@ -139,78 +139,49 @@ const DROP_WARN_INTERVAL_MS: u64 = 10_000;
 
 /// The sessions' handle on the writer thread.
 pub struct DecisionLog {
-    /// `None` only while dropping.
-    tx: Option<SyncSender<Record>>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    writer: BatchWriter<Record>,
     last_warning: AtomicU64,
 }
 
-/// The last holder (the server, once sessions are done) waits for the queue to be
-/// written, so a clean shutdown loses no record.
-impl Drop for DecisionLog {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
-        }
-    }
-}
-
 impl DecisionLog {
-    /// Starts the writer thread over `store`, with `capacity` records of queue.
+    /// Starts the writer thread over `store`, with `capacity` records of queue. Dropping
+    /// the log (the server, once sessions are done) writes what is queued first, so a
+    /// clean shutdown loses no record.
     pub fn start(
         mut store: Box<dyn DecisionStore>,
         capacity: usize,
     ) -> std::io::Result<DecisionLog> {
-        let (tx, rx) = sync_channel(capacity);
-        let writer = std::thread::Builder::new()
-            .name("decision-log".into())
-            .spawn(move || write_loop(&mut *store, rx))?;
+        let writer = BatchWriter::start("decision-log", capacity, BATCH, move |batch| {
+            if let Err(e) = store.append(&batch) {
+                crate::metrics::global()
+                    .decision_log_dropped
+                    .inc_by(batch.len() as u64);
+                tracing::error!(error = %e, lost = batch.len(), "decision log: records not written");
+            }
+        })?;
         Ok(DecisionLog {
-            tx: Some(tx),
-            writer: Some(writer),
+            writer,
             last_warning: AtomicU64::new(0),
         })
     }
 
     /// Queues one record; never blocks. A full queue drops it (counted, logged).
     pub fn record(&self, record: Record) {
-        let Some(tx) = &self.tx else { return };
-        match tx.try_send(record) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                crate::metrics::global().decision_log_dropped.inc();
-                let now = now_ms();
-                let last = self.last_warning.load(Ordering::Relaxed);
-                if now.saturating_sub(last) >= DROP_WARN_INTERVAL_MS
-                    && self
-                        .last_warning
-                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    tracing::warn!(
-                        "decision log queue full: records dropped (see mailwarden_decision_log_dropped)"
-                    );
-                }
-            }
+        if self.writer.try_send(record) {
+            return;
         }
-    }
-}
-
-fn write_loop(store: &mut dyn DecisionStore, rx: Receiver<Record>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = store.append(&batch) {
-            crate::metrics::global()
-                .decision_log_dropped
-                .inc_by(batch.len() as u64);
-            tracing::error!(error = %e, lost = batch.len(), "decision log: records not written");
+        crate::metrics::global().decision_log_dropped.inc();
+        let now = now_ms();
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= DROP_WARN_INTERVAL_MS
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                "decision log queue full: records dropped (see mailwarden_decision_log_dropped)"
+            );
         }
     }
 }

@@ -1,51 +1,38 @@
-//! Hands evaluations from the sessions to one writer thread over a bounded channel. A
+//! Hands evaluations from the sessions to one writer thread ([`crate::batch_writer`]). A
 //! session never waits: when the channel is full the evaluation is dropped and counted
 //! (`mailwarden_dmarc_records_dropped`), so a slow disk can cost report accuracy, never
 //! mail.
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-
 use super::Evaluation;
 use super::store::ReportStore;
+use crate::batch_writer::BatchWriter;
 
 /// Most evaluations written in one SQLite transaction.
 const BATCH: usize = 512;
 
 pub struct Recorder {
-    /// `None` only while dropping.
-    tx: Option<SyncSender<Evaluation>>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    writer: BatchWriter<Evaluation>,
     opt_out: Vec<String>,
 }
 
-/// The last holder (the server, once sessions are done) waits for what is queued to be
-/// written, so a clean shutdown loses no evaluation.
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        drop(self.tx.take());
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
-        }
-    }
-}
-
 impl Recorder {
-    /// Starts the writer thread over `store`. It ends when the recorder is dropped,
-    /// after writing what was queued.
+    /// Starts the writer thread over `store`. It ends when the recorder is dropped (the
+    /// server, once sessions are done), after writing what was queued, so a clean
+    /// shutdown loses no evaluation.
     pub fn start(
         mut store: Box<dyn ReportStore>,
         capacity: usize,
         opt_out: Vec<String>,
     ) -> std::io::Result<Recorder> {
-        let (tx, rx) = sync_channel(capacity);
-        let writer = std::thread::Builder::new()
-            .name("dmarc-records".into())
-            .spawn(move || write_loop(&mut *store, rx))?;
-        Ok(Recorder {
-            tx: Some(tx),
-            writer: Some(writer),
-            opt_out,
-        })
+        let writer = BatchWriter::start("dmarc-records", capacity, BATCH, move |batch| {
+            if let Err(e) = store.record(&batch) {
+                crate::metrics::global()
+                    .dmarc_records_dropped
+                    .inc_by(batch.len() as u64);
+                tracing::error!(error = %e, lost = batch.len(), "DMARC evaluations not recorded");
+            }
+        })?;
+        Ok(Recorder { writer, opt_out })
     }
 
     /// Queues one evaluation (never blocks). Opted-out domains are not recorded at all.
@@ -58,32 +45,8 @@ impl Recorder {
         {
             return;
         }
-        let Some(tx) = &self.tx else {
-            return;
-        };
-        match tx.try_send(evaluation) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                crate::metrics::global().dmarc_records_dropped.inc();
-            }
-        }
-    }
-}
-
-fn write_loop(store: &mut dyn ReportStore, rx: Receiver<Evaluation>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = store.record(&batch) {
-            crate::metrics::global()
-                .dmarc_records_dropped
-                .inc_by(batch.len() as u64);
-            tracing::error!(error = %e, lost = batch.len(), "DMARC evaluations not recorded");
+        if !self.writer.try_send(evaluation) {
+            crate::metrics::global().dmarc_records_dropped.inc();
         }
     }
 }

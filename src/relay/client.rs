@@ -88,6 +88,9 @@ pub struct SmtpConnection {
     /// login went over it (AUTH, or XCLIENT LOGIN=), whose state at the next hop another
     /// client must never inherit.
     pub reusable: bool,
+    /// Whether a transaction is open at the next hop: MAIL accepted, and neither an
+    /// answer to the end of data nor an accepted RSET (nor XCLIENT, a new session) since.
+    pub in_transaction: bool,
 }
 
 impl SmtpConnection {
@@ -115,6 +118,7 @@ impl SmtpConnection {
             peer,
             tls_verified: false,
             reusable: true,
+            in_transaction: false,
         };
         conn.expect_greeting().await?;
         conn.ehlo(our_name).await?;
@@ -177,6 +181,7 @@ impl SmtpConnection {
             }
         }
         self.xclient_sent = true;
+        self.in_transaction = false;
         // Greet with the client's own HELO name so the next hop's HELO checks and its
         // Received line see it, not ours (XCLIENT_README).
         let name = client
@@ -190,7 +195,7 @@ impl SmtpConnection {
     /// Readies a connection taken from the pool for `client`'s session: XCLIENT for this
     /// client and EHLO as it when the next hop offers XCLIENT (and it is not off), so the
     /// next hop never applies one client's identity to another's mail. The connection
-    /// was RSET when it was parked. Without XCLIENT (`auto`, not offered) the next hop
+    /// was in no transaction when it was parked. Without XCLIENT (`auto`, not offered) the next hop
     /// already judged this connection by our own address when it was opened (the relay
     /// probe), so nothing is sent.
     pub async fn rebind(
@@ -329,8 +334,11 @@ impl SmtpConnection {
             return Ok(Reply::next_hop_lacks_smtputf8());
         }
         let line = mail_command(from, &self.caps, size);
-        self.command(line.as_bytes(), self.cfg.command_timeout)
-            .await
+        let reply = self
+            .command(line.as_bytes(), self.cfg.command_timeout)
+            .await?;
+        self.in_transaction = reply.is_positive();
+        Ok(reply)
     }
 
     pub async fn rcpt(&mut self, to: &RcptTo<String>) -> Result<Reply, RelayError> {
@@ -340,6 +348,44 @@ impl SmtpConnection {
         let line = rcpt_command(to, &self.caps);
         self.command(line.as_bytes(), self.cfg.command_timeout)
             .await
+    }
+
+    /// MAIL and the transaction's first RCPT. When the next hop offers PIPELINING they go
+    /// out in one write and both replies are read (RFC 2920 §3.1: MAIL and RCPT may be
+    /// grouped): one round trip and one system call each way fewer per message than in
+    /// lockstep. Otherwise MAIL, then RCPT if MAIL was accepted.
+    ///
+    /// Returns the MAIL reply and the RCPT result: `None` when RCPT was not sent (MAIL
+    /// refused in lockstep). When MAIL was refused in a pipelined group, the RCPT answer
+    /// that follows (the next hop's "need MAIL" or similar) is still read, so the
+    /// connection stays in step; it is not the client's answer.
+    pub async fn mail_rcpt(
+        &mut self,
+        from: &MailFrom<String>,
+        size: usize,
+        to: &RcptTo<String>,
+    ) -> Result<(Reply, Option<Result<Reply, RelayError>>), RelayError> {
+        // What `mail` or `rcpt` would refuse without asking goes the lockstep way, so
+        // those refusals stay in one place.
+        let needs_utf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0
+            || !from.address.is_ascii()
+            || !to.address.is_ascii();
+        let lockstep = !self.caps.pipelining || (needs_utf8 && !self.caps.smtputf8);
+        if lockstep {
+            let mail = self.mail(from, size).await?;
+            if !mail.is_positive() {
+                return Ok((mail, None));
+            }
+            return Ok((mail, Some(self.rcpt(to).await)));
+        }
+        let mut group = mail_command(from, &self.caps, size);
+        group.push_str(&rcpt_command(to, &self.caps));
+        let timeout = self.cfg.command_timeout;
+        self.write(group.as_bytes(), timeout).await?;
+        let mail = self.read_reply(timeout).await?;
+        self.in_transaction = mail.is_positive();
+        let rcpt = self.read_reply(timeout).await;
+        Ok((mail, Some(rcpt)))
     }
 
     /// DATA, the encoded content, and the final reply. A 354 is the only acceptable
@@ -352,6 +398,8 @@ impl SmtpConnection {
         let reply = self.command(b"DATA\r\n", self.cfg.command_timeout).await?;
         match reply.code {
             354 => {}
+            // The transaction stays open at the next hop (`in_transaction`): the next
+            // one begins with RSET.
             c if c >= 400 => return Ok(reply),
             _ => {
                 return Err(RelayError::Protocol(format!(
@@ -367,9 +415,13 @@ impl SmtpConnection {
                 std::io::ErrorKind::TimedOut => RelayError::Timeout("write"),
                 _ => RelayError::Io(e),
             })?;
-        self.read_reply(self.cfg.end_of_data_timeout)
+        let reply = self
+            .read_reply(self.cfg.end_of_data_timeout)
             .await
-            .map_err(|e| RelayError::Unsettled(Box::new(e)))
+            .map_err(|e| RelayError::Unsettled(Box::new(e)))?;
+        // Accepted or not, the answer to the end of data ends the transaction.
+        self.in_transaction = false;
+        Ok(reply)
     }
 
     /// Whether the connection to the next hop is encrypted.
@@ -430,7 +482,11 @@ impl SmtpConnection {
     }
 
     pub async fn rset(&mut self) -> Result<Reply, RelayError> {
-        self.command(b"RSET\r\n", self.cfg.command_timeout).await
+        let reply = self.command(b"RSET\r\n", self.cfg.command_timeout).await?;
+        if reply.code == 250 {
+            self.in_transaction = false;
+        }
+        Ok(reply)
     }
 
     /// Says QUIT and closes, without waiting long: the transaction is already settled.

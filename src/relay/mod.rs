@@ -219,8 +219,6 @@ impl NextHops {
 pub struct Relay {
     hop: Arc<NextHop>,
     conn: Option<SmtpConnection>,
-    /// Whether the open transaction has reached the next hop (MAIL accepted).
-    in_transaction: bool,
 }
 
 /// SASL credentials on their way to the next hop. Never logged: `Debug` shows the
@@ -245,21 +243,27 @@ pub struct Envelope<'a> {
     pub rcpts: &'a [RcptTo<String>],
 }
 
-/// The next hop closed the connection, or said it is closing it (421).
-fn went_away(result: &Result<Reply, RelayError>) -> bool {
+/// The next hop's answer to the start of a transaction ([`Relay::start`]).
+pub enum Opening {
+    /// MAIL refused: there is no transaction at the next hop. The reply is the answer
+    /// to the client's RCPT (and to every later one in this transaction).
+    Refused(Reply),
+    /// MAIL accepted: the first recipient's result.
+    Started(Result<Reply, RelayError>),
+}
+
+/// The next hop closed the connection before answering MAIL, or said it is closing it
+/// (421).
+fn mail_went_away<T>(result: &Result<(Reply, T), RelayError>) -> bool {
     match result {
-        Ok(reply) => reply.closes_session(),
+        Ok((mail, _)) => mail.closes_session(),
         Err(e) => matches!(e, RelayError::Closed | RelayError::Io(_)),
     }
 }
 
 impl Relay {
     pub fn new(hop: Arc<NextHop>) -> Relay {
-        Relay {
-            hop,
-            conn: None,
-            in_transaction: false,
-        }
+        Relay { hop, conn: None }
     }
 
     /// Whether the next hop learns the real client (XCLIENT). When it does not (Maildir,
@@ -269,20 +273,25 @@ impl Relay {
         self.conn.as_ref().is_some_and(|c| c.xclient_sent)
     }
 
-    /// Opens the connection if needed and sends MAIL. Returns the next hop's reply.
+    /// Opens the connection if needed and starts a transaction: MAIL and its first
+    /// recipient, in one write when the next hop offers PIPELINING (see
+    /// [`SmtpConnection::mail_rcpt`]). `Err` is a failure before or at MAIL.
     pub async fn start(
         &mut self,
         client: &ClientIdentity,
         from: &MailFrom<String>,
         size: usize,
-    ) -> Result<Reply, RelayError> {
+        first: &RcptTo<String>,
+    ) -> Result<Opening, RelayError> {
         if matches!(self.hop.target, Target::Maildir(_)) {
-            self.in_transaction = true;
-            return Ok(Reply::sender_ok());
+            return Ok(Opening::Started(Ok(Reply::recipient_ok())));
         }
+        // A transaction still open at the next hop (its DATA was refused, so the message
+        // never ended there) is closed first: otherwise MAIL would be a nested one.
+        self.reset().await;
         let reused = self.connect(client).await?;
-        let mut result = self.connection()?.mail(from, size).await;
-        if reused && went_away(&result) {
+        let mut result = self.connection()?.mail_rcpt(from, size, first).await;
+        if reused && mail_went_away(&result) {
             // A connection kept from an earlier transaction or taken from the pool was
             // closed by the next hop meanwhile (its idle timeout, a restart). MAIL has
             // changed nothing yet, so one try on a fresh connection is safe, and the
@@ -290,11 +299,28 @@ impl Relay {
             tracing::debug!(error = ?result.as_ref().err(), "next-hop connection went away while idle; reconnecting");
             self.conn = None;
             self.open(client).await?;
-            result = self.connection()?.mail(from, size).await;
+            result = self.connection()?.mail_rcpt(from, size, first).await;
         }
-        let reply = self.settle(result)?;
-        self.in_transaction = reply.is_positive();
-        Ok(reply)
+        let (mail, rcpt) = match result {
+            Ok(answers) => answers,
+            Err(e) => {
+                // Its state is unknown: never used again.
+                self.conn = None;
+                return Err(e);
+            }
+        };
+        let mail = self.settle(Ok(mail))?;
+        match rcpt {
+            Some(rcpt) if mail.is_positive() => Ok(Opening::Started(self.settle(rcpt))),
+            rcpt => {
+                if matches!(rcpt, Some(Err(_))) {
+                    // The answer to the RCPT pipelined after the refused MAIL never
+                    // came whole: the connection is out of step.
+                    self.conn = None;
+                }
+                Ok(Opening::Refused(mail))
+            }
+        }
     }
 
     /// Passes a client's SASL login to the next hop, which checks it. The connection
@@ -406,7 +432,6 @@ impl Relay {
         headers: &[String],
         parts: &[&[u8]],
     ) -> Result<Reply, RelayError> {
-        self.in_transaction = false;
         match &self.hop.target {
             Target::Maildir(dir) => {
                 let mut content =
@@ -447,28 +472,33 @@ impl Relay {
         }
     }
 
-    /// Ends the open transaction at the next hop (client RSET, or a message we refused).
+    /// Ends the open transaction at the next hop (client RSET, or a message we refused),
+    /// if one is open there.
     pub async fn reset(&mut self) {
-        if !std::mem::take(&mut self.in_transaction) || self.conn.is_none() {
+        let Some(conn) = self.conn.as_mut().filter(|c| c.in_transaction) else {
             return;
-        }
-        let result = match self.connection() {
-            Ok(c) => c.rset().await,
-            Err(e) => Err(e),
         };
+        let result = conn.rset().await;
         if !matches!(self.settle(result), Ok(r) if r.code == 250) {
             self.conn = None;
         }
     }
 
-    /// Ends this session's use of the next-hop connection: back to the pool after an
-    /// RSET the next hop accepted (it is alive and in no transaction), else QUIT.
+    /// Ends this session's use of the next-hop connection: back to the pool when it is in
+    /// no transaction, else QUIT. A connection whose last transaction ended with the
+    /// next hop's answer to the end of data is parked as it is (that answer ended the
+    /// transaction, RFC 5321 §4.1.1.4: an RSET would be a round trip per message for
+    /// nothing); one left inside a transaction is parked after an RSET it accepted.
+    /// Either way the pool checks the socket is quiet before reuse, and a connection
+    /// found closed at MAIL is replaced (see [`Relay::start`]).
     pub async fn close(&mut self) {
-        self.in_transaction = false;
         let Some(mut conn) = self.conn.take() else {
             return;
         };
         if conn.reusable && self.hop.pool.enabled() {
+            if !conn.in_transaction {
+                return self.hop.pool.park(conn);
+            }
             match conn.rset().await {
                 Ok(r) if r.code == 250 => return self.hop.pool.park(conn),
                 Ok(r) if !r.closes_session() => {}
@@ -488,7 +518,6 @@ impl Relay {
     fn settle(&mut self, result: Result<Reply, RelayError>) -> Result<Reply, RelayError> {
         if !matches!(&result, Ok(reply) if !reply.closes_session()) {
             self.conn = None;
-            self.in_transaction = false;
         }
         // The next hop closing its connection is not the client's session ending: the
         // client gets a retryable 451 and keeps its session (a new connection is opened
@@ -547,8 +576,8 @@ mod tests {
 
     type Transcripts = Arc<std::sync::Mutex<Vec<Vec<String>>>>;
 
-    /// A next hop on loopback: connection 0 serves a transaction and the RSET that parks
-    /// it, then, at the next command, closes without a word (while pooled it looked
+    /// A next hop on loopback: connection 0 serves a transaction (after which it is
+    /// parked), then, at the next command, closes without a word (while pooled it looked
     /// quiet: a restart between the check and the first command). Later connections
     /// serve normally. Returns its address and each connection's command lines.
     async fn next_hop_dying_after_park(xclient: bool) -> (SocketAddr, Transcripts) {
@@ -590,11 +619,8 @@ mod tests {
                                         break;
                                     }
                                 }
-                                b"250 2.0.0 queued\r\n"
-                            }
-                            "RSET" => {
                                 parked = true;
-                                b"250 2.0.0 Ok\r\n"
+                                b"250 2.0.0 queued\r\n"
                             }
                             "QUIT" => return,
                             _ => b"250 2.1.0 Ok\r\n",
@@ -622,8 +648,8 @@ mod tests {
     async fn transaction(hop: &Arc<NextHop>, client: &ClientIdentity) {
         let (from, to) = parse_envelope();
         let mut relay = Relay::new(hop.clone());
-        assert_eq!(relay.start(client, &from, 10).await.unwrap().code, 250);
-        assert_eq!(relay.rcpt(&to).await.unwrap().code, 250);
+        let opening = relay.start(client, &from, 10, &to).await.unwrap();
+        assert!(matches!(opening, Opening::Started(Ok(ref r)) if r.code == 250));
         let rcpts = [to];
         let envelope = Envelope {
             from: &from,
@@ -660,11 +686,11 @@ mod tests {
                 login: None,
             };
             transaction(&hop, &client(1000)).await;
-            assert_eq!(hop.pooled_connections(), 1, "parked after the RSET");
+            assert_eq!(hop.pooled_connections(), 1, "parked after its transaction");
             transaction(&hop, &client(2000)).await;
             let seen = seen.lock().unwrap().clone();
             assert_eq!(seen.len(), 2, "xclient {xclient}: {seen:?}");
-            let first_after_park = seen[0].iter().skip_while(|c| *c != "RSET").nth(1);
+            let first_after_park = seen[0].iter().skip_while(|c| *c != "DATA").nth(1);
             let expected = if xclient { "XCLIENT" } else { "MAIL" };
             assert!(
                 first_after_park.is_some_and(|c| c.starts_with(expected)),

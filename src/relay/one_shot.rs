@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use smtp_proto::{MailFrom, RcptTo};
 
-use super::{ClientIdentity, Envelope, NextHop, Relay, RelayError};
+use super::{ClientIdentity, Envelope, NextHop, Opening, Relay, RelayError};
 use crate::wire::reply::Reply;
 
 /// What to send, and as whom.
@@ -42,13 +42,20 @@ pub async fn send(
 ) -> Result<Sent, RelayError> {
     let mut relay = Relay::new(hop);
     let sent = async {
-        let reply = relay.start(out.client, out.from, out.size).await?;
-        if !reply.is_positive() {
-            return Ok(Sent::Refused(reply));
-        }
+        let Some(first) = out.rcpts.first() else {
+            return Ok(Sent::Refused(Reply::every_destination_refused()));
+        };
+        let mut first_reply = match relay.start(out.client, out.from, out.size, first).await? {
+            Opening::Refused(reply) => return Ok(Sent::Refused(reply)),
+            Opening::Started(reply) => Some(reply?),
+        };
         let mut accepted = Vec::new();
         for rcpt in out.rcpts {
-            let reply = relay.rcpt(rcpt).await?;
+            // The first recipient was answered with MAIL.
+            let reply = match first_reply.take() {
+                Some(reply) => reply,
+                None => relay.rcpt(rcpt).await?,
+            };
             if reply.is_positive() {
                 accepted.push(rcpt.clone());
             } else if !skip(rcpt, &reply) {

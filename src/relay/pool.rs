@@ -1,9 +1,10 @@
 //! Idle next-hop connections, kept for the next client session instead of a new TCP
 //! connection, greeting and EHLO (and TLS handshake) per session.
 //!
-//! A connection is parked when its session ends, after an `RSET` the next hop answered
-//! with 250 (so it is alive and in no transaction), if it never carried a login and the
-//! pool has room; otherwise it is closed with QUIT as before. It is taken back by a later
+//! A connection is parked when its session ends, if it is in no transaction at the next
+//! hop (its last transaction ended with the answer to the end of data, or an `RSET` the
+//! next hop answered with 250), it never carried a login and the pool has room;
+//! otherwise it is closed with QUIT as before. It is taken back by a later
 //! session of any client: the newest first (the least likely to have been closed by the
 //! next hop), after checking the socket is quiet (no EOF, no stray 421), then re-bound to
 //! the new client with XCLIENT (see [`super::client::SmtpConnection::rebind`]). Whatever
@@ -68,7 +69,7 @@ impl Pool {
         }
     }
 
-    /// Parks `conn` (already RSET) for a later session, or closes it when the pool is
+    /// Parks `conn` (in no transaction) for a later session, or closes it when the pool is
     /// full. Must be called inside the Tokio runtime (the reaper is a task).
     pub fn park(self: &Arc<Self>, conn: SmtpConnection) {
         let mut idle = self.lock();

@@ -3,6 +3,7 @@
 use smtp_proto::RcptTo;
 
 use crate::config::Role;
+use crate::relay::Opening;
 use crate::relay::failure::{self, Stage};
 use crate::smtp::session::{Flow, Helo, Session, State, Transaction};
 use crate::wire::reply::Reply;
@@ -64,11 +65,21 @@ impl Session {
         if let Some(failure) = &tx.relay_failure {
             return failure.clone();
         }
-        if !tx.relay_started {
+        let result = if tx.relay_started {
+            self.relay.rcpt(to).await
+        } else {
+            // MAIL goes to the next hop with the first recipient (one round trip).
             let identity = self.identity(helo);
-            match self.relay.start(&identity, &tx.from, tx.from.size).await {
-                Ok(reply) if reply.is_positive() => tx.relay_started = true,
-                Ok(reply) => {
+            match self
+                .relay
+                .start(&identity, &tx.from, tx.from.size, to)
+                .await
+            {
+                Ok(Opening::Started(result)) => {
+                    tx.relay_started = true;
+                    result
+                }
+                Ok(Opening::Refused(reply)) => {
                     tx.relay_failure = Some(reply.clone());
                     return reply;
                 }
@@ -78,8 +89,8 @@ impl Session {
                     return reply;
                 }
             }
-        }
-        match self.relay.rcpt(to).await {
+        };
+        match result {
             Ok(reply) => {
                 if reply.closes_session() {
                     tx.relay_failure = Some(reply.clone());
