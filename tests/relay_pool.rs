@@ -141,7 +141,9 @@ async fn without_xclient_the_pooled_connection_is_reset_and_reused() {
         // EHLO once, then per message MAIL RCPT DATA, nothing else.
         assert_eq!(
             verbs,
-            ["EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA"],
+            [
+                "EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA"
+            ],
         );
     })
     .await

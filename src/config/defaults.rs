@@ -45,6 +45,14 @@ pub const DEFAULT_JUNK_COMMAND_LIMIT: u32 = 100;
 /// Transactions per session (Postfix `max_use` spirit): bounds what one connection can hold.
 pub const DEFAULT_MAX_TRANSACTIONS: u32 = 100;
 
+/// Next hop: at most this many connections to one next hop being opened at once (TCP
+/// connect, greeting, EHLO, STARTTLS, XCLIENT); further sessions wait their turn, within
+/// the connect timeout. A burst of client sessions (1,000 at once after a restart) would
+/// otherwise open as many connections in the same instant and overflow the next hop's
+/// listen queue (Postfix's is 100; a Tokio or mio listener's 128): the overflowed ones
+/// hang until a timeout instead of being refused. The pool makes most sessions skip the
+/// opening anyway.
+pub const NEXT_HOP_MAX_OPENING: usize = 32;
 /// Next hop: TCP connect timeout (Postfix `smtp_connect_timeout`).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Next hop: wait for the 220 greeting (Postfix `smtp_helo_timeout` spirit).

@@ -65,6 +65,8 @@ pub struct NextHop {
     hostname: String,
     /// Idle connections for later sessions (`pool_size`, `pool_idle_timeout`).
     pool: Arc<pool::Pool>,
+    /// Turns to open a connection ([`crate::config::defaults::NEXT_HOP_MAX_OPENING`]).
+    opening: tokio::sync::Semaphore,
 }
 
 /// How the connection to the next hop is protected.
@@ -132,6 +134,7 @@ impl NextHop {
         };
         Ok(NextHop {
             pool: pool::Pool::new(pool_size, cfg.pool_idle_timeout),
+            opening: tokio::sync::Semaphore::new(crate::config::defaults::NEXT_HOP_MAX_OPENING),
             target,
             cfg: cfg.clone(),
             tls,
@@ -402,6 +405,13 @@ impl Relay {
         let Target::Smtp { host, port } = &self.hop.target else {
             return Ok(());
         };
+        // Wait for a turn (bounded by the connect timeout, the same error when it runs
+        // out): a burst of sessions must not flood the next hop's listen queue.
+        let _turn = tokio::time::timeout(self.hop.cfg.connect_timeout, self.hop.opening.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(RelayError::ConnectTimeout)?;
         let conn = SmtpConnection::open(
             host,
             *port,
