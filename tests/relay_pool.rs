@@ -151,7 +151,7 @@ async fn without_xclient_the_pooled_connection_is_reset_and_reused() {
 
 /// A session that leaves a transaction open at the next hop (the client quit after
 /// RCPT) parks its connection only after an RSET the next hop accepted; the next session
-/// then starts cleanly on it. A next hop that refuses that RSET gets QUIT instead.
+/// then starts cleanly on it.
 #[tokio::test]
 async fn a_transaction_left_open_is_reset_before_the_connection_is_pooled() {
     bounded(async {
@@ -177,6 +177,23 @@ async fn a_transaction_left_open_is_reset_before_the_connection_is_pooled() {
             verbs,
             ["EHLO", "MAIL", "RCPT", "RSET", "MAIL", "RCPT", "DATA"],
         );
+    })
+    .await
+}
+
+/// At shutdown the pooled connection ends with QUIT: the next hop logs a clean end, not
+/// a lost connection.
+#[tokio::test]
+async fn shutdown_says_quit_on_pooled_connections() {
+    bounded(async {
+        let (mta, mut proxy) = setup_with(Script::default(), |o| o).await;
+        one_session(&proxy, "c.example", "before shutdown").await;
+        assert_eq!(mta.connection_count(), 1);
+        proxy.sigterm();
+        let status = proxy.wait_exit(Duration::from_secs(20)).await;
+        assert!(status.success(), "{status:?}");
+        let verbs = mta.conns()[0].verbs();
+        assert_eq!(verbs.last().map(String::as_str), Some("QUIT"), "{verbs:?}");
     })
     .await
 }

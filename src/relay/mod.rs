@@ -208,6 +208,13 @@ impl NextHops {
             .clone()
     }
 
+    /// Says QUIT on every pooled connection of every next hop (see [`pool::Pool::close_idle`]).
+    pub async fn close_idle(&self) {
+        for hop in std::iter::once(&self.default).chain(self.named.values()) {
+            hop.pool.close_idle().await;
+        }
+    }
+
     /// One line per next hop, for the start-up log.
     pub fn describe(&self) -> String {
         let mut out = self.default.describe();

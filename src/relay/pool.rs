@@ -87,6 +87,18 @@ impl Pool {
         }
     }
 
+    /// Closes every parked connection with QUIT and waits for them (each bounded), so the
+    /// next hop logs a clean end rather than a lost connection. At shutdown, and for the
+    /// pool a reload replaced.
+    pub async fn close_idle(&self) {
+        let conns: Vec<SmtpConnection> = self.lock().conns.drain(..).map(|(_, c)| c).collect();
+        let mut quits = tokio::task::JoinSet::new();
+        for conn in conns {
+            quits.spawn(conn.quit());
+        }
+        while quits.join_next().await.is_some() {}
+    }
+
     /// Parked connections (tests, metrics).
     pub fn idle_count(&self) -> usize {
         self.lock().conns.len()

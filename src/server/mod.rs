@@ -193,6 +193,8 @@ impl Server {
             let _ = service.await; // stops on the same token
         }
         self.live.stop_outbound_tasks().await;
+        // Pooled next-hop connections end with QUIT, not a lost connection in its log.
+        self.live.current().next_hops.close_idle().await;
         self.live.remove_pid_file();
         tracker.len()
     }

@@ -312,7 +312,13 @@ impl Live {
             limits,
             next_hops,
         };
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        let replaced = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(next),
+        );
+        // The replaced next hops' idle connections end with QUIT now; connections its
+        // sessions still hold end with them.
+        tokio::spawn(async move { replaced.next_hops.close_idle().await });
         if replaced_detector {
             self.stop_outbound_tasks().await;
             self.start_outbound_tasks(&shutdown);
