@@ -3,7 +3,7 @@
 //! (`mailwarden_dmarc_records_dropped`), so a slow disk can cost report accuracy, never
 //! mail.
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use tokio::sync::mpsc::{Receiver, Sender, channel, error::TrySendError};
 
 use super::Evaluation;
 use super::store::ReportStore;
@@ -13,7 +13,7 @@ const BATCH: usize = 512;
 
 pub struct Recorder {
     /// `None` only while dropping.
-    tx: Option<SyncSender<Evaluation>>,
+    tx: Option<Sender<Evaluation>>,
     writer: Option<std::thread::JoinHandle<()>>,
     opt_out: Vec<String>,
 }
@@ -37,7 +37,10 @@ impl Recorder {
         capacity: usize,
         opt_out: Vec<String>,
     ) -> std::io::Result<Recorder> {
-        let (tx, rx) = sync_channel(capacity);
+        // Tokio's bounded channel allocates as evaluations wait, where std's
+        // `sync_channel` would write all `capacity` slots at the start (see
+        // `crate::decision_log::DecisionLog::start`).
+        let (tx, rx) = channel(capacity);
         let writer = std::thread::Builder::new()
             .name("dmarc-records".into())
             .spawn(move || write_loop(&mut *store, rx))?;
@@ -63,15 +66,15 @@ impl Recorder {
         };
         match tx.try_send(evaluation) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(_)) | Err(TrySendError::Closed(_)) => {
                 crate::metrics::global().dmarc_records_dropped.inc();
             }
         }
     }
 }
 
-fn write_loop(store: &mut dyn ReportStore, rx: Receiver<Evaluation>) {
-    while let Ok(first) = rx.recv() {
+fn write_loop(store: &mut dyn ReportStore, mut rx: Receiver<Evaluation>) {
+    while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {
