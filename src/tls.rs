@@ -168,7 +168,7 @@ pub fn connector(verify: bool, ca_file: Option<&Path>) -> Result<RelayTlsClient,
     } else {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+            .with_custom_certificate_verifier(NoVerify::new())
             .with_no_client_auth()
     };
     Ok(RelayTlsClient {
@@ -210,9 +210,17 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
 }
 
 /// Accepts any certificate but still checks the handshake signatures, so the channel is
-/// at least bound to the key the peer holds.
+/// at least bound to the key the peer holds. The next hop's `tls_verify = false`, and the
+/// relay benchmark's client (as MTAs doing opportunistic STARTTLS).
 #[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+pub struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl NoVerify {
+    /// With the crypto provider the proxy uses (aws-lc-rs).
+    pub fn new() -> Arc<NoVerify> {
+        Arc::new(NoVerify(provider()))
+    }
+}
 
 impl rustls::client::danger::ServerCertVerifier for NoVerify {
     fn verify_server_cert(
