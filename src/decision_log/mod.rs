@@ -91,7 +91,8 @@ pub struct Record {
     pub rcpts: Vec<String>,
     #[serde(default)]
     pub headers: LoggedHeaders,
-    /// SHA-256 of the message as received (hex): the body itself is never logged.
+    /// `blake3:` and the BLAKE3 hash of the message as received (64 hex digits; `b3sum`
+    /// computes it from the message's CRLF bytes): the body itself is never logged.
     pub digest: String,
     pub size: usize,
     pub stage: Stage,
@@ -120,16 +121,15 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// SHA-256 of `message`, hex (aws-lc-rs: the crypto stack already in use).
+/// The message's digest for the log: `blake3:` and 64 hex digits.
+///
+/// BLAKE3 rather than SHA-256 (issue 18): it is computed for every message, and on this
+/// machine's AVX-512 cores it hashes 100 KB in about 14 µs against SHA-256's 53 µs (SHA
+/// extensions included), which was an eighth of the CPU a 100 KB message cost. It is as
+/// much a cryptographic hash as SHA-256 for what the field is for (finding the decision
+/// about a message one holds, never proving anything), and `b3sum` is in Debian.
 pub fn digest(message: &[u8]) -> String {
-    use std::fmt::Write;
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message);
-    d.as_ref()
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    format!("blake3:{}", blake3::hash(message).to_hex())
 }
 
 /// Most records written (and flushed) at once.
@@ -255,10 +255,11 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn digest_is_sha256_hex() {
+    fn digest_is_blake3_hex() {
+        // `printf abc | b3sum`
         assert_eq!(
             digest(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            "blake3:6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
         );
     }
 }
