@@ -1167,7 +1167,22 @@ fn relays_through_postfix_with_xclient_and_delivers_byte_exact() {
         "Postfix saw a direct connection from 127.0.0.2?\n{log}"
     );
 
+    // Postfix offers CHUNKING (3.4 and later), so the messages went as BDAT: its
+    // `disconnect from` line counts the commands once the proxy's connection closes.
     drop(mw);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let counted = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("disconnect from") && l.contains(" bdat=2"))
+    };
+    while !counted(&pf.log()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = pf.log();
+    assert!(
+        counted(&log) && !log.lines().any(|l| l.contains(" data=")),
+        "the proxy should send both messages with BDAT to a Postfix that offers CHUNKING\n{log}"
+    );
     drop(pf);
 }
 

@@ -279,6 +279,52 @@ fn faults() -> Vec<Row> {
             NotAccepted,
             Some(("end of data", "no reply after the end of data")),
         ),
+        // A next hop with CHUNKING gets the message as one `BDAT <size> LAST`: the same
+        // faults end the same way (the chunk's answer is the end of data's).
+        row(
+            "BDAT: disconnects mid chunk",
+            script(|s| {
+                s.caps.push("CHUNKING".into());
+                s.disconnect_mid_data = true;
+            }),
+            EndOfData,
+            "451 4.4.2",
+            Nothing,
+            Some(("end of data", "")),
+        ),
+        row(
+            "BDAT: 4xx to the chunk",
+            script(|s| {
+                s.caps.push("CHUNKING".into());
+                s.eod = Act::reply("452 4.3.1 Insufficient system storage");
+            }),
+            EndOfData,
+            "452 4.3.1",
+            NotAccepted,
+            None,
+        ),
+        row(
+            "BDAT: 5xx to the chunk",
+            script(|s| {
+                s.caps.push("CHUNKING".into());
+                s.eod = Act::reply("554 5.7.1 Message rejected as spam");
+            }),
+            EndOfData,
+            "554 5.7.1",
+            NotAccepted,
+            None,
+        ),
+        row(
+            "BDAT: disconnects after the chunk",
+            script(|s| {
+                s.caps.push("CHUNKING".into());
+                s.eod = Act::Disconnect;
+            }),
+            EndOfData,
+            "451 4.4.2",
+            NotAccepted,
+            Some(("end of data", "no reply after the end of data")),
+        ),
         // The next hop answers only after we gave up: the client gets 4xx, never 250.
         Row {
             next_hop: &["end_of_data_timeout = \"2s\""],
@@ -404,6 +450,15 @@ async fn run_row(row: Row) {
 /// I1: nothing the client did not get 250 for was delivered; and the row's own check.
 fn check_next_hop_after_fault(row: &Row, mta: &FakeMta) {
     let name = row.name;
+    if let Fault::Script(s) = &row.fault
+        && s.caps.iter().any(|c| c == "CHUNKING")
+    {
+        let verbs = mta.all_commands();
+        assert!(
+            verbs.iter().any(|c| c.starts_with("BDAT ")) && !verbs.iter().any(|c| c == "DATA"),
+            "{name}: CHUNKING offered, the message must go as BDAT: {verbs:?}"
+        );
+    }
     if row.leftover != Leftover::MaybeLater {
         let leaked: Vec<_> = mta
             .accepted()

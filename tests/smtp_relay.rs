@@ -433,3 +433,48 @@ async fn listening_line_logged() {
     })
     .await
 }
+
+/// A next hop that offers CHUNKING gets the message in one `BDAT <size> LAST` (no DATA
+/// round trip) with the very bytes a DATA next hop reads after unstuffing; lines that
+/// start with a dot go unstuffed, and the size is the whole message, added headers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunking_next_hop_gets_one_bdat_with_the_same_bytes() {
+    bounded(async {
+        let mut with_chunking = Script::default();
+        with_chunking.caps.push("CHUNKING".into());
+        let mut body = simple_message("a@x.example", "r@y.example", "chunked", "first line");
+        body.extend_from_slice(b".leading dot\r\n..two dots\r\n.\r\nBDAT 5 LAST\r\nend\r\n");
+        let mut received = Vec::new();
+        for script in [Script::default(), with_chunking] {
+            let (mta, proxy) = setup(script).await;
+            let mut c = proxy.connect_ehlo("client.example").await;
+            let fin = c.send_mail("a@x.example", &["r@y.example"], &body).await;
+            assert_eq!(fin.code, 250, "{fin:?}");
+            c.expect("QUIT", "221").await;
+            let msgs = mta.accepted();
+            assert_eq!(msgs.len(), 1);
+            assert!(msgs[0].data.ends_with(&body), "{}", msgs[0].data_str());
+            assert_next_hop_canonical(&mta);
+            received.push((msgs[0].clone(), mta.all_commands()));
+        }
+        let ((by_data, data_cmds), (by_bdat, bdat_cmds)) = (&received[0], &received[1]);
+        assert!(data_cmds.iter().any(|c| c == "DATA"), "{data_cmds:?}");
+        assert!(by_data.raw.windows(5).any(|w| w == b"\r\n...".as_slice()));
+        let bdat = format!("BDAT {} LAST", by_bdat.data.len());
+        assert!(bdat_cmds.contains(&bdat), "{bdat} in {bdat_cmds:?}");
+        assert!(!bdat_cmds.iter().any(|c| c == "DATA"), "{bdat_cmds:?}");
+        assert_eq!(by_bdat.raw, by_bdat.data, "nothing is stuffed in a chunk");
+        // Same message, same added header fields (their values carry the session's
+        // time and id), same bytes of the client's message.
+        let header_names = |m: &common::fake_mta::Message| -> Vec<String> {
+            let added = &m.data[..m.data.len() - body.len()];
+            show(added)
+                .lines()
+                .filter(|l| !l.starts_with([' ', '\t']))
+                .filter_map(|l| l.split(':').next().map(str::to_string))
+                .collect()
+        };
+        assert_eq!(header_names(by_data), header_names(by_bdat));
+    })
+    .await
+}

@@ -525,6 +525,14 @@ fn check_relay_path(message: &[u8]) {
     assert_eq!(writer::Encoded::new(&added, &parts).to_vec(), encoded);
     assert_one_end_of_data(&encoded);
     let relayed = read_back(&encoded);
+    // A BDAT chunk (a next hop with CHUNKING) carries exactly what a DATA receiver reads.
+    let chunk = writer::Encoded::framed(&added, &parts, writer::Framing::Chunk);
+    assert_eq!(
+        chunk.to_vec(),
+        relayed,
+        "BDAT and DATA deliver different bytes"
+    );
+    assert_eq!(chunk.size(), relayed.len());
     // Our headers, then the guard that keeps a leading folded line from continuing them.
     let guard = writer::orphan_fold_guard(&added, &parts);
     let ours: Vec<u8> = added

@@ -482,8 +482,7 @@ impl Relay {
                 Ok(Reply::stored_as(name))
             }
             Target::Smtp { .. } => {
-                let encoded = writer::Encoded::new(headers, parts);
-                let result = self.connection()?.data(&encoded).await;
+                let result = self.connection()?.send_message(headers, parts).await;
                 self.settle(result)
             }
         }

@@ -1,8 +1,10 @@
 //! The canonical encoder for message content sent to the next hop.
 //!
-//! Whatever the input, the output is CRLF-terminated lines, dot-stuffed (RFC 5321
-//! §4.5.2), followed by exactly one `.<CRLF>`. Even if a bare CR or LF slipped past the
-//! DATA reader, it cannot end the message early at the next hop (SMTP smuggling, 2023).
+//! Whatever the input, the output is CRLF-terminated lines. After DATA it is dot-stuffed
+//! (RFC 5321 §4.5.2) and followed by exactly one `.<CRLF>`: even if a bare CR or LF
+//! slipped past the DATA reader, it cannot end the message early at the next hop (SMTP
+//! smuggling, 2023). In a `BDAT` chunk (RFC 3030, [`Framing::Chunk`]) the size announced
+//! before it is the framing: the same lines go as they are, nothing stuffed, no end line.
 
 /// Encodes `headers` (lines without terminators, added at the top) and `message`
 /// as the DATA payload, final `.<CRLF>` included.
@@ -22,14 +24,14 @@ pub fn encode_parts(headers: &[String], parts: &[&[u8]]) -> Vec<u8> {
         .map(String::as_str)
         .chain(orphan_fold_guard(headers, parts))
     {
-        push_content(h.as_bytes(), &mut out);
+        push_content(h.as_bytes(), &mut out, Framing::Data);
         // A header that carried its own terminator got it from push_content.
         if !out.ends_with(b"\r\n") {
             out.extend_from_slice(b"\r\n");
         }
     }
     for part in parts {
-        push_content(part, &mut out);
+        push_content(part, &mut out, Framing::Data);
     }
     if !out.is_empty() && !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
@@ -38,14 +40,25 @@ pub fn encode_parts(headers: &[String], parts: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// The DATA payload as pieces to hand to one vectored write: the message's own bytes are
+/// How the message is delimited for the next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// After `DATA`: dot-stuffed lines and a final `.<CRLF>`.
+    Data,
+    /// One `BDAT <size> LAST` chunk (the next hop offers CHUNKING): the canonical lines
+    /// as they are; the size says where the message ends.
+    Chunk,
+}
+
+/// The payload as pieces to hand to one vectored write: the message's own bytes are
 /// referenced, not copied. Only what must change is built here (the header block, and a
-/// part that is not already canonical); a line of the message that starts with `.` is
-/// stuffed by putting a one-byte `.` piece in front of it.
+/// part that is not already canonical); after DATA, a line of the message that starts
+/// with `.` is stuffed by putting a one-byte `.` piece in front of it.
 pub struct Encoded<'a> {
     /// Bytes built here: the added header lines and any part that needed rewriting.
     owned: Vec<u8>,
     pieces: Vec<Piece<'a>>,
+    framing: Framing,
 }
 
 #[derive(Clone)]
@@ -63,13 +76,19 @@ impl<'a> Encoded<'a> {
     /// exactly one final `.<CRLF>`), without copying parts that are already canonical,
     /// which the message read by the DATA reader always is.
     pub fn new(headers: &[String], parts: &[&'a [u8]]) -> Encoded<'a> {
+        Self::framed(headers, parts, Framing::Data)
+    }
+
+    /// The payload for `framing`: for [`Framing::Data`] what [`Encoded::new`] gives; for
+    /// [`Framing::Chunk`] the same canonical lines unstuffed and without the end line.
+    pub fn framed(headers: &[String], parts: &[&'a [u8]], framing: Framing) -> Encoded<'a> {
         let mut owned = Vec::with_capacity(headers.iter().map(|h| h.len() + 3).sum::<usize>());
         for h in headers
             .iter()
             .map(String::as_str)
             .chain(orphan_fold_guard(headers, parts))
         {
-            push_content(h.as_bytes(), &mut owned);
+            push_content(h.as_bytes(), &mut owned, framing);
             if !owned.ends_with(CRLF) {
                 owned.extend_from_slice(CRLF);
             }
@@ -77,6 +96,7 @@ impl<'a> Encoded<'a> {
         let mut enc = Encoded {
             pieces: Vec::with_capacity(parts.len() + 4),
             owned,
+            framing,
         };
         if !enc.owned.is_empty() {
             enc.pieces.push(Piece::Owned(0..enc.owned.len()));
@@ -91,7 +111,7 @@ impl<'a> Encoded<'a> {
                     // push_content decides line starts from what precedes: say "mid-line".
                     rewritten.push(b'x');
                 }
-                push_content(part, &mut rewritten);
+                push_content(part, &mut rewritten, framing);
                 let skip = usize::from(!at_line_start);
                 enc.owned.extend_from_slice(&rewritten[skip..]);
                 enc.pieces.push(Piece::Owned(from..enc.owned.len()));
@@ -101,13 +121,20 @@ impl<'a> Encoded<'a> {
         if !at_line_start {
             enc.pieces.push(Piece::Borrowed(CRLF));
         }
-        enc.pieces.push(Piece::Borrowed(END));
+        if framing == Framing::Data {
+            enc.pieces.push(Piece::Borrowed(END));
+        }
         enc
     }
 
+    /// Bytes in the payload (the size a `BDAT` command announces).
+    pub fn size(&self) -> usize {
+        self.io_slices().iter().map(|s| s.len()).sum()
+    }
+
     /// Adds `part` by reference when every line ending in it is CRLF and it has no other
-    /// CR (what the DATA reader produces); a line starting with `.` gets a `.` piece
-    /// before it. Returns false, adding nothing, when the part needs rewriting.
+    /// CR (what the DATA reader produces); after DATA, a line starting with `.` gets a
+    /// `.` piece before it. Returns false, adding nothing, when the part needs rewriting.
     fn push_canonical(&mut self, part: &'a [u8], mut at_line_start: bool) -> bool {
         let mut cr = memchr::memchr_iter(b'\r', part);
         let canonical = memchr::memchr_iter(b'\n', part)
@@ -115,6 +142,10 @@ impl<'a> Encoded<'a> {
             && cr.next().is_none();
         if !canonical {
             return false;
+        }
+        if self.framing == Framing::Chunk {
+            self.pieces.push(Piece::Borrowed(part));
+            return true;
         }
         let mut from = 0;
         let mut line = 0;
@@ -168,13 +199,13 @@ impl<'a> Encoded<'a> {
 }
 
 /// Appends `bytes` as canonical lines: every LF becomes CRLF, a CR not followed by LF
-/// becomes a space, and a line starting with `.` gets a second one.
-fn push_content(bytes: &[u8], out: &mut Vec<u8>) {
+/// becomes a space, and after DATA a line starting with `.` gets a second one.
+fn push_content(bytes: &[u8], out: &mut Vec<u8>, framing: Framing) {
     let mut at_line_start = out.is_empty() || out.ends_with(b"\r\n");
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
-        if at_line_start && b == b'.' {
+        if at_line_start && b == b'.' && framing == Framing::Data {
             out.push(b'.');
         }
         at_line_start = false;
@@ -337,6 +368,36 @@ mod tests {
                         "headers {headers:?} parts {a:?} + {b:?}"
                     );
                 }
+            }
+        }
+    }
+
+    /// A `BDAT` chunk is exactly what a receiver makes of the DATA payload (the DATA
+    /// reader as the receiver: unstuffed, up to the end line), for every awkward pair.
+    #[test]
+    fn chunk_is_the_unstuffed_data_payload() {
+        let samples: [&[u8]; 8] = [
+            b"",
+            b"A: 1\r\n\r\nbody\r\n",
+            b".\r\n..\r\n.x\r\nend",
+            b"a\n.\nMAIL FROM:<x@y>\r.\r\n",
+            b"no final newline",
+            b"\r\n.\r\n",
+            b"x\r",
+            b"line\r\n.dot\r\n\r\n.\r\nlast.\r\n",
+        ];
+        let headers = vec!["Received: from x\r\n\tby y".to_string(), "X-A: 1".into()];
+        for a in samples {
+            for b in samples {
+                let parts = [a, b];
+                let chunk = Encoded::framed(&headers, &parts, Framing::Chunk);
+                let data = Encoded::framed(&headers, &parts, Framing::Data).to_vec();
+                let mut reader = crate::wire::codec::DataReader::new(1 << 20);
+                let mut received = Vec::new();
+                let (used, done) = reader.ingest(&data, &mut received);
+                assert!(done && used == data.len(), "{a:?} + {b:?}");
+                assert_eq!(chunk.to_vec(), received, "{a:?} + {b:?}");
+                assert_eq!(chunk.size(), received.len());
             }
         }
     }

@@ -580,6 +580,11 @@ impl Conn {
         let mut mail: Option<String> = None;
         let mut rcpts: Vec<String> = Vec::new();
         let mut xclient: Option<Vec<(String, String)>> = None;
+        // BDAT chunks of the current transaction received so far, and whether the last
+        // EHLO on this connection offered CHUNKING (a script changed later does not
+        // take back what the connection was told).
+        let mut chunks: Vec<u8> = Vec::new();
+        let mut chunking = false;
         loop {
             let Some(line) = self.read_line().await else {
                 return;
@@ -594,6 +599,11 @@ impl Conn {
                 "EHLO" => {
                     mail = None;
                     rcpts.clear();
+                    chunking = script.ehlo.is_none()
+                        && script
+                            .caps
+                            .iter()
+                            .any(|c| c.eq_ignore_ascii_case("CHUNKING"));
                     let act = script.ehlo.clone().unwrap_or_else(|| {
                         let caps: Vec<&String> = script
                             .caps
@@ -758,9 +768,66 @@ impl Conn {
                         f
                     }
                 }
+                "BDAT" if chunking => {
+                    // RFC 3030: `BDAT <size> [LAST]`, then exactly <size> bytes.
+                    let mut args = line.split_whitespace().skip(1);
+                    let size = args.next().and_then(|n| n.parse::<usize>().ok());
+                    let last = args.next().is_some_and(|a| a.eq_ignore_ascii_case("LAST"));
+                    let Some(size) = size else {
+                        return; // a size we cannot read: the rest is not commands
+                    };
+                    let Some(chunk) = self
+                        .read_exact_content(
+                            size,
+                            script.disconnect_mid_data,
+                            &script.disconnect_mid_data_if,
+                        )
+                        .await
+                    else {
+                        return;
+                    };
+                    chunks.extend_from_slice(&chunk);
+                    if mail.is_none() || rcpts.is_empty() {
+                        chunks.clear();
+                        self.perform(&Act::reply("503 5.5.1 Error: need RCPT command"))
+                            .await
+                    } else if !last {
+                        self.perform(&Act::reply(&format!("250 2.0.0 {size} octets received")))
+                            .await
+                    } else {
+                        let data = std::mem::take(&mut chunks);
+                        let sc = self.script();
+                        let eod = sc
+                            .eod_by_content
+                            .iter()
+                            .find(|(pat, _)| super::contains(&data, pat.as_bytes()))
+                            .map(|(_, a)| a.clone())
+                            .unwrap_or(sc.eod);
+                        let idx = {
+                            let mut g = self.st.lock().unwrap();
+                            g.messages.push(Message {
+                                conn: self.id,
+                                mail: mail.clone().unwrap_or_default(),
+                                rcpts: rcpts.clone(),
+                                raw: data.clone(),
+                                data,
+                                accepted: false,
+                                xclient: xclient.clone(),
+                            });
+                            g.messages.len() - 1
+                        };
+                        let f = self.perform_eod(&eod, idx).await;
+                        // As after DATA: the transaction is over whatever the answer (a
+                        // client that was refused sends RSET anyway, which is harmless).
+                        mail = None;
+                        rcpts.clear();
+                        f
+                    }
+                }
                 "RSET" => {
                     mail = None;
                     rcpts.clear();
+                    chunks.clear();
                     self.perform(&script.rset).await
                 }
                 "AUTH" => self.auth(&line).await,
@@ -791,6 +858,34 @@ impl Conn {
             self.st.lock().unwrap().messages[idx].accepted = true;
         }
         self.perform(&a).await
+    }
+
+    /// Reads exactly `size` bytes of a BDAT chunk (the disconnect options apply as in
+    /// DATA); None if the connection ended or the script closes it.
+    async fn read_exact_content(
+        &mut self,
+        size: usize,
+        disconnect_mid: bool,
+        disconnect_if: &[String],
+    ) -> Option<Vec<u8>> {
+        loop {
+            if disconnect_mid && (size > 0 && !self.buf.is_empty()) {
+                return None;
+            }
+            let seen = &self.buf[..self.buf.len().min(size)];
+            if disconnect_if
+                .iter()
+                .any(|p| super::contains(seen, p.as_bytes()))
+            {
+                return None;
+            }
+            if self.buf.len() >= size {
+                return Some(self.buf.drain(..size).collect());
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
     }
 
     /// Read message content up to the end-of-data marker; returns the (dot-stuffed)
