@@ -77,6 +77,14 @@ struct Row {
     extra: Extra,
 }
 
+/// A next hop that offers CHUNKING (the message goes as BDAT), edited by `edit`.
+fn chunking(edit: impl FnOnce(&mut Script)) -> Fault {
+    script(|s| {
+        s.caps.push("CHUNKING".into());
+        edit(s);
+    })
+}
+
 fn script(edit: impl FnOnce(&mut Script)) -> Fault {
     let mut s = Script::default();
     edit(&mut s);
@@ -283,10 +291,7 @@ fn faults() -> Vec<Row> {
         // faults end the same way (the chunk's answer is the end of data's).
         row(
             "BDAT: disconnects mid chunk",
-            script(|s| {
-                s.caps.push("CHUNKING".into());
-                s.disconnect_mid_data = true;
-            }),
+            chunking(|s| s.disconnect_mid_data = true),
             EndOfData,
             "451 4.4.2",
             Nothing,
@@ -294,10 +299,7 @@ fn faults() -> Vec<Row> {
         ),
         row(
             "BDAT: 4xx to the chunk",
-            script(|s| {
-                s.caps.push("CHUNKING".into());
-                s.eod = Act::reply("452 4.3.1 Insufficient system storage");
-            }),
+            chunking(|s| s.eod = Act::reply("452 4.3.1 Insufficient system storage")),
             EndOfData,
             "452 4.3.1",
             NotAccepted,
@@ -305,10 +307,7 @@ fn faults() -> Vec<Row> {
         ),
         row(
             "BDAT: 5xx to the chunk",
-            script(|s| {
-                s.caps.push("CHUNKING".into());
-                s.eod = Act::reply("554 5.7.1 Message rejected as spam");
-            }),
+            chunking(|s| s.eod = Act::reply("554 5.7.1 Message rejected as spam")),
             EndOfData,
             "554 5.7.1",
             NotAccepted,
@@ -316,10 +315,7 @@ fn faults() -> Vec<Row> {
         ),
         row(
             "BDAT: disconnects after the chunk",
-            script(|s| {
-                s.caps.push("CHUNKING".into());
-                s.eod = Act::Disconnect;
-            }),
+            chunking(|s| s.eod = Act::Disconnect),
             EndOfData,
             "451 4.4.2",
             NotAccepted,

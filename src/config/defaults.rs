@@ -19,8 +19,8 @@ pub const DEFAULT_MAX_COMMAND_LINE: usize = 4096;
 /// Largest message accepted, advertised with SIZE (Postfix `message_size_limit`).
 pub const DEFAULT_MESSAGE_SIZE_LIMIT: usize = 10_240_000;
 /// Message content held in memory by all sessions together (`wire::memory`): 1 GiB,
-/// some sixty messages of the default size limit at once (buffers grow by doubling, and
-/// what they reserve is counted).
+/// some sixty messages of the default size limit at once (a buffer can grow to twice
+/// its message's size, and what it reserves is counted).
 pub const DEFAULT_MESSAGE_MEMORY: usize = 1 << 30;
 /// Recipients per transaction (Postfix `smtpd_recipient_limit`; RFC 5321 §4.5.3.1.8 asks ≥ 100).
 pub const DEFAULT_MAX_RECIPIENTS: usize = 1000;

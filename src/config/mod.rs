@@ -951,7 +951,7 @@ impl Config {
                 "limits",
                 "message_memory",
                 format!(
-                    "must be at least twice message_size_limit ({}): a buffer grows by doubling, and a message of the largest size must fit",
+                    "must be at least twice message_size_limit ({}): a buffer can grow to twice a message's size, and a message of the largest size must fit",
                     lim.message_size_limit
                 ),
             );

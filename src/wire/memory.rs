@@ -7,9 +7,10 @@
 //! content is read and dropped and the client gets `452 4.3.1` (try again later),
 //! as it would on a full disk.
 //!
-//! What is counted is the receive buffer's capacity, which grows by doubling: a message
-//! of the size limit may reserve up to twice its size, hence `message_memory` ≥ 2 ×
-//! `message_size_limit`. The copy made for the next hop while relaying is not counted,
+//! What is counted is the receive buffer's capacity. It grows by what arrives or by a
+//! quarter (`wire::codec::make_room`), but by doubling when a line with a bare LF comes
+//! out longer than it arrived: a message of the size limit may reserve up to twice its
+//! size, hence `message_memory` ≥ 2 × `message_size_limit`. The copy made for the next hop while relaying is not counted,
 //! so at the peak, content in memory can reach about twice the budget.
 
 use std::sync::Arc;

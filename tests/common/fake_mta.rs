@@ -737,28 +737,8 @@ impl Conn {
                             None => Flow::Close,
                             Some(raw) => {
                                 let data = unstuff(&raw);
-                                // Re-read the script: a test may have changed it meanwhile.
-                                let sc = self.script();
-                                let eod = sc
-                                    .eod_by_content
-                                    .iter()
-                                    .find(|(pat, _)| super::contains(&data, pat.as_bytes()))
-                                    .map(|(_, a)| a.clone())
-                                    .unwrap_or(sc.eod);
-                                let idx = {
-                                    let mut g = self.st.lock().unwrap();
-                                    g.messages.push(Message {
-                                        conn: self.id,
-                                        mail: mail.clone().unwrap_or_default(),
-                                        rcpts: rcpts.clone(),
-                                        raw,
-                                        data,
-                                        accepted: false,
-                                        xclient: xclient.clone(),
-                                    });
-                                    g.messages.len() - 1
-                                };
-                                let f = self.perform_eod(&eod, idx).await;
+                                let message = self.message(&mail, &rcpts, &xclient, raw, data);
+                                let f = self.finish_message(message).await;
                                 mail = None;
                                 rcpts.clear();
                                 f
@@ -796,27 +776,8 @@ impl Conn {
                             .await
                     } else {
                         let data = std::mem::take(&mut chunks);
-                        let sc = self.script();
-                        let eod = sc
-                            .eod_by_content
-                            .iter()
-                            .find(|(pat, _)| super::contains(&data, pat.as_bytes()))
-                            .map(|(_, a)| a.clone())
-                            .unwrap_or(sc.eod);
-                        let idx = {
-                            let mut g = self.st.lock().unwrap();
-                            g.messages.push(Message {
-                                conn: self.id,
-                                mail: mail.clone().unwrap_or_default(),
-                                rcpts: rcpts.clone(),
-                                raw: data.clone(),
-                                data,
-                                accepted: false,
-                                xclient: xclient.clone(),
-                            });
-                            g.messages.len() - 1
-                        };
-                        let f = self.perform_eod(&eod, idx).await;
+                        let message = self.message(&mail, &rcpts, &xclient, data.clone(), data);
+                        let f = self.finish_message(message).await;
                         // As after DATA: the transaction is over whatever the answer (a
                         // client that was refused sends RSET anyway, which is harmless).
                         mail = None;
@@ -845,6 +806,45 @@ impl Conn {
                 return;
             }
         }
+    }
+
+    /// A message of this connection's transaction, as it arrived (`raw`) and as read.
+    fn message(
+        &self,
+        mail: &Option<String>,
+        rcpts: &[String],
+        xclient: &Option<Vec<(String, String)>>,
+        raw: Vec<u8>,
+        data: Vec<u8>,
+    ) -> Message {
+        Message {
+            conn: self.id,
+            mail: mail.clone().unwrap_or_default(),
+            rcpts: rcpts.to_vec(),
+            raw,
+            data,
+            accepted: false,
+            xclient: xclient.clone(),
+        }
+    }
+
+    /// A message whose content arrived in full (the end of data, or the last BDAT
+    /// chunk): recorded, then answered as the script says for that content (re-read: a
+    /// test may have changed it meanwhile).
+    async fn finish_message(&mut self, message: Message) -> Flow {
+        let sc = self.script();
+        let eod = sc
+            .eod_by_content
+            .iter()
+            .find(|(pat, _)| super::contains(&message.data, pat.as_bytes()))
+            .map(|(_, a)| a.clone())
+            .unwrap_or(sc.eod);
+        let idx = {
+            let mut g = self.st.lock().unwrap();
+            g.messages.push(message);
+            g.messages.len() - 1
+        };
+        self.perform_eod(&eod, idx).await
     }
 
     /// End-of-data reply: mark the message accepted just before a 2xx is written.
