@@ -1,5 +1,6 @@
 //! One whole transaction on a connection of its own, for mail the proxy sends itself (a
-//! quarantine release, a DMARC aggregate report): MAIL, each RCPT, DATA, then QUIT.
+//! quarantine release, a DMARC aggregate report): MAIL, each RCPT, DATA (or one BDAT when
+//! the next hop offers CHUNKING), then QUIT.
 
 use std::sync::Arc;
 
