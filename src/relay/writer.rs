@@ -129,7 +129,13 @@ impl<'a> Encoded<'a> {
 
     /// Bytes in the payload (the size a `BDAT` command announces).
     pub fn size(&self) -> usize {
-        self.io_slices().iter().map(|s| s.len()).sum()
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Borrowed(b) => b.len(),
+                Piece::Owned(r) => r.len(),
+            })
+            .sum()
     }
 
     /// Adds `part` by reference when every line ending in it is CRLF and it has no other

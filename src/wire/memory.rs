@@ -10,8 +10,9 @@
 //! What is counted is the receive buffer's capacity. It grows by what arrives or by a
 //! quarter (`wire::codec::make_room`), but by doubling when a line with a bare LF comes
 //! out longer than it arrived: a message of the size limit may reserve up to twice its
-//! size, hence `message_memory` ≥ 2 × `message_size_limit`. The copy made for the next hop while relaying is not counted,
-//! so at the peak, content in memory can reach about twice the budget.
+//! size, hence `message_memory` ≥ 2 × `message_size_limit`. What is built for the next
+//! hop while relaying (`relay::writer::Encoded`: the added header block, and a rewritten
+//! copy of any part that was not canonical) is not counted.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

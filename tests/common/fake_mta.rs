@@ -869,14 +869,8 @@ impl Conn {
         disconnect_if: &[String],
     ) -> Option<Vec<u8>> {
         loop {
-            if disconnect_mid && (size > 0 && !self.buf.is_empty()) {
-                return None;
-            }
             let seen = &self.buf[..self.buf.len().min(size)];
-            if disconnect_if
-                .iter()
-                .any(|p| super::contains(seen, p.as_bytes()))
-            {
+            if cut_mid_content(seen, disconnect_mid, disconnect_if) {
                 return None;
             }
             if self.buf.len() >= size {
@@ -902,13 +896,7 @@ impl Conn {
         loop {
             // Checked first: even if the whole message arrived in one read, the fake
             // closes without ever completing it.
-            if disconnect_mid && !self.buf.is_empty() {
-                return None;
-            }
-            if disconnect_if
-                .iter()
-                .any(|p| super::contains(&self.buf, p.as_bytes()))
-            {
+            if cut_mid_content(&self.buf, disconnect_mid, disconnect_if) {
                 return None;
             }
             let from = searched.saturating_sub(5);
@@ -923,6 +911,16 @@ impl Conn {
             }
         }
     }
+}
+
+/// Whether the script closes the connection now, with `seen` of the message content
+/// received: as soon as any arrived (`disconnect_mid`), or once it holds one of
+/// `disconnect_if`.
+fn cut_mid_content(seen: &[u8], disconnect_mid: bool, disconnect_if: &[String]) -> bool {
+    (disconnect_mid && !seen.is_empty())
+        || disconnect_if
+            .iter()
+            .any(|p| super::contains(seen, p.as_bytes()))
 }
 
 /// Find the end of DATA. Returns (end of content, bytes consumed including the marker).
