@@ -30,6 +30,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use mail_auth::AuthenticatedMessage;
 use mail_auth::common::crypto::{Algorithm, HashAlgorithm};
@@ -224,28 +225,20 @@ fn is_fws(b: u8) -> bool {
 /// "_" )`, names case-sensitive. A duplicate name makes the whole list invalid. Empty
 /// specs are allowed only at the end (a trailing `;`), as dkimpy does.
 fn tag_list(text: &[u8]) -> TagList<'_> {
+    // Sized up front: this runs for every signature and key record.
+    let count = memchr::memchr_iter(b';', text).count() + 1;
     let mut list = TagList {
-        tags: Vec::new(),
+        tags: Vec::with_capacity(count),
         error: None,
     };
     let fail = |list: &mut TagList<'_>, e: String| {
         list.error.get_or_insert(e);
     };
-    let mut start = 0;
-    let segments: Vec<Range<usize>> = {
-        let mut v = Vec::new();
-        for (i, &b) in text.iter().enumerate() {
-            if b == b';' {
-                v.push(start..i);
-                start = i + 1;
-            }
-        }
-        v.push(start..text.len());
-        v
-    };
-    let last = segments.len() - 1;
-    for (n, seg) in segments.into_iter().enumerate() {
-        let bytes = &text[seg.clone()];
+    let last = count - 1;
+    let mut next_start = 0;
+    for (n, bytes) in text.split(|&b| b == b';').enumerate() {
+        let start = next_start;
+        next_start += bytes.len() + 1;
         if bytes.iter().all(|&b| is_fws(b)) {
             if n != last {
                 fail(&mut list, "empty tag".into());
@@ -270,7 +263,7 @@ fn tag_list(text: &[u8]) -> TagList<'_> {
         list.tags.push(Tag {
             name,
             value: trim_fws(&bytes[eq + 1..]),
-            span: seg.start + eq + 1..seg.end,
+            span: start + eq + 1..start + bytes.len(),
         });
     }
     list
@@ -455,6 +448,11 @@ fn key_name(sig: &Signature) -> Option<String> {
 /// [`verify_with_key`]).
 pub struct KeyRecord {
     key: DomainKey,
+    /// The RSA key parsed once for rsa-sha256, the common case: mail-auth's key parses
+    /// its bytes again on every verify (about 2 µs and 27 allocations a signature
+    /// here). `None` for Ed25519 keys and for bytes aws-lc will not parse this way
+    /// (mail-auth's key is then used, as before).
+    rsa_sha256: Option<ParsedPublicKey>,
     ed25519: bool,
     /// `h=`: which hashes the key may be used with (both when absent).
     sha1: bool,
@@ -517,8 +515,10 @@ impl KeyRecord {
                 ));
             }
         }
+        let rsa_sha256 = (!ed25519).then(|| parsed_rsa_key(p.value)).flatten();
         Ok(KeyRecord {
             key,
+            rsa_sha256,
             ed25519,
             sha1,
             sha256,
@@ -526,6 +526,17 @@ impl KeyRecord {
             strict: flag(b"s"),
         })
     }
+}
+
+/// The `p=` value (base64 with folding whitespace) as an aws-lc RSA key for
+/// rsa-sha256 (SubjectPublicKeyInfo or a bare RSAPublicKey, as mail-auth takes).
+fn parsed_rsa_key(p: &[u8]) -> Option<ParsedPublicKey> {
+    use base64::Engine as _;
+    let text: Vec<u8> = p.iter().copied().filter(|&b| !is_fws(b)).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .ok()?;
+    ParsedPublicKey::new(&RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY, der).ok()
 }
 
 /// The first TXT record that is a usable key record, else why the first one is not
@@ -679,10 +690,22 @@ fn verify_with_key(
     }
     let unsigned = strip_b(field.value, &checked.b_span);
     let mut headers = message.signed_headers(&sig.h, field.name, &unsigned);
-    key.key
-        .p
-        .verify(&mut headers, &sig.b, sig.ch, sig.a)
-        .map_err(|e| Verdict::Fail(format!("signature does not verify: {e}")))?;
+    match (&key.rsa_sha256, sig.a) {
+        (Some(parsed), Algorithm::RsaSha256) => {
+            let mut data = Vec::with_capacity(256);
+            sig.ch.canonicalize_headers(&mut headers, &mut data);
+            // The same words as mail-auth's error, so the reason does not depend on
+            // which path verified.
+            parsed.verify_sig(&data, &sig.b).map_err(|_| {
+                Verdict::Fail("signature does not verify: Signature verification failed".into())
+            })?;
+        }
+        _ => key
+            .key
+            .p
+            .verify(&mut headers, &sig.b, sig.ch, sig.a)
+            .map_err(|e| Verdict::Fail(format!("signature does not verify: {e}")))?,
+    }
     let appended = checked.length.map_or(0, |l| body.canonical_len - l);
     let mut notes = Vec::new();
     if appended > 0 {
@@ -1017,6 +1040,25 @@ mod tests {
 
     fn key(text: &str) -> Result<KeyRecord, String> {
         KeyRecord::parse(text.as_bytes())
+    }
+
+    /// RSA keys are parsed once, from either encoding mail-auth takes and with folding
+    /// whitespace in `p=`; what aws-lc will not parse falls back to mail-auth's key.
+    #[test]
+    fn rsa_keys_are_parsed_once_in_both_encodings() {
+        let spki = base64::engine::general_purpose::STANDARD
+            .decode(RSA1024)
+            .unwrap();
+        // A 1024-bit SubjectPublicKeyInfo: SEQUENCE (3), AlgorithmIdentifier (15),
+        // BIT STRING header (4), then the bare RSAPublicKey.
+        let bare = base64::engine::general_purpose::STANDARD.encode(&spki[22..]);
+        let folded = format!("{} \r\n\t{}", &RSA1024[..40], &RSA1024[40..]);
+        for p in [RSA1024, &bare, &folded] {
+            let k = key(&format!("v=DKIM1; k=rsa; p={p}")).unwrap();
+            assert!(k.rsa_sha256.is_some(), "{p}");
+        }
+        assert!(parsed_rsa_key(b"not base64!").is_none());
+        assert!(parsed_rsa_key(b"AAAA").is_none());
     }
 
     #[test]

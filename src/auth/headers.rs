@@ -4,100 +4,131 @@
 //! Every value we write comes from a restricted alphabet, so nothing an attacker puts in
 //! HELO, MAIL FROM or a DKIM tag can start a new result, a comment or a header line.
 
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
 use std::ops::Range;
 
 use super::{AuthReport, AuthResult};
 
-/// Keeps only characters that are safe in an RFC 8601 pvalue domain or token.
-fn safe(value: &str) -> String {
-    value
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-        .take(255)
-        .collect()
+/// Keeps only characters that are safe in an RFC 8601 pvalue domain or token (written
+/// as it is displayed, so building the header copies nothing twice).
+struct Safe<'a>(&'a str);
+
+impl fmt::Display for Safe<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            .take(255)
+            .try_for_each(|c| f.write_char(c))
+    }
 }
 
 /// Keeps only characters that are safe inside an RFC 8601 comment of ours: no
 /// parentheses, backslashes, quotes, semicolons or line breaks, so a comment can neither
 /// end early nor start a new result.
-fn comment_safe(value: &str) -> String {
-    value
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '.' | '-' | '_' | ':' | '='))
-        .take(120)
-        .collect()
+struct CommentSafe<'a>(&'a str);
+
+impl fmt::Display for CommentSafe<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, ' ' | '.' | '-' | '_' | ':' | '='))
+            .take(120)
+            .try_for_each(|c| f.write_char(c))
+    }
 }
 
 /// The `Authentication-Results` value (authserv-id first), its results joined by `sep`
-/// (`"; "` on one line, `";\r\n\t"` folded in a header).
+/// (`"; "` on one line, `";\r\n\t"` folded in a header). Written into one string: it
+/// is built for every message.
 pub fn authentication_results(authserv_id: &str, report: &AuthReport, sep: &str) -> String {
-    let mut parts = vec![safe(authserv_id)];
+    let mut out = String::with_capacity(320);
+    // Writing into a String cannot fail.
+    let _ = write_results(&mut out, authserv_id, report, sep);
+    out
+}
+
+fn write_results(
+    out: &mut String,
+    authserv_id: &str,
+    report: &AuthReport,
+    sep: &str,
+) -> fmt::Result {
+    write!(out, "{}", Safe(authserv_id))?;
     let spf = &report.spf;
-    parts.push(format!(
-        "spf={}{} smtp.mailfrom={}",
+    write!(
+        out,
+        "{sep}spf={}{} smtp.mailfrom={}",
         spf.mail_from.result.as_str(),
-        stale_comment("record", report.stale.spf),
-        safe(&spf.mail_from.domain)
-    ));
+        StaleComment("record", report.stale.spf),
+        Safe(&spf.mail_from.domain)
+    )?;
     if spf.helo.result != AuthResult::None && !spf.helo.domain.is_empty() {
-        parts.push(format!(
-            "spf={}{} smtp.helo={}",
+        write!(
+            out,
+            "{sep}spf={}{} smtp.helo={}",
             spf.helo.result.as_str(),
-            stale_comment("record", report.stale.spf_helo),
-            safe(&spf.helo.domain)
-        ));
+            StaleComment("record", report.stale.spf_helo),
+            Safe(&spf.helo.domain)
+        )?;
     }
     if report.dkim.is_empty() {
-        parts.push("dkim=none".to_string());
+        write!(out, "{sep}dkim=none")?;
     }
     for d in &report.dkim {
-        let mut s = format!(
-            "dkim={}{}",
+        write!(
+            out,
+            "{sep}dkim={}{}",
             d.result.as_str(),
-            stale_comment("key", d.stale_secs)
-        );
+            StaleComment("key", d.stale_secs)
+        )?;
         // `policy` (an l= signature with content after the signed length) says why in a
         // comment (RFC 8601 §2.7.1): the reason is ours, built from a number.
         if d.result == AuthResult::Policy
             && let Some(reason) = &d.reason
         {
-            s.push_str(&format!(" ({})", comment_safe(reason)));
+            write!(out, " ({})", CommentSafe(reason))?;
         }
         if !d.domain.is_empty() {
-            s.push_str(&format!(
+            write!(
+                out,
                 " header.d={} header.s={}",
-                safe(&d.domain),
-                safe(&d.selector)
-            ));
+                Safe(&d.domain),
+                Safe(&d.selector)
+            )?;
         }
         if !d.algorithm.is_empty() {
-            s.push_str(&format!(" header.a={}", safe(&d.algorithm)));
+            write!(out, " header.a={}", Safe(&d.algorithm))?;
         }
-        parts.push(s);
     }
     if report.arc.result != AuthResult::None {
-        parts.push(format!(
-            "arc={}{}",
+        write!(
+            out,
+            "{sep}arc={}{}",
             report.arc.result.as_str(),
-            stale_comment("key", report.stale.arc)
-        ));
+            StaleComment("key", report.stale.arc)
+        )?;
     }
-    parts.push(dmarc_result(&report.dmarc, report.stale.dmarc));
-    parts.join(sep)
+    out.push_str(sep);
+    write_dmarc_result(out, &report.dmarc, report.stale.dmarc)
 }
 
 /// ` (stale key, 3h old)` when a result rests on a stale DNS answer (serve-stale) of
-/// that age in seconds; empty otherwise. Built from a number: nothing of the sender's.
-fn stale_comment(what: &str, age_secs: Option<u64>) -> String {
-    let Some(secs) = age_secs else {
-        return String::new();
-    };
-    let age = match secs {
-        0..60 => format!("{secs}s"),
-        60..3600 => format!("{}m", secs / 60),
-        _ => format!("{}h", secs / 3600),
-    };
-    format!(" (stale {what}, {age} old)")
+/// that age in seconds; nothing otherwise. Built from a number: nothing of the sender's.
+struct StaleComment(&'static str, Option<u64>);
+
+impl fmt::Display for StaleComment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let StaleComment(what, Some(secs)) = *self else {
+            return Ok(());
+        };
+        match secs {
+            0..60 => write!(f, " (stale {what}, {secs}s old)"),
+            60..3600 => write!(f, " (stale {what}, {}m old)", secs / 60),
+            _ => write!(f, " (stale {what}, {}h old)", secs / 3600),
+        }
+    }
 }
 
 /// `dmarc=<result> [(<comment>)] header.from=<d> policy.dmarc=<applied>
@@ -106,42 +137,50 @@ fn stale_comment(what: &str, age_secs: Option<u64>) -> String {
 /// differs from the published one, the comment says why: `(p=reject, not in the pct=0
 /// sample)`, `(p=quarantine, t=y testing)`, `(p=reject, ARC override by <sealer>)`.
 /// Comments hold no `;`, so that naive splitters of the field still see one result.
-fn dmarc_result(d: &super::DmarcCheck, stale_secs: Option<u64>) -> String {
-    let mut out = format!(
+fn write_dmarc_result(
+    out: &mut String,
+    d: &super::DmarcCheck,
+    stale_secs: Option<u64>,
+) -> fmt::Result {
+    write!(
+        out,
         "dmarc={}{}",
         d.result.as_str(),
-        stale_comment("record", stale_secs)
-    );
-    let mut why = Vec::new();
-    if let (Some(pct), Some(false)) = (d.pct, d.pct_sampled) {
-        why.push(format!("not in the pct={pct} sample"));
-    }
-    if d.testing {
-        why.push("t=y testing".to_string());
-    }
-    if let Some(sealer) = &d.arc_override {
-        why.push(format!("ARC override by {}", safe(sealer)));
-    }
-    if let (Some(published), false) = (d.published_policy, why.is_empty()) {
-        out.push_str(&format!(" (p={published}, {})", why.join(", ")));
+        StaleComment("record", stale_secs)
+    )?;
+    let not_sampled = matches!((d.pct, d.pct_sampled), (Some(_), Some(false)));
+    let any_why = not_sampled || d.testing || d.arc_override.is_some();
+    if let (Some(published), true) = (d.published_policy, any_why) {
+        write!(out, " (p={published}")?;
+        if let (true, Some(pct)) = (not_sampled, d.pct) {
+            write!(out, ", not in the pct={pct} sample")?;
+        }
+        if d.testing {
+            out.push_str(", t=y testing");
+        }
+        if let Some(sealer) = &d.arc_override {
+            write!(out, ", ARC override by {}", Safe(sealer))?;
+        }
+        out.push(')');
     }
     if !d.header_from.is_empty() {
-        out.push_str(&format!(" header.from={}", safe(&d.header_from)));
+        write!(out, " header.from={}", Safe(&d.header_from))?;
     }
     if let Some(p) = d.policy {
-        out.push_str(&format!(" policy.dmarc={p}"));
+        write!(out, " policy.dmarc={p}")?;
     }
     if let Some(sealer) = &d.arc_override {
-        out.push_str(&format!(" policy.arc-override={}", safe(sealer)));
+        write!(out, " policy.arc-override={}", Safe(sealer))?;
     }
-    out
+    Ok(())
 }
 
 /// One header field: its name, its unfolded value, and its byte range in the message
 /// (continuation lines and the final CRLF included).
 pub struct Field<'a> {
     pub name: &'a str,
-    pub value: String,
+    /// Borrowed from the message unless unfolding or invalid UTF-8 made a new string.
+    pub value: Cow<'a, str>,
     pub range: Range<usize>,
 }
 
@@ -162,23 +201,30 @@ pub fn fields(message: &[u8]) -> Vec<Field<'_>> {
         }
         if matches!(text[0], b' ' | b'\t') {
             if let Some(last) = out.last_mut() {
-                last.value.push(' ');
-                last.value.push_str(String::from_utf8_lossy(text).trim());
+                let value = last.value.to_mut();
+                value.push(' ');
+                value.push_str(String::from_utf8_lossy(text).trim());
                 last.range.end = end;
             }
         } else if let Some(colon) = text.iter().position(|&b| b == b':') {
             let name = std::str::from_utf8(&text[..colon]).unwrap_or("").trim();
             out.push(Field {
                 name,
-                value: String::from_utf8_lossy(&text[colon + 1..])
-                    .trim()
-                    .to_string(),
+                value: trimmed(String::from_utf8_lossy(&text[colon + 1..])),
                 range: pos..end,
             });
         }
         pos = end;
     }
     out
+}
+
+/// `text` without leading and trailing whitespace, still borrowed when it was.
+fn trimmed(text: Cow<'_, str>) -> Cow<'_, str> {
+    match text {
+        Cow::Borrowed(t) => Cow::Borrowed(t.trim()),
+        Cow::Owned(t) => Cow::Owned(t.trim().to_string()),
+    }
 }
 
 /// The first field named `name` (case-insensitive), unfolded.
@@ -343,6 +389,15 @@ mod tests {
             ar.ends_with("; dmarc=fail (p=reject, not in the pct=0 sample) header.from=example.com policy.dmarc=quarantine"),
             "{ar}"
         );
+        r.dmarc.testing = true;
+        let ar = authentication_results("mx.example.org", &r, "; ");
+        assert!(
+            ar.contains(
+                "; dmarc=fail (p=reject, not in the pct=0 sample, t=y testing) header.from="
+            ),
+            "{ar}"
+        );
+        r.dmarc.testing = false;
         r.dmarc.pct = None;
         r.dmarc.pct_sampled = None;
         r.dmarc.policy = Some("none");

@@ -134,7 +134,7 @@ pub struct Round {
     pub undeliverable: usize,
 }
 
-fn count(outcome: &str) {
+fn count(outcome: &'static str) {
     crate::metrics::global()
         .dmarc_reports
         .get_or_create(&crate::metrics::label("outcome", outcome))

@@ -437,7 +437,7 @@ fn list_id(fields: &[Field<'_>]) -> Option<String> {
     let (Some(f), None) = (ids.next(), ids.next()) else {
         return None;
     };
-    let v = f.value.as_str();
+    let v = &*f.value;
     let inner = v
         .rsplit_once('<')
         .and_then(|(_, r)| r.split_once('>'))
@@ -467,8 +467,8 @@ fn count(verdict: &Findings, took: std::time::Duration) {
     let ev = &verdict.rule_match;
     m.verdicts
         .get_or_create(&vec![
-            ("action", ev.action.as_str().to_string()),
-            ("rule", ev.rule.clone()),
+            ("action", ev.action.as_str().into()),
+            ("rule", ev.rule.clone().into()),
         ])
         .inc();
     for (rule, _) in &ev.shadow_hits {
@@ -504,8 +504,8 @@ fn count(verdict: &Findings, took: std::time::Duration) {
     for (check, result) in results {
         m.auth_results
             .get_or_create(&vec![
-                ("check", check.to_string()),
-                ("result", result.as_str().to_string()),
+                ("check", check.into()),
+                ("result", result.as_str().into()),
             ])
             .inc();
         if result == AuthResult::TempError {

@@ -86,7 +86,7 @@ impl<'a> ParsedMessage<'a> {
 
     /// The first field called `name`, its value as written (unfolded).
     pub fn first(&self, name: &str) -> Option<&str> {
-        headers::first(self.fields(), name).map(|f| f.value.as_str())
+        headers::first(self.fields(), name).map(|f| &*f.value)
     }
 
     /// Every address of every From and Sender field, in the order of the fields: the

@@ -558,7 +558,7 @@ impl SmtpConnection {
     /// Reads one (multi-line) reply, bounded in line length, line count and time.
     async fn read_reply(&mut self, timeout: Duration) -> Result<Reply, RelayError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut lines = Vec::new();
+        let mut lines = Vec::with_capacity(1);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let line = match self.stream.read_line(MAX_RELAY_REPLY_LINE, left).await {
@@ -570,8 +570,9 @@ impl SmtpConnection {
                 Err(ReadError::Closed) => return Err(RelayError::Closed),
                 Err(ReadError::Io(e)) => return Err(RelayError::Io(e)),
             };
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim_end_matches(['\r', '\n']).to_string();
+            let mut text = String::from_utf8(line)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+            text.truncate(text.trim_end_matches(['\r', '\n']).len());
             let last = reply::is_last_line(&text);
             lines.push(text);
             if last {

@@ -44,10 +44,13 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
     if let Some(reply) = quoted_domain(body) {
         return Err(reply);
     }
-    // smtp-proto wants a CRLF-terminated line; give it one whatever the client used.
-    let mut canonical = Vec::with_capacity(body.len() + 2);
-    canonical.extend_from_slice(body);
-    canonical.extend_from_slice(b"\r\n");
+    // smtp-proto wants a CRLF-terminated line; give it one whatever the client used
+    // (a copy only for the rare line that did not end in CRLF).
+    let canonical: std::borrow::Cow<'_, [u8]> = if line.ends_with(b"\r\n") {
+        line.into()
+    } else {
+        [body, b"\r\n"].concat().into()
+    };
     match Request::parse(&mut canonical.iter()) {
         Ok(req) => check_addresses(postmaster(req.into_owned(), body)),
         Err(e) => Err(parse_error_reply(e)),
@@ -103,10 +106,13 @@ fn check_addresses(req: Command) -> Result<Command, Reply> {
 /// address `x@evil@example.org`, with a domain (`example.org`) the client never wrote.
 /// Checked on the raw line, where the quotes still are.
 fn quoted_domain(body: &[u8]) -> Option<Reply> {
-    let head = body.get(..10).unwrap_or(body).to_ascii_uppercase();
-    let reply = if head.starts_with(b"MAIL FROM:") {
+    let starts_with = |prefix: &[u8]| {
+        body.get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
+    let reply = if starts_with(b"MAIL FROM:") {
         Reply::bad_sender_syntax()
-    } else if head.starts_with(b"RCPT TO:") {
+    } else if starts_with(b"RCPT TO:") {
         Reply::bad_recipient_syntax()
     } else {
         return None;
@@ -151,10 +157,9 @@ fn is_domain(domain: &str) -> bool {
 
 /// A `SIZE=` parameter with more digits than any real size.
 fn oversized_size_parameter(line: &[u8]) -> bool {
-    let upper = line.to_ascii_uppercase();
-    upper.windows(6).enumerate().any(|(i, w)| {
-        w == b" SIZE="
-            && upper[i + 6..]
+    line.windows(6).enumerate().any(|(i, w)| {
+        w.eq_ignore_ascii_case(b" SIZE=")
+            && line[i + 6..]
                 .iter()
                 .take_while(|b| b.is_ascii_digit())
                 .count()

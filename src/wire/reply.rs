@@ -5,6 +5,7 @@
 //! client's stream.
 
 use std::fmt;
+use std::io::Write as _;
 
 /// An RFC 3463 enhanced status code, e.g. `5.7.1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,23 +83,32 @@ impl Reply {
         }
     }
 
-    /// Appends the wire form (CRLF lines, `-` continuation) to `out`.
+    /// Appends the wire form (CRLF lines, `-` continuation) to `out`. Written straight
+    /// into `out`: every reply of every session passes here, so no line is formatted
+    /// into a string of its own first.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let last = self.lines.len().saturating_sub(1);
-        let empty = [String::new()];
-        let lines: &[String] = if self.lines.is_empty() {
-            &empty
-        } else {
-            &self.lines
-        };
-        for (i, line) in lines.iter().enumerate() {
-            let sep = if i == last { ' ' } else { '-' };
-            let text = match &self.enhanced {
-                Some(e) => format!("{e} {line}"),
-                None => line.clone(),
-            };
-            out.extend_from_slice(format!("{}{}{}", self.code, sep, text.trim_end()).as_bytes());
+        let mut put = |i: usize, line: &str| {
+            let sep = if i == last { b' ' } else { b'-' };
+            let line = line.trim_end();
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "{}", self.code);
+            out.push(sep);
+            if let Some(e) = &self.enhanced {
+                let _ = write!(out, "{e}");
+                // A line with no text after the code is `250 2.0.0`, with no trailing space.
+                if !line.is_empty() {
+                    out.push(b' ');
+                }
+            }
+            out.extend_from_slice(line.as_bytes());
             out.extend_from_slice(b"\r\n");
+        };
+        if self.lines.is_empty() {
+            put(0, "");
+        }
+        for (i, line) in self.lines.iter().enumerate() {
+            put(i, line);
         }
     }
 
@@ -386,12 +396,17 @@ pub fn is_last_line(line: &str) -> bool {
 /// Keeps printable ASCII only and bounds the length, so relayed text cannot carry
 /// control bytes or terminal escapes to the client or into logs.
 pub fn sanitize(text: &str) -> String {
-    text.chars()
-        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
-        .take(400)
-        .collect::<String>()
-        .trim()
-        .to_string()
+    // One allocation: every kept character is one ASCII byte. Leading spaces are
+    // skipped and trailing ones cut, as `trim` would (nothing else kept is whitespace).
+    let mut out = String::with_capacity(text.len().min(400));
+    for c in text.chars().take(400) {
+        let c = if (' '..='~').contains(&c) { c } else { '?' };
+        if c != ' ' || !out.is_empty() {
+            out.push(c);
+        }
+    }
+    out.truncate(out.trim_end_matches(' ').len());
+    out
 }
 
 impl fmt::Display for Reply {
@@ -428,6 +443,68 @@ mod tests {
         // An enhanced code whose class disagrees with the reply code is plain text.
         let r = Reply::from_lines(&["450 5.1.1 odd".into()]).unwrap();
         assert_eq!(r.enhanced, None);
+    }
+
+    /// `write_to` and `sanitize` write without intermediate strings; these compare them
+    /// with the plain formatted versions they replaced, on awkward inputs.
+    #[test]
+    fn rendering_and_sanitizing_match_the_plain_versions() {
+        fn formatted(r: &Reply) -> Vec<u8> {
+            let mut out = Vec::new();
+            let last = r.lines.len().saturating_sub(1);
+            let empty = [String::new()];
+            let lines = if r.lines.is_empty() {
+                &empty[..]
+            } else {
+                &r.lines
+            };
+            for (i, line) in lines.iter().enumerate() {
+                let sep = if i == last { ' ' } else { '-' };
+                let text = match &r.enhanced {
+                    Some(e) => format!("{e} {line}"),
+                    None => line.clone(),
+                };
+                out.extend_from_slice(
+                    format!("{}{}{}\r\n", r.code, sep, text.trim_end()).as_bytes(),
+                );
+            }
+            out
+        }
+        fn trimmed(text: &str) -> String {
+            let kept: String = text
+                .chars()
+                .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+                .take(400)
+                .collect();
+            kept.trim().to_string()
+        }
+        let texts = [
+            "",
+            " ",
+            "  ok  ",
+            "a\tb ",
+            "\t x",
+            " \u{a0}é ",
+            "x\u{3000}",
+            "250 y",
+            &"z ".repeat(300),
+        ];
+        for enhanced in [None, Some(Enhanced(2, 0, 0))] {
+            for n in 0..3 {
+                for t in texts {
+                    let lines = (0..n).map(|i| format!("{t}{}", " ".repeat(i))).collect();
+                    let r = Reply {
+                        code: 250,
+                        enhanced,
+                        lines,
+                    };
+                    assert_eq!(r.to_bytes(), formatted(&r), "{r:?}");
+                }
+            }
+        }
+        for t in texts {
+            assert_eq!(sanitize(t), trimmed(t), "{t:?}");
+        }
     }
 
     #[test]
