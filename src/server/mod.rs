@@ -416,6 +416,9 @@ fn listen(addr: SocketAddr, max_sessions: usize) -> std::io::Result<TcpListener>
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // Accepted connections take TCP_NODELAY from the listening socket on Linux: one
+    // system call per listener instead of one per session (`NoDelay` checks it).
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(u32::try_from(max_sessions.max(1024)).unwrap_or(u32::MAX))
 }
@@ -455,6 +458,7 @@ async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let mut nodelay = NoDelay::Unknown;
     loop {
         let accepted = tokio::select! {
             a = bound.socket.accept() => a,
@@ -469,7 +473,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
+        nodelay.apply(&tcp);
         // The session keeps the generation current now to its end (see `reload`).
         let generation = live.current();
         let (listener, limits, shared) = (
@@ -478,6 +482,32 @@ async fn accept_loop(
             generation.shared.clone(),
         );
         tracker.spawn(async move { serve_connection(tcp, peer, listener, limits, shared).await });
+    }
+}
+
+/// Whether accepted connections come with TCP_NODELAY already set (inherited from the
+/// listening socket, as on Linux), learnt from the first one. Replies must not wait for
+/// Nagle's algorithm, so where it is not inherited it is set on every connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum NoDelay {
+    Unknown,
+    Inherited,
+    SetEach,
+}
+
+impl NoDelay {
+    fn apply(&mut self, tcp: &TcpStream) {
+        if *self == NoDelay::Unknown {
+            *self = if tcp.nodelay().unwrap_or(false) {
+                NoDelay::Inherited
+            } else {
+                NoDelay::SetEach
+            };
+            tracing::debug!(nodelay = ?*self, "TCP_NODELAY of accepted connections");
+        }
+        if *self == NoDelay::SetEach {
+            let _ = tcp.set_nodelay(true);
+        }
     }
 }
 
@@ -573,4 +603,27 @@ async fn refuse(mut tcp: TcpStream, reply: &Reply, tls: Option<&tokio_rustls::Tl
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever the platform does, an accepted connection ends up with TCP_NODELAY;
+    /// on Linux it comes from the listening socket and costs no system call per session.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut nodelay = NoDelay::Unknown;
+        for _ in 0..2 {
+            let _client = TcpStream::connect(addr).await.unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            nodelay.apply(&tcp);
+            assert!(tcp.nodelay().unwrap());
+        }
+        if cfg!(target_os = "linux") {
+            assert_eq!(nodelay, NoDelay::Inherited);
+        }
+    }
 }
