@@ -19,7 +19,7 @@ use std::borrow::Cow;
 
 /// Label sets; a value that is one of our own names is borrowed, so counting a message
 /// copies only what came from it.
-type Labels = Vec<(&'static str, Cow<'static, str>)>;
+pub(crate) type Labels = Vec<(&'static str, Cow<'static, str>)>;
 
 pub struct Metrics {
     registry: Registry,

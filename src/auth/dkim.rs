@@ -449,8 +449,7 @@ fn key_name(sig: &Signature) -> Option<String> {
 pub struct KeyRecord {
     key: DomainKey,
     /// The RSA key parsed once for rsa-sha256, the common case: mail-auth's key parses
-    /// its bytes again on every verify (about 2 µs and 27 allocations a signature
-    /// here). `None` for Ed25519 keys and for bytes aws-lc will not parse this way
+    /// its bytes again on every verify (about 2 µs of a 15 µs verification here). `None` for Ed25519 keys and for bytes aws-lc will not parse this way
     /// (mail-auth's key is then used, as before).
     rsa_sha256: Option<ParsedPublicKey>,
     ed25519: bool,

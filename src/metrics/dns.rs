@@ -26,7 +26,7 @@ pub struct DnsMetrics {
     pub(crate) seconds: Family<ServerOnly, Histogram, fn() -> Histogram>,
     pub(crate) up: Family<ServerOnly, Gauge>,
     /// Checks that used a stale answer, by record type (`spf`, `dkim`, `dmarc`, `arc`).
-    pub stale_answers: Family<Vec<(&'static str, std::borrow::Cow<'static, str>)>, Counter>,
+    pub stale_answers: Family<super::Labels, Counter>,
     /// Entries and estimated bytes in the stale store.
     pub stale_entries: Gauge,
     pub stale_bytes: Gauge,
